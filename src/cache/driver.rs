@@ -1,0 +1,366 @@
+//! `CacheDriver`: the method-by-method API of Glance's `centralized_db` driver, with the
+//! differences the specification decides (validated ids, queue table, O_EXCL writers,
+//! verified publishes, ordered listings, no infinite prune).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, warn};
+
+use super::CacheError;
+use super::layout::{Area, CacheLayout, Listing};
+use super::writer::{Expectations, ImageWriter};
+use crate::clock;
+use crate::db::{Db, DbTime, NodeId};
+use crate::image_id::ImageId;
+
+/// One cached image of this node, as listed by `get_cached_images`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedImage {
+    pub image_id: ImageId,
+    pub size: u64,
+    pub hits: u64,
+    pub last_accessed: DateTime<Utc>,
+    pub last_modified: DateTime<Utc>,
+    pub checksum: Option<String>,
+}
+
+/// One queued image of this node, as listed by `get_queued_images`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedImage {
+    pub image_id: ImageId,
+    pub queued_at: DateTime<Utc>,
+    pub attempts: u64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// The cache of one node: its directory, its database and its node row. Cheap to clone.
+#[derive(Clone)]
+pub struct CacheDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    layout: CacheLayout,
+    db: Db,
+    node: NodeId,
+    node_url: String,
+}
+
+impl CacheDriver {
+    /// Glance's `configure`: creates the directories, migrates the schema and registers
+    /// this node.
+    pub async fn configure(
+        layout: CacheLayout,
+        db: Db,
+        node_url: &str,
+    ) -> Result<Self, CacheError> {
+        let l = layout.clone();
+        tokio::task::spawn_blocking(move || l.ensure())
+            .await
+            .expect("layout check panicked")?;
+        db.migrate().await?;
+        let node = db.register_node(node_url).await?;
+        debug!(node_url, node_id = node.0, "cache node registered");
+        Ok(CacheDriver {
+            inner: Arc::new(Inner {
+                layout,
+                db,
+                node,
+                node_url: node_url.to_owned(),
+            }),
+        })
+    }
+
+    pub fn layout(&self) -> &CacheLayout {
+        &self.inner.layout
+    }
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+    pub fn node(&self) -> NodeId {
+        self.inner.node
+    }
+    pub fn node_url(&self) -> &str {
+        &self.inner.node_url
+    }
+
+    pub fn is_cached(&self, id: &ImageId) -> bool {
+        self.layout().exists(Area::Cached, id)
+    }
+
+    pub fn is_being_cached(&self, id: &ImageId) -> bool {
+        self.layout().exists(Area::Incomplete, id)
+    }
+
+    pub fn is_cacheable(&self, id: &ImageId) -> bool {
+        !(self.is_cached(id) || self.is_being_cached(id))
+    }
+
+    /// Queued when this node has a queue row or a marker file for it.
+    pub async fn is_queued(&self, id: &ImageId) -> Result<bool, CacheError> {
+        Ok(self.layout().exists(Area::Queue, id)
+            || self.db().is_queued(self.node(), id.as_str()).await?)
+    }
+
+    /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
+    /// Glance does). Adds the queue row and the marker file Glance's API reads.
+    pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
+        if self.is_cached(id) {
+            debug!(image_id = %id, "not queueing: already cached");
+            return Ok(false);
+        }
+        if self.is_being_cached(id) {
+            debug!(image_id = %id, "not queueing: being written to the cache");
+            return Ok(false);
+        }
+        if self.is_queued(id).await? {
+            debug!(image_id = %id, "not queueing: already queued");
+            return Ok(false);
+        }
+        let added = self
+            .db()
+            .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
+            .await?;
+        let marker = self.layout().path(Area::Queue, id);
+        self.layout()
+            .touch_marker(id)
+            .map_err(CacheError::io("create queue marker", marker))?;
+        Ok(added)
+    }
+
+    /// The queue in order (queued time, then id). Marker files without a row, such as
+    /// those Glance's `PUT /v2/cache/{id}` creates, are adopted first with their mtime as
+    /// the queued time.
+    pub async fn get_queued_images(&self) -> Result<Vec<QueuedImage>, CacheError> {
+        self.adopt_queue_markers().await?;
+        let rows = self.db().queued_images(self.node()).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let image_id = valid_row_id(&r.image_id)?;
+                Some(QueuedImage {
+                    image_id,
+                    queued_at: r.queued_at.to_utc(),
+                    attempts: r.attempts.max(0) as u64,
+                    next_attempt_at: r.next_attempt_at.to_utc(),
+                    last_error: r.last_error,
+                })
+            })
+            .collect())
+    }
+
+    /// Gives every marker in `queue/` without a row a row. Returns how many were added.
+    pub async fn adopt_queue_markers(&self) -> Result<u64, CacheError> {
+        let listing = self.list(Area::Queue).await?;
+        let mut adopted = 0;
+        for marker in listing.files {
+            let queued_at = DbTime::from_utc(marker.modified.into());
+            if self
+                .db()
+                .enqueue(self.node(), marker.image_id.as_str(), queued_at)
+                .await?
+            {
+                debug!(image_id = %marker.image_id, "adopted queue marker");
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
+    pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
+        let rows = self.db().dequeue(self.node(), id.as_str()).await?;
+        let marker = self.layout().path(Area::Queue, id);
+        let files = self
+            .layout()
+            .remove(Area::Queue, id)
+            .map_err(CacheError::io("remove queue marker", marker))?;
+        Ok(u64::from(rows > 0 || files.is_some()))
+    }
+
+    /// Empties the queue: rows and markers. Returns how many images were queued.
+    pub async fn delete_all_queued_images(&self) -> Result<u64, CacheError> {
+        let listing = self.list(Area::Queue).await?;
+        let rows = self.db().queued_images(self.node()).await?;
+        let mut ids: std::collections::BTreeSet<String> =
+            rows.into_iter().map(|r| r.image_id).collect();
+        for marker in &listing.files {
+            let path = self.layout().path(Area::Queue, &marker.image_id);
+            self.layout()
+                .remove(Area::Queue, &marker.image_id)
+                .map_err(CacheError::io("remove queue marker", path))?;
+            ids.insert(marker.image_id.to_string());
+        }
+        self.db().dequeue_all(self.node()).await?;
+        Ok(ids.len() as u64)
+    }
+
+    /// This node's cached images, ordered by image id.
+    pub async fn get_cached_images(&self) -> Result<Vec<CachedImage>, CacheError> {
+        let rows = self.db().cached_images(self.node()).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(CachedImage {
+                    image_id: valid_row_id(&r.image_id)?,
+                    size: r.size.max(0) as u64,
+                    hits: r.hits.max(0) as u64,
+                    last_accessed: r.last_accessed.to_utc(),
+                    last_modified: r.last_modified.to_utc(),
+                    checksum: r.checksum,
+                })
+            })
+            .collect())
+    }
+
+    /// 0 when the image file is absent, else the row's hits (0 without a row).
+    pub async fn get_hit_count(&self, id: &ImageId) -> Result<u64, CacheError> {
+        if !self.is_cached(id) {
+            return Ok(0);
+        }
+        Ok(self.db().hit_count(self.node(), id.as_str()).await?.max(0) as u64)
+    }
+
+    /// The least recently accessed image and its size on disk (0 when its file is
+    /// missing); `None` when this node has no rows, so a prune can never spin on nothing.
+    pub async fn get_least_recently_accessed(&self) -> Result<Option<(ImageId, u64)>, CacheError> {
+        let mut cursor = None;
+        loop {
+            let rows = self
+                .db()
+                .least_recently_accessed(self.node(), cursor, 16)
+                .await?;
+            let Some(last) = rows.last() else {
+                return Ok(None);
+            };
+            cursor = Some(crate::db::LruCursor {
+                last_accessed: last.last_accessed,
+                id: last.id,
+            });
+            if let Some(id) = rows.iter().find_map(|r| valid_row_id(&r.image_id)) {
+                let size = self
+                    .layout()
+                    .regular_file(Area::Cached, &id)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |m| m.len());
+                return Ok(Some((id, size)));
+            }
+        }
+    }
+
+    /// Starts writing `id` into `incomplete/`. Fails cleanly when another writer has it.
+    pub async fn open_for_write(
+        &self,
+        id: &ImageId,
+        expectations: Expectations,
+    ) -> Result<ImageWriter, CacheError> {
+        ImageWriter::create(self.clone(), id.clone(), expectations)
+    }
+
+    /// Opens a cached image for reading and, as Glance does, counts a hit and sets
+    /// `last_accessed` whether or not the open succeeds. Symlinks and non-regular files
+    /// are refused.
+    pub async fn open_for_read(&self, id: &ImageId) -> Result<File, CacheError> {
+        let path = self.layout().path(Area::Cached, id);
+        let opened = OpenOptions::new()
+            .read(true)
+            // O_NONBLOCK so a planted FIFO cannot hang us; it does nothing for files.
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
+            .open(&path);
+        let hit = self
+            .db()
+            .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
+            .await;
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CacheError::NotCached(id.clone()));
+            }
+            Err(e) => return Err(CacheError::io("open cached image", path)(e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(CacheError::io("stat cached image", &path))?;
+        if !meta.file_type().is_file() {
+            warn!(path = %path.display(), "refusing to read a cache entry that is not a regular file");
+            return Err(CacheError::NotCached(id.clone()));
+        }
+        hit?;
+        Ok(file)
+    }
+
+    /// Deletes the file (if present) and this node's row. Returns whether a file was
+    /// removed.
+    pub async fn delete_cached_image(&self, id: &ImageId) -> Result<bool, CacheError> {
+        let path = self.layout().path(Area::Cached, id);
+        let removed = self
+            .layout()
+            .remove(Area::Cached, id)
+            .map_err(CacheError::io("delete cached image", path))?;
+        self.db()
+            .delete_cached_image(self.node(), id.as_str())
+            .await?;
+        Ok(removed.is_some())
+    }
+
+    /// Deletes every image file (valid ids only: lock files, the SQLite database and
+    /// strays stay) and this node's rows. Returns the number of files deleted.
+    pub async fn delete_all_cached_images(&self) -> Result<u64, CacheError> {
+        let listing = self.list(Area::Cached).await?;
+        let mut deleted = 0;
+        for file in &listing.files {
+            let path = self.layout().path(Area::Cached, &file.image_id);
+            if self
+                .layout()
+                .remove(Area::Cached, &file.image_id)
+                .map_err(CacheError::io("delete cached image", path))?
+                .is_some()
+            {
+                deleted += 1;
+            }
+        }
+        self.db().delete_all_cached_images(self.node()).await?;
+        Ok(deleted)
+    }
+
+    /// Regular files with valid-id names in `area` (Glance's `get_cache_files`), listed
+    /// on a blocking thread.
+    pub async fn list(&self, area: Area) -> Result<Listing, CacheError> {
+        let layout = self.layout().clone();
+        let dir = layout.dir(area);
+        tokio::task::spawn_blocking(move || layout.list(area))
+            .await
+            .expect("directory listing panicked")
+            .map_err(CacheError::io("list", dir))
+    }
+
+    /// The sum of the sizes of the cached image files.
+    pub async fn get_cache_size(&self) -> Result<u64, CacheError> {
+        Ok(self
+            .list(Area::Cached)
+            .await?
+            .files
+            .iter()
+            .map(|f| f.size)
+            .sum())
+    }
+}
+
+/// Validates an id read from the database; rows with ids that are not ours are ignored
+/// with a warning rather than turned into paths.
+pub(crate) fn valid_row_id(raw: &str) -> Option<ImageId> {
+    match ImageId::parse(raw) {
+        Ok(id) => Some(id),
+        Err(error) => {
+            warn!(%error, "ignoring a database row whose image id is not valid");
+            None
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! `ImageWriter`: one image being written into `incomplete/<id>`.
+//!
+//! The file is created with O_EXCL so a second writer of the same id fails cleanly. Every
+//! chunk is hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and
+//! `commit` verifies size and every given checksum, fsyncs, renames into place, fsyncs the
+//! directory, records the row and removes the image from the queue. Anything else (an
+//! error, a failed verification, a dropped writer) moves the bytes to `invalid/`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use md5::{Digest, Md5};
+use sha2::{Sha256, Sha384, Sha512};
+use tracing::{debug, warn};
+
+use super::CacheError;
+use super::driver::CacheDriver;
+use super::layout::{Area, FILE_MODE};
+use crate::clock;
+use crate::db::DbTime;
+use crate::image_id::ImageId;
+
+/// A secure hash algorithm Glance records as `os_hash_algo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgo {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl HashAlgo {
+    pub fn parse(name: &str) -> Option<HashAlgo> {
+        match name.to_ascii_lowercase().as_str() {
+            "sha256" => Some(HashAlgo::Sha256),
+            "sha384" => Some(HashAlgo::Sha384),
+            "sha512" => Some(HashAlgo::Sha512),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Sha256 => "sha256",
+            HashAlgo::Sha384 => "sha384",
+            HashAlgo::Sha512 => "sha512",
+        }
+    }
+}
+
+/// What the bytes must turn out to be. Every field that is set is checked at commit.
+#[derive(Debug, Clone, Default)]
+pub struct Expectations {
+    pub size: Option<u64>,
+    /// Lower-case hex MD5 (Glance's `checksum`).
+    pub md5: Option<String>,
+    /// The image's `os_hash_algo` and lower-case hex `os_hash_value`.
+    pub os_hash: Option<(HashAlgo, String)>,
+}
+
+enum OsHasher {
+    Sha256(Sha256),
+    Sha384(Sha384),
+    Sha512(Sha512),
+}
+
+impl OsHasher {
+    fn new(algo: HashAlgo) -> Self {
+        match algo {
+            HashAlgo::Sha256 => OsHasher::Sha256(Sha256::new()),
+            HashAlgo::Sha384 => OsHasher::Sha384(Sha384::new()),
+            HashAlgo::Sha512 => OsHasher::Sha512(Sha512::new()),
+        }
+    }
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            OsHasher::Sha256(h) => h.update(data),
+            OsHasher::Sha384(h) => h.update(data),
+            OsHasher::Sha512(h) => h.update(data),
+        }
+    }
+    fn finish_hex(self) -> String {
+        match self {
+            OsHasher::Sha256(h) => hex::encode(h.finalize()),
+            OsHasher::Sha384(h) => hex::encode(h.finalize()),
+            OsHasher::Sha512(h) => hex::encode(h.finalize()),
+        }
+    }
+}
+
+/// What a successful commit published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub image_id: ImageId,
+    pub size: u64,
+    pub md5: String,
+}
+
+pub struct ImageWriter {
+    driver: CacheDriver,
+    image_id: ImageId,
+    /// `None` once committed or aborted.
+    file: Option<File>,
+    md5: Md5,
+    os_hash: Option<OsHasher>,
+    written: u64,
+    expectations: Expectations,
+}
+
+impl ImageWriter {
+    pub(super) fn create(
+        driver: CacheDriver,
+        image_id: ImageId,
+        expectations: Expectations,
+    ) -> Result<Self, CacheError> {
+        let path = driver.layout().path(Area::Incomplete, &image_id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    CacheError::AlreadyBeingWritten(image_id.clone())
+                } else {
+                    CacheError::io("create", &path)(e)
+                }
+            })?;
+        debug!(image_id = %image_id, "writing image into incomplete/");
+        Ok(ImageWriter {
+            os_hash: expectations
+                .os_hash
+                .as_ref()
+                .map(|(a, _)| OsHasher::new(*a)),
+            driver,
+            image_id,
+            file: Some(file),
+            md5: Md5::new(),
+            written: 0,
+            expectations,
+        })
+    }
+
+    pub fn image_id(&self) -> &ImageId {
+        &self.image_id
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `data`, hashing it. A write past the expected size fails at once (the
+    /// writer is aborted), so a body larger than declared never fills the disk.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        if let Some(declared) = self.expectations.size
+            && self.written + data.len() as u64 > declared
+        {
+            self.abort("more bytes than the declared size");
+            return Err(CacheError::TooLarge {
+                image_id: self.image_id.clone(),
+                declared,
+            });
+        }
+        let file = self.file.as_mut().expect("write after commit or abort");
+        if let Err(e) = file.write_all(data) {
+            let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
+            self.abort("write failed");
+            return Err(CacheError::io("write", path)(e));
+        }
+        self.md5.update(data);
+        if let Some(h) = self.os_hash.as_mut() {
+            h.update(data);
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Verifies, makes durable and publishes the image; on a failed verification the
+    /// bytes go to `invalid/` and nothing is published.
+    pub async fn commit(mut self) -> Result<Published, CacheError> {
+        let md5 = hex::encode(std::mem::take(&mut self.md5).finalize());
+        let os_hash = self.os_hash.take().map(OsHasher::finish_hex);
+        if let Some(problem) = self.verification_problem(&md5, os_hash.as_deref()) {
+            self.abort(&problem);
+            return Err(CacheError::Verification {
+                image_id: self.image_id.clone(),
+                problem,
+            });
+        }
+        let layout = self.driver.layout().clone();
+        let incomplete = layout.path(Area::Incomplete, &self.image_id);
+        let file = self.file.take().expect("commit after abort");
+        let id = self.image_id.clone();
+        let durable = tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
+            file.sync_all()
+                .map_err(CacheError::io("fsync", &incomplete))?;
+            drop(file);
+            layout
+                .rename(Area::Incomplete, Area::Cached, &id)
+                .map_err(CacheError::io("publish", &incomplete))?;
+            layout
+                .sync_dir(Area::Cached)
+                .map_err(CacheError::io("fsync", layout.root()))
+        })
+        .await
+        .expect("publish panicked");
+        if let Err(e) = durable {
+            // The file handle is gone; the bytes (if still in incomplete/) go to invalid/.
+            self.move_to_invalid("publish failed");
+            return Err(e);
+        }
+        // Glance's order: file first, then the row; a crash in between leaves a file
+        // without a row, which reconcile adopts.
+        let db = self.driver.db();
+        db.upsert_cached_image(
+            self.driver.node(),
+            self.image_id.as_str(),
+            self.written as i64,
+            Some(&md5),
+            DbTime::from_utc(clock::now()),
+        )
+        .await?;
+        self.driver.delete_queued_image(&self.image_id).await?;
+        debug!(image_id = %self.image_id, bytes = self.written, "image published");
+        Ok(Published {
+            image_id: self.image_id.clone(),
+            size: self.written,
+            md5,
+        })
+    }
+
+    fn verification_problem(&self, md5: &str, os_hash: Option<&str>) -> Option<String> {
+        if let Some(size) = self.expectations.size
+            && size != self.written
+        {
+            return Some(format!("size {} bytes, expected {size}", self.written));
+        }
+        if let Some(want) = &self.expectations.md5
+            && !want.eq_ignore_ascii_case(md5)
+        {
+            return Some(format!("md5 {md5}, expected {want}"));
+        }
+        if let (Some((algo, want)), Some(got)) = (&self.expectations.os_hash, os_hash)
+            && !want.eq_ignore_ascii_case(got)
+        {
+            return Some(format!("{} {got}, expected {want}", algo.name()));
+        }
+        None
+    }
+
+    /// Gives up on this image: its bytes move to `invalid/` for the cleaner. The row is
+    /// left alone: an uncached image has none, and a failed re-cache keeps the previous
+    /// complete image and its row.
+    pub fn abort(&mut self, reason: &str) {
+        if self.file.take().is_some() {
+            self.move_to_invalid(reason);
+        }
+    }
+
+    fn move_to_invalid(&self, reason: &str) {
+        let layout = self.driver.layout();
+        match layout.rename(Area::Incomplete, Area::Invalid, &self.image_id) {
+            Ok(()) => {
+                warn!(image_id = %self.image_id, reason, "cache write failed, moved to invalid/")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                warn!(image_id = %self.image_id, reason, %error, "cache write failed and could not be moved to invalid/; the stall rule will remove it")
+            }
+        }
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        self.abort("writer dropped before commit");
+    }
+}

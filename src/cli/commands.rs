@@ -1,0 +1,269 @@
+//! One function per CLI command. Arguments are validated (clap parses every id through
+//! `ImageId`) before the cache is opened, so a bad argument changes nothing.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+
+use super::output;
+use super::{Cli, Command};
+use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use crate::config::{Config, resolve_config_path};
+use crate::db::{Db, DbOptions, Dialect};
+use crate::image_id::ImageId;
+
+/// Bytes per read when importing or streaming an image.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let path = resolve_config_path(cli.config.as_deref());
+    let config = Config::load(path.as_deref())?;
+    match cli.command {
+        Command::CheckConfig => {
+            match &config.file {
+                Some(f) => println!("# configuration from {} and the environment", f.display()),
+                None => println!("# no configuration file: built-in defaults and the environment"),
+            }
+            print!("{}", config.to_toml());
+        }
+        Command::ListCached { json } => {
+            let images = open(&config).await?.get_cached_images().await?;
+            if json {
+                println!("{}", output::cached_json(&images));
+            } else {
+                print!("{}", output::cached_table(&images));
+            }
+        }
+        Command::ListQueued { json } => {
+            let images = open(&config).await?.get_queued_images().await?;
+            if json {
+                println!("{}", output::queued_json(&images));
+            } else {
+                print!("{}", output::queued_table(&images));
+            }
+        }
+        Command::Queue { ids } => {
+            let driver = open(&config).await?;
+            for id in ids {
+                if driver.queue_image(&id).await? {
+                    println!("queued {id}");
+                } else {
+                    println!("not queued {id}: already cached, being cached or queued");
+                }
+            }
+        }
+        Command::DeleteCached { ids, all } => {
+            let driver = open(&config).await?;
+            if all {
+                let n = driver.delete_all_cached_images().await?;
+                println!("deleted {n} cached images");
+            }
+            for id in ids {
+                if driver.delete_cached_image(&id).await? {
+                    println!("deleted {id}");
+                } else {
+                    println!("{id} was not cached");
+                }
+            }
+        }
+        Command::DeleteQueued { ids, all } => {
+            let driver = open(&config).await?;
+            if all {
+                let n = driver.delete_all_queued_images().await?;
+                println!("removed {n} images from the queue");
+            }
+            for id in ids {
+                if driver.delete_queued_image(&id).await? > 0 {
+                    println!("removed {id} from the queue");
+                } else {
+                    println!("{id} was not queued");
+                }
+            }
+        }
+        Command::Import {
+            id,
+            file,
+            md5,
+            sha512,
+        } => {
+            import(&config, id, file, md5, sha512).await?;
+        }
+        Command::Cat { id } => return cat(&config, id).await,
+        Command::Hits { id } => {
+            let hits = open(&config).await?.get_hit_count(&id).await?;
+            println!("{hits}");
+        }
+        Command::Size { json } => {
+            let driver = open(&config).await?;
+            let listing = driver.list(crate::cache::Area::Cached).await?;
+            let size: u64 = listing.files.iter().map(|f| f.size).sum();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "size": size,
+                        "max_size": config.cache.max_size,
+                        "images": listing.files.len(),
+                    })
+                );
+            } else {
+                println!(
+                    "{}",
+                    output::size_line(size, config.cache.max_size, listing.files.len())
+                );
+            }
+        }
+        Command::Clean { stall_time } => {
+            let driver = open(&config).await?;
+            let policy = CleanPolicy {
+                stall_time: stall_time.unwrap_or(config.cache.stall_time),
+                invalid_grace: config.cleaner.invalid_grace,
+            };
+            let report = driver.clean(policy, SystemTime::now()).await?;
+            let invalid = report
+                .removed
+                .iter()
+                .filter(|r| r.area == crate::cache::Area::Invalid)
+                .count();
+            println!(
+                "removed {} files, {} bytes ({invalid} invalid, {} stalled)",
+                report.files(),
+                report.bytes(),
+                report.files() - invalid
+            );
+            if !report.failed.is_empty() {
+                bail!(
+                    "{} files could not be removed (see the warnings above)",
+                    report.failed.len()
+                );
+            }
+        }
+        Command::Prune => {
+            let driver = open(&config).await?;
+            let report = driver.prune(prune_policy(&config)).await?;
+            println!(
+                "pruned {} files, {} bytes; size now {} bytes (max {})",
+                report.files(),
+                report.bytes(),
+                report.size_after,
+                config.cache.max_size
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn prune_policy(config: &Config) -> PrunePolicy {
+    PrunePolicy {
+        max_size: config.cache.max_size,
+        low_watermark: config.pruner.low_watermark,
+        min_free_disk: config.pruner.min_free_disk,
+    }
+}
+
+/// Opens the cache of this node: directories, database, schema, node row. With SQLite
+/// the directory comes first (the database lives in it); with a server the database
+/// comes first, so an unreachable server leaves the disk untouched.
+pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
+    let layout = CacheLayout::new(&config.cache.dir);
+    if config.dialect() == Dialect::Sqlite {
+        layout.ensure()?;
+    }
+    let options = DbOptions {
+        max_connections: config.database.max_connections,
+        connect_timeout: config.database.connect_timeout,
+    };
+    let db = Db::connect(&config.database.url, &options).await?;
+    let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
+    Ok(driver)
+}
+
+fn parse_hex(name: &str, value: Option<String>, len: usize) -> anyhow::Result<Option<String>> {
+    let Some(v) = value else { return Ok(None) };
+    let v = v.trim().to_ascii_lowercase();
+    if v.len() != len || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--{name} must be {len} hexadecimal characters");
+    }
+    Ok(Some(v))
+}
+
+async fn import(
+    config: &Config,
+    id: ImageId,
+    file: std::path::PathBuf,
+    md5: Option<String>,
+    sha512: Option<String>,
+) -> anyhow::Result<()> {
+    let md5 = parse_hex("md5", md5, 32)?;
+    let sha512 = parse_hex("sha512", sha512, 128)?;
+    let mut source =
+        std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+    let meta = source.metadata()?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", file.display());
+    }
+    let driver = open(config).await?;
+    let expectations = Expectations {
+        size: Some(meta.len()),
+        md5,
+        os_hash: sha512.map(|h| (HashAlgo::Sha512, h)),
+    };
+    let mut writer = driver.open_for_write(&id, expectations).await?;
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => return Ok(writer),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    writer.abort("reading the source failed");
+                    return Err(e).context("cannot read the source file");
+                }
+            };
+            writer.write(&buf[..n])?;
+        }
+    })
+    .await??;
+    let published = writer.commit().await?;
+    println!(
+        "cached {} ({} bytes, md5 {})",
+        published.image_id, published.size, published.md5
+    );
+    Ok(())
+}
+
+async fn cat(config: &Config, id: ImageId) -> anyhow::Result<ExitCode> {
+    let driver = open(config).await?;
+    let mut file = driver.open_for_read(&id).await?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("cannot read the cached image"),
+            };
+            match out.write_all(&buf[..n]) {
+                Ok(()) => {}
+                // The reader went away (`| head`): not an error of ours.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e).context("cannot write to stdout"),
+            }
+        }
+        match out.flush() {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(e).context("cannot write to stdout")
+            }
+            _ => Ok(ExitCode::SUCCESS),
+        }
+    })
+    .await?
+}

@@ -1,0 +1,123 @@
+//! The operator CLI: one binary, one subcommand per operation. Each command validates
+//! its arguments before touching the cache, prints a result on stdout, and fails with
+//! one `error: ...` line on stderr and exit code 1.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::image_id::ImageId;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "glance-cached",
+    version,
+    about = "Keeps an OpenStack Glance node-local image cache healthy",
+    long_about = None
+)]
+pub struct Cli {
+    /// Configuration file [default: $GLANCE_CACHED_CONFIG, else /etc/glance-cached/glance-cached.toml if present]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print the effective values (secrets masked)
+    CheckConfig,
+    /// List this node's cached images
+    ListCached {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this node's queued images, in queue order
+    ListQueued {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue images for prefetching
+    Queue {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<ImageId>,
+    },
+    /// Delete cached images (file and row)
+    DeleteCached {
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<ImageId>,
+        /// Delete every cached image of this node
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove images from the queue (row and marker)
+    DeleteQueued {
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<ImageId>,
+        /// Empty this node's queue
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put a local file into the cache, verifying the given checksums
+    Import {
+        #[arg(value_name = "ID")]
+        id: ImageId,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Expected MD5 (Glance's `checksum`), hex
+        #[arg(long, value_name = "HEX")]
+        md5: Option<String>,
+        /// Expected SHA-512 (Glance's `os_hash_value`), hex
+        #[arg(long, value_name = "HEX")]
+        sha512: Option<String>,
+    },
+    /// Write a cached image to stdout (counts a hit)
+    Cat {
+        #[arg(value_name = "ID")]
+        id: ImageId,
+    },
+    /// Print an image's hit count
+    Hits {
+        #[arg(value_name = "ID")]
+        id: ImageId,
+    },
+    /// Print the cache size and maximum
+    Size {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove invalid files and stalled incomplete files
+    Clean {
+        /// Remove incomplete files not written for this long [default: cache.stall_time]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        stall_time: Option<std::time::Duration>,
+    },
+    /// Evict least recently accessed images until the cache fits cache.max_size
+    Prune,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+/// Runs the parsed command line; the binary maps an error to `error: ...` and exit 1.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    crate::telemetry::init_cli();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(commands::dispatch(cli))
+}

@@ -1,0 +1,149 @@
+//! How the CLI prints listings: aligned text tables for people, JSON for scripts.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::json;
+
+use crate::cache::{CachedImage, QueuedImage};
+use crate::config::format_size;
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// A size for people: exact bytes plus a rounded binary unit, e.g. "1536 (1.5 KiB)".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{bytes} ({value:.1} {})", UNITS[unit])
+    }
+}
+
+pub fn cached_json(images: &[CachedImage]) -> String {
+    let rows: Vec<_> = images
+        .iter()
+        .map(|i| {
+            json!({
+                "image_id": i.image_id.as_str(),
+                "size": i.size,
+                "hits": i.hits,
+                "last_accessed": rfc3339(i.last_accessed),
+                "last_modified": rfc3339(i.last_modified),
+                "checksum": i.checksum,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).expect("json of plain values")
+}
+
+pub fn queued_json(images: &[QueuedImage]) -> String {
+    let rows: Vec<_> = images
+        .iter()
+        .map(|i| {
+            json!({
+                "image_id": i.image_id.as_str(),
+                "queued_at": rfc3339(i.queued_at),
+                "attempts": i.attempts,
+                "next_attempt_at": rfc3339(i.next_attempt_at),
+                "last_error": i.last_error,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).expect("json of plain values")
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                l.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+    out
+}
+
+pub fn cached_table(images: &[CachedImage]) -> String {
+    let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    table(
+        &[
+            "IMAGE ID",
+            "SIZE",
+            "HITS",
+            "LAST ACCESSED",
+            "LAST MODIFIED",
+            "CHECKSUM",
+        ],
+        images
+            .iter()
+            .map(|i| {
+                vec![
+                    i.image_id.to_string(),
+                    i.size.to_string(),
+                    i.hits.to_string(),
+                    time(i.last_accessed),
+                    time(i.last_modified),
+                    i.checksum.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn queued_table(images: &[QueuedImage]) -> String {
+    let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    table(
+        &[
+            "IMAGE ID",
+            "QUEUED AT",
+            "ATTEMPTS",
+            "NEXT ATTEMPT",
+            "LAST ERROR",
+        ],
+        images
+            .iter()
+            .map(|i| {
+                vec![
+                    i.image_id.to_string(),
+                    time(i.queued_at),
+                    i.attempts.to_string(),
+                    time(i.next_attempt_at),
+                    i.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn size_line(size: u64, max: u64, images: usize) -> String {
+    format!(
+        "size {} of max {} ({}), {images} images",
+        human_size(size),
+        max,
+        format_size(max)
+    )
+}

@@ -1,0 +1,553 @@
+//! Configuration: built-in defaults < TOML file < `GLANCE_CACHED_<SECTION>__<KEY>`
+//! environment variables, merged by figment, then validated into a `Config`.
+//!
+//! Validation walks a table of known keys, so every problem (unknown key, wrong type,
+//! bad value, cross-field conflict) is collected and reported together, each naming the
+//! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
+
+pub mod values;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Num, Value};
+use figment::{Figment, Profile, Provider, Source};
+
+pub use values::{format_duration, format_size, parse_duration, parse_size};
+
+use crate::db::{Dialect, mask_url};
+
+/// The file read when neither `--config` nor `GLANCE_CACHED_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/glance-cached/glance-cached.toml";
+/// Environment variable naming the config file.
+pub const CONFIG_PATH_ENV: &str = "GLANCE_CACHED_CONFIG";
+/// Prefix of the per-key environment variables.
+pub const ENV_PREFIX: &str = "GLANCE_CACHED_";
+/// Where Glance's packages put the cache, and so our default.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/glance/image-cache";
+/// The SQLite file created inside the cache directory when `database.url` is unset. It
+/// ends in `.db`, which Glance's own listing skips.
+pub const DEFAULT_SQLITE_FILE: &str = "glance-cached.db";
+/// Node name used with the embedded SQLite database when none is configured.
+pub const DEFAULT_NODE_URL: &str = "http://localhost:9292";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald under systemd (JOURNAL_STREAM set), text otherwise.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub max_size: u64,
+    pub stall_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive: "info", or "glance_cached=debug,sqlx=warn".
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CleanerConfig {
+    pub interval: Duration,
+    pub invalid_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrunerConfig {
+    pub interval: Duration,
+    pub low_watermark: Option<u64>,
+    pub min_free_disk: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// How long shutdown waits for loops to reach a step boundary before aborting them.
+    pub shutdown_timeout: Duration,
+}
+
+/// A validated configuration: absolute paths, parsed sizes and durations, cross-field
+/// checks done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub file: Option<PathBuf>,
+    pub cache: CacheConfig,
+    pub database: DatabaseConfig,
+    pub node_reference_url: String,
+    pub log: LogConfig,
+    pub cleaner: CleanerConfig,
+    pub pruner: PrunerConfig,
+    pub daemon: DaemonConfig,
+}
+
+/// One problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    /// Where the value came from: a file path or an environment variable.
+    pub origin: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Some(o) => write!(f, "{} (from {o}): {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// Everything wrong with a configuration, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl ConfigError {
+    /// Each problem on its own line, for logs and `check-config`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Whether a key's new value takes effect on SIGHUP or only after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Live,
+    Restart,
+}
+
+/// Every key the file and the environment may set.
+pub const KEYS: &[(&str, Reload)] = &[
+    ("cache.dir", Reload::Restart),
+    ("cache.max_size", Reload::Live),
+    ("cache.stall_time", Reload::Live),
+    ("database.url", Reload::Restart),
+    ("database.max_connections", Reload::Restart),
+    ("database.connect_timeout", Reload::Restart),
+    ("node.reference_url", Reload::Restart),
+    ("log.level", Reload::Live),
+    ("log.format", Reload::Restart),
+    ("cleaner.interval", Reload::Live),
+    ("cleaner.invalid_grace", Reload::Live),
+    ("pruner.interval", Reload::Live),
+    ("pruner.low_watermark", Reload::Live),
+    ("pruner.min_free_disk", Reload::Live),
+    ("daemon.shutdown_timeout", Reload::Live),
+];
+
+/// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
+/// when it exists, else none (defaults and environment only).
+pub fn resolve_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(CONFIG_PATH_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let default = Path::new(DEFAULT_CONFIG_PATH);
+    default.exists().then(|| default.to_path_buf())
+}
+
+impl Config {
+    /// Reads and validates the configuration from `file` (if any) and the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            let meta = std::fs::metadata(path).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            if !meta.is_file() {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    message: "not a regular file".into(),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        let dict = figment
+            .data()
+            .map_err(|e| ConfigError::File {
+                path: file.map(Path::to_path_buf).unwrap_or_default(),
+                message: e.to_string().replace('\n', " "),
+            })?
+            .remove(&Profile::Default)
+            .unwrap_or_default();
+        Validator::new(&figment, file).validate(&dict)
+    }
+
+    /// Keys whose value differs between `self` and `new` and need a restart to apply.
+    pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.cache.dir != new.cache.dir {
+            changed.push("cache.dir");
+        }
+        if self.database.url != new.database.url {
+            changed.push("database.url");
+        }
+        if self.database.max_connections != new.database.max_connections {
+            changed.push("database.max_connections");
+        }
+        if self.database.connect_timeout != new.database.connect_timeout {
+            changed.push("database.connect_timeout");
+        }
+        if self.node_reference_url != new.node_reference_url {
+            changed.push("node.reference_url");
+        }
+        if self.log.format != new.log.format {
+            changed.push("log.format");
+        }
+        changed
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        Dialect::from_url(&self.database.url).expect("validated database url")
+    }
+
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_toml(&self) -> String {
+        let opt_size =
+            |v: Option<u64>| v.map_or("# unset".to_string(), |b| format!("{:?}", format_size(b)));
+        let format = match self.log.format {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
+        };
+        format!(
+            "[cache]\ndir = {dir:?}\nmax_size = {max:?}\nstall_time = {stall:?}\n\n\
+             [database]\nurl = {url:?}\nmax_connections = {maxc}\nconnect_timeout = {ct:?}\n\n\
+             [node]\nreference_url = {node:?}\n\n\
+             [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
+             [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
+             [pruner]\ninterval = {pi:?}\nlow_watermark = {low}\nmin_free_disk = {free}\n\n\
+             [daemon]\nshutdown_timeout = {st:?}\n",
+            dir = self.cache.dir.display().to_string(),
+            max = format_size(self.cache.max_size),
+            stall = format_duration(self.cache.stall_time),
+            url = mask_url(&self.database.url),
+            maxc = self.database.max_connections,
+            ct = format_duration(self.database.connect_timeout),
+            node = self.node_reference_url,
+            level = self.log.level,
+            ci = format_duration(self.cleaner.interval),
+            grace = format_duration(self.cleaner.invalid_grace),
+            pi = format_duration(self.pruner.interval),
+            low = opt_size(self.pruner.low_watermark),
+            free = opt_size(self.pruner.min_free_disk),
+            st = format_duration(self.daemon.shutdown_timeout),
+        )
+    }
+}
+
+/// A whole number of any width and sign (figment parses "1000" as unsigned).
+fn whole(n: Num) -> Option<i128> {
+    n.to_i128()
+        .or_else(|| n.to_u128().and_then(|u| i128::try_from(u).ok()))
+}
+
+/// Collects every problem while turning the merged dictionary into a `Config`.
+struct Validator<'a> {
+    figment: &'a Figment,
+    file: Option<&'a Path>,
+    problems: Vec<ConfigProblem>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(figment: &'a Figment, file: Option<&'a Path>) -> Self {
+        Validator {
+            figment,
+            file,
+            problems: Vec::new(),
+        }
+    }
+
+    fn validate(mut self, dict: &Dict) -> Result<Config, ConfigError> {
+        self.reject_unknown_keys(dict, "");
+        let dir = self.path("cache.dir", DEFAULT_CACHE_DIR);
+        let max_size = self.size("cache.max_size").unwrap_or(10 << 30);
+        let stall_time = self
+            .duration("cache.stall_time")
+            .unwrap_or(Duration::from_secs(86_400));
+        let default_url = format!("sqlite://{}", dir.join(DEFAULT_SQLITE_FILE).display());
+        let url = self.string("database.url").unwrap_or(default_url);
+        let dialect = Dialect::from_url(&url);
+        if dialect.is_none() {
+            self.problem(
+                "database.url",
+                format!(
+                    "unsupported url {:?}: expected sqlite://, postgres:// or mysql://",
+                    mask_url(&url)
+                ),
+            );
+        }
+        let max_connections = self
+            .integer("database.max_connections", 1, 1_000)
+            .unwrap_or(8) as u32;
+        let connect_timeout = self
+            .duration("database.connect_timeout")
+            .unwrap_or(Duration::from_secs(5));
+        let node_reference_url = match self.string("node.reference_url") {
+            Some(u) if u.trim().is_empty() || u.len() > 255 => {
+                self.problem("node.reference_url", "must be 1 to 255 characters".into());
+                u
+            }
+            Some(u) => u,
+            None if matches!(dialect, Some(Dialect::Postgres | Dialect::MySql)) => {
+                self.problem(
+                    "node.reference_url",
+                    "is required with a shared PostgreSQL or MySQL database: set it to this node's Glance worker_self_reference_url".into(),
+                );
+                String::new()
+            }
+            None => DEFAULT_NODE_URL.to_owned(),
+        };
+        let level = self.string("log.level").unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+            self.problem("log.level", format!("invalid level {level:?}: {e}"));
+        }
+        let format = match self.string("log.format").as_deref() {
+            None | Some("auto") => LogFormat::Auto,
+            Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some("journald") => LogFormat::Journald,
+            Some(other) => {
+                self.problem(
+                    "log.format",
+                    format!("unknown format {other:?}: expected auto, text, json or journald"),
+                );
+                LogFormat::Auto
+            }
+        };
+        let cleaner = CleanerConfig {
+            interval: self
+                .positive_duration("cleaner.interval")
+                .unwrap_or(Duration::from_secs(600)),
+            invalid_grace: self
+                .duration("cleaner.invalid_grace")
+                .unwrap_or(Duration::ZERO),
+        };
+        let pruner = PrunerConfig {
+            interval: self
+                .positive_duration("pruner.interval")
+                .unwrap_or(Duration::from_secs(600)),
+            low_watermark: self.size("pruner.low_watermark"),
+            min_free_disk: self.size("pruner.min_free_disk"),
+        };
+        if let Some(low) = pruner.low_watermark
+            && low > max_size
+        {
+            self.problem(
+                "pruner.low_watermark",
+                format!(
+                    "{} is larger than cache.max_size ({})",
+                    format_size(low),
+                    format_size(max_size)
+                ),
+            );
+        }
+        let daemon = DaemonConfig {
+            shutdown_timeout: self
+                .positive_duration("daemon.shutdown_timeout")
+                .unwrap_or(Duration::from_secs(30)),
+        };
+        if !self.problems.is_empty() {
+            return Err(ConfigError::Invalid(self.problems));
+        }
+        Ok(Config {
+            file: self.file.map(Path::to_path_buf),
+            cache: CacheConfig {
+                dir,
+                max_size,
+                stall_time,
+            },
+            database: DatabaseConfig {
+                url,
+                max_connections,
+                connect_timeout,
+            },
+            node_reference_url,
+            log: LogConfig { level, format },
+            cleaner,
+            pruner,
+            daemon,
+        })
+    }
+
+    fn reject_unknown_keys(&mut self, dict: &Dict, prefix: &str) {
+        for (name, value) in dict {
+            let key = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            let is_section = KEYS.iter().any(|(k, _)| k.starts_with(&format!("{key}.")));
+            match value {
+                Value::Dict(_, inner) if is_section => self.reject_unknown_keys(inner, &key),
+                _ if KEYS.iter().any(|(k, _)| *k == key) => {}
+                _ if is_section => self.problem(&key, "must be a table of keys".into()),
+                _ => self.problem(&key, "unknown key".into()),
+            }
+        }
+    }
+
+    fn problem(&mut self, key: &str, message: String) {
+        let origin = self.origin(key);
+        self.problems.push(ConfigProblem {
+            key: key.to_owned(),
+            origin,
+            message,
+        });
+    }
+
+    /// The file or environment variable that supplied `key`.
+    fn origin(&self, key: &str) -> Option<String> {
+        let value = self.figment.find_value(key).ok()?;
+        let meta = self.figment.get_metadata(value.tag())?;
+        match &meta.source {
+            Some(Source::File(path)) => Some(path.display().to_string()),
+            _ => Some(format!(
+                "{ENV_PREFIX}{}",
+                key.to_ascii_uppercase().replace('.', "__")
+            )),
+        }
+    }
+
+    fn value(&self, key: &str) -> Option<Value> {
+        self.figment.find_value(key).ok()
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.value(key)? {
+            Value::String(_, s) => Some(s),
+            Value::Num(_, n) => whole(n).map(|n| n.to_string()),
+            _ => {
+                self.problem(key, "must be a string".into());
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, key: &str, min: i128, max: i128) -> Option<i128> {
+        let v = self.value(key)?;
+        let n = match &v {
+            Value::Num(_, n) => whole(*n),
+            Value::String(_, s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.problem(key, format!("must be a whole number from {min} to {max}"));
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str) -> Option<u64> {
+        let parsed = match self.value(key)? {
+            Value::Num(_, n) => match whole(n) {
+                Some(n) if n >= 0 => u64::try_from(n).map_err(|_| "too large".to_string()),
+                Some(n) => Err(format!("invalid size {n}: must not be negative")),
+                None => Err("must be a whole number of bytes or a string like \"10GiB\"".into()),
+            },
+            Value::String(_, s) => parse_size(&s),
+            _ => Err("must be a number of bytes or a string like \"10GiB\"".into()),
+        };
+        parsed.map_err(|m| self.problem(key, m)).ok()
+    }
+
+    fn duration(&mut self, key: &str) -> Option<Duration> {
+        let parsed = match self.value(key)? {
+            Value::Num(_, n) => match whole(n) {
+                Some(n) if n >= 0 => u64::try_from(n)
+                    .map(Duration::from_secs)
+                    .map_err(|_| "too large".to_string()),
+                Some(n) => Err(format!("invalid duration {n}: must not be negative")),
+                None => Err("must be whole seconds or a string like \"10m\"".into()),
+            },
+            Value::String(_, s) => parse_duration(&s),
+            _ => Err("must be seconds or a string like \"10m\"".into()),
+        };
+        // Anything past a century is a typo, and would overflow time arithmetic.
+        const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+        match parsed {
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, "must be at most 100 years".into());
+                None
+            }
+            other => other.map_err(|m| self.problem(key, m)).ok(),
+        }
+    }
+
+    fn positive_duration(&mut self, key: &str) -> Option<Duration> {
+        let d = self.duration(key)?;
+        if d.is_zero() {
+            self.problem(key, "must be greater than zero".into());
+            return None;
+        }
+        Some(d)
+    }
+
+    /// An absolute path; a relative one in a file is taken relative to that file's
+    /// directory, from the environment relative to the working directory.
+    fn path(&mut self, key: &str, default: &str) -> PathBuf {
+        let Some(raw) = self.string(key) else {
+            return PathBuf::from(default);
+        };
+        if raw.is_empty() {
+            self.problem(key, "must not be empty".into());
+            return PathBuf::from(default);
+        }
+        let p = PathBuf::from(&raw);
+        if p.is_absolute() {
+            return p;
+        }
+        let from_file = self
+            .figment
+            .find_value(key)
+            .ok()
+            .and_then(|v| self.figment.get_metadata(v.tag()).cloned())
+            .and_then(|m| match m.source {
+                Some(Source::File(f)) => f.parent().map(Path::to_path_buf),
+                _ => None,
+            });
+        let base = from_file.or_else(|| std::env::current_dir().ok());
+        match base {
+            Some(b) => b.join(p),
+            None => {
+                self.problem(
+                    key,
+                    "is relative and the working directory is unknown".into(),
+                );
+                p
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! `cached_images`: one row per cached image per node (Glance's table).
+
+use sqlx::Row;
+
+use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+
+/// A row of `cached_images` for this node. `image_id` is as stored: the driver validates
+/// it before it is used as a path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedImageRow {
+    pub id: i64,
+    pub image_id: String,
+    pub last_accessed: DbTime,
+    pub last_modified: DbTime,
+    pub size: i64,
+    pub hits: i64,
+    pub checksum: Option<String>,
+}
+
+/// Where a least-recently-accessed scan stopped: rows are visited in
+/// (`last_accessed`, `id`) order, and the next batch starts after this row.
+#[derive(Debug, Clone, Copy)]
+pub struct LruCursor {
+    pub last_accessed: DbTime,
+    pub id: i64,
+}
+
+const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, hits, checksum";
+
+fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    Ok(CachedImageRow {
+        id: row.try_get("id")?,
+        image_id: row.try_get("image_id")?,
+        last_accessed: row.try_get("last_accessed")?,
+        last_modified: row.try_get("last_modified")?,
+        size: row.try_get("size")?,
+        hits: i64::from(row.try_get::<i32, _>("hits")?),
+        checksum: row.try_get("checksum")?,
+    })
+}
+
+impl Db {
+    /// This node's rows, ordered by image id.
+    pub async fn cached_images(&self, node: NodeId) -> Result<Vec<CachedImageRow>, DbError> {
+        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? ORDER BY image_id";
+        debug_assert!(Q.contains(SELECT_COLUMNS));
+        let rows = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_row)
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// One row of this node, if present.
+    pub async fn cached_image(
+        &self,
+        node: NodeId,
+        image_id: &str,
+    ) -> Result<Option<CachedImageRow>, DbError> {
+        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        let row = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_row)
+                .transpose()?
+        });
+        Ok(row)
+    }
+
+    /// The number of rows this node has.
+    pub async fn count_cached_images(&self, node: NodeId) -> Result<i64, DbError> {
+        const Q: &str = "SELECT COUNT(*) FROM cached_images WHERE node_reference_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_one(pool)
+                .await?
+                .try_get::<i64, _>(0)?
+        });
+        Ok(n)
+    }
+
+    /// The row's hit count, 0 when there is no row.
+    pub async fn hit_count(&self, node: NodeId, image_id: &str) -> Result<i64, DbError> {
+        const Q: &str =
+            "SELECT hits FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        let hits = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| r.try_get::<i32, _>(0))
+                .transpose()?
+        });
+        Ok(hits.map_or(0, i64::from))
+    }
+
+    /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns
+    /// whether a row was there to update.
+    pub async fn record_hit(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        now: DbTime,
+    ) -> Result<bool, DbError> {
+        const Q: &str = "UPDATE cached_images SET hits = hits + 1, last_accessed = ? \
+             WHERE node_reference_id = ? AND image_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(now)
+                .bind(node.0)
+                .bind(image_id)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Records a freshly published image: a new row with 0 hits, or, when the image was
+    /// cached before, the same row with refreshed size, checksum and times.
+    pub async fn upsert_cached_image(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        size: i64,
+        checksum: Option<&str>,
+        now: DbTime,
+    ) -> Result<(), DbError> {
+        on_pool!(self, |pool, d| {
+            let q = match d {
+                Dialect::MySql => {
+                    "INSERT INTO cached_images \
+                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                     VALUES (?, ?, ?, ?, 0, ?, ?) ON DUPLICATE KEY UPDATE \
+                     last_accessed = VALUES(last_accessed), last_modified = VALUES(last_modified), \
+                     size = VALUES(size), checksum = VALUES(checksum)"
+                }
+                _ => {
+                    "INSERT INTO cached_images \
+                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                     VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT (image_id, node_reference_id) DO UPDATE SET \
+                     last_accessed = excluded.last_accessed, last_modified = excluded.last_modified, \
+                     size = excluded.size, checksum = excluded.checksum"
+                }
+            };
+            sqlx::query(sql(d, q))
+                .bind(image_id)
+                .bind(now)
+                .bind(now)
+                .bind(size)
+                .bind(checksum)
+                .bind(node.0)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Gives a file found on disk without a row a row, with both times set to the file's
+    /// mtime and 0 hits. An existing row is left alone. Returns whether a row was added.
+    pub async fn adopt_cached_image(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        size: i64,
+        modified: DbTime,
+    ) -> Result<bool, DbError> {
+        let n = on_pool!(self, |pool, d| {
+            let q = match d {
+                Dialect::MySql => {
+                    "INSERT IGNORE INTO cached_images \
+                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                     VALUES (?, ?, ?, ?, 0, NULL, ?)"
+                }
+                _ => {
+                    "INSERT INTO cached_images \
+                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                     VALUES (?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (image_id, node_reference_id) DO NOTHING"
+                }
+            };
+            sqlx::query(sql(d, q))
+                .bind(image_id)
+                .bind(modified)
+                .bind(modified)
+                .bind(size)
+                .bind(node.0)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Deletes one row of this node. Returns the number of rows deleted.
+    pub async fn delete_cached_image(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
+        const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .bind(image_id)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n)
+    }
+
+    /// Deletes several rows of this node in one transaction.
+    pub async fn delete_cached_images(
+        &self,
+        node: NodeId,
+        image_ids: &[String],
+    ) -> Result<u64, DbError> {
+        const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        if image_ids.is_empty() {
+            return Ok(0);
+        }
+        let n = on_pool!(self, |pool, d| {
+            let mut tx = pool.begin().await?;
+            let mut n = 0;
+            for id in image_ids {
+                n += sqlx::query(sql(d, Q))
+                    .bind(node.0)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            n
+        });
+        Ok(n)
+    }
+
+    /// Deletes every row of this node. Returns the number of rows deleted.
+    pub async fn delete_all_cached_images(&self, node: NodeId) -> Result<u64, DbError> {
+        const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n)
+    }
+
+    /// Up to `limit` rows of this node in least-recently-accessed order (ties broken by
+    /// row id), starting after `after`.
+    pub async fn least_recently_accessed(
+        &self,
+        node: NodeId,
+        after: Option<LruCursor>,
+        limit: i64,
+    ) -> Result<Vec<CachedImageRow>, DbError> {
+        const FIRST: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? \
+             ORDER BY last_accessed, id LIMIT ?";
+        const NEXT: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? \
+             AND (last_accessed > ? OR (last_accessed = ? AND id > ?)) \
+             ORDER BY last_accessed, id LIMIT ?";
+        let rows = on_pool!(self, |pool, d| {
+            let q = match after {
+                None => sqlx::query(sql(d, FIRST)).bind(node.0).bind(limit),
+                Some(c) => sqlx::query(sql(d, NEXT))
+                    .bind(node.0)
+                    .bind(c.last_accessed)
+                    .bind(c.last_accessed)
+                    .bind(c.id)
+                    .bind(limit),
+            };
+            q.fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_row)
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+}

@@ -1,0 +1,336 @@
+//! The database layer: all SQL lives here.
+//!
+//! One `Db` handle wraps a pool for the configured backend (SQLite, PostgreSQL or
+//! MySQL/MariaDB). Each query is written once with `?` placeholders and run through
+//! `on_pool!`, which expands the body per backend; the few statements whose syntax
+//! differs (upserts, DDL, locking) branch on `Dialect`.
+
+mod cached_images;
+mod node;
+mod queue;
+mod schema;
+mod time;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use cached_images::{CachedImageRow, LruCursor};
+pub use node::NodeId;
+pub use queue::QueueRow;
+pub use time::DbTime;
+
+/// How long a SQLite statement waits for another writer (Glance's API on the same node,
+/// a CLI call) before failing with "database is locked".
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Dialect {
+    pub fn from_url(url: &str) -> Option<Dialect> {
+        let scheme = url.split_once(':')?.0;
+        match scheme {
+            "sqlite" => Some(Dialect::Sqlite),
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgresql",
+            Dialect::MySql => "mysql",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database url scheme in {0} (expected sqlite://, postgres:// or mysql://)")]
+    UnsupportedUrl(String),
+    #[error("cannot connect to the {backend} database: {source}")]
+    Connect {
+        backend: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("database schema migration failed: {source}")]
+    Migrate { source: sqlx::Error },
+    #[error(
+        "database schema version {found} is newer than this glance-cached understands ({supported}); upgrade glance-cached"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("node {url:?} could not be registered: {source}")]
+    RegisterNode { url: String, source: sqlx::Error },
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+impl DbError {
+    /// Whether the error looks like the database being unreachable or restarting, as
+    /// opposed to a bug or a constraint violation: loops back off and retry on these.
+    pub fn is_transient(&self) -> bool {
+        let e = match self {
+            DbError::Connect { source, .. } | DbError::Query(source) => source,
+            _ => return false,
+        };
+        matches!(
+            e,
+            sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_)
+        ) || matches!(e, sqlx::Error::Database(d) if is_transient_db_code(d.code().as_deref()))
+    }
+}
+
+/// SQLite busy/locked, PostgreSQL admin shutdown / cannot connect now, MySQL server gone.
+fn is_transient_db_code(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "5" | "6"
+                | "517"
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                | "08006"
+                | "08001"
+                | "1053"
+                | "2006"
+                | "2013"
+        )
+    )
+}
+
+#[derive(Clone)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+/// A connection pool to this node's database.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+/// Connection settings beyond the URL.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs `$body` with `$pool` bound to the backend's concrete pool and `$d` to its dialect.
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {
+        match &$db.pool {
+            $crate::db::Pool::Sqlite($pool) => {
+                let $d = $crate::db::Dialect::Sqlite;
+                let _ = $d;
+                $body
+            }
+            $crate::db::Pool::Postgres($pool) => {
+                let $d = $crate::db::Dialect::Postgres;
+                let _ = $d;
+                $body
+            }
+            $crate::db::Pool::MySql($pool) => {
+                let $d = $crate::db::Dialect::MySql;
+                let _ = $d;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// Adapts a statement written with `?` placeholders to `dialect`: PostgreSQL wants
+/// `$1, $2, ...`. Converted statements are cached for the life of the process (there is a
+/// fixed, small set of them), so sqlx's prepared-statement cache keys stay stable.
+pub(crate) fn sql(dialect: Dialect, text: &'static str) -> &'static str {
+    if dialect != Dialect::Postgres || !text.contains('?') {
+        return text;
+    }
+    static CONVERTED: LazyLock<Mutex<HashMap<(usize, usize), &'static str>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let key = (text.as_ptr() as usize, text.len());
+    let mut cache = CONVERTED.lock().unwrap_or_else(|p| p.into_inner());
+    cache.entry(key).or_insert_with(|| {
+        let mut out = String::with_capacity(text.len() + 8);
+        let mut n = 0;
+        for c in text.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        Box::leak(out.into_boxed_str())
+    })
+}
+
+impl Db {
+    /// Connects to `url`. A SQLite file is created if missing and put in WAL mode.
+    pub async fn connect(url: &str, options: &DbOptions) -> Result<Db, DbError> {
+        let dialect =
+            Dialect::from_url(url).ok_or_else(|| DbError::UnsupportedUrl(mask_url(url)))?;
+        let connect_err = |source| DbError::Connect {
+            backend: dialect.name(),
+            source,
+        };
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                let opts = SqliteConnectOptions::from_str(url)
+                    .map_err(connect_err)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.connect_timeout)
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?;
+                Pool::Sqlite(pool)
+            }
+            Dialect::Postgres => {
+                let opts = PgConnectOptions::from_str(url)
+                    .map_err(connect_err)?
+                    .application_name("glance-cached");
+                probe_connect::<sqlx::PgConnection>(&opts, options.connect_timeout)
+                    .await
+                    .map_err(connect_err)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.connect_timeout)
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?;
+                Pool::Postgres(pool)
+            }
+            Dialect::MySql => {
+                let opts = MySqlConnectOptions::from_str(url)
+                    .map_err(connect_err)?
+                    .charset("utf8mb4");
+                probe_connect::<sqlx::MySqlConnection>(&opts, options.connect_timeout)
+                    .await
+                    .map_err(connect_err)?;
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.connect_timeout)
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?;
+                Pool::MySql(pool)
+            }
+        };
+        Ok(Db { pool })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        on_pool!(self, |_pool, d| d)
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        on_pool!(self, |pool, _d| {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes every connection, waiting for the ones in use to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, |pool, _d| pool.close().await)
+    }
+}
+
+/// Opens and closes one connection, so that an unreachable server or a wrong password is
+/// reported as such (a pool only says it timed out).
+async fn probe_connect<C: sqlx::Connection>(
+    options: &C::Options,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    match tokio::time::timeout(timeout, C::connect_with(options)).await {
+        Ok(Ok(conn)) => conn.close().await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    }
+}
+
+/// A database URL with its password replaced by `***`, for logs and error messages.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        let q = "UPDATE t SET a = ? WHERE b = ? AND c = ?";
+        assert_eq!(
+            sql(Dialect::Postgres, q),
+            "UPDATE t SET a = $1 WHERE b = $2 AND c = $3"
+        );
+        assert_eq!(sql(Dialect::MySql, q), q);
+        assert_eq!(sql(Dialect::Sqlite, q), q);
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_url("postgres://glance:s3cret@db.example:5432/glance"),
+            "postgres://glance:***@db.example:5432/glance"
+        );
+        assert_eq!(mask_url("sqlite:///var/x.db"), "sqlite:///var/x.db");
+        assert_eq!(mask_url("mysql://u@h/db"), "mysql://u@h/db");
+    }
+}

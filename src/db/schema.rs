@@ -1,0 +1,211 @@
+//! Schema creation and migration for the three backends.
+//!
+//! Glance's `node_reference` and `cached_images` are created exactly as Glance's
+//! migration `2024_1_expand01` creates them, and only when absent: when Glance made them,
+//! they are used as they are and never altered. Our own tables carry the `glance_cached_`
+//! prefix and a version row in `glance_cached_schema`. Concurrent nodes migrating one
+//! shared database are serialised with an advisory lock (PostgreSQL), `GET_LOCK` (MySQL)
+//! or an immediate transaction (SQLite).
+
+use sqlx::{Connection, Row};
+
+use super::{Db, DbError, Dialect, on_pool};
+
+/// The version of our own tables this build writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Advisory lock key for migrations on PostgreSQL ("gcached" in ASCII).
+const PG_MIGRATION_LOCK_KEY: i64 = 0x67_63_61_63_68_65_64;
+/// How long a MySQL node waits for another node's migration, in seconds.
+const MYSQL_MIGRATION_LOCK_WAIT_SECS: i64 = 120;
+
+const SQLITE_DDL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS node_reference (
+        node_reference_id INTEGER NOT NULL,
+        node_reference_url VARCHAR(255) NOT NULL,
+        PRIMARY KEY (node_reference_id),
+        CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+    )",
+    "CREATE TABLE IF NOT EXISTS cached_images (
+        id INTEGER NOT NULL,
+        image_id VARCHAR(36) NOT NULL,
+        last_accessed DATETIME NOT NULL,
+        last_modified DATETIME NOT NULL,
+        size BIGINT NOT NULL,
+        hits INTEGER NOT NULL,
+        checksum VARCHAR(32),
+        node_reference_id INTEGER NOT NULL,
+        PRIMARY KEY (id),
+        CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id),
+        FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id)
+    )",
+    "CREATE TABLE IF NOT EXISTS glance_cached_queue (
+        node_reference_id INTEGER NOT NULL,
+        image_id VARCHAR(36) NOT NULL,
+        queued_at DATETIME NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DATETIME NOT NULL,
+        last_error VARCHAR(1024),
+        PRIMARY KEY (node_reference_id, image_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
+        ON glance_cached_queue (node_reference_id, queued_at, image_id)",
+];
+
+const POSTGRES_DDL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS node_reference (
+        node_reference_id BIGSERIAL NOT NULL,
+        node_reference_url VARCHAR(255) NOT NULL,
+        PRIMARY KEY (node_reference_id),
+        CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+    )",
+    "CREATE TABLE IF NOT EXISTS cached_images (
+        id BIGSERIAL NOT NULL,
+        image_id VARCHAR(36) NOT NULL,
+        last_accessed TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        last_modified TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        size BIGINT NOT NULL,
+        hits INTEGER NOT NULL,
+        checksum VARCHAR(32),
+        node_reference_id BIGINT NOT NULL,
+        PRIMARY KEY (id),
+        CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id),
+        FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id)
+    )",
+    "CREATE TABLE IF NOT EXISTS glance_cached_queue (
+        node_reference_id BIGINT NOT NULL,
+        image_id VARCHAR(36) NOT NULL,
+        queued_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        last_error VARCHAR(1024),
+        PRIMARY KEY (node_reference_id, image_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
+        ON glance_cached_queue (node_reference_id, queued_at, image_id)",
+];
+
+const MYSQL_DDL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS node_reference (
+        node_reference_id BIGINT NOT NULL AUTO_INCREMENT,
+        node_reference_url VARCHAR(255) NOT NULL,
+        PRIMARY KEY (node_reference_id),
+        CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+    ) ENGINE=InnoDB CHARSET=utf8",
+    "CREATE TABLE IF NOT EXISTS cached_images (
+        id BIGINT NOT NULL AUTO_INCREMENT,
+        image_id VARCHAR(36) NOT NULL,
+        last_accessed DATETIME NOT NULL,
+        last_modified DATETIME NOT NULL,
+        size BIGINT NOT NULL,
+        hits INTEGER NOT NULL,
+        checksum VARCHAR(32),
+        node_reference_id BIGINT NOT NULL,
+        PRIMARY KEY (id),
+        CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id),
+        FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id)
+    ) ENGINE=InnoDB CHARSET=utf8",
+    "CREATE TABLE IF NOT EXISTS glance_cached_queue (
+        node_reference_id BIGINT NOT NULL,
+        image_id VARCHAR(36) NOT NULL,
+        queued_at DATETIME(6) NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DATETIME(6) NOT NULL,
+        last_error VARCHAR(1024),
+        PRIMARY KEY (node_reference_id, image_id),
+        KEY ix_glance_cached_queue_order (node_reference_id, queued_at, image_id)
+    ) ENGINE=InnoDB CHARSET=utf8mb4",
+];
+
+const CREATE_VERSION_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS glance_cached_schema (version BIGINT NOT NULL)";
+
+impl Db {
+    /// Creates whatever tables are missing and records our schema version. Safe to run on
+    /// every start from every node at once.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        let wrap = |source| DbError::Migrate { source };
+        on_pool!(self, |pool, d| {
+            let mut conn = pool.acquire().await.map_err(wrap)?;
+            let ddl = match d {
+                Dialect::Sqlite => {
+                    sqlx::query("BEGIN IMMEDIATE")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(wrap)?;
+                    SQLITE_DDL
+                }
+                Dialect::Postgres => {
+                    sqlx::query("SELECT pg_advisory_lock($1)")
+                        .bind(PG_MIGRATION_LOCK_KEY)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(wrap)?;
+                    POSTGRES_DDL
+                }
+                Dialect::MySql => {
+                    sqlx::query("SELECT GET_LOCK('glance_cached_migrate', ?)")
+                        .bind(MYSQL_MIGRATION_LOCK_WAIT_SECS)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(wrap)?;
+                    MYSQL_DDL
+                }
+            };
+            let result = async {
+                sqlx::query(CREATE_VERSION_TABLE)
+                    .execute(&mut *conn)
+                    .await?;
+                let found: Option<i64> =
+                    sqlx::query("SELECT MAX(version) AS v FROM glance_cached_schema")
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get("v")?;
+                if let Some(found) = found
+                    && found > SCHEMA_VERSION
+                {
+                    return Ok(Err(DbError::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    }));
+                }
+                for stmt in ddl {
+                    sqlx::query(*stmt).execute(&mut *conn).await?;
+                }
+                if found != Some(SCHEMA_VERSION) {
+                    sqlx::query("DELETE FROM glance_cached_schema")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query(super::sql(
+                        d,
+                        "INSERT INTO glance_cached_schema (version) VALUES (?)",
+                    ))
+                    .bind(SCHEMA_VERSION)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Ok::<_, sqlx::Error>(Ok(()))
+            }
+            .await;
+            let release = match d {
+                Dialect::Sqlite => {
+                    if matches!(result, Ok(Ok(()))) {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    }
+                }
+                Dialect::Postgres => "SELECT pg_advisory_unlock_all()",
+                Dialect::MySql => "SELECT RELEASE_LOCK('glance_cached_migrate')",
+            };
+            let released = sqlx::query(release).execute(&mut *conn).await;
+            if released.is_err() {
+                // A connection still holding the lock must not go back to the pool.
+                let _ = conn.detach().close().await;
+            }
+            result.map_err(wrap)??;
+            released.map_err(wrap)?;
+        });
+        Ok(())
+    }
+}

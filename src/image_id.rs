@@ -1,0 +1,151 @@
+//! `ImageId`: the only way to name an image inside glance-cached.
+//!
+//! Every id that comes from outside (CLI arguments, queue rows, marker files, watcher
+//! events, Glance's rows) is validated here before it can become a path or a query
+//! parameter: 1 to 36 characters from `[A-Za-z0-9_-]`, as Glance's ids are UUIDs and the
+//! database column is VARCHAR(36).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest accepted id: Glance's `cached_images.image_id` is VARCHAR(36).
+pub const MAX_IMAGE_ID_LEN: usize = 36;
+
+/// A validated image id. It can never contain a path separator, `.` or `..`, so joining it
+/// to a directory never escapes that directory.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ImageId(String);
+
+/// Why a string is not an image id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidImageId {
+    #[error("invalid image id: empty")]
+    Empty,
+    #[error("invalid image id {shown}: longer than {MAX_IMAGE_ID_LEN} characters")]
+    TooLong { shown: String },
+    #[error(
+        "invalid image id {shown}: only letters, digits, '-' and '_' are allowed (character {position})"
+    )]
+    BadCharacter { shown: String, position: usize },
+}
+
+impl ImageId {
+    /// Validates `raw` as an image id.
+    pub fn parse(raw: &str) -> Result<Self, InvalidImageId> {
+        if raw.is_empty() {
+            return Err(InvalidImageId::Empty);
+        }
+        if let Some(position) = raw
+            .chars()
+            .position(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(InvalidImageId::BadCharacter {
+                shown: shown(raw),
+                position: position + 1,
+            });
+        }
+        if raw.len() > MAX_IMAGE_ID_LEN {
+            return Err(InvalidImageId::TooLong { shown: shown(raw) });
+        }
+        Ok(ImageId(raw.to_owned()))
+    }
+
+    /// Validates a file name found on disk; `None` for names that are not ids (lock
+    /// files, `*.db`, non-UTF-8 names, strays).
+    pub fn from_file_name(name: &std::ffi::OsStr) -> Option<Self> {
+        name.to_str().and_then(|s| Self::parse(s).ok())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Quotes a rejected id for an error message, escaping control characters and cutting it
+/// short so a hostile id cannot flood or forge log lines.
+fn shown(raw: &str) -> String {
+    const SHOWN_CHARS: usize = 64; // enough to recognise a mistyped UUID
+    let mut out: String = raw.chars().take(SHOWN_CHARS).collect::<String>();
+    if raw.chars().count() > SHOWN_CHARS {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageId({})", self.0)
+    }
+}
+
+impl FromStr for ImageId {
+    type Err = InvalidImageId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl AsRef<str> for ImageId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for ImageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_uuids_and_short_ids() {
+        for ok in [
+            "6f0d7c5e-2d3a-4c1b-9a57-0c8f1f6e2b11",
+            "a",
+            "IMAGE_1",
+            "x".repeat(36).as_str(),
+        ] {
+            assert_eq!(ImageId::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn rejects_everything_that_could_become_a_path() {
+        let long = "x".repeat(37);
+        for bad in [
+            "", ".", "..", "../etc", "a/b", "/abs", "a\0b", "é", "a b", "a.db", &long, "a\nb",
+        ] {
+            assert!(ImageId::parse(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn error_messages_name_the_problem() {
+        assert_eq!(
+            ImageId::parse("").unwrap_err().to_string(),
+            "invalid image id: empty"
+        );
+        let e = ImageId::parse("../x").unwrap_err().to_string();
+        assert!(e.contains("\"../x\"") && e.contains("character 1"), "{e}");
+        let e = ImageId::parse(&"y".repeat(40)).unwrap_err().to_string();
+        assert!(e.contains("longer than 36"), "{e}");
+    }
+
+    #[test]
+    fn file_names_that_are_not_ids_are_skipped() {
+        use std::ffi::OsStr;
+        assert!(ImageId::from_file_name(OsStr::new("cache.db")).is_none());
+        assert!(ImageId::from_file_name(OsStr::new(".lock")).is_none());
+        assert!(ImageId::from_file_name(OsStr::new("abc")).is_some());
+    }
+}

@@ -1,0 +1,10 @@
+//! glance-cached: a systemd-native daemon and CLI that keeps an OpenStack Glance
+//! node-local image cache healthy, compatible with Glance's `centralized_db` driver.
+
+pub mod cache;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod image_id;
+pub mod telemetry;
