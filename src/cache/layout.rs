@@ -154,13 +154,13 @@ impl CacheLayout {
                 Err(e) => return Err(e),
             };
             let name = entry.file_name();
-            let image_id = ImageId::from_file_name(&name)
-                .filter(|id| !(area == Area::Cached && GLANCE_LOCK_FILES.contains(&id.as_str())));
-            let Some(image_id) = image_id else {
-                // Not an image: the three subdirectories, lock files, `*.db`, strays.
-                if !(area == Area::Cached && is_own_entry(&name)) {
-                    listing.skipped.push(entry.path());
-                }
+            // The three subdirectories, Glance's lock files and the SQLite database are
+            // expected in the root: not images, and not worth a warning.
+            if area == Area::Cached && is_own_entry(&name) {
+                continue;
+            }
+            let Some(image_id) = ImageId::from_file_name(&name) else {
+                listing.skipped.push(entry.path());
                 continue;
             };
             // `DirEntry::metadata` does not follow symlinks.

@@ -257,11 +257,13 @@ impl ImageWriter {
         }
     }
 
+    /// Moves the bytes to `invalid/`. Logged at debug level: the caller gets the error
+    /// and reports it (a writer dropped unfinished logs a warning in `Drop`).
     fn move_to_invalid(&self, reason: &str) {
         let layout = self.driver.layout();
         match layout.rename(Area::Incomplete, Area::Invalid, &self.image_id) {
             Ok(()) => {
-                warn!(image_id = %self.image_id, reason, "cache write failed, moved to invalid/")
+                debug!(image_id = %self.image_id, reason, "cache write failed, moved to invalid/")
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => {
@@ -273,6 +275,9 @@ impl ImageWriter {
 
 impl Drop for ImageWriter {
     fn drop(&mut self) {
-        self.abort("writer dropped before commit");
+        if self.file.is_some() {
+            warn!(image_id = %self.image_id, bytes = self.written, "cache write abandoned before commit, moving it to invalid/");
+            self.abort("writer dropped before commit");
+        }
     }
 }

@@ -232,8 +232,10 @@ impl Config {
 
     /// The effective configuration as TOML, with secrets masked.
     pub fn to_toml(&self) -> String {
-        let opt_size =
-            |v: Option<u64>| v.map_or("# unset".to_string(), |b| format!("{:?}", format_size(b)));
+        let opt_size = |key: &str, v: Option<u64>| match v {
+            Some(b) => format!("{key} = {:?}", format_size(b)),
+            None => format!("# {key} is unset"),
+        };
         let format = match self.log.format {
             LogFormat::Auto => "auto",
             LogFormat::Text => "text",
@@ -246,7 +248,7 @@ impl Config {
              [node]\nreference_url = {node:?}\n\n\
              [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
              [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
-             [pruner]\ninterval = {pi:?}\nlow_watermark = {low}\nmin_free_disk = {free}\n\n\
+             [pruner]\ninterval = {pi:?}\n{low}\n{free}\n\n\
              [daemon]\nshutdown_timeout = {st:?}\n",
             dir = self.cache.dir.display().to_string(),
             max = format_size(self.cache.max_size),
@@ -259,8 +261,8 @@ impl Config {
             ci = format_duration(self.cleaner.interval),
             grace = format_duration(self.cleaner.invalid_grace),
             pi = format_duration(self.pruner.interval),
-            low = opt_size(self.pruner.low_watermark),
-            free = opt_size(self.pruner.min_free_disk),
+            low = opt_size("low_watermark", self.pruner.low_watermark),
+            free = opt_size("min_free_disk", self.pruner.min_free_disk),
             st = format_duration(self.daemon.shutdown_timeout),
         )
     }

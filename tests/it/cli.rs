@@ -1,0 +1,360 @@
+//! Black-box tests of the operator CLI through the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::common::test_bytes;
+
+/// A temporary cache directory and config file for CLI runs.
+struct CliEnv {
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl CliEnv {
+    fn new(extra_toml: &str) -> CliEnv {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("glance-cached.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cache]\ndir = \"{}\"\n{extra_toml}",
+                tmp.path().join("cache").display()
+            ),
+        )
+        .unwrap();
+        CliEnv { tmp, config }
+    }
+
+    fn cache(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join("cache").join(rel)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+        cmd.arg("--config").arg(&self.config).args(args);
+        clean_env(&mut cmd);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Runs and requires success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and requires exit 1 with one `error: ` line; returns that line.
+    fn fails(&self, args: &[&str]) -> String {
+        fails(self.run(args), args)
+    }
+}
+
+fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GLANCE_CACHED_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+fn fails(out: Output, what: &[&str]) -> String {
+    assert_eq!(out.status.code(), Some(1), "{what:?} must exit 1");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what:?}: one line on stderr, got {stderr:?}"
+    );
+    assert!(lines[0].starts_with("error: "), "{what:?}: {stderr:?}");
+    lines[0].to_owned()
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+#[test]
+fn import_list_cat_hits_round_trip() {
+    let env = CliEnv::new("");
+    let data = test_bytes(2_500_000, 3);
+    let src = write_file(env.tmp.path(), "image.raw", &data);
+    let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(&data));
+    let sha = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(&data));
+    let out = env.ok(&[
+        "import",
+        "img-1",
+        src.to_str().unwrap(),
+        "--md5",
+        &md5,
+        "--sha512",
+        &sha,
+    ]);
+    assert!(out.contains("cached img-1") && out.contains(&md5), "{out}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list-cached", "--json"])).unwrap();
+    let row = &listed.as_array().unwrap()[0];
+    assert_eq!(row["image_id"], "img-1");
+    assert_eq!(row["size"], data.len() as u64);
+    assert_eq!(row["hits"], 0);
+    assert_eq!(row["checksum"], md5.as_str());
+    let accessed = row["last_accessed"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(accessed).is_ok() && accessed.ends_with('Z'),
+        "{accessed}"
+    );
+    assert!(row["last_modified"].is_string());
+    let text = env.ok(&["list-cached"]);
+    assert!(
+        text.starts_with("IMAGE ID") && text.contains("img-1"),
+        "{text}"
+    );
+    let cat = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .args(["--config", env.config.to_str().unwrap(), "cat", "img-1"])
+        .output()
+        .unwrap();
+    assert!(cat.status.success());
+    assert!(cat.stdout == data, "cat returns the exact bytes");
+    assert_eq!(env.ok(&["hits", "img-1"]).trim(), "1");
+    assert_eq!(env.ok(&["hits", "never-cached"]).trim(), "0");
+    let size: serde_json::Value = serde_json::from_str(&env.ok(&["size", "--json"])).unwrap();
+    assert_eq!(size["size"], data.len() as u64);
+    assert_eq!(size["images"], 1);
+    assert!(env.ok(&["size"]).contains("1 images"));
+}
+
+#[test]
+fn bad_input_fails_cleanly_and_changes_nothing() {
+    let env = CliEnv::new("");
+    let src = write_file(env.tmp.path(), "image.raw", b"abc");
+    for args in [
+        vec!["queue", "../../etc/passwd"],
+        vec!["import", "a/b", src.to_str().unwrap()],
+        vec!["cat", ".."],
+        vec!["hits", ""],
+        vec!["delete-cached", "0123456789012345678901234567890123456"],
+        vec!["import", "good-id", "/nonexistent/file"],
+        vec!["import", "good-id", src.to_str().unwrap(), "--md5", "xyz"],
+        vec!["delete-queued"],
+        vec!["no-such-command"],
+    ] {
+        let line = env.fails(&args);
+        assert!(!line.contains('\n'));
+    }
+    assert!(!env.cache("").exists(), "no cache directory was created");
+    let line = env.fails(&["queue", "ok-id", "bad id"]);
+    assert!(line.contains("invalid image id"), "{line}");
+    assert!(
+        !env.cache("").exists(),
+        "a bad id among good ones changes nothing"
+    );
+}
+
+#[test]
+fn wrong_checksum_is_never_cached() {
+    let env = CliEnv::new("");
+    let src = write_file(env.tmp.path(), "image.raw", b"the real bytes");
+    let wrong = "0".repeat(32);
+    let line = env.fails(&["import", "img-x", src.to_str().unwrap(), "--md5", &wrong]);
+    assert!(line.contains("md5"), "{line}");
+    assert!(!env.cache("img-x").exists());
+    assert!(
+        env.cache("invalid/img-x").exists(),
+        "bytes kept in invalid/ for the cleaner"
+    );
+    assert_eq!(env.ok(&["list-cached", "--json"]).trim(), "[]");
+    let out = env.ok(&["clean"]);
+    assert!(
+        out.starts_with("removed 1 files, 14 bytes (1 invalid, 0 stalled)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unreachable_database_is_one_clear_line() {
+    let env = CliEnv::new(
+        "[database]\nurl = \"postgres://u:secret@127.0.0.1:1/glance\"\nconnect_timeout = \"2s\"\n[node]\nreference_url = \"http://n1:9292\"\n",
+    );
+    let line = env.fails(&["list-cached"]);
+    assert!(
+        line.contains("cannot connect to the postgresql database"),
+        "{line}"
+    );
+    assert!(!line.contains("secret"), "password never printed: {line}");
+    assert!(!env.cache("").exists(), "nothing created on disk");
+}
+
+#[test]
+fn queue_list_and_delete() {
+    let env = CliEnv::new("");
+    let out = env.ok(&["queue", "q-1", "q-2"]);
+    assert_eq!(out, "queued q-1\nqueued q-2\n");
+    assert!(env.ok(&["queue", "q-1"]).starts_with("not queued q-1"));
+    std::fs::write(env.cache("queue/from-glance"), b"").unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list-queued", "--json"])).unwrap();
+    let ids: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.contains(&"from-glance".to_string()));
+    for row in listed.as_array().unwrap() {
+        assert_eq!(row["attempts"], 0);
+        assert!(row["last_error"].is_null());
+        assert!(row["queued_at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(
+        env.ok(&["delete-queued", "q-1"]),
+        "removed q-1 from the queue\n"
+    );
+    assert_eq!(env.ok(&["delete-queued", "q-1"]), "q-1 was not queued\n");
+    assert_eq!(
+        env.ok(&["delete-queued", "--all"]),
+        "removed 2 images from the queue\n"
+    );
+    assert_eq!(env.ok(&["list-queued", "--json"]).trim(), "[]");
+    assert!(env.ok(&["list-queued"]).starts_with("IMAGE ID"));
+}
+
+#[test]
+fn delete_clean_and_prune() {
+    let env = CliEnv::new("");
+    for (name, len) in [("p-1", 1000), ("p-2", 2000), ("p-3", 3000)] {
+        let src = write_file(env.tmp.path(), name, &test_bytes(len, 1));
+        env.ok(&["import", name, src.to_str().unwrap()]);
+    }
+    // p-1 and p-2 read, p-3 not: p-3 is least recently used after the reads.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(env.run(&["cat", "p-1"]).status.success());
+    assert!(env.run(&["cat", "p-2"]).status.success());
+    let out = env.run_env(&["prune"], &[("GLANCE_CACHED_CACHE__MAX_SIZE", "3500")]);
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.trim(),
+        "pruned 1 files, 3000 bytes; size now 3000 bytes (max 3500)"
+    );
+    assert!(!env.cache("p-3").exists());
+    assert_eq!(
+        env.ok(&["delete-cached", "p-1", "p-3"]),
+        "deleted p-1\np-3 was not cached\n"
+    );
+    assert_eq!(
+        env.ok(&["delete-cached", "--all"]),
+        "deleted 1 cached images\n"
+    );
+    // Clean with an explicit stall time.
+    std::fs::write(env.cache("incomplete/old"), b"12345").unwrap();
+    let past = filetime::FileTime::from_unix_time(1_000_000, 0);
+    filetime::set_file_mtime(env.cache("incomplete/old"), past).unwrap();
+    std::fs::write(env.cache("incomplete/new"), b"1").unwrap();
+    assert_eq!(
+        env.ok(&["clean", "--stall-time", "1h"]),
+        "removed 1 files, 5 bytes (0 invalid, 1 stalled)\n"
+    );
+    assert!(env.cache("incomplete/new").exists());
+}
+
+#[test]
+fn check_config_merges_defaults_file_and_environment() {
+    let env = CliEnv::new(
+        "max_size = \"20GiB\"\nstall_time = 3600\n[database]\nurl = \"postgres://glance:s3cret@db:5432/glance\"\n[node]\nreference_url = \"http://n1:9292\"\n",
+    );
+    let out = String::from_utf8(
+        env.run_env(
+            &["check-config"],
+            &[
+                ("GLANCE_CACHED_CACHE__STALL_TIME", "2h"),
+                ("GLANCE_CACHED_PRUNER__LOW_WATERMARK", "10GiB"),
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        out.contains("max_size = \"20GiB\""),
+        "file beats default: {out}"
+    );
+    assert!(
+        out.contains("stall_time = \"2h\""),
+        "environment beats file: {out}"
+    );
+    assert!(out.contains("low_watermark = \"10GiB\""), "{out}");
+    assert!(
+        out.contains("interval = \"10m\""),
+        "defaults fill the rest: {out}"
+    );
+    assert!(
+        out.contains("postgres://glance:***@db:5432/glance") && !out.contains("s3cret"),
+        "{out}"
+    );
+    // The printed config is itself a valid config.
+    let printed = write_file(
+        env.tmp.path(),
+        "printed.toml",
+        out.replace("***", "x").as_bytes(),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    clean_env(&mut cmd);
+    let again = cmd
+        .args(["--config", printed.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let env = CliEnv::new(
+        "max_size = -1\nsurprise = true\n[pruner]\nlow_watermark = \"1XB\"\n[cleaner]\ninterval = \"soon\"\n[database]\nurl = \"mysql://h/db\"\n",
+    );
+    let line = fails(
+        env.run_env(&["check-config"], &[("GLANCE_CACHED_LOG__FORMAT", "xml")]),
+        &["check-config"],
+    );
+    let file = env.config.display().to_string();
+    for expected in [
+        format!("cache.max_size (from {file})"),
+        format!("cache.surprise (from {file}): unknown key"),
+        format!("pruner.low_watermark (from {file})"),
+        format!("cleaner.interval (from {file})"),
+        "log.format (from GLANCE_CACHED_LOG__FORMAT)".to_string(),
+        "node.reference_url: is required".to_string(),
+    ] {
+        assert!(line.contains(&expected), "missing {expected:?} in {line}");
+    }
+    // A config file that is not TOML names the file.
+    std::fs::write(&env.config, "[cache\n").unwrap();
+    let line = env.fails(&["check-config"]);
+    assert!(line.contains(&file), "{line}");
+    // A missing explicit config file is an error, not silently ignored.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    clean_env(&mut cmd);
+    let line = fails(
+        cmd.args(["--config", "/nonexistent.toml", "check-config"])
+            .output()
+            .unwrap(),
+        &[],
+    );
+    assert!(line.contains("/nonexistent.toml"), "{line}");
+}

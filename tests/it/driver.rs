@@ -1,0 +1,841 @@
+//! The driver suite: every method and behaviour of the specification's table, written
+//! once and run against SQLite, PostgreSQL and MariaDB.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use chrono::{TimeZone, Utc};
+use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use glance_cached::db::DbTime;
+use glance_cached::image_id::ImageId;
+use md5::Digest;
+
+use crate::common::{Backend, TestCache, TestDb, age_file, test_bytes};
+
+fn id(s: &str) -> ImageId {
+    ImageId::parse(s).unwrap()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    hex::encode(md5::Md5::digest(data))
+}
+
+fn sha512_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha512::digest(data))
+}
+
+/// Caches `data` as `image` through `open_for_write`.
+async fn cache(t: &TestCache, image: &str, data: &[u8]) {
+    let mut w = t
+        .driver
+        .open_for_write(&id(image), Expectations::default())
+        .await
+        .unwrap();
+    w.write(data).unwrap();
+    w.commit().await.unwrap();
+}
+
+/// Sets an image's `last_accessed` to `secs` after the epoch (through a hit).
+async fn accessed_at(t: &TestCache, image: &str, secs: i64) {
+    let when = DbTime::from_utc(Utc.timestamp_opt(secs, 0).unwrap());
+    assert!(
+        t.driver
+            .db()
+            .record_hit(t.driver.node(), image, when)
+            .await
+            .unwrap()
+    );
+}
+
+macro_rules! driver_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
+        mod mysql { $( #[tokio::test] async fn $test() { super::$test(super::Backend::MySql).await } )* }
+    };
+}
+
+driver_suite!(
+    configure_creates_layout_and_is_idempotent,
+    cached_being_cached_and_cacheable,
+    queue_image_follows_glance_order_of_checks,
+    queued_images_are_ordered_and_markers_adopted,
+    delete_queued_removes_rows_and_markers,
+    open_for_write_publishes_verified_image,
+    open_for_write_failures_never_publish,
+    concurrent_writers_of_one_image,
+    recache_refreshes_row,
+    open_for_read_counts_hits,
+    hit_count_rules,
+    cached_images_are_listed_by_id,
+    delete_cached_and_delete_all,
+    least_recently_accessed,
+    cache_size_counts_only_images,
+    prune_evicts_least_recently_accessed,
+    prune_edge_cases,
+    prune_low_watermark,
+    clean_removes_invalid_and_stalled_only,
+    clean_never_follows_symlinks,
+    two_nodes_share_a_database_without_seeing_each_other,
+);
+
+async fn configure_creates_layout_and_is_idempotent(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for sub in ["incomplete", "invalid", "queue"] {
+        let meta = std::fs::symlink_metadata(t.path(sub)).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o750, "{sub}");
+    }
+    // A second configure on the same database and directory finds the same node.
+    let again = glance_cached::cache::CacheDriver::configure(
+        t.driver.layout().clone(),
+        t.db.connect().await,
+        t.driver.node_url(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.node(), t.driver.node());
+    again.db().close().await;
+    t.finish().await;
+}
+
+async fn cached_being_cached_and_cacheable(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let a = id("img-a");
+    assert!(!t.driver.is_cached(&a) && !t.driver.is_being_cached(&a) && t.driver.is_cacheable(&a));
+    let mut w = t
+        .driver
+        .open_for_write(&a, Expectations::default())
+        .await
+        .unwrap();
+    assert!(t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a) && !t.driver.is_cached(&a));
+    w.write(b"data").unwrap();
+    w.commit().await.unwrap();
+    assert!(t.driver.is_cached(&a) && !t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a));
+    t.finish().await;
+}
+
+async fn queue_image_follows_glance_order_of_checks(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    cache(&t, "cached", b"x").await;
+    assert!(!t.driver.queue_image(&id("cached")).await.unwrap());
+    let _w = t
+        .driver
+        .open_for_write(&id("writing"), Expectations::default())
+        .await
+        .unwrap();
+    assert!(!t.driver.queue_image(&id("writing")).await.unwrap());
+    assert!(t.driver.queue_image(&id("fresh")).await.unwrap());
+    assert!(
+        t.path("queue/fresh").is_file(),
+        "marker kept for Glance's GET /v2/cache"
+    );
+    assert!(t.driver.is_queued(&id("fresh")).await.unwrap());
+    assert!(
+        !t.driver.queue_image(&id("fresh")).await.unwrap(),
+        "queued twice"
+    );
+    // A marker alone (Glance's PUT /v2/cache/{id}) counts as queued.
+    std::fs::write(t.path("queue/by-glance"), b"").unwrap();
+    assert!(t.driver.is_queued(&id("by-glance")).await.unwrap());
+    assert!(!t.driver.queue_image(&id("by-glance")).await.unwrap());
+    // A row alone counts as queued too.
+    std::fs::remove_file(t.path("queue/fresh")).unwrap();
+    assert!(t.driver.is_queued(&id("fresh")).await.unwrap());
+    drop(_w);
+    t.finish().await;
+}
+
+async fn queued_images_are_ordered_and_markers_adopted(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["q-b", "q-a", "q-c"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+        // Distinct queued times even on second-resolution columns.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Glance's marker from an hour ago goes first, with its mtime as the queued time.
+    std::fs::write(t.path("queue/old-marker"), b"").unwrap();
+    age_file(&t.path("queue/old-marker"), 3600);
+    // Names that are not ids, symlinks and directories in queue/ are ignored.
+    std::fs::write(t.path("queue/not..an id"), b"").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", t.path("queue/link")).unwrap();
+    std::fs::create_dir(t.path("queue/subdir")).unwrap();
+    let queued = t.driver.get_queued_images().await.unwrap();
+    let ids: Vec<_> = queued.iter().map(|q| q.image_id.to_string()).collect();
+    assert_eq!(ids[0], "old-marker");
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    // Same-second rows (MySQL-style resolution) still come out deterministically.
+    let mut rest = ids[1..].to_vec();
+    rest.sort();
+    assert_eq!(rest, ["q-a", "q-b", "q-c"]);
+    let age = Utc::now() - queued[0].queued_at;
+    assert!(
+        age.num_seconds() >= 3590,
+        "adopted with the marker's mtime: {age}"
+    );
+    assert!(
+        queued
+            .iter()
+            .all(|q| q.attempts == 0 && q.last_error.is_none())
+    );
+    t.finish().await;
+}
+
+async fn delete_queued_removes_rows_and_markers(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["d1", "d2", "d3"] {
+        t.driver.queue_image(&id(image)).await.unwrap();
+    }
+    std::fs::write(t.path("queue/marker-only"), b"").unwrap();
+    assert_eq!(t.driver.delete_queued_image(&id("d1")).await.unwrap(), 1);
+    assert!(!t.path("queue/d1").exists());
+    assert!(!t.driver.is_queued(&id("d1")).await.unwrap());
+    assert_eq!(t.driver.delete_queued_image(&id("d1")).await.unwrap(), 0);
+    assert_eq!(t.driver.delete_all_queued_images().await.unwrap(), 3);
+    assert!(t.driver.get_queued_images().await.unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(t.path("queue")).unwrap().count(), 0);
+    t.finish().await;
+}
+
+async fn open_for_write_publishes_verified_image(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let data = test_bytes(300_000, 7);
+    t.driver.queue_image(&id("pub")).await.unwrap();
+    let expect = Expectations {
+        size: Some(data.len() as u64),
+        md5: Some(md5_hex(&data)),
+        os_hash: Some((HashAlgo::Sha512, sha512_hex(&data))),
+    };
+    let mut w = t.driver.open_for_write(&id("pub"), expect).await.unwrap();
+    for chunk in data.chunks(65_536) {
+        w.write(chunk).unwrap();
+    }
+    let published = w.commit().await.unwrap();
+    assert_eq!(published.size, data.len() as u64);
+    assert_eq!(published.md5, md5_hex(&data));
+    assert_eq!(std::fs::read(t.path("pub")).unwrap(), data);
+    let mode = std::fs::metadata(t.path("pub"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert!(!t.path("incomplete/pub").exists());
+    // Publishing takes the image off the queue: row and marker.
+    assert!(!t.path("queue/pub").exists());
+    assert!(!t.driver.is_queued(&id("pub")).await.unwrap());
+    let images = t.driver.get_cached_images().await.unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].size, data.len() as u64);
+    assert_eq!(images[0].hits, 0);
+    assert_eq!(images[0].checksum.as_deref(), Some(md5_hex(&data).as_str()));
+    assert!((Utc::now() - images[0].last_accessed).num_seconds().abs() < 60);
+    t.finish().await;
+}
+
+async fn open_for_write_failures_never_publish(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let data = test_bytes(10_000, 1);
+    let cases: Vec<(&str, Expectations, &[u8])> = vec![
+        (
+            "short",
+            Expectations {
+                size: Some(20_000),
+                ..Default::default()
+            },
+            &data,
+        ),
+        (
+            "bad-md5",
+            Expectations {
+                md5: Some(md5_hex(b"other")),
+                ..Default::default()
+            },
+            &data,
+        ),
+        (
+            "bad-sha",
+            Expectations {
+                os_hash: Some((HashAlgo::Sha512, sha512_hex(b"other"))),
+                ..Default::default()
+            },
+            &data,
+        ),
+    ];
+    for (name, expect, bytes) in cases {
+        let mut w = t.driver.open_for_write(&id(name), expect).await.unwrap();
+        w.write(bytes).unwrap();
+        let err = w.commit().await.unwrap_err();
+        assert!(
+            matches!(err, CacheError::Verification { .. }),
+            "{name}: {err}"
+        );
+        assert!(
+            !t.driver.is_cached(&id(name)),
+            "{name} must not be published"
+        );
+        assert!(!t.path(&format!("incomplete/{name}")).exists());
+        assert!(
+            t.path(&format!("invalid/{name}")).is_file(),
+            "{name} kept in invalid/"
+        );
+    }
+    // A body larger than declared fails on the write that overflows.
+    let mut w = t
+        .driver
+        .open_for_write(
+            &id("long"),
+            Expectations {
+                size: Some(100),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    w.write(&data[..60]).unwrap();
+    assert!(matches!(
+        w.write(&data[60..120]),
+        Err(CacheError::TooLarge { .. })
+    ));
+    drop(w);
+    assert!(!t.driver.is_cached(&id("long")) && t.path("invalid/long").is_file());
+    // A writer dropped without commit (an abandoned download).
+    let mut w = t
+        .driver
+        .open_for_write(&id("dropped"), Expectations::default())
+        .await
+        .unwrap();
+    w.write(b"partial").unwrap();
+    drop(w);
+    assert!(!t.driver.is_cached(&id("dropped")) && t.path("invalid/dropped").is_file());
+    assert!(t.driver.get_cached_images().await.unwrap().is_empty());
+    t.finish().await;
+}
+
+async fn concurrent_writers_of_one_image(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let mut first = t
+        .driver
+        .open_for_write(&id("race"), Expectations::default())
+        .await
+        .unwrap();
+    first.write(b"first writer's bytes").unwrap();
+    let second = t
+        .driver
+        .open_for_write(&id("race"), Expectations::default())
+        .await;
+    assert!(matches!(second, Err(CacheError::AlreadyBeingWritten(_))));
+    // The loser touched nothing: the winner's file is intact and publishes.
+    first.write(b", more").unwrap();
+    first.commit().await.unwrap();
+    assert_eq!(
+        std::fs::read(t.path("race")).unwrap(),
+        b"first writer's bytes, more"
+    );
+    assert!(!t.path("invalid/race").exists());
+    // Many tasks at once: exactly one wins.
+    let mut tasks = Vec::new();
+    for n in 0..8u8 {
+        let d = t.driver.clone();
+        tasks.push(tokio::spawn(async move {
+            match d
+                .open_for_write(&id("race2"), Expectations::default())
+                .await
+            {
+                Ok(mut w) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    w.write(&[n; 1000]).unwrap();
+                    w.commit().await.unwrap();
+                    true
+                }
+                Err(CacheError::AlreadyBeingWritten(_)) => false,
+                Err(e) => panic!("{e}"),
+            }
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        winners += task.await.unwrap() as usize;
+    }
+    assert_eq!(winners, 1);
+    let bytes = std::fs::read(t.path("race2")).unwrap();
+    assert_eq!(bytes.len(), 1000);
+    assert!(
+        bytes.iter().all(|b| *b == bytes[0]),
+        "one writer's bytes only"
+    );
+    t.finish().await;
+}
+
+async fn recache_refreshes_row(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    cache(&t, "again", b"small").await;
+    accessed_at(&t, "again", 1_000_000).await;
+    cache(&t, "again", b"a larger body").await;
+    let images = t.driver.get_cached_images().await.unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].size, 13);
+    assert_eq!(
+        images[0].checksum.as_deref(),
+        Some(md5_hex(b"a larger body").as_str())
+    );
+    assert!(
+        images[0].last_accessed.timestamp() > 1_000_000,
+        "times refreshed"
+    );
+    assert_eq!(std::fs::read(t.path("again")).unwrap(), b"a larger body");
+    t.finish().await;
+}
+
+async fn open_for_read_counts_hits(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    cache(&t, "readme", b"hello").await;
+    accessed_at(&t, "readme", 1_000_000).await; // hit 1, old access time
+    let mut f = t.driver.open_for_read(&id("readme")).await.unwrap();
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut f, &mut s).unwrap();
+    assert_eq!(s, "hello");
+    assert_eq!(t.driver.get_hit_count(&id("readme")).await.unwrap(), 2);
+    let img = &t.driver.get_cached_images().await.unwrap()[0];
+    assert!(
+        img.last_accessed.timestamp() > 1_000_000,
+        "last_accessed moved to now"
+    );
+    // Glance counts the hit even when the read fails: the file is gone, the row stays.
+    std::fs::remove_file(t.path("readme")).unwrap();
+    assert!(matches!(
+        t.driver.open_for_read(&id("readme")).await,
+        Err(CacheError::NotCached(_))
+    ));
+    assert_eq!(
+        t.driver
+            .db()
+            .hit_count(t.driver.node(), "readme")
+            .await
+            .unwrap(),
+        3
+    );
+    // A symlink planted as an image is refused, not followed.
+    let outside = t.dir.path().join("secret");
+    std::fs::write(&outside, b"secret").unwrap();
+    std::os::unix::fs::symlink(&outside, t.path("planted")).unwrap();
+    assert!(t.driver.open_for_read(&id("planted")).await.is_err());
+    t.finish().await;
+}
+
+async fn hit_count_rules(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    cache(&t, "h", b"x").await;
+    for _ in 0..3 {
+        drop(t.driver.open_for_read(&id("h")).await.unwrap());
+    }
+    assert_eq!(t.driver.get_hit_count(&id("h")).await.unwrap(), 3);
+    // No file: 0, whatever the row says.
+    std::fs::rename(t.path("h"), t.dir.path().join("h.moved")).unwrap();
+    assert_eq!(t.driver.get_hit_count(&id("h")).await.unwrap(), 0);
+    // A file without a row: 0.
+    std::fs::write(t.path("norow"), b"x").unwrap();
+    assert_eq!(t.driver.get_hit_count(&id("norow")).await.unwrap(), 0);
+    t.finish().await;
+}
+
+async fn cached_images_are_listed_by_id(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["m", "c", "x", "a"] {
+        cache(&t, image, image.as_bytes()).await;
+    }
+    let ids: Vec<_> = t
+        .driver
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id.to_string())
+        .collect();
+    assert_eq!(ids, ["a", "c", "m", "x"]);
+    t.finish().await;
+}
+
+async fn delete_cached_and_delete_all(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["d-1", "d-2", "d-3"] {
+        cache(&t, image, b"bytes").await;
+    }
+    assert!(t.driver.delete_cached_image(&id("d-1")).await.unwrap());
+    assert!(!t.driver.is_cached(&id("d-1")));
+    assert!(!t.driver.delete_cached_image(&id("d-1")).await.unwrap());
+    // Lock files, the SQLite database, strays and symlinks survive delete-all.
+    std::fs::write(t.path("glance-cache-prune"), b"").unwrap();
+    std::fs::write(t.path("other.db"), b"db").unwrap();
+    std::fs::write(t.path("stray.txt"), b"s").unwrap();
+    let outside = t.dir.path().join("outside");
+    std::fs::write(&outside, b"keep").unwrap();
+    std::os::unix::fs::symlink(&outside, t.path("linked")).unwrap();
+    assert_eq!(t.driver.delete_all_cached_images().await.unwrap(), 2);
+    assert!(t.driver.get_cached_images().await.unwrap().is_empty());
+    for kept in ["glance-cache-prune", "other.db", "stray.txt", "linked"] {
+        assert!(
+            std::fs::symlink_metadata(t.path(kept)).is_ok(),
+            "{kept} kept"
+        );
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    t.finish().await;
+}
+
+async fn least_recently_accessed(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    assert_eq!(t.driver.get_least_recently_accessed().await.unwrap(), None);
+    cache(&t, "new", b"12345").await;
+    cache(&t, "old", b"123").await;
+    accessed_at(&t, "old", 1_000_000).await;
+    assert_eq!(
+        t.driver.get_least_recently_accessed().await.unwrap(),
+        Some((id("old"), 3))
+    );
+    std::fs::remove_file(t.path("old")).unwrap();
+    assert_eq!(
+        t.driver.get_least_recently_accessed().await.unwrap(),
+        Some((id("old"), 0)),
+        "a row without its file reports size 0"
+    );
+    t.finish().await;
+}
+
+async fn cache_size_counts_only_images(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    cache(&t, "s1", &[0; 100]).await;
+    cache(&t, "s2", &[0; 50]).await;
+    std::fs::write(t.path("glance-cache-clean"), b"").unwrap();
+    std::fs::write(t.path("x.db"), vec![0; 1000]).unwrap();
+    std::fs::write(t.path("bad name"), vec![0; 1000]).unwrap();
+    std::fs::write(t.path("incomplete/s3"), vec![0; 1000]).unwrap();
+    let big = t.dir.path().join("big");
+    std::fs::write(&big, vec![0; 5000]).unwrap();
+    std::os::unix::fs::symlink(&big, t.path("link")).unwrap();
+    assert_eq!(t.driver.get_cache_size().await.unwrap(), 150);
+    t.finish().await;
+}
+
+async fn prune_evicts_least_recently_accessed(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    // Five 100-byte images accessed at t=1..5 (e1 oldest), then a new one.
+    for (n, image) in ["e3", "e1", "e5", "e2", "e4"].iter().enumerate() {
+        cache(&t, image, &test_bytes(100, n as u8)).await;
+    }
+    for image in ["e1", "e2", "e3", "e4", "e5"] {
+        let n: i64 = image[1..].parse().unwrap();
+        accessed_at(&t, image, 1_000_000 + n * 10).await;
+    }
+    cache(&t, "newest", &test_bytes(100, 9)).await; // counts as just accessed
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 350,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pruned: Vec<_> = report.pruned.iter().map(|(i, _)| i.to_string()).collect();
+    assert_eq!(pruned, ["e1", "e2", "e3"]);
+    assert_eq!(report.bytes(), 300);
+    assert_eq!((report.size_before, report.size_after), (600, 300));
+    let left: Vec<_> = t
+        .driver
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id.to_string())
+        .collect();
+    assert_eq!(left, ["e4", "e5", "newest"]);
+    assert_eq!(t.driver.get_cache_size().await.unwrap(), 300);
+    // Under the limit: nothing to do.
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.files(), 0);
+    // max_size = 0 empties the cache.
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.files(), 3);
+    assert!(t.driver.get_cached_images().await.unwrap().is_empty());
+    assert_eq!(t.driver.get_cache_size().await.unwrap(), 0);
+    t.finish().await;
+}
+
+async fn prune_edge_cases(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    // No rows at all, only files that are not images: terminates, deletes nothing.
+    std::fs::write(t.path("glance-cache-prune"), b"").unwrap();
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.files(), 0);
+    assert!(t.path("glance-cache-prune").exists());
+    // A row whose file is gone frees nothing and is dropped; a file without a row is
+    // adopted (aged by its mtime) and so becomes a candidate.
+    cache(&t, "ghost", &[1; 100]).await;
+    std::fs::remove_file(t.path("ghost")).unwrap();
+    cache(&t, "kept", &[2; 100]).await;
+    std::fs::write(t.path("orphan"), vec![3; 100]).unwrap();
+    age_file(&t.path("orphan"), 86_400 * 365);
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 150,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.adopted, 1);
+    let pruned: Vec<_> = report.pruned.iter().map(|(i, _)| i.to_string()).collect();
+    assert_eq!(
+        pruned,
+        ["orphan"],
+        "the year-old orphan is least recently used"
+    );
+    assert!(t.driver.is_cached(&id("kept")));
+    // Files the pruner cannot delete are skipped, not retried forever.
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.files(), 1);
+    assert_eq!(report.rows_without_file, 1);
+    assert!(t.driver.get_cached_images().await.unwrap().is_empty());
+    t.finish().await;
+}
+
+async fn prune_low_watermark(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for n in 0..10u8 {
+        let image = format!("w{n}");
+        cache(&t, &image, &[n; 100]).await;
+        accessed_at(&t, &image, 1_000_000 + i64::from(n) * 10).await;
+    }
+    let policy = PrunePolicy {
+        max_size: 900,
+        low_watermark: Some(500),
+        min_free_disk: None,
+    };
+    let report = t.driver.prune(policy).await.unwrap();
+    assert_eq!(
+        report.files(),
+        5,
+        "down to the low watermark, not just under max"
+    );
+    assert_eq!(report.pruned[0].0.as_str(), "w0");
+    // At or under max: the watermark alone does not start a prune.
+    cache(&t, "w10", &[0; 100]).await;
+    assert_eq!(t.driver.prune(policy).await.unwrap().files(), 0);
+    // Free disk below the minimum prunes even under max_size (the filesystem has
+    // less than u64::MAX free, so everything goes).
+    let policy = PrunePolicy {
+        max_size: 1 << 40,
+        low_watermark: None,
+        min_free_disk: Some(u64::MAX),
+    };
+    assert_eq!(t.driver.prune(policy).await.unwrap().files(), 6);
+    t.finish().await;
+}
+
+async fn clean_removes_invalid_and_stalled_only(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    std::fs::write(t.path("invalid/inv1"), vec![0; 10]).unwrap();
+    std::fs::write(t.path("invalid/inv2"), vec![0; 20]).unwrap();
+    std::fs::write(t.path("incomplete/stalled"), vec![0; 30]).unwrap();
+    std::fs::write(t.path("incomplete/fresh"), vec![0; 40]).unwrap();
+    let now = SystemTime::now();
+    age_file(&t.path("incomplete/stalled"), 7200);
+    let policy = CleanPolicy {
+        stall_time: Duration::from_secs(3600),
+        invalid_grace: Duration::ZERO,
+    };
+    let report = t.driver.clean(policy, now).await.unwrap();
+    let mut removed: Vec<_> = report
+        .removed
+        .iter()
+        .map(|r| (r.area, r.image_id.to_string(), r.bytes))
+        .collect();
+    removed.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        removed,
+        [
+            (Area::Invalid, "inv1".into(), 10),
+            (Area::Invalid, "inv2".into(), 20),
+            (Area::Incomplete, "stalled".into(), 30)
+        ]
+    );
+    assert!(t.path("incomplete/fresh").exists());
+    assert!(report.failed.is_empty());
+    // The next stall is the fresh file's mtime + stall time: the loop sleeps until then.
+    let next = report.next_due.expect("fresh file will stall");
+    let wait = next.duration_since(now).unwrap();
+    assert!(
+        wait > Duration::from_secs(3500) && wait <= Duration::from_secs(3600),
+        "{wait:?}"
+    );
+    // Time is a parameter: two hours later, the fresh file has stalled too.
+    let later = now + Duration::from_secs(7200);
+    let report = t.driver.clean(policy, later).await.unwrap();
+    assert_eq!(report.files(), 1);
+    // A grace keeps young invalid files.
+    std::fs::write(t.path("invalid/young"), b"y").unwrap();
+    let graced = CleanPolicy {
+        invalid_grace: Duration::from_secs(600),
+        ..policy
+    };
+    assert_eq!(
+        t.driver
+            .clean(graced, SystemTime::now())
+            .await
+            .unwrap()
+            .files(),
+        0
+    );
+    assert_eq!(
+        t.driver
+            .clean(graced, SystemTime::now() + Duration::from_secs(601))
+            .await
+            .unwrap()
+            .files(),
+        1
+    );
+    // A file that is already gone is fine.
+    assert_eq!(
+        t.driver
+            .layout()
+            .remove(Area::Invalid, &id("never-there"))
+            .unwrap(),
+        None
+    );
+    t.finish().await;
+}
+
+async fn clean_never_follows_symlinks(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let canary_dir = t.dir.path().join("canary");
+    std::fs::create_dir(&canary_dir).unwrap();
+    std::fs::write(canary_dir.join("precious"), b"keep me").unwrap();
+    std::os::unix::fs::symlink(canary_dir.join("precious"), t.path("invalid/precious")).unwrap();
+    std::os::unix::fs::symlink(&canary_dir, t.path("invalid/dirlink")).unwrap();
+    std::os::unix::fs::symlink(canary_dir.join("precious"), t.path("incomplete/stale-link"))
+        .unwrap();
+    std::fs::create_dir(t.path("invalid/adir")).unwrap();
+    std::fs::write(t.path("invalid/adir/inner"), b"x").unwrap();
+    let policy = CleanPolicy {
+        stall_time: Duration::ZERO,
+        invalid_grace: Duration::ZERO,
+    };
+    let report = t
+        .driver
+        .clean(policy, SystemTime::now() + Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    assert_eq!(report.files(), 0);
+    assert_eq!(report.skipped.len(), 4);
+    assert_eq!(
+        std::fs::read(canary_dir.join("precious")).unwrap(),
+        b"keep me"
+    );
+    assert!(t.path("invalid/adir/inner").exists());
+    t.finish().await;
+}
+
+async fn two_nodes_share_a_database_without_seeing_each_other(b: Backend) {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let a = TestCache::on(db, "http://node-a:9292").await;
+    let b = TestCache::on(a.db.shared(), "http://node-b:9292").await;
+    assert_ne!(a.driver.node(), b.driver.node());
+    cache(&a, "shared-id", b"on a").await;
+    cache(&b, "shared-id", b"on b, longer").await;
+    cache(&b, "only-b", b"b").await;
+    a.driver.queue_image(&id("queued-a")).await.unwrap();
+    let a_ids: Vec<_> = a
+        .driver
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.image_id.to_string(), i.size))
+        .collect();
+    assert_eq!(a_ids, [("shared-id".to_string(), 4)]);
+    assert_eq!(b.driver.get_cached_images().await.unwrap().len(), 2);
+    assert!(b.driver.get_queued_images().await.unwrap().is_empty());
+    assert_eq!(a.driver.get_queued_images().await.unwrap().len(), 1);
+    // Pruning and deleting on one node never touches the other's rows.
+    a.driver
+        .prune(PrunePolicy {
+            max_size: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(b.driver.delete_all_cached_images().await.unwrap(), 2);
+    assert!(a.driver.get_cached_images().await.unwrap().is_empty());
+    assert!(b.driver.get_cached_images().await.unwrap().is_empty());
+    b.driver.db().close().await;
+    a.finish().await;
+}

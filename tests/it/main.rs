@@ -1,0 +1,6 @@
+//! One integration test binary (one link on 2 cores): the driver suite on three
+//! backends, configuration, and the CLI through the built binary.
+
+mod cli;
+mod common;
+mod driver;
