@@ -190,7 +190,14 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        // Every key lives in a section, so only `GLANCE_CACHED_<SECTION>__<KEY>` can name
+        // one; other variables with the prefix (`GLANCE_CACHED_CONFIG`, a test harness's)
+        // are not configuration.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         let dict = figment
             .data()
             .map_err(|e| ConfigError::File {

@@ -15,7 +15,7 @@ use super::{Db, DbError, Dialect, on_pool};
 pub const SCHEMA_VERSION: i64 = 1;
 
 /// Advisory lock key for migrations on PostgreSQL ("gcached" in ASCII).
-const PG_MIGRATION_LOCK_KEY: i64 = 0x67_63_61_63_68_65_64;
+const PG_MIGRATION_LOCK_KEY: i64 = 0x0067_6361_6368_6564;
 /// How long a MySQL node waits for another node's migration, in seconds.
 const MYSQL_MIGRATION_LOCK_WAIT_SECS: i64 = 120;
 

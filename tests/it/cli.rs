@@ -61,12 +61,17 @@ impl CliEnv {
     }
 }
 
+/// Removes configuration from the environment: every `GLANCE_CACHED_<SECTION>__<KEY>`
+/// and the config path. Other prefixed variables (the test harness's) stay, proving they
+/// are not mistaken for configuration.
 fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") || k == "RUST_LOG" {
+        let config_var = k.starts_with("GLANCE_CACHED_") && k.contains("__");
+        if config_var || k == "GLANCE_CACHED_CONFIG" || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }
+    cmd.env("GLANCE_CACHED_NOT_A_KEY", "ignored");
 }
 
 fn fails(out: Output, what: &[&str]) -> String {
@@ -123,10 +128,7 @@ fn import_list_cat_hits_round_trip() {
         text.starts_with("IMAGE ID") && text.contains("img-1"),
         "{text}"
     );
-    let cat = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
-        .args(["--config", env.config.to_str().unwrap(), "cat", "img-1"])
-        .output()
-        .unwrap();
+    let cat = env.run(&["cat", "img-1"]);
     assert!(cat.status.success());
     assert!(cat.stdout == data, "cat returns the exact bytes");
     assert_eq!(env.ok(&["hits", "img-1"]).trim(), "1");
@@ -357,4 +359,22 @@ fn check_config_reports_every_problem_at_once() {
         &[],
     );
     assert!(line.contains("/nonexistent.toml"), "{line}");
+}
+
+#[test]
+fn shipped_example_config_is_valid_and_documents_every_key() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/glance-cached.toml");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    clean_env(&mut cmd);
+    let out = cmd.args(["--config", path, "check-config"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(path).unwrap();
+    for (key, _) in glance_cached::config::KEYS {
+        let (section, name) = key.split_once('.').unwrap();
+        assert!(text.contains(&format!("[{section}]")), "{section} missing");
+        assert!(
+            text.contains(&format!("\n{name} = ")) || text.contains(&format!("# {name} = ")),
+            "{key} is not documented in the example config"
+        );
+    }
 }

@@ -4,3 +4,4 @@
 mod cli;
 mod common;
 mod driver;
+mod glance_interop;

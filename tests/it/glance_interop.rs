@@ -1,0 +1,274 @@
+//! Interop with the real Glance 33.0.0 `centralized_db` driver: both sides on one SQLite
+//! file and one cache directory, each checking what the other wrote.
+//!
+//! Glance runs from the virtualenv made by `scripts/glance-venv`, through
+//! `tests/glance/glance_cache.py`; `scripts/test` exports its python as
+//! `GLANCE_CACHED_TEST_GLANCE_PYTHON`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use glance_cached::cache::{CacheDriver, CacheLayout, Expectations, PrunePolicy};
+use glance_cached::db::{Db, DbOptions};
+use glance_cached::image_id::ImageId;
+use md5::Digest;
+use serde_json::Value;
+
+use crate::common::test_bytes;
+
+const NODE: &str = "http://interop-node:9292";
+
+/// The real Glance driver on a cache directory and database.
+struct Glance {
+    python: String,
+    cache_dir: PathBuf,
+    db_url: String,
+}
+
+impl Glance {
+    fn new(cache_dir: &Path, db_url: &str) -> Option<Glance> {
+        let python = match std::env::var("GLANCE_CACHED_TEST_GLANCE_PYTHON") {
+            Ok(p) if !p.is_empty() => p,
+            _ if std::env::var_os("CI").is_some() => {
+                panic!(
+                    "GLANCE_CACHED_TEST_GLANCE_PYTHON is not set: run the suite with scripts/test"
+                )
+            }
+            _ => {
+                eprintln!(
+                    "SKIPPED: GLANCE_CACHED_TEST_GLANCE_PYTHON is not set (scripts/test sets it up)"
+                );
+                return None;
+            }
+        };
+        // SQLAlchemy spells an absolute SQLite path with four slashes, sqlx with three.
+        let db_url = match db_url.strip_prefix("sqlite://") {
+            Some(path) => format!("sqlite:///{path}"),
+            None => db_url.to_owned(),
+        };
+        Some(Glance {
+            python,
+            cache_dir: cache_dir.to_path_buf(),
+            db_url,
+        })
+    }
+
+    /// Runs one driver command; returns its JSON result.
+    fn run(&self, args: &[&str]) -> Value {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/glance/glance_cache.py");
+        let out = Command::new(&self.python)
+            .arg(script)
+            .arg("--cache-dir")
+            .arg(&self.cache_dir)
+            .args(["--db-url", &self.db_url, "--node-url", NODE])
+            .args(args)
+            // Glance turns naive UTC into epoch seconds as local time.
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "glance {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+async fn our_driver(cache_dir: &Path, db_url: &str) -> CacheDriver {
+    let db = Db::connect(db_url, &DbOptions::default()).await.unwrap();
+    CacheDriver::configure(CacheLayout::new(cache_dir), db, NODE)
+        .await
+        .unwrap()
+}
+
+fn id(s: &str) -> ImageId {
+    ImageId::parse(s).unwrap()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    hex::encode(md5::Md5::digest(data))
+}
+
+#[tokio::test]
+async fn glance_schema_then_both_drivers_share_rows_files_and_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let db_url = format!("sqlite://{}", tmp.path().join("glance.db").display());
+    let Some(glance) = Glance::new(&cache_dir, &db_url) else {
+        return;
+    };
+    // Glance creates its whole schema first; we use its tables as they are.
+    glance.run(&["db-sync"]);
+    let ours = our_driver(&cache_dir, &db_url).await;
+
+    // Glance caches an image: we see the file, the row, and can read it.
+    let from_glance = test_bytes(200_000, 5);
+    let src = tmp.path().join("from-glance.raw");
+    std::fs::write(&src, &from_glance).unwrap();
+    glance.run(&["write", "img-glance", src.to_str().unwrap()]);
+    let listed = ours.get_cached_images().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].image_id.as_str(), "img-glance");
+    assert_eq!(listed[0].size, from_glance.len() as u64);
+    assert!(
+        (chrono::Utc::now() - listed[0].last_accessed)
+            .num_seconds()
+            .abs()
+            < 120,
+        "we read Glance's times"
+    );
+    drop(ours.open_for_read(&id("img-glance")).await.unwrap());
+    assert_eq!(ours.get_hit_count(&id("img-glance")).await.unwrap(), 1);
+
+    // We cache an image: Glance sees the file, the row, our times and our hits.
+    let from_us = test_bytes(150_000, 9);
+    let mut w = ours
+        .open_for_write(&id("img-ours"), Expectations::default())
+        .await
+        .unwrap();
+    w.write(&from_us).unwrap();
+    w.commit().await.unwrap();
+    drop(ours.open_for_read(&id("img-ours")).await.unwrap());
+    assert_eq!(
+        glance.run(&["read", "img-ours"]),
+        Value::String(md5_hex(&from_us))
+    );
+    assert_eq!(glance.run(&["hits", "img-ours"]), 2, "our hit and Glance's");
+    assert_eq!(
+        glance.run(&["hits", "img-glance"]),
+        1,
+        "Glance sees the hit we counted"
+    );
+    let glance_list = glance.run(&["list-cached"]);
+    let rows = glance_list.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let our_row = rows.iter().find(|r| r["image_id"] == "img-ours").unwrap();
+    assert_eq!(our_row["size"], from_us.len() as u64);
+    assert_eq!(our_row["checksum"], md5_hex(&from_us).as_str());
+    let accessed = our_row["last_accessed"].as_f64().unwrap();
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        (now - accessed).abs() < 120.0,
+        "Glance reads our times as UTC: {accessed} vs {now}"
+    );
+    assert_eq!(
+        glance.run(&["size"]),
+        (from_glance.len() + from_us.len()) as u64
+    );
+
+    // Least recently used agrees: img-glance was read before img-ours.
+    assert_eq!(glance.run(&["lru"])[0], "img-glance");
+    assert_eq!(
+        ours.get_least_recently_accessed()
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .as_str(),
+        "img-glance"
+    );
+
+    // Queue both ways: Glance's marker shows in our queue, our queue in Glance's.
+    assert_eq!(glance.run(&["queue", "q-glance"]), true);
+    assert!(ours.queue_image(&id("q-ours")).await.unwrap());
+    let ours_queue: Vec<_> = ours
+        .get_queued_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| q.image_id.to_string())
+        .collect();
+    assert!(
+        ours_queue.contains(&"q-glance".to_string()) && ours_queue.contains(&"q-ours".to_string())
+    );
+    let glance_queue = glance.run(&["list-queued"]);
+    assert!(
+        glance_queue
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q == "q-ours"),
+        "{glance_queue}"
+    );
+    assert_eq!(
+        glance.run(&["queue", "q-ours"]),
+        false,
+        "Glance sees it queued"
+    );
+
+    // Our prune evicts the least recently used; Glance's view stays consistent.
+    let report = ours
+        .prune(PrunePolicy {
+            max_size: 160_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.pruned.len(), 1);
+    assert_eq!(report.pruned[0].0.as_str(), "img-glance");
+    assert_eq!(glance.run(&["is-cached", "img-glance"]), false);
+    assert_eq!(glance.run(&["list-cached"]).as_array().unwrap().len(), 1);
+
+    // Glance deletes; we see it gone.
+    glance.run(&["delete-cached", "img-ours"]);
+    assert!(ours.get_cached_images().await.unwrap().is_empty());
+    assert!(!ours.is_cached(&id("img-ours")));
+    ours.db().close().await;
+}
+
+#[tokio::test]
+async fn glance_driver_works_on_tables_we_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let db_url = format!("sqlite://{}", tmp.path().join("glance-cached.db").display());
+    let Some(glance) = Glance::new(&cache_dir, &db_url) else {
+        return;
+    };
+    // We create Glance's two cache tables in our own SQLite file; Glance's driver uses
+    // them without its migrations.
+    let ours = our_driver(&cache_dir, &db_url).await;
+    let data = test_bytes(64_000, 2);
+    let mut w = ours
+        .open_for_write(&id("ours-first"), Expectations::default())
+        .await
+        .unwrap();
+    w.write(&data).unwrap();
+    w.commit().await.unwrap();
+    let src = tmp.path().join("g.raw");
+    std::fs::write(&src, b"glance bytes").unwrap();
+    glance.run(&["write", "glance-second", src.to_str().unwrap()]);
+    let rows = glance.run(&["list-cached"]);
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+    assert_eq!(
+        glance.run(&["read", "ours-first"]),
+        Value::String(md5_hex(&data))
+    );
+    let ids: Vec<_> = ours
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id.to_string())
+        .collect();
+    assert_eq!(ids, ["glance-second", "ours-first"]);
+    assert_eq!(
+        ours.get_hit_count(&id("ours-first")).await.unwrap(),
+        1,
+        "Glance's hit counted in our view"
+    );
+
+    // SQLAlchemy's text format on disk, so SQLite's text order is time order.
+    let db = sqlx::SqlitePool::connect(&db_url).await.unwrap();
+    let stamps: Vec<String> = sqlx::query_scalar("SELECT last_accessed FROM cached_images")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    for s in &stamps {
+        let shape_ok = s.len() == 26
+            && chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.6f").is_ok();
+        assert!(shape_ok, "stored time {s:?} is not SQLAlchemy's format");
+    }
+    db.close().await;
+    ours.db().close().await;
+}
