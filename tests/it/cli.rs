@@ -366,8 +366,15 @@ fn shipped_example_config_is_valid_and_documents_every_key() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/glance-cached.toml");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
     clean_env(&mut cmd);
-    let out = cmd.args(["--config", path, "check-config"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .args(["--config", path, "check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(path).unwrap();
     for (key, _) in glance_cached::config::KEYS {
         let (section, name) = key.split_once('.').unwrap();
