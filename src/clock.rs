@@ -7,3 +7,8 @@ use chrono::{DateTime, Utc};
 pub fn now() -> DateTime<Utc> {
     Utc::now()
 }
+
+/// The current wall-clock time as a `SystemTime` (file mtimes are compared against it).
+pub fn system_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod image_id;
 pub mod telemetry;

@@ -5,6 +5,7 @@ mod clean;
 mod driver;
 pub mod layout;
 mod prune;
+mod reconcile;
 mod writer;
 
 use std::io;
@@ -14,6 +15,7 @@ pub use clean::{CleanPolicy, CleanReport, RemovedFile};
 pub use driver::{CacheDriver, CachedImage, QueuedImage};
 pub use layout::{Area, CacheLayout, LayoutError};
 pub use prune::{PrunePolicy, PruneReport};
+pub use reconcile::ReconcileReport;
 pub use writer::{Expectations, HashAlgo, ImageWriter, Published};
 
 use crate::db::DbError;

@@ -37,6 +37,8 @@ pub struct PruneReport {
     pub rows_without_file: u64,
     /// Files that had no row and were given one before choosing victims.
     pub adopted: u64,
+    /// Cached images left after the prune.
+    pub images_after: usize,
 }
 
 impl PruneReport {
@@ -55,6 +57,7 @@ impl CacheDriver {
         let mut report = PruneReport {
             size_before: size,
             size_after: size,
+            images_after: listing.files.len(),
             ..Default::default()
         };
         let target = if size > policy.max_size {
@@ -143,6 +146,7 @@ impl CacheDriver {
                 .await?;
         }
         report.size_after = size;
+        report.images_after = listing.files.len().saturating_sub(report.pruned.len());
         Ok(report)
     }
 

@@ -21,6 +21,27 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let path = resolve_config_path(cli.config.as_deref());
     let config = Config::load(path.as_deref())?;
     match cli.command {
+        Command::Run { .. } => unreachable!("run has its own runtime"),
+        Command::Reconcile => {
+            let driver = open(&config).await?;
+            let policy = CleanPolicy {
+                stall_time: config.cache.stall_time,
+                invalid_grace: config.cleaner.invalid_grace,
+            };
+            let report = driver.reconcile(policy, SystemTime::now()).await?;
+            for id in &report.adopted {
+                println!("adopted {id}: file without a row");
+            }
+            for id in &report.removed_rows {
+                println!("removed row {id}: file is gone");
+            }
+            println!(
+                "reconciled: {} adopted, {} rows removed, {} leftover files cleaned",
+                report.adopted.len(),
+                report.removed_rows.len(),
+                report.cleaned.files()
+            );
+        }
         Command::CheckConfig => {
             match &config.file {
                 Some(f) => println!("# configuration from {} and the environment", f.display()),
@@ -152,6 +173,25 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached run`: the daemon, on a multi-threaded runtime with daemon logging.
+pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow::Result<ExitCode> {
+    let path = resolve_config_path(config_arg.as_deref());
+    let config = Config::load(path.as_deref())?;
+    let (log_level, _) = crate::telemetry::init_daemon(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("glance-cached")
+        .build()?;
+    let options = crate::daemon::RunOptions {
+        config_path: path,
+        force,
+    };
+    runtime.block_on(crate::daemon::run(config, options, Some(log_level)))?;
+    // Blocking threads (a stuck filesystem call) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
 }
 

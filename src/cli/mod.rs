@@ -30,6 +30,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: watch the cache, clean, prune and serve the queue until SIGTERM
+    Run {
+        /// Start even if another daemon seems to serve this node (its lease is fresh)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make disk and database agree: adopt files without rows, drop rows without files,
+    /// clean leftovers
+    Reconcile,
     /// Validate the configuration and print the effective values (secrets masked)
     CheckConfig,
     /// List this node's cached images
@@ -115,6 +124,9 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 /// Runs the parsed command line; the binary maps an error to `error: ...` and exit 1.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Run { force } = cli.command {
+        return commands::run_daemon(cli.config, force);
+    }
     crate::telemetry::init_cli();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

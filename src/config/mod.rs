@@ -80,6 +80,8 @@ pub struct PrunerConfig {
 pub struct DaemonConfig {
     /// How long shutdown waits for loops to reach a step boundary before aborting them.
     pub shutdown_timeout: Duration,
+    /// A node's lease expires when not renewed for this long; it is renewed every third.
+    pub lease_ttl: Duration,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field
@@ -158,6 +160,7 @@ pub const KEYS: &[(&str, Reload)] = &[
     ("pruner.low_watermark", Reload::Live),
     ("pruner.min_free_disk", Reload::Live),
     ("daemon.shutdown_timeout", Reload::Live),
+    ("daemon.lease_ttl", Reload::Live),
 ];
 
 /// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
@@ -256,7 +259,7 @@ impl Config {
              [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
              [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
              [pruner]\ninterval = {pi:?}\n{low}\n{free}\n\n\
-             [daemon]\nshutdown_timeout = {st:?}\n",
+             [daemon]\nshutdown_timeout = {st:?}\nlease_ttl = {lt:?}\n",
             dir = self.cache.dir.display().to_string(),
             max = format_size(self.cache.max_size),
             stall = format_duration(self.cache.stall_time),
@@ -271,6 +274,7 @@ impl Config {
             low = opt_size("low_watermark", self.pruner.low_watermark),
             free = opt_size("min_free_disk", self.pruner.min_free_disk),
             st = format_duration(self.daemon.shutdown_timeout),
+            lt = format_duration(self.daemon.lease_ttl),
         )
     }
 }
@@ -381,7 +385,14 @@ impl<'a> Validator<'a> {
                 ),
             );
         }
+        let lease_ttl = self
+            .positive_duration("daemon.lease_ttl")
+            .unwrap_or(Duration::from_secs(60));
+        if lease_ttl < Duration::from_secs(3) {
+            self.problem("daemon.lease_ttl", "must be at least 3s".into());
+        }
         let daemon = DaemonConfig {
+            lease_ttl,
             shutdown_timeout: self
                 .positive_duration("daemon.shutdown_timeout")
                 .unwrap_or(Duration::from_secs(30)),

@@ -127,6 +127,22 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// A rounded size for people, e.g. "1.5 GiB" or "512 B".
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// The shortest exact spelling of a duration, e.g. "1d", "10m", "1h30m", "250ms".
 pub fn format_duration(d: Duration) -> String {
     if d.subsec_nanos() != 0 {

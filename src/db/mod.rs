@@ -6,6 +6,7 @@
 //! differs (upserts, DDL, locking) branch on `Dialect`.
 
 mod cached_images;
+mod lease;
 mod node;
 mod queue;
 mod schema;
@@ -23,6 +24,7 @@ use sqlx::sqlite::{
 };
 
 pub use cached_images::{CachedImageRow, LruCursor};
+pub use lease::{LeaseHolder, LeaseOutcome};
 pub use node::NodeId;
 pub use queue::QueueRow;
 pub use time::DbTime;

@@ -64,6 +64,19 @@ impl Db {
         Ok(found)
     }
 
+    /// How many images this node has queued.
+    pub async fn count_queued(&self, node: NodeId) -> Result<i64, DbError> {
+        const Q: &str = "SELECT COUNT(*) FROM glance_cached_queue WHERE node_reference_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_one(pool)
+                .await?
+                .try_get::<i64, _>(0)?
+        });
+        Ok(n)
+    }
+
     /// This node's queue in order: by queued time, then image id.
     pub async fn queued_images(&self, node: NodeId) -> Result<Vec<QueueRow>, DbError> {
         const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error \

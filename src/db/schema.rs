@@ -50,6 +50,13 @@ const SQLITE_DDL: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
         ON glance_cached_queue (node_reference_id, queued_at, image_id)",
+    "CREATE TABLE IF NOT EXISTS glance_cached_lease (
+        node_reference_id INTEGER NOT NULL,
+        holder VARCHAR(255) NOT NULL,
+        heartbeat_at DATETIME NOT NULL,
+        started_at DATETIME NOT NULL,
+        PRIMARY KEY (node_reference_id)
+    )",
 ];
 
 const POSTGRES_DDL: &[&str] = &[
@@ -83,6 +90,13 @@ const POSTGRES_DDL: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
         ON glance_cached_queue (node_reference_id, queued_at, image_id)",
+    "CREATE TABLE IF NOT EXISTS glance_cached_lease (
+        node_reference_id BIGINT NOT NULL,
+        holder VARCHAR(255) NOT NULL,
+        heartbeat_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        started_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        PRIMARY KEY (node_reference_id)
+    )",
 ];
 
 const MYSQL_DDL: &[&str] = &[
@@ -114,6 +128,13 @@ const MYSQL_DDL: &[&str] = &[
         last_error VARCHAR(1024),
         PRIMARY KEY (node_reference_id, image_id),
         KEY ix_glance_cached_queue_order (node_reference_id, queued_at, image_id)
+    ) ENGINE=InnoDB CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS glance_cached_lease (
+        node_reference_id BIGINT NOT NULL,
+        holder VARCHAR(255) NOT NULL,
+        heartbeat_at DATETIME(6) NOT NULL,
+        started_at DATETIME(6) NOT NULL,
+        PRIMARY KEY (node_reference_id)
     ) ENGINE=InnoDB CHARSET=utf8mb4",
 ];
 

@@ -3,5 +3,7 @@
 
 mod cli;
 mod common;
+mod daemon;
+mod daemon_kit;
 mod driver;
 mod glance_interop;

@@ -1,0 +1,84 @@
+//! Reconcile: make the database and the disk agree again after a crash, an operator's
+//! `rm`, or Glance's API dying between its rename and its insert.
+//!
+//! Files without a row get one (size from stat, both times from mtime); rows without a
+//! file are removed; `incomplete/` and `invalid/` leftovers go through the clean rule.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use tracing::info;
+
+use super::layout::Area;
+use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
+use crate::db::DbTime;
+
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    /// Files that had no row and were given one.
+    pub adopted: Vec<String>,
+    /// Rows whose file was gone, removed.
+    pub removed_rows: Vec<String>,
+    /// What the clean rule removed from `incomplete/` and `invalid/`.
+    pub cleaned: CleanReport,
+}
+
+impl ReconcileReport {
+    pub fn changed(&self) -> bool {
+        !self.adopted.is_empty() || !self.removed_rows.is_empty() || self.cleaned.files() > 0
+    }
+}
+
+impl CacheDriver {
+    pub async fn reconcile(
+        &self,
+        clean: CleanPolicy,
+        now: SystemTime,
+    ) -> Result<ReconcileReport, CacheError> {
+        let listing = self.list(Area::Cached).await?;
+        let rows = self.db().cached_images(self.node()).await?;
+        let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
+        let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
+        let mut report = ReconcileReport::default();
+        for file in listing
+            .files
+            .iter()
+            .filter(|f| !in_db.contains(f.image_id.as_str()))
+        {
+            let modified = DbTime::from_utc(file.modified.into());
+            if self
+                .db()
+                .adopt_cached_image(
+                    self.node(),
+                    file.image_id.as_str(),
+                    file.size as i64,
+                    modified,
+                )
+                .await?
+            {
+                info!(image_id = %file.image_id, bytes = file.size, "reconcile: adopted a cached file without a row");
+                report.adopted.push(file.image_id.to_string());
+            }
+        }
+        let ghosts: Vec<String> = rows
+            .iter()
+            .filter(|r| !on_disk.contains(r.image_id.as_str()))
+            .map(|r| r.image_id.clone())
+            .collect();
+        // A file published between our listing and now must keep its row.
+        let ghosts: Vec<String> = ghosts
+            .into_iter()
+            .filter(|g| match crate::image_id::ImageId::parse(g) {
+                Ok(id) => !self.is_cached(&id),
+                Err(_) => false,
+            })
+            .collect();
+        self.db().delete_cached_images(self.node(), &ghosts).await?;
+        for g in &ghosts {
+            info!(image_id = %g, "reconcile: removed a row whose file is gone");
+        }
+        report.removed_rows = ghosts;
+        report.cleaned = self.clean(clean, now).await?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,62 @@
+//! The cleaner loop: removes `invalid/` files (after `cleaner.invalid_grace`) and stalled
+//! `incomplete/` files. It sleeps until the next file can become due, or the periodic
+//! interval, whichever is first; the watcher wakes it when files appear.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::info;
+
+use super::Context;
+use super::Task;
+use super::worker::{Next, Worker};
+use crate::cache::{CacheError, CleanPolicy};
+use crate::clock;
+
+/// Wake a little after a file becomes due, so its mtime is strictly past the cutoff.
+const DUE_SLACK: Duration = Duration::from_millis(20);
+
+pub struct CleanerWorker {
+    ctx: Context,
+}
+
+impl CleanerWorker {
+    pub fn new(ctx: Context) -> Self {
+        CleanerWorker { ctx }
+    }
+}
+
+impl Worker for CleanerWorker {
+    type Error = CacheError;
+
+    fn task(&self) -> Task {
+        Task::Cleaner
+    }
+
+    async fn step(&mut self) -> Result<Next, CacheError> {
+        let config = self.ctx.config();
+        let policy = CleanPolicy {
+            stall_time: config.cache.stall_time,
+            invalid_grace: config.cleaner.invalid_grace,
+        };
+        let now = clock::system_now();
+        let started = Instant::now();
+        let report = self.ctx.driver.clean(policy, now).await?;
+        if report.files() > 0 {
+            info!(
+                files = report.files(),
+                bytes = report.bytes(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "clean pass removed files"
+            );
+        }
+        self.ctx.board.cleaned(report.files(), report.bytes());
+        self.ctx.publish_status();
+        let mut wake = Instant::now() + config.cleaner.interval;
+        if let Some(due) = report.next_due {
+            let wait = due.duration_since(now).unwrap_or(Duration::ZERO) + DUE_SLACK;
+            wake = wake.min(Instant::now() + wait);
+        }
+        Ok(Next::IdleUntil(wake))
+    }
+}

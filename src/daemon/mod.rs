@@ -1,0 +1,348 @@
+//! The daemon: `glance-cached run`. A boot script (config, database, node, lease,
+//! reconcile, loops, READY), a supervisor that turns signals into shutdown or reload and
+//! feeds the systemd watchdog while the loops are healthy, and a teardown script that
+//! drains the loops at step boundaries under a hard deadline.
+
+mod cleaner;
+mod lease;
+mod pruner;
+mod queue;
+mod reload;
+mod signals;
+mod status;
+mod systemd;
+mod watcher;
+mod worker;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy};
+use crate::clock;
+use crate::config::Config;
+use crate::db::{Db, DbError, DbOptions, DbTime, LeaseOutcome};
+use crate::telemetry::LogLevelHandle;
+
+pub use signals::SignalCommand;
+pub use status::StatusBoard;
+
+/// The background tasks, named in logs and the status table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Task {
+    Cleaner,
+    Pruner,
+    Queue,
+    Lease,
+    Watcher,
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::Cleaner => "cleaner",
+            Task::Pruner => "pruner",
+            Task::Queue => "queue",
+            Task::Lease => "lease",
+            Task::Watcher => "watcher",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(
+        "node {node:?} is already served by another glance-cached ({holder}, last heartbeat {age}s ago); stop it, or start with --force if it is gone"
+    )]
+    NodeTaken {
+        node: String,
+        holder: String,
+        age: i64,
+    },
+    #[error("cannot listen for signals: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot watch the cache directory: {0}")]
+    Watch(#[from] notify::Error),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// How loops are woken early.
+#[derive(Clone, Default)]
+pub struct Nudges {
+    pub cleaner: Arc<Notify>,
+    pub pruner: Arc<Notify>,
+    pub queue: Arc<Notify>,
+}
+
+impl Nudges {
+    pub fn all(&self) {
+        self.cleaner.notify_one();
+        self.pruner.notify_one();
+        self.queue.notify_one();
+    }
+}
+
+/// What every loop shares.
+#[derive(Clone)]
+pub struct Context {
+    pub driver: CacheDriver,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub board: Arc<StatusBoard>,
+    pub nudges: Nudges,
+}
+
+impl Context {
+    /// The current configuration (swapped by a reload).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Sends the status line to systemd when it changed.
+    pub fn publish_status(&self) {
+        if let Some(line) = self.board.line_if_changed() {
+            systemd::status(&line);
+        }
+    }
+}
+
+/// Options of `glance-cached run` beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The file to re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// Take the node's lease even if another daemon seems to hold it.
+    pub force: bool,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
+/// condition (a dead loop, a lost lease); a clean shutdown returns `Ok`.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    log_level: Option<LogLevelHandle>,
+) -> Result<(), DaemonError> {
+    info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
+    let mut signals = signals::listen().map_err(DaemonError::Signals)?;
+
+    info!(dir = %config.cache.dir.display(), database = %crate::db::mask_url(&config.database.url), "opening the cache");
+    let layout = CacheLayout::new(&config.cache.dir);
+    let layout_for_check = layout.clone();
+    tokio::task::spawn_blocking(move || layout_for_check.ensure())
+        .await
+        .expect("layout check panicked")
+        .map_err(CacheError::from)?;
+    let db_options = DbOptions {
+        max_connections: config.database.max_connections,
+        connect_timeout: config.database.connect_timeout,
+    };
+    let db = Db::connect(&config.database.url, &db_options).await?;
+    let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
+
+    let holder = lease::holder_name();
+    take_lease(&driver, &holder, &config, options.force).await?;
+
+    let shutdown = CancellationToken::new();
+    let result = serve(
+        driver.clone(),
+        config,
+        &options,
+        log_level,
+        &holder,
+        &mut signals,
+        &shutdown,
+    )
+    .await;
+
+    if let Err(error) = driver.db().release_lease(driver.node(), &holder).await {
+        warn!(%error, "could not release the node lease; it expires by itself");
+    }
+    driver.db().close().await;
+    match &result {
+        Ok(()) => info!("stopped"),
+        Err(e) => error!(error = %e, "stopped after a fatal error"),
+    }
+    result
+}
+
+async fn take_lease(
+    driver: &CacheDriver,
+    holder: &str,
+    config: &Config,
+    force: bool,
+) -> Result<(), DaemonError> {
+    let now = clock::now();
+    let outcome = driver
+        .db()
+        .acquire_lease(
+            driver.node(),
+            holder,
+            DbTime::from_utc(now),
+            lease::expired_before(config.daemon.lease_ttl),
+            force,
+        )
+        .await?;
+    match outcome {
+        LeaseOutcome::Acquired => Ok(()),
+        LeaseOutcome::HeldBy(other) => Err(DaemonError::NodeTaken {
+            node: driver.node_url().to_owned(),
+            holder: other.holder,
+            age: (now - other.heartbeat_at.to_utc()).num_seconds(),
+        }),
+    }
+}
+
+/// Reconcile, start the loops, supervise, and tear down.
+async fn serve(
+    driver: CacheDriver,
+    config: Config,
+    options: &RunOptions,
+    log_level: Option<LogLevelHandle>,
+    holder: &str,
+    signals: &mut mpsc::UnboundedReceiver<SignalCommand>,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    info!("reconciling disk and database");
+    let report = driver
+        .reconcile(
+            CleanPolicy {
+                stall_time: config.cache.stall_time,
+                invalid_grace: config.cleaner.invalid_grace,
+            },
+            clock::system_now(),
+        )
+        .await?;
+    info!(
+        adopted = report.adopted.len(),
+        removed_rows = report.removed_rows.len(),
+        cleaned = report.cleaned.files(),
+        "reconcile done"
+    );
+
+    let board = Arc::new(StatusBoard::default());
+    board.set_max_size(config.cache.max_size);
+    let shutdown_timeout = config.daemon.shutdown_timeout;
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let ctx = Context {
+        driver: driver.clone(),
+        config: config_rx,
+        board: board.clone(),
+        nudges: Nudges::default(),
+    };
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let mut tasks: JoinSet<Task> = JoinSet::new();
+    let status_ctx = ctx.clone();
+    let on_change = move || status_ctx.publish_status();
+    macro_rules! spawn_loop {
+        ($worker:expr, $nudge:expr) => {{
+            let (w, n, s, b, c) = (
+                $worker,
+                $nudge,
+                shutdown.clone(),
+                board.clone(),
+                on_change.clone(),
+            );
+            let task = worker::Worker::task(&w);
+            tasks.spawn(async move {
+                worker::run(w, n, s, b, c).await;
+                task
+            });
+        }};
+    }
+    spawn_loop!(
+        cleaner::CleanerWorker::new(ctx.clone()),
+        ctx.nudges.cleaner.clone()
+    );
+    spawn_loop!(
+        pruner::PrunerWorker::new(ctx.clone()),
+        ctx.nudges.pruner.clone()
+    );
+    spawn_loop!(
+        queue::QueueWorker::new(ctx.clone()),
+        ctx.nudges.queue.clone()
+    );
+    spawn_loop!(
+        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), fatal_tx),
+        Arc::new(Notify::new())
+    );
+    let watch_actor = watcher::start(driver.layout(), ctx.nudges.clone(), shutdown.clone())?;
+    board.task_started(Task::Watcher);
+    let watch_board = board.clone();
+    tasks.spawn(async move {
+        watch_actor.await;
+        watch_board.task_ended(Task::Watcher);
+        Task::Watcher
+    });
+
+    let reloader = reload::Reloader {
+        config_path: options.config_path.clone(),
+        config_tx,
+        log_level,
+    };
+    let watchdog = systemd::watchdog_timeout();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| w / 2));
+    info!(
+        watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
+        "ready"
+    );
+    systemd::ready(&board.line());
+
+    let outcome = loop {
+        tokio::select! {
+            command = signals.recv() => match command {
+                Some(SignalCommand::Reload) => {
+                    info!("SIGHUP: reloading configuration");
+                    reloader.reload(&ctx);
+                }
+                Some(SignalCommand::Shutdown(signal)) => {
+                    info!(signal, "shutting down");
+                    break Ok(());
+                }
+                None => break Err(DaemonError::Fatal("signal listener stopped".into())),
+            },
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let unhealthy = board.unhealthy(watchdog.unwrap_or_default());
+                if unhealthy.is_empty() {
+                    systemd::watchdog();
+                } else {
+                    let names: Vec<String> = unhealthy.iter().map(Task::to_string).collect();
+                    error!(tasks = %names.join(","), "loops are dead or stuck; withholding the watchdog ping so systemd restarts us");
+                }
+            }
+            ended = tasks.join_next() => {
+                let what = match ended {
+                    Some(Ok(task)) => format!("the {task} loop stopped unexpectedly"),
+                    Some(Err(e)) => format!("a loop crashed: {e}"),
+                    None => "every loop stopped".to_string(),
+                };
+                break Err(DaemonError::Fatal(what));
+            }
+            Some(message) = fatal_rx.recv() => break Err(DaemonError::Fatal(message)),
+        }
+    };
+
+    systemd::stopping();
+    shutdown.cancel();
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        let busy: Vec<String> = board.busy().iter().map(Task::to_string).collect();
+        warn!(tasks = %busy.join(","), timeout_s = shutdown_timeout.as_secs(), "loops did not stop in time; aborting them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    outcome
+}

@@ -1,0 +1,46 @@
+//! The queue loop: adopts marker files that appear in `queue/` (Glance's
+//! `PUT /v2/cache/{id}` writes them) into the queue table and keeps the queued count for
+//! the status line. The watcher wakes it when a marker appears.
+
+use tokio::time::Instant;
+use tracing::info;
+
+use super::Context;
+use super::Task;
+use super::worker::{Next, Worker};
+use crate::cache::CacheError;
+
+pub struct QueueWorker {
+    ctx: Context,
+}
+
+impl QueueWorker {
+    pub fn new(ctx: Context) -> Self {
+        QueueWorker { ctx }
+    }
+}
+
+impl Worker for QueueWorker {
+    type Error = CacheError;
+
+    fn task(&self) -> Task {
+        Task::Queue
+    }
+
+    async fn step(&mut self) -> Result<Next, CacheError> {
+        let config = self.ctx.config();
+        let adopted = self.ctx.driver.adopt_queue_markers().await?;
+        if adopted > 0 {
+            info!(adopted, "adopted queue markers into the queue");
+        }
+        let queued = self
+            .ctx
+            .driver
+            .db()
+            .count_queued(self.ctx.driver.node())
+            .await?;
+        self.ctx.board.set_queued(queued.max(0) as usize);
+        self.ctx.publish_status();
+        Ok(Next::IdleUntil(Instant::now() + config.cleaner.interval))
+    }
+}

@@ -1,0 +1,198 @@
+//! The status board: what each loop is doing and the latest figures, shared by the
+//! loops, the watchdog and the systemd STATUS line.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::Task;
+use crate::config::values::human_bytes;
+
+#[derive(Debug, Default, Clone)]
+pub struct TaskState {
+    /// When the current step started; `None` while idle.
+    pub in_step_since: Option<Instant>,
+    pub steps: u64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    /// False once the task's loop has ended.
+    pub alive: bool,
+}
+
+#[derive(Debug, Default)]
+struct Board {
+    tasks: BTreeMap<Task, TaskState>,
+    size: Option<u64>,
+    images: Option<usize>,
+    max_size: u64,
+    queued: Option<usize>,
+    last_prune: Option<(DateTime<Utc>, usize, u64)>,
+    last_clean: Option<(DateTime<Utc>, usize, u64)>,
+    config_error: Option<String>,
+    /// The last line sent to systemd, so unchanged lines are not sent again.
+    published: String,
+}
+
+/// Shared state behind a mutex; every change can be published as the systemd STATUS.
+#[derive(Debug, Default)]
+pub struct StatusBoard {
+    inner: Mutex<Board>,
+}
+
+impl StatusBoard {
+    fn with<R>(&self, f: impl FnOnce(&mut Board) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn task_started(&self, task: Task) {
+        self.with(|b| {
+            b.tasks.insert(
+                task,
+                TaskState {
+                    alive: true,
+                    ..Default::default()
+                },
+            );
+        });
+    }
+
+    pub fn step_started(&self, task: Task) {
+        self.with(|b| b.tasks.entry(task).or_default().in_step_since = Some(Instant::now()));
+    }
+
+    /// Records the end of a step; returns true when the task had been failing and has
+    /// now recovered.
+    pub fn step_finished(&self, task: Task, error: Option<String>) -> bool {
+        self.with(|b| {
+            let t = b.tasks.entry(task).or_default();
+            t.in_step_since = None;
+            t.steps += 1;
+            let recovered = error.is_none() && t.consecutive_failures > 0;
+            match error {
+                Some(e) => {
+                    t.consecutive_failures += 1;
+                    t.last_error = Some(e);
+                }
+                None => {
+                    t.consecutive_failures = 0;
+                    t.last_error = None;
+                }
+            }
+            recovered
+        })
+    }
+
+    pub fn task_ended(&self, task: Task) {
+        self.with(|b| b.tasks.entry(task).or_default().alive = false);
+    }
+
+    pub fn consecutive_failures(&self, task: Task) -> u32 {
+        self.with(|b| b.tasks.get(&task).map_or(0, |t| t.consecutive_failures))
+    }
+
+    /// Tasks that are dead or stuck in one step for longer than `max_step`.
+    pub fn unhealthy(&self, max_step: Duration) -> Vec<Task> {
+        self.with(|b| {
+            b.tasks
+                .iter()
+                .filter(|(_, t)| {
+                    !t.alive || t.in_step_since.is_some_and(|s| s.elapsed() > max_step)
+                })
+                .map(|(task, _)| *task)
+                .collect()
+        })
+    }
+
+    /// Tasks in the middle of a step (named in the log when shutdown has to abort).
+    pub fn busy(&self) -> Vec<Task> {
+        self.with(|b| {
+            b.tasks
+                .iter()
+                .filter(|(_, t)| t.alive && t.in_step_since.is_some())
+                .map(|(task, _)| *task)
+                .collect()
+        })
+    }
+
+    pub fn set_cache(&self, size: u64, images: usize, max_size: u64) {
+        self.with(|b| {
+            b.size = Some(size);
+            b.images = Some(images);
+            b.max_size = max_size;
+        });
+    }
+
+    pub fn set_max_size(&self, max_size: u64) {
+        self.with(|b| b.max_size = max_size);
+    }
+
+    pub fn set_queued(&self, queued: usize) {
+        self.with(|b| b.queued = Some(queued));
+    }
+
+    pub fn pruned(&self, files: usize, bytes: u64) {
+        self.with(|b| b.last_prune = Some((crate::clock::now(), files, bytes)));
+    }
+
+    pub fn cleaned(&self, files: usize, bytes: u64) {
+        self.with(|b| b.last_clean = Some((crate::clock::now(), files, bytes)));
+    }
+
+    pub fn set_config_error(&self, error: Option<String>) {
+        self.with(|b| b.config_error = error);
+    }
+
+    /// The status line when it differs from the one last returned by this method.
+    pub fn line_if_changed(&self) -> Option<String> {
+        let line = self.line();
+        self.with(|b| {
+            if b.published == line {
+                None
+            } else {
+                b.published = line.clone();
+                Some(line)
+            }
+        })
+    }
+
+    /// One line for `systemctl status`: size / max, images, queue, last prune and clean,
+    /// and any problem (database, config).
+    pub fn line(&self) -> String {
+        self.with(|b| {
+            let mut parts = Vec::new();
+            match (b.size, b.images) {
+                (Some(size), Some(images)) => parts.push(format!(
+                    "{} / {}, {images} images",
+                    human_bytes(size),
+                    human_bytes(b.max_size)
+                )),
+                _ => parts.push(format!("max {}", human_bytes(b.max_size))),
+            }
+            if let Some(q) = b.queued {
+                parts.push(format!("{q} queued"));
+            }
+            let when = |t: &DateTime<Utc>| t.format("%H:%M:%S").to_string();
+            if let Some((t, files, _)) = &b.last_prune {
+                parts.push(format!("last prune {} ({files} evicted)", when(t)));
+            }
+            if let Some((t, files, _)) = &b.last_clean {
+                parts.push(format!("last clean {} ({files} removed)", when(t)));
+            }
+            let failing: Vec<String> = b
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.consecutive_failures > 0)
+                .map(|(task, t)| {
+                    format!("{task} failing: {}", t.last_error.as_deref().unwrap_or("?"))
+                })
+                .collect();
+            parts.extend(failing);
+            if let Some(e) = &b.config_error {
+                parts.push(e.clone());
+            }
+            parts.join("; ")
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! The loop runtime: one `Worker` trait for every background loop and one runner that
+//! owns what loops should not: waiting, nudges, error counting, capped exponential
+//! backoff, status and cancellation. A worker does one bounded step and says when it
+//! wants the next.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Task;
+use super::status::StatusBoard;
+
+/// What a worker wants after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing to do until this instant, or until nudged.
+    IdleUntil(Instant),
+}
+
+/// First and longest pause after failed steps: from one second, doubling, up to a minute,
+/// so an outage is retried promptly but a dead database is not hammered.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+    BACKOFF_FIRST.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+pub trait Worker: Send + 'static {
+    type Error: std::fmt::Display + Send;
+
+    fn task(&self) -> Task;
+
+    /// One bounded step of work.
+    fn step(&mut self) -> impl Future<Output = Result<Next, Self::Error>> + Send;
+}
+
+/// Runs `worker` until `shutdown`, stepping when due or when `nudge` fires. Shutdown is
+/// observed at step boundaries: a step in progress finishes (the supervisor's deadline
+/// aborts one that does not).
+pub async fn run<W: Worker>(
+    mut worker: W,
+    nudge: Arc<Notify>,
+    shutdown: CancellationToken,
+    board: Arc<StatusBoard>,
+    on_change: impl Fn() + Send,
+) {
+    let task = worker.task();
+    board.task_started(task);
+    debug!(%task, "loop started");
+    while !shutdown.is_cancelled() {
+        board.step_started(task);
+        let result = worker.step().await;
+        let wake_at = match result {
+            Ok(Next::IdleUntil(at)) => {
+                if board.step_finished(task, None) {
+                    info!(%task, "loop recovered");
+                    on_change();
+                }
+                at
+            }
+            Err(error) => {
+                let message = error.to_string();
+                board.step_finished(task, Some(message.clone()));
+                let failures = board.consecutive_failures(task);
+                let delay = backoff(failures);
+                warn!(%task, error = %message, failures, retry_in_ms = delay.as_millis() as u64, "loop step failed; backing off");
+                on_change();
+                // During a backoff nudges are ignored: they would only hammer whatever
+                // is failing.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = nudge.notified() => {}
+        }
+    }
+    board.task_ended(task);
+    debug!(%task, "loop stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(7), Duration::from_secs(60));
+        assert_eq!(backoff(1000), Duration::from_secs(60));
+    }
+}

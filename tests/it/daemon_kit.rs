@@ -1,0 +1,261 @@
+//! Running the real daemon binary in tests: a `NOTIFY_SOCKET` datagram socket bound by
+//! the test, real signals, the log captured in a file, and a private PostgreSQL cluster
+//! for outage tests.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process};
+
+/// The systemd side of `sd_notify`: collects every datagram the daemon sends.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    socket: UnixDatagram,
+    pub messages: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket {
+            path,
+            socket,
+            messages: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            self.messages
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
+    /// Waits until a message after index `from` satisfies `pred`; returns its index.
+    pub fn wait_for(
+        &mut self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.messages.iter().skip(from).position(|m| pred(m)) {
+                return from + i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching notification; got {:#?}",
+                self.messages
+            );
+            self.drain();
+        }
+    }
+}
+
+/// The built daemon, run with a config file and a notify socket.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub notify: NotifySocket,
+}
+
+impl Daemon {
+    /// Starts `glance-cached run --config CONFIG [args]` and waits for READY=1.
+    pub fn start(dir: &Path, config: &Path, args: &[&str]) -> Daemon {
+        let mut d = Self::spawn(dir, config, args, &[]);
+        d.notify
+            .wait_for(0, Duration::from_secs(30), |m| m.contains("READY=1"));
+        d
+    }
+
+    pub fn spawn(dir: &Path, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let notify = NotifySocket::bind(dir);
+        let log = dir.join(format!("daemon-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+        cmd.arg("--config").arg(config).arg("run").args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("NOTIFY_SOCKET", &notify.path)
+            .env("GLANCE_CACHED_LOG__FORMAT", "text")
+            .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().unwrap();
+        Daemon { child, log, notify }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+        kill_process(pid, signal).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then requires STOPPING=1 and exit status 0.
+    pub fn stop(mut self) {
+        let from = self.notify.messages.len();
+        self.signal(Signal::TERM);
+        let status = self.wait_exit(Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "exit {status:?}; log:\n{}",
+            self.log_text()
+        );
+        self.notify
+            .wait_for(from, Duration::from_secs(1), |m| m.contains("STOPPING=1"));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PostgreSQL cluster of one test's own, which the test may stop and start.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// `None` (after saying why) outside CI when PostgreSQL binaries or root are missing.
+    pub fn start() -> Option<PrivatePostgres> {
+        let bin = match std::env::var("GLANCE_CACHED_TEST_POSTGRES_BIN") {
+            Ok(b) if !b.is_empty() && rustix::process::geteuid().is_root() => PathBuf::from(b),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!(
+                    "GLANCE_CACHED_TEST_POSTGRES_BIN unset or not root: run scripts/test as root"
+                )
+            }
+            _ => {
+                eprintln!("SKIPPED: a private PostgreSQL needs root and scripts/test");
+                return None;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(dir.path()));
+        run_ok(Command::new("chown").arg("postgres:").arg(dir.path()));
+        run_ok(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("initdb"))
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-locale",
+                    "-E",
+                    "UTF8",
+                    "-D",
+                ])
+                .arg(dir.path().join("data")),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.start_server();
+        Some(pg)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        run_ok(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(args),
+        );
+    }
+
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log");
+        self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+    }
+
+    pub fn stop_server(&self) {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
