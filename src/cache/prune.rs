@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::layout::Area;
 use super::{CacheDriver, CacheError};
-use crate::db::{DbTime, LruCursor};
+use crate::db::LruCursor;
 use crate::image_id::ImageId;
 
 /// Rows fetched per LRU batch: bounded memory, few round trips.
@@ -78,32 +78,12 @@ impl CacheDriver {
             return Ok(report);
         }
         // Files without rows would never be candidates: give them rows, aged by mtime.
-        let known: HashSet<String> = self
-            .db()
-            .cached_images(self.node())
+        let rows = self.db().cached_images(self.node()).await?;
+        let known: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
+        report.adopted = self
+            .adopt_files_without_rows(&listing.files, &known)
             .await?
-            .into_iter()
-            .map(|r| r.image_id)
-            .collect();
-        for file in listing
-            .files
-            .iter()
-            .filter(|f| !known.contains(f.image_id.as_str()))
-        {
-            let modified = DbTime::from_utc(file.modified.into());
-            if self
-                .db()
-                .adopt_cached_image(
-                    self.node(),
-                    file.image_id.as_str(),
-                    file.size as i64,
-                    modified,
-                )
-                .await?
-            {
-                report.adopted += 1;
-            }
-        }
+            .len() as u64;
 
         let mut cursor = None;
         'batches: loop {

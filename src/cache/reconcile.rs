@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use tracing::info;
 
-use super::layout::Area;
+use super::layout::{Area, CacheFile};
 use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
 use crate::db::DbTime;
 
@@ -30,6 +30,32 @@ impl ReconcileReport {
 }
 
 impl CacheDriver {
+    /// Gives each of `files` that is not in `known_ids` a row, with both times set to
+    /// its mtime (an orphan ages by when it was written). Returns the ids adopted.
+    pub(super) async fn adopt_files_without_rows(
+        &self,
+        files: &[CacheFile],
+        known_ids: &HashSet<&str>,
+    ) -> Result<Vec<String>, CacheError> {
+        let mut adopted = Vec::new();
+        for file in files
+            .iter()
+            .filter(|f| !known_ids.contains(f.image_id.as_str()))
+        {
+            let modified = DbTime::from_utc(file.modified.into());
+            let size = file.size as i64;
+            if self
+                .db()
+                .adopt_cached_image(self.node(), file.image_id.as_str(), size, modified)
+                .await?
+            {
+                info!(image_id = %file.image_id, bytes = file.size, "adopted a cached file without a row");
+                adopted.push(file.image_id.to_string());
+            }
+        }
+        Ok(adopted)
+    }
+
     pub async fn reconcile(
         &self,
         clean: CleanPolicy,
@@ -40,26 +66,9 @@ impl CacheDriver {
         let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
         let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
         let mut report = ReconcileReport::default();
-        for file in listing
-            .files
-            .iter()
-            .filter(|f| !in_db.contains(f.image_id.as_str()))
-        {
-            let modified = DbTime::from_utc(file.modified.into());
-            if self
-                .db()
-                .adopt_cached_image(
-                    self.node(),
-                    file.image_id.as_str(),
-                    file.size as i64,
-                    modified,
-                )
-                .await?
-            {
-                info!(image_id = %file.image_id, bytes = file.size, "reconcile: adopted a cached file without a row");
-                report.adopted.push(file.image_id.to_string());
-            }
-        }
+        report.adopted = self
+            .adopt_files_without_rows(&listing.files, &in_db)
+            .await?;
         let ghosts: Vec<String> = rows
             .iter()
             .filter(|r| !on_disk.contains(r.image_id.as_str()))

@@ -5,6 +5,7 @@ use serde_json::json;
 
 use crate::cache::{CachedImage, QueuedImage};
 use crate::config::format_size;
+use crate::config::values::human_bytes;
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -12,17 +13,10 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
 
 /// A size for people: exact bytes plus a rounded binary unit, e.g. "1536 (1.5 KiB)".
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
+    if bytes < 1024 {
         format!("{bytes} B")
     } else {
-        format!("{bytes} ({value:.1} {})", UNITS[unit])
+        format!("{bytes} ({})", human_bytes(bytes))
     }
 }
 

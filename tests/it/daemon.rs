@@ -331,3 +331,217 @@ fn a_database_outage_is_survived() {
     assert!(d.log_text().contains("loop recovered"), "{}", d.log_text());
     d.stop();
 }
+
+/// Receives journald's native protocol on a socket and writes each entry as a JSON
+/// line; exits after 30 s without datagrams.
+const JOURNAL_RECEIVER: &str = r#"
+import json, socket, sys
+def parse(d):
+    fields, i = {}, 0
+    while i < len(d):
+        nl = d.index(b"\n", i)
+        line = d[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            i = nl + 1
+        else:
+            k, n = line, int.from_bytes(d[nl + 1:nl + 9], "little")
+            v = d[nl + 9:nl + 9 + n]
+            i = nl + 9 + n + 1
+        fields[k.decode()] = v.decode("utf-8", "replace")
+    return fields
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+s.settimeout(30)
+with open(sys.argv[2], "a") as out:
+    try:
+        while True:
+            out.write(json.dumps(parse(s.recv(1 << 20))) + "\n")
+            out.flush()
+    except socket.timeout:
+        pass
+"#;
+
+#[test]
+fn logs_natively_to_journald_under_systemd() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIPPED: a private mount namespace for the journal socket needs root");
+        return;
+    }
+    let s = Setup::new("");
+    let journal = s.tmp.path().join("journal.bin");
+    let receiver = s.tmp.path().join("receiver.py");
+    std::fs::write(&receiver, JOURNAL_RECEIVER).unwrap();
+    // stderr is "the journal stream": JOURNAL_STREAM names its device and inode, as
+    // systemd does, so log.format = "auto" must pick journald.
+    let stderr_file = s.tmp.path().join("stderr");
+    std::fs::write(&stderr_file, b"").unwrap();
+    let st = rustix::fs::stat(&stderr_file).unwrap();
+    let journal_stream = format!("{}:{}", st.st_dev, st.st_ino);
+    // A private mount namespace with a tmpfs on /run/systemd: the daemon finds our
+    // receiver at the journal's fixed socket path, and the host is untouched.
+    let script = format!(
+        "mount -t tmpfs tmpfs /run/systemd && mkdir -p /run/systemd/journal && \
+         (python3 {receiver} /run/systemd/journal/socket {journal} </dev/null >/dev/null 2>&1 &) && \
+         while [ ! -S /run/systemd/journal/socket ]; do sleep 0.02; done && \
+         exec {bin} --config {config} run 2>>{stderr}",
+        receiver = receiver.display(),
+        journal = journal.display(),
+        bin = env!("CARGO_BIN_EXE_glance-cached"),
+        config = s.config.display(),
+        stderr = stderr_file.display(),
+    );
+    let notify = crate::daemon_kit::NotifySocket::bind(s.tmp.path());
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("JOURNAL_STREAM", &journal_stream)
+        .env("GLANCE_CACHED_LOG__FORMAT", "auto")
+        .stderr(
+            std::fs::File::options()
+                .append(true)
+                .open(&stderr_file)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        log: stderr_file.clone(),
+        notify,
+    };
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    std::fs::write(s.cache("invalid/journal-test"), b"12345").unwrap();
+    eventually(SOON, "the invalid file is removed", || {
+        !s.cache("invalid/journal-test").exists()
+    });
+    let read_journal = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let removal = |entries: &[serde_json::Value]| {
+        entries
+            .iter()
+            .find(|e| e["IMAGE_ID"] == "journal-test")
+            .cloned()
+    };
+    eventually(SOON, "the removal reaches the journal", || {
+        removal(&read_journal()).is_some()
+    });
+    d.stop();
+    let entries = read_journal();
+    let removal = removal(&entries).unwrap();
+    assert_eq!(removal["SYSLOG_IDENTIFIER"], "glance-cached");
+    assert_eq!(removal["MESSAGE"], "removed invalid cache file");
+    assert_eq!(removal["BYTES"], "5");
+    assert_eq!(
+        removal["PRIORITY"], "6",
+        "info maps to syslog informational"
+    );
+    assert!(
+        entries.iter().any(|e| e["MESSAGE"] == "ready"),
+        "{entries:?}"
+    );
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap();
+    assert!(
+        !stderr.contains("removed invalid cache file"),
+        "no text copy on stderr: {stderr}"
+    );
+}
+
+#[test]
+fn watchdog_pings_only_while_loops_are_healthy() {
+    let s = Setup::new("");
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[("WATCHDOG_USEC", "1000000")],
+    );
+    let ready = d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    let first = d.notify.wait_for(ready, SOON, |m| m == "WATCHDOG=1\n");
+    d.notify.wait_for(first + 1, SOON, |m| m == "WATCHDOG=1\n");
+    // Wedge the queue loop: another process holds the SQLite write lock, and a queue
+    // marker makes the loop try to write (it waits on SQLite's busy timeout).
+    let db = s.cache("glance-cached.db");
+    let mut locker = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(4)\n",
+        ])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    std::fs::write(s.cache("queue/wedge"), b"").unwrap();
+    eventually(SOON, "the daemon notices the stuck loop", || {
+        d.log_text().contains("withholding the watchdog ping")
+    });
+    // Pings stop while the loop is stuck (the lock is held for 4 s; pings would come
+    // every 0.5 s).
+    d.notify.drain();
+    let stuck_from = d.notify.messages.len();
+    std::thread::sleep(Duration::from_millis(900));
+    d.notify.drain();
+    let pings = d.notify.messages[stuck_from..]
+        .iter()
+        .filter(|m| m.as_str() == "WATCHDOG=1\n")
+        .count();
+    assert_eq!(pings, 0, "no watchdog ping while a loop is stuck");
+    // ...and resume once it is unstuck.
+    assert!(locker.wait().unwrap().success());
+    eventually(SOON, "the marker is adopted", || {
+        d.log_text().contains("adopted queue markers")
+    });
+    let after = d.notify.messages.len();
+    d.notify.wait_for(after, SOON, |m| m == "WATCHDOG=1\n");
+    d.stop();
+}
+
+#[test]
+fn json_log_format_writes_json_lines() {
+    let s = Setup::new("[log]\nformat = \"json\"");
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[("GLANCE_CACHED_LOG__FORMAT", "json")],
+    );
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    std::fs::write(s.cache("invalid/json-test"), b"123").unwrap();
+    eventually(SOON, "the removal is logged", || {
+        d.log_text().contains("json-test")
+    });
+    let log = d.log_text();
+    let entry: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is JSON"))
+        .find(|e| e["fields"]["image_id"] == "json-test")
+        .unwrap();
+    assert_eq!(entry["fields"]["bytes"], 3);
+    assert_eq!(entry["level"], "INFO");
+    d.stop();
+}

@@ -30,7 +30,8 @@ impl NotifySocket {
         }
     }
 
-    fn drain(&mut self) {
+    /// Reads every datagram already sent.
+    pub fn drain(&mut self) {
         let mut buf = vec![0u8; 65_536];
         while let Ok(n) = self.socket.recv(&mut buf) {
             self.messages
