@@ -65,8 +65,7 @@ impl CacheDriver {
         let rows = self.db().cached_images(self.node()).await?;
         let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
         let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
-        let mut report = ReconcileReport::default();
-        report.adopted = self
+        let adopted = self
             .adopt_files_without_rows(&listing.files, &in_db)
             .await?;
         let ghosts: Vec<String> = rows
@@ -86,8 +85,10 @@ impl CacheDriver {
         for g in &ghosts {
             info!(image_id = %g, "reconcile: removed a row whose file is gone");
         }
-        report.removed_rows = ghosts;
-        report.cleaned = self.clean(clean, now).await?;
-        Ok(report)
+        Ok(ReconcileReport {
+            adopted,
+            removed_rows: ghosts,
+            cleaned: self.clean(clean, now).await?,
+        })
     }
 }
