@@ -7,5 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod download;
 pub mod image_id;
 pub mod telemetry;
+pub mod upstream;

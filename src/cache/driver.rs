@@ -35,6 +35,20 @@ pub struct QueuedImage {
     pub attempts: u64,
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
+    /// `queued`, or `failed` (dropped with `last_error` as the reason).
+    pub state: String,
+}
+
+/// A queue row as a `QueuedImage`; `None` (with a warning) when its id is not valid.
+pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
+    Some(QueuedImage {
+        image_id: valid_row_id(&r.image_id)?,
+        queued_at: r.queued_at.to_utc(),
+        attempts: r.attempts.max(0) as u64,
+        next_attempt_at: r.next_attempt_at.to_utc(),
+        last_error: r.last_error,
+        state: r.state,
+    })
 }
 
 /// The cache of one node: its directory, its database and its node row. Cheap to clone.
@@ -138,19 +152,7 @@ impl CacheDriver {
     pub async fn get_queued_images(&self) -> Result<Vec<QueuedImage>, CacheError> {
         self.adopt_queue_markers().await?;
         let rows = self.db().queued_images(self.node()).await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| {
-                let image_id = valid_row_id(&r.image_id)?;
-                Some(QueuedImage {
-                    image_id,
-                    queued_at: r.queued_at.to_utc(),
-                    attempts: r.attempts.max(0) as u64,
-                    next_attempt_at: r.next_attempt_at.to_utc(),
-                    last_error: r.last_error,
-                })
-            })
-            .collect())
+        Ok(rows.into_iter().filter_map(queued_image).collect())
     }
 
     /// Gives every marker in `queue/` without a row a row. Returns how many were added.

@@ -1,6 +1,7 @@
 //! The cache driver: Glance's `centralized_db` driver API over the on-disk layout and the
 //! database, plus prune (LRU) and clean (invalid and stalled files).
 
+mod claims;
 mod clean;
 mod driver;
 pub mod layout;

@@ -47,6 +47,7 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
                 "attempts": i.attempts,
                 "next_attempt_at": rfc3339(i.next_attempt_at),
                 "last_error": i.last_error,
+                "state": i.state,
             })
         })
         .collect();
@@ -123,6 +124,7 @@ pub fn queued_table(images: &[QueuedImage]) -> String {
             .map(|i| {
                 vec![
                     i.image_id.to_string(),
+                    i.state.clone(),
                     time(i.queued_at),
                     i.attempts.to_string(),
                     time(i.next_attempt_at),

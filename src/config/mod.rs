@@ -5,7 +5,10 @@
 //! bad value, cross-field conflict) is collected and reported together, each naming the
 //! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
 
+mod prefetch;
 pub mod values;
+
+pub use prefetch::{GlanceAuth, KeystoneMethod, PrefetcherConfig, UpstreamConfig, UpstreamKind};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -97,6 +100,10 @@ pub struct Config {
     pub cleaner: CleanerConfig,
     pub pruner: PrunerConfig,
     pub daemon: DaemonConfig,
+    pub prefetcher: PrefetcherConfig,
+    /// Where prefetched images come from; `None`: queued images wait (Glance's API or an
+    /// operator caches them).
+    pub upstream: Option<UpstreamConfig>,
 }
 
 /// One problem with one key.
@@ -233,6 +240,9 @@ impl Config {
         if self.log.format != new.log.format {
             changed.push("log.format");
         }
+        if self.upstream != new.upstream {
+            changed.push("upstream");
+        }
         changed
     }
 
@@ -275,8 +285,16 @@ impl Config {
             free = opt_size("min_free_disk", self.pruner.min_free_disk),
             st = format_duration(self.daemon.shutdown_timeout),
             lt = format_duration(self.daemon.lease_ttl),
-        )
+        ) + "\n"
+            + &prefetch::to_toml(&self.prefetcher, self.upstream.as_ref())
     }
+}
+
+/// Every key the file and the environment may set, in every section.
+pub fn all_keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter()
+        .map(|(k, _)| *k)
+        .chain(prefetch::KEYS.iter().copied())
 }
 
 /// A whole number of any width and sign (figment parses "1000" as unsigned).
@@ -397,6 +415,8 @@ impl<'a> Validator<'a> {
                 .positive_duration("daemon.shutdown_timeout")
                 .unwrap_or(Duration::from_secs(30)),
         };
+        let prefetcher = self.prefetcher();
+        let upstream = self.upstream();
         if !self.problems.is_empty() {
             return Err(ConfigError::Invalid(self.problems));
         }
@@ -417,6 +437,8 @@ impl<'a> Validator<'a> {
             cleaner,
             pruner,
             daemon,
+            prefetcher,
+            upstream,
         })
     }
 
@@ -427,10 +449,10 @@ impl<'a> Validator<'a> {
             } else {
                 format!("{prefix}.{name}")
             };
-            let is_section = KEYS.iter().any(|(k, _)| k.starts_with(&format!("{key}.")));
+            let is_section = all_keys().any(|k| k.starts_with(&format!("{key}.")));
             match value {
                 Value::Dict(_, inner) if is_section => self.reject_unknown_keys(inner, &key),
-                _ if KEYS.iter().any(|(k, _)| *k == key) => {}
+                _ if all_keys().any(|k| k == key) => {}
                 _ if is_section => self.problem(&key, "must be a table of keys".into()),
                 _ => self.problem(&key, "unknown key".into()),
             }

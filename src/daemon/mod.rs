@@ -5,6 +5,7 @@
 
 mod cleaner;
 mod lease;
+mod prefetcher;
 mod pruner;
 mod queue;
 mod reload;
@@ -40,6 +41,7 @@ pub enum Task {
     Pruner,
     Queue,
     Lease,
+    Prefetcher,
     Watcher,
 }
 
@@ -50,6 +52,7 @@ impl fmt::Display for Task {
             Task::Pruner => "pruner",
             Task::Queue => "queue",
             Task::Lease => "lease",
+            Task::Prefetcher => "prefetcher",
             Task::Watcher => "watcher",
         })
     }
@@ -83,6 +86,7 @@ pub struct Nudges {
     pub cleaner: Arc<Notify>,
     pub pruner: Arc<Notify>,
     pub queue: Arc<Notify>,
+    pub prefetcher: Arc<Notify>,
 }
 
 impl Nudges {
@@ -90,6 +94,7 @@ impl Nudges {
         self.cleaner.notify_one();
         self.pruner.notify_one();
         self.queue.notify_one();
+        self.prefetcher.notify_one();
     }
 }
 
@@ -228,6 +233,20 @@ async fn serve(
         cleaned = report.cleaned.files(),
         "reconcile done"
     );
+    let recovered = driver.recover_claims().await?;
+    if recovered > 0 {
+        info!(recovered, "released the claims of interrupted downloads");
+    }
+    let upstream = match &config.upstream {
+        Some(u) => Some(
+            crate::upstream::Upstream::from_config(u)
+                .map_err(|e| DaemonError::Fatal(e.to_string()))?,
+        ),
+        None => {
+            info!("no [upstream] configured: queued images are not prefetched");
+            None
+        }
+    };
 
     let board = Arc::new(StatusBoard::default());
     board.set_max_size(config.cache.max_size);
@@ -275,6 +294,17 @@ async fn serve(
         lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), fatal_tx),
         Arc::new(Notify::new())
     );
+    if let Some(upstream) = upstream {
+        spawn_loop!(
+            prefetcher::PrefetcherWorker::new(
+                ctx.clone(),
+                upstream,
+                holder.to_owned(),
+                shutdown.clone()
+            ),
+            ctx.nudges.prefetcher.clone()
+        );
+    }
     let watch_actor = watcher::start(driver.layout(), ctx.nudges.clone(), shutdown.clone())?;
     board.task_started(Task::Watcher);
     let watch_board = board.clone();

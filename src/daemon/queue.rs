@@ -32,6 +32,7 @@ impl Worker for QueueWorker {
         let adopted = self.ctx.driver.adopt_queue_markers().await?;
         if adopted > 0 {
             info!(adopted, "adopted queue markers into the queue");
+            self.ctx.nudges.prefetcher.notify_one();
         }
         let queued = self
             .ctx

@@ -70,4 +70,5 @@ fn keep_restart_only_keys(new: &mut Config, running: &Config) {
     new.database = running.database.clone();
     new.node_reference_url = running.node_reference_url.clone();
     new.log.format = running.log.format;
+    new.upstream = running.upstream.clone();
 }

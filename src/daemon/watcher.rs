@@ -67,7 +67,10 @@ pub fn start(
                 match wake {
                     Wake::Cleaner => nudges.cleaner.notify_one(),
                     Wake::Pruner => nudges.pruner.notify_one(),
-                    Wake::Queue => nudges.queue.notify_one(),
+                    Wake::Queue => {
+                        nudges.queue.notify_one();
+                        nudges.prefetcher.notify_one();
+                    }
                     Wake::All => nudges.all(),
                 }
             }

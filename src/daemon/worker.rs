@@ -39,6 +39,12 @@ pub trait Worker: Send + 'static {
 
     /// One bounded step of work.
     fn step(&mut self) -> impl Future<Output = Result<Next, Self::Error>> + Send;
+
+    /// Called once after shutdown, to wait for work the worker started in the
+    /// background (the prefetcher's downloads).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Runs `worker` until `shutdown`, stepping when due or when `nudge` fires. Shutdown is
@@ -87,6 +93,7 @@ pub async fn run<W: Worker>(
             _ = nudge.notified() => {}
         }
     }
+    worker.finish().await;
     board.task_ended(task);
     debug!(%task, "loop stopped");
 }

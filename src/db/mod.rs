@@ -26,7 +26,7 @@ use sqlx::sqlite::{
 pub use cached_images::{CachedImageRow, LruCursor};
 pub use lease::{LeaseHolder, LeaseOutcome};
 pub use node::NodeId;
-pub use queue::QueueRow;
+pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};
 pub use time::DbTime;
 
 /// How long a SQLite statement waits for another writer (Glance's API on the same node,

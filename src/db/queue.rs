@@ -1,11 +1,20 @@
 //! `glance_cached_queue`: our queue table, one row per (node, image) to prefetch.
 //!
 //! Glance keeps its queue only as marker files in `queue/`; the table adds what a marker
-//! cannot hold: order, attempts, the next attempt time and the last error.
+//! cannot hold: order, attempts, the next attempt time, the last error, a claim by the
+//! worker fetching it, and a `failed` state that keeps a dropped image's reason visible
+//! until an operator deletes or re-queues it.
 
 use sqlx::Row;
 
 use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+
+/// `state` of a queue row.
+pub const STATE_QUEUED: &str = "queued";
+pub const STATE_FAILED: &str = "failed";
+
+/// Longest `last_error` kept (the column is VARCHAR(1024)).
+const MAX_ERROR_CHARS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueRow {
@@ -14,11 +23,37 @@ pub struct QueueRow {
     pub attempts: i64,
     pub next_attempt_at: DbTime,
     pub last_error: Option<String>,
+    /// `queued` or `failed`.
+    pub state: String,
+}
+
+const SELECT_ROW: &str = "image_id, queued_at, attempts, next_attempt_at, last_error, state";
+
+fn decode<R: Row>(r: &R) -> Result<QueueRow, sqlx::Error>
+where
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    Ok(QueueRow {
+        image_id: r.try_get("image_id")?,
+        queued_at: r.try_get("queued_at")?,
+        attempts: i64::from(r.try_get::<i32, _>("attempts")?),
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_error: r.try_get("last_error")?,
+        state: r.try_get("state")?,
+    })
+}
+
+fn clip(error: &str) -> String {
+    error.chars().take(MAX_ERROR_CHARS).collect()
 }
 
 impl Db {
-    /// Queues `image_id` for this node unless it is queued already. Returns whether a
-    /// row was added.
+    /// Queues `image_id` for this node. A new row, or a `failed` row brought back to
+    /// `queued` with its attempts reset; a row already queued is left alone. Returns
+    /// whether the image is newly queued.
     pub async fn enqueue(
         &self,
         node: NodeId,
@@ -27,15 +62,25 @@ impl Db {
     ) -> Result<bool, DbError> {
         let n = on_pool!(self, |pool, d| {
             let q = match d {
+                // MySQL assigns left to right: `state` must change last.
                 Dialect::MySql => {
-                    "INSERT IGNORE INTO glance_cached_queue \
-                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at) \
-                     VALUES (?, ?, ?, 0, ?)"
+                    "INSERT INTO glance_cached_queue \
+                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
+                     VALUES (?, ?, ?, 0, ?, 'queued') ON DUPLICATE KEY UPDATE \
+                     attempts = IF(state = 'failed', 0, attempts), \
+                     queued_at = IF(state = 'failed', VALUES(queued_at), queued_at), \
+                     next_attempt_at = IF(state = 'failed', VALUES(next_attempt_at), next_attempt_at), \
+                     last_error = IF(state = 'failed', NULL, last_error), \
+                     state = IF(state = 'failed', 'queued', state)"
                 }
                 _ => {
                     "INSERT INTO glance_cached_queue \
-                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at) \
-                     VALUES (?, ?, ?, 0, ?) ON CONFLICT (node_reference_id, image_id) DO NOTHING"
+                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
+                     VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) \
+                     DO UPDATE SET state = 'queued', attempts = 0, queued_at = excluded.queued_at, \
+                     next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
+                     claimed_by = NULL, claimed_until = NULL \
+                     WHERE glance_cached_queue.state = 'failed'"
                 }
             };
             sqlx::query(sql(d, q))
@@ -47,12 +92,14 @@ impl Db {
                 .await?
                 .rows_affected()
         });
+        // MySQL counts an updated duplicate as 2 and an untouched one as 0.
         Ok(n > 0)
     }
 
+    /// Whether this node has `image_id` queued (a `failed` row does not count).
     pub async fn is_queued(&self, node: NodeId, image_id: &str) -> Result<bool, DbError> {
-        const Q: &str =
-            "SELECT 1 FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
+        const Q: &str = "SELECT 1 FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND image_id = ? AND state = 'queued'";
         let found = on_pool!(self, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(node.0)
@@ -64,9 +111,10 @@ impl Db {
         Ok(found)
     }
 
-    /// How many images this node has queued.
+    /// How many images this node has queued (not counting failed ones).
     pub async fn count_queued(&self, node: NodeId) -> Result<i64, DbError> {
-        const Q: &str = "SELECT COUNT(*) FROM glance_cached_queue WHERE node_reference_id = ?";
+        const Q: &str = "SELECT COUNT(*) FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND state = 'queued'";
         let n = on_pool!(self, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(node.0)
@@ -77,25 +125,205 @@ impl Db {
         Ok(n)
     }
 
-    /// This node's queue in order: by queued time, then image id.
+    /// This node's queue rows, queued and failed, in order: queued time, then image id.
     pub async fn queued_images(&self, node: NodeId) -> Result<Vec<QueueRow>, DbError> {
-        const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error \
+        const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state \
              FROM glance_cached_queue WHERE node_reference_id = ? ORDER BY queued_at, image_id";
+        debug_assert!(Q.contains(SELECT_ROW));
         let rows = on_pool!(self, |pool, d| {
-            let rows = sqlx::query(sql(d, Q)).bind(node.0).fetch_all(pool).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                out.push(QueueRow {
-                    image_id: r.try_get("image_id")?,
-                    queued_at: r.try_get("queued_at")?,
-                    attempts: i64::from(r.try_get::<i32, _>("attempts")?),
-                    next_attempt_at: r.try_get("next_attempt_at")?,
-                    last_error: r.try_get("last_error")?,
-                });
-            }
-            out
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode)
+                .collect::<Result<Vec<_>, _>>()?
         });
         Ok(rows)
+    }
+
+    /// Claims the next due, unclaimed queued image for `holder` until `claim_until`.
+    /// Safe with several workers and several processes: on PostgreSQL and MySQL the row
+    /// is locked with `FOR UPDATE SKIP LOCKED`, on SQLite the single statement runs under
+    /// the database's write lock.
+    pub async fn claim_next(
+        &self,
+        node: NodeId,
+        holder: &str,
+        now: DbTime,
+        claim_until: DbTime,
+    ) -> Result<Option<QueueRow>, DbError> {
+        const PICK_LOCKED: &str = "SELECT image_id FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
+             AND (claimed_until IS NULL OR claimed_until < ?) \
+             ORDER BY queued_at, image_id LIMIT 1 FOR UPDATE SKIP LOCKED";
+        const MARK: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
+             WHERE node_reference_id = ? AND image_id = ?";
+        const FETCH: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state \
+             FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
+        // SQLite: one statement, so it takes the write lock up front (a read-then-write
+        // transaction could fail with SQLITE_BUSY without waiting).
+        const SQLITE_CLAIM: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
+             WHERE node_reference_id = ? AND image_id = (SELECT image_id FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
+             AND (claimed_until IS NULL OR claimed_until < ?) \
+             ORDER BY queued_at, image_id LIMIT 1) RETURNING image_id";
+        let claimed: Option<String> = on_pool!(self, |pool, d| {
+            if d == Dialect::Sqlite {
+                sqlx::query(SQLITE_CLAIM)
+                    .bind(holder)
+                    .bind(claim_until)
+                    .bind(node.0)
+                    .bind(node.0)
+                    .bind(now)
+                    .bind(now)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?
+            } else {
+                let mut tx = pool.begin().await?;
+                let picked: Option<String> = sqlx::query(sql(d, PICK_LOCKED))
+                    .bind(node.0)
+                    .bind(now)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+                if let Some(id) = &picked {
+                    sqlx::query(sql(d, MARK))
+                        .bind(holder)
+                        .bind(claim_until)
+                        .bind(node.0)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                picked
+            }
+        });
+        let Some(id) = claimed else { return Ok(None) };
+        let row = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, FETCH))
+                .bind(node.0)
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode)
+                .transpose()?
+        });
+        Ok(row)
+    }
+
+    /// Image ids this node's rows are claimed for (a crashed daemon's downloads).
+    pub async fn claimed_images(&self, node: NodeId) -> Result<Vec<String>, DbError> {
+        const Q: &str = "SELECT image_id FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
+        let ids = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(ids)
+    }
+
+    /// Drops every claim of this node (at start, under the node lease, any claim is a
+    /// dead process's), or only `image_id`'s.
+    pub async fn release_claims(
+        &self,
+        node: NodeId,
+        image_id: Option<&str>,
+    ) -> Result<u64, DbError> {
+        const ALL: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
+        const ONE: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND image_id = ?";
+        let n = on_pool!(self, |pool, d| {
+            match image_id {
+                None => sqlx::query(sql(d, ALL)).bind(node.0).execute(pool).await?,
+                Some(id) => {
+                    sqlx::query(sql(d, ONE))
+                        .bind(node.0)
+                        .bind(id)
+                        .execute(pool)
+                        .await?
+                }
+            }
+            .rows_affected()
+        });
+        Ok(n)
+    }
+
+    /// Records a failed attempt to be retried at `next_attempt_at`; releases the claim.
+    pub async fn record_retry(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        attempts: i64,
+        next_attempt_at: DbTime,
+        error: &str,
+    ) -> Result<(), DbError> {
+        const Q: &str = "UPDATE glance_cached_queue SET attempts = ?, next_attempt_at = ?, \
+             last_error = ?, claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND image_id = ?";
+        on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(attempts as i32)
+                .bind(next_attempt_at)
+                .bind(clip(error))
+                .bind(node.0)
+                .bind(image_id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Gives up on an image: the row stays, `failed`, with the reason, and is never
+    /// claimed again until re-queued.
+    pub async fn mark_failed(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        attempts: i64,
+        now: DbTime,
+        error: &str,
+    ) -> Result<(), DbError> {
+        const Q: &str = "UPDATE glance_cached_queue SET state = 'failed', attempts = ?, \
+             next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND image_id = ?";
+        on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(attempts as i32)
+                .bind(now)
+                .bind(clip(error))
+                .bind(node.0)
+                .bind(image_id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The earliest next attempt among this node's queued, unclaimed rows.
+    pub async fn next_queue_due(&self, node: NodeId) -> Result<Option<DbTime>, DbError> {
+        const Q: &str = "SELECT MIN(next_attempt_at) FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND state = 'queued' AND claimed_by IS NULL";
+        let t = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_one(pool)
+                .await?
+                .try_get::<Option<DbTime>, _>(0)?
+        });
+        Ok(t)
     }
 
     /// Removes one image from this node's queue. Returns the number of rows removed.

@@ -46,6 +46,9 @@ const SQLITE_DDL: &[&str] = &[
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_at DATETIME NOT NULL,
         last_error VARCHAR(1024),
+        state VARCHAR(16) NOT NULL DEFAULT 'queued',
+        claimed_by VARCHAR(255),
+        claimed_until DATETIME,
         PRIMARY KEY (node_reference_id, image_id)
     )",
     "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
@@ -86,6 +89,9 @@ const POSTGRES_DDL: &[&str] = &[
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
         last_error VARCHAR(1024),
+        state VARCHAR(16) NOT NULL DEFAULT 'queued',
+        claimed_by VARCHAR(255),
+        claimed_until TIMESTAMP WITHOUT TIME ZONE,
         PRIMARY KEY (node_reference_id, image_id)
     )",
     "CREATE INDEX IF NOT EXISTS ix_glance_cached_queue_order
@@ -126,6 +132,9 @@ const MYSQL_DDL: &[&str] = &[
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_at DATETIME(6) NOT NULL,
         last_error VARCHAR(1024),
+        state VARCHAR(16) NOT NULL DEFAULT 'queued',
+        claimed_by VARCHAR(255),
+        claimed_until DATETIME(6),
         PRIMARY KEY (node_reference_id, image_id),
         KEY ix_glance_cached_queue_order (node_reference_id, queued_at, image_id)
     ) ENGINE=InnoDB CHARSET=utf8mb4",

@@ -376,8 +376,8 @@ fn shipped_example_config_is_valid_and_documents_every_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(path).unwrap();
-    for (key, _) in glance_cached::config::KEYS {
-        let (section, name) = key.split_once('.').unwrap();
+    for key in glance_cached::config::all_keys() {
+        let (section, name) = key.rsplit_once('.').unwrap();
         assert!(text.contains(&format!("[{section}]")), "{section} missing");
         assert!(
             text.contains(&format!("\n{name} = ")) || text.contains(&format!("# {name} = ")),

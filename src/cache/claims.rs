@@ -1,0 +1,147 @@
+//! The prefetch queue as the prefetcher uses it: claims, retries with their next attempt
+//! time, giving up (the row stays `failed` with its reason, the marker goes), and the
+//! recovery of a crashed daemon's claims at start.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::info;
+
+use super::driver::{QueuedImage, queued_image};
+use super::layout::Area;
+use super::{CacheDriver, CacheError};
+use crate::clock;
+use crate::db::DbTime;
+use crate::image_id::ImageId;
+
+impl CacheDriver {
+    /// Claims the next due queued image for `holder` for at most `claim_for`.
+    pub async fn claim_next(
+        &self,
+        holder: &str,
+        claim_for: Duration,
+    ) -> Result<Option<QueuedImage>, CacheError> {
+        let now = clock::now();
+        let until = now + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::MAX);
+        loop {
+            let Some(row) = self
+                .db()
+                .claim_next(
+                    self.node(),
+                    holder,
+                    DbTime::from_utc(now),
+                    DbTime::from_utc(until),
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            match queued_image(row.clone()) {
+                Some(image) => return Ok(Some(image)),
+                // A row whose id is not valid can never be fetched: fail it, take the next.
+                None => {
+                    self.db()
+                        .mark_failed(
+                            self.node(),
+                            &row.image_id,
+                            row.attempts,
+                            DbTime::from_utc(now),
+                            "invalid image id",
+                        )
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// Records a failed attempt; the image stays queued until `next_attempt`.
+    pub async fn retry_later(
+        &self,
+        id: &ImageId,
+        attempts: u64,
+        next_attempt: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), CacheError> {
+        self.db()
+            .record_retry(
+                self.node(),
+                id.as_str(),
+                attempts as i64,
+                DbTime::from_utc(next_attempt),
+                error,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Drops `id` from the queue for good: the row is kept as `failed` with `error`
+    /// (shown by `list-queued`), and the marker is removed so Glance stops listing it.
+    pub async fn give_up(
+        &self,
+        id: &ImageId,
+        attempts: u64,
+        error: &str,
+    ) -> Result<(), CacheError> {
+        self.db()
+            .mark_failed(
+                self.node(),
+                id.as_str(),
+                attempts as i64,
+                DbTime::from_utc(clock::now()),
+                error,
+            )
+            .await?;
+        let marker = self.layout().path(Area::Queue, id);
+        self.layout()
+            .remove(Area::Queue, id)
+            .map_err(CacheError::io("remove queue marker", marker))?;
+        Ok(())
+    }
+
+    /// Releases the claim on `id` (an interrupted download): it stays queued.
+    pub async fn release_claim(&self, id: &ImageId) -> Result<(), CacheError> {
+        self.db()
+            .release_claims(self.node(), Some(id.as_str()))
+            .await?;
+        Ok(())
+    }
+
+    /// At start, under the node lease, every claim belongs to a dead process: its partial
+    /// file in `incomplete/` goes to `invalid/` (so the image can be fetched again at
+    /// once) and the claims are released. Returns how many claims were recovered.
+    pub async fn recover_claims(&self) -> Result<u64, CacheError> {
+        for raw in self.db().claimed_images(self.node()).await? {
+            let Ok(id) = ImageId::parse(&raw) else {
+                continue;
+            };
+            if self
+                .layout()
+                .regular_file(Area::Incomplete, &id)
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                match self.layout().rename(Area::Incomplete, Area::Invalid, &id) {
+                    Ok(()) => info!(image_id = %id, "moved an interrupted download to invalid/"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(CacheError::io(
+                            "move to invalid/",
+                            self.layout().path(Area::Incomplete, &id),
+                        )(e));
+                    }
+                }
+            }
+        }
+        Ok(self.db().release_claims(self.node(), None).await?)
+    }
+
+    /// When the earliest waiting queued image becomes due.
+    pub async fn next_queue_due(&self) -> Result<Option<DateTime<Utc>>, CacheError> {
+        Ok(self
+            .db()
+            .next_queue_due(self.node())
+            .await?
+            .map(DbTime::to_utc))
+    }
+}

@@ -1,0 +1,207 @@
+//! The prefetcher loop: claims this node's due queued images, at most
+//! `prefetcher.concurrency` downloads at once, each streamed through the driver's
+//! writer (hashing, verification, publish). A failed image is retried with capped
+//! exponential backoff or dropped with its reason; one failing image never stops the
+//! loop. Woken by queue commands, markers and finished downloads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::Context;
+use super::Task;
+use super::worker::{Next, Worker};
+use crate::cache::{CacheError, QueuedImage};
+use crate::clock;
+use crate::download::{FetchError, FetchLimits, Fetched, RateLimiter, fetch_into_cache};
+use crate::upstream::Upstream;
+
+/// How long a claim lasts. Claims are released when a download ends and at every start
+/// (under the node lease any claim is a dead process's), so this only bounds a wedge.
+const CLAIM_TTL: Duration = Duration::from_secs(6 * 3600);
+
+pub struct PrefetcherWorker {
+    ctx: Context,
+    upstream: Arc<Upstream>,
+    holder: String,
+    downloads: JoinSet<()>,
+    cancel: CancellationToken,
+    done: Arc<Notify>,
+    limiter: Arc<RateLimiter>,
+}
+
+impl PrefetcherWorker {
+    pub fn new(
+        ctx: Context,
+        upstream: Upstream,
+        holder: String,
+        cancel: CancellationToken,
+    ) -> Self {
+        let done = ctx.nudges.prefetcher.clone();
+        PrefetcherWorker {
+            ctx,
+            upstream: Arc::new(upstream),
+            holder,
+            downloads: JoinSet::new(),
+            cancel,
+            done,
+            limiter: Arc::new(RateLimiter::default()),
+        }
+    }
+
+    fn reap(&mut self) {
+        while let Some(result) = self.downloads.try_join_next() {
+            if let Err(e) = result {
+                error!(error = %e, "a download task crashed");
+            }
+        }
+    }
+}
+
+impl Worker for PrefetcherWorker {
+    type Error = CacheError;
+
+    fn task(&self) -> Task {
+        Task::Prefetcher
+    }
+
+    async fn step(&mut self) -> Result<Next, CacheError> {
+        self.reap();
+        let config = self.ctx.config();
+        let limit = config.prefetcher.concurrency;
+        while self.downloads.len() < limit && !self.cancel.is_cancelled() {
+            let Some(image) = self.ctx.driver.claim_next(&self.holder, CLAIM_TTL).await? else {
+                break;
+            };
+            let job = Download {
+                ctx: self.ctx.clone(),
+                upstream: self.upstream.clone(),
+                cancel: self.cancel.clone(),
+                done: self.done.clone(),
+                limiter: self.limiter.clone(),
+            };
+            self.downloads.spawn(job.run(image));
+        }
+        let periodic = Instant::now() + config.prefetcher.interval;
+        if self.downloads.len() >= limit {
+            // Full: a finished download nudges us.
+            return Ok(Next::IdleUntil(periodic));
+        }
+        let wake = match self.ctx.driver.next_queue_due().await? {
+            Some(due) => {
+                let wait = (due - clock::now()).to_std().unwrap_or(Duration::ZERO);
+                periodic.min(Instant::now() + wait + Duration::from_millis(10))
+            }
+            None => periodic,
+        };
+        Ok(Next::IdleUntil(wake))
+    }
+
+    async fn finish(&mut self) {
+        // The shared token is cancelled: downloads abort at their next chunk, leaving
+        // nothing published and the image queued.
+        while let Some(result) = self.downloads.join_next().await {
+            if let Err(e) = result {
+                error!(error = %e, "a download task crashed");
+            }
+        }
+    }
+}
+
+/// One image's download and the bookkeeping of its outcome.
+struct Download {
+    ctx: Context,
+    upstream: Arc<Upstream>,
+    cancel: CancellationToken,
+    done: Arc<Notify>,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Download {
+    async fn run(self, image: QueuedImage) {
+        let id = image.image_id.clone();
+        let started = Instant::now();
+        let config = self.ctx.config();
+        let limits = FetchLimits {
+            max_size: config.cache.max_size,
+            min_free_disk: config.pruner.min_free_disk,
+            max_bytes_per_second: config.prefetcher.max_bytes_per_second,
+        };
+        let driver = &self.ctx.driver;
+        let outcome = fetch_into_cache(
+            driver,
+            &self.upstream,
+            &id,
+            limits,
+            &self.cancel,
+            &self.limiter,
+        )
+        .await;
+        let attempts = image.attempts + 1;
+        let recorded = match outcome {
+            Ok(Fetched::Published { bytes }) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(image_id = %id, bytes, duration_ms = (secs * 1000.0) as u64, mib_per_s = (bytes as f64 / 1_048_576.0 / secs.max(1e-9)) as u64, "prefetched image");
+                self.ctx.nudges.pruner.notify_one();
+                Ok(())
+            }
+            Ok(Fetched::AlreadyCached) => {
+                info!(image_id = %id, "already cached; taken off the queue");
+                driver.delete_queued_image(&id).await.map(drop)
+            }
+            Err(FetchError::Cancelled) => {
+                info!(image_id = %id, "download interrupted by shutdown; the image stays queued");
+                driver.release_claim(&id).await
+            }
+            Err(FetchError::Verify(reason))
+                if attempts >= u64::from(config.prefetcher.max_attempts) =>
+            {
+                warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
+                driver.give_up(&id, attempts, &reason).await
+            }
+            Err(FetchError::Permanent(reason)) => {
+                warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
+                driver.give_up(&id, attempts, &reason).await
+            }
+            Err(FetchError::Retry(reason) | FetchError::Verify(reason)) => {
+                let delay = retry_delay(
+                    attempts,
+                    config.prefetcher.retry_delay,
+                    config.prefetcher.max_retry_delay,
+                );
+                let next = clock::now()
+                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
+                driver.retry_later(&id, attempts, next, &reason).await
+            }
+        };
+        if let Err(error) = recorded {
+            error!(image_id = %id, %error, "could not record the prefetch outcome; the claim expires by itself");
+        }
+        self.done.notify_one();
+    }
+}
+
+/// `first`, doubling per attempt, capped at `max`.
+pub fn retry_delay(attempts: u64, first: Duration, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(30) as u32);
+    first.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let (first, max) = (Duration::from_secs(30), Duration::from_secs(3600));
+        assert_eq!(retry_delay(1, first, max), Duration::from_secs(30));
+        assert_eq!(retry_delay(3, first, max), Duration::from_secs(120));
+        assert_eq!(retry_delay(99, first, max), max);
+    }
+}

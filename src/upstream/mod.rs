@@ -1,0 +1,200 @@
+//! Upstreams: where prefetched bytes come from. Glance's v2 API (with a static token or
+//! Keystone), a plain HTTP URL template, or a directory (Glance's filesystem store).
+//!
+//! Every failure is classified where it is raised: `Retry` (network, timeouts, 5xx, 429,
+//! authentication that may be fixed) or `Permanent` (404, not active, redirect to another
+//! host, a file that is not a regular file), so the prefetcher never has to guess.
+
+mod directory;
+mod glance;
+mod http;
+mod keystone;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::cache::HashAlgo;
+use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::image_id::ImageId;
+
+/// What the upstream says the image must be.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageMeta {
+    pub size: Option<u64>,
+    /// Lower-case hex MD5 (Glance's `checksum`).
+    pub md5: Option<String>,
+    pub os_hash: Option<(HashAlgo, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// Worth trying again later.
+    #[error("{0}")]
+    Retry(String),
+    /// Will not get better: drop the image from the queue.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// The bytes of one image, read chunk by chunk (memory stays flat).
+pub enum ImageStream {
+    Http(reqwest::Response),
+    File(tokio::fs::File),
+}
+
+/// Bytes per read from a file upstream.
+const FILE_CHUNK_BYTES: usize = 256 * 1024;
+
+impl ImageStream {
+    /// The next chunk, or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        match self {
+            ImageStream::Http(response) => response.chunk().await.map_err(http_error),
+            ImageStream::File(file) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; FILE_CHUNK_BYTES];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| UpstreamError::Retry(format!("reading the source file: {e}")))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok(Some(Bytes::from(buf)))
+            }
+        }
+    }
+}
+
+pub enum Upstream {
+    Glance(glance::GlanceUpstream),
+    Http(http::HttpUpstream),
+    Directory(directory::DirectoryUpstream),
+}
+
+impl Upstream {
+    pub fn from_config(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        Ok(match &config.kind {
+            UpstreamKind::Glance { url, auth } => {
+                Upstream::Glance(glance::GlanceUpstream::new(http_client(config)?, url, auth))
+            }
+            UpstreamKind::Http {
+                url_template,
+                md5_header,
+                sha512_header,
+            } => Upstream::Http(http::HttpUpstream {
+                client: http_client(config)?,
+                url_template: url_template.clone(),
+                md5_header: md5_header.clone(),
+                sha512_header: sha512_header.clone(),
+            }),
+            UpstreamKind::Directory { path } => {
+                Upstream::Directory(directory::DirectoryUpstream { path: path.clone() })
+            }
+        })
+    }
+
+    /// Asks for the image: its expected size and checksums, and a stream of its bytes.
+    pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
+        match self {
+            Upstream::Glance(g) => g.fetch(id).await,
+            Upstream::Http(h) => h.fetch(id).await,
+            Upstream::Directory(d) => d.fetch(id).await,
+        }
+    }
+}
+
+/// Redirects are followed only within the same scheme, host and port: an upstream must
+/// not send our credentials, or us, somewhere else.
+const MAX_REDIRECTS: usize = 5;
+
+fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError> {
+    // reqwest is built without a default crypto provider (ring is far cheaper to build
+    // than aws-lc); install ring once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.read_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("glance-cached/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let origin = attempt.previous().first().map(|u| {
+                (
+                    u.scheme().to_owned(),
+                    u.host_str().map(str::to_owned),
+                    u.port_or_known_default(),
+                )
+            });
+            let target = (
+                attempt.url().scheme().to_owned(),
+                attempt.url().host_str().map(str::to_owned),
+                attempt.url().port_or_known_default(),
+            );
+            if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else if origin.as_ref() != Some(&target) {
+                let refused = format!("redirect to another host ({}) refused", attempt.url());
+                attempt.error(refused)
+            } else {
+                attempt.follow()
+            }
+        }));
+    if let Some(ca) = &config.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| {
+            UpstreamError::Permanent(format!(
+                "cannot read upstream.ca_file {}: {e}",
+                ca.display()
+            ))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            UpstreamError::Permanent(format!("upstream.ca_file {}: {e}", ca.display()))
+        })?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| UpstreamError::Permanent(format!("cannot build the HTTP client: {e}")))
+}
+
+/// Classifies a transport error: refused redirects are permanent, the rest is retried.
+pub(crate) fn http_error(e: reqwest::Error) -> UpstreamError {
+    let text = error_chain(&e);
+    if e.is_redirect() {
+        UpstreamError::Permanent(text)
+    } else {
+        UpstreamError::Retry(text)
+    }
+}
+
+/// Classifies an HTTP status: 404/410 and other client errors are permanent; 5xx, 408,
+/// 429 and authentication failures (a token can be renewed, a password fixed) retry.
+pub(crate) fn status_error(status: reqwest::StatusCode, what: &str) -> UpstreamError {
+    let text = format!("{what}: HTTP {status}");
+    match status.as_u16() {
+        401 | 403 | 408 | 429 => UpstreamError::Retry(text),
+        s if s >= 500 => UpstreamError::Retry(text),
+        _ => UpstreamError::Permanent(text),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A hex digest from an upstream, lower-cased; `None` unless it is `len` hex digits.
+pub(crate) fn hex_digest(value: &str, len: usize) -> Option<String> {
+    let v = value.trim().to_ascii_lowercase();
+    (v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit())).then_some(v)
+}
