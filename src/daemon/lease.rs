@@ -24,6 +24,28 @@ pub fn holder_name() -> String {
     format!("{host} pid {}", std::process::id())
 }
 
+/// Whether `holder` names a process on this host that no longer exists (a crashed
+/// daemon whose lease has not expired yet): its lease may be taken over at once.
+pub fn holder_is_dead_local_process(holder: &str) -> bool {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let Some(pid) = holder
+        .strip_prefix(&format!("{host} pid "))
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    match rustix::process::Pid::from_raw(pid) {
+        Some(pid) => matches!(
+            rustix::process::test_kill_process(pid),
+            Err(rustix::io::Errno::SRCH)
+        ),
+        None => false,
+    }
+}
+
 pub fn expired_before(ttl: Duration) -> DbTime {
     let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
     DbTime::from_utc(clock::now() - ttl)

@@ -187,24 +187,32 @@ async fn take_lease(
     force: bool,
 ) -> Result<(), DaemonError> {
     let now = clock::now();
-    let outcome = driver
-        .db()
-        .acquire_lease(
+    let attempt = |force: bool| {
+        driver.db().acquire_lease(
             driver.node(),
             holder,
             DbTime::from_utc(now),
             lease::expired_before(config.daemon.lease_ttl),
             force,
         )
-        .await?;
-    match outcome {
-        LeaseOutcome::Acquired => Ok(()),
-        LeaseOutcome::HeldBy(other) => Err(DaemonError::NodeTaken {
-            node: driver.node_url().to_owned(),
-            holder: other.holder,
-            age: (now - other.heartbeat_at.to_utc()).num_seconds(),
-        }),
+    };
+    let other = match attempt(force).await? {
+        LeaseOutcome::Acquired => return Ok(()),
+        LeaseOutcome::HeldBy(other) => other,
+    };
+    // A daemon on this host that crashed (kill -9, OOM) left a fresh lease: take it over
+    // at once rather than fail every restart until it expires.
+    if lease::holder_is_dead_local_process(&other.holder) {
+        warn!(previous = %other.holder, "taking over the lease of a daemon that is no longer running");
+        if let LeaseOutcome::Acquired = attempt(true).await? {
+            return Ok(());
+        }
     }
+    Err(DaemonError::NodeTaken {
+        node: driver.node_url().to_owned(),
+        holder: other.holder,
+        age: (now - other.heartbeat_at.to_utc()).num_seconds(),
+    })
 }
 
 /// Reconcile, start the loops, supervise, and tear down.

@@ -13,13 +13,13 @@ use crate::daemon_kit::{Daemon, PrivatePostgres, eventually};
 
 /// Everything a daemon test needs on disk: a cache dir and a config file. Intervals are
 /// an hour, so anything that happens within a test was driven by the watcher or a signal.
-struct Setup {
-    tmp: tempfile::TempDir,
-    config: PathBuf,
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub config: PathBuf,
 }
 
 impl Setup {
-    fn new(extra: &str) -> Setup {
+    pub fn new(extra: &str) -> Setup {
         let tmp = tempfile::tempdir().unwrap();
         let config = tmp.path().join("glance-cached.toml");
         let s = Setup { tmp, config };
@@ -27,7 +27,7 @@ impl Setup {
         s
     }
 
-    fn write_config(&self, extra: &str) {
+    pub fn write_config(&self, extra: &str) {
         let text = format!(
             "[cache]\ndir = \"{}\"\nstall_time = \"1h\"\n{extra}\n[cleaner]\ninterval = \"1h\"\n[pruner]\ninterval = \"1h\"\n[daemon]\nshutdown_timeout = \"5s\"\n",
             self.cache("").display()
@@ -35,19 +35,19 @@ impl Setup {
         std::fs::write(&self.config, text).unwrap();
     }
 
-    fn cache(&self, rel: &str) -> PathBuf {
+    pub fn cache(&self, rel: &str) -> PathBuf {
         self.tmp.path().join("cache").join(rel)
     }
 
-    fn start(&self) -> Daemon {
+    pub fn start(&self) -> Daemon {
         Daemon::start(self.tmp.path(), &self.config, &[])
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
+    pub fn cli(&self, args: &[&str]) -> Output {
         cli(&self.config, args)
     }
 
-    fn import(&self, id: &str, len: usize) {
+    pub fn import(&self, id: &str, len: usize) {
         let src = self.tmp.path().join(format!("{id}.src"));
         std::fs::write(&src, test_bytes(len, len as u8)).unwrap();
         let out = self.cli(&["import", id, src.to_str().unwrap()]);
@@ -58,7 +58,7 @@ impl Setup {
         );
     }
 
-    fn cached_ids(&self) -> Vec<String> {
+    pub fn cached_ids(&self) -> Vec<String> {
         let out = self.cli(&["list-cached", "--json"]);
         assert!(
             out.status.success(),
@@ -84,7 +84,7 @@ fn cli(config: &Path, args: &[&str]) -> Output {
     cmd.arg("--config").arg(config).args(args).output().unwrap()
 }
 
-const SOON: Duration = Duration::from_secs(10);
+pub const SOON: Duration = Duration::from_secs(10);
 
 #[test]
 fn ready_then_sigterm_stops_cleanly() {
@@ -175,7 +175,7 @@ fn sighup_applies_a_new_max_size() {
     let mut d = s.start();
     assert_eq!(s.cached_ids().len(), 3);
     s.write_config("max_size = 5000");
-    let from = d.notify.messages.len();
+    let from = d.notify.mark();
     d.signal(Signal::HUP);
     let reloading = d.notify.wait_for(from, SOON, |m| m.contains("RELOADING=1"));
     assert!(
@@ -197,7 +197,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one() {
     let s = Setup::new("max_size = 10000");
     let mut d = s.start();
     std::fs::write(&s.config, "[cache]\nmax_size = \"lots\"\nbogus = 1\n").unwrap();
-    let from = d.notify.messages.len();
+    let from = d.notify.mark();
     d.signal(Signal::HUP);
     let ready = d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
     assert!(
@@ -227,7 +227,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one() {
         ),
     )
     .unwrap();
-    let from = d.notify.messages.len();
+    let from = d.notify.mark();
     d.signal(Signal::HUP);
     let ready = d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
     assert!(!d.notify.messages[ready].contains("reload failed"));
@@ -324,7 +324,7 @@ fn a_database_outage_is_survived() {
             String::from_utf8_lossy(&out.stdout).contains("during-outage")
         },
     );
-    let from = d.notify.messages.len().saturating_sub(1);
+    let from = d.notify.mark().saturating_sub(1);
     d.notify.wait_for(from, SOON, |m| {
         m.contains("STATUS=") && !m.contains("failing")
     });
@@ -502,8 +502,7 @@ fn watchdog_pings_only_while_loops_are_healthy() {
     });
     // Pings stop while the loop is stuck (the lock is held for 4 s; pings would come
     // every 0.5 s).
-    d.notify.drain();
-    let stuck_from = d.notify.messages.len();
+    let stuck_from = d.notify.mark();
     std::thread::sleep(Duration::from_millis(900));
     d.notify.drain();
     let pings = d.notify.messages[stuck_from..]
@@ -516,7 +515,7 @@ fn watchdog_pings_only_while_loops_are_healthy() {
     eventually(SOON, "the marker is adopted", || {
         d.log_text().contains("adopted queue markers")
     });
-    let after = d.notify.messages.len();
+    let after = d.notify.mark();
     d.notify.wait_for(after, SOON, |m| m == "WATCHDOG=1\n");
     d.stop();
 }
@@ -544,4 +543,63 @@ fn json_log_format_writes_json_lines() {
     assert_eq!(entry["fields"]["bytes"], 3);
     assert_eq!(entry["level"], "INFO");
     d.stop();
+}
+
+#[test]
+fn a_service_manager_that_stops_reading_never_stalls_the_daemon() {
+    let s = Setup::new("");
+    // A notify socket nobody drains after READY: its queue fills up.
+    let path = s.tmp.path().join("unread.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    let child = cmd
+        .args(["--config", s.config.to_str().unwrap(), "run"])
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    /// Kills the daemon if the test fails before it exits.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(child);
+    let child = &mut guard.0;
+    let mut buf = [0u8; 4096];
+    socket.set_read_timeout(Some(SOON)).unwrap();
+    loop {
+        let n = socket.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    // Far more notifications than the socket queues (Linux queues 10 datagrams by
+    // default): every reload sends RELOADING=1 and READY=1.
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    for _ in 0..30 {
+        rustix::process::kill_process(pid, Signal::HUP).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for n in 0..50 {
+        std::fs::write(s.cache(&format!("invalid/f{n}")), b"x").unwrap();
+    }
+    eventually(SOON, "the daemon keeps working", || {
+        std::fs::read_dir(s.cache("invalid")).unwrap().count() == 0
+    });
+    rustix::process::kill_process(pid, Signal::TERM).unwrap();
+    let deadline = std::time::Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon stalled on a full notify socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
 }

@@ -5,38 +5,60 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
 
-/// The systemd side of `sd_notify`: collects every datagram the daemon sends.
+/// The systemd side of `sd_notify`: a datagram socket read continuously by a thread
+/// (as systemd would), so the daemon never finds it full.
 pub struct NotifySocket {
     pub path: PathBuf,
-    socket: UnixDatagram,
+    received: Arc<Mutex<Vec<String>>>,
     pub messages: Vec<String>,
 }
 
 impl NotifySocket {
     pub fn bind(dir: &Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = dir.join(format!(
+            "notify-{}.sock",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let socket = UnixDatagram::bind(&path).unwrap();
         socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
+            .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::downgrade(&received);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            // Stops once the NotifySocket is gone.
+            while let Some(sink) = sink.upgrade() {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    sink.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        });
         NotifySocket {
             path,
-            socket,
+            received,
             messages: Vec::new(),
         }
     }
 
-    /// Reads every datagram already sent.
+    /// Drains, and returns the index the next message will have.
+    pub fn mark(&mut self) -> usize {
+        self.drain();
+        self.messages.len()
+    }
+
+    /// Takes every datagram received so far into `messages`.
     pub fn drain(&mut self) {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok(n) = self.socket.recv(&mut buf) {
-            self.messages
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
+        self.messages.append(&mut self.received.lock().unwrap());
     }
 
     /// Waits until a message after index `from` satisfies `pred`; returns its index.
@@ -48,6 +70,7 @@ impl NotifySocket {
     ) -> usize {
         let deadline = Instant::now() + timeout;
         loop {
+            self.drain();
             if let Some(i) = self.messages.iter().skip(from).position(|m| pred(m)) {
                 return from + i;
             }
@@ -56,7 +79,7 @@ impl NotifySocket {
                 "no matching notification; got {:#?}",
                 self.messages
             );
-            self.drain();
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -130,7 +153,7 @@ impl Daemon {
 
     /// SIGTERM, then requires STOPPING=1 and exit status 0.
     pub fn stop(mut self) {
-        let from = self.notify.messages.len();
+        let from = self.notify.mark();
         self.signal(Signal::TERM);
         let status = self.wait_exit(Duration::from_secs(10));
         assert!(

@@ -839,3 +839,133 @@ async fn two_nodes_share_a_database_without_seeing_each_other(b: Backend) {
     b.driver.db().close().await;
     a.finish().await;
 }
+
+mod claims {
+    use super::*;
+
+    async fn concurrent_claims_never_overlap(b: Backend) {
+        let Some(t) = TestCache::new(b).await else {
+            return;
+        };
+        let ids: Vec<String> = (0..40).map(|n| format!("claim-{n:02}")).collect();
+        for i in &ids {
+            assert!(t.driver.queue_image(&id(i)).await.unwrap());
+        }
+        // Two workers (separate pools, as two processes would have) claim as fast as
+        // they can.
+        let second = glance_cached::cache::CacheDriver::configure(
+            t.driver.layout().clone(),
+            t.db.connect().await,
+            t.driver.node_url(),
+        )
+        .await
+        .unwrap();
+        let mut tasks = Vec::new();
+        for (n, d) in [t.driver.clone(), second.clone()].into_iter().enumerate() {
+            for k in 0..3 {
+                let d = d.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let holder = format!("worker-{n}-{k}");
+                    while let Some(q) = d
+                        .claim_next(&holder, Duration::from_secs(600))
+                        .await
+                        .unwrap()
+                    {
+                        got.push(q.image_id.to_string());
+                    }
+                    got
+                }));
+            }
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort();
+        assert_eq!(all, ids, "every image claimed exactly once");
+        // Claimed images are not claimable again until released.
+        assert!(
+            t.driver
+                .claim_next("late", Duration::from_secs(600))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        t.driver.release_claim(&id("claim-07")).await.unwrap();
+        let again = t
+            .driver
+            .claim_next("late", Duration::from_secs(600))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.image_id.as_str(), "claim-07");
+        // A retry waits for its time; giving up keeps the reason and drops the marker.
+        let later = Utc::now() + chrono::Duration::hours(1);
+        t.driver
+            .retry_later(&id("claim-07"), 1, later, "HTTP 503")
+            .await
+            .unwrap();
+        assert!(
+            t.driver
+                .claim_next("late", Duration::from_secs(600))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        t.driver
+            .give_up(&id("claim-08"), 3, "HTTP 404")
+            .await
+            .unwrap();
+        assert!(!t.path("queue/claim-08").exists());
+        let queued = t.driver.get_queued_images().await.unwrap();
+        let failed = queued
+            .iter()
+            .find(|q| q.image_id.as_str() == "claim-08")
+            .unwrap();
+        assert_eq!(
+            (
+                failed.state.as_str(),
+                failed.attempts,
+                failed.last_error.as_deref()
+            ),
+            ("failed", 3, Some("HTTP 404"))
+        );
+        let retried = queued
+            .iter()
+            .find(|q| q.image_id.as_str() == "claim-07")
+            .unwrap();
+        assert_eq!((retried.state.as_str(), retried.attempts), ("queued", 1));
+        assert!(
+            !t.driver.is_queued(&id("claim-08")).await.unwrap(),
+            "a failed image is not queued"
+        );
+        // Re-queueing a failed image revives it.
+        assert!(t.driver.queue_image(&id("claim-08")).await.unwrap());
+        let revived = t
+            .driver
+            .get_queued_images()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|q| q.image_id.as_str() == "claim-08")
+            .unwrap();
+        assert_eq!((revived.state.as_str(), revived.attempts), ("queued", 0));
+        // At start, every claim of the node is a dead process's: released, and its
+        // partial file moved out of the way.
+        std::fs::write(t.path("incomplete/claim-09"), b"partial").unwrap();
+        assert!(t.driver.recover_claims().await.unwrap() >= 38);
+        assert!(!t.path("incomplete/claim-09").exists() && t.path("invalid/claim-09").exists());
+        assert!(
+            t.driver
+                .claim_next("fresh", Duration::from_secs(600))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        second.db().close().await;
+        t.finish().await;
+    }
+
+    driver_suite!(concurrent_claims_never_overlap);
+}

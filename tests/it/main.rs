@@ -7,3 +7,5 @@ mod daemon;
 mod daemon_kit;
 mod driver;
 mod glance_interop;
+mod origin;
+mod prefetch;

@@ -1,0 +1,308 @@
+//! A real HTTP/1.1 origin on loopback for prefetch tests: Glance's v2 image endpoints,
+//! plain files with checksum headers, and a Keystone token endpoint. Each image can be
+//! told to misbehave: fail N times, 404, not active, slow, truncated, wrong checksums,
+//! a redirect elsewhere. Written by hand (std threads) so it can lie on the wire, which
+//! a well-behaved server library refuses to do.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use md5::Digest;
+
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Answer the first N file requests with `fail_status`.
+    pub fail_times: u32,
+    pub fail_status: u16,
+    /// Glance metadata `status` (default "active").
+    pub status: Option<String>,
+    /// Pause between 64 KiB chunks of the body.
+    pub chunk_delay: Option<Duration>,
+    /// Declare the full length but close the connection after this many bytes.
+    pub truncate_at: Option<usize>,
+    /// Advertise this MD5 instead of the real one.
+    pub wrong_md5: bool,
+    /// Advertise this size in Glance's metadata instead of the real one.
+    pub meta_size: Option<u64>,
+    /// Answer file requests with a redirect to this URL.
+    pub redirect_to: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub data: Arc<Vec<u8>>,
+    pub behaviour: Behaviour,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub file_requests: HashMap<String, u32>,
+    pub in_flight: u32,
+    pub max_in_flight: u32,
+    pub tokens_issued: u32,
+    pub unauthorized: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    images: HashMap<String, Image>,
+    /// When set, Glance endpoints want this X-Auth-Token (or one Keystone issued).
+    static_token: Option<String>,
+    keystone: bool,
+    issued_tokens: Vec<String>,
+    token_ttl_secs: i64,
+    stats: Stats,
+}
+
+pub struct Origin {
+    pub port: u16,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Origin {
+    pub fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State {
+            token_ttl_secs: 3600,
+            ..Default::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &s);
+                });
+            }
+        });
+        Origin { port, state, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn add(&self, id: &str, data: Vec<u8>, behaviour: Behaviour) {
+        self.state.lock().unwrap().images.insert(
+            id.into(),
+            Image {
+                data: Arc::new(data),
+                behaviour,
+            },
+        );
+    }
+
+    pub fn require_token(&self, token: &str) {
+        self.state.lock().unwrap().static_token = Some(token.into());
+    }
+
+    /// Glance endpoints want a token issued by our Keystone endpoint, valid `ttl_secs`.
+    pub fn require_keystone(&self, ttl_secs: i64) {
+        let mut s = self.state.lock().unwrap();
+        s.keystone = true;
+        s.token_ttl_secs = ttl_secs;
+    }
+
+    pub fn with_stats<R>(&self, f: impl FnOnce(&Stats) -> R) -> R {
+        f(&self.state.lock().unwrap().stats)
+    }
+
+    pub fn file_requests(&self, id: &str) -> u32 {
+        self.with_stats(|s| s.file_requests.get(id).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+    {
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+    }
+    Ok(Request {
+        method,
+        path,
+        headers,
+    })
+}
+
+fn respond(
+    conn: &mut TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    let req = read_request(&mut reader)?;
+    if req.method == "POST" && req.path == "/v3/auth/tokens" {
+        let mut s = state.lock().unwrap();
+        s.stats.tokens_issued += 1;
+        let token = format!("tok-{}", s.stats.tokens_issued);
+        s.issued_tokens.push(token.clone());
+        let expires = chrono::Utc::now() + chrono::Duration::seconds(s.token_ttl_secs);
+        let body = serde_json::json!({"token": {"expires_at": expires.to_rfc3339()}}).to_string();
+        drop(s);
+        return respond(
+            &mut conn,
+            201,
+            &[
+                ("X-Subject-Token".into(), token),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body.as_bytes(),
+        );
+    }
+    let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let (id, kind) = match segments.as_slice() {
+        ["v2", "images", id] => (id.to_string(), "meta"),
+        ["v2", "images", id, "file"] => (id.to_string(), "file"),
+        ["plain", id] => (id.to_string(), "plain"),
+        _ => return respond(&mut conn, 404, &[], b"no route"),
+    };
+    // Authentication for Glance endpoints.
+    if kind != "plain" {
+        let s = state.lock().unwrap();
+        let given = req.headers.get("x-auth-token");
+        let ok = match (&s.static_token, s.keystone) {
+            (Some(t), _) => given == Some(t),
+            (None, true) => given.is_some_and(|g| s.issued_tokens.last() == Some(g)),
+            (None, false) => true,
+        };
+        drop(s);
+        if !ok {
+            state.lock().unwrap().stats.unauthorized += 1;
+            return respond(&mut conn, 401, &[], b"unauthorized");
+        }
+    }
+    let Some(image) = state.lock().unwrap().images.get(&id).cloned() else {
+        return respond(&mut conn, 404, &[], b"no such image");
+    };
+    let b = &image.behaviour;
+    let md5 = if b.wrong_md5 {
+        "0".repeat(32)
+    } else {
+        hex::encode(md5::Md5::digest(&*image.data))
+    };
+    let sha512 = hex::encode(sha2::Sha512::digest(&*image.data));
+    if kind == "meta" {
+        let body = serde_json::json!({
+            "id": id,
+            "status": b.status.clone().unwrap_or_else(|| "active".into()),
+            "size": b.meta_size.unwrap_or(image.data.len() as u64),
+            "checksum": md5,
+            "os_hash_algo": "sha512",
+            "os_hash_value": sha512,
+        });
+        return respond(
+            &mut conn,
+            200,
+            &[("Content-Type".into(), "application/json".into())],
+            body.to_string().as_bytes(),
+        );
+    }
+    // A file request: count it, then maybe misbehave.
+    let attempt = {
+        let mut s = state.lock().unwrap();
+        let n = s.stats.file_requests.entry(id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    if attempt <= b.fail_times {
+        return respond(&mut conn, b.fail_status, &[], b"failing on purpose");
+    }
+    if let Some(to) = &b.redirect_to {
+        let head = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return conn.write_all(head.as_bytes());
+    }
+    {
+        let mut s = state.lock().unwrap();
+        s.stats.in_flight += 1;
+        s.stats.max_in_flight = s.stats.max_in_flight.max(s.stats.in_flight);
+    }
+    let result = (|| {
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n",
+            image.data.len()
+        );
+        if kind == "plain" {
+            head.push_str(&format!(
+                "X-Checksum-Md5: {md5}\r\nX-Checksum-Sha512: {sha512}\r\n"
+            ));
+        }
+        head.push_str("\r\n");
+        conn.write_all(head.as_bytes())?;
+        let end = b
+            .truncate_at
+            .unwrap_or(image.data.len())
+            .min(image.data.len());
+        for chunk in image.data[..end].chunks(64 * 1024) {
+            // Pause before a chunk, not after: the transfer ends with the last byte, so
+            // `in_flight` is not still counting a download the client has finished.
+            if let Some(d) = b.chunk_delay {
+                std::thread::sleep(d);
+            }
+            conn.write_all(chunk)?;
+        }
+        conn.flush()
+    })();
+    state.lock().unwrap().stats.in_flight -= 1;
+    result
+}

@@ -1,0 +1,473 @@
+//! The prefetcher through the real daemon against a real HTTP origin on loopback: each
+//! upstream kind, Keystone, retries, permanent failures, verification, truncation,
+//! concurrency, bandwidth, SIGTERM and kill -9 mid-download.
+
+use std::time::{Duration, Instant};
+
+use md5::Digest;
+use rustix::process::Signal;
+
+use crate::common::test_bytes;
+use crate::daemon::{SOON, Setup};
+use crate::daemon_kit::{Daemon, eventually};
+
+use crate::origin::{Behaviour, Origin};
+
+const FAST_RETRY: &str =
+    "[prefetcher]\nretry_delay = \"100ms\"\nmax_retry_delay = \"200ms\"\ninterval = \"1h\"\n";
+
+fn glance_setup(origin: &Origin, extra: &str) -> Setup {
+    Setup::new(&format!(
+        "{FAST_RETRY}{extra}\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ))
+}
+
+fn queue(s: &Setup, ids: &[&str]) {
+    let mut args = vec!["queue"];
+    args.extend_from_slice(ids);
+    let out = s.cli(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
+    let out = s.cli(&["list-queued", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    hex::encode(md5::Md5::digest(data))
+}
+
+/// Waits until `id` is cached and checks its bytes and recorded checksum.
+fn assert_cached(s: &Setup, id: &str, data: &[u8]) {
+    eventually(Duration::from_secs(20), &format!("{id} is cached"), || {
+        s.cached_ids().iter().any(|c| c == id)
+    });
+    assert_eq!(std::fs::read(s.cache(id)).unwrap(), data, "{id} bytes");
+    let out = s.cli(&["list-cached", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["image_id"] == id)
+        .unwrap();
+    assert_eq!(row["checksum"], md5_hex(data).as_str());
+}
+
+#[test]
+fn glance_upstream_with_keystone_prefetches_queued_images() {
+    let origin = Origin::start();
+    origin.require_keystone(2); // short-lived tokens: renewed during the test
+    let images: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|n| (format!("img-{n}"), test_bytes(300_000 + n * 1000, n as u8)))
+        .collect();
+    for (id, data) in &images {
+        origin.add(id, data.clone(), Behaviour::default());
+    }
+    let s = Setup::new(&format!(
+        "{FAST_RETRY}\n[upstream]\nkind = \"glance\"\nurl = \"{url}\"\n[upstream.keystone]\nauth_url = \"{url}/v3\"\nusername = \"u\"\npassword = \"p\"\nproject_name = \"service\"\n",
+        url = origin.url()
+    ));
+    let d = s.start();
+    queue(&s, &["img-0", "img-1"]);
+    for (id, data) in &images[..2] {
+        assert_cached(&s, id, data);
+    }
+    assert!(
+        queued_json(&s).is_empty(),
+        "published images leave the queue"
+    );
+    assert!(!s.cache("queue/img-0").exists(), "and their markers");
+    // Past half the token's life a new one is issued.
+    std::thread::sleep(Duration::from_millis(1200));
+    queue(&s, &["img-2"]);
+    assert_cached(&s, "img-2", &images[2].1);
+    assert!(
+        origin.with_stats(|st| st.tokens_issued) >= 2,
+        "the token was renewed"
+    );
+    // An image already cached is not downloaded again.
+    queue(&s, &["img-0"]);
+    std::fs::write(s.cache("queue/img-1"), b"").unwrap(); // Glance re-queues it by marker
+    eventually(SOON, "the re-queued marker is dropped", || {
+        !s.cache("queue/img-1").exists()
+    });
+    assert_eq!(origin.file_requests("img-0"), 1);
+    assert_eq!(origin.file_requests("img-1"), 1);
+    let log = d.log_text();
+    assert!(
+        log.contains("prefetched image") && log.contains("image_id=img-0"),
+        "{log}"
+    );
+    d.stop();
+}
+
+#[test]
+fn glance_upstream_with_a_token_file() {
+    let origin = Origin::start();
+    origin.require_token("static-secret");
+    let data = test_bytes(50_000, 9);
+    origin.add("tok-img", data.clone(), Behaviour::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "static-secret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let s = glance_setup(&origin, "");
+    let upstream_line = format!("token_file = \"{}\"\n", token.display());
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config).unwrap().replace(
+            "kind = \"glance\"\n",
+            &format!("kind = \"glance\"\n{upstream_line}"),
+        ),
+    )
+    .unwrap();
+    // A world-readable token file is refused.
+    let out = s.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("world-readable"));
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = s.start();
+    queue(&s, &["tok-img"]);
+    assert_cached(&s, "tok-img", &data);
+    d.stop();
+}
+
+#[test]
+fn http_and_directory_upstreams() {
+    let origin = Origin::start();
+    let data = test_bytes(200_000, 4);
+    origin.add("plain-1", data.clone(), Behaviour::default());
+    let s = Setup::new(&format!(
+        "{FAST_RETRY}\n[upstream]\nkind = \"http\"\nurl_template = \"{}/plain/{{image_id}}\"\nmd5_header = \"X-Checksum-Md5\"\nsha512_header = \"X-Checksum-Sha512\"\n",
+        origin.url()
+    ));
+    let d = s.start();
+    queue(&s, &["plain-1"]);
+    assert_cached(&s, "plain-1", &data);
+    d.stop();
+
+    let store = tempfile::tempdir().unwrap();
+    let file_data = test_bytes(700_000, 6);
+    std::fs::write(store.path().join("dir-img"), &file_data).unwrap();
+    let s = Setup::new(&format!(
+        "{FAST_RETRY}\n[upstream]\nkind = \"directory\"\npath = \"{}\"\n",
+        store.path().display()
+    ));
+    let d = s.start();
+    queue(&s, &["dir-img", "missing-img"]);
+    assert_cached(&s, "dir-img", &file_data);
+    eventually(SOON, "the missing image is dropped", || {
+        queued_json(&s)
+            .iter()
+            .any(|q| q["image_id"] == "missing-img" && q["state"] == "failed")
+    });
+    d.stop();
+}
+
+#[test]
+fn retryable_failures_are_retried_then_succeed() {
+    let origin = Origin::start();
+    let data = test_bytes(100_000, 2);
+    origin.add(
+        "flaky",
+        data.clone(),
+        Behaviour {
+            fail_times: 2,
+            fail_status: 503,
+            ..Default::default()
+        },
+    );
+    origin.add(
+        "limited",
+        data.clone(),
+        Behaviour {
+            fail_times: 1,
+            fail_status: 429,
+            ..Default::default()
+        },
+    );
+    let s = glance_setup(&origin, "");
+    let d = s.start();
+    queue(&s, &["flaky", "limited"]);
+    assert_cached(&s, "flaky", &data);
+    assert_cached(&s, "limited", &data);
+    assert_eq!(origin.file_requests("flaky"), 3);
+    assert!(d.log_text().contains("will retry"));
+    d.stop();
+}
+
+#[test]
+fn permanent_failures_are_dropped_with_their_reason() {
+    let origin = Origin::start();
+    origin.add(
+        "queued-img",
+        vec![1; 10],
+        Behaviour {
+            status: Some("queued".into()),
+            ..Default::default()
+        },
+    );
+    origin.add("too-big", vec![1; 5000], Behaviour::default());
+    let other = Origin::start();
+    other.add("elsewhere", vec![1; 10], Behaviour::default());
+    origin.add(
+        "redirected",
+        vec![1; 10],
+        Behaviour {
+            redirect_to: Some(format!("{}/v2/images/elsewhere/file", other.url())),
+            ..Default::default()
+        },
+    );
+    let s = glance_setup(&origin, "");
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config).unwrap().replace(
+            "stall_time = \"1h\"",
+            "stall_time = \"1h\"\nmax_size = 1000",
+        ),
+    )
+    .unwrap();
+    let d = s.start();
+    queue(&s, &["not-there", "queued-img", "too-big", "redirected"]);
+    eventually(SOON, "all four are dropped", || {
+        queued_json(&s)
+            .iter()
+            .filter(|q| q["state"] == "failed")
+            .count()
+            == 4
+    });
+    let rows = queued_json(&s);
+    let reason = |id: &str| {
+        rows.iter().find(|q| q["image_id"] == id).unwrap()["last_error"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        reason("not-there").contains("404"),
+        "{}",
+        reason("not-there")
+    );
+    assert!(
+        reason("queued-img").contains("not active"),
+        "{}",
+        reason("queued-img")
+    );
+    assert!(
+        reason("too-big").contains("larger than cache.max_size"),
+        "{}",
+        reason("too-big")
+    );
+    assert!(
+        reason("redirected").contains("redirect to another host"),
+        "{}",
+        reason("redirected")
+    );
+    assert_eq!(
+        other.file_requests("elsewhere"),
+        0,
+        "the other host was never contacted"
+    );
+    assert!(
+        !s.cache("queue/not-there").exists(),
+        "a dropped image's marker goes"
+    );
+    assert!(s.cached_ids().is_empty());
+    // Re-queueing a failed image brings it back.
+    origin.add("queued-img", vec![7; 10], Behaviour::default());
+    queue(&s, &["queued-img"]);
+    assert_cached(&s, "queued-img", &[7; 10]);
+    assert!(d.log_text().contains("dropped from the queue"));
+    d.stop();
+}
+
+#[test]
+fn bad_bytes_are_never_cached() {
+    let origin = Origin::start();
+    let data = test_bytes(300_000, 8);
+    origin.add(
+        "bad-md5",
+        data.clone(),
+        Behaviour {
+            wrong_md5: true,
+            ..Default::default()
+        },
+    );
+    origin.add(
+        "truncated",
+        data.clone(),
+        Behaviour {
+            truncate_at: Some(100_000),
+            ..Default::default()
+        },
+    );
+    origin.add(
+        "oversized",
+        data.clone(),
+        Behaviour {
+            meta_size: Some(1000),
+            ..Default::default()
+        },
+    );
+    let s = glance_setup(&origin, "max_attempts = 2\n");
+    let d = s.start();
+    queue(&s, &["bad-md5", "truncated", "oversized"]);
+    eventually(
+        SOON,
+        "the checksum mismatch is dropped after max_attempts",
+        || {
+            queued_json(&s)
+                .iter()
+                .any(|q| q["image_id"] == "bad-md5" && q["state"] == "failed")
+        },
+    );
+    eventually(SOON, "the truncated image was tried a few times", || {
+        origin.file_requests("truncated") >= 3
+    });
+    eventually(SOON, "the oversized image was tried twice", || {
+        queued_json(&s)
+            .iter()
+            .any(|q| q["image_id"] == "oversized" && q["state"] == "failed")
+    });
+    let rows = queued_json(&s);
+    let bad = rows.iter().find(|q| q["image_id"] == "bad-md5").unwrap();
+    assert_eq!(bad["attempts"], 2);
+    assert!(bad["last_error"].as_str().unwrap().contains("md5"));
+    let truncated = rows.iter().find(|q| q["image_id"] == "truncated").unwrap();
+    assert_eq!(
+        truncated["state"], "queued",
+        "a network failure is retried, not dropped"
+    );
+    assert_eq!(origin.file_requests("bad-md5"), 2);
+    assert!(s.cached_ids().is_empty(), "nothing was published");
+    for id in ["bad-md5", "truncated", "oversized"] {
+        assert!(!s.cache(id).exists());
+    }
+    d.stop();
+}
+
+#[test]
+fn concurrency_is_limited() {
+    let origin = Origin::start();
+    let slow = Behaviour {
+        chunk_delay: Some(Duration::from_millis(40)),
+        ..Default::default()
+    };
+    let ids: Vec<String> = (0..6).map(|n| format!("c-{n}")).collect();
+    for id in &ids {
+        origin.add(id, test_bytes(256 * 1024, 3), slow.clone());
+    }
+    let s = glance_setup(&origin, "concurrency = 2\n");
+    let d = s.start();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    queue(&s, &refs);
+    eventually(Duration::from_secs(30), "all six are cached", || {
+        s.cached_ids().len() == 6
+    });
+    assert_eq!(origin.with_stats(|st| st.max_in_flight), 2);
+    d.stop();
+}
+
+#[test]
+fn bandwidth_is_capped() {
+    let origin = Origin::start();
+    let data = test_bytes(2 << 20, 5);
+    origin.add("paced", data.clone(), Behaviour::default());
+    let s = glance_setup(&origin, "max_bytes_per_second = \"1MiB\"\n");
+    let d = s.start();
+    let started = Instant::now();
+    queue(&s, &["paced"]);
+    assert_cached(&s, "paced", &data);
+    // 2 MiB at 1 MiB/s cannot take less than about 2 s (the first chunk is free).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+    d.stop();
+}
+
+#[test]
+fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
+    let origin = Origin::start();
+    let slow = Behaviour {
+        chunk_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    origin.add("big-slow", test_bytes(4 << 20, 1), slow);
+    let s = glance_setup(&origin, "");
+    let mut d = s.start();
+    queue(&s, &["big-slow"]);
+    eventually(SOON, "the download is under way", || {
+        std::fs::metadata(s.cache("incomplete/big-slow")).is_ok_and(|m| m.len() > 0)
+    });
+    let from = d.notify.mark();
+    let stopping = Instant::now();
+    d.signal(Signal::TERM);
+    assert!(d.wait_exit(SOON).success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopped within the deadline"
+    );
+    d.notify
+        .wait_for(from, Duration::from_secs(1), |m| m.contains("STOPPING=1"));
+    assert!(!s.cache("big-slow").exists(), "nothing published");
+    assert!(
+        !s.cache("incomplete/big-slow").exists(),
+        "the partial file went to invalid/"
+    );
+    let rows = queued_json(&s);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["state"], "queued");
+}
+
+#[test]
+fn kill_9_mid_download_then_restart_fetches_it_again() {
+    let origin = Origin::start();
+    let data = test_bytes(3 << 20, 11);
+    origin.add(
+        "crashy",
+        data.clone(),
+        Behaviour {
+            chunk_delay: Some(Duration::from_millis(30)),
+            ..Default::default()
+        },
+    );
+    let s = glance_setup(&origin, "");
+    let mut d = s.start();
+    queue(&s, &["crashy"]);
+    eventually(SOON, "the download is under way", || {
+        std::fs::metadata(s.cache("incomplete/crashy")).is_ok_and(|m| m.len() > 100_000)
+    });
+    d.signal(Signal::KILL);
+    d.wait_exit(SOON);
+    drop(d);
+    assert!(!s.cache("crashy").exists());
+    assert!(
+        s.cache("incomplete/crashy").exists(),
+        "the crash left a partial file"
+    );
+    // The killed daemon's lease is still fresh, but its process is gone: a plain restart
+    // (what systemd does) takes it over.
+    let d = Daemon::start(s.tmp.path(), &s.config, &[]);
+    assert!(
+        d.log_text().contains("no longer running"),
+        "{}",
+        d.log_text()
+    );
+    assert_cached(&s, "crashy", &data);
+    assert!(!s.cache("incomplete/crashy").exists());
+    assert_eq!(origin.file_requests("crashy"), 2);
+    d.stop();
+}
