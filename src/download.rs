@@ -137,7 +137,8 @@ pub async fn fetch_into_cache(
                 return Err(e.into());
             }
         };
-        writer.write(&chunk)?;
+        let len = chunk.len();
+        writer.write_bytes(chunk)?;
         if meta.size.is_none() && writer.bytes_written() > limits.max_size {
             writer.abort("larger than the cache");
             return Err(FetchError::Permanent(format!(
@@ -146,7 +147,7 @@ pub async fn fetch_into_cache(
             )));
         }
         if let Some(rate) = limits.max_bytes_per_second {
-            limiter.pace(chunk.len(), rate).await;
+            limiter.pace(len, rate).await;
         }
     }
     let published = writer.commit().await?;

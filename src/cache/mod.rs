@@ -4,6 +4,7 @@
 mod claims;
 mod clean;
 mod driver;
+mod hashing;
 pub mod layout;
 mod prune;
 mod reconcile;

@@ -10,12 +10,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use md5::{Digest, Md5};
-use sha2::{Sha256, Sha384, Sha512};
+use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::CacheError;
 use super::driver::CacheDriver;
+use super::hashing::Digests;
 use super::layout::{Area, FILE_MODE};
 use crate::clock;
 use crate::db::DbTime;
@@ -57,36 +57,6 @@ pub struct Expectations {
     pub os_hash: Option<(HashAlgo, String)>,
 }
 
-enum OsHasher {
-    Sha256(Sha256),
-    Sha384(Sha384),
-    Sha512(Sha512),
-}
-
-impl OsHasher {
-    fn new(algo: HashAlgo) -> Self {
-        match algo {
-            HashAlgo::Sha256 => OsHasher::Sha256(Sha256::new()),
-            HashAlgo::Sha384 => OsHasher::Sha384(Sha384::new()),
-            HashAlgo::Sha512 => OsHasher::Sha512(Sha512::new()),
-        }
-    }
-    fn update(&mut self, data: &[u8]) {
-        match self {
-            OsHasher::Sha256(h) => h.update(data),
-            OsHasher::Sha384(h) => h.update(data),
-            OsHasher::Sha512(h) => h.update(data),
-        }
-    }
-    fn finish_hex(self) -> String {
-        match self {
-            OsHasher::Sha256(h) => hex::encode(h.finalize()),
-            OsHasher::Sha384(h) => hex::encode(h.finalize()),
-            OsHasher::Sha512(h) => hex::encode(h.finalize()),
-        }
-    }
-}
-
 /// What a successful commit published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -100,8 +70,8 @@ pub struct ImageWriter {
     image_id: ImageId,
     /// `None` once committed or aborted.
     file: Option<File>,
-    md5: Md5,
-    os_hash: Option<OsHasher>,
+    /// `None` once committed or aborted.
+    digests: Option<Digests>,
     written: u64,
     expectations: Expectations,
 }
@@ -126,16 +96,14 @@ impl ImageWriter {
                     CacheError::io("create", &path)(e)
                 }
             })?;
+        let digests = Digests::start(expectations.os_hash.as_ref().map(|(a, _)| *a))
+            .map_err(CacheError::io("start hashing for", &path))?;
         debug!(image_id = %image_id, "writing image into incomplete/");
         Ok(ImageWriter {
-            os_hash: expectations
-                .os_hash
-                .as_ref()
-                .map(|(a, _)| OsHasher::new(*a)),
+            digests: Some(digests),
             driver,
             image_id,
             file: Some(file),
-            md5: Md5::new(),
             written: 0,
             expectations,
         })
@@ -149,11 +117,17 @@ impl ImageWriter {
         self.written
     }
 
-    /// Appends `data`, hashing it. A write past the expected size fails at once (the
-    /// writer is aborted), so a body larger than declared never fills the disk.
+    /// Appends `data`, hashing it. See `write_bytes`, which avoids a copy.
     pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        self.write_bytes(Bytes::copy_from_slice(data))
+    }
+
+    /// Appends `chunk`: written to the file here, hashed on the digest threads. A write
+    /// past the expected size fails at once (the writer is aborted), so a body larger
+    /// than declared never fills the disk.
+    pub fn write_bytes(&mut self, chunk: Bytes) -> Result<(), CacheError> {
         if let Some(declared) = self.expectations.size
-            && self.written + data.len() as u64 > declared
+            && self.written + chunk.len() as u64 > declared
         {
             self.abort("more bytes than the declared size");
             return Err(CacheError::TooLarge {
@@ -162,24 +136,32 @@ impl ImageWriter {
             });
         }
         let file = self.file.as_mut().expect("write after commit or abort");
-        if let Err(e) = file.write_all(data) {
+        let digests = self.digests.as_ref().expect("write after commit or abort");
+        if let Err(e) = file.write_all(&chunk).and_then(|()| digests.feed(&chunk)) {
             let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
             self.abort("write failed");
             return Err(CacheError::io("write", path)(e));
         }
-        self.md5.update(data);
-        if let Some(h) = self.os_hash.as_mut() {
-            h.update(data);
-        }
-        self.written += data.len() as u64;
+        self.written += chunk.len() as u64;
         Ok(())
     }
 
     /// Verifies, makes durable and publishes the image; on a failed verification the
     /// bytes go to `invalid/` and nothing is published.
     pub async fn commit(mut self) -> Result<Published, CacheError> {
-        let md5 = hex::encode(std::mem::take(&mut self.md5).finalize());
-        let os_hash = self.os_hash.take().map(OsHasher::finish_hex);
+        let digests = self.digests.take().expect("commit after abort");
+        let finished = tokio::task::spawn_blocking(move || digests.finish())
+            .await
+            .expect("digest join panicked");
+        let finished = match finished {
+            Ok(f) => f,
+            Err(e) => {
+                let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
+                self.abort("hashing failed");
+                return Err(CacheError::io("hash", path)(e));
+            }
+        };
+        let (md5, os_hash) = (finished.md5, finished.os_hash);
         if let Some(problem) = self.verification_problem(&md5, os_hash.as_deref()) {
             self.abort(&problem);
             return Err(CacheError::Verification {
@@ -252,6 +234,8 @@ impl ImageWriter {
     /// left alone: an uncached image has none, and a failed re-cache keeps the previous
     /// complete image and its row.
     pub fn abort(&mut self, reason: &str) {
+        // Dropping the senders ends the digest threads.
+        self.digests = None;
         if self.file.take().is_some() {
             self.move_to_invalid(reason);
         }

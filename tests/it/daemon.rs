@@ -151,13 +151,14 @@ fn watcher_drives_cleaner_queue_and_pruner() {
         !s.cache("second").exists()
     });
     assert!(s.cache("first").exists() && s.cache("third").exists());
-    let log = d.log_text();
-    assert!(
+    // The log line follows the removal: wait for it too.
+    eventually(SOON, "the eviction is logged", || {
+        let log = d.log_text();
         log.contains("pruned cached image")
             && log.contains("image_id=second")
-            && log.contains("bytes=2000"),
-        "{log}"
-    );
+            && log.contains("bytes=2000")
+    });
+    let log = d.log_text();
     assert!(
         log.contains("image_id=broken-1") && log.contains("bytes=5"),
         "{log}"

@@ -104,11 +104,10 @@ fn glance_upstream_with_keystone_prefetches_queued_images() {
     });
     assert_eq!(origin.file_requests("img-0"), 1);
     assert_eq!(origin.file_requests("img-1"), 1);
-    let log = d.log_text();
-    assert!(
-        log.contains("prefetched image") && log.contains("image_id=img-0"),
-        "{log}"
-    );
+    eventually(SOON, "the prefetch is logged", || {
+        let log = d.log_text();
+        log.contains("prefetched image") && log.contains("image_id=img-0")
+    });
     d.stop();
 }
 
