@@ -175,7 +175,8 @@ fn sighup_applies_a_new_max_size() {
     }
     let mut d = s.start();
     assert_eq!(s.cached_ids().len(), 3);
-    s.write_config("max_size = 5000");
+    assert!(!d.log_text().contains("DEBUG"), "info level at start");
+    s.write_config("max_size = 5000\n[log]\nlevel = \"debug\"");
     let from = d.notify.mark();
     d.signal(Signal::HUP);
     let reloading = d.notify.wait_for(from, SOON, |m| m.contains("RELOADING=1"));

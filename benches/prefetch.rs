@@ -1,0 +1,260 @@
+//! Prefetch throughput and memory, against `curl -o` of the same file in the same run.
+//!
+//! A loopback origin (std, `sendfile` through `io::copy`) serves one file as Glance's
+//! `/v2/images/{id}` and `/v2/images/{id}/file`. Each round downloads it with `curl -o`
+//! and with glance-cached's prefetch path (`fetch_into_cache`: HTTP, MD5 + SHA-512,
+//! write, fsync, rename, SQLite row) into a real cache, alternating so noise hits both.
+//! Then the real daemon prefetches a larger image and its peak RSS (VmHWM) is read.
+//!
+//!   cargo bench --bench prefetch                       # 1 GiB x 5 rounds, 4 GiB RSS run
+//!   BENCH_SIZE_MIB=64 BENCH_RSS_SIZE_MIB=128 BENCH_ROUNDS=2 cargo bench --bench prefetch
+//!
+//! Results: a table on stdout and JSON in target/bench/prefetch.json.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use glance_cached::cache::{CacheDriver, CacheLayout};
+use glance_cached::config::{GlanceAuth, UpstreamConfig, UpstreamKind};
+use glance_cached::db::{Db, DbOptions};
+use glance_cached::download::{FetchLimits, RateLimiter, fetch_into_cache};
+use glance_cached::image_id::ImageId;
+use glance_cached::upstream::Upstream;
+use md5::Digest;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Writes `mib` MiB of incompressible bytes and returns (md5, sha512).
+fn make_source(path: &Path, mib: u64) -> (String, String) {
+    let mut file = std::fs::File::create(path).unwrap();
+    let mut md5 = md5::Md5::new();
+    let mut sha = sha2::Sha512::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in buf.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        file.write_all(&buf).unwrap();
+        md5.update(&buf);
+        sha.update(&buf);
+    }
+    file.sync_all().unwrap();
+    (hex::encode(md5.finalize()), hex::encode(sha.finalize()))
+}
+
+/// A minimal Glance-shaped origin for one image, one thread per connection.
+fn serve_origin(source: PathBuf, id: String, md5: String, sha512: String) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (source, id, md5, sha512) = (source.clone(), id.clone(), md5.clone(), sha512.clone());
+            std::thread::spawn(move || {
+                let _ = handle(conn, &source, &id, &md5, &sha512);
+            });
+        }
+    });
+    port
+}
+
+fn handle(mut conn: TcpStream, source: &Path, id: &str, md5: &str, sha512: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+    }
+    let size = std::fs::metadata(source)?.len();
+    if path == format!("/v2/images/{id}") {
+        let body = format!(
+            r#"{{"id":"{id}","status":"active","size":{size},"checksum":"{md5}","os_hash_algo":"sha512","os_hash_value":"{sha512}"}}"#
+        );
+        write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+        return Ok(());
+    }
+    write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")?;
+    let mut file = std::fs::File::open(source)?;
+    std::io::copy(&mut file, &mut conn)?; // sendfile(2) on Linux
+    Ok(())
+}
+
+fn curl_once(url: &str, out: &Path) -> f64 {
+    let started = Instant::now();
+    let status = Command::new("curl").args(["-s", "-f", "-o"]).arg(out).arg(url).status().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(status.success(), "curl failed");
+    std::fs::remove_file(out).unwrap();
+    secs
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let size_mib = env_u64("BENCH_SIZE_MIB", 1024);
+    let rss_mib = env_u64("BENCH_RSS_SIZE_MIB", 4096);
+    let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
+    let work = tempfile::Builder::new().prefix("gc-bench-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let id = "bench-image";
+    eprintln!("generating a {size_mib} MiB source...");
+    let source = work.path().join("source.raw");
+    let (md5, sha512) = make_source(&source, size_mib);
+    let port = serve_origin(source.clone(), id.into(), md5.clone(), sha512.clone());
+    let file_url = format!("http://127.0.0.1:{port}/v2/images/{id}/file");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let cache_dir = work.path().join("cache");
+    let driver = runtime.block_on(async {
+        let layout = CacheLayout::new(&cache_dir);
+        layout.ensure().unwrap();
+        let db = Db::connect(&format!("sqlite://{}/glance-cached.db", cache_dir.display()), &DbOptions::default())
+            .await
+            .unwrap();
+        CacheDriver::configure(layout, db, "http://bench:9292").await.unwrap()
+    });
+    let upstream = Upstream::from_config(&UpstreamConfig {
+        kind: UpstreamKind::Glance { url: format!("http://127.0.0.1:{port}"), auth: GlanceAuth::None },
+        ca_file: None,
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(60),
+    })
+    .unwrap();
+    let image = ImageId::parse(id).unwrap();
+    let limits = FetchLimits { max_size: u64::MAX / 2, min_free_disk: None, max_bytes_per_second: None };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let limiter = RateLimiter::default();
+
+    let curl_out = work.path().join("curl.out");
+    curl_once(&file_url, &curl_out); // warm the page cache and the origin
+    let (mut curl_secs, mut ours_secs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        curl_secs.push(curl_once(&file_url, &curl_out));
+        let secs = runtime.block_on(async {
+            let started = Instant::now();
+            fetch_into_cache(&driver, &upstream, &image, limits, &cancel, &limiter).await.unwrap();
+            let secs = started.elapsed().as_secs_f64();
+            driver.delete_cached_image(&image).await.unwrap();
+            secs
+        });
+        ours_secs.push(secs);
+        eprintln!("round {round}: curl {:.3}s, glance-cached {secs:.3}s", curl_secs.last().unwrap());
+    }
+    let mib = size_mib as f64;
+    let (curl_med, ours_med) = (median(curl_secs.clone()), median(ours_secs.clone()));
+    let ratio = curl_med / ours_med;
+
+    // Peak RSS of the real daemon prefetching a large image.
+    eprintln!("peak RSS run: a {rss_mib} MiB image through the daemon...");
+    let rss_source = work.path().join("rss.raw");
+    let (rss_md5, rss_sha) = make_source(&rss_source, rss_mib);
+    let rss_port = serve_origin(rss_source, "rss-image".into(), rss_md5, rss_sha);
+    let rss_cache = work.path().join("rss-cache");
+    let config = work.path().join("rss.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\nmax_size = \"{}MiB\"\n[upstream]\nkind = \"glance\"\nurl = \"http://127.0.0.1:{rss_port}\"\n",
+            rss_cache.display(),
+            rss_mib * 2
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_glance-cached");
+    let mut daemon = Command::new(bin)
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let queued = Command::new(bin).args(["--config", config.to_str().unwrap(), "queue", "rss-image"]).output().unwrap();
+    assert!(queued.status.success());
+    let started = Instant::now();
+    let published = rss_cache.join("rss-image");
+    while !published.exists() {
+        assert!(started.elapsed() < Duration::from_secs(1200), "the daemon did not prefetch the image");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss_secs = started.elapsed().as_secs_f64();
+    let hwm_kib = vm_hwm_kib(daemon.id()).unwrap_or(0);
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+
+    // What one core hashes, in memory: the floor under the prefetch path's CPU cost.
+    let block = vec![0x5au8; 64 << 20];
+    let rate = |f: &dyn Fn(&[u8])| {
+        let started = Instant::now();
+        for _ in 0..4 {
+            f(&block);
+        }
+        256.0 / started.elapsed().as_secs_f64()
+    };
+    let md5_rate = rate(&|b| {
+        std::hint::black_box(md5::Md5::digest(b));
+    });
+    let sha512_rate = rate(&|b| {
+        std::hint::black_box(sha2::Sha512::digest(b));
+    });
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let json = serde_json::json!({
+        "date": date,
+        "machine": {"cores": cores, "memory_kib": mem_kib},
+        "image_mib": size_mib,
+        "rounds": rounds,
+        "curl_seconds": curl_secs,
+        "glance_cached_seconds": ours_secs,
+        "curl_median_mib_s": mib / curl_med,
+        "glance_cached_median_mib_s": mib / ours_med,
+        "ratio": ratio,
+        "rss_image_mib": rss_mib,
+        "rss_prefetch_seconds": rss_secs,
+        "daemon_peak_rss_kib": hwm_kib,
+        "md5_one_core_mib_s": md5_rate,
+        "sha512_one_core_mib_s": sha512_rate,
+    });
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("prefetch.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| `curl -o` median ({size_mib} MiB, {rounds} rounds) | {:.0} MiB/s |", mib / curl_med);
+    println!("| glance-cached prefetch median (MD5 + SHA-512, fsync, row) | {:.0} MiB/s |", mib / ours_med);
+    println!("| ratio glance-cached / curl | {ratio:.2} |");
+    println!("| daemon peak RSS prefetching {rss_mib} MiB | {:.1} MiB |", hwm_kib as f64 / 1024.0);
+    println!("| MD5 / SHA-512 on one core, in memory | {md5_rate:.0} / {sha512_rate:.0} MiB/s |");
+    println!("| machine | {cores} cores, {:.0} GiB, {date} |", mem_kib as f64 / 1_048_576.0);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().read(&mut [0u8; 0]);
+}
