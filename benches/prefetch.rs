@@ -26,13 +26,20 @@ use glance_cached::upstream::Upstream;
 use md5::Digest;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Writes `mib` MiB of incompressible bytes and returns (md5, sha512).
@@ -63,7 +70,8 @@ fn serve_origin(source: PathBuf, id: String, md5: String, sha512: String) -> u16
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
-            let (source, id, md5, sha512) = (source.clone(), id.clone(), md5.clone(), sha512.clone());
+            let (source, id, md5, sha512) =
+                (source.clone(), id.clone(), md5.clone(), sha512.clone());
             std::thread::spawn(move || {
                 let _ = handle(conn, &source, &id, &md5, &sha512);
             });
@@ -72,7 +80,13 @@ fn serve_origin(source: PathBuf, id: String, md5: String, sha512: String) -> u16
     port
 }
 
-fn handle(mut conn: TcpStream, source: &Path, id: &str, md5: &str, sha512: &str) -> std::io::Result<()> {
+fn handle(
+    mut conn: TcpStream,
+    source: &Path,
+    id: &str,
+    md5: &str,
+    sha512: &str,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -89,10 +103,17 @@ fn handle(mut conn: TcpStream, source: &Path, id: &str, md5: &str, sha512: &str)
         let body = format!(
             r#"{{"id":"{id}","status":"active","size":{size},"checksum":"{md5}","os_hash_algo":"sha512","os_hash_value":"{sha512}"}}"#
         );
-        write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
         return Ok(());
     }
-    write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut file = std::fs::File::open(source)?;
     std::io::copy(&mut file, &mut conn)?; // sendfile(2) on Linux
     Ok(())
@@ -100,7 +121,12 @@ fn handle(mut conn: TcpStream, source: &Path, id: &str, md5: &str, sha512: &str)
 
 fn curl_once(url: &str, out: &Path) -> f64 {
     let started = Instant::now();
-    let status = Command::new("curl").args(["-s", "-f", "-o"]).arg(out).arg(url).status().unwrap();
+    let status = Command::new("curl")
+        .args(["-s", "-f", "-o"])
+        .arg(out)
+        .arg(url)
+        .status()
+        .unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert!(status.success(), "curl failed");
     std::fs::remove_file(out).unwrap();
@@ -121,7 +147,10 @@ fn main() {
     let size_mib = env_u64("BENCH_SIZE_MIB", 1024);
     let rss_mib = env_u64("BENCH_RSS_SIZE_MIB", 4096);
     let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
-    let work = tempfile::Builder::new().prefix("gc-bench-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("gc-bench-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
     let id = "bench-image";
     eprintln!("generating a {size_mib} MiB source...");
     let source = work.path().join("source.raw");
@@ -129,25 +158,40 @@ fn main() {
     let port = serve_origin(source.clone(), id.into(), md5.clone(), sha512.clone());
     let file_url = format!("http://127.0.0.1:{port}/v2/images/{id}/file");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let cache_dir = work.path().join("cache");
     let driver = runtime.block_on(async {
         let layout = CacheLayout::new(&cache_dir);
         layout.ensure().unwrap();
-        let db = Db::connect(&format!("sqlite://{}/glance-cached.db", cache_dir.display()), &DbOptions::default())
+        let db = Db::connect(
+            &format!("sqlite://{}/glance-cached.db", cache_dir.display()),
+            &DbOptions::default(),
+        )
+        .await
+        .unwrap();
+        CacheDriver::configure(layout, db, "http://bench:9292")
             .await
-            .unwrap();
-        CacheDriver::configure(layout, db, "http://bench:9292").await.unwrap()
+            .unwrap()
     });
     let upstream = Upstream::from_config(&UpstreamConfig {
-        kind: UpstreamKind::Glance { url: format!("http://127.0.0.1:{port}"), auth: GlanceAuth::None },
+        kind: UpstreamKind::Glance {
+            url: format!("http://127.0.0.1:{port}"),
+            auth: GlanceAuth::None,
+        },
         ca_file: None,
         connect_timeout: Duration::from_secs(10),
         read_timeout: Duration::from_secs(60),
     })
     .unwrap();
     let image = ImageId::parse(id).unwrap();
-    let limits = FetchLimits { max_size: u64::MAX / 2, min_free_disk: None, max_bytes_per_second: None };
+    let limits = FetchLimits {
+        max_size: u64::MAX / 2,
+        min_free_disk: None,
+        max_bytes_per_second: None,
+    };
     let cancel = tokio_util::sync::CancellationToken::new();
     let limiter = RateLimiter::default();
 
@@ -158,13 +202,18 @@ fn main() {
         curl_secs.push(curl_once(&file_url, &curl_out));
         let secs = runtime.block_on(async {
             let started = Instant::now();
-            fetch_into_cache(&driver, &upstream, &image, limits, &cancel, &limiter).await.unwrap();
+            fetch_into_cache(&driver, &upstream, &image, limits, &cancel, &limiter)
+                .await
+                .unwrap();
             let secs = started.elapsed().as_secs_f64();
             driver.delete_cached_image(&image).await.unwrap();
             secs
         });
         ours_secs.push(secs);
-        eprintln!("round {round}: curl {:.3}s, glance-cached {secs:.3}s", curl_secs.last().unwrap());
+        eprintln!(
+            "round {round}: curl {:.3}s, glance-cached {secs:.3}s",
+            curl_secs.last().unwrap()
+        );
     }
     let mib = size_mib as f64;
     let (curl_med, ours_med) = (median(curl_secs.clone()), median(ours_secs.clone()));
@@ -193,12 +242,18 @@ fn main() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let queued = Command::new(bin).args(["--config", config.to_str().unwrap(), "queue", "rss-image"]).output().unwrap();
+    let queued = Command::new(bin)
+        .args(["--config", config.to_str().unwrap(), "queue", "rss-image"])
+        .output()
+        .unwrap();
     assert!(queued.status.success());
     let started = Instant::now();
     let published = rss_cache.join("rss-image");
     while !published.exists() {
-        assert!(started.elapsed() < Duration::from_secs(1200), "the daemon did not prefetch the image");
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "the daemon did not prefetch the image"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let rss_secs = started.elapsed().as_secs_f64();
@@ -222,10 +277,17 @@ fn main() {
         std::hint::black_box(sha2::Sha512::digest(b));
     });
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(0);
     let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let json = serde_json::json!({
@@ -246,15 +308,31 @@ fn main() {
     });
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
-    std::fs::write(out_dir.join("prefetch.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        out_dir.join("prefetch.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| `curl -o` median ({size_mib} MiB, {rounds} rounds) | {:.0} MiB/s |", mib / curl_med);
-    println!("| glance-cached prefetch median (MD5 + SHA-512, fsync, row) | {:.0} MiB/s |", mib / ours_med);
+    println!(
+        "| `curl -o` median ({size_mib} MiB, {rounds} rounds) | {:.0} MiB/s |",
+        mib / curl_med
+    );
+    println!(
+        "| glance-cached prefetch median (MD5 + SHA-512, fsync, row) | {:.0} MiB/s |",
+        mib / ours_med
+    );
     println!("| ratio glance-cached / curl | {ratio:.2} |");
-    println!("| daemon peak RSS prefetching {rss_mib} MiB | {:.1} MiB |", hwm_kib as f64 / 1024.0);
+    println!(
+        "| daemon peak RSS prefetching {rss_mib} MiB | {:.1} MiB |",
+        hwm_kib as f64 / 1024.0
+    );
     println!("| MD5 / SHA-512 on one core, in memory | {md5_rate:.0} / {sha512_rate:.0} MiB/s |");
-    println!("| machine | {cores} cores, {:.0} GiB, {date} |", mem_kib as f64 / 1_048_576.0);
+    println!(
+        "| machine | {cores} cores, {:.0} GiB, {date} |",
+        mem_kib as f64 / 1_048_576.0
+    );
     let _ = std::io::stdout().flush();
     let _ = std::io::stdin().read(&mut [0u8; 0]);
 }
