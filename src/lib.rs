@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod download;
+pub mod glance_config;
 pub mod image_id;
 pub mod telemetry;
 pub mod upstream;

@@ -21,7 +21,39 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let path = resolve_config_path(cli.config.as_deref());
     let config = Config::load(path.as_deref())?;
     match cli.command {
-        Command::Run { .. } => unreachable!("run has its own runtime"),
+        Command::Run { .. }
+        | Command::Man
+        | Command::Completions { .. }
+        | Command::ImportGlanceConfig { .. } => {
+            unreachable!("handled before the configuration is read")
+        }
+        Command::MigrateSqlite { path } => {
+            let path = path.unwrap_or_else(|| config.cache.dir.join("cache.db"));
+            if !path.is_file() {
+                bail!(
+                    "{} is not a file (Glance's image_cache_sqlite_db)",
+                    path.display()
+                );
+            }
+            let rows = crate::db::legacy::read_glance_sqlite(&path).await?;
+            let driver = open(&config).await?;
+            let (mut imported, mut present, mut invalid) = (0, 0, 0);
+            for row in &rows {
+                if ImageId::parse(&row.image_id).is_err() {
+                    invalid += 1;
+                    continue;
+                }
+                if driver.db().import_cached_image(driver.node(), row).await? {
+                    imported += 1;
+                } else {
+                    present += 1;
+                }
+            }
+            println!(
+                "migrated {imported} rows from {} ({present} already present, {invalid} with invalid ids skipped)",
+                path.display()
+            );
+        }
         Command::Reconcile => {
             let driver = open(&config).await?;
             let policy = CleanPolicy {
@@ -173,6 +205,45 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached man`: the man page, generated from the command definitions.
+pub fn man_page() -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(super::Cli::command())
+        .section("8")
+        .render(&mut out)?;
+    std::io::stdout().write_all(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut super::Cli::command(),
+        "glance-cached",
+        &mut std::io::stdout(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached import-glance-config`: Glance's INI options as our TOML.
+pub fn import_glance_config(
+    api_conf: &std::path::Path,
+    cache_conf: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let mut ini = crate::glance_config::Ini::default();
+    ini.read(api_conf)?;
+    let mut sources = vec![api_conf];
+    if let Some(c) = cache_conf {
+        ini.read(c)?;
+        sources.push(c);
+    }
+    print!("{}", crate::glance_config::to_toml(&ini, &sources)?);
     Ok(ExitCode::SUCCESS)
 }
 

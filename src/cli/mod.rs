@@ -116,6 +116,31 @@ pub enum Command {
     },
     /// Evict least recently accessed images until the cache fits cache.max_size
     Prune,
+    /// Print the glance-cached TOML equivalent of Glance's cache options
+    ImportGlanceConfig {
+        /// Glance's API configuration, e.g. /etc/glance/glance-api.conf
+        #[arg(value_name = "GLANCE_API_CONF")]
+        api_conf: PathBuf,
+        /// Glance's cache tools configuration, read after the API's
+        #[arg(long, value_name = "PATH")]
+        cache_conf: Option<PathBuf>,
+    },
+    /// Copy the rows of Glance's old per-node SQLite cache database into this node's
+    /// database (idempotent; files are not touched)
+    MigrateSqlite {
+        /// Glance's cache.db [default: <cache.dir>/cache.db]
+        #[arg(value_name = "PATH")]
+        path: Option<PathBuf>,
+    },
+    /// Print the man page (roff)
+    #[command(hide = true)]
+    Man,
+    /// Print shell completions
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -124,8 +149,17 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 /// Runs the parsed command line; the binary maps an error to `error: ...` and exit 1.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Run { force } = cli.command {
-        return commands::run_daemon(cli.config, force);
+    match &cli.command {
+        Command::Run { force } => return commands::run_daemon(cli.config, *force),
+        Command::Man => return commands::man_page(),
+        Command::Completions { shell } => return commands::completions(*shell),
+        Command::ImportGlanceConfig {
+            api_conf,
+            cache_conf,
+        } => {
+            return commands::import_glance_config(api_conf, cache_conf.as_deref());
+        }
+        _ => {}
     }
     crate::telemetry::init_cli();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -7,6 +7,7 @@
 
 mod cached_images;
 mod lease;
+pub mod legacy;
 mod node;
 mod queue;
 mod schema;

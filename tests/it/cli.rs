@@ -385,3 +385,134 @@ fn shipped_example_config_is_valid_and_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn import_glance_config_produces_a_valid_equivalent() {
+    let env = CliEnv::new("");
+    let api = write_file(
+        env.tmp.path(),
+        "glance-api.conf",
+        b"[DEFAULT]\n# comment\nimage_cache_dir = /var/lib/glance/image-cache/\nimage_cache_max_size = 21474836480\nworker_self_reference_url = http://node1:9292\n[database]\nconnection = mysql+pymysql://glance:secret@db.example/glance?charset=utf8\n",
+    );
+    let cache = write_file(
+        env.tmp.path(),
+        "glance-cache.conf",
+        b"[DEFAULT]\nimage_cache_stall_time = 3600\n",
+    );
+    let out = env.ok(&[
+        "import-glance-config",
+        api.to_str().unwrap(),
+        "--cache-conf",
+        cache.to_str().unwrap(),
+    ]);
+    for expected in [
+        "dir = \"/var/lib/glance/image-cache/\"",
+        "max_size = 21474836480",
+        "stall_time = 3600",
+        "url = \"mysql://glance:secret@db.example/glance\"",
+        "reference_url = \"http://node1:9292\"",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in\n{out}");
+    }
+    let imported = write_file(env.tmp.path(), "imported.toml", out.as_bytes());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    clean_env(&mut cmd);
+    let check = cmd
+        .args(["--config", imported.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let shown = String::from_utf8(check.stdout).unwrap();
+    assert!(
+        shown.contains("max_size = \"20GiB\"") && shown.contains("stall_time = \"1h\""),
+        "{shown}"
+    );
+    let bad = write_file(
+        env.tmp.path(),
+        "bad.conf",
+        b"[database]\nconnection = oracle://x\n",
+    );
+    assert!(
+        env.fails(&["import-glance-config", bad.to_str().unwrap()])
+            .contains("oracle")
+    );
+}
+
+#[tokio::test]
+async fn migrate_sqlite_moves_glance_rows_once() {
+    let env = CliEnv::new("");
+    // Glance's old per-node SQLite driver's database, as its driver creates it.
+    std::fs::create_dir_all(env.cache("")).unwrap();
+    let legacy = env.cache("cache.db");
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&legacy)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
+         last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (id, accessed, hits) in [
+        ("old-a", 1_700_000_000.25, 7),
+        ("old-b", 1_600_000_000.5, 2),
+        ("bad/id", 1.0, 0),
+    ] {
+        sqlx::query("INSERT INTO cached_images VALUES (?, ?, ?, 1234, ?, 'abc')")
+            .bind(id)
+            .bind(accessed)
+            .bind(accessed)
+            .bind(hits)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let out = env.ok(&["migrate-sqlite"]);
+    assert!(
+        out.starts_with("migrated 2 rows") && out.contains("1 with invalid ids skipped"),
+        "{out}"
+    );
+    let again = env.ok(&["migrate-sqlite", legacy.to_str().unwrap()]);
+    assert!(
+        again.starts_with("migrated 0 rows") && again.contains("2 already present"),
+        "{again}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list-cached", "--json"])).unwrap();
+    let a = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["image_id"] == "old-a")
+        .unwrap();
+    assert_eq!(a["hits"], 7);
+    assert_eq!(a["size"], 1234);
+    assert_eq!(a["last_accessed"], "2023-11-14T22:13:20.250000Z");
+    assert!(!env.cache("old-a").exists(), "files are not touched");
+    assert!(
+        env.fails(&["migrate-sqlite", "/nonexistent/cache.db"])
+            .contains("is not a file")
+    );
+}
+
+#[test]
+fn man_page_and_completions() {
+    let env = CliEnv::new("");
+    let man = env.ok(&["man"]);
+    assert!(
+        man.contains(".TH glance-cached 8") && man.contains("check\\-config"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = env.ok(&["completions", shell]);
+        assert!(out.contains("list-cached"), "{shell}");
+    }
+}
