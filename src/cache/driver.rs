@@ -131,7 +131,10 @@ impl CacheDriver {
             debug!(image_id = %id, "not queueing: being written to the cache");
             return Ok(false);
         }
-        if self.is_queued(id).await? {
+        // A marker alone (Glance's PUT /v2/cache/{id}) means queued; a row is checked by
+        // the insert itself, which adds nothing when one is queued already (one query
+        // instead of a lookup and an insert).
+        if self.layout().exists(Area::Queue, id) {
             debug!(image_id = %id, "not queueing: already queued");
             return Ok(false);
         }
@@ -139,6 +142,10 @@ impl CacheDriver {
             .db()
             .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
             .await?;
+        if !added {
+            debug!(image_id = %id, "not queueing: already queued");
+            return Ok(false);
+        }
         let marker = self.layout().path(Area::Queue, id);
         self.layout()
             .touch_marker(id)

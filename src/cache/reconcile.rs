@@ -37,21 +37,20 @@ impl CacheDriver {
         files: &[CacheFile],
         known_ids: &HashSet<&str>,
     ) -> Result<Vec<String>, CacheError> {
-        let mut adopted = Vec::new();
-        for file in files
+        let orphans: Vec<(String, i64, DbTime)> = files
             .iter()
             .filter(|f| !known_ids.contains(f.image_id.as_str()))
-        {
-            let modified = DbTime::from_utc(file.modified.into());
-            let size = file.size as i64;
-            if self
-                .db()
-                .adopt_cached_image(self.node(), file.image_id.as_str(), size, modified)
-                .await?
-            {
-                info!(image_id = %file.image_id, bytes = file.size, "adopted a cached file without a row");
-                adopted.push(file.image_id.to_string());
-            }
+            .map(|f| {
+                (
+                    f.image_id.to_string(),
+                    f.size as i64,
+                    DbTime::from_utc(f.modified.into()),
+                )
+            })
+            .collect();
+        let adopted = self.db().adopt_cached_images(self.node(), &orphans).await?;
+        for id in &adopted {
+            info!(image_id = %id, "adopted a cached file without a row");
         }
         Ok(adopted)
     }

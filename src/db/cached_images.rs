@@ -25,6 +25,10 @@ pub struct LruCursor {
     pub id: i64,
 }
 
+/// Rows per transaction when adopting many files: large enough to amortise commits,
+/// small enough not to hold SQLite's write lock for long.
+const ADOPT_BATCH_ROWS: usize = 1000;
+
 const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, hits, checksum";
 
 fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
@@ -209,6 +213,49 @@ impl Db {
                 .rows_affected()
         });
         Ok(n > 0)
+    }
+
+    /// `adopt_cached_image` for many files in one transaction (a reconcile after a crash
+    /// or an upgrade may find thousands). Returns the ids that got a row.
+    pub async fn adopt_cached_images(
+        &self,
+        node: NodeId,
+        files: &[(String, i64, DbTime)],
+    ) -> Result<Vec<String>, DbError> {
+        let mut adopted = Vec::new();
+        for batch in files.chunks(ADOPT_BATCH_ROWS) {
+            on_pool!(self, |pool, d| {
+                let q = match d {
+                    Dialect::MySql => {
+                        "INSERT IGNORE INTO cached_images \
+                         (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                         VALUES (?, ?, ?, ?, 0, NULL, ?)"
+                    }
+                    _ => {
+                        "INSERT INTO cached_images \
+                         (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+                         VALUES (?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (image_id, node_reference_id) DO NOTHING"
+                    }
+                };
+                let mut tx = pool.begin().await?;
+                for (id, size, modified) in batch {
+                    let n = sqlx::query(sql(d, q))
+                        .bind(id.as_str())
+                        .bind(*modified)
+                        .bind(*modified)
+                        .bind(*size)
+                        .bind(node.0)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if n > 0 {
+                        adopted.push(id.clone());
+                    }
+                }
+                tx.commit().await?;
+            });
+        }
+        Ok(adopted)
     }
 
     /// Deletes one row of this node. Returns the number of rows deleted.

@@ -220,6 +220,7 @@ impl Db {
                 let pool = SqlitePoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.connect_timeout)
+                    .test_before_acquire(false)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -235,6 +236,7 @@ impl Db {
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.connect_timeout)
+                    .test_before_acquire(false)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -250,6 +252,7 @@ impl Db {
                 let pool = MySqlPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.connect_timeout)
+                    .test_before_acquire(false)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
