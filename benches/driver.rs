@@ -322,10 +322,8 @@ fn main() {
         ] {
             match std::env::var(var) {
                 Ok(url) if !url.is_empty() => {
-                    // A fresh node per run keeps rows of earlier runs out of the figures.
                     let n = if smoke() { 2_000 } else { 10_000 };
-                    let node_url = format!("{url}");
-                    driver_ops(&mut figures, backend, &node_url, n).await;
+                    driver_ops(&mut figures, backend, &url, n).await;
                     cleanup_node(&url).await;
                 }
                 _ => eprintln!("{backend}: {var} not set, skipped (scripts/bench sets it)"),
