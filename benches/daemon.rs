@@ -155,7 +155,7 @@ fn main() {
     let mut json = serde_json::Map::new();
     let tmp = tempfile::Builder::new()
         .prefix("gc-bench-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(bench_dir())
         .unwrap();
 
     // 3a. A file in invalid/ disappears: latency over many files.
@@ -337,4 +337,12 @@ fn main() {
     for (label, value, target) in rows {
         println!("| {label} | {value} | {target} |");
     }
+}
+
+/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
+/// the filesystem's), else Cargo's target tmp directory.
+fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("BENCH_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }

@@ -103,7 +103,7 @@ async fn driver_ops(figures: &mut Figures, backend: &str, db_url: &str, n: usize
     let ops = if smoke() { 500 } else { 10_000.min(n) };
     let tmp = tempfile::Builder::new()
         .prefix("gc-bench-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(bench_dir())
         .unwrap();
     let driver = populated(&tmp.path().join("cache"), db_url, n, 64).await;
     let (mut cached, mut read, mut hits, mut queue, mut list) =
@@ -203,7 +203,7 @@ async fn prune_and_clean(figures: &mut Figures) {
     for _ in 0..rounds() {
         let tmp = tempfile::Builder::new()
             .prefix("gc-bench-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(bench_dir())
             .unwrap();
         let dir = tmp.path().join("cache");
         let url = format!("sqlite://{}/bench.db", tmp.path().display());
@@ -311,7 +311,7 @@ fn main() {
         for &n in sizes {
             let tmp = tempfile::Builder::new()
                 .prefix("gc-bench-db-")
-                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+                .tempdir_in(bench_dir())
                 .unwrap();
             let url = format!("sqlite://{}/bench.db", tmp.path().display());
             driver_ops(&mut figures, "sqlite", &url, n).await;
@@ -362,4 +362,12 @@ async fn cleanup_node(url: &str) {
         db.dequeue_all(node).await.unwrap();
     }
     db.close().await;
+}
+
+/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
+/// the filesystem's), else Cargo's target tmp directory.
+fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("BENCH_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }

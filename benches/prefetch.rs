@@ -149,7 +149,7 @@ fn main() {
     let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
     let work = tempfile::Builder::new()
         .prefix("gc-bench-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(bench_dir())
         .unwrap();
     let id = "bench-image";
     eprintln!("generating a {size_mib} MiB source...");
@@ -335,4 +335,12 @@ fn main() {
     );
     let _ = std::io::stdout().flush();
     let _ = std::io::stdin().read(&mut [0u8; 0]);
+}
+
+/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
+/// the filesystem's), else Cargo's target tmp directory.
+fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("BENCH_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }
