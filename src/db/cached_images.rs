@@ -29,6 +29,10 @@ pub struct LruCursor {
 /// small enough not to hold SQLite's write lock for long.
 const ADOPT_BATCH_ROWS: usize = 1000;
 
+/// Ids per `DELETE ... IN (...)`: well under every backend's limit on bound parameters
+/// (SQLite 32766, PostgreSQL 65535, MySQL 65535).
+const DELETE_BATCH_ROWS: usize = 500;
+
 const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, hits, checksum";
 
 fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
@@ -272,30 +276,35 @@ impl Db {
         Ok(n)
     }
 
-    /// Deletes several rows of this node in one transaction.
+    /// Deletes several rows of this node, a few hundred per statement (a prune of tens
+    /// of thousands of images would otherwise spend seconds on round trips).
     pub async fn delete_cached_images(
         &self,
         node: NodeId,
         image_ids: &[String],
     ) -> Result<u64, DbError> {
-        const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        if image_ids.is_empty() {
-            return Ok(0);
+        let mut n = 0;
+        for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
+            n += on_pool!(self, |pool, d| {
+                // Only placeholders are formatted into the statement; ids are bound.
+                let placeholders: Vec<String> = (0..batch.len())
+                    .map(|i| match d {
+                        Dialect::Postgres => format!("${}", i + 2),
+                        _ => "?".to_string(),
+                    })
+                    .collect();
+                let first = if d == Dialect::Postgres { "$1" } else { "?" };
+                let statement = format!(
+                    "DELETE FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+                for id in batch {
+                    q = q.bind(id.as_str());
+                }
+                q.execute(pool).await?.rows_affected()
+            });
         }
-        let n = on_pool!(self, |pool, d| {
-            let mut tx = pool.begin().await?;
-            let mut n = 0;
-            for id in image_ids {
-                n += sqlx::query(sql(d, Q))
-                    .bind(node.0)
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
-            tx.commit().await?;
-            n
-        });
         Ok(n)
     }
 
