@@ -6,6 +6,8 @@ mod common;
 mod daemon;
 mod daemon_kit;
 mod driver;
+mod faults_disk;
+mod faults_hostile;
 mod glance_interop;
 mod origin;
 mod prefetch;
