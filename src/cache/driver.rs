@@ -165,6 +165,9 @@ impl CacheDriver {
     /// Gives every marker in `queue/` without a row a row. Returns how many were added.
     pub async fn adopt_queue_markers(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
+        for path in &listing.skipped {
+            warn!(path = %path.display(), "skipping a queue entry that is not a regular file named by an image id");
+        }
         let mut adopted = 0;
         for marker in listing.files {
             let queued_at = DbTime::from_utc(marker.modified.into());

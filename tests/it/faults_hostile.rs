@@ -460,6 +460,12 @@ fn hostile_queue_markers_are_never_adopted_or_followed() {
         "exactly one marker adopted: {}",
         d.log_text()
     );
+    // Skipped, and logged (the specification's "skipped and logged").
+    assert!(
+        d.log_text().contains("skipping a queue entry"),
+        "planted entries are logged: {}",
+        d.log_text()
+    );
     canary.check("after the daemon saw the markers");
 
     // The CLI on the planted names: nothing is queued through them, nothing is removed
