@@ -481,6 +481,13 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Whether the value with `tag` came from a configuration file.
+    fn from_file(&self, tag: figment::value::Tag) -> bool {
+        self.figment
+            .get_metadata(tag)
+            .is_some_and(|m| matches!(m.source, Some(Source::File(_))))
+    }
+
     fn value(&self, key: &str) -> Option<Value> {
         self.figment.find_value(key).ok()
     }
@@ -488,7 +495,9 @@ impl<'a> Validator<'a> {
     fn string(&mut self, key: &str) -> Option<String> {
         match self.value(key)? {
             Value::String(_, s) => Some(s),
-            Value::Num(_, n) => whole(n).map(|n| n.to_string()),
+            // The environment has no types: figment reads `GLANCE_CACHED_..=1234` as a
+            // number, which may well be a password. A number in a file is a mistake.
+            Value::Num(tag, n) if !self.from_file(tag) => whole(n).map(|n| n.to_string()),
             _ => {
                 self.problem(key, "must be a string".into());
                 None

@@ -516,3 +516,28 @@ fn man_page_and_completions() {
         assert!(out.contains("list-cached"), "{shell}");
     }
 }
+
+#[test]
+fn a_number_where_a_string_belongs_is_an_error_in_a_file_but_not_from_the_environment() {
+    let env = CliEnv::new("[log]\nlevel = 7\n");
+    std::fs::write(&env.config, "[cache]\ndir = 5\n[log]\nlevel = 7\n").unwrap();
+    let line = env.fails(&["check-config"]);
+    assert!(
+        line.contains("cache.dir")
+            && line.contains("log.level")
+            && line.contains("must be a string"),
+        "{line}"
+    );
+    // The environment has no types: a numeric value is taken as text (a password, say).
+    let env = CliEnv::new("");
+    let out = env.run_env(
+        &["check-config"],
+        &[("GLANCE_CACHED_NODE__REFERENCE_URL", "12345")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reference_url = \"12345\""));
+}
