@@ -11,3 +11,4 @@ mod faults_hostile;
 mod glance_interop;
 mod origin;
 mod prefetch;
+mod tls;
