@@ -482,7 +482,7 @@ impl<'a> Validator<'a> {
     }
 
     /// Whether the value with `tag` came from a configuration file.
-    fn from_file(&self, tag: figment::value::Tag) -> bool {
+    fn came_from_file(&self, tag: figment::value::Tag) -> bool {
         self.figment
             .get_metadata(tag)
             .is_some_and(|m| matches!(m.source, Some(Source::File(_))))
@@ -497,7 +497,7 @@ impl<'a> Validator<'a> {
             Value::String(_, s) => Some(s),
             // The environment has no types: figment reads `GLANCE_CACHED_..=1234` as a
             // number, which may well be a password. A number in a file is a mistake.
-            Value::Num(tag, n) if !self.from_file(tag) => whole(n).map(|n| n.to_string()),
+            Value::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
             _ => {
                 self.problem(key, "must be a string".into());
                 None
