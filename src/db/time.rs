@@ -13,7 +13,8 @@ use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteArgumentsBuffer, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Decode, Encode, Type};
 
-/// SQLAlchemy's SQLite DATETIME storage format.
+/// SQLAlchemy's SQLite DATETIME storage format (what `sqlalchemy_text` writes).
+#[cfg(test)]
 const SQLALCHEMY_SQLITE_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,14 +40,80 @@ impl Type<Sqlite> for DbTime {
 
 impl Encode<'_, Sqlite> for DbTime {
     fn encode_by_ref(&self, buf: &mut SqliteArgumentsBuffer) -> Result<IsNull, BoxDynError> {
-        Encode::<Sqlite>::encode(self.0.format(SQLALCHEMY_SQLITE_FORMAT).to_string(), buf)
+        Encode::<Sqlite>::encode(sqlalchemy_text(&self.0), buf)
     }
 }
 
 impl<'r> Decode<'r, Sqlite> for DbTime {
     fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
-        <NaiveDateTime as Decode<Sqlite>>::decode(value).map(DbTime)
+        // The common case (ours and SQLAlchemy's rows) without chrono's general parser,
+        // which a profile of listing 100k rows showed as the largest cost of decoding.
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        if let Some(t) = parse_sqlalchemy_text(text) {
+            return Ok(DbTime(t));
+        }
+        for pattern in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+            if let Ok(t) = NaiveDateTime::parse_from_str(text, pattern) {
+                return Ok(DbTime(t));
+            }
+        }
+        let t = DateTime::parse_from_rfc3339(text).map_err(|e| format!("time {text:?}: {e}"))?;
+        Ok(DbTime(t.naive_utc()))
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS.ffffff`, written directly (chrono's `format` interprets the
+/// pattern on every call).
+fn sqlalchemy_text(t: &NaiveDateTime) -> String {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let mut s = String::with_capacity(26);
+    let _ = write!(
+        s,
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond() / 1_000 % 1_000_000
+    );
+    s
+}
+
+/// Parses exactly `YYYY-MM-DD HH:MM:SS` with an optional `.f` to `.ffffff` fraction;
+/// `None` for anything else (left to chrono).
+fn parse_sqlalchemy_text(text: &str) -> Option<NaiveDateTime> {
+    let b = text.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b' '
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b.get(r)?.iter().try_fold(0u32, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    let micros = match &b[19..] {
+        [] => 0,
+        [b'.', frac @ ..] if (1..=6).contains(&frac.len()) => {
+            let v = num(20..b.len())?;
+            v * 10u32.pow(6 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?.and_hms_micro_opt(
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+        micros,
+    )
 }
 
 impl Type<Postgres> for DbTime {
@@ -94,6 +161,34 @@ impl<'r> Decode<'r, MySql> for DbTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Timelike;
+
+    #[test]
+    fn fast_text_round_trips_and_matches_chrono() {
+        let t = chrono::NaiveDate::from_ymd_opt(2026, 11, 25)
+            .unwrap()
+            .and_hms_micro_opt(23, 59, 1, 987_654)
+            .unwrap();
+        assert_eq!(
+            sqlalchemy_text(&t),
+            t.format(SQLALCHEMY_SQLITE_FORMAT).to_string()
+        );
+        assert_eq!(parse_sqlalchemy_text(&sqlalchemy_text(&t)), Some(t));
+        let whole = t.with_nanosecond(0).unwrap();
+        assert_eq!(parse_sqlalchemy_text("2026-11-25 23:59:01"), Some(whole));
+        assert_eq!(
+            parse_sqlalchemy_text("2026-11-25 23:59:01.5"),
+            Some(whole.with_nanosecond(500_000_000).unwrap())
+        );
+        for other in [
+            "2026-11-25T23:59:01",
+            "2026-13-01 00:00:00",
+            "x",
+            "2026-11-25 23:59:01.1234567",
+        ] {
+            assert_eq!(parse_sqlalchemy_text(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn sqlite_text_matches_sqlalchemy() {
