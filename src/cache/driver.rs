@@ -150,6 +150,11 @@ impl CacheDriver {
         self.layout()
             .touch_marker(id)
             .map_err(CacheError::io("create queue marker", marker))?;
+        // A prefetcher may have claimed, published and dequeued the image between the
+        // row and the marker: then the marker is stale and goes.
+        if self.is_cached(id) {
+            self.delete_queued_image(id).await?;
+        }
         Ok(added)
     }
 
@@ -170,13 +175,25 @@ impl CacheDriver {
         }
         let mut adopted = 0;
         for marker in listing.files {
+            let id = &marker.image_id;
+            // A marker for a cached image is stale (the image was published after the
+            // listing, or Glance queued a cached image): never queue a cached image.
+            if self.is_cached(id) {
+                self.delete_queued_image(id).await?;
+                continue;
+            }
             let queued_at = DbTime::from_utc(marker.modified.into());
             if self
                 .db()
-                .enqueue(self.node(), marker.image_id.as_str(), queued_at)
+                .enqueue(self.node(), id.as_str(), queued_at)
                 .await?
             {
-                debug!(image_id = %marker.image_id, "adopted queue marker");
+                // Published (and dequeued) between the check and the insert: undo.
+                if self.is_cached(id) {
+                    self.delete_queued_image(id).await?;
+                    continue;
+                }
+                debug!(image_id = %id, "adopted queue marker");
                 adopted += 1;
             }
         }

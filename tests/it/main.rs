@@ -8,6 +8,7 @@ mod daemon_kit;
 mod driver;
 mod faults_disk;
 mod faults_hostile;
+mod faults_scale;
 mod glance_interop;
 mod origin;
 mod prefetch;
