@@ -51,8 +51,10 @@ fn clip(error: &str) -> String {
 }
 
 impl Db {
-    /// Queues `image_id` for this node. A new row, or a `failed` row brought back to
-    /// `queued` with its attempts reset; a row already queued is left alone. Returns
+    /// Queues `image_id` for this node as of `queued_at`: a new row, or a `failed` row
+    /// brought back to `queued` (attempts reset) when it failed before `queued_at`. A
+    /// queued row is left alone, and so is a failure newer than the request: a marker
+    /// listed just before the prefetcher gave up must not revive the image. Returns
     /// whether the image is newly queued.
     pub async fn enqueue(
         &self,
@@ -60,27 +62,21 @@ impl Db {
         image_id: &str,
         queued_at: DbTime,
     ) -> Result<bool, DbError> {
-        let n = on_pool!(self, |pool, d| {
+        const REVIVE: &str = "UPDATE glance_cached_queue SET state = 'queued', attempts = 0, \
+             queued_at = ?, next_attempt_at = ?, last_error = NULL, claimed_by = NULL, \
+             claimed_until = NULL WHERE node_reference_id = ? AND image_id = ? \
+             AND state = 'failed' AND next_attempt_at < ?";
+        let inserted = on_pool!(self, |pool, d| {
             let q = match d {
-                // MySQL assigns left to right: `state` must change last.
                 Dialect::MySql => {
-                    "INSERT INTO glance_cached_queue \
+                    "INSERT IGNORE INTO glance_cached_queue \
                      (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-                     VALUES (?, ?, ?, 0, ?, 'queued') ON DUPLICATE KEY UPDATE \
-                     attempts = IF(state = 'failed', 0, attempts), \
-                     queued_at = IF(state = 'failed', VALUES(queued_at), queued_at), \
-                     next_attempt_at = IF(state = 'failed', VALUES(next_attempt_at), next_attempt_at), \
-                     last_error = IF(state = 'failed', NULL, last_error), \
-                     state = IF(state = 'failed', 'queued', state)"
+                     VALUES (?, ?, ?, 0, ?, 'queued')"
                 }
                 _ => {
                     "INSERT INTO glance_cached_queue \
                      (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-                     VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) \
-                     DO UPDATE SET state = 'queued', attempts = 0, queued_at = excluded.queued_at, \
-                     next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
-                     claimed_by = NULL, claimed_until = NULL \
-                     WHERE glance_cached_queue.state = 'failed'"
+                     VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) DO NOTHING"
                 }
             };
             sqlx::query(sql(d, q))
@@ -92,8 +88,22 @@ impl Db {
                 .await?
                 .rows_affected()
         });
-        // MySQL counts an updated duplicate as 2 and an untouched one as 0.
-        Ok(n > 0)
+        if inserted > 0 {
+            return Ok(true);
+        }
+        // Failures record their time in next_attempt_at (see mark_failed).
+        let revived = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, REVIVE))
+                .bind(queued_at)
+                .bind(queued_at)
+                .bind(node.0)
+                .bind(image_id)
+                .bind(queued_at)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(revived > 0)
     }
 
     /// Whether this node has `image_id` queued (a `failed` row does not count).

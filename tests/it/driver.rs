@@ -940,6 +940,17 @@ mod claims {
             !t.driver.is_queued(&id("claim-08")).await.unwrap(),
             "a failed image is not queued"
         );
+        // A marker listed before the failure (queued time older than the failure) does
+        // not revive the image; a request after it does.
+        let before = DbTime::from_utc(Utc::now() - chrono::Duration::minutes(5));
+        assert!(
+            !t.driver
+                .db()
+                .enqueue(t.driver.node(), "claim-08", before)
+                .await
+                .unwrap()
+        );
+        assert!(!t.driver.is_queued(&id("claim-08")).await.unwrap());
         // Re-queueing a failed image revives it.
         assert!(t.driver.queue_image(&id("claim-08")).await.unwrap());
         let revived = t
