@@ -98,6 +98,7 @@ pub async fn fetch_into_cache(
         _ = cancel.cancelled() => return Err(FetchError::Cancelled),
         r = upstream.fetch(id) => r?,
     };
+    crate::failpoint::hit("download:connected");
     if let Some(size) = meta.size {
         if size > limits.max_size {
             return Err(FetchError::Permanent(format!(
@@ -138,7 +139,14 @@ pub async fn fetch_into_cache(
             }
         };
         let len = chunk.len();
+        let before = writer.bytes_written();
         writer.write_bytes(chunk)?;
+        if let Some(size) = meta.size
+            && before < size / 2
+            && writer.bytes_written() >= size / 2
+        {
+            crate::failpoint::hit("download:half");
+        }
         if meta.size.is_none() && writer.bytes_written() > limits.max_size {
             writer.abort("larger than the cache");
             return Err(FetchError::Permanent(format!(

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod download;
+pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
 pub mod telemetry;

@@ -107,6 +107,9 @@ fn clean_blocking(
                         image_id: file.image_id,
                         bytes,
                     });
+                    if report.removed.len() == 1 {
+                        crate::failpoint::hit("clean:mid");
+                    }
                 }
                 Ok(None) => {} // vanished meanwhile, or replaced by a non-regular entry
                 Err(error) => {

@@ -179,6 +179,9 @@ impl CacheDriver {
             // A marker for a cached image is stale (the image was published after the
             // listing, or Glance queued a cached image): never queue a cached image.
             if self.is_cached(id) {
+                // Its writer may have published the file and then lost the database
+                // before the row (an outage): the file gets its row before the entry goes.
+                self.adopt_cached_file(id).await?;
                 self.delete_queued_image(id).await?;
                 continue;
             }

@@ -112,6 +112,9 @@ impl CacheDriver {
                         info!(image_id = %id, bytes, "pruned cached image");
                         size = size.saturating_sub(bytes);
                         report.pruned.push((id, bytes));
+                        if gone_rows.is_empty() {
+                            crate::failpoint::hit("prune:mid");
+                        }
                     }
                     Ok(None) => report.rows_without_file += 1,
                     Err(error) => {

@@ -12,6 +12,7 @@ use tracing::info;
 use super::layout::{Area, CacheFile};
 use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
 use crate::db::DbTime;
+use crate::image_id::ImageId;
 
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
@@ -50,6 +51,33 @@ impl CacheDriver {
             .collect();
         let adopted = self.db().adopt_cached_images(self.node(), &orphans).await?;
         for id in &adopted {
+            info!(image_id = %id, "adopted a cached file without a row");
+        }
+        Ok(adopted)
+    }
+
+    /// Gives the cached file `id` a row if it is a regular file without one (size from
+    /// stat, both times from its mtime). Returns whether a row was added.
+    pub(super) async fn adopt_cached_file(&self, id: &ImageId) -> Result<bool, CacheError> {
+        let path = self.layout().path(Area::Cached, id);
+        let Some(meta) = self
+            .layout()
+            .regular_file(Area::Cached, id)
+            .map_err(CacheError::io("stat", &path))?
+        else {
+            return Ok(false);
+        };
+        let modified = meta.modified().map_err(CacheError::io("stat", &path))?;
+        let adopted = self
+            .db()
+            .adopt_cached_image(
+                self.node(),
+                id.as_str(),
+                meta.len() as i64,
+                DbTime::from_utc(modified.into()),
+            )
+            .await?;
+        if adopted {
             info!(image_id = %id, "adopted a cached file without a row");
         }
         Ok(adopted)

@@ -177,6 +177,7 @@ impl ImageWriter {
             file.sync_all()
                 .map_err(CacheError::io("fsync", &incomplete))?;
             drop(file);
+            crate::failpoint::hit("writer:before-rename");
             layout
                 .rename(Area::Incomplete, Area::Cached, &id)
                 .map_err(CacheError::io("publish", &incomplete))?;
@@ -193,6 +194,7 @@ impl ImageWriter {
         }
         // Glance's order: file first, then the row; a crash in between leaves a file
         // without a row, which reconcile adopts.
+        crate::failpoint::hit("writer:before-row");
         let db = self.driver.db();
         db.upsert_cached_image(
             self.driver.node(),

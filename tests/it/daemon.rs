@@ -9,7 +9,7 @@ use std::time::Duration;
 use rustix::process::Signal;
 
 use crate::common::test_bytes;
-use crate::daemon_kit::{Daemon, PrivatePostgres, eventually};
+use crate::daemon_kit::{Daemon, PrivatePostgres, eventually, lock_sqlite};
 
 /// Everything a daemon test needs on disk: a cache dir and a config file. Intervals are
 /// an hour, so anything that happens within a test was driven by the watcher or a signal.
@@ -478,26 +478,7 @@ fn watchdog_pings_only_while_loops_are_healthy() {
     // Wedge the queue loop: another process holds the SQLite write lock, and a queue
     // marker makes the loop try to write (it waits on SQLite's busy timeout).
     let db = s.cache("glance-cached.db");
-    let mut locker = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys, time\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-             c.execute('BEGIN EXCLUSIVE')\n\
-             print('locked', flush=True)\n\
-             time.sleep(4)\n",
-        ])
-        .arg(&db)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut locker = lock_sqlite(&db, 4);
     std::fs::write(s.cache("queue/wedge"), b"").unwrap();
     eventually(SOON, "the daemon notices the stuck loop", || {
         d.log_text().contains("withholding the watchdog ping")
@@ -513,7 +494,7 @@ fn watchdog_pings_only_while_loops_are_healthy() {
         .count();
     assert_eq!(pings, 0, "no watchdog ping while a loop is stuck");
     // ...and resume once it is unstuck.
-    assert!(locker.wait().unwrap().success());
+    assert!(locker.0.wait().unwrap().success());
     eventually(SOON, "the marker is adopted", || {
         d.log_text().contains("adopted queue markers")
     });

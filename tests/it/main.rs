@@ -6,6 +6,7 @@ mod common;
 mod daemon;
 mod daemon_kit;
 mod driver;
+mod faults_crash;
 mod faults_disk;
 mod faults_hostile;
 mod faults_scale;

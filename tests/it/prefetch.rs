@@ -23,7 +23,7 @@ fn glance_setup(origin: &Origin, extra: &str) -> Setup {
     ))
 }
 
-fn queue(s: &Setup, ids: &[&str]) {
+pub fn queue(s: &Setup, ids: &[&str]) {
     let mut args = vec!["queue"];
     args.extend_from_slice(ids);
     let out = s.cli(&args);
@@ -34,7 +34,7 @@ fn queue(s: &Setup, ids: &[&str]) {
     );
 }
 
-fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
+pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
     let out = s.cli(&["list-queued", "--json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .unwrap()
