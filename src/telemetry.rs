@@ -14,7 +14,10 @@ use crate::config::{LogConfig, LogFormat};
 /// Logging for one-shot CLI commands: warnings and errors on stderr, or the level named
 /// by `RUST_LOG` when set.
 pub fn init_cli() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // sqlx's "slow statement" warnings (a statement waiting on a lock) only repeat what
+    // the command's own error says.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,sqlx=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -19,6 +19,7 @@ use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
 use crate::download::{FetchError, FetchLimits, Fetched, RateLimiter, fetch_into_cache};
+use crate::image_id::ImageId;
 use crate::upstream::Upstream;
 
 /// How long a claim lasts. Claims are released when a download ends and at every start
@@ -29,7 +30,12 @@ pub struct PrefetcherWorker {
     ctx: Context,
     upstream: Arc<Upstream>,
     holder: String,
-    downloads: JoinSet<()>,
+    /// Each download yields the id whose claim it could not settle, if any.
+    downloads: JoinSet<Option<ImageId>>,
+    /// Claims left behind by downloads whose outcome could not be recorded (the
+    /// database was down): released at the next step, so the image is tried again
+    /// soon rather than when the claim expires.
+    unsettled: Vec<ImageId>,
     cancel: CancellationToken,
     done: Arc<Notify>,
     limiter: Arc<RateLimiter>,
@@ -48,6 +54,7 @@ impl PrefetcherWorker {
             upstream: Arc::new(upstream),
             holder,
             downloads: JoinSet::new(),
+            unsettled: Vec::new(),
             cancel,
             done,
             limiter: Arc::new(RateLimiter::default()),
@@ -56,10 +63,22 @@ impl PrefetcherWorker {
 
     fn reap(&mut self) {
         while let Some(result) = self.downloads.try_join_next() {
-            if let Err(e) = result {
-                error!(error = %e, "a download task crashed");
+            match result {
+                Ok(Some(id)) => self.unsettled.push(id),
+                Ok(None) => {}
+                Err(e) => error!(error = %e, "a download task crashed"),
             }
         }
+    }
+
+    /// Releases the claims of downloads whose outcome was lost; keeps what still fails.
+    async fn settle(&mut self) -> Result<(), CacheError> {
+        while let Some(id) = self.unsettled.last() {
+            self.ctx.driver.release_claim(id).await?;
+            info!(image_id = %id, "released the claim of a download whose outcome was lost");
+            self.unsettled.pop();
+        }
+        Ok(())
     }
 }
 
@@ -72,6 +91,7 @@ impl Worker for PrefetcherWorker {
 
     async fn step(&mut self) -> Result<Next, CacheError> {
         self.reap();
+        self.settle().await?;
         let config = self.ctx.config();
         let limit = config.prefetcher.concurrency;
         while self.downloads.len() < limit && !self.cancel.is_cancelled() {
@@ -110,6 +130,8 @@ impl Worker for PrefetcherWorker {
                 error!(error = %e, "a download task crashed");
             }
         }
+        // Best effort: whatever is still claimed is released at the next start.
+        let _ = self.settle().await;
     }
 }
 
@@ -123,7 +145,8 @@ struct Download {
 }
 
 impl Download {
-    async fn run(self, image: QueuedImage) {
+    /// Returns the id if its outcome could not be recorded (its claim is still held).
+    async fn run(self, image: QueuedImage) -> Option<ImageId> {
         let id = image.image_id.clone();
         let started = Instant::now();
         let config = self.ctx.config();
@@ -180,10 +203,14 @@ impl Download {
                 driver.retry_later(&id, attempts, next, &reason).await
             }
         };
-        if let Err(error) = recorded {
-            error!(image_id = %id, %error, "could not record the prefetch outcome; the claim expires by itself");
-        }
         self.done.notify_one();
+        match recorded {
+            Ok(()) => None,
+            Err(error) => {
+                error!(image_id = %id, %error, "could not record the prefetch outcome; the claim is released once the database answers");
+                Some(id)
+            }
+        }
     }
 }
 
