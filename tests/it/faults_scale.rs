@@ -242,10 +242,21 @@ fn image_data(n: usize) -> Vec<u8> {
 /// are always more recently used than the images being evicted) count every hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
-    const ROUNDS: usize = 20;
-    const COLD_READERS: usize = 40;
-    const HOT_READERS: usize = 10;
-    const CATS: usize = 5;
+    // 1,000 readers open at once (and 100 `cat` processes beside them), as the issue
+    // asks; each holds a descriptor, so the test lifts its own open-file soft limit.
+    const ROUNDS: usize = 1;
+    const COLD_READERS: usize = 800;
+    const HOT_READERS: usize = 200;
+    const CATS: usize = 100;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .unwrap();
     const ARRIVALS: usize = 4;
     const NODE: &str = "http://reader-node:9292";
     let s = Setup::new("");
