@@ -5,6 +5,9 @@
 //!
 //! Results: a table on stdout and JSON in target/bench/daemon.json.
 
+mod common;
+
+use common::bench_dir;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -337,12 +340,4 @@ fn main() {
     for (label, value, target) in rows {
         println!("| {label} | {value} | {target} |");
     }
-}
-
-/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
-/// the filesystem's), else Cargo's target tmp directory.
-fn bench_dir() -> std::path::PathBuf {
-    std::env::var_os("BENCH_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }

@@ -7,6 +7,9 @@
 //! Figures are medians of `BENCH_ROUNDS` rounds (default 3). Results: a table on stdout
 //! and JSON in target/bench/driver.json.
 
+mod common;
+
+use common::{bench_dir, median};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,16 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 use glance_cached::cache::{Area, CacheDriver, CacheLayout, CleanPolicy, PrunePolicy};
 use glance_cached::db::{Db, DbOptions, DbTime};
 use glance_cached::image_id::ImageId;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn smoke() -> bool {
     std::env::var_os("BENCH_SMOKE").is_some()
@@ -362,12 +355,4 @@ async fn cleanup_node(url: &str) {
         db.dequeue_all(node).await.unwrap();
     }
     db.close().await;
-}
-
-/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
-/// the filesystem's), else Cargo's target tmp directory.
-fn bench_dir() -> std::path::PathBuf {
-    std::env::var_os("BENCH_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }

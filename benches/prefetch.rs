@@ -11,6 +11,9 @@
 //!
 //! Results: a table on stdout and JSON in target/bench/prefetch.json.
 
+mod common;
+
+use common::{bench_dir, median};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -30,16 +33,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Writes `mib` MiB of incompressible bytes and returns (md5, sha512).
@@ -335,12 +328,4 @@ fn main() {
     );
     let _ = std::io::stdout().flush();
     let _ = std::io::stdin().read(&mut [0u8; 0]);
-}
-
-/// Where the benchmark's files go: `BENCH_DIR` (e.g. a tmpfs, to separate our cost from
-/// the filesystem's), else Cargo's target tmp directory.
-fn bench_dir() -> std::path::PathBuf {
-    std::env::var_os("BENCH_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }

@@ -143,31 +143,25 @@ impl ConfigError {
     }
 }
 
-/// Whether a key's new value takes effect on SIGHUP or only after a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reload {
-    Live,
-    Restart,
-}
-
-/// Every key the file and the environment may set.
-pub const KEYS: &[(&str, Reload)] = &[
-    ("cache.dir", Reload::Restart),
-    ("cache.max_size", Reload::Live),
-    ("cache.stall_time", Reload::Live),
-    ("database.url", Reload::Restart),
-    ("database.max_connections", Reload::Restart),
-    ("database.connect_timeout", Reload::Restart),
-    ("node.reference_url", Reload::Restart),
-    ("log.level", Reload::Live),
-    ("log.format", Reload::Restart),
-    ("cleaner.interval", Reload::Live),
-    ("cleaner.invalid_grace", Reload::Live),
-    ("pruner.interval", Reload::Live),
-    ("pruner.low_watermark", Reload::Live),
-    ("pruner.min_free_disk", Reload::Live),
-    ("daemon.shutdown_timeout", Reload::Live),
-    ("daemon.lease_ttl", Reload::Live),
+/// Every key of the main sections (the prefetch sections list theirs in `prefetch`).
+/// Which of them a reload applies is `Config::restart_required_changes`.
+pub const KEYS: &[&str] = &[
+    "cache.dir",
+    "cache.max_size",
+    "cache.stall_time",
+    "database.url",
+    "database.max_connections",
+    "database.connect_timeout",
+    "node.reference_url",
+    "log.level",
+    "log.format",
+    "cleaner.interval",
+    "cleaner.invalid_grace",
+    "pruner.interval",
+    "pruner.low_watermark",
+    "pruner.min_free_disk",
+    "daemon.shutdown_timeout",
+    "daemon.lease_ttl",
 ];
 
 /// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
@@ -292,9 +286,7 @@ impl Config {
 
 /// Every key the file and the environment may set, in every section.
 pub fn all_keys() -> impl Iterator<Item = &'static str> {
-    KEYS.iter()
-        .map(|(k, _)| *k)
-        .chain(prefetch::KEYS.iter().copied())
+    KEYS.iter().chain(prefetch::KEYS).copied()
 }
 
 /// A whole number of any width and sign (figment parses "1000" as unsigned).

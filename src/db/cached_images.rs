@@ -193,30 +193,8 @@ impl Db {
         size: i64,
         modified: DbTime,
     ) -> Result<bool, DbError> {
-        let n = on_pool!(self, |pool, d| {
-            let q = match d {
-                Dialect::MySql => {
-                    "INSERT IGNORE INTO cached_images \
-                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
-                     VALUES (?, ?, ?, ?, 0, NULL, ?)"
-                }
-                _ => {
-                    "INSERT INTO cached_images \
-                     (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
-                     VALUES (?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (image_id, node_reference_id) DO NOTHING"
-                }
-            };
-            sqlx::query(sql(d, q))
-                .bind(image_id)
-                .bind(modified)
-                .bind(modified)
-                .bind(size)
-                .bind(node.0)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n > 0)
+        let one = [(image_id.to_owned(), size, modified)];
+        Ok(!self.adopt_cached_images(node, &one).await?.is_empty())
     }
 
     /// `adopt_cached_image` for many files in one transaction (a reconcile after a crash

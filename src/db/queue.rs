@@ -280,24 +280,19 @@ impl Db {
         next_attempt_at: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        const Q: &str = "UPDATE glance_cached_queue SET attempts = ?, next_attempt_at = ?, \
-             last_error = ?, claimed_by = NULL, claimed_until = NULL \
-             WHERE node_reference_id = ? AND image_id = ?";
-        on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(attempts as i32)
-                .bind(next_attempt_at)
-                .bind(clip(error))
-                .bind(node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
+        self.settle_attempt(
+            node,
+            image_id,
+            STATE_QUEUED,
+            attempts,
+            next_attempt_at,
+            error,
+        )
+        .await
     }
 
     /// Gives up on an image: the row stays, `failed`, with the reason, and is never
-    /// claimed again until re-queued.
+    /// claimed again until re-queued. The failure time goes in `next_attempt_at`.
     pub async fn mark_failed(
         &self,
         node: NodeId,
@@ -306,13 +301,28 @@ impl Db {
         now: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        const Q: &str = "UPDATE glance_cached_queue SET state = 'failed', attempts = ?, \
+        self.settle_attempt(node, image_id, STATE_FAILED, attempts, now, error)
+            .await
+    }
+
+    /// Ends an attempt: sets the state, attempts, time and error, and releases the claim.
+    async fn settle_attempt(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        state: &str,
+        attempts: i64,
+        at: DbTime,
+        error: &str,
+    ) -> Result<(), DbError> {
+        const Q: &str = "UPDATE glance_cached_queue SET state = ?, attempts = ?, \
              next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ?";
         on_pool!(self, |pool, d| {
             sqlx::query(sql(d, Q))
+                .bind(state)
                 .bind(attempts as i32)
-                .bind(now)
+                .bind(at)
                 .bind(clip(error))
                 .bind(node.0)
                 .bind(image_id)

@@ -209,3 +209,16 @@ pub fn test_bytes(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// A valid image id (test literals only).
+pub fn id(s: &str) -> glance_cached::image_id::ImageId {
+    glance_cached::image_id::ImageId::parse(s).unwrap()
+}
+
+pub fn md5_hex(data: &[u8]) -> String {
+    hex::encode(<md5::Md5 as md5::Digest>::digest(data))
+}
+
+pub fn sha512_hex(data: &[u8]) -> String {
+    hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
+}

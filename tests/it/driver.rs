@@ -7,22 +7,8 @@ use std::time::{Duration, SystemTime};
 use chrono::{TimeZone, Utc};
 use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
 use glance_cached::db::DbTime;
-use glance_cached::image_id::ImageId;
-use md5::Digest;
 
-use crate::common::{Backend, TestCache, TestDb, age_file, test_bytes};
-
-fn id(s: &str) -> ImageId {
-    ImageId::parse(s).unwrap()
-}
-
-fn md5_hex(data: &[u8]) -> String {
-    hex::encode(md5::Md5::digest(data))
-}
-
-fn sha512_hex(data: &[u8]) -> String {
-    hex::encode(sha2::Sha512::digest(data))
-}
+use crate::common::{Backend, TestCache, TestDb, age_file, id, md5_hex, sha512_hex, test_bytes};
 
 /// Caches `data` as `image` through `open_for_write`.
 async fn cache(t: &TestCache, image: &str, data: &[u8]) {

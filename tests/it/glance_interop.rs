@@ -10,11 +10,9 @@ use std::process::Command;
 
 use glance_cached::cache::{CacheDriver, CacheLayout, Expectations, PrunePolicy};
 use glance_cached::db::{Db, DbOptions};
-use glance_cached::image_id::ImageId;
-use md5::Digest;
 use serde_json::Value;
 
-use crate::common::test_bytes;
+use crate::common::{id, md5_hex, test_bytes};
 
 const NODE: &str = "http://interop-node:9292";
 
@@ -80,14 +78,6 @@ async fn our_driver(cache_dir: &Path, db_url: &str) -> CacheDriver {
     CacheDriver::configure(CacheLayout::new(cache_dir), db, NODE)
         .await
         .unwrap()
-}
-
-fn id(s: &str) -> ImageId {
-    ImageId::parse(s).unwrap()
-}
-
-fn md5_hex(data: &[u8]) -> String {
-    hex::encode(md5::Md5::digest(data))
 }
 
 #[tokio::test]

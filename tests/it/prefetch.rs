@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use md5::Digest;
 use rustix::process::Signal;
 
-use crate::common::test_bytes;
+use crate::common::{md5_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::{Daemon, eventually};
 
@@ -41,10 +40,6 @@ pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn md5_hex(data: &[u8]) -> String {
-    hex::encode(md5::Md5::digest(data))
 }
 
 /// Waits until `id` is cached and checks its bytes and recorded checksum.
