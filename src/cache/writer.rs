@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use bytes::Bytes;
@@ -47,6 +48,13 @@ impl HashAlgo {
     }
 }
 
+/// Dirty bytes after which writeback of the written range is started. Without it the
+/// whole image sits dirty in the page cache until `commit`'s fsync, which then waits for
+/// all of it at once (about 0.3 s per GiB on the test machine's disk) and floods the
+/// device, stalling other writers on it; started early, the disk writes while the
+/// network still delivers and the final fsync only waits for the tail.
+const WRITEBACK_WINDOW_BYTES: u64 = 32 << 20;
+
 /// What the bytes must turn out to be. Every field that is set is checked at commit.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
@@ -73,6 +81,8 @@ pub struct ImageWriter {
     /// `None` once committed or aborted.
     digests: Option<Digests>,
     written: u64,
+    /// Bytes whose writeback has been started (see `WRITEBACK_WINDOW_BYTES`).
+    writeback_started: u64,
     expectations: Expectations,
 }
 
@@ -105,6 +115,7 @@ impl ImageWriter {
             image_id,
             file: Some(file),
             written: 0,
+            writeback_started: 0,
             expectations,
         })
     }
@@ -143,7 +154,37 @@ impl ImageWriter {
             return Err(CacheError::io("write", path)(e));
         }
         self.written += chunk.len() as u64;
+        if self.written - self.writeback_started >= WRITEBACK_WINDOW_BYTES {
+            self.start_writeback();
+        }
         Ok(())
+    }
+
+    /// Asks the kernel to start writing the not-yet-started range to disk, without
+    /// waiting for it. Durability still comes from `commit`'s fsync; this only spreads
+    /// the disk work over the download, so a failure here is not an error.
+    fn start_writeback(&mut self) {
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
+        let (offset, len) = (
+            self.writeback_started,
+            self.written - self.writeback_started,
+        );
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is
+        // owned by `file`, which outlives the call.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            debug!(image_id = %self.image_id, error = %std::io::Error::last_os_error(), "could not start writeback early; the commit fsync will do it");
+        }
+        self.writeback_started = self.written;
     }
 
     /// Verifies, makes durable and publishes the image; on a failed verification the
