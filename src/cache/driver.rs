@@ -153,7 +153,7 @@ impl CacheDriver {
         // A prefetcher may have claimed, published and dequeued the image between the
         // row and the marker: then the marker is stale and goes.
         if self.is_cached(id) {
-            self.delete_queued_image(id).await?;
+            self.dequeue_cached(id).await?;
         }
         Ok(added)
     }
@@ -179,10 +179,7 @@ impl CacheDriver {
             // A marker for a cached image is stale (the image was published after the
             // listing, or Glance queued a cached image): never queue a cached image.
             if self.is_cached(id) {
-                // Its writer may have published the file and then lost the database
-                // before the row (an outage): the file gets its row before the entry goes.
-                self.adopt_cached_file(id).await?;
-                self.delete_queued_image(id).await?;
+                self.dequeue_cached(id).await?;
                 continue;
             }
             let queued_at = DbTime::from_utc(marker.modified.into());
@@ -193,7 +190,7 @@ impl CacheDriver {
             {
                 // Published (and dequeued) between the check and the insert: undo.
                 if self.is_cached(id) {
-                    self.delete_queued_image(id).await?;
+                    self.dequeue_cached(id).await?;
                     continue;
                 }
                 debug!(image_id = %id, "adopted queue marker");
@@ -201,6 +198,16 @@ impl CacheDriver {
             }
         }
         Ok(adopted)
+    }
+
+    /// Takes `id`, found cached, off the queue. Its writer may have published the file
+    /// and then lost the database before writing the row (an outage): the file gets its
+    /// row first, so a queue entry never goes while its image lacks one. Every path that
+    /// finds a queued image already cached comes through here.
+    pub async fn dequeue_cached(&self, id: &ImageId) -> Result<(), CacheError> {
+        self.adopt_cached_file(id).await?;
+        self.delete_queued_image(id).await?;
+        Ok(())
     }
 
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.

@@ -175,7 +175,7 @@ impl Download {
             }
             Ok(Fetched::AlreadyCached) => {
                 info!(image_id = %id, "already cached; taken off the queue");
-                driver.delete_queued_image(&id).await.map(drop)
+                driver.dequeue_cached(&id).await
             }
             Err(FetchError::Cancelled) => {
                 info!(image_id = %id, "download interrupted by shutdown; the image stays queued");

@@ -4,6 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use glance_cached::cache::{CacheDriver, CacheLayout};
+use glance_cached::config::DEFAULT_NODE_URL;
+use glance_cached::db::{Db, DbOptions, DbTime};
 use rustix::process::Signal;
 
 use crate::common::{md5_hex, test_bytes};
@@ -463,5 +466,56 @@ fn kill_9_mid_download_then_restart_fetches_it_again() {
     assert_cached(&s, "crashy", &data);
     assert!(!s.cache("incomplete/crashy").exists());
     assert_eq!(origin.file_requests("crashy"), 2);
+    d.stop();
+}
+
+/// A queued image whose file was published but whose row was lost (a database outage
+/// between the two): the prefetcher finds it cached, does not download it again, and
+/// gives the file its row before taking it off the queue.
+#[test]
+fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
+    let origin = Origin::start();
+    let s = Setup::new(&format!(
+        "[prefetcher]\ninterval = \"1s\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let d = s.start();
+    // The state such an outage leaves: the file in place, the queue row, no image row.
+    // Planted after start, so the startup reconcile cannot be what repairs it.
+    std::fs::write(s.cache("lost-row"), b"published before the outage").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = Db::connect(
+            &format!("sqlite://{}", s.cache("glance-cached.db").display()),
+            &DbOptions::default(),
+        )
+        .await
+        .unwrap();
+        let driver = CacheDriver::configure(CacheLayout::new(s.cache("")), db, DEFAULT_NODE_URL)
+            .await
+            .unwrap();
+        let now = DbTime::from_utc(chrono::Utc::now());
+        assert!(
+            driver
+                .db()
+                .enqueue(driver.node(), "lost-row", now)
+                .await
+                .unwrap()
+        );
+        driver.db().close().await;
+    });
+    eventually(SOON, "the queue entry is settled", || {
+        queued_json(&s).is_empty()
+    });
+    assert_eq!(s.cached_ids(), ["lost-row"], "the file got its row");
+    assert_eq!(
+        origin.file_requests("lost-row"),
+        0,
+        "nothing was downloaded"
+    );
+    assert!(d.log_text().contains("already cached; taken off the queue"));
     d.stop();
 }
