@@ -285,6 +285,7 @@ pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
     let options = DbOptions {
         max_connections: config.database.max_connections,
         connect_timeout: config.database.connect_timeout,
+        create_glance_tables: config.database.create_glance_tables,
     };
     let db = Db::connect(&config.database.url, &options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;

@@ -57,6 +57,9 @@ pub struct DatabaseConfig {
     pub url: String,
     pub max_connections: u32,
     pub connect_timeout: Duration,
+    /// May Glance's cache tables be created when the database has none? Set, or by
+    /// default only for SQLite (see `DbOptions::create_glance_tables`).
+    pub create_glance_tables: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,6 +155,7 @@ pub const KEYS: &[&str] = &[
     "database.url",
     "database.max_connections",
     "database.connect_timeout",
+    "database.create_glance_tables",
     "node.reference_url",
     "log.level",
     "log.format",
@@ -228,6 +232,9 @@ impl Config {
         if self.database.connect_timeout != new.database.connect_timeout {
             changed.push("database.connect_timeout");
         }
+        if self.database.create_glance_tables != new.database.create_glance_tables {
+            changed.push("database.create_glance_tables");
+        }
         if self.node_reference_url != new.node_reference_url {
             changed.push("node.reference_url");
         }
@@ -258,7 +265,7 @@ impl Config {
         };
         format!(
             "[cache]\ndir = {dir:?}\nmax_size = {max:?}\nstall_time = {stall:?}\n\n\
-             [database]\nurl = {url:?}\nmax_connections = {maxc}\nconnect_timeout = {ct:?}\n\n\
+             [database]\nurl = {url:?}\nmax_connections = {maxc}\nconnect_timeout = {ct:?}\ncreate_glance_tables = {cgt}\n\n\
              [node]\nreference_url = {node:?}\n\n\
              [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
              [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
@@ -270,6 +277,7 @@ impl Config {
             url = mask_url(&self.database.url),
             maxc = self.database.max_connections,
             ct = format_duration(self.database.connect_timeout),
+            cgt = self.database.create_glance_tables,
             node = self.node_reference_url,
             level = self.log.level,
             ci = format_duration(self.cleaner.interval),
@@ -336,6 +344,9 @@ impl<'a> Validator<'a> {
         let connect_timeout = self
             .duration("database.connect_timeout")
             .unwrap_or(Duration::from_secs(5));
+        let create_glance_tables = self
+            .boolean("database.create_glance_tables")
+            .unwrap_or(matches!(dialect, Some(Dialect::Sqlite)));
         let node_reference_url = match self.string("node.reference_url") {
             Some(u) if u.trim().is_empty() || u.len() > 255 => {
                 self.problem("node.reference_url", "must be 1 to 255 characters".into());
@@ -423,6 +434,7 @@ impl<'a> Validator<'a> {
                 url,
                 max_connections,
                 connect_timeout,
+                create_glance_tables,
             },
             node_reference_url,
             log: LogConfig { level, format },
@@ -492,6 +504,27 @@ impl<'a> Validator<'a> {
             Value::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
             _ => {
                 self.problem(key, "must be a string".into());
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> Option<bool> {
+        match self.value(key)? {
+            Value::Bool(_, b) => Some(b),
+            // The environment has no types; figment passes some spellings through as text.
+            Value::String(tag, s) if !self.came_from_file(tag) => {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "1" => Some(true),
+                    "false" | "no" | "0" => Some(false),
+                    _ => {
+                        self.problem(key, format!("invalid value {s:?}: must be true or false"));
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.problem(key, "must be true or false".into());
                 None
             }
         }

@@ -150,6 +150,7 @@ pub async fn run(
     let db_options = DbOptions {
         max_connections: config.database.max_connections,
         connect_timeout: config.database.connect_timeout,
+        create_glance_tables: config.database.create_glance_tables,
     };
     let db = Db::connect(&config.database.url, &db_options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;

@@ -76,6 +76,14 @@ pub enum DbError {
         "database schema version {found} is newer than this glance-cached understands ({supported}); upgrade glance-cached"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    #[error(
+        "the database has Glance's schema (alembic_version) but no cached_images table: upgrade it with `glance-manage db sync` (Glance 2024.1 or later) before starting glance-cached"
+    )]
+    GlanceSchemaTooOld,
+    #[error(
+        "the database has no Glance cache tables (cached_images, node_reference). If Glance shares it, run `glance-manage db sync` against it first (tables created here would make that command fail later); if it is for glance-cached alone, set database.create_glance_tables = true"
+    )]
+    NoGlanceTables,
     #[error("node {url:?} could not be registered: {source}")]
     RegisterNode { url: String, source: sqlx::Error },
     #[error("database query failed: {0}")]
@@ -131,6 +139,8 @@ pub(crate) enum Pool {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// Whether `migrate` may create Glance's cache tables when the database has none.
+    create_glance_tables: bool,
 }
 
 /// Connection settings beyond the URL.
@@ -138,6 +148,12 @@ pub struct Db {
 pub struct DbOptions {
     pub max_connections: u32,
     pub connect_timeout: Duration,
+    /// Whether Glance's `node_reference` and `cached_images` may be created in a database
+    /// that has neither them nor Glance's schema. Tables created here make a later
+    /// `glance-manage db sync` on that database fail, so the daemon allows it only where
+    /// the configuration says the database is glance-cached's own
+    /// (`database.create_glance_tables`, default: only for SQLite).
+    pub create_glance_tables: bool,
 }
 
 impl Default for DbOptions {
@@ -145,6 +161,7 @@ impl Default for DbOptions {
         DbOptions {
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
+            create_glance_tables: true,
         }
     }
 }
@@ -259,7 +276,10 @@ impl Db {
                 Pool::MySql(pool)
             }
         };
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            create_glance_tables: options.create_glance_tables,
+        })
     }
 
     pub fn dialect(&self) -> Dialect {

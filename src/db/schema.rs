@@ -150,6 +150,21 @@ const MYSQL_DDL: &[&str] = &[
 const CREATE_VERSION_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS glance_cached_schema (version BIGINT NOT NULL)";
 
+/// Counts the tables named `?` in the connection's database (its schema, on PostgreSQL).
+fn table_count_sql(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Sqlite => {
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?"
+        }
+        Dialect::Postgres => {
+            "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1"
+        }
+        Dialect::MySql => {
+            "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?"
+        }
+    }
+}
+
 impl Db {
     /// Creates whatever tables are missing and records our schema version. Safe to run on
     /// every start from every node at once.
@@ -198,6 +213,24 @@ impl Db {
                         found,
                         supported: SCHEMA_VERSION,
                     }));
+                }
+                let mut present = [false; 2];
+                for (found, table) in present.iter_mut().zip(["cached_images", "alembic_version"]) {
+                    let n: i64 = sqlx::query(table_count_sql(d))
+                        .bind(table)
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get("n")?;
+                    *found = n > 0;
+                }
+                let [glance_tables, glance_schema] = present;
+                // When Glance shares the database its tables come from its migrations;
+                // made here, a later `glance-manage db sync` would fail on them.
+                if !glance_tables && glance_schema {
+                    return Ok(Err(DbError::GlanceSchemaTooOld));
+                }
+                if !glance_tables && !self.create_glance_tables {
+                    return Ok(Err(DbError::NoGlanceTables));
                 }
                 for stmt in ddl {
                     sqlx::query(*stmt).execute(&mut *conn).await?;

@@ -140,20 +140,32 @@ impl TestDb {
 
 /// Runs one statement on the server's administrative database.
 pub async fn admin_sql(url: &str, backend: Backend, statement: &str) {
+    run_sql(url, backend, statement).await.unwrap();
+}
+
+/// Runs one statement on the database at `url`, on its own connection.
+pub async fn run_sql(url: &str, backend: Backend, statement: &str) -> Result<(), sqlx::Error> {
     use sqlx::Connection;
     let statement = sqlx::AssertSqlSafe(statement.to_owned());
     match backend {
         Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query(statement).execute(&mut c).await.unwrap();
-            c.close().await.unwrap();
+            let mut c = sqlx::PgConnection::connect(url).await?;
+            let done = sqlx::query(statement).execute(&mut c).await.map(drop);
+            let _ = c.close().await;
+            done
         }
         Backend::MySql => {
-            let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
-            sqlx::query(statement).execute(&mut c).await.unwrap();
-            c.close().await.unwrap();
+            let mut c = sqlx::MySqlConnection::connect(url).await?;
+            let done = sqlx::query(statement).execute(&mut c).await.map(drop);
+            let _ = c.close().await;
+            done
         }
-        Backend::Sqlite => unreachable!("sqlite has no server"),
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(url).await?;
+            let done = sqlx::query(statement).execute(&mut c).await.map(drop);
+            let _ = c.close().await;
+            done
+        }
     }
 }
 

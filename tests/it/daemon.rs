@@ -307,7 +307,7 @@ fn a_database_outage_is_survived() {
         return;
     };
     let s = Setup::new(&format!(
-        "[database]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n[node]\nreference_url = \"http://outage-node:9292\"",
+        "[database]\nurl = \"{}\"\nconnect_timeout = \"2s\"\ncreate_glance_tables = true\n[node]\nreference_url = \"http://outage-node:9292\"",
         pg.url()
     ));
     let mut d = s.start();
@@ -585,4 +585,58 @@ fn a_service_manager_that_stops_reading_never_stalls_the_daemon() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
+}
+
+/// Pointed at an empty shared database, neither the daemon nor the CLI creates Glance's
+/// tables unasked (a later `glance-manage db sync` there would fail on them): they stop
+/// and say what to do. With `create_glance_tables = true` the same database is set up.
+#[test]
+fn an_empty_shared_database_gets_glance_tables_only_when_asked() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(db) = rt.block_on(crate::common::TestDb::new(crate::common::Backend::Postgres)) else {
+        return;
+    };
+    let config = |extra: &str| {
+        format!(
+            "[database]\nurl = \"{}\"\n{extra}[node]\nreference_url = \"http://empty-db:9292\"\n",
+            db.url
+        )
+    };
+    let s = Setup::new(&config(""));
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .args(["--config", s.config.to_str().unwrap(), "run"])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > SOON {
+            let _ = daemon.kill();
+            panic!("the daemon kept running on an empty shared database");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("glance-manage db sync") && stderr.contains("create_glance_tables"),
+        "{stderr}"
+    );
+    let out = s.cli(&["list-cached"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("create_glance_tables"));
+    s.write_config(&config("create_glance_tables = true\n"));
+    let out = s.cli(&["list-cached"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rt.block_on(db.drop_database());
 }

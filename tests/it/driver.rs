@@ -6,9 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{TimeZone, Utc};
 use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
-use glance_cached::db::DbTime;
+use glance_cached::cache::{CacheDriver, CacheLayout};
+use glance_cached::db::{Db, DbOptions, DbTime};
 
-use crate::common::{Backend, TestCache, TestDb, age_file, id, md5_hex, sha512_hex, test_bytes};
+use crate::common::{
+    Backend, TestCache, TestDb, age_file, id, md5_hex, run_sql, sha512_hex, test_bytes,
+};
 
 /// Caches `data` as `image` through `open_for_write`.
 async fn cache(t: &TestCache, image: &str, data: &[u8]) {
@@ -63,6 +66,7 @@ driver_suite!(
     clean_removes_invalid_and_stalled_only,
     clean_never_follows_symlinks,
     two_nodes_share_a_database_without_seeing_each_other,
+    glance_tables_are_created_only_where_allowed,
 );
 
 async fn configure_creates_layout_and_is_idempotent(b: Backend) {
@@ -191,6 +195,71 @@ async fn delete_queued_removes_rows_and_markers(b: Backend) {
     assert!(t.driver.get_queued_images().await.unwrap().is_empty());
     assert_eq!(std::fs::read_dir(t.path("queue")).unwrap().count(), 0);
     t.finish().await;
+}
+
+/// Glance's cache tables are created only when the database is declared glance-cached's
+/// own: made in a database Glance later syncs, they would break `glance-manage db sync`.
+async fn glance_tables_are_created_only_where_allowed(b: Backend) {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let configure = |create_glance_tables: bool| {
+        let url = db.url.clone();
+        async move {
+            let options = DbOptions {
+                create_glance_tables,
+                ..DbOptions::default()
+            };
+            let db = Db::connect(&url, &options).await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let result = CacheDriver::configure(
+                CacheLayout::new(dir.path().join("c")),
+                db.clone(),
+                "http://n:9292",
+            )
+            .await;
+            db.close().await;
+            let has_cache_table = run_sql(&url, b, "SELECT COUNT(*) FROM cached_images")
+                .await
+                .is_ok();
+            (result, has_cache_table)
+        }
+    };
+    // An empty database, not declared ours: refused, and nothing is created in it.
+    let (result, has_cache_table) = configure(false).await;
+    let err = result.err().expect("refused").to_string();
+    assert!(
+        err.contains("glance-manage db sync") && err.contains("create_glance_tables"),
+        "{err}"
+    );
+    assert!(!has_cache_table, "nothing is created in a refused database");
+    // Glance's schema without the cache tables (a Glance older than 2024.1): refused
+    // whatever the setting, with the upgrade to run.
+    run_sql(
+        &db.url,
+        b,
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+    )
+    .await
+    .unwrap();
+    for allowed in [false, true] {
+        let err = configure(allowed)
+            .await
+            .0
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("Glance 2024.1"), "{err}");
+    }
+    // Declared ours: created. Present, they are used whatever the setting.
+    run_sql(&db.url, b, "DROP TABLE alembic_version")
+        .await
+        .unwrap();
+    let (result, has_cache_table) = configure(true).await;
+    result.unwrap();
+    assert!(has_cache_table);
+    configure(false).await.0.unwrap();
+    db.drop_database().await;
 }
 
 async fn open_for_write_publishes_verified_image(b: Backend) {

@@ -280,7 +280,7 @@ fn database_outage(url: &str, stop: impl FnOnce(), start: impl FnOnce()) {
         images.insert(id, data);
     }
     let s = Setup::new(&format!(
-        "{FAST_RETRY}concurrency = 2\n[database]\nurl = \"{url}\"\nconnect_timeout = \"2s\"\n\
+        "{FAST_RETRY}concurrency = 2\n[database]\nurl = \"{url}\"\nconnect_timeout = \"2s\"\ncreate_glance_tables = true\n\
          [node]\nreference_url = \"http://outage-node:9292\"\n\
          [upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
         origin.url()

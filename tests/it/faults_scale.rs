@@ -432,7 +432,7 @@ fn three_nodes_share_one_postgresql_without_seeing_each_other() {
     let node_url = |n: usize| format!("http://scale-node-{n}:9292");
     let node_setup = |url: &str| {
         Setup::new(&format!(
-            "[database]\nurl = \"{}\"\n[node]\nreference_url = \"{url}\"\n",
+            "[database]\nurl = \"{}\"\ncreate_glance_tables = true\n[node]\nreference_url = \"{url}\"\n",
             db.url
         ))
     };
