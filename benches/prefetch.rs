@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::config::{GlanceAuth, UpstreamConfig, UpstreamKind};
 use glance_cached::db::{Db, DbOptions};
-use glance_cached::download::{FetchLimits, RateLimiter, fetch_into_cache};
+use glance_cached::download::{DownloadBudget, FetchLimits, fetch_into_cache};
 use glance_cached::image_id::ImageId;
 use glance_cached::upstream::Upstream;
 use md5::Digest;
@@ -198,7 +198,7 @@ fn main() {
         max_bytes_per_second: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let limiter = RateLimiter::default();
+    let budget = DownloadBudget::default();
 
     let curl_out = work.path().join("curl.out");
     curl_once(&file_url, &curl_out); // warm the page cache and the origin
@@ -208,7 +208,7 @@ fn main() {
         let cpu_before = process_cpu_secs();
         let secs = runtime.block_on(async {
             let started = Instant::now();
-            fetch_into_cache(&driver, &upstream, &image, limits, &cancel, &limiter)
+            fetch_into_cache(&driver, &upstream, &image, limits, &cancel, &budget)
                 .await
                 .unwrap();
             let secs = started.elapsed().as_secs_f64();

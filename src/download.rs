@@ -1,13 +1,15 @@
 //! The prefetch path for one image: upstream stream -> `ImageWriter` (hashing while
 //! writing) -> verified publish. Room is made first so the cache never has to exceed
-//! `cache.max_size`; an image larger than the cache is refused; a shutdown aborts at the
-//! next chunk with nothing published.
+//! `cache.max_size`, counting the downloads in progress beside this one; an image larger
+//! than the cache is refused; a shutdown aborts at the next chunk with nothing published.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy};
 use crate::image_id::ImageId;
@@ -61,6 +63,13 @@ pub struct FetchLimits {
     pub max_bytes_per_second: Option<u64>,
 }
 
+/// What every download of this process shares.
+#[derive(Debug, Default)]
+pub struct DownloadBudget {
+    pub bandwidth: RateLimiter,
+    pub space: SpaceReservations,
+}
+
 /// A bandwidth cap shared by every download: each chunk reserves its share of time.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
@@ -82,6 +91,58 @@ impl RateLimiter {
     }
 }
 
+/// Cache space promised to the downloads in progress. Each download of a known size
+/// reserves it before making room, and makes room for every reservation, not only its
+/// own: two downloads that each fit alone would otherwise together push the cache past
+/// `max_size`. A download that does not fit beside the others waits for one to end.
+#[derive(Debug, Default)]
+pub struct SpaceReservations {
+    reserved: Mutex<u64>,
+    released: Notify,
+}
+
+/// `bytes` of cache space held for one download until dropped.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    ledger: &'a SpaceReservations,
+    bytes: u64,
+    /// Everything reserved when this reservation was granted, itself included.
+    pub total: u64,
+}
+
+impl SpaceReservations {
+    /// Reserves `bytes` if everything reserved then still fits in `max_size`.
+    pub fn try_reserve(&self, bytes: u64, max_size: u64) -> Option<Reservation<'_>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let total = reserved.checked_add(bytes).filter(|t| *t <= max_size)?;
+        *reserved = total;
+        Some(Reservation {
+            ledger: self,
+            bytes,
+            total,
+        })
+    }
+
+    /// Bytes reserved now.
+    pub fn reserved(&self) -> u64 {
+        *self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        {
+            let mut reserved = self
+                .ledger
+                .reserved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *reserved -= self.bytes;
+        }
+        self.ledger.released.notify_waiters();
+    }
+}
+
 /// Downloads `id` from `upstream` into the cache.
 pub async fn fetch_into_cache(
     driver: &CacheDriver,
@@ -89,27 +150,48 @@ pub async fn fetch_into_cache(
     id: &ImageId,
     limits: FetchLimits,
     cancel: &CancellationToken,
-    limiter: &RateLimiter,
+    budget: &DownloadBudget,
 ) -> Result<Fetched, FetchError> {
     if driver.is_cached(id) {
         return Ok(Fetched::AlreadyCached);
     }
-    let (meta, mut stream) = tokio::select! {
-        _ = cancel.cancelled() => return Err(FetchError::Cancelled),
-        r = upstream.fetch(id) => r?,
-    };
-    crate::failpoint::hit("download:connected");
-    if let Some(size) = meta.size {
+    let (meta, mut stream, reservation) = loop {
+        // Listening before asking, so a release in between is not missed.
+        let released = budget.space.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        let (meta, stream) = tokio::select! {
+            _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+            r = upstream.fetch(id) => r?,
+        };
+        crate::failpoint::hit("download:connected");
+        let Some(size) = meta.size else {
+            break (meta, stream, None);
+        };
         if size > limits.max_size {
             return Err(FetchError::Permanent(format!(
                 "image is {size} bytes, larger than cache.max_size ({} bytes)",
                 limits.max_size
             )));
         }
-        // Make room first, so the cache never exceeds max_size because of us.
+        if let Some(r) = budget.space.try_reserve(size, limits.max_size) {
+            break (meta, stream, Some(r));
+        }
+        // The downloads in progress leave no room for this one: hang up rather than hold
+        // an idle connection, and ask again once one of them ends.
+        drop(stream);
+        info!(image_id = %id, bytes = size, reserved = budget.space.reserved(), "waiting for downloads in progress to leave room in the cache");
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+            () = released => {}
+        }
+    };
+    if let Some(reservation) = &reservation {
+        // Make room for this image and the others in progress first, so the cache never
+        // exceeds max_size because of them.
         driver
             .prune(PrunePolicy {
-                max_size: limits.max_size - size,
+                max_size: limits.max_size - reservation.total,
                 low_watermark: None,
                 min_free_disk: limits.min_free_disk,
             })
@@ -155,11 +237,37 @@ pub async fn fetch_into_cache(
             )));
         }
         if let Some(rate) = limits.max_bytes_per_second {
-            limiter.pace(len, rate).await;
+            budget.bandwidth.pace(len, rate).await;
         }
     }
     let published = writer.commit().await?;
+    // Published, the image counts in the cache's size: its reservation can go.
+    drop(reservation);
     Ok(Fetched::Published {
         bytes: published.size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_fit_together_and_are_returned_on_drop() {
+        let space = SpaceReservations::default();
+        let first = space.try_reserve(600, 1000).unwrap();
+        assert_eq!(first.total, 600);
+        assert!(space.try_reserve(600, 1000).is_none(), "600 + 600 > 1000");
+        let second = space.try_reserve(400, 1000).unwrap();
+        assert_eq!(second.total, 1000);
+        drop(first);
+        assert_eq!(space.reserved(), 400);
+        assert_eq!(space.try_reserve(600, 1000).unwrap().total, 1000);
+        drop(second);
+        assert_eq!(space.reserved(), 0);
+        let everything = space.try_reserve(u64::MAX, u64::MAX).unwrap();
+        assert!(space.try_reserve(1, u64::MAX).is_none(), "no overflow");
+        drop(everything);
+        assert_eq!(space.reserved(), 0);
+    }
 }

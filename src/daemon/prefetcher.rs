@@ -18,7 +18,7 @@ use super::Task;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
-use crate::download::{FetchError, FetchLimits, Fetched, RateLimiter, fetch_into_cache};
+use crate::download::{DownloadBudget, FetchError, FetchLimits, Fetched, fetch_into_cache};
 use crate::image_id::ImageId;
 use crate::upstream::Upstream;
 
@@ -38,7 +38,7 @@ pub struct PrefetcherWorker {
     unsettled: Vec<ImageId>,
     cancel: CancellationToken,
     done: Arc<Notify>,
-    limiter: Arc<RateLimiter>,
+    budget: Arc<DownloadBudget>,
 }
 
 impl PrefetcherWorker {
@@ -57,7 +57,7 @@ impl PrefetcherWorker {
             unsettled: Vec::new(),
             cancel,
             done,
-            limiter: Arc::new(RateLimiter::default()),
+            budget: Arc::new(DownloadBudget::default()),
         }
     }
 
@@ -103,7 +103,7 @@ impl Worker for PrefetcherWorker {
                 upstream: self.upstream.clone(),
                 cancel: self.cancel.clone(),
                 done: self.done.clone(),
-                limiter: self.limiter.clone(),
+                budget: self.budget.clone(),
             };
             self.downloads.spawn(job.run(image));
         }
@@ -141,7 +141,7 @@ struct Download {
     upstream: Arc<Upstream>,
     cancel: CancellationToken,
     done: Arc<Notify>,
-    limiter: Arc<RateLimiter>,
+    budget: Arc<DownloadBudget>,
 }
 
 impl Download {
@@ -162,7 +162,7 @@ impl Download {
             &id,
             limits,
             &self.cancel,
-            &self.limiter,
+            &self.budget,
         )
         .await;
         let attempts = image.attempts + 1;

@@ -519,3 +519,63 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
     assert!(d.log_text().contains("already cached; taken off the queue"));
     d.stop();
 }
+
+/// Two downloads that each fit in the cache alone but not together: the second waits
+/// for room, so cached plus partly downloaded bytes never exceed `cache.max_size` (the
+/// pruner acting only after both are published would be too late).
+#[test]
+fn concurrent_downloads_make_room_for_each_other() {
+    let origin = Origin::start();
+    let slow = Behaviour {
+        chunk_delay: Some(Duration::from_millis(40)),
+        ..Default::default()
+    };
+    let (a, b) = (test_bytes(600 * 1024, 1), test_bytes(600 * 1024, 2));
+    origin.add("room-a", a.clone(), slow.clone());
+    origin.add("room-b", b.clone(), slow);
+    let s = Setup::new(&format!(
+        "max_size = \"1000KiB\"\n{FAST_RETRY}concurrency = 2\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let d = s.start();
+    // Samples the bytes of both images wherever they are (cached or being written).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, root) = (stop.clone(), s.cache(""));
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut total = 0;
+                for dir in [root.clone(), root.join("incomplete")] {
+                    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                        if entry.file_name().to_string_lossy().starts_with("room-") {
+                            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                        }
+                    }
+                }
+                peak = peak.max(total);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    queue(&s, &["room-a", "room-b"]);
+    eventually(Duration::from_secs(30), "both were downloaded", || {
+        origin.file_requests("room-a") >= 1
+            && origin.file_requests("room-b") >= 1
+            && queued_json(&s).is_empty()
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    assert!(peak > 0, "the sampler saw the downloads");
+    assert!(
+        peak <= 1000 * 1024,
+        "cached + in-progress bytes peaked at {peak}, above max_size"
+    );
+    // Only one fits: the later one, the earlier evicted to make room for it.
+    let cached = s.cached_ids();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let data = if cached[0] == "room-a" { &a } else { &b };
+    assert_eq!(&std::fs::read(s.cache(&cached[0])).unwrap(), data);
+    d.stop();
+}
