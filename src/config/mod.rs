@@ -168,6 +168,46 @@ pub const KEYS: &[&str] = &[
     "daemon.lease_ttl",
 ];
 
+/// When `path` is not valid TOML: where and what, naming the key the way the rest of
+/// the configuration errors do ("line 3: cache.max_size: ..."). The parser stops at the
+/// first error, so it is the only one reported for that file.
+fn describe_toml_error(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let error = toml::from_str::<toml::Table>(&text).err()?;
+    let offset = error.span()?.start.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let message = error.message().trim_end_matches('.');
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches(|c| c == '"' || c == '\''))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let Some(key) = key else {
+        return Some(format!("line {line_no}: {message}: {:?}", line.trim()));
+    };
+    let section = text[..offset].lines().rev().skip(1).find_map(|l| {
+        let header = l.trim().strip_prefix('[')?;
+        Some(
+            header
+                .trim_start_matches('[')
+                .split(']')
+                .next()?
+                .trim()
+                .to_owned(),
+        )
+    });
+    let name = match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_owned(),
+    };
+    let hint = if message.contains("too large") {
+        " (TOML integers stop at 9223372036854775807; write sizes and durations as strings such as \"10GiB\" or \"30d\")"
+    } else {
+        ""
+    };
+    Some(format!("line {line_no}: {name}: {message}{hint}"))
+}
+
 /// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
 /// when it exists, else none (defaults and environment only).
 pub fn resolve_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
@@ -210,7 +250,9 @@ impl Config {
             .data()
             .map_err(|e| ConfigError::File {
                 path: file.map(Path::to_path_buf).unwrap_or_default(),
-                message: e.to_string().replace('\n', " "),
+                message: file
+                    .and_then(describe_toml_error)
+                    .unwrap_or_else(|| e.to_string().replace('\n', " ")),
             })?
             .remove(&Profile::Default)
             .unwrap_or_default();

@@ -349,6 +349,19 @@ fn check_config_reports_every_problem_at_once() {
     std::fs::write(&env.config, "[cache\n").unwrap();
     let line = env.fails(&["check-config"]);
     assert!(line.contains(&file), "{line}");
+    // A number TOML cannot hold names the line and the key, and says what to write.
+    std::fs::write(
+        &env.config,
+        "[cache]\ndir = \"/tmp/c\"\n\n[pruner]\nlow_watermark = 99999999999999999999\n",
+    )
+    .unwrap();
+    let line = env.fails(&["check-config"]);
+    assert!(
+        line.contains(&file)
+            && line.contains("line 5: pruner.low_watermark:")
+            && line.contains("\"10GiB\""),
+        "{line}"
+    );
     // A missing explicit config file is an error, not silently ignored.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
     clean_env(&mut cmd);
