@@ -98,6 +98,17 @@ impl CacheDriver {
         Ok(())
     }
 
+    /// Extends every claim of `holder` to `claim_for` from now: a download that lasts
+    /// longer than a claim must not see its image claimed again beside it.
+    pub async fn renew_claims(&self, holder: &str, claim_for: Duration) -> Result<u64, CacheError> {
+        let until =
+            clock::now() + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::MAX);
+        Ok(self
+            .db()
+            .renew_claims(self.node(), holder, DbTime::from_utc(until))
+            .await?)
+    }
+
     /// Releases the claim on `id` (an interrupted download): it stays queued.
     pub async fn release_claim(&self, id: &ImageId) -> Result<(), CacheError> {
         self.db()

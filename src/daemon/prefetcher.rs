@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Context;
 use super::Task;
@@ -25,6 +25,10 @@ use crate::upstream::Upstream;
 /// How long a claim lasts. Claims are released when a download ends and at every start
 /// (under the node lease any claim is a dead process's), so this only bounds a wedge.
 const CLAIM_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How often the claims of downloads in progress are renewed: a download may outlast
+/// `CLAIM_TTL` (a large image under a bandwidth cap), and a database outage of several
+/// hours must still leave a renewal due before the claims expire.
+const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct PrefetcherWorker {
     ctx: Context,
@@ -39,6 +43,8 @@ pub struct PrefetcherWorker {
     cancel: CancellationToken,
     done: Arc<Notify>,
     budget: Arc<DownloadBudget>,
+    /// When the claims of the downloads in progress were last renewed.
+    claims_renewed: Instant,
 }
 
 impl PrefetcherWorker {
@@ -58,7 +64,25 @@ impl PrefetcherWorker {
             cancel,
             done,
             budget: Arc::new(DownloadBudget::default()),
+            claims_renewed: Instant::now(),
         }
+    }
+
+    /// Renews this process's claims when due while downloads are in progress; returns
+    /// when the next renewal is due.
+    async fn renew_claims(&mut self) -> Result<Instant, CacheError> {
+        if self.downloads.is_empty() {
+            self.claims_renewed = Instant::now();
+        } else if self.claims_renewed.elapsed() >= CLAIM_RENEW_EVERY {
+            let renewed = self
+                .ctx
+                .driver
+                .renew_claims(&self.holder, CLAIM_TTL)
+                .await?;
+            debug!(renewed, "renewed the claims of downloads in progress");
+            self.claims_renewed = Instant::now();
+        }
+        Ok(self.claims_renewed + CLAIM_RENEW_EVERY)
     }
 
     fn reap(&mut self) {
@@ -107,7 +131,8 @@ impl Worker for PrefetcherWorker {
             };
             self.downloads.spawn(job.run(image));
         }
-        let periodic = Instant::now() + config.prefetcher.interval;
+        let renew_due = self.renew_claims().await?;
+        let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {
             // Full: a finished download nudges us.
             return Ok(Next::IdleUntil(periodic));

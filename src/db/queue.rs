@@ -244,6 +244,28 @@ impl Db {
         Ok(ids)
     }
 
+    /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
+    /// that outlast a claim keep it. Returns how many claims were renewed.
+    pub async fn renew_claims(
+        &self,
+        node: NodeId,
+        holder: &str,
+        claim_until: DbTime,
+    ) -> Result<u64, DbError> {
+        const Q: &str = "UPDATE glance_cached_queue SET claimed_until = ? \
+             WHERE node_reference_id = ? AND claimed_by = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(claim_until)
+                .bind(node.0)
+                .bind(holder)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n)
+    }
+
     /// Drops every claim of this node (at start, under the node lease, any claim is a
     /// dead process's), or only `image_id`'s.
     pub async fn release_claims(

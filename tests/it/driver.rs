@@ -1033,7 +1033,54 @@ mod claims {
         t.finish().await;
     }
 
-    driver_suite!(concurrent_claims_never_overlap);
+    /// A download longer than its claim keeps the image by renewing: a claim that has
+    /// run out is taken by the next worker, a renewed one is not. Only the holder's
+    /// claims move.
+    async fn renewed_claims_outlast_their_first_term(b: Backend) {
+        let Some(t) = TestCache::new(b).await else {
+            return;
+        };
+        for i in ["long-1", "long-2", "other"] {
+            assert!(t.driver.queue_image(&id(i)).await.unwrap());
+        }
+        // Claims that run out at once, as a claim does once a download outlasts it.
+        let claim = |holder: &'static str| {
+            let d = t.driver.clone();
+            async move {
+                d.claim_next(holder, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .map(|q| q.image_id.to_string())
+            }
+        };
+        assert_eq!(claim("downloader").await.as_deref(), Some("long-1"));
+        // Not renewed: the next worker takes the same image (and then loses it likewise).
+        assert_eq!(claim("another").await.as_deref(), Some("long-1"));
+        assert_eq!(claim("downloader").await.as_deref(), Some("long-1"));
+        let renewed = t
+            .driver
+            .renew_claims("downloader", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(renewed, 1, "only the holder's claim");
+        // Renewed: other workers move past it to the rest of the queue.
+        let mut next = Vec::new();
+        while let Some(q) = t
+            .driver
+            .claim_next("third", Duration::from_secs(3600))
+            .await
+            .unwrap()
+        {
+            next.push(q.image_id.to_string());
+        }
+        assert_eq!(next, ["long-2", "other"]);
+        t.finish().await;
+    }
+
+    driver_suite!(
+        concurrent_claims_never_overlap,
+        renewed_claims_outlast_their_first_term
+    );
 }
 
 /// An image much larger than the writer's writeback window (32 MiB): the early writeback
