@@ -131,6 +131,7 @@ impl Worker for PrefetcherWorker {
             };
             self.downloads.spawn(job.run(image));
         }
+        self.ctx.board.set_downloading(self.downloads.len());
         let renew_due = self.renew_claims().await?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {

@@ -28,6 +28,8 @@ struct Board {
     images: Option<usize>,
     max_size: u64,
     queued: Option<usize>,
+    /// Prefetches in progress.
+    downloading: usize,
     last_prune: Option<(DateTime<Utc>, usize, u64)>,
     last_clean: Option<(DateTime<Utc>, usize, u64)>,
     config_error: Option<String>,
@@ -132,6 +134,10 @@ impl StatusBoard {
         self.with(|b| b.queued = Some(queued));
     }
 
+    pub fn set_downloading(&self, downloads: usize) {
+        self.with(|b| b.downloading = downloads);
+    }
+
     pub fn pruned(&self, files: usize, bytes: u64) {
         self.with(|b| b.last_prune = Some((crate::clock::now(), files, bytes)));
     }
@@ -157,8 +163,8 @@ impl StatusBoard {
         })
     }
 
-    /// One line for `systemctl status`: size / max, images, queue, last prune and clean,
-    /// and any problem (database, config).
+    /// One line for `systemctl status`: size / max, images, queue, downloads, last prune
+    /// and clean, and any problem (database, config).
     pub fn line(&self) -> String {
         self.with(|b| {
             let mut parts = Vec::new();
@@ -172,6 +178,9 @@ impl StatusBoard {
             }
             if let Some(q) = b.queued {
                 parts.push(format!("{q} queued"));
+            }
+            if b.downloading > 0 {
+                parts.push(format!("{} downloading", b.downloading));
             }
             let when = |t: &DateTime<Utc>| t.format("%H:%M:%S").to_string();
             if let Some((t, files, _)) = &b.last_prune {

@@ -366,13 +366,20 @@ fn concurrency_is_limited() {
         origin.add(id, test_bytes(256 * 1024, 3), slow.clone());
     }
     let s = glance_setup(&origin, "concurrency = 2\n");
-    let d = s.start();
+    let mut d = s.start();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     queue(&s, &refs);
+    // `systemctl status` shows the downloads in progress, and none once they are done.
+    let busy = d.notify.wait_for(0, SOON, |m| {
+        m.contains("STATUS=") && m.contains("2 downloading")
+    });
     eventually(Duration::from_secs(30), "all six are cached", || {
         s.cached_ids().len() == 6
     });
     assert_eq!(origin.with_stats(|st| st.max_in_flight), 2);
+    d.notify.wait_for(busy + 1, SOON, |m| {
+        m.contains("STATUS=") && !m.contains("downloading")
+    });
     d.stop();
 }
 
