@@ -152,10 +152,11 @@ pub async fn fetch_into_cache(
     cancel: &CancellationToken,
     budget: &DownloadBudget,
 ) -> Result<Fetched, FetchError> {
-    if driver.is_cached(id) {
-        return Ok(Fetched::AlreadyCached);
-    }
     let (meta, mut stream, reservation) = loop {
+        // Checked again after waiting for room: the image may have arrived meanwhile.
+        if driver.is_cached(id) {
+            return Ok(Fetched::AlreadyCached);
+        }
         // Listening before asking, so a release in between is not missed.
         let released = budget.space.released.notified();
         tokio::pin!(released);
