@@ -138,6 +138,44 @@ fn process_cpu_secs() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// The same download through standard tools that verify as glance-cached does: curl's
+/// bytes teed into the file and into `md5sum` and `sha512sum` (each its own process, so
+/// both digests run in parallel), then `sync` of the file. A fair baseline for the
+/// verifying path; `curl -o` alone is the issue's baseline.
+fn verifying_pipeline_once(url: &str, dir: &Path, md5: &str, sha512: &str) -> f64 {
+    let script = r#"set -e
+cd "$1"
+rm -f md5.fifo sha.fifo
+mkfifo md5.fifo sha.fifo
+md5sum < md5.fifo > md5.out & m=$!
+sha512sum < sha.fifo > sha.out & s=$!
+curl -s -f "$2" | tee md5.fifo sha.fifo > pipeline.out
+wait "$m" "$s"
+sync pipeline.out
+"#;
+    let started = Instant::now();
+    let status = Command::new("bash")
+        .args(["-c", script, "bash"])
+        .arg(dir)
+        .arg(url)
+        .status()
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(status.success(), "the verifying pipeline failed");
+    let digest = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(digest("md5.out"), md5, "the pipeline's MD5");
+    assert_eq!(digest("sha.out"), sha512, "the pipeline's SHA-512");
+    std::fs::remove_file(dir.join("pipeline.out")).unwrap();
+    secs
+}
+
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -202,9 +240,18 @@ fn main() {
 
     let curl_out = work.path().join("curl.out");
     curl_once(&file_url, &curl_out); // warm the page cache and the origin
+    let pipeline_dir = work.path().join("pipeline");
+    std::fs::create_dir(&pipeline_dir).unwrap();
     let (mut curl_secs, mut ours_secs, mut ours_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pipeline_secs = Vec::new();
     for round in 0..rounds {
         curl_secs.push(curl_once(&file_url, &curl_out));
+        pipeline_secs.push(verifying_pipeline_once(
+            &file_url,
+            &pipeline_dir,
+            &md5,
+            &sha512,
+        ));
         let cpu_before = process_cpu_secs();
         let secs = runtime.block_on(async {
             let started = Instant::now();
@@ -218,14 +265,17 @@ fn main() {
         ours_secs.push(secs);
         ours_cpu.push(process_cpu_secs() - cpu_before);
         eprintln!(
-            "round {round}: curl {:.3}s, glance-cached {secs:.3}s using {:.2} CPU-s",
+            "round {round}: curl {:.3}s, verifying pipeline {:.3}s, glance-cached {secs:.3}s using {:.2} CPU-s",
             curl_secs.last().unwrap(),
+            pipeline_secs.last().unwrap(),
             ours_cpu.last().unwrap()
         );
     }
     let mib = size_mib as f64;
     let (curl_med, ours_med) = (median(curl_secs.clone()), median(ours_secs.clone()));
     let ratio = curl_med / ours_med;
+    let pipeline_med = median(pipeline_secs.clone());
+    let pipeline_ratio = pipeline_med / ours_med;
 
     // Peak RSS of the real daemon prefetching a large image.
     eprintln!("peak RSS run: a {rss_mib} MiB image through the daemon...");
@@ -313,6 +363,9 @@ fn main() {
         "curl_median_mib_s": mib / curl_med,
         "glance_cached_median_mib_s": mib / ours_med,
         "ratio": ratio,
+        "verifying_pipeline_seconds": pipeline_secs,
+        "verifying_pipeline_median_mib_s": mib / pipeline_med,
+        "ratio_to_verifying_pipeline": pipeline_ratio,
         "rss_image_mib": rss_mib,
         "rss_prefetch_seconds": rss_secs,
         "daemon_peak_rss_kib": hwm_kib,
@@ -341,6 +394,11 @@ fn main() {
         mib / ours_med
     );
     println!("| ratio glance-cached / curl | {ratio:.2} |");
+    println!(
+        "| `curl \\| tee` into `md5sum` + `sha512sum`, `sync` median | {:.0} MiB/s |",
+        mib / pipeline_med
+    );
+    println!("| ratio glance-cached / verifying pipeline | {pipeline_ratio:.2} |");
     println!(
         "| daemon peak RSS prefetching {rss_mib} MiB | {:.1} MiB |",
         hwm_kib as f64 / 1024.0
