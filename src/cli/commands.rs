@@ -193,6 +193,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Command::Prefetch => return prefetch(&config).await,
         Command::Prune => {
             let driver = open(&config).await?;
             let report = driver.prune(prune_policy(&config)).await?;
@@ -204,6 +205,102 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.cache.max_size
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached prefetch`: claims due queued images one after another (at most
+/// `prefetcher.concurrency` at once) and downloads each as the daemon would, recording
+/// every outcome in the queue, until none is due. SIGINT or SIGTERM stops the downloads
+/// with nothing published and the images still queued. Exits 1 if any image failed.
+async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
+    use crate::download::{CLAIM_TTL, DownloadBudget, PrefetchOutcome, prefetch_claimed};
+    use std::sync::Arc;
+
+    let Some(upstream) = &config.upstream else {
+        bail!("the configuration has no [upstream] section: there is nothing to prefetch from");
+    };
+    let upstream = Arc::new(crate::upstream::Upstream::from_config(upstream)?);
+    let driver = open(config).await?;
+    // Markers Glance's PUT /v2/cache/{id} left in queue/ join the queue first.
+    driver.adopt_queue_markers().await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut signals = crate::daemon::signals::listen().context("listening for signals")?;
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if let Some(crate::daemon::signals::SignalCommand::Shutdown(_)) = signals.recv().await {
+                cancel.cancel();
+            }
+        });
+    }
+    let holder = format!("prefetch on {}", crate::daemon::lease::holder_name());
+    let budget = Arc::new(DownloadBudget::default());
+    let config = Arc::new(config.clone());
+    let mut downloads = tokio::task::JoinSet::new();
+    // Each image's latest outcome: one may fail, be retried (when due again before the
+    // queue runs dry) and then succeed.
+    let mut latest = std::collections::BTreeMap::new();
+    loop {
+        while downloads.len() < config.prefetcher.concurrency && !cancel.is_cancelled() {
+            let Some(image) = driver.claim_next(&holder, CLAIM_TTL).await? else {
+                break;
+            };
+            let (driver, upstream, config, cancel, budget) = (
+                driver.clone(),
+                upstream.clone(),
+                config.clone(),
+                cancel.clone(),
+                budget.clone(),
+            );
+            downloads.spawn(async move {
+                let (outcome, recorded) =
+                    prefetch_claimed(&driver, &upstream, &image, &config, &cancel, &budget).await;
+                if recorded.is_err() {
+                    // Best effort: a claim left behind expires, or the daemon's next start
+                    // releases it.
+                    let _ = driver.release_claim(&image.image_id).await;
+                }
+                (image.image_id, outcome, recorded)
+            });
+        }
+        let Some(done) = downloads.join_next().await else {
+            break;
+        };
+        let (id, outcome, recorded) = done.context("a download task crashed")?;
+        match &outcome {
+            PrefetchOutcome::Published { bytes } => println!("prefetched {id} ({bytes} bytes)"),
+            PrefetchOutcome::AlreadyCached => println!("{id} was already cached"),
+            PrefetchOutcome::Interrupted => println!("interrupted {id}; it stays queued"),
+            PrefetchOutcome::Dropped { reason } => println!("failed {id} for good: {reason}"),
+            PrefetchOutcome::Retrying { reason, delay } => println!(
+                "failed {id}: {reason}; tried again in {}",
+                crate::config::format_duration(*delay)
+            ),
+        }
+        let recorded_ok = match recorded {
+            Ok(()) => true,
+            Err(e) => {
+                println!("the outcome for {id} could not be recorded: {e}");
+                false
+            }
+        };
+        latest.insert(id, (outcome, recorded_ok));
+    }
+    let count =
+        |f: fn(&PrefetchOutcome) -> bool| latest.values().filter(|(o, ok)| *ok && f(o)).count();
+    let published = count(|o| matches!(o, PrefetchOutcome::Published { .. }));
+    let cached = count(|o| matches!(o, PrefetchOutcome::AlreadyCached));
+    let interrupted = count(|o| matches!(o, PrefetchOutcome::Interrupted));
+    let failed = latest.len() - published - cached - interrupted;
+    println!(
+        "prefetched {published} images ({cached} already cached), {failed} failed, {interrupted} interrupted"
+    );
+    if interrupted > 0 {
+        bail!("interrupted by a signal; the unfinished images stay queued");
+    }
+    if failed > 0 {
+        bail!("{failed} images failed (see above; `list-queued` shows when each is tried again)");
     }
     Ok(ExitCode::SUCCESS)
 }

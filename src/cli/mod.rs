@@ -116,6 +116,9 @@ pub enum Command {
     },
     /// Evict least recently accessed images until the cache fits cache.max_size
     Prune,
+    /// Download every due queued image from the [upstream] now, then exit (what Glance's
+    /// glance-cache-prefetcher does; the daemon does it continuously)
+    Prefetch,
     /// Print the glance-cached TOML equivalent of Glance's cache options
     ImportGlanceConfig {
         /// Glance's API configuration, e.g. /etc/glance/glance-api.conf

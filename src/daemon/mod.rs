@@ -4,12 +4,12 @@
 //! drains the loops at step boundaries under a hard deadline.
 
 mod cleaner;
-mod lease;
+pub(crate) mod lease;
 mod prefetcher;
 mod pruner;
 mod queue;
 mod reload;
-mod signals;
+pub(crate) mod signals;
 mod status;
 mod systemd;
 mod watcher;

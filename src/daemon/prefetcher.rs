@@ -11,20 +11,17 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use super::Context;
 use super::Task;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
-use crate::download::{DownloadBudget, FetchError, FetchLimits, Fetched, fetch_into_cache};
+use crate::download::{CLAIM_TTL, DownloadBudget, PrefetchOutcome, prefetch_claimed};
 use crate::image_id::ImageId;
 use crate::upstream::Upstream;
 
-/// How long a claim lasts. Claims are released when a download ends and at every start
-/// (under the node lease any claim is a dead process's), so this only bounds a wedge.
-const CLAIM_TTL: Duration = Duration::from_secs(6 * 3600);
 /// How often the claims of downloads in progress are renewed: a download may outlast
 /// `CLAIM_TTL` (a large image under a bandwidth cap), and a database outage of several
 /// hours must still leave a renewal due before the claims expire.
@@ -129,9 +126,18 @@ impl Worker for PrefetcherWorker {
                 done: self.done.clone(),
                 budget: self.budget.clone(),
             };
+            self.ctx.board.download_started();
             self.downloads.spawn(job.run(image));
         }
-        self.ctx.board.set_downloading(self.downloads.len());
+        // Downloads change the queue; the queue loop only hears of markers.
+        let queued = self
+            .ctx
+            .driver
+            .db()
+            .count_queued(self.ctx.driver.node())
+            .await?;
+        self.ctx.board.set_queued(queued.max(0) as usize);
+        self.ctx.publish_status();
         let renew_due = self.renew_claims().await?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {
@@ -173,88 +179,28 @@ struct Download {
 impl Download {
     /// Returns the id if its outcome could not be recorded (its claim is still held).
     async fn run(self, image: QueuedImage) -> Option<ImageId> {
-        let id = image.image_id.clone();
-        let started = Instant::now();
         let config = self.ctx.config();
-        let limits = FetchLimits {
-            max_size: config.cache.max_size,
-            min_free_disk: config.pruner.min_free_disk,
-            max_bytes_per_second: config.prefetcher.max_bytes_per_second,
-        };
-        let driver = &self.ctx.driver;
-        let outcome = fetch_into_cache(
-            driver,
+        let (outcome, recorded) = prefetch_claimed(
+            &self.ctx.driver,
             &self.upstream,
-            &id,
-            limits,
+            &image,
+            &config,
             &self.cancel,
             &self.budget,
         )
         .await;
-        let attempts = image.attempts + 1;
-        let recorded = match outcome {
-            Ok(Fetched::Published { bytes }) => {
-                let secs = started.elapsed().as_secs_f64();
-                info!(image_id = %id, bytes, duration_ms = (secs * 1000.0) as u64, mib_per_s = (bytes as f64 / 1_048_576.0 / secs.max(1e-9)) as u64, "prefetched image");
-                self.ctx.nudges.pruner.notify_one();
-                Ok(())
-            }
-            Ok(Fetched::AlreadyCached) => {
-                info!(image_id = %id, "already cached; taken off the queue");
-                driver.dequeue_cached(&id).await
-            }
-            Err(FetchError::Cancelled) => {
-                info!(image_id = %id, "download interrupted by shutdown; the image stays queued");
-                driver.release_claim(&id).await
-            }
-            Err(FetchError::Verify(reason))
-                if attempts >= u64::from(config.prefetcher.max_attempts) =>
-            {
-                warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
-                driver.give_up(&id, attempts, &reason).await
-            }
-            Err(FetchError::Permanent(reason)) => {
-                warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
-                driver.give_up(&id, attempts, &reason).await
-            }
-            Err(FetchError::Retry(reason) | FetchError::Verify(reason)) => {
-                let delay = retry_delay(
-                    attempts,
-                    config.prefetcher.retry_delay,
-                    config.prefetcher.max_retry_delay,
-                );
-                let next = clock::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
-                driver.retry_later(&id, attempts, next, &reason).await
-            }
-        };
+        if let PrefetchOutcome::Published { .. } = outcome {
+            self.ctx.nudges.pruner.notify_one();
+        }
+        // Before the nudge, so the step it wakes reports this download gone.
+        self.ctx.board.download_finished();
         self.done.notify_one();
         match recorded {
             Ok(()) => None,
             Err(error) => {
-                error!(image_id = %id, %error, "could not record the prefetch outcome; the claim is released once the database answers");
-                Some(id)
+                error!(image_id = %image.image_id, %error, "could not record the prefetch outcome; the claim is released once the database answers");
+                Some(image.image_id)
             }
         }
-    }
-}
-
-/// `first`, doubling per attempt, capped at `max`.
-pub fn retry_delay(attempts: u64, first: Duration, max: Duration) -> Duration {
-    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(30) as u32);
-    first.saturating_mul(factor).min(max)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_doubles_up_to_the_cap() {
-        let (first, max) = (Duration::from_secs(30), Duration::from_secs(3600));
-        assert_eq!(retry_delay(1, first, max), Duration::from_secs(30));
-        assert_eq!(retry_delay(3, first, max), Duration::from_secs(120));
-        assert_eq!(retry_delay(99, first, max), max);
     }
 }

@@ -134,8 +134,12 @@ impl StatusBoard {
         self.with(|b| b.queued = Some(queued));
     }
 
-    pub fn set_downloading(&self, downloads: usize) {
-        self.with(|b| b.downloading = downloads);
+    pub fn download_started(&self) {
+        self.with(|b| b.downloading += 1);
+    }
+
+    pub fn download_finished(&self) {
+        self.with(|b| b.downloading = b.downloading.saturating_sub(1));
     }
 
     pub fn pruned(&self, files: usize, bytes: u64) {

@@ -378,7 +378,7 @@ fn concurrency_is_limited() {
     });
     assert_eq!(origin.with_stats(|st| st.max_in_flight), 2);
     d.notify.wait_for(busy + 1, SOON, |m| {
-        m.contains("STATUS=") && !m.contains("downloading")
+        m.contains("STATUS=") && m.contains("0 queued") && !m.contains("downloading")
     });
     d.stop();
 }
@@ -585,4 +585,110 @@ fn concurrent_downloads_make_room_for_each_other() {
     let data = if cached[0] == "room-a" { &a } else { &b };
     assert_eq!(&std::fs::read(s.cache(&cached[0])).unwrap(), data);
     d.stop();
+}
+
+/// `glance-cached prefetch` without a daemon, as Glance's cron prefetcher is used: it
+/// drains what is due (queued rows and Glance's markers), records each outcome as the
+/// daemon would, says what happened to each image, and exits 1 while any failed.
+#[test]
+fn the_prefetch_command_drains_the_queue_once() {
+    let origin = Origin::start();
+    let (one, two) = (test_bytes(200_000, 4), test_bytes(150_000, 5));
+    origin.add("cli-one", one.clone(), Behaviour::default());
+    origin.add("cli-two", two.clone(), Behaviour::default());
+    let s = glance_setup(&origin, "");
+    queue(&s, &["cli-one", "cli-gone"]);
+    // A marker as Glance's PUT /v2/cache/{id} leaves it.
+    std::fs::write(s.cache("queue/cli-two"), b"").unwrap();
+    let out = s.cli(&["prefetch"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    for expected in [
+        "prefetched cli-one (200000 bytes)",
+        "prefetched cli-two (150000 bytes)",
+        "failed cli-gone for good:",
+        "prefetched 2 images (0 already cached), 1 failed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in {stdout}"
+        );
+    }
+    assert!(stderr.contains("error: 1 images failed"), "{stderr}");
+    assert_cached(&s, "cli-one", &one);
+    assert_cached(&s, "cli-two", &two);
+    let queued = queued_json(&s);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(
+        (queued[0]["image_id"].as_str(), queued[0]["state"].as_str()),
+        (Some("cli-gone"), Some("failed"))
+    );
+    // Nothing due: a clean run, and nothing downloaded again.
+    let out = s.cli(&["prefetch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(origin.file_requests("cli-one"), 1);
+    // Without an upstream there is nothing to prefetch from: one clear line.
+    let bare = Setup::new("");
+    let out = bare.cli(&["prefetch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no [upstream] section"));
+}
+
+/// SIGTERM to `glance-cached prefetch` mid-download: it stops at once, publishes
+/// nothing, leaves the image queued, and says so.
+#[test]
+fn sigterm_stops_the_prefetch_command_cleanly() {
+    let origin = Origin::start();
+    let slow = Behaviour {
+        chunk_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    origin.add("cli-slow", test_bytes(4 << 20, 6), slow);
+    let s = glance_setup(&origin, "");
+    queue(&s, &["cli-slow"]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("prefetch")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(SOON, "the download is under way", || {
+        std::fs::metadata(s.cache("incomplete/cli-slow")).is_ok_and(|m| m.len() > 0)
+    });
+    let stopping = Instant::now();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::TERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopped at once"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("interrupted cli-slow; it stays queued"),
+        "{stdout}"
+    );
+    assert!(!s.cache("cli-slow").exists(), "nothing published");
+    assert!(!s.cache("incomplete/cli-slow").exists());
+    let rows = queued_json(&s);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["state"], "queued");
+    // Its claim was released: the next run takes it at once.
+    let data = test_bytes(4 << 20, 6);
+    origin.add("cli-slow", data.clone(), Behaviour::default());
+    let out = s.cli(&["prefetch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_cached(&s, "cli-slow", &data);
 }
