@@ -113,6 +113,14 @@ impl Context {
         self.config.borrow().clone()
     }
 
+    /// Counts the queue for the status line and publishes it.
+    pub async fn publish_queue_status(&self) -> Result<(), crate::cache::CacheError> {
+        let queued = self.driver.db().count_queued(self.driver.node()).await?;
+        self.board.set_queued(queued.max(0) as usize);
+        self.publish_status();
+        Ok(())
+    }
+
     /// Sends the status line to systemd when it changed.
     pub fn publish_status(&self) {
         if let Some(line) = self.board.line_if_changed() {

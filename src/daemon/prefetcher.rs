@@ -130,14 +130,7 @@ impl Worker for PrefetcherWorker {
             self.downloads.spawn(job.run(image));
         }
         // Downloads change the queue; the queue loop only hears of markers.
-        let queued = self
-            .ctx
-            .driver
-            .db()
-            .count_queued(self.ctx.driver.node())
-            .await?;
-        self.ctx.board.set_queued(queued.max(0) as usize);
-        self.ctx.publish_status();
+        self.ctx.publish_queue_status().await?;
         let renew_due = self.renew_claims().await?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {

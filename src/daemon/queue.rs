@@ -34,14 +34,7 @@ impl Worker for QueueWorker {
             info!(adopted, "adopted queue markers into the queue");
             self.ctx.nudges.prefetcher.notify_one();
         }
-        let queued = self
-            .ctx
-            .driver
-            .db()
-            .count_queued(self.ctx.driver.node())
-            .await?;
-        self.ctx.board.set_queued(queued.max(0) as usize);
-        self.ctx.publish_status();
+        self.ctx.publish_queue_status().await?;
         Ok(Next::IdleUntil(Instant::now() + config.cleaner.interval))
     }
 }
