@@ -96,52 +96,103 @@ impl RateLimiter {
 /// Cache space promised to the downloads in progress. Each download of a known size
 /// reserves it before making room, and makes room for every reservation, not only its
 /// own: two downloads that each fit alone would otherwise together push the cache past
-/// `max_size`. A download that does not fit beside the others waits for one to end.
+/// `max_size`. A download that does not fit beside the others waits for one to end, in
+/// turn: while one waits, later downloads wait behind it even if they would fit, so a
+/// large image is not passed over forever by a stream of small ones.
 #[derive(Debug, Default)]
 pub struct SpaceReservations {
-    reserved: Mutex<u64>,
-    released: Notify,
+    ledger: Mutex<Ledger>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    reserved: u64,
+    /// Tickets of the downloads waiting for room, oldest first.
+    waiting: std::collections::VecDeque<u64>,
+    next_ticket: u64,
 }
 
 /// `bytes` of cache space held for one download until dropped.
 #[derive(Debug)]
 pub struct Reservation<'a> {
-    ledger: &'a SpaceReservations,
+    space: &'a SpaceReservations,
     bytes: u64,
     /// Everything reserved when this reservation was granted, itself included.
     pub total: u64,
 }
 
+/// A download's place in the line for room; leaves the line when dropped.
+#[derive(Debug)]
+pub struct WaitTicket<'a> {
+    space: &'a SpaceReservations,
+    number: u64,
+}
+
 impl SpaceReservations {
-    /// Reserves `bytes` if everything reserved then still fits in `max_size`.
-    pub fn try_reserve(&self, bytes: u64, max_size: u64) -> Option<Reservation<'_>> {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let total = reserved.checked_add(bytes).filter(|t| *t <= max_size)?;
-        *reserved = total;
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `bytes` if everything reserved then still fits in `max_size` and no
+    /// download waits ahead: none waits, or `ticket` is the first in line.
+    pub fn try_reserve(
+        &self,
+        bytes: u64,
+        max_size: u64,
+        ticket: Option<&WaitTicket<'_>>,
+    ) -> Option<Reservation<'_>> {
+        let mut ledger = self.lock();
+        let my_turn = match (ledger.waiting.front(), ticket) {
+            (None, _) => true,
+            (Some(first), Some(t)) => *first == t.number,
+            (Some(_), None) => false,
+        };
+        if !my_turn {
+            return None;
+        }
+        let total = ledger
+            .reserved
+            .checked_add(bytes)
+            .filter(|t| *t <= max_size)?;
+        ledger.reserved = total;
         Some(Reservation {
-            ledger: self,
+            space: self,
             bytes,
             total,
         })
     }
 
+    /// Joins the line of downloads waiting for room.
+    pub fn wait_in_line(&self) -> WaitTicket<'_> {
+        let mut ledger = self.lock();
+        let number = ledger.next_ticket;
+        ledger.next_ticket += 1;
+        ledger.waiting.push_back(number);
+        WaitTicket {
+            space: self,
+            number,
+        }
+    }
+
     /// Bytes reserved now.
     pub fn reserved(&self) -> u64 {
-        *self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().reserved
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        {
-            let mut reserved = self
-                .ledger
-                .reserved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *reserved -= self.bytes;
-        }
-        self.ledger.released.notify_waiters();
+        self.space.lock().reserved -= self.bytes;
+        self.space.changed.notify_waiters();
+    }
+}
+
+impl Drop for WaitTicket<'_> {
+    fn drop(&mut self) {
+        self.space.lock().waiting.retain(|n| *n != self.number);
+        // The next in line may now go.
+        self.space.changed.notify_waiters();
     }
 }
 
@@ -154,15 +205,17 @@ pub async fn fetch_into_cache(
     cancel: &CancellationToken,
     budget: &DownloadBudget,
 ) -> Result<Fetched, FetchError> {
+    // Taken on the first wait for room, kept until room is granted.
+    let mut ticket = None;
     let (meta, mut stream, reservation) = loop {
         // Checked again after waiting for room: the image may have arrived meanwhile.
         if driver.is_cached(id) {
             return Ok(Fetched::AlreadyCached);
         }
         // Listening before asking, so a release in between is not missed.
-        let released = budget.space.released.notified();
-        tokio::pin!(released);
-        released.as_mut().enable();
+        let changed = budget.space.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let (meta, stream) = tokio::select! {
             _ = cancel.cancelled() => return Err(FetchError::Cancelled),
             r = upstream.fetch(id) => r?,
@@ -177,18 +230,25 @@ pub async fn fetch_into_cache(
                 limits.max_size
             )));
         }
-        if let Some(r) = budget.space.try_reserve(size, limits.max_size) {
+        if let Some(r) = budget
+            .space
+            .try_reserve(size, limits.max_size, ticket.as_ref())
+        {
             break (meta, stream, Some(r));
         }
-        // The downloads in progress leave no room for this one: hang up rather than hold
-        // an idle connection, and ask again once one of them ends.
+        // No room beside the downloads in progress, or others wait ahead: hang up rather
+        // than hold an idle connection, and ask again when the reservations change.
         drop(stream);
-        info!(image_id = %id, bytes = size, reserved = budget.space.reserved(), "waiting for downloads in progress to leave room in the cache");
+        if ticket.is_none() {
+            info!(image_id = %id, bytes = size, reserved = budget.space.reserved(), "waiting for downloads in progress to leave room in the cache");
+            ticket = Some(budget.space.wait_in_line());
+        }
         tokio::select! {
             _ = cancel.cancelled() => return Err(FetchError::Cancelled),
-            () = released => {}
+            () = changed => {}
         }
     };
+    drop(ticket);
     if let Some(reservation) = &reservation {
         // Make room for this image and the others in progress first, so the cache never
         // exceeds max_size because of them.
@@ -358,19 +418,54 @@ mod tests {
     #[test]
     fn reservations_fit_together_and_are_returned_on_drop() {
         let space = SpaceReservations::default();
-        let first = space.try_reserve(600, 1000).unwrap();
+        let first = space.try_reserve(600, 1000, None).unwrap();
         assert_eq!(first.total, 600);
-        assert!(space.try_reserve(600, 1000).is_none(), "600 + 600 > 1000");
-        let second = space.try_reserve(400, 1000).unwrap();
+        assert!(
+            space.try_reserve(600, 1000, None).is_none(),
+            "600 + 600 > 1000"
+        );
+        let second = space.try_reserve(400, 1000, None).unwrap();
         assert_eq!(second.total, 1000);
         drop(first);
         assert_eq!(space.reserved(), 400);
-        assert_eq!(space.try_reserve(600, 1000).unwrap().total, 1000);
+        assert_eq!(space.try_reserve(600, 1000, None).unwrap().total, 1000);
         drop(second);
         assert_eq!(space.reserved(), 0);
-        let everything = space.try_reserve(u64::MAX, u64::MAX).unwrap();
-        assert!(space.try_reserve(1, u64::MAX).is_none(), "no overflow");
+        let everything = space.try_reserve(u64::MAX, u64::MAX, None).unwrap();
+        assert!(
+            space.try_reserve(1, u64::MAX, None).is_none(),
+            "no overflow"
+        );
         drop(everything);
         assert_eq!(space.reserved(), 0);
+    }
+
+    #[test]
+    fn waiting_downloads_get_room_in_turn() {
+        let space = SpaceReservations::default();
+        let small = space.try_reserve(300, 1000, None).unwrap();
+        // A large image does not fit beside it and joins the line.
+        assert!(space.try_reserve(800, 1000, None).is_none());
+        let large = space.wait_in_line();
+        // A later small one would fit, but must not pass the large one.
+        assert!(space.try_reserve(300, 1000, None).is_none());
+        let later = space.wait_in_line();
+        assert!(space.try_reserve(300, 1000, Some(&later)).is_none());
+        // Room comes back: the first in line goes, then the next.
+        drop(small);
+        assert!(space.try_reserve(300, 1000, Some(&later)).is_none());
+        let large_room = space.try_reserve(800, 1000, Some(&large)).unwrap();
+        drop(large);
+        assert!(
+            space.try_reserve(300, 1000, Some(&later)).is_none(),
+            "800 + 300 > 1000"
+        );
+        drop(large_room);
+        assert!(space.try_reserve(300, 1000, Some(&later)).is_some());
+        // A waiter that gives up (cancelled) leaves the line.
+        let gone = space.wait_in_line();
+        drop(gone);
+        drop(later);
+        assert!(space.try_reserve(300, 1000, None).is_some());
     }
 }
