@@ -37,6 +37,9 @@ pub struct QueuedImage {
     pub last_error: Option<String>,
     /// `queued`, or `failed` (dropped with `last_error` as the reason).
     pub state: String,
+    /// The process downloading it now (a daemon or a `prefetch` command, as "host pid
+    /// N"), while its claim lasts.
+    pub downloading_by: Option<String>,
 }
 
 /// A queue row as a `QueuedImage`; `None` (with a warning) when its id is not valid.
@@ -48,6 +51,9 @@ pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
         next_attempt_at: r.next_attempt_at.to_utc(),
         last_error: r.last_error,
         state: r.state,
+        downloading_by: r
+            .claimed_by
+            .filter(|_| r.claimed_until.is_some_and(|t| t.to_utc() > clock::now())),
     })
 }
 

@@ -48,6 +48,7 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
                 "next_attempt_at": rfc3339(i.next_attempt_at),
                 "last_error": i.last_error,
                 "state": i.state,
+                "downloading_by": i.downloading_by,
             })
         })
         .collect();
@@ -56,6 +57,10 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
 
 /// Left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    debug_assert!(
+        rows.iter().all(|r| r.len() == header.len()),
+        "every row has a cell per column"
+    );
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -114,9 +119,11 @@ pub fn queued_table(images: &[QueuedImage]) -> String {
     table(
         &[
             "IMAGE ID",
+            "STATE",
             "QUEUED AT",
             "ATTEMPTS",
             "NEXT ATTEMPT",
+            "DOWNLOADING BY",
             "LAST ERROR",
         ],
         images
@@ -128,6 +135,7 @@ pub fn queued_table(images: &[QueuedImage]) -> String {
                     time(i.queued_at),
                     i.attempts.to_string(),
                     time(i.next_attempt_at),
+                    i.downloading_by.clone().unwrap_or_else(|| "-".into()),
                     i.last_error.clone().unwrap_or_else(|| "-".into()),
                 ]
             })

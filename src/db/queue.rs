@@ -25,9 +25,13 @@ pub struct QueueRow {
     pub last_error: Option<String>,
     /// `queued` or `failed`.
     pub state: String,
+    /// Who claimed the row for a download, and until when (the claim may have run out).
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<DbTime>,
 }
 
-const SELECT_ROW: &str = "image_id, queued_at, attempts, next_attempt_at, last_error, state";
+const SELECT_ROW: &str =
+    "image_id, queued_at, attempts, next_attempt_at, last_error, state, claimed_by, claimed_until";
 
 fn decode<R: Row>(r: &R) -> Result<QueueRow, sqlx::Error>
 where
@@ -43,6 +47,8 @@ where
         next_attempt_at: r.try_get("next_attempt_at")?,
         last_error: r.try_get("last_error")?,
         state: r.try_get("state")?,
+        claimed_by: r.try_get("claimed_by")?,
+        claimed_until: r.try_get("claimed_until")?,
     })
 }
 
@@ -137,7 +143,8 @@ impl Db {
 
     /// This node's queue rows, queued and failed, in order: queued time, then image id.
     pub async fn queued_images(&self, node: NodeId) -> Result<Vec<QueueRow>, DbError> {
-        const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state \
+        const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \
+             claimed_by, claimed_until \
              FROM glance_cached_queue WHERE node_reference_id = ? ORDER BY queued_at, image_id";
         debug_assert!(Q.contains(SELECT_ROW));
         let rows = on_pool!(self, |pool, d| {
@@ -169,7 +176,8 @@ impl Db {
              ORDER BY queued_at, image_id LIMIT 1 FOR UPDATE SKIP LOCKED";
         const MARK: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
              WHERE node_reference_id = ? AND image_id = ?";
-        const FETCH: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state \
+        const FETCH: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \
+             claimed_by, claimed_until \
              FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
         // SQLite: one statement, so it takes the write lock up front (a read-then-write
         // transaction could fail with SQLITE_BUSY without waiting).

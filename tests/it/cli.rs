@@ -220,8 +220,26 @@ fn queue_list_and_delete() {
     for row in listed.as_array().unwrap() {
         assert_eq!(row["attempts"], 0);
         assert!(row["last_error"].is_null());
+        assert!(row["downloading_by"].is_null());
         assert!(row["queued_at"].as_str().unwrap().ends_with('Z'));
     }
+    // The table for people: one cell per column, each under its heading.
+    let text = env.ok(&["list-queued"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let cells: Vec<&str> = lines[1].split("  ").filter(|c| !c.is_empty()).collect();
+    assert_eq!(cells.len(), 7, "{text}");
+    let column = |name: &str| lines[0].find(name).unwrap();
+    let q1 = lines.iter().find(|l| l.starts_with("q-1")).unwrap();
+    assert_eq!(
+        q1[column("STATE")..].split_whitespace().next(),
+        Some("queued")
+    );
+    assert_eq!(
+        q1[column("DOWNLOADING BY")..].split_whitespace().next(),
+        Some("-")
+    );
+    assert_eq!(q1[column("LAST ERROR")..].trim(), "-");
     assert_eq!(
         env.ok(&["delete-queued", "q-1"]),
         "removed q-1 from the queue\n"

@@ -416,6 +416,14 @@ fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
     eventually(SOON, "the download is under way", || {
         std::fs::metadata(s.cache("incomplete/big-slow")).is_ok_and(|m| m.len() > 0)
     });
+    // `list-queued` names the process downloading it.
+    let downloading_by = queued_json(&s)[0]["downloading_by"].clone();
+    assert!(
+        downloading_by
+            .as_str()
+            .is_some_and(|h| h.ends_with(&format!("pid {}", d.child.id()))),
+        "{downloading_by}"
+    );
     let from = d.notify.mark();
     let stopping = Instant::now();
     d.signal(Signal::TERM);
@@ -434,6 +442,10 @@ fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
     let rows = queued_json(&s);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["state"], "queued");
+    assert!(
+        rows[0]["downloading_by"].is_null(),
+        "the claim was released"
+    );
 }
 
 #[test]
