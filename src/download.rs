@@ -163,6 +163,16 @@ impl SpaceReservations {
         })
     }
 
+    /// Whether `try_reserve(bytes, max_size, Some(ticket))` would succeed now.
+    pub fn could_reserve(&self, bytes: u64, max_size: u64, ticket: &WaitTicket<'_>) -> bool {
+        let ledger = self.lock();
+        ledger.waiting.front() == Some(&ticket.number)
+            && ledger
+                .reserved
+                .checked_add(bytes)
+                .is_some_and(|t| t <= max_size)
+    }
+
     /// Joins the line of downloads waiting for room.
     pub fn wait_in_line(&self) -> WaitTicket<'_> {
         let mut ledger = self.lock();
@@ -205,8 +215,9 @@ pub async fn fetch_into_cache(
     cancel: &CancellationToken,
     budget: &DownloadBudget,
 ) -> Result<Fetched, FetchError> {
-    // Taken on the first wait for room, kept until room is granted.
-    let mut ticket = None;
+    // Taken on the first wait for room, kept until room is granted; with the size the
+    // upstream gave then.
+    let mut waiting: Option<(WaitTicket<'_>, u64)> = None;
     let (meta, mut stream, reservation) = loop {
         // Checked again after waiting for room: the image may have arrived meanwhile.
         if driver.is_cached(id) {
@@ -216,6 +227,16 @@ pub async fn fetch_into_cache(
         let changed = budget.space.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // While others wait ahead or there is still no room, asking the upstream again
+        // would only open a connection to hang up: keep waiting.
+        if let Some((ticket, size)) = &waiting
+            && !budget.space.could_reserve(*size, limits.max_size, ticket)
+        {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                () = changed => continue,
+            }
+        }
         let (meta, stream) = tokio::select! {
             _ = cancel.cancelled() => return Err(FetchError::Cancelled),
             r = upstream.fetch(id) => r?,
@@ -230,25 +251,26 @@ pub async fn fetch_into_cache(
                 limits.max_size
             )));
         }
-        if let Some(r) = budget
-            .space
-            .try_reserve(size, limits.max_size, ticket.as_ref())
-        {
+        let ticket = waiting.as_ref().map(|(t, _)| t);
+        if let Some(r) = budget.space.try_reserve(size, limits.max_size, ticket) {
             break (meta, stream, Some(r));
         }
         // No room beside the downloads in progress, or others wait ahead: hang up rather
         // than hold an idle connection, and ask again when the reservations change.
         drop(stream);
-        if ticket.is_none() {
-            info!(image_id = %id, bytes = size, reserved = budget.space.reserved(), "waiting for downloads in progress to leave room in the cache");
-            ticket = Some(budget.space.wait_in_line());
+        match &mut waiting {
+            Some((_, known)) => *known = size,
+            None => {
+                info!(image_id = %id, bytes = size, reserved = budget.space.reserved(), "waiting for downloads in progress to leave room in the cache");
+                waiting = Some((budget.space.wait_in_line(), size));
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return Err(FetchError::Cancelled),
             () = changed => {}
         }
     };
-    drop(ticket);
+    drop(waiting);
     if let Some(reservation) = &reservation {
         // Make room for this image and the others in progress first, so the cache never
         // exceeds max_size because of them.
@@ -467,5 +489,14 @@ mod tests {
         drop(gone);
         drop(later);
         assert!(space.try_reserve(300, 1000, None).is_some());
+        // could_reserve answers what try_reserve would, without reserving.
+        let next = space.wait_in_line();
+        assert!(space.could_reserve(1000, 1000, &next));
+        assert!(!space.could_reserve(1001, 1000, &next));
+        let behind = space.wait_in_line();
+        assert!(!space.could_reserve(1, 1000, &behind), "not first in line");
+        drop(next);
+        assert!(space.could_reserve(1, 1000, &behind));
+        assert_eq!(space.reserved(), 0, "asking reserves nothing");
     }
 }
