@@ -324,6 +324,30 @@ fn check_config_merges_defaults_file_and_environment() {
         out.contains("postgres://glance:***@db:5432/glance") && !out.contains("s3cret"),
         "{out}"
     );
+    // A server database gets Glance's tables only when asked; the environment can ask.
+    assert!(out.contains("create_glance_tables = false"), "{out}");
+    let asked = String::from_utf8(
+        env.run_env(
+            &["check-config"],
+            &[("GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES", "true")],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(asked.contains("create_glance_tables = true"), "{asked}");
+    let line = fails(
+        env.run_env(
+            &["check-config"],
+            &[("GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES", "maybe")],
+        ),
+        &["check-config"],
+    );
+    assert!(
+        line.contains(
+            "database.create_glance_tables (from GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES)"
+        ) && line.contains("true or false"),
+        "{line}"
+    );
     // The printed config is itself a valid config.
     let printed = write_file(
         env.tmp.path(),
