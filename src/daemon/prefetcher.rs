@@ -87,7 +87,11 @@ impl PrefetcherWorker {
             match result {
                 Ok(Some(id)) => self.unsettled.push(id),
                 Ok(None) => {}
-                Err(e) => error!(error = %e, "a download task crashed"),
+                Err(e) => {
+                    // A crashed task never reported its end.
+                    self.ctx.board.download_finished();
+                    error!(error = %e, "a download task crashed");
+                }
             }
         }
     }
@@ -152,6 +156,7 @@ impl Worker for PrefetcherWorker {
         // nothing published and the image queued.
         while let Some(result) = self.downloads.join_next().await {
             if let Err(e) = result {
+                self.ctx.board.download_finished();
                 error!(error = %e, "a download task crashed");
             }
         }
