@@ -83,11 +83,8 @@ struct Figures {
 
 impl Figures {
     fn add(&mut self, key: &str, label: String, value: f64, unit: &str, target: &str) {
-        self.rows.push((
-            label,
-            format!("{value:.0} {unit}").replace(" ms", " ms"),
-            target.into(),
-        ));
+        self.rows
+            .push((label, format!("{value:.0} {unit}"), target.into()));
         self.json.insert(key.into(), serde_json::json!(value));
     }
 }

@@ -3,6 +3,14 @@
 
 use chrono::{DateTime, Utc};
 
+/// `d` after `t`, saturating at the latest time chrono can hold.
+pub fn after(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// The current UTC time.
 pub fn now() -> DateTime<Utc> {
     Utc::now()

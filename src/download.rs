@@ -113,6 +113,21 @@ struct Ledger {
     next_ticket: u64,
 }
 
+impl Ledger {
+    /// Everything reserved with `bytes` added, if that fits in `max_size` and it is the
+    /// turn of `ticket` (a newcomer, `None`, has its turn only while nobody waits).
+    fn grant(&self, bytes: u64, max_size: u64, ticket: Option<u64>) -> Option<u64> {
+        let my_turn = self
+            .waiting
+            .front()
+            .is_none_or(|first| Some(*first) == ticket);
+        if !my_turn {
+            return None;
+        }
+        self.reserved.checked_add(bytes).filter(|t| *t <= max_size)
+    }
+}
+
 /// `bytes` of cache space held for one download until dropped.
 #[derive(Debug)]
 pub struct Reservation<'a> {
@@ -143,18 +158,7 @@ impl SpaceReservations {
         ticket: Option<&WaitTicket<'_>>,
     ) -> Option<Reservation<'_>> {
         let mut ledger = self.lock();
-        let my_turn = match (ledger.waiting.front(), ticket) {
-            (None, _) => true,
-            (Some(first), Some(t)) => *first == t.number,
-            (Some(_), None) => false,
-        };
-        if !my_turn {
-            return None;
-        }
-        let total = ledger
-            .reserved
-            .checked_add(bytes)
-            .filter(|t| *t <= max_size)?;
+        let total = ledger.grant(bytes, max_size, ticket.map(|t| t.number))?;
         ledger.reserved = total;
         Some(Reservation {
             space: self,
@@ -165,12 +169,9 @@ impl SpaceReservations {
 
     /// Whether `try_reserve(bytes, max_size, Some(ticket))` would succeed now.
     pub fn could_reserve(&self, bytes: u64, max_size: u64, ticket: &WaitTicket<'_>) -> bool {
-        let ledger = self.lock();
-        ledger.waiting.front() == Some(&ticket.number)
-            && ledger
-                .reserved
-                .checked_add(bytes)
-                .is_some_and(|t| t <= max_size)
+        self.lock()
+            .grant(bytes, max_size, Some(ticket.number))
+            .is_some()
     }
 
     /// Joins the line of downloads waiting for room.
@@ -410,8 +411,7 @@ pub async fn prefetch_claimed(
                 config.prefetcher.retry_delay,
                 config.prefetcher.max_retry_delay,
             );
-            let next =
-                clock::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let next = clock::after(clock::now(), delay);
             warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
             let recorded = driver.retry_later(id, attempts, next, &reason).await;
             (PrefetchOutcome::Retrying { reason, delay }, recorded)

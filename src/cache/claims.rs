@@ -22,7 +22,7 @@ impl CacheDriver {
         claim_for: Duration,
     ) -> Result<Option<QueuedImage>, CacheError> {
         let now = clock::now();
-        let until = now + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::MAX);
+        let until = clock::after(now, claim_for);
         loop {
             let Some(row) = self
                 .db()
@@ -36,15 +36,16 @@ impl CacheDriver {
             else {
                 return Ok(None);
             };
-            match queued_image(row.clone()) {
+            let (raw_id, attempts) = (row.image_id.clone(), row.attempts);
+            match queued_image(row) {
                 Some(image) => return Ok(Some(image)),
                 // A row whose id is not valid can never be fetched: fail it, take the next.
                 None => {
                     self.db()
                         .mark_failed(
                             self.node(),
-                            &row.image_id,
-                            row.attempts,
+                            &raw_id,
+                            attempts,
                             DbTime::from_utc(now),
                             "invalid image id",
                         )
@@ -91,18 +92,14 @@ impl CacheDriver {
                 error,
             )
             .await?;
-        let marker = self.layout().path(Area::Queue, id);
-        self.layout()
-            .remove(Area::Queue, id)
-            .map_err(CacheError::io("remove queue marker", marker))?;
+        self.remove_queue_marker(id)?;
         Ok(())
     }
 
     /// Extends every claim of `holder` to `claim_for` from now: a download that lasts
     /// longer than a claim must not see its image claimed again beside it.
     pub async fn renew_claims(&self, holder: &str, claim_for: Duration) -> Result<u64, CacheError> {
-        let until =
-            clock::now() + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::MAX);
+        let until = clock::after(clock::now(), claim_for);
         Ok(self
             .db()
             .renew_claims(self.node(), holder, DbTime::from_utc(until))

@@ -140,15 +140,12 @@ impl CacheDriver {
         // A marker alone (Glance's PUT /v2/cache/{id}) means queued; a row is checked by
         // the insert itself, which adds nothing when one is queued already (one query
         // instead of a lookup and an insert).
-        if self.layout().exists(Area::Queue, id) {
-            debug!(image_id = %id, "not queueing: already queued");
-            return Ok(false);
-        }
-        let added = self
-            .db()
-            .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
-            .await?;
-        if !added {
+        if self.layout().exists(Area::Queue, id)
+            || !self
+                .db()
+                .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
+                .await?
+        {
             debug!(image_id = %id, "not queueing: already queued");
             return Ok(false);
         }
@@ -161,7 +158,7 @@ impl CacheDriver {
         if self.is_cached(id) {
             self.dequeue_cached(id).await?;
         }
-        Ok(added)
+        Ok(true)
     }
 
     /// The queue in order (queued time, then id). Marker files without a row, such as
@@ -219,12 +216,18 @@ impl CacheDriver {
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
     pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
         let rows = self.db().dequeue(self.node(), id.as_str()).await?;
-        let marker = self.layout().path(Area::Queue, id);
-        let files = self
-            .layout()
-            .remove(Area::Queue, id)
-            .map_err(CacheError::io("remove queue marker", marker))?;
+        let files = self.remove_queue_marker(id)?;
         Ok(u64::from(rows > 0 || files.is_some()))
+    }
+
+    /// Removes `id`'s marker from `queue/`, if there is one.
+    pub(super) fn remove_queue_marker(&self, id: &ImageId) -> Result<Option<u64>, CacheError> {
+        self.layout()
+            .remove(Area::Queue, id)
+            .map_err(CacheError::io(
+                "remove queue marker",
+                self.layout().path(Area::Queue, id),
+            ))
     }
 
     /// Empties the queue: rows and markers. Returns how many images were queued.
@@ -234,10 +237,7 @@ impl CacheDriver {
         let mut ids: std::collections::BTreeSet<String> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
-            let path = self.layout().path(Area::Queue, &marker.image_id);
-            self.layout()
-                .remove(Area::Queue, &marker.image_id)
-                .map_err(CacheError::io("remove queue marker", path))?;
+            self.remove_queue_marker(&marker.image_id)?;
             ids.insert(marker.image_id.to_string());
         }
         self.db().dequeue_all(self.node()).await?;

@@ -11,7 +11,7 @@ use super::output;
 use super::{Cli, Command};
 use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
 use crate::config::{Config, resolve_config_path};
-use crate::db::{Db, DbOptions, Dialect};
+use crate::db::{Db, Dialect};
 use crate::image_id::ImageId;
 
 /// Bytes per read when importing or streaming an image.
@@ -379,11 +379,7 @@ pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
     if config.dialect() == Dialect::Sqlite {
         layout.ensure()?;
     }
-    let options = DbOptions {
-        max_connections: config.database.max_connections,
-        connect_timeout: config.database.connect_timeout,
-        create_glance_tables: config.database.create_glance_tables,
-    };
+    let options = config.database.db_options();
     let db = Db::connect(&config.database.url, &options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
     Ok(driver)

@@ -62,6 +62,17 @@ pub struct DatabaseConfig {
     pub create_glance_tables: bool,
 }
 
+impl DatabaseConfig {
+    /// The connection settings beyond the URL, for `Db::connect`.
+    pub fn db_options(&self) -> crate::db::DbOptions {
+        crate::db::DbOptions {
+            max_connections: self.max_connections,
+            connect_timeout: self.connect_timeout,
+            create_glance_tables: self.create_glance_tables,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// An `EnvFilter` directive: "info", or "glance_cached=debug,sqlx=warn".

@@ -17,22 +17,23 @@ use crate::db::{DbError, DbTime};
 /// The name a daemon holds its lease under: host and process, so the refusal message
 /// tells the operator where the other daemon runs.
 pub fn holder_name() -> String {
+    format!("{}{}", holder_prefix(), std::process::id())
+}
+
+/// "<host> pid ": what every holder name of this host starts with.
+fn holder_prefix() -> String {
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned();
-    format!("{host} pid {}", std::process::id())
+    format!("{host} pid ")
 }
 
 /// Whether `holder` names a process on this host that no longer exists (a crashed
 /// daemon whose lease has not expired yet): its lease may be taken over at once.
 pub fn holder_is_dead_local_process(holder: &str) -> bool {
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
     let Some(pid) = holder
-        .strip_prefix(&format!("{host} pid "))
+        .strip_prefix(&holder_prefix())
         .and_then(|p| p.parse::<i32>().ok())
     else {
         return false;

@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy};
 use crate::clock;
 use crate::config::Config;
-use crate::db::{Db, DbError, DbOptions, DbTime, LeaseOutcome};
+use crate::db::{Db, DbError, DbTime, LeaseOutcome};
 use crate::telemetry::LogLevelHandle;
 
 pub use signals::SignalCommand;
@@ -155,11 +155,7 @@ pub async fn run(
         .await
         .expect("layout check panicked")
         .map_err(CacheError::from)?;
-    let db_options = DbOptions {
-        max_connections: config.database.max_connections,
-        connect_timeout: config.database.connect_timeout,
-        create_glance_tables: config.database.create_glance_tables,
-    };
+    let db_options = config.database.db_options();
     let db = Db::connect(&config.database.url, &db_options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
 

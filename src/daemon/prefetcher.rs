@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use super::status::StatusBoard;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,6 @@ pub struct PrefetcherWorker {
     /// soon rather than when the claim expires.
     unsettled: Vec<ImageId>,
     cancel: CancellationToken,
-    done: Arc<Notify>,
     budget: Arc<DownloadBudget>,
     /// When the claims of the downloads in progress were last renewed.
     claims_renewed: Instant,
@@ -51,7 +50,6 @@ impl PrefetcherWorker {
         holder: String,
         cancel: CancellationToken,
     ) -> Self {
-        let done = ctx.nudges.prefetcher.clone();
         PrefetcherWorker {
             ctx,
             upstream: Arc::new(upstream),
@@ -59,7 +57,6 @@ impl PrefetcherWorker {
             downloads: JoinSet::new(),
             unsettled: Vec::new(),
             cancel,
-            done,
             budget: Arc::new(DownloadBudget::default()),
             claims_renewed: Instant::now(),
         }
@@ -87,11 +84,7 @@ impl PrefetcherWorker {
             match result {
                 Ok(Some(id)) => self.unsettled.push(id),
                 Ok(None) => {}
-                Err(e) => {
-                    // A crashed task never reported its end.
-                    self.ctx.board.download_finished();
-                    error!(error = %e, "a download task crashed");
-                }
+                Err(e) => error!(error = %e, "a download task crashed"),
             }
         }
     }
@@ -127,11 +120,10 @@ impl Worker for PrefetcherWorker {
                 ctx: self.ctx.clone(),
                 upstream: self.upstream.clone(),
                 cancel: self.cancel.clone(),
-                done: self.done.clone(),
                 budget: self.budget.clone(),
             };
-            self.ctx.board.download_started();
-            self.downloads.spawn(job.run(image));
+            let counted = DownloadCounted::start(self.ctx.board.clone());
+            self.downloads.spawn(job.run(image, counted));
         }
         // Downloads change the queue; the queue loop only hears of markers.
         self.ctx.publish_queue_status().await?;
@@ -156,7 +148,6 @@ impl Worker for PrefetcherWorker {
         // nothing published and the image queued.
         while let Some(result) = self.downloads.join_next().await {
             if let Err(e) = result {
-                self.ctx.board.download_finished();
                 error!(error = %e, "a download task crashed");
             }
         }
@@ -170,13 +161,29 @@ struct Download {
     ctx: Context,
     upstream: Arc<Upstream>,
     cancel: CancellationToken,
-    done: Arc<Notify>,
     budget: Arc<DownloadBudget>,
+}
+
+/// One download in the STATUS count, from its start until dropped: however the task
+/// ends (done, crashed, aborted), it leaves the count.
+struct DownloadCounted(Arc<StatusBoard>);
+
+impl DownloadCounted {
+    fn start(board: Arc<StatusBoard>) -> Self {
+        board.download_started();
+        DownloadCounted(board)
+    }
+}
+
+impl Drop for DownloadCounted {
+    fn drop(&mut self) {
+        self.0.download_finished();
+    }
 }
 
 impl Download {
     /// Returns the id if its outcome could not be recorded (its claim is still held).
-    async fn run(self, image: QueuedImage) -> Option<ImageId> {
+    async fn run(self, image: QueuedImage, counted: DownloadCounted) -> Option<ImageId> {
         let config = self.ctx.config();
         let (outcome, recorded) = prefetch_claimed(
             &self.ctx.driver,
@@ -191,8 +198,8 @@ impl Download {
             self.ctx.nudges.pruner.notify_one();
         }
         // Before the nudge, so the step it wakes reports this download gone.
-        self.ctx.board.download_finished();
-        self.done.notify_one();
+        drop(counted);
+        self.ctx.nudges.prefetcher.notify_one();
         match recorded {
             Ok(()) => None,
             Err(error) => {

@@ -150,19 +150,26 @@ const MYSQL_DDL: &[&str] = &[
 const CREATE_VERSION_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS glance_cached_schema (version BIGINT NOT NULL)";
 
-/// Counts the tables named `?` in the connection's database (its schema, on PostgreSQL).
-fn table_count_sql(d: Dialect) -> &'static str {
-    match d {
+/// One row: how many of Glance's `cached_images` (`glance_tables`) and of alembic's
+/// `alembic_version` (`glance_schema`) the connection's database (schema, on PostgreSQL)
+/// has.
+fn glance_tables_sql(d: Dialect) -> String {
+    let count = |table: &str| match d {
         Dialect::Sqlite => {
-            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?"
+            format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'")
         }
-        Dialect::Postgres => {
-            "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1"
-        }
-        Dialect::MySql => {
-            "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?"
-        }
-    }
+        Dialect::Postgres => format!(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = '{table}'"
+        ),
+        Dialect::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'"
+        ),
+    };
+    format!(
+        "SELECT ({}) AS glance_tables, ({}) AS glance_schema",
+        count("cached_images"),
+        count("alembic_version")
+    )
 }
 
 impl Db {
@@ -214,16 +221,11 @@ impl Db {
                         supported: SCHEMA_VERSION,
                     }));
                 }
-                let mut present = [false; 2];
-                for (found, table) in present.iter_mut().zip(["cached_images", "alembic_version"]) {
-                    let n: i64 = sqlx::query(table_count_sql(d))
-                        .bind(table)
-                        .fetch_one(&mut *conn)
-                        .await?
-                        .try_get("n")?;
-                    *found = n > 0;
-                }
-                let [glance_tables, glance_schema] = present;
+                let tables = sqlx::query(sqlx::AssertSqlSafe(glance_tables_sql(d)))
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let glance_tables = tables.try_get::<i64, _>("glance_tables")? > 0;
+                let glance_schema = tables.try_get::<i64, _>("glance_schema")? > 0;
                 // When Glance shares the database its tables come from its migrations;
                 // made here, a later `glance-manage db sync` would fail on them.
                 if !glance_tables && glance_schema {

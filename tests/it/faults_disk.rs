@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use md5::Digest;
-
-use crate::common::test_bytes;
+use crate::common::{md5_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
 use crate::origin::{Behaviour, Origin};
@@ -189,10 +187,7 @@ fn a_full_disk_aborts_the_download_frees_the_space_and_the_next_one_fits() {
     assert_eq!(std::fs::read(s.cache("fits")).unwrap(), fits);
     let out = s.cli(&["list-cached", "--json"]);
     let cached: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        cached[0]["checksum"],
-        hex::encode(md5::Md5::digest(&fits)).as_str()
-    );
+    assert_eq!(cached[0]["checksum"], md5_hex(&fits).as_str());
     assert!(mount.free() < empty - 3 * MIB + 64 * 1024);
     assert!(d.log_text().contains("No space left on device"));
     assert!(d.alive());

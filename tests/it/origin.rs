@@ -4,14 +4,13 @@
 //! a redirect elsewhere. Written by hand (std threads) so it can lie on the wire, which
 //! a well-behaved server library refuses to do.
 
+use crate::common::{md5_hex, sha512_hex};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use md5::Digest;
 
 #[derive(Debug, Clone, Default)]
 pub struct Behaviour {
@@ -44,7 +43,6 @@ pub struct Stats {
     pub in_flight: u32,
     pub max_in_flight: u32,
     pub tokens_issued: u32,
-    pub unauthorized: u32,
 }
 
 #[derive(Debug, Default)]
@@ -226,7 +224,6 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         };
         drop(s);
         if !ok {
-            state.lock().unwrap().stats.unauthorized += 1;
             return respond(&mut conn, 401, &[], b"unauthorized");
         }
     }
@@ -237,9 +234,9 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let md5 = if b.wrong_md5 {
         "0".repeat(32)
     } else {
-        hex::encode(md5::Md5::digest(&*image.data))
+        md5_hex(&image.data)
     };
-    let sha512 = hex::encode(sha2::Sha512::digest(&*image.data));
+    let sha512 = sha512_hex(&image.data);
     if kind == "meta" {
         let body = serde_json::json!({
             "id": id,

@@ -6,9 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use md5::Digest;
-
-use crate::common::test_bytes;
+use crate::common::{md5_hex, sha512_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
 
@@ -40,9 +38,9 @@ fn https_origin(config: Arc<rustls::ServerConfig>, id: &'static str, data: Arc<V
                 } else {
                     serde_json::json!({
                         "id": id, "status": "active", "size": data.len(),
-                        "checksum": hex::encode(md5::Md5::digest(&*data)),
+                        "checksum": md5_hex(&data),
                         "os_hash_algo": "sha512",
-                        "os_hash_value": hex::encode(sha2::Sha512::digest(&*data)),
+                        "os_hash_value": sha512_hex(&data),
                     })
                     .to_string()
                     .into_bytes()
