@@ -81,10 +81,7 @@ impl Daemon {
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
         drop(self.notify);
     }
 

@@ -316,8 +316,7 @@ fn main() {
     }
     let rss_secs = started.elapsed().as_secs_f64();
     let hwm_kib = vm_hwm_kib(daemon.id()).unwrap_or(0);
-    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-    let _ = daemon.wait();
+    common::terminate(&mut daemon);
 
     // What one core hashes, in memory: the floor under the prefetch path's CPU cost.
     let block = vec![0x5au8; 64 << 20];

@@ -19,3 +19,13 @@ pub fn bench_dir() -> std::path::PathBuf {
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())
 }
+
+/// Sends SIGTERM to `child` and waits for it (no `kill` binary needed: a bare image may
+/// lack procps, and a failed spawn would leave the wait hanging).
+#[allow(dead_code)] // not every benchmark runs the daemon
+pub fn terminate(child: &mut std::process::Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = child.wait();
+}
