@@ -334,11 +334,6 @@ pub async fn fetch_into_cache(
     })
 }
 
-/// How long a claim on a queued image lasts. Claims are released when a download ends
-/// and at every daemon start (under the node lease any claim is a dead process's), and the
-/// daemon renews those of downloads in progress, so this only bounds a wedge.
-pub const CLAIM_TTL: Duration = Duration::from_secs(6 * 3600);
-
 /// What became of one claimed queued image, as recorded in the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrefetchOutcome {

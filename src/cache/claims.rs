@@ -1,6 +1,6 @@
 //! The prefetch queue as the prefetcher uses it: claims, retries with their next attempt
 //! time, giving up (the row stays `failed` with its reason, the marker goes), and the
-//! recovery of a crashed daemon's claims at start.
+//! recovery of dead processes' claims at start.
 
 use std::time::Duration;
 
@@ -109,39 +109,60 @@ impl CacheDriver {
     /// Releases the claim on `id` (an interrupted download): it stays queued.
     pub async fn release_claim(&self, id: &ImageId) -> Result<(), CacheError> {
         self.db()
-            .release_claims(self.node(), Some(id.as_str()))
+            .release_claim(self.node(), id.as_str(), None)
             .await?;
         Ok(())
     }
 
-    /// At start, under the node lease, every claim belongs to a dead process: its partial
-    /// file in `incomplete/` goes to `invalid/` (so the image can be fetched again at
-    /// once) and the claims are released. Returns how many claims were recovered.
-    pub async fn recover_claims(&self) -> Result<u64, CacheError> {
-        for raw in self.db().claimed_images(self.node()).await? {
-            let Ok(id) = ImageId::parse(&raw) else {
+    /// Recovers the claims of dead processes (a crashed daemon or `prefetch` command):
+    /// `holder_running` tells them from live ones by the claim's holder name. A dead
+    /// holder's partial file in `incomplete/` goes to `invalid/` (so the image can be
+    /// fetched again at once) and its claim is released; a running holder's download is
+    /// left alone. Returns how many claims were recovered.
+    pub async fn recover_claims(
+        &self,
+        holder_running: impl Fn(&str) -> bool,
+    ) -> Result<u64, CacheError> {
+        let mut recovered = 0;
+        for (raw, holder) in self.db().claims(self.node()).await? {
+            if holder_running(&holder) {
                 continue;
-            };
+            }
+            if let Ok(id) = ImageId::parse(&raw) {
+                self.move_partial_download_to_invalid(&id)?;
+            }
             if self
-                .layout()
-                .regular_file(Area::Incomplete, &id)
-                .ok()
-                .flatten()
-                .is_some()
+                .db()
+                .release_claim(self.node(), &raw, Some(&holder))
+                .await?
             {
-                match self.layout().rename(Area::Incomplete, Area::Invalid, &id) {
-                    Ok(()) => info!(image_id = %id, "moved an interrupted download to invalid/"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(CacheError::io(
-                            "move to invalid/",
-                            self.layout().path(Area::Incomplete, &id),
-                        )(e));
-                    }
-                }
+                recovered += 1;
             }
         }
-        Ok(self.db().release_claims(self.node(), None).await?)
+        Ok(recovered)
+    }
+
+    fn move_partial_download_to_invalid(&self, id: &ImageId) -> Result<(), CacheError> {
+        if self
+            .layout()
+            .regular_file(Area::Incomplete, id)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            return Ok(());
+        }
+        match self.layout().rename(Area::Incomplete, Area::Invalid, id) {
+            Ok(()) => {
+                info!(image_id = %id, "moved an interrupted download to invalid/");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::io(
+                "move to invalid/",
+                self.layout().path(Area::Incomplete, id),
+            )(e)),
+        }
     }
 
     /// When the earliest waiting queued image becomes due.

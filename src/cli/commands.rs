@@ -214,7 +214,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 /// every outcome in the queue, until none is due. SIGINT or SIGTERM stops the downloads
 /// with nothing published and the images still queued. Exits 1 if any image failed.
 async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
-    use crate::download::{CLAIM_TTL, DownloadBudget, PrefetchOutcome, prefetch_claimed};
+    use crate::download::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
     use std::sync::Arc;
 
     let Some(upstream) = &config.upstream else {
@@ -234,16 +234,30 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let holder = format!("prefetch on {}", crate::daemon::lease::holder_name());
+    let holder = crate::daemon::lease::prefetch_command_holder_name();
+    // Claims of earlier runs on this host that died (kill -9) would keep their images
+    // until the claims run out.
+    let recovered = driver
+        .recover_claims(|other| crate::daemon::lease::claim_may_be_live(&holder, other))
+        .await?;
+    if recovered > 0 {
+        println!("released {recovered} claims of a process that is no longer running");
+    }
     let budget = Arc::new(DownloadBudget::default());
     let config = Arc::new(config.clone());
     let mut downloads = tokio::task::JoinSet::new();
     // Each image's latest outcome: one may fail, be retried (when due again before the
     // queue runs dry) and then succeed.
     let mut latest = std::collections::BTreeMap::new();
+    // A download may outlast a claim (a large image under a bandwidth cap): renew ours.
+    let renew_every = config.prefetcher.claim_renew_every();
+    let mut renew_at = tokio::time::Instant::now() + renew_every;
     loop {
         while downloads.len() < config.prefetcher.concurrency && !cancel.is_cancelled() {
-            let Some(image) = driver.claim_next(&holder, CLAIM_TTL).await? else {
+            let Some(image) = driver
+                .claim_next(&holder, config.prefetcher.claim_ttl)
+                .await?
+            else {
                 break;
             };
             let (driver, upstream, config, cancel, budget) = (
@@ -264,7 +278,18 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
                 (image.image_id, outcome, recorded)
             });
         }
-        let Some(done) = downloads.join_next().await else {
+        let done = tokio::select! {
+            done = downloads.join_next() => done,
+            () = tokio::time::sleep_until(renew_at) => {
+                if let Err(e) = driver.renew_claims(&holder, config.prefetcher.claim_ttl).await {
+                    // The next renewal tries again; the claims last a while yet.
+                    println!("could not renew the claims of the downloads in progress: {e}");
+                }
+                renew_at = tokio::time::Instant::now() + renew_every;
+                continue;
+            }
+        };
+        let Some(done) = done else {
             break;
         };
         let (id, outcome, recorded) = done.context("a download task crashed")?;

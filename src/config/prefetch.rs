@@ -20,6 +20,17 @@ pub struct PrefetcherConfig {
     pub retry_delay: Duration,
     pub max_retry_delay: Duration,
     pub max_bytes_per_second: Option<u64>,
+    /// How long a claim on a queued image lasts unless renewed: bounds how long the
+    /// image of a download whose process vanished without trace waits.
+    pub claim_ttl: Duration,
+}
+
+impl PrefetcherConfig {
+    /// How often the claims of downloads in progress are renewed: six times per term,
+    /// so a database outage of most of a term still leaves a renewal due in time.
+    pub fn claim_renew_every(&self) -> Duration {
+        self.claim_ttl / 6
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +90,7 @@ pub(super) const KEYS: &[&str] = &[
     "prefetcher.retry_delay",
     "prefetcher.max_retry_delay",
     "prefetcher.max_bytes_per_second",
+    "prefetcher.claim_ttl",
     "upstream.kind",
     "upstream.url",
     "upstream.url_template",
@@ -131,6 +143,20 @@ impl Validator<'_> {
             retry_delay,
             max_retry_delay,
             max_bytes_per_second,
+            claim_ttl: self.claim_ttl(),
+        }
+    }
+
+    fn claim_ttl(&mut self) -> Duration {
+        const DEFAULT: Duration = Duration::from_secs(6 * 3600);
+        match self.duration("prefetcher.claim_ttl") {
+            // Renewed every sixth of it: shorter would spin on the database.
+            Some(d) if d < Duration::from_secs(1) => {
+                self.problem("prefetcher.claim_ttl", "must be at least 1s".into());
+                DEFAULT
+            }
+            Some(d) => d,
+            None => DEFAULT,
         }
     }
 
@@ -276,12 +302,13 @@ impl Validator<'_> {
 /// The two sections as TOML, secrets masked.
 pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> String {
     let mut out = format!(
-        "[prefetcher]\nconcurrency = {}\ninterval = {:?}\nmax_attempts = {}\nretry_delay = {:?}\nmax_retry_delay = {:?}\n{}\n",
+        "[prefetcher]\nconcurrency = {}\ninterval = {:?}\nmax_attempts = {}\nretry_delay = {:?}\nmax_retry_delay = {:?}\nclaim_ttl = {:?}\n{}\n",
         p.concurrency,
         format_duration(p.interval),
         p.max_attempts,
         format_duration(p.retry_delay),
         format_duration(p.max_retry_delay),
+        format_duration(p.claim_ttl),
         match p.max_bytes_per_second {
             Some(b) => format!("max_bytes_per_second = {:?}", format_size(b)),
             None => "# max_bytes_per_second is unset".into(),

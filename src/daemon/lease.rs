@@ -14,10 +14,18 @@ use super::worker::{Next, Worker};
 use crate::clock;
 use crate::db::{DbError, DbTime};
 
-/// The name a daemon holds its lease under: host and process, so the refusal message
-/// tells the operator where the other daemon runs.
+/// The name a daemon holds its lease and its queue claims under: host and process, so
+/// the refusal message tells the operator where the other daemon runs.
 pub fn holder_name() -> String {
     format!("{}{}", holder_prefix(), std::process::id())
+}
+
+/// What a `prefetch` command's claims are held under, before its [`holder_name`].
+const PREFETCH_COMMAND: &str = "prefetch on ";
+
+/// The name a `glance-cached prefetch` command holds its queue claims under.
+pub fn prefetch_command_holder_name() -> String {
+    format!("{PREFETCH_COMMAND}{}", holder_name())
 }
 
 /// "<host> pid ": what every holder name of this host starts with.
@@ -29,21 +37,59 @@ fn holder_prefix() -> String {
     format!("{host} pid ")
 }
 
-/// Whether `holder` names a process on this host that no longer exists (a crashed
-/// daemon whose lease has not expired yet): its lease may be taken over at once.
-pub fn holder_is_dead_local_process(holder: &str) -> bool {
-    let Some(pid) = holder
+/// What this host can tell of the process a holder name (a daemon's or a `prefetch`
+/// command's) points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderState {
+    /// A glance-cached process on this host with that pid is running.
+    Running,
+    /// No process with that pid runs here, or one of another program (the pid was
+    /// reused after a crash).
+    Gone,
+    /// Another host's process, or a name not of our making: nothing can be told.
+    Unknown,
+}
+
+/// Called at start, before this process holds a lease or a claim: a holder naming our
+/// own pid is a predecessor's (in a container the daemon is pid 1 at every start).
+pub fn holder_state(holder: &str) -> HolderState {
+    let name = holder.strip_prefix(PREFETCH_COMMAND).unwrap_or(holder);
+    let Some(pid) = name
         .strip_prefix(&holder_prefix())
         .and_then(|p| p.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw)
     else {
-        return false;
+        return HolderState::Unknown;
     };
-    match rustix::process::Pid::from_raw(pid) {
-        Some(pid) => matches!(
-            rustix::process::test_kill_process(pid),
-            Err(rustix::io::Errno::SRCH)
-        ),
-        None => false,
+    if pid.as_raw_nonzero().get() as u32 == std::process::id() {
+        return HolderState::Gone;
+    }
+    match rustix::process::test_kill_process(pid) {
+        Err(rustix::io::Errno::SRCH) => HolderState::Gone,
+        // EPERM: it exists, as another user's process.
+        _ if runs_this_program(pid) => HolderState::Running,
+        _ => HolderState::Gone,
+    }
+}
+
+/// Whether a queue claim held by `holder` must stay while this process, holding claims
+/// as `own`, runs: ours, a running process's, or one this host cannot check.
+pub fn claim_may_be_live(own: &str, holder: &str) -> bool {
+    holder == own || holder_state(holder) != HolderState::Gone
+}
+
+/// Whether `pid` runs the same program as this process, by the kernel's command name.
+/// When that cannot be read (`/proc` mounted with `hidepid`), the process is taken to
+/// be ours: wrongly thinking a holder gone could run two downloads of one image, or two
+/// daemons for one node.
+fn runs_this_program(pid: rustix::process::Pid) -> bool {
+    let comm = |path: String| std::fs::read(path).ok();
+    match (
+        comm(format!("/proc/{}/comm", pid.as_raw_nonzero())),
+        comm("/proc/self/comm".to_owned()),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => true,
     }
 }
 
@@ -89,5 +135,52 @@ impl Worker for LeaseWorker {
             let _ = self.fatal.send(message);
         }
         Ok(Next::IdleUntil(Instant::now() + ttl / 3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(pid: u32) -> String {
+        format!("{}{pid}", holder_prefix())
+    }
+
+    #[test]
+    fn holders_are_told_apart_by_host_pid_and_program() {
+        // Another host's process, or a name not of our making: nothing can be told.
+        assert_eq!(
+            holder_state("elsewhere.example pid 1"),
+            HolderState::Unknown
+        );
+        assert_eq!(holder_state("worker-3"), HolderState::Unknown);
+        assert_eq!(holder_state(&local(0)), HolderState::Unknown);
+        // Our own pid is a predecessor's (we hold nothing yet when this is asked).
+        assert_eq!(holder_state(&holder_name()), HolderState::Gone);
+        assert_eq!(
+            holder_state(&prefetch_command_holder_name()),
+            HolderState::Gone
+        );
+        // A process that has exited.
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let exited_pid = exited.id();
+        exited.wait().unwrap();
+        assert_eq!(holder_state(&local(exited_pid)), HolderState::Gone);
+        // A running process of another program: the pid was reused.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let state = holder_state(&local(other.id()));
+        let command_state = holder_state(&format!("{PREFETCH_COMMAND}{}", local(other.id())));
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(state, HolderState::Gone);
+        assert_eq!(command_state, HolderState::Gone);
+        // Ours, and live processes of this program, are kept by claim recovery.
+        let own = holder_name();
+        assert!(claim_may_be_live(&own, &own));
+        assert!(claim_may_be_live(&own, "elsewhere.example pid 1"));
+        assert!(!claim_may_be_live(&own, &local(exited_pid)));
     }
 }

@@ -207,7 +207,7 @@ async fn take_lease(
     };
     // A daemon on this host that crashed (kill -9, OOM) left a fresh lease: take it over
     // at once rather than fail every restart until it expires.
-    if lease::holder_is_dead_local_process(&other.holder) {
+    if lease::holder_state(&other.holder) == lease::HolderState::Gone {
         warn!(previous = %other.holder, "taking over the lease of a daemon that is no longer running");
         if let LeaseOutcome::Acquired = attempt(true).await? {
             return Ok(());
@@ -246,7 +246,17 @@ async fn serve(
         cleaned = report.cleaned.files(),
         "reconcile done"
     );
-    let recovered = driver.recover_claims().await?;
+    // Under the node lease any claim is a dead process's, unless a `prefetch` command
+    // is downloading beside us: its claims stay.
+    let recovered = driver
+        .recover_claims(|holder| {
+            let running = lease::holder_state(holder) == lease::HolderState::Running;
+            if running {
+                info!(%holder, "left the claim of a download still running in another process");
+            }
+            running
+        })
+        .await?;
     if recovered > 0 {
         info!(recovered, "released the claims of interrupted downloads");
     }

@@ -15,17 +15,14 @@ use tracing::{debug, error, info};
 
 use super::Context;
 use super::Task;
+use super::lease;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
-use crate::download::{CLAIM_TTL, DownloadBudget, PrefetchOutcome, prefetch_claimed};
+use crate::config::PrefetcherConfig;
+use crate::download::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
 use crate::image_id::ImageId;
 use crate::upstream::Upstream;
-
-/// How often the claims of downloads in progress are renewed: a download may outlast
-/// `CLAIM_TTL` (a large image under a bandwidth cap), and a database outage of several
-/// hours must still leave a renewal due before the claims expire.
-const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct PrefetcherWorker {
     ctx: Context,
@@ -62,21 +59,42 @@ impl PrefetcherWorker {
         }
     }
 
-    /// Renews this process's claims when due while downloads are in progress; returns
+    /// Renews this process's claims when due while downloads are in progress (a download
+    /// may outlast `prefetcher.claim_ttl`: a large image under a bandwidth cap); returns
     /// when the next renewal is due.
-    async fn renew_claims(&mut self) -> Result<Instant, CacheError> {
+    async fn renew_claims(&mut self, config: &PrefetcherConfig) -> Result<Instant, CacheError> {
+        let every = config.claim_renew_every();
         if self.downloads.is_empty() {
             self.claims_renewed = Instant::now();
-        } else if self.claims_renewed.elapsed() >= CLAIM_RENEW_EVERY {
+        } else if self.claims_renewed.elapsed() >= every {
             let renewed = self
                 .ctx
                 .driver
-                .renew_claims(&self.holder, CLAIM_TTL)
+                .renew_claims(&self.holder, config.claim_ttl)
                 .await?;
             debug!(renewed, "renewed the claims of downloads in progress");
             self.claims_renewed = Instant::now();
         }
-        Ok(self.claims_renewed + CLAIM_RENEW_EVERY)
+        Ok(self.claims_renewed + every)
+    }
+
+    /// Releases the claims of `prefetch` commands on this host that died (kill -9, a
+    /// crash) since we started, and moves their partial files to `invalid/`, so their
+    /// images are fetched now rather than when the claims run out. Our own claims, and
+    /// those whose holder cannot be checked from here, stay.
+    async fn recover_dead_claims(&self) -> Result<(), CacheError> {
+        let recovered = self
+            .ctx
+            .driver
+            .recover_claims(|holder| lease::claim_may_be_live(&self.holder, holder))
+            .await?;
+        if recovered > 0 {
+            info!(
+                recovered,
+                "released the claims of a process that is no longer running"
+            );
+        }
+        Ok(())
     }
 
     fn reap(&mut self) {
@@ -110,10 +128,12 @@ impl Worker for PrefetcherWorker {
     async fn step(&mut self) -> Result<Next, CacheError> {
         self.reap();
         self.settle().await?;
+        self.recover_dead_claims().await?;
         let config = self.ctx.config();
         let limit = config.prefetcher.concurrency;
         while self.downloads.len() < limit && !self.cancel.is_cancelled() {
-            let Some(image) = self.ctx.driver.claim_next(&self.holder, CLAIM_TTL).await? else {
+            let claim_ttl = config.prefetcher.claim_ttl;
+            let Some(image) = self.ctx.driver.claim_next(&self.holder, claim_ttl).await? else {
                 break;
             };
             let job = Download {
@@ -127,7 +147,7 @@ impl Worker for PrefetcherWorker {
         }
         // Downloads change the queue; the queue loop only hears of markers.
         self.ctx.publish_queue_status().await?;
-        let renew_due = self.renew_claims().await?;
+        let renew_due = self.renew_claims(&config.prefetcher).await?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {
             // Full: a finished download nudges us.

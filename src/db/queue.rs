@@ -236,20 +236,21 @@ impl Db {
         Ok(row)
     }
 
-    /// Image ids this node's rows are claimed for (a crashed daemon's downloads).
-    pub async fn claimed_images(&self, node: NodeId) -> Result<Vec<String>, DbError> {
-        const Q: &str = "SELECT image_id FROM glance_cached_queue \
+    /// This node's claims: (image id, holder) of every claimed row, whether the claim
+    /// has run out or not.
+    pub async fn claims(&self, node: NodeId) -> Result<Vec<(String, String)>, DbError> {
+        const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
-        let ids = on_pool!(self, |pool, d| {
+        let claims = on_pool!(self, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        Ok(ids)
+        Ok(claims)
     }
 
     /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
@@ -274,31 +275,39 @@ impl Db {
         Ok(n)
     }
 
-    /// Drops every claim of this node (at start, under the node lease, any claim is a
-    /// dead process's), or only `image_id`'s.
-    pub async fn release_claims(
+    /// Drops the claim on `image_id`, or only `holder`'s claim on it when a holder is
+    /// given (so a claim taken since by someone else stays). Returns whether one went.
+    pub async fn release_claim(
         &self,
         node: NodeId,
-        image_id: Option<&str>,
-    ) -> Result<u64, DbError> {
-        const ALL: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
-             WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
-        const ONE: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
-             WHERE node_reference_id = ? AND image_id = ?";
+        image_id: &str,
+        holder: Option<&str>,
+    ) -> Result<bool, DbError> {
+        const ANY: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND image_id = ? AND claimed_by IS NOT NULL";
+        const HOLDERS: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
+             WHERE node_reference_id = ? AND image_id = ? AND claimed_by = ?";
         let n = on_pool!(self, |pool, d| {
-            match image_id {
-                None => sqlx::query(sql(d, ALL)).bind(node.0).execute(pool).await?,
-                Some(id) => {
-                    sqlx::query(sql(d, ONE))
+            match holder {
+                None => {
+                    sqlx::query(sql(d, ANY))
                         .bind(node.0)
-                        .bind(id)
+                        .bind(image_id)
+                        .execute(pool)
+                        .await?
+                }
+                Some(holder) => {
+                    sqlx::query(sql(d, HOLDERS))
+                        .bind(node.0)
+                        .bind(image_id)
+                        .bind(holder)
                         .execute(pool)
                         .await?
                 }
             }
             .rows_affected()
         });
-        Ok(n)
+        Ok(n > 0)
     }
 
     /// Records a failed attempt to be retried at `next_attempt_at`; releases the claim.

@@ -1017,11 +1017,37 @@ mod claims {
             .find(|q| q.image_id.as_str() == "claim-08")
             .unwrap();
         assert_eq!((revived.state.as_str(), revived.attempts), ("queued", 0));
-        // At start, every claim of the node is a dead process's: released, and its
-        // partial file moved out of the way.
+        // At start, a dead process's claims are released and their partial files moved
+        // out of the way; a running process's (a `prefetch` command's) are left alone.
+        let claims = t.driver.db().claims(t.driver.node()).await.unwrap();
+        let holder_of = |image: &str| {
+            claims
+                .iter()
+                .find(|(i, _)| i == image)
+                .map(|(_, h)| h.clone())
+                .unwrap()
+        };
+        let running = holder_of("claim-09");
+        let dead_image = claims
+            .iter()
+            .find(|(_, h)| *h != running)
+            .map(|(i, _)| i.clone())
+            .unwrap();
+        let kept = claims.iter().filter(|(_, h)| *h == running).count();
+        assert!(claims.len() >= 38 && kept >= 1, "{claims:?}");
         std::fs::write(t.path("incomplete/claim-09"), b"partial").unwrap();
-        assert!(t.driver.recover_claims().await.unwrap() >= 38);
-        assert!(!t.path("incomplete/claim-09").exists() && t.path("invalid/claim-09").exists());
+        std::fs::write(t.path(&format!("incomplete/{dead_image}")), b"partial").unwrap();
+        let recovered = t.driver.recover_claims(|h| h == running).await.unwrap();
+        assert_eq!(recovered as usize, claims.len() - kept);
+        assert!(t.path(&format!("invalid/{dead_image}")).exists());
+        assert!(!t.path(&format!("incomplete/{dead_image}")).exists());
+        assert!(
+            t.path("incomplete/claim-09").exists() && !t.path("invalid/claim-09").exists(),
+            "a running download's file stays"
+        );
+        let left = t.driver.db().claims(t.driver.node()).await.unwrap();
+        assert_eq!(left.len(), kept);
+        assert!(left.iter().all(|(_, h)| *h == running), "{left:?}");
         assert!(
             t.driver
                 .claim_next("fresh", Duration::from_secs(600))

@@ -268,10 +268,7 @@ fn assert_alive(d: &mut Daemon, when: &str) {
 /// no crash, no lost queue entry, no duplicate row, and everything completes after.
 fn database_outage(url: &str, stop: impl FnOnce(), start: impl FnOnce()) {
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(300)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(300);
     let mut images = BTreeMap::new();
     for n in 0..8u8 {
         let id = format!("out-{n}");

@@ -730,7 +730,7 @@ fn hostile_config_files_name_every_bad_key() {
         &s,
         &canary,
         &format!(
-            "{head}max_size = -1\nstall_time = -30\n[pruner]\nlow_watermark = \"-5MiB\"\nmin_free_disk = -1\n[cleaner]\ninvalid_grace = \"-1s\"\n[database]\nmax_connections = -3\n[prefetcher]\nmax_bytes_per_second = -100\n"
+            "{head}max_size = -1\nstall_time = -30\n[pruner]\nlow_watermark = \"-5MiB\"\nmin_free_disk = -1\n[cleaner]\ninvalid_grace = \"-1s\"\n[database]\nmax_connections = -3\n[prefetcher]\nmax_bytes_per_second = -100\nclaim_ttl = \"-1s\"\n"
         ),
         &[],
         &[
@@ -741,7 +741,19 @@ fn hostile_config_files_name_every_bad_key() {
             &from("cleaner.invalid_grace"),
             &from("database.max_connections"),
             &from("prefetcher.max_bytes_per_second"),
+            &from("prefetcher.claim_ttl"),
         ],
+    );
+    // A claim term so short that renewing it would spin on the database.
+    assert_config_refused(
+        &s,
+        &canary,
+        &format!("{head}[prefetcher]\nclaim_ttl = \"500ms\"\n"),
+        &[],
+        &[&format!(
+            "{}: must be at least 1s",
+            from("prefetcher.claim_ttl")
+        )],
     );
     // Unknown keys, at every level.
     assert_config_refused(

@@ -94,10 +94,7 @@ fn ten_thousand_queued_images_drain_through_four_workers_without_duplicates() {
         Duration::from_secs(3)
     };
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(20)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(20);
     let ids: Vec<String> = (0..IMAGES).map(|n| format!("load-{n:05}")).collect();
     let mut expected = HashMap::new();
     for (n, id) in ids.iter().enumerate() {

@@ -31,6 +31,16 @@ pub struct Behaviour {
     pub redirect_to: Option<String>,
 }
 
+impl Behaviour {
+    /// Serves the body in 64 KiB chunks `ms_per_chunk` apart.
+    pub fn slow(ms_per_chunk: u64) -> Behaviour {
+        Behaviour {
+            chunk_delay: Some(Duration::from_millis(ms_per_chunk)),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Image {
     pub data: Arc<Vec<u8>>,

@@ -45,6 +45,25 @@ pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Waits until the first bytes of `id` are in `incomplete/`.
+fn wait_until_downloading(s: &Setup, id: &str) {
+    eventually(SOON, &format!("the download of {id} is under way"), || {
+        std::fs::metadata(s.cache(&format!("incomplete/{id}"))).is_ok_and(|m| m.len() > 0)
+    });
+}
+
+/// `glance-cached prefetch` in the background, its output captured.
+fn spawn_prefetch_command(s: &Setup) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("prefetch")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Waits until `id` is cached and checks its bytes and recorded checksum.
 fn assert_cached(s: &Setup, id: &str, data: &[u8]) {
     eventually(Duration::from_secs(20), &format!("{id} is cached"), || {
@@ -357,10 +376,7 @@ fn bad_bytes_are_never_cached() {
 #[test]
 fn concurrency_is_limited() {
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(40)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(40);
     let ids: Vec<String> = (0..6).map(|n| format!("c-{n}")).collect();
     for id in &ids {
         origin.add(id, test_bytes(256 * 1024, 3), slow.clone());
@@ -405,17 +421,12 @@ fn bandwidth_is_capped() {
 #[test]
 fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(100)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(100);
     origin.add("big-slow", test_bytes(4 << 20, 1), slow);
     let s = glance_setup(&origin, "");
     let mut d = s.start();
     queue(&s, &["big-slow"]);
-    eventually(SOON, "the download is under way", || {
-        std::fs::metadata(s.cache("incomplete/big-slow")).is_ok_and(|m| m.len() > 0)
-    });
+    wait_until_downloading(&s, "big-slow");
     // `list-queued` names the process downloading it.
     let downloading_by = queued_json(&s)[0]["downloading_by"].clone();
     assert!(
@@ -452,14 +463,7 @@ fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
 fn kill_9_mid_download_then_restart_fetches_it_again() {
     let origin = Origin::start();
     let data = test_bytes(3 << 20, 11);
-    origin.add(
-        "crashy",
-        data.clone(),
-        Behaviour {
-            chunk_delay: Some(Duration::from_millis(30)),
-            ..Default::default()
-        },
-    );
+    origin.add("crashy", data.clone(), Behaviour::slow(30));
     let s = glance_setup(&origin, "");
     let mut d = s.start();
     queue(&s, &["crashy"]);
@@ -545,10 +549,7 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
 #[test]
 fn concurrent_downloads_make_room_for_each_other() {
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(40)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(40);
     let (a, b) = (test_bytes(600 * 1024, 1), test_bytes(600 * 1024, 2));
     origin.add("room-a", a.clone(), slow.clone());
     origin.add("room-b", b.clone(), slow);
@@ -656,24 +657,12 @@ fn the_prefetch_command_drains_the_queue_once() {
 #[test]
 fn sigterm_stops_the_prefetch_command_cleanly() {
     let origin = Origin::start();
-    let slow = Behaviour {
-        chunk_delay: Some(Duration::from_millis(100)),
-        ..Default::default()
-    };
+    let slow = Behaviour::slow(100);
     origin.add("cli-slow", test_bytes(4 << 20, 6), slow);
     let s = glance_setup(&origin, "");
     queue(&s, &["cli-slow"]);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("prefetch")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually(SOON, "the download is under way", || {
-        std::fs::metadata(s.cache("incomplete/cli-slow")).is_ok_and(|m| m.len() > 0)
-    });
+    let child = spawn_prefetch_command(&s);
+    wait_until_downloading(&s, "cli-slow");
     let stopping = Instant::now();
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, Signal::TERM).unwrap();
@@ -703,4 +692,105 @@ fn sigterm_stops_the_prefetch_command_cleanly() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_cached(&s, "cli-slow", &data);
+}
+
+/// A daemon started while `glance-cached prefetch` downloads (an operator's one-off run,
+/// or the daemon's first start after an upgrade from the cron tools) leaves the
+/// command's claim and partial file alone: the command publishes, and the image is
+/// downloaded once.
+#[test]
+fn a_daemon_starting_beside_the_prefetch_command_leaves_its_download_alone() {
+    let origin = Origin::start();
+    // 64 chunks of 64 KiB, 80 ms apart: about 5 s, well beyond the daemon's start.
+    let data = test_bytes(4 << 20, 8);
+    origin.add("beside", data.clone(), Behaviour::slow(80));
+    let s = glance_setup(&origin, "");
+    queue(&s, &["beside"]);
+    let command = spawn_prefetch_command(&s);
+    wait_until_downloading(&s, "beside");
+    let mut d = s.start();
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    assert!(
+        s.cache("incomplete/beside").exists() && !s.cache("invalid/beside").exists(),
+        "the daemon left the partial file where it was"
+    );
+    let rows = queued_json(&s);
+    assert!(
+        rows[0]["downloading_by"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("prefetch on ")),
+        "the command still holds its claim: {rows:?}"
+    );
+    let out = command.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("prefetched beside (4194304 bytes)"),
+        "{stdout}"
+    );
+    assert_cached(&s, "beside", &data);
+    assert_eq!(origin.file_requests("beside"), 1, "downloaded once");
+    assert!(d.log_text().contains("still running in another process"));
+    assert!(d.alive());
+    d.stop();
+}
+
+/// A `prefetch` command killed beside a running daemon leaves a claim that would hold
+/// its image for `prefetcher.claim_ttl`: the daemon sees at its next queue pass that the
+/// holder is gone, moves the partial file away and fetches the image itself.
+#[test]
+fn the_daemon_recovers_the_claim_of_a_prefetch_command_killed_beside_it() {
+    let origin = Origin::start();
+    let data = test_bytes(3 << 20, 10);
+    origin.add("orphan", data.clone(), Behaviour::slow(80));
+    // The queue pass every second is what finds the dead holder.
+    let s = Setup::new(&format!(
+        "[prefetcher]\ninterval = \"1s\"\nretry_delay = \"100ms\"\nmax_retry_delay = \"200ms\"\n\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    queue(&s, &["orphan"]);
+    let mut command = spawn_prefetch_command(&s);
+    wait_until_downloading(&s, "orphan");
+    let mut d = s.start();
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    command.kill().unwrap();
+    command.wait().unwrap();
+    assert_cached(&s, "orphan", &data);
+    assert_eq!(origin.file_requests("orphan"), 2, "fetched again once");
+    assert!(
+        d.log_text()
+            .contains("released the claims of a process that is no longer running"),
+        "{}",
+        d.log_text()
+    );
+    assert!(!s.cache("incomplete/orphan").exists());
+    assert!(queued_json(&s).is_empty());
+    d.stop();
+}
+
+/// A download that outlasts its claim keeps it: the daemon renews the claims of its
+/// downloads in progress six times per `prefetcher.claim_ttl`, so its second worker
+/// never claims the image again beside the first.
+#[test]
+fn a_download_longer_than_its_claim_is_not_claimed_again() {
+    let origin = Origin::start();
+    // 48 chunks, 80 ms apart: about 4 s, more than three claim terms.
+    let data = test_bytes(3 << 20, 12);
+    origin.add("long", data.clone(), Behaviour::slow(80));
+    let s = glance_setup(&origin, "concurrency = 2\nclaim_ttl = \"1200ms\"\n");
+    let d = s.start();
+    queue(&s, &["long"]);
+    wait_until_downloading(&s, "long");
+    let started = Instant::now();
+    assert_cached(&s, "long", &data);
+    assert!(
+        started.elapsed() > Duration::from_millis(1200),
+        "the download outlasted its first claim term"
+    );
+    assert_eq!(origin.file_requests("long"), 1, "claimed and fetched once");
+    d.stop();
 }
