@@ -170,23 +170,23 @@ impl Db {
         now: DbTime,
         claim_until: DbTime,
     ) -> Result<Option<QueueRow>, DbError> {
-        const PICK_LOCKED: &str = "SELECT image_id FROM glance_cached_queue \
+        const PICK_LOCKED: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, \
+             last_error, state, claimed_by, claimed_until FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
              AND (claimed_until IS NULL OR claimed_until < ?) \
              ORDER BY queued_at, image_id LIMIT 1 FOR UPDATE SKIP LOCKED";
         const MARK: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
              WHERE node_reference_id = ? AND image_id = ?";
-        const FETCH: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \
-             claimed_by, claimed_until \
-             FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
         // SQLite: one statement, so it takes the write lock up front (a read-then-write
         // transaction could fail with SQLITE_BUSY without waiting).
         const SQLITE_CLAIM: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
              WHERE node_reference_id = ? AND image_id = (SELECT image_id FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
              AND (claimed_until IS NULL OR claimed_until < ?) \
-             ORDER BY queued_at, image_id LIMIT 1) RETURNING image_id";
-        let claimed: Option<String> = on_pool!(self, |pool, d| {
+             ORDER BY queued_at, image_id LIMIT 1) \
+             RETURNING image_id, queued_at, attempts, next_attempt_at, last_error, state, \
+             claimed_by, claimed_until";
+        let claimed = on_pool!(self, |pool, d| {
             if d == Dialect::Sqlite {
                 sqlx::query(SQLITE_CLAIM)
                     .bind(holder)
@@ -197,43 +197,39 @@ impl Db {
                     .bind(now)
                     .fetch_optional(pool)
                     .await?
-                    .map(|r| r.try_get(0))
+                    .as_ref()
+                    .map(decode)
                     .transpose()?
             } else {
                 let mut tx = pool.begin().await?;
-                let picked: Option<String> = sqlx::query(sql(d, PICK_LOCKED))
+                let picked = sqlx::query(sql(d, PICK_LOCKED))
                     .bind(node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .map(|r| r.try_get(0))
+                    .as_ref()
+                    .map(decode)
                     .transpose()?;
-                if let Some(id) = &picked {
+                if let Some(row) = &picked {
                     sqlx::query(sql(d, MARK))
                         .bind(holder)
                         .bind(claim_until)
                         .bind(node.0)
-                        .bind(id.as_str())
+                        .bind(row.image_id.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
                 tx.commit().await?;
-                picked
+                // The row as it was picked, with the claim just written.
+                picked.map(|row| QueueRow {
+                    claimed_by: Some(holder.to_owned()),
+                    claimed_until: Some(claim_until),
+                    ..row
+                })
             }
         });
-        let Some(id) = claimed else { return Ok(None) };
-        let row = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, FETCH))
-                .bind(node.0)
-                .bind(id.as_str())
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(decode)
-                .transpose()?
-        });
-        Ok(row)
+        Ok(claimed)
     }
 
     /// This node's claims: (image id, holder) of every claimed row, whether the claim

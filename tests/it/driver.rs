@@ -955,6 +955,11 @@ mod claims {
             .unwrap()
             .unwrap();
         assert_eq!(again.image_id.as_str(), "claim-07");
+        assert_eq!(
+            again.downloading_by.as_deref(),
+            Some("late"),
+            "the claimed row comes back with its claim"
+        );
         // A retry waits for its time; giving up keeps the reason and drops the marker.
         let later = Utc::now() + chrono::Duration::hours(1);
         t.driver
