@@ -176,6 +176,9 @@ impl CacheDriver {
         for path in &listing.skipped {
             warn!(path = %path.display(), "skipping a queue entry that is not a regular file named by an image id");
         }
+        // Most markers are of images queued long ago (a marker stays until its image is
+        // cached): one query tells which, instead of two statements per marker per pass.
+        let queued = self.db().queued_ids(self.node()).await?;
         let mut adopted = 0;
         for marker in listing.files {
             let id = &marker.image_id;
@@ -183,6 +186,9 @@ impl CacheDriver {
             // listing, or Glance queued a cached image): never queue a cached image.
             if self.is_cached(id) {
                 self.dequeue_cached(id).await?;
+                continue;
+            }
+            if queued.contains(id.as_str()) {
                 continue;
             }
             let queued_at = DbTime::from_utc(marker.modified.into());

@@ -112,6 +112,25 @@ impl Db {
         Ok(revived > 0)
     }
 
+    /// The ids this node has queued (not failed ones), for passes over many markers.
+    pub async fn queued_ids(
+        &self,
+        node: NodeId,
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        const Q: &str = "SELECT image_id FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND state = 'queued'";
+        let ids = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(node.0)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, _>>()?
+        });
+        Ok(ids)
+    }
+
     /// Whether this node has `image_id` queued (a `failed` row does not count).
     pub async fn is_queued(&self, node: NodeId, image_id: &str) -> Result<bool, DbError> {
         const Q: &str = "SELECT 1 FROM glance_cached_queue \
