@@ -38,6 +38,9 @@ pub struct PrefetcherWorker {
     budget: Arc<DownloadBudget>,
     /// When the claims of the downloads in progress were last renewed.
     claims_renewed: Instant,
+    /// When the claims of dead processes were last looked for (once per
+    /// `prefetcher.interval`: each look scans the node's queue rows).
+    dead_claims_checked: Option<Instant>,
 }
 
 impl PrefetcherWorker {
@@ -56,6 +59,7 @@ impl PrefetcherWorker {
             cancel,
             budget: Arc::new(DownloadBudget::default()),
             claims_renewed: Instant::now(),
+            dead_claims_checked: None,
         }
     }
 
@@ -81,8 +85,14 @@ impl PrefetcherWorker {
     /// Releases the claims of `prefetch` commands on this host that died (kill -9, a
     /// crash) since we started, and moves their partial files to `invalid/`, so their
     /// images are fetched now rather than when the claims run out. Our own claims, and
-    /// those whose holder cannot be checked from here, stay.
-    async fn recover_dead_claims(&self) -> Result<(), CacheError> {
+    /// those whose holder cannot be checked from here, stay. At most once per `every`.
+    async fn recover_dead_claims(&mut self, every: Duration) -> Result<(), CacheError> {
+        if self
+            .dead_claims_checked
+            .is_some_and(|checked| checked.elapsed() < every)
+        {
+            return Ok(());
+        }
         let recovered = self
             .ctx
             .driver
@@ -94,6 +104,7 @@ impl PrefetcherWorker {
                 "released the claims of a process that is no longer running"
             );
         }
+        self.dead_claims_checked = Some(Instant::now());
         Ok(())
     }
 
@@ -128,8 +139,8 @@ impl Worker for PrefetcherWorker {
     async fn step(&mut self) -> Result<Next, CacheError> {
         self.reap();
         self.settle().await?;
-        self.recover_dead_claims().await?;
         let config = self.ctx.config();
+        self.recover_dead_claims(config.prefetcher.interval).await?;
         let limit = config.prefetcher.concurrency;
         while self.downloads.len() < limit && !self.cancel.is_cancelled() {
             let claim_ttl = config.prefetcher.claim_ttl;
