@@ -93,6 +93,55 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     p
 }
 
+/// Where the system's OpenSSL refuses the digests (here: only its base provider, as a
+/// FIPS-only configuration refuses MD5), imports still verify with the pure-Rust
+/// implementations: the right bytes are cached, wrong checksums are refused.
+#[test]
+fn digests_work_where_openssl_refuses_them() {
+    let env = CliEnv::new("");
+    let conf = write_file(
+        env.tmp.path(),
+        "base-only.cnf",
+        b"openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n\
+          [provider_sect]\nbase = base_sect\n[base_sect]\nactivate = 1\n",
+    );
+    let openssl_conf = [("OPENSSL_CONF", conf.to_str().unwrap())];
+    // The configuration does make OpenSSL refuse: otherwise this test proves nothing.
+    let refused = Command::new("openssl")
+        .args(["dgst", "-md5", conf.to_str().unwrap()])
+        .env("OPENSSL_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "OpenSSL still offers MD5");
+    let data = test_bytes(1_500_000, 9);
+    let src = write_file(env.tmp.path(), "image.raw", &data);
+    let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(&data));
+    let sha = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(&data));
+    let src = src.to_str().unwrap();
+    let out = env.run_env(
+        &["import", "fips-1", src, "--md5", &md5, "--sha512", &sha],
+        &openssl_conf,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(env.cache("fips-1")).unwrap(), data);
+    let wrong = "0".repeat(128);
+    let out = env.run_env(
+        &["import", "fips-2", src, "--md5", &md5, "--sha512", &wrong],
+        &openssl_conf,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed verification"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!env.cache("fips-2").exists());
+}
+
 #[test]
 fn import_list_cat_hits_round_trip() {
     let env = CliEnv::new("");
