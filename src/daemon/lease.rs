@@ -50,8 +50,9 @@ pub enum HolderState {
     Unknown,
 }
 
-/// Called at start, before this process holds a lease or a claim: a holder naming our
-/// own pid is a predecessor's (in a container the daemon is pid 1 at every start).
+/// A holder naming this process's pid is a predecessor's (in a container the daemon is
+/// pid 1 at every start): callers that hold claims compare their own holder name first
+/// (`claim_may_be_live`).
 pub fn holder_state(holder: &str) -> HolderState {
     let name = holder.strip_prefix(PREFETCH_COMMAND).unwrap_or(holder);
     let Some(pid) = name
