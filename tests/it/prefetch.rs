@@ -794,3 +794,34 @@ fn a_download_longer_than_its_claim_is_not_claimed_again() {
     assert_eq!(origin.file_requests("long"), 1, "claimed and fetched once");
     d.stop();
 }
+
+/// The `prefetch` command renews its claims too: a second command started after the
+/// first claim term has run out finds nothing to do, and the image is fetched once.
+#[test]
+fn the_prefetch_command_renews_its_claims() {
+    let origin = Origin::start();
+    // 48 chunks, 80 ms apart: about 4 s, more than three claim terms.
+    let data = test_bytes(3 << 20, 13);
+    origin.add("cli-long", data.clone(), Behaviour::slow(80));
+    let s = glance_setup(&origin, "claim_ttl = \"1200ms\"\n");
+    queue(&s, &["cli-long"]);
+    let first = spawn_prefetch_command(&s);
+    wait_until_downloading(&s, "cli-long");
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = s.cli(&["prefetch"]);
+    let second_out = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{second_out}");
+    assert!(
+        second_out.contains("prefetched 0 images"),
+        "the second command found the image claimed: {second_out}"
+    );
+    let out = first.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("prefetched cli-long (3145728 bytes)"),
+        "{stdout}"
+    );
+    assert_cached(&s, "cli-long", &data);
+    assert_eq!(origin.file_requests("cli-long"), 1, "fetched once");
+}
