@@ -39,8 +39,9 @@ pub struct PrefetcherWorker {
     /// When the claims of the downloads in progress were last renewed.
     claims_renewed: Instant,
     /// When the claims of dead processes were last looked for (once per
-    /// `prefetcher.interval`: each look scans the node's queue rows).
-    dead_claims_checked: Option<Instant>,
+    /// `prefetcher.interval`: each look scans the node's queue rows). Start-up has just
+    /// looked when the prefetcher is made.
+    dead_claims_checked: Instant,
 }
 
 impl PrefetcherWorker {
@@ -59,7 +60,7 @@ impl PrefetcherWorker {
             cancel,
             budget: Arc::new(DownloadBudget::default()),
             claims_renewed: Instant::now(),
-            dead_claims_checked: None,
+            dead_claims_checked: Instant::now(),
         }
     }
 
@@ -87,10 +88,7 @@ impl PrefetcherWorker {
     /// images are fetched now rather than when the claims run out. Our own claims, and
     /// those whose holder cannot be checked from here, stay. At most once per `every`.
     async fn recover_dead_claims(&mut self, every: Duration) -> Result<(), CacheError> {
-        if self
-            .dead_claims_checked
-            .is_some_and(|checked| checked.elapsed() < every)
-        {
+        if self.dead_claims_checked.elapsed() < every {
             return Ok(());
         }
         let recovered = self
@@ -104,7 +102,7 @@ impl PrefetcherWorker {
                 "released the claims of a process that is no longer running"
             );
         }
-        self.dead_claims_checked = Some(Instant::now());
+        self.dead_claims_checked = Instant::now();
         Ok(())
     }
 
