@@ -11,5 +11,6 @@ pub mod download;
 pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
+pub mod process;
 pub mod telemetry;
 pub mod upstream;

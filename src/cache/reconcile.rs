@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::layout::{Area, CacheFile};
 use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
@@ -50,8 +50,18 @@ impl CacheDriver {
             })
             .collect();
         let adopted = self.db().adopt_cached_images(self.node(), &orphans).await?;
+        // One line per pass, not per file: a start over 100,000 files Glance wrote must
+        // not flood the journal (each id is still there at debug level).
         for id in &adopted {
-            info!(image_id = %id, "adopted a cached file without a row");
+            debug!(image_id = %id, "adopted a cached file without a row");
+        }
+        if !adopted.is_empty() {
+            let examples: Vec<&str> = adopted.iter().take(5).map(String::as_str).collect();
+            info!(
+                adopted = adopted.len(),
+                examples = %examples.join(","),
+                "adopted cached files without rows"
+            );
         }
         Ok(adopted)
     }

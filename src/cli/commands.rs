@@ -234,11 +234,11 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let holder = crate::daemon::lease::prefetch_command_holder_name();
+    let holder = crate::process::prefetch_command_holder_name();
     // Claims of earlier runs on this host that died (kill -9) would keep their images
     // until the claims run out.
     let recovered = driver
-        .recover_claims(|other| crate::daemon::lease::claim_may_be_live(&holder, other))
+        .recover_claims(|other| crate::process::claim_may_be_live(&holder, other))
         .await?;
     if recovered > 0 {
         println!("released {recovered} claims of a process that is no longer running");

@@ -28,7 +28,8 @@ use tracing::{error, info, warn};
 use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy};
 use crate::clock;
 use crate::config::Config;
-use crate::db::{Db, DbError, DbTime, LeaseOutcome};
+use crate::db::{Db, DbError, DbTime, LeaseHolder, LeaseOutcome};
+use crate::process;
 use crate::telemetry::LogLevelHandle;
 
 pub use signals::SignalCommand;
@@ -72,6 +73,18 @@ pub enum DaemonError {
         holder: String,
         age: i64,
     },
+    #[error(
+        "cache directory {dir:?} is in use by another glance-cached daemon on this host (it holds the directory's lock); stop it first"
+    )]
+    DirectoryInUse { dir: PathBuf },
+    #[error("cannot lock the cache directory {dir:?}: {source}")]
+    DirectoryLock {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// A shutdown signal came during start-up: not a failure.
+    #[error("stopped by {0} during start-up")]
+    Stopped(&'static str),
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
     #[error("cannot watch the cache directory: {0}")]
@@ -139,50 +152,164 @@ pub struct RunOptions {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
-/// condition (a dead loop, a lost lease); a clean shutdown returns `Ok`.
+/// condition (a dead loop, a lost lease); a clean shutdown returns `Ok`, also when the
+/// signal came during start-up (each boot phase gives way to it: stopping mid-phase
+/// leaves what a crash there would, which the next start repairs).
 pub async fn run(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
 ) -> Result<(), DaemonError> {
-    info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
-    let mut signals = signals::listen().map_err(DaemonError::Signals)?;
-
-    info!(dir = %config.cache.dir.display(), database = %crate::db::mask_url(&config.database.url), "opening the cache");
-    let layout = CacheLayout::new(&config.cache.dir);
-    let layout_for_check = layout.clone();
-    tokio::task::spawn_blocking(move || layout_for_check.ensure())
-        .await
-        .expect("layout check panicked")
-        .map_err(CacheError::from)?;
-    let db_options = config.database.db_options();
-    let db = Db::connect(&config.database.url, &db_options).await?;
-    let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
-
-    let holder = lease::holder_name();
-    take_lease(&driver, &holder, &config, options.force).await?;
-
-    let shutdown = CancellationToken::new();
-    let result = serve(
-        driver.clone(),
-        config,
-        &options,
-        log_level,
-        &holder,
-        &mut signals,
-        &shutdown,
-    )
-    .await;
-
-    if let Err(error) = driver.db().release_lease(driver.node(), &holder).await {
-        warn!(%error, "could not release the node lease; it expires by itself");
-    }
-    driver.db().close().await;
+    let result = boot_and_serve(config, options, log_level).await;
     match &result {
         Ok(()) => info!("stopped"),
+        Err(DaemonError::Stopped(signal)) => {
+            info!(signal, "stopped during start-up");
+            return Ok(());
+        }
         Err(e) => error!(error = %e, "stopped after a fatal error"),
     }
     result
+}
+
+/// How long teardown waits for the database to take the lease back and close: the
+/// lease expires by itself, and a database that does not answer must not hold the exit
+/// past systemd's `TimeoutStopSec`.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn boot_and_serve(
+    config: Config,
+    options: RunOptions,
+    log_level: Option<LogLevelHandle>,
+) -> Result<(), DaemonError> {
+    info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
+    let signals = signals::listen().map_err(DaemonError::Signals)?;
+    let mut boot = Boot::new(signals);
+
+    info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
+    let layout = CacheLayout::new(&config.cache.dir);
+    let layout_for_check = layout.clone();
+    boot.phase(tokio::task::spawn_blocking(move || {
+        layout_for_check.ensure()
+    }))
+    .await?
+    .map_err(|e| DaemonError::Fatal(format!("cache directory check failed: {e}")))?
+    .map_err(CacheError::from)?;
+    // Held until the process ends: the kernel releases it however we exit.
+    let _directory_lock = lock_directory(&config.cache.dir)?;
+    let db_options = config.database.db_options();
+    let db = boot
+        .phase(Db::connect(&config.database.url, &db_options))
+        .await??;
+    let driver = boot
+        .phase(CacheDriver::configure(
+            layout,
+            db,
+            &config.node_reference_url,
+        ))
+        .await??;
+
+    let holder = crate::process::holder_name();
+    let taken = take_lease(&driver, &holder, &config, options.force, &mut boot).await;
+    let result = match taken {
+        Ok(()) => {
+            info!(node = %driver.node_url(), %holder, "holding the node's lease");
+            let shutdown = CancellationToken::new();
+            let result = serve(
+                driver.clone(),
+                config,
+                &options,
+                log_level,
+                &holder,
+                &mut boot,
+                &shutdown,
+            )
+            .await;
+            let release = driver.db().release_lease(driver.node(), &holder);
+            match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    warn!(%error, "could not release the node lease; it expires by itself")
+                }
+                Err(_) => warn!(
+                    "the database did not take the node lease back in time; it expires by itself"
+                ),
+            }
+            result
+        }
+        Err(e) => Err(e),
+    };
+    if tokio::time::timeout(RELEASE_TIMEOUT, driver.db().close())
+        .await
+        .is_err()
+    {
+        warn!("the database connections did not close in time");
+    }
+    result
+}
+
+/// The signals as seen during start-up: a shutdown signal ends the phase in progress,
+/// a reload is kept for when the loops run.
+struct Boot {
+    signals: mpsc::UnboundedReceiver<SignalCommand>,
+    reload_pending: bool,
+}
+
+impl Boot {
+    fn new(signals: mpsc::UnboundedReceiver<SignalCommand>) -> Boot {
+        Boot {
+            signals,
+            reload_pending: false,
+        }
+    }
+
+    /// Runs one boot phase unless SIGTERM or SIGINT comes first
+    /// (`DaemonError::Stopped`).
+    async fn phase<F: Future>(&mut self, phase: F) -> Result<F::Output, DaemonError> {
+        tokio::pin!(phase);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                out = &mut phase => return Ok(out),
+                command = self.signals.recv(), if listening => match command {
+                    Some(SignalCommand::Shutdown(signal)) => return Err(DaemonError::Stopped(signal)),
+                    Some(SignalCommand::Reload) => {
+                        info!("SIGHUP during start-up: reloading once the daemon is ready");
+                        self.reload_pending = true;
+                    }
+                    None => listening = false,
+                },
+            }
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on the cache directory itself for as long as the
+/// returned handle lives, so two daemons never work one directory, whatever their
+/// databases or node URLs. The directory, not a file in it: Glance's clear-cache
+/// unlinks every regular file at the top of the cache root but `*.db`, and a lock on an
+/// unlinked file excludes nobody.
+fn lock_directory(dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |source: std::io::Error| DaemonError::DirectoryLock {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(failed)?;
+    match rustix::fs::flock(
+        &handle,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    ) {
+        Ok(()) => Ok(handle),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(DaemonError::DirectoryInUse {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) => Err(failed(e.into())),
+    }
 }
 
 async fn take_lease(
@@ -190,34 +317,72 @@ async fn take_lease(
     holder: &str,
     config: &Config,
     force: bool,
+    boot: &mut Boot,
 ) -> Result<(), DaemonError> {
-    let now = clock::now();
+    let ttl = config.daemon.lease_ttl;
     let attempt = |force: bool| {
         driver.db().acquire_lease(
             driver.node(),
             holder,
-            DbTime::from_utc(now),
-            lease::expired_before(config.daemon.lease_ttl),
+            DbTime::from_utc(clock::now()),
+            lease::expired_before(ttl),
             force,
         )
     };
-    let other = match attempt(force).await? {
+    let other = match boot.phase(attempt(force)).await?? {
         LeaseOutcome::Acquired => return Ok(()),
         LeaseOutcome::HeldBy(other) => other,
     };
-    // A daemon on this host that crashed (kill -9, OOM) left a fresh lease: take it over
-    // at once rather than fail every restart until it expires.
-    if lease::holder_state(&other.holder) == lease::HolderState::Gone {
-        warn!(previous = %other.holder, "taking over the lease of a daemon that is no longer running");
-        if let LeaseOutcome::Acquired = attempt(true).await? {
-            return Ok(());
-        }
-    }
-    Err(DaemonError::NodeTaken {
+    let taken = |other: LeaseHolder| DaemonError::NodeTaken {
         node: driver.node_url().to_owned(),
+        age: (clock::now() - other.heartbeat_at.to_utc()).num_seconds(),
         holder: other.holder,
-        age: (now - other.heartbeat_at.to_utc()).num_seconds(),
-    })
+    };
+    match process::holder_state(&other.holder) {
+        // A daemon of this PID namespace that crashed (kill -9, OOM) left a fresh lease:
+        // take it over at once rather than fail every restart until it expires.
+        process::HolderState::Gone => {
+            warn!(previous = %other.holder, "taking over the lease of a daemon that is no longer running");
+        }
+        process::HolderState::Running => return Err(taken(other)),
+        // A holder of this host and boot in another PID namespace: a predecessor in a
+        // container that was restarted, or a live daemon in another container. Only
+        // its renewals tell them apart: a live holder renews every third of the TTL.
+        process::HolderState::Unknown if process::may_be_predecessor(&other.holder) => {
+            let watch = ttl / 2;
+            info!(previous = %other.holder, watch_ms = watch.as_millis() as u64, "the node's lease is held by a process this host cannot look at; waiting to see whether it still renews it");
+            systemd::status("waiting to see whether the previous lease holder still renews it");
+            boot.phase(tokio::time::sleep(watch)).await?;
+            match boot
+                .phase(driver.db().lease_holder(driver.node()))
+                .await??
+            {
+                Some(now) if now == other => {
+                    warn!(previous = %other.holder, "taking over the lease of a daemon that stopped renewing it");
+                }
+                Some(now) => return Err(taken(now)),
+                None => {}
+            }
+            // Compare-and-swap on the holder and heartbeat just observed.
+            return match boot
+                .phase(driver.db().take_over_lease(
+                    driver.node(),
+                    holder,
+                    DbTime::from_utc(clock::now()),
+                    &other,
+                ))
+                .await??
+            {
+                LeaseOutcome::Acquired => Ok(()),
+                LeaseOutcome::HeldBy(now) => Err(taken(now)),
+            };
+        }
+        process::HolderState::Unknown => return Err(taken(other)),
+    }
+    match boot.phase(attempt(true)).await?? {
+        LeaseOutcome::Acquired => Ok(()),
+        LeaseOutcome::HeldBy(now) => Err(taken(now)),
+    }
 }
 
 /// Reconcile, start the loops, supervise, and tear down.
@@ -227,19 +392,19 @@ async fn serve(
     options: &RunOptions,
     log_level: Option<LogLevelHandle>,
     holder: &str,
-    signals: &mut mpsc::UnboundedReceiver<SignalCommand>,
+    boot: &mut Boot,
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
     info!("reconciling disk and database");
-    let report = driver
-        .reconcile(
+    let report = boot
+        .phase(driver.reconcile(
             CleanPolicy {
                 stall_time: config.cache.stall_time,
                 invalid_grace: config.cleaner.invalid_grace,
             },
             clock::system_now(),
-        )
-        .await?;
+        ))
+        .await??;
     info!(
         adopted = report.adopted.len(),
         removed_rows = report.removed_rows.len(),
@@ -248,15 +413,15 @@ async fn serve(
     );
     // Under the node lease any claim is a dead process's, unless a `prefetch` command
     // is downloading beside us: its claims stay.
-    let recovered = driver
-        .recover_claims(|holder| {
-            let running = lease::holder_state(holder) == lease::HolderState::Running;
+    let recovered = boot
+        .phase(driver.recover_claims(|holder| {
+            let running = process::holder_state(holder) == process::HolderState::Running;
             if running {
                 info!(%holder, "left the claim of a download still running in another process");
             }
             running
-        })
-        .await?;
+        }))
+        .await??;
     if recovered > 0 {
         info!(recovered, "released the claims of interrupted downloads");
     }
@@ -273,7 +438,6 @@ async fn serve(
 
     let board = Arc::new(StatusBoard::default());
     board.set_max_size(config.cache.max_size);
-    let shutdown_timeout = config.daemon.shutdown_timeout;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let ctx = Context {
         driver: driver.clone(),
@@ -350,10 +514,13 @@ async fn serve(
         "ready"
     );
     systemd::ready(&board.line());
+    if boot.reload_pending {
+        reloader.reload(&ctx);
+    }
 
     let outcome = loop {
         tokio::select! {
-            command = signals.recv() => match command {
+            command = boot.signals.recv() => match command {
                 Some(SignalCommand::Reload) => {
                     info!("SIGHUP: reloading configuration");
                     reloader.reload(&ctx);
@@ -387,6 +554,8 @@ async fn serve(
 
     systemd::stopping();
     shutdown.cancel();
+    // Read now, not at start: the timeout is reloadable.
+    let shutdown_timeout = ctx.config().daemon.shutdown_timeout;
     let drained = tokio::time::timeout(shutdown_timeout, async {
         while tasks.join_next().await.is_some() {}
     })

@@ -15,7 +15,6 @@ use tracing::{debug, error, info};
 
 use super::Context;
 use super::Task;
-use super::lease;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
@@ -94,7 +93,7 @@ impl PrefetcherWorker {
         let recovered = self
             .ctx
             .driver
-            .recover_claims(|holder| lease::claim_may_be_live(&self.holder, holder))
+            .recover_claims(|holder| crate::process::claim_may_be_live(&self.holder, holder))
             .await?;
         if recovered > 0 {
             info!(

@@ -84,6 +84,42 @@ impl Db {
         }
     }
 
+    /// Takes the lease over from `previous` only if it still holds it with the same
+    /// heartbeat (it stopped renewing): a compare-and-swap, so a holder that renewed in
+    /// the meantime keeps it.
+    pub async fn take_over_lease(
+        &self,
+        node: NodeId,
+        holder: &str,
+        now: DbTime,
+        previous: &LeaseHolder,
+    ) -> Result<LeaseOutcome, DbError> {
+        const Q: &str = "UPDATE glance_cached_lease SET holder = ?, heartbeat_at = ?, started_at = ? \
+             WHERE node_reference_id = ? AND holder = ? AND heartbeat_at = ?";
+        let changed = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(holder)
+                .bind(now)
+                .bind(now)
+                .bind(node.0)
+                .bind(previous.holder.as_str())
+                .bind(previous.heartbeat_at)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        if changed > 0 {
+            return Ok(LeaseOutcome::Acquired);
+        }
+        // Renewed, released or taken by someone else meanwhile: start over next time.
+        Ok(LeaseOutcome::HeldBy(
+            self.lease_holder(node).await?.unwrap_or(LeaseHolder {
+                holder: "another daemon (released while we looked)".into(),
+                heartbeat_at: now,
+            }),
+        ))
+    }
+
     pub async fn lease_holder(&self, node: NodeId) -> Result<Option<LeaseHolder>, DbError> {
         const Q: &str =
             "SELECT holder, heartbeat_at FROM glance_cached_lease WHERE node_reference_id = ?";

@@ -267,38 +267,261 @@ fn reconcile_repairs_both_kinds_of_drift() {
     d.stop();
 }
 
-#[test]
-fn a_second_daemon_for_the_same_node_is_refused_unless_forced() {
-    let s = Setup::new("");
-    // A short lease so the displaced daemon notices within the test.
+/// A config for node `node` with its cache in `dir/cache` and the database at `db`:
+/// several daemons of one test share the database but never a cache directory.
+fn lease_config(dir: &Path, db: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("glance-cached.toml");
     std::fs::write(
-        &s.config,
+        &config,
         format!(
-            "[cache]\ndir = \"{}\"\n[daemon]\nlease_ttl = \"3s\"\nshutdown_timeout = \"5s\"\n",
-            s.cache("").display()
+            "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[daemon]\nlease_ttl = \"3s\"\nshutdown_timeout = \"5s\"\n{extra}",
+            dir.join("cache").display(),
+            db.display()
         ),
     )
     .unwrap();
-    let mut first = s.start();
-    let second_dir = s.tmp.path().join("second");
-    std::fs::create_dir(&second_dir).unwrap();
-    let mut second = Daemon::spawn(&second_dir, &s.config, &[], &[]);
+    config
+}
+
+fn new_dir(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_second_daemon_for_the_same_node_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("shared.db");
+    let first_dir = new_dir(tmp.path(), "first");
+    // A short lease so the displaced daemon notices within the test.
+    let mut first = Daemon::start(&first_dir, &lease_config(&first_dir, &db, ""), &[]);
+    let second_dir = new_dir(tmp.path(), "second");
+    let mut second = Daemon::spawn(&second_dir, &lease_config(&second_dir, &db, ""), &[], &[]);
     let status = second.wait_exit(SOON);
     assert_eq!(status.code(), Some(1));
     let log = second.log_text();
     assert!(
-        log.contains("already served by another glance-cached") && log.contains("--force"),
+        log.contains("already served by another glance-cached")
+            && log.contains(&format!("pid {} [", first.child.id()))
+            && log.contains("--force"),
         "{log}"
     );
     assert!(first.alive());
     // --force takes over; the first daemon notices it lost the lease and stops.
-    let forced_dir = s.tmp.path().join("forced");
-    std::fs::create_dir(&forced_dir).unwrap();
-    let forced = Daemon::start(&forced_dir, &s.config, &["--force"]);
+    let forced_dir = new_dir(tmp.path(), "forced");
+    let forced = Daemon::start(
+        &forced_dir,
+        &lease_config(&forced_dir, &db, ""),
+        &["--force"],
+    );
     let status = first.wait_exit(Duration::from_secs(15));
     assert!(!status.success(), "the displaced daemon exits non-zero");
     assert!(first.log_text().contains("lost the lease"));
     forced.stop();
+}
+
+/// Two daemons never work one cache directory, whatever their databases or nodes (each
+/// has a lease of its own, so only the directory's lock can refuse the second), and
+/// `--force` does not override the lock. Once the first is gone (kill -9), the lock is
+/// free at once.
+#[test]
+fn two_daemons_never_work_one_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let config_for = |name: &str, node: &str| {
+        let dir = new_dir(tmp.path(), name);
+        let config = dir.join("glance-cached.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[node]\nreference_url = \"{node}\"\n[daemon]\nshutdown_timeout = \"5s\"\n",
+                cache.display(),
+                dir.join("own.db").display()
+            ),
+        )
+        .unwrap();
+        (dir, config)
+    };
+    let (first_dir, first_config) = config_for("first", "http://node-a:9292");
+    let mut first = Daemon::start(&first_dir, &first_config, &[]);
+    for (name, node) in [
+        ("other-db", "http://node-a:9292"),
+        ("other-node", "http://node-b:9292"),
+    ] {
+        let (dir, config) = config_for(name, node);
+        let mut other = Daemon::spawn(&dir, &config, &["--force"], &[]);
+        assert_eq!(other.wait_exit(SOON).code(), Some(1), "{name}");
+        let log = other.log_text();
+        assert!(
+            log.contains("is in use by another glance-cached daemon on this host"),
+            "{name}: {log}"
+        );
+    }
+    assert!(first.alive());
+    first.signal(Signal::KILL);
+    first.wait_exit(SOON);
+    let (dir, config) = config_for("after", "http://node-b:9292");
+    Daemon::start(&dir, &config, &[]).stop();
+}
+
+/// Runs the daemon as pid 1 of a PID namespace of its own (as in a container), under
+/// the same hostname as every other such daemon. `None` without root or `unshare`.
+fn spawn_in_pid_namespace(dir: &Path, config: &Path) -> Option<Daemon> {
+    let unshare = Path::new("/usr/bin/unshare");
+    if !rustix::process::geteuid().is_root() || !unshare.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with util-linux's unshare"
+        );
+        eprintln!("SKIPPED: PID namespaces need root and unshare");
+        return None;
+    }
+    let prefix = [
+        unshare.to_str().unwrap(),
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+    ];
+    Some(Daemon::spawn_wrapped(dir, config, &prefix, &[], &[]))
+}
+
+/// Containers share a hostname and are all pid 1: a second daemon for the node in
+/// another PID namespace is refused while the first renews its lease, and takes over
+/// from one that was killed (it stops renewing) without waiting for the lease to expire.
+#[test]
+fn daemons_in_pid_namespaces_are_told_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("shared.db");
+    let first_dir = new_dir(tmp.path(), "first");
+    let Some(mut first) = spawn_in_pid_namespace(&first_dir, &lease_config(&first_dir, &db, ""))
+    else {
+        return;
+    };
+    first.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    assert!(
+        first.log_text().contains(" pid 1 ["),
+        "{}",
+        first.log_text()
+    );
+    let second_dir = new_dir(tmp.path(), "second");
+    let mut second =
+        spawn_in_pid_namespace(&second_dir, &lease_config(&second_dir, &db, "")).unwrap();
+    assert_eq!(second.wait_exit(SOON).code(), Some(1));
+    let log = second.log_text();
+    assert!(
+        log.contains("waiting to see whether it still renews it")
+            && log.contains("already served by another glance-cached"),
+        "{log}"
+    );
+    assert!(first.alive(), "{}", first.log_text());
+
+    // The first dies without releasing its lease; the next takes over once it has seen
+    // no renewal (half the 3 s TTL), before the lease would have expired.
+    first.signal(Signal::KILL);
+    first.wait_exit(SOON);
+    let third_dir = new_dir(tmp.path(), "third");
+    let mut third = spawn_in_pid_namespace(&third_dir, &lease_config(&third_dir, &db, "")).unwrap();
+    third.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    assert!(
+        third
+            .log_text()
+            .contains("taking over the lease of a daemon that stopped renewing it"),
+        "{}",
+        third.log_text()
+    );
+    rustix::process::kill_process(third.wrapped_pid(), Signal::TERM).unwrap();
+    assert!(third.wait_exit(SOON).success(), "{}", third.log_text());
+}
+
+/// SIGTERM during start-up ends the phase in progress (here the lease, waiting on a
+/// SQLite file another process holds locked) instead of waiting it out: a clean exit,
+/// and the next start works.
+#[test]
+fn sigterm_during_start_up_stops_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db.sqlite");
+    let config = lease_config(tmp.path(), &db, "");
+    Daemon::start(tmp.path(), &config, &[]).stop();
+    let locker = crate::daemon_kit::lock_sqlite(&db, 30);
+    let mut d = Daemon::spawn(tmp.path(), &config, &[], &[]);
+    eventually(SOON, "the daemon is opening the cache", || {
+        d.log_text().contains("opening the cache")
+    });
+    d.signal(Signal::TERM);
+    // Without the lock released, only a boot that gives way to the signal exits 0: one
+    // that waits for the database fails on its busy timeout.
+    let status = d.wait_exit(SOON);
+    let log = d.log_text();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("stopped during start-up"), "{log}");
+    drop(locker);
+    Daemon::start(tmp.path(), &config, &[]).stop();
+}
+
+/// `daemon.shutdown_timeout` is reloadable: after a reload to 1 s, a loop busy in a
+/// step that lasts longer (a statement waiting on a locked SQLite file) is aborted
+/// after 1 s, not after the 30 s the daemon started with.
+#[test]
+fn a_reloaded_shutdown_timeout_applies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db.sqlite");
+    let config = lease_config(tmp.path(), &db, "");
+    let write = |timeout: &str| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("shutdown_timeout"))
+            .map(|l| {
+                if l == "[daemon]" {
+                    format!("[daemon]\nshutdown_timeout = \"{timeout}\"")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&config, text + "\n").unwrap();
+    };
+    write("30s");
+    let mut d = Daemon::start(tmp.path(), &config, &[]);
+    write("1s");
+    let from = d.notify.mark();
+    d.signal(Signal::HUP);
+    d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
+    let _locker = crate::daemon_kit::lock_sqlite(&db, 30);
+    // The watcher wakes the queue loop, whose step then waits on the lock (10 s).
+    std::fs::write(tmp.path().join("cache/queue/while-locked"), b"").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    d.signal(Signal::TERM);
+    d.wait_exit(Duration::from_secs(20));
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("loops did not stop in time") && l.contains("timeout_s=1")),
+        "{log}"
+    );
+}
+
+/// Adopting many files Glance wrote is one log line per pass, not one per file.
+#[test]
+fn adoption_at_start_is_logged_as_a_summary() {
+    let s = Setup::new("");
+    std::fs::create_dir_all(s.cache("")).unwrap();
+    for i in 0..200 {
+        std::fs::write(s.cache(&format!("orphan-{i}")), b"bytes").unwrap();
+    }
+    let d = s.start();
+    let log = d.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("adopted")).collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].contains("adopted cached files without rows") && lines[0].contains("adopted=200"),
+        "{log}"
+    );
+    assert!(lines[1].contains("reconcile done adopted=200"), "{log}");
+    d.stop();
 }
 
 #[test]

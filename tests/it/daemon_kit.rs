@@ -101,10 +101,29 @@ impl Daemon {
     }
 
     pub fn spawn(dir: &Path, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_wrapped(dir, config, &[], args, env)
+    }
+
+    /// `spawn`, with the daemon run by the command `wrapper` (e.g. `unshare ...`).
+    pub fn spawn_wrapped(
+        dir: &Path,
+        config: &Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let notify = NotifySocket::bind(dir);
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+        let bin = env!("CARGO_BIN_EXE_glance-cached");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--config").arg(config).arg("run").args(args);
         for (k, _) in std::env::vars() {
             if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
@@ -125,6 +144,18 @@ impl Daemon {
     pub fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(self.child.id() as i32).unwrap();
         kill_process(pid, signal).unwrap();
+    }
+
+    /// The pid of the wrapper's only child (the daemon, for `spawn_wrapped`).
+    pub fn wrapped_pid(&self) -> Pid {
+        let id = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap_or_default();
+        let pid = children
+            .split_whitespace()
+            .next()
+            .expect("the wrapper has a child");
+        Pid::from_raw(pid.parse().unwrap()).unwrap()
     }
 
     pub fn log_text(&self) -> String {

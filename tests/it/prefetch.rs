@@ -432,7 +432,7 @@ fn sigterm_mid_download_publishes_nothing_and_keeps_the_image_queued() {
     assert!(
         downloading_by
             .as_str()
-            .is_some_and(|h| h.ends_with(&format!("pid {}", d.child.id()))),
+            .is_some_and(|h| h.contains(&format!("pid {} [", d.child.id()))),
         "{downloading_by}"
     );
     let from = d.notify.mark();
