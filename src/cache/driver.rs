@@ -95,6 +95,29 @@ impl CacheDriver {
         })
     }
 
+    /// A driver for commands that only look: no directory, schema or node row is made.
+    /// A node that was never registered has nothing cached or queued, so it gets an id
+    /// that no row carries.
+    pub async fn open_read_only(
+        layout: CacheLayout,
+        db: Db,
+        node_url: &str,
+    ) -> Result<Self, CacheError> {
+        db.check_schema().await?;
+        let node = db
+            .find_node(node_url)
+            .await?
+            .unwrap_or(NodeId::UNREGISTERED);
+        Ok(CacheDriver {
+            inner: Arc::new(Inner {
+                layout,
+                db,
+                node,
+                node_url: node_url.to_owned(),
+            }),
+        })
+    }
+
     pub fn layout(&self) -> &CacheLayout {
         &self.inner.layout
     }

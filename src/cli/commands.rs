@@ -17,9 +17,14 @@ use crate::image_id::ImageId;
 /// Bytes per read when importing or streaming an image.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 
-pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let path = resolve_config_path(cli.config.as_deref());
-    let config = Config::load(path.as_deref())?;
+pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
+    let config = &config;
+    let access = if cli.command.reads_only() {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let open = || open(config, access);
     match cli.command {
         Command::Run { .. }
         | Command::Man
@@ -36,7 +41,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let rows = crate::db::legacy::read_glance_sqlite(&path).await?;
-            let driver = open(&config).await?;
+            let driver = open().await?;
             let (mut imported, mut present, mut invalid) = (0, 0, 0);
             for row in &rows {
                 if ImageId::parse(&row.image_id).is_err() {
@@ -55,7 +60,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Reconcile => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             let policy = CleanPolicy {
                 stall_time: config.cache.stall_time,
                 invalid_grace: config.cleaner.invalid_grace,
@@ -82,7 +87,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", config.to_toml());
         }
         Command::ListCached { json } => {
-            let images = open(&config).await?.get_cached_images().await?;
+            let images = open().await?.get_cached_images().await?;
             if json {
                 println!("{}", output::cached_json(&images));
             } else {
@@ -90,7 +95,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::ListQueued { json } => {
-            let images = open(&config).await?.get_queued_images().await?;
+            let images = open().await?.get_queued_images().await?;
             if json {
                 println!("{}", output::queued_json(&images));
             } else {
@@ -98,7 +103,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Queue { ids } => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             for id in ids {
                 if driver.queue_image(&id).await? {
                     println!("queued {id}");
@@ -108,7 +113,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::DeleteCached { ids, all } => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             if all {
                 let n = driver.delete_all_cached_images().await?;
                 println!("deleted {n} cached images");
@@ -122,7 +127,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::DeleteQueued { ids, all } => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             if all {
                 let n = driver.delete_all_queued_images().await?;
                 println!("removed {n} images from the queue");
@@ -141,15 +146,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             md5,
             sha512,
         } => {
-            import(&config, id, file, md5, sha512).await?;
+            import(config, id, file, md5, sha512).await?;
         }
-        Command::Cat { id } => return cat(&config, id).await,
+        Command::Cat { id } => return cat(config, id).await,
         Command::Hits { id } => {
-            let hits = open(&config).await?.get_hit_count(&id).await?;
+            let hits = open().await?.get_hit_count(&id).await?;
             println!("{hits}");
         }
         Command::Size { json } => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             let listing = driver.list(crate::cache::Area::Cached).await?;
             let size: u64 = listing.files.iter().map(|f| f.size).sum();
             if json {
@@ -169,7 +174,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Clean { stall_time } => {
-            let driver = open(&config).await?;
+            let driver = open().await?;
             let policy = CleanPolicy {
                 stall_time: stall_time.unwrap_or(config.cache.stall_time),
                 invalid_grace: config.cleaner.invalid_grace,
@@ -193,10 +198,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Prefetch => return prefetch(&config).await,
+        Command::Prefetch => return prefetch(config).await,
         Command::Prune => {
-            let driver = open(&config).await?;
-            let report = driver.prune(prune_policy(&config)).await?;
+            let driver = open().await?;
+            let report = driver.prune(prune_policy(config)).await?;
             println!(
                 "pruned {} files, {} bytes; size now {} bytes (max {})",
                 report.files(),
@@ -221,7 +226,7 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
         bail!("the configuration has no [upstream] section: there is nothing to prefetch from");
     };
     let upstream = Arc::new(crate::upstream::Upstream::from_config(upstream)?);
-    let driver = open(config).await?;
+    let driver = open(config, Access::ReadWrite).await?;
     // Markers Glance's PUT /v2/cache/{id} left in queue/ join the queue first.
     driver.adopt_queue_markers().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -373,6 +378,7 @@ pub fn import_glance_config(
 pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow::Result<ExitCode> {
     let path = resolve_config_path(config_arg.as_deref());
     let config = Config::load(path.as_deref())?;
+    super::owner::act_as_cache_owner(&config.cache.dir)?;
     let (log_level, _) = crate::telemetry::init_daemon(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -396,17 +402,54 @@ pub fn prune_policy(config: &Config) -> PrunePolicy {
     }
 }
 
+/// Whether a command may create and change things, or only look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
 /// Opens the cache of this node: directories, database, schema, node row. With SQLite
 /// the directory comes first (the database lives in it); with a server the database
-/// comes first, so an unreachable server leaves the disk untouched.
-pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
-    let layout = CacheLayout::new(&config.cache.dir);
-    if config.dialect() == Dialect::Sqlite {
+/// does. A read-only command creates nothing: the cache directory and database must
+/// exist (the daemon or a first write makes them), and it never registers the node. No
+/// command creates the built-in default directory when nothing configured it.
+pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver> {
+    let dir = &config.cache.dir;
+    let sqlite = config.dialect() == Dialect::Sqlite;
+    if !dir.exists()
+        && access == Access::ReadWrite
+        && config.file.is_none()
+        && std::env::var_os("GLANCE_CACHED_CACHE__DIR").is_none()
+    {
+        bail!(
+            "no configuration file, and the default cache directory {dir:?} does not exist: not creating it; give --config, or set cache.dir"
+        );
+    }
+    let missing_dir = || {
+        anyhow::anyhow!("the cache directory {dir:?} does not exist: nothing is cached there yet")
+    };
+    // SQLite's file is in the cache directory: say that it is missing, not that a
+    // database cannot be opened.
+    if sqlite && access == Access::ReadOnly && !dir.exists() {
+        return Err(missing_dir());
+    }
+    let layout = CacheLayout::new(dir);
+    if sqlite && access == Access::ReadWrite {
         layout.ensure()?;
     }
-    let options = config.database.db_options();
+    let mut options = config.database.db_options();
+    options.read_only = access == Access::ReadOnly;
     let db = Db::connect(&config.database.url, &options).await?;
-    let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
+    if access == Access::ReadOnly && !dir.exists() {
+        return Err(missing_dir());
+    }
+    let driver = match access {
+        Access::ReadWrite => CacheDriver::configure(layout, db, &config.node_reference_url).await?,
+        Access::ReadOnly => {
+            CacheDriver::open_read_only(layout, db, &config.node_reference_url).await?
+        }
+    };
     Ok(driver)
 }
 
@@ -434,7 +477,7 @@ async fn import(
     if !meta.is_file() {
         bail!("{} is not a regular file", file.display());
     }
-    let driver = open(config).await?;
+    let driver = open(config, Access::ReadWrite).await?;
     let expectations = Expectations {
         size: Some(meta.len()),
         md5,
@@ -466,7 +509,7 @@ async fn import(
 }
 
 async fn cat(config: &Config, id: ImageId) -> anyhow::Result<ExitCode> {
-    let driver = open(config).await?;
+    let driver = open(config, Access::ReadWrite).await?;
     let mut file = driver.open_for_read(&id).await?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
         let stdout = std::io::stdout();

@@ -4,6 +4,7 @@
 
 mod commands;
 mod output;
+mod owner;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -165,8 +166,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     crate::telemetry::init_cli();
+    let path = crate::config::resolve_config_path(cli.config.as_deref());
+    let config = crate::config::Config::load(path.as_deref())?;
+    // Before the runtime starts any thread, and before anything is touched.
+    owner::act_as_cache_owner(&config.cache.dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(commands::dispatch(cli))
+    runtime.block_on(commands::dispatch(cli, config))
+}
+
+impl Command {
+    /// Commands that only look: they create no directory, database or row. (`list-queued`
+    /// is not one: like Glance's, it first takes markers from `queue/` into the queue.)
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Command::ListCached { .. }
+                | Command::Hits { .. }
+                | Command::Size { .. }
+                | Command::CheckConfig
+        )
+    }
 }

@@ -69,6 +69,7 @@ impl DatabaseConfig {
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             create_glance_tables: self.create_glance_tables,
+            read_only: false,
         }
     }
 }

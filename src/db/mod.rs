@@ -84,6 +84,10 @@ pub enum DbError {
         "the database has no Glance cache tables (cached_images, node_reference). If Glance shares it, run `glance-manage db sync` against it first (tables created here would make that command fail later); if it is for glance-cached alone, set database.create_glance_tables = true"
     )]
     NoGlanceTables,
+    #[error(
+        "the database has no cache tables yet, and a command that only reads creates none: start the daemon (or run a command that writes) first"
+    )]
+    NoTablesYet,
     #[error("node {url:?} could not be registered: {source}")]
     RegisterNode { url: String, source: sqlx::Error },
     #[error("database query failed: {0}")]
@@ -154,6 +158,9 @@ pub struct DbOptions {
     /// the configuration says the database is glance-cached's own
     /// (`database.create_glance_tables`, default: only for SQLite).
     pub create_glance_tables: bool,
+    /// Open for reading only: a SQLite file must exist and is never written (its `-wal`
+    /// and `-shm` may still be made by SQLite, as for any reader).
+    pub read_only: bool,
 }
 
 impl Default for DbOptions {
@@ -162,6 +169,7 @@ impl Default for DbOptions {
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
             create_glance_tables: true,
+            read_only: false,
         }
     }
 }
@@ -230,7 +238,8 @@ impl Db {
             Dialect::Sqlite => {
                 let opts = SqliteConnectOptions::from_str(url)
                     .map_err(connect_err)?
-                    .create_if_missing(true)
+                    .create_if_missing(!options.read_only)
+                    .read_only(options.read_only)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT);

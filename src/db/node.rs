@@ -8,6 +8,12 @@ use super::{Db, DbError, on_pool, sql};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeId(pub i64);
 
+impl NodeId {
+    /// The id of a node with no row yet (read-only access never registers one): no
+    /// `cached_images` or queue row carries it, since Glance's ids start at 1.
+    pub const UNREGISTERED: NodeId = NodeId(0);
+}
+
 impl Db {
     /// Returns the id of the node named `url`, creating its row if it is missing (as
     /// Glance's `node_reference_create`, ignoring the duplicate when another process won).

@@ -173,6 +173,26 @@ fn glance_tables_sql(d: Dialect) -> String {
 }
 
 impl Db {
+    /// For access that only reads: says what `migrate` would refuse or have to create,
+    /// and creates nothing.
+    pub async fn check_schema(&self) -> Result<(), DbError> {
+        let (glance_tables, glance_schema) = on_pool!(self, |pool, d| {
+            let tables = sqlx::query(sqlx::AssertSqlSafe(glance_tables_sql(d)))
+                .fetch_one(pool)
+                .await?;
+            (
+                tables.try_get::<i64, _>("glance_tables")? > 0,
+                tables.try_get::<i64, _>("glance_schema")? > 0,
+            )
+        });
+        match (glance_tables, glance_schema) {
+            (true, _) => Ok(()),
+            (false, true) => Err(DbError::GlanceSchemaTooOld),
+            (false, false) if self.create_glance_tables => Err(DbError::NoTablesYet),
+            (false, false) => Err(DbError::NoGlanceTables),
+        }
+    }
+
     /// Creates whatever tables are missing and records our schema version. Safe to run on
     /// every start from every node at once.
     pub async fn migrate(&self) -> Result<(), DbError> {

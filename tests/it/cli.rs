@@ -645,3 +645,134 @@ fn a_number_where_a_string_belongs_is_an_error_in_a_file_but_not_from_the_enviro
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("reference_url = \"12345\""));
 }
+
+/// Every entry under `dir` (itself included) with its owner uid, for entries whose
+/// owner is not `uid`.
+fn entries_not_owned_by(dir: &Path, uid: u32) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut wrong = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.uid() != uid {
+            wrong.push((path.clone(), meta.uid()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        }
+    }
+    wrong
+}
+
+/// Item 6 of the hostile-input review: commands run as root on a cache owned by the
+/// service user act as that user, so everything they create (subdirectories, the
+/// SQLite database and its `-wal`/`-shm`, markers, imported images) stays usable by the
+/// service. `nobody` stands in for `glance`.
+#[test]
+fn root_commands_act_as_the_cache_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let env = CliEnv::new("");
+    // The service user must reach its cache and read the config (as `root:glance 0640`
+    // lets the glance group do); the test's own temp dir is root's 0700.
+    std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::create_dir(env.cache("")).unwrap();
+    rustix::fs::chown(
+        env.cache(""),
+        Some(rustix::process::Uid::from_raw(NOBODY)),
+        Some(rustix::process::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+    let source = env.tmp.path().join("image.src");
+    std::fs::write(&source, test_bytes(4096, 3)).unwrap();
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.ok(&["queue", "queued-by-root"]);
+    env.ok(&["import", "imported-by-root", source.to_str().unwrap()]);
+    env.ok(&["list-cached"]);
+    assert!(env.cache("imported-by-root").is_file());
+    assert!(env.cache("queue/queued-by-root").is_file());
+    assert_eq!(entries_not_owned_by(&env.cache(""), NOBODY), []);
+}
+
+/// Commands that only look create nothing: not the cache directory when it is missing,
+/// not its subdirectories, and no node row.
+#[test]
+fn read_only_commands_create_nothing() {
+    let env = CliEnv::new("");
+    for args in [&["list-cached"][..], &["size"], &["hits", "some-image"]] {
+        let line = env.fails(args);
+        assert!(line.contains("does not exist"), "{args:?}: {line}");
+        assert!(
+            !env.cache("").exists(),
+            "{args:?} created the cache directory"
+        );
+    }
+    // A cache a write made: its top level as it was, apart from SQLite's sidecars.
+    env.ok(&["queue", "some-image"]);
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(env.cache(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    std::fs::remove_dir(env.cache("invalid")).unwrap();
+    for args in [&["list-cached"][..], &["size"], &["hits", "some-image"]] {
+        env.ok(args);
+    }
+    let mut expected = before.clone();
+    expected.retain(|n| n != "invalid");
+    assert_eq!(
+        listing(),
+        expected,
+        "read-only commands recreated a directory"
+    );
+    // Another node's listing does not register that node.
+    let other = env.run_env(
+        &["list-cached", "--json"],
+        &[(
+            "GLANCE_CACHED_NODE__REFERENCE_URL",
+            "http://never-registered:9292",
+        )],
+    );
+    assert!(other.status.success());
+    assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "[]");
+    let nodes = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from node_reference').fetchone()[0])",
+        ])
+        .arg(env.cache("glance-cached.db"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&nodes.stdout).trim(), "1");
+}
+
+/// With no configuration at all, no command creates the built-in default cache
+/// directory (it would be root's, and in the wrong place if the operator meant another).
+#[test]
+fn without_configuration_the_default_directory_is_not_created() {
+    let default_dir = Path::new("/var/lib/glance/image-cache");
+    let default_config = Path::new("/etc/glance-cached/glance-cached.toml");
+    if default_dir.exists() || default_config.exists() {
+        eprintln!("SKIPPED: {default_dir:?} or {default_config:?} exists on this machine");
+        return;
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    clean_env(&mut cmd);
+    let out = cmd.args(["queue", "an-image"]).output().unwrap();
+    let line = fails(out, &["queue"]);
+    assert!(line.contains("not creating it"), "{line}");
+    assert!(!default_dir.exists());
+}

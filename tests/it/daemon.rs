@@ -855,6 +855,12 @@ fn an_empty_shared_database_gets_glance_tables_only_when_asked() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("create_glance_tables"));
     s.write_config(&config("create_glance_tables = true\n"));
+    // A command that only reads creates no table, and says so.
+    let out = s.cli(&["list-cached"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no cache tables yet"));
+    let out = s.cli(&["queue", "creates-the-tables"]);
+    assert!(out.status.success());
     let out = s.cli(&["list-cached"]);
     assert!(
         out.status.success(),
