@@ -59,9 +59,7 @@ impl CacheDriver {
         now: SystemTime,
     ) -> Result<CleanReport, CacheError> {
         let layout = self.layout().clone();
-        tokio::task::spawn_blocking(move || clean_blocking(&layout, policy, now))
-            .await
-            .expect("clean panicked")
+        crate::blocking(move || clean_blocking(&layout, policy, now)).await
     }
 }
 

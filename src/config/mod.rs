@@ -301,6 +301,8 @@ impl Config {
     }
 
     pub fn dialect(&self) -> Dialect {
+        // A `Config` exists only after the validator accepted `database.url`'s scheme.
+        #[allow(clippy::expect_used)]
         Dialect::from_url(&self.database.url).expect("validated database url")
     }
 

@@ -151,9 +151,8 @@ pub async fn run(
     info!(dir = %config.cache.dir.display(), database = %crate::db::mask_url(&config.database.url), "opening the cache");
     let layout = CacheLayout::new(&config.cache.dir);
     let layout_for_check = layout.clone();
-    tokio::task::spawn_blocking(move || layout_for_check.ensure())
+    crate::blocking(move || layout_for_check.ensure())
         .await
-        .expect("layout check panicked")
         .map_err(CacheError::from)?;
     let db_options = config.database.db_options();
     let db = Db::connect(&config.database.url, &db_options).await?;
