@@ -189,7 +189,10 @@ impl CacheDriver {
             if queued.contains(id.as_str()) {
                 continue;
             }
-            let queued_at = DbTime::from_utc(marker.modified.into());
+            let queued_at = DbTime::from_mtime(marker.modified).unwrap_or_else(|clamped| {
+                warn!(image_id = %id, "queue marker's mtime is out of range; queued at the nearest storable time");
+                clamped
+            });
             if self
                 .db()
                 .enqueue(self.node(), id.as_str(), queued_at)

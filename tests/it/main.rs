@@ -12,6 +12,7 @@ mod driver;
 mod faults_crash;
 mod faults_disk;
 mod faults_hostile;
+mod faults_input;
 mod faults_scale;
 mod glance_interop;
 mod origin;

@@ -1,0 +1,121 @@
+//! Hostile input planted while the daemon or a command runs (issue 20): extreme mtimes,
+//! rows the driver cannot read, malformed checksums, environment values, paths, secrets
+//! and upstreams that never end.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use filetime::FileTime;
+
+use crate::daemon::{SOON, Setup};
+
+/// Seconds since the epoch that tmpfs and btrfs accept and chrono cannot represent as a
+/// `DateTime` (about 317,000 years ahead), and one far before the epoch.
+const FAR_FUTURE: i64 = 10_000_000_000_000;
+const FAR_PAST: i64 = -1_000_000_000_000;
+
+/// Puts a file with `mtime` at `path` in one step (a rename), so the daemon never sees it
+/// with another mtime.
+fn plant(path: &Path, data: &[u8], mtime: i64) {
+    // Staged beside the cache directory (same filesystem, outside every watched area).
+    let name = path.file_name().unwrap().to_string_lossy();
+    let staged = path
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "cache"))
+        .and_then(Path::parent)
+        .unwrap_or(path.parent().unwrap())
+        .join(format!(".staged-{name}"));
+    std::fs::write(&staged, data).unwrap();
+    filetime::set_file_mtime(&staged, FileTime::from_unix_time(mtime, 0)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `Setup` on tmpfs (`/dev/shm`), which stores any mtime; ext4 clamps them to 2446.
+fn setup_on_tmpfs(extra: &str) -> Setup {
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let config = tmp.path().join("glance-cached.toml");
+    let s = Setup { tmp, config };
+    s.write_config(extra);
+    let probe = s.tmp.path().join("probe");
+    plant(&probe, b"", FAR_FUTURE);
+    assert_eq!(
+        FileTime::from_last_modification_time(&std::fs::metadata(&probe).unwrap()).unix_seconds(),
+        FAR_FUTURE,
+        "/dev/shm must keep far mtimes"
+    );
+    s
+}
+
+#[test]
+fn extreme_mtimes_planted_while_running_crash_neither_the_daemon_nor_a_command() {
+    let s = setup_on_tmpfs("max_size = 3000");
+    let mut d = s.start();
+    // The queue loop adopts the marker (its mtime is the queued time), the pruner the
+    // cached file (over max_size, it adopts files without rows, aged by mtime), the
+    // cleaner schedules the incomplete file (due 10^13 s from now) and the invalid one.
+    plant(&s.cache("queue/far-marker"), b"", FAR_FUTURE);
+    plant(&s.cache("far-cached"), &[7; 4000], FAR_FUTURE);
+    plant(
+        &s.cache("incomplete/far-incomplete"),
+        b"partial",
+        FAR_FUTURE,
+    );
+    plant(&s.cache("invalid/far-invalid"), b"bad", FAR_PAST);
+    // The latest mtime there is: mtime + stall_time overflows `SystemTime`.
+    plant(&s.cache("incomplete/last-incomplete"), b"partial", i64::MAX);
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let log = d.log_text();
+        if log.contains("queue marker's mtime is out of range")
+            && log.contains("cached file's mtime is out of range")
+        {
+            break;
+        }
+        assert!(d.alive(), "the daemon died; log:\n{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not adopt the marker and the file; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    assert!(
+        !s.cache("invalid/far-invalid").exists(),
+        "an old invalid file stays"
+    );
+
+    // The same while a command runs: each finds fresh ones of its own.
+    plant(&s.cache("queue/far-marker-2"), b"", FAR_FUTURE);
+    let queued = ok(&s.cli(&["list-queued", "--json"]), "list-queued");
+    assert!(queued.contains("far-marker-2"), "{queued}");
+    assert!(queued.contains("9999-12-31"), "{queued}");
+    plant(&s.cache("far-cached-2"), b"x", FAR_PAST);
+    plant(
+        &s.cache("incomplete/far-incomplete-2"),
+        b"partial",
+        i64::MAX,
+    );
+    ok(&s.cli(&["reconcile"]), "reconcile");
+    plant(
+        &s.cache("incomplete/far-incomplete-3"),
+        b"partial",
+        i64::MAX,
+    );
+    ok(&s.cli(&["clean"]), "clean");
+    let cached = ok(&s.cli(&["list-cached", "--json"]), "list-cached");
+    assert!(cached.contains("1000-01-01"), "{cached}");
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    // Not stalled: an mtime ahead of now never comes due.
+    assert!(s.cache("incomplete/far-incomplete").exists());
+    d.stop();
+}
