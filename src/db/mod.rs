@@ -24,7 +24,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use cached_images::{CachedImageRow, LruCursor};
+pub use cached_images::{CachedImageRow, CachedImageRows, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
 pub use node::NodeId;
 pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};

@@ -11,7 +11,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::mysql::{MySql, MySqlTypeInfo, MySqlValueRef};
-use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef, Postgres};
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueFormat, PgValueRef, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteArgumentsBuffer, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Decode, Encode, Type};
 
@@ -163,8 +163,27 @@ impl Encode<'_, Postgres> for DbTime {
 
 impl<'r> Decode<'r, Postgres> for DbTime {
     fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        // sqlx adds the microseconds to its epoch unchecked and panics on `infinity`
+        // (i64::MAX) or any time beyond chrono's range: check it here instead.
+        if value.format() == PgValueFormat::Binary {
+            let micros = <i64 as Decode<Postgres>>::decode(value)?;
+            return pg_time_from_micros(micros)
+                .map(DbTime)
+                .ok_or_else(|| format!("time out of range: {micros} µs after 2000-01-01").into());
+        }
         <NaiveDateTime as Decode<Postgres>>::decode(value).map(DbTime)
     }
+}
+
+/// PostgreSQL's binary TIMESTAMP: microseconds since 2000-01-01 00:00:00; `None` for
+/// `infinity`, `-infinity` and what chrono cannot hold.
+fn pg_time_from_micros(micros: i64) -> Option<NaiveDateTime> {
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    if micros == i64::MAX || micros == i64::MIN {
+        return None;
+    }
+    let unix = micros.checked_add(PG_EPOCH_MICROS)?;
+    DateTime::from_timestamp_micros(unix).map(|t| t.naive_utc())
 }
 
 impl Type<MySql> for DbTime {
@@ -233,6 +252,28 @@ mod tests {
             let expected = DateTime::from_timestamp(secs, micros * 1000).unwrap().naive_utc();
             prop_assert_eq!(stored, Ok(DbTime(expected)));
         }
+    }
+
+    proptest! {
+        #[test]
+        fn any_postgres_time_decodes_or_is_refused(micros in any::<i64>()) {
+            if let Some(t) = pg_time_from_micros(micros) {
+                let back = (t - pg_time_from_micros(0).unwrap()).num_microseconds();
+                prop_assert_eq!(back, Some(micros));
+            }
+        }
+    }
+
+    #[test]
+    fn postgres_infinity_is_refused() {
+        assert_eq!(pg_time_from_micros(i64::MAX), None);
+        assert_eq!(pg_time_from_micros(i64::MIN), None);
+        assert_eq!(
+            pg_time_from_micros(0)
+                .map(|t| sqlalchemy_text(&t))
+                .as_deref(),
+            Some("2000-01-01 00:00:00.000000")
+        );
     }
 
     #[test]

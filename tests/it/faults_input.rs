@@ -4,9 +4,14 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use chrono::{TimeZone, Utc};
 use filetime::FileTime;
+use glance_cached::cache::{CleanPolicy, Expectations, PrunePolicy};
+use glance_cached::db::DbTime;
+
+use crate::common::{Backend, TestCache, id, run_sql};
 
 use crate::daemon::{SOON, Setup};
 
@@ -118,4 +123,104 @@ fn extreme_mtimes_planted_while_running_crash_neither_the_daemon_nor_a_command()
     // Not stalled: an mtime ahead of now never comes due.
     assert!(s.cache("incomplete/far-incomplete").exists());
     d.stop();
+}
+
+/// One test per backend, as the driver suite does.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
+        mod mysql { $( #[tokio::test] async fn $test() { super::$test(super::Backend::MySql).await } )* }
+    };
+}
+
+on_every_backend!(unreadable_rows_are_skipped_and_pruned_first);
+
+/// A statement that makes `image`'s `last_accessed` unreadable for this backend: text
+/// that is no time on SQLite, `infinity` on PostgreSQL, a zero date on MariaDB.
+fn unreadable_time(b: Backend, image: &str) -> String {
+    match b {
+        Backend::Sqlite => format!(
+            "UPDATE cached_images SET last_accessed = 'yesterday' WHERE image_id = '{image}'"
+        ),
+        Backend::Postgres => format!(
+            "UPDATE cached_images SET last_accessed = 'infinity' WHERE image_id = '{image}'"
+        ),
+        Backend::MySql => format!(
+            "SET STATEMENT sql_mode = '' FOR UPDATE cached_images \
+             SET last_accessed = '0000-00-00 00:00:00' WHERE image_id = '{image}'"
+        ),
+    }
+}
+
+async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for (n, image) in ["good-old", "good-new", "many-hits", "bad-time"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = t
+            .driver
+            .open_for_write(&id(image), Expectations::default())
+            .await
+            .unwrap();
+        w.write(&[n as u8; 1000]).unwrap();
+        w.commit().await.unwrap();
+        // Accessed in this order: bad-time is the most recently used by its last time.
+        let when = DbTime::from_utc(Utc.timestamp_opt(1_000_000 * (n as i64 + 1), 0).unwrap());
+        let db = t.driver.db();
+        assert!(db.record_hit(t.driver.node(), image, when).await.unwrap());
+    }
+    run_sql(&t.db.url, b, &unreadable_time(b, "bad-time"))
+        .await
+        .unwrap();
+    // Only SQLite's INTEGER holds more than 32 bits (Glance's hits + 1 never stops).
+    if b == Backend::Sqlite {
+        let q = "UPDATE cached_images SET hits = 3000000000 WHERE image_id = 'many-hits'";
+        run_sql(&t.db.url, b, q).await.unwrap();
+    }
+
+    let listed: Vec<String> = t
+        .driver
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id.to_string())
+        .collect();
+    assert_eq!(listed, ["good-new", "good-old", "many-hits"]);
+    if b == Backend::Sqlite {
+        assert_eq!(
+            t.driver.get_hit_count(&id("many-hits")).await.unwrap(),
+            3_000_000_000
+        );
+    }
+    let policy = CleanPolicy {
+        stall_time: Duration::from_secs(3600),
+        invalid_grace: Duration::ZERO,
+    };
+    let report = t.driver.reconcile(policy, SystemTime::now()).await.unwrap();
+    assert!(!report.changed(), "{report:?}");
+    // Over max_size by one image: the unreadable row goes first, as the oldest.
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 3000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pruned: Vec<String> = report.pruned.iter().map(|(i, _)| i.to_string()).collect();
+    assert_eq!(pruned, ["bad-time"]);
+    assert_eq!(
+        t.driver
+            .db()
+            .count_cached_images(t.driver.node())
+            .await
+            .unwrap(),
+        3
+    );
+    t.finish().await;
 }
