@@ -224,3 +224,143 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
     );
     t.finish().await;
 }
+
+/// `list-queued --json` rows by image id.
+fn queue_rows(s: &Setup) -> std::collections::HashMap<String, serde_json::Value> {
+    let text = ok(&s.cli(&["list-queued", "--json"]), "list-queued");
+    let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["image_id"].as_str().unwrap().to_owned(), r.clone()))
+        .collect()
+}
+
+/// Queues `ids`, runs `prefetch` to the end, and returns each id's reason for failing;
+/// none of them may be cached.
+fn prefetch_all_fail(s: &Setup, ids: &[&str]) -> std::collections::HashMap<String, String> {
+    let mut args = vec!["queue"];
+    args.extend_from_slice(ids);
+    ok(&s.cli(&args), "queue");
+    // Exits 1, naming the failures; what matters is what it recorded.
+    let out = s.cli(&["prefetch"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = queue_rows(s);
+    let cached = ok(&s.cli(&["list-cached", "--json"]), "list-cached");
+    ids.iter()
+        .map(|id| {
+            assert!(!s.cache(id).exists(), "{id} was cached");
+            assert!(
+                !cached.contains(&format!("\"{id}\"")),
+                "{id} has a row: {cached}"
+            );
+            let row = &rows[*id];
+            assert_eq!(row["state"], "failed", "{id}: {row}");
+            (
+                id.to_string(),
+                row["last_error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let data = test_bytes(5000, 9);
+    let cases: [(&str, Behaviour); 5] = [
+        (
+            "short-md5",
+            Behaviour {
+                md5_text: Some("abc".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "nonhex-md5",
+            Behaviour {
+                md5_text: Some("z".repeat(32)),
+                ..Default::default()
+            },
+        ),
+        (
+            "empty-md5",
+            Behaviour {
+                md5_text: Some(String::new()),
+                ..Default::default()
+            },
+        ),
+        (
+            "long-sha512",
+            Behaviour {
+                sha512_text: Some("a".repeat(130)),
+                ..Default::default()
+            },
+        ),
+        (
+            "nonhex-sha512",
+            Behaviour {
+                sha512_text: Some("x".repeat(128)),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (id, b) in &cases {
+        origin.add(id, data.clone(), b.clone());
+    }
+    let prefetcher = "[prefetcher]\nmax_attempts = 1\n";
+    let s = Setup::new(&format!(
+        "{prefetcher}[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let ids: Vec<&str> = cases.iter().map(|(id, _)| *id).collect();
+    let reasons = prefetch_all_fail(&s, &ids);
+    for (id, expected) in [
+        ("short-md5", "checksum \"abc\" is not 32 hex digits"),
+        ("nonhex-md5", "is not 32 hex digits"),
+        ("empty-md5", "checksum \"\" is not 32 hex digits"),
+        ("long-sha512", "os_hash_value"),
+        ("nonhex-sha512", "is not 128 hex digits"),
+    ] {
+        assert!(reasons[id].contains(expected), "{id}: {}", reasons[id]);
+    }
+
+    // A plain HTTP origin: a configured header missing, or malformed.
+    let plain = |id: &str, b: Behaviour| origin.add(id, data.clone(), b);
+    plain(
+        "no-headers",
+        Behaviour {
+            no_checksum_headers: true,
+            ..Default::default()
+        },
+    );
+    plain(
+        "bad-header",
+        Behaviour {
+            md5_text: Some("0x12".into()),
+            ..Default::default()
+        },
+    );
+    let s = Setup::new(&format!(
+        "{prefetcher}[upstream]\nkind = \"http\"\nurl_template = \"{}/plain/{{image_id}}\"\nmd5_header = \"X-Checksum-Md5\"\nsha512_header = \"X-Checksum-Sha512\"\n",
+        origin.url()
+    ));
+    let reasons = prefetch_all_fail(&s, &["no-headers", "bad-header"]);
+    assert!(
+        reasons["no-headers"].contains("no X-Checksum-Md5 header"),
+        "{}",
+        reasons["no-headers"]
+    );
+    assert!(
+        reasons["bad-header"].contains("header X-Checksum-Md5 \"0x12\" is not 32 hex digits"),
+        "{}",
+        reasons["bad-header"]
+    );
+}
