@@ -219,6 +219,46 @@ fn describe_toml_error(path: &Path) -> Option<String> {
     Some(format!("line {line_no}: {name}: {message}{hint}"))
 }
 
+/// The environment with every value as written. figment's `Env` parses values as TOML-ish
+/// literals (`0123` becomes 123, `+5` becomes 5, quotes are stripped, `true` is a
+/// boolean), which would change passwords and URLs; the validator already parses the
+/// text of sizes, durations, numbers and booleans itself.
+struct RawEnv(Env);
+
+impl Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, raw) in self.0.iter() {
+            insert_nested(&mut dict, key.as_str(), Value::from(raw));
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Puts `value` at the dotted `key` in `dict`, making the tables on the way.
+fn insert_nested(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, rest, value);
+            }
+        }
+    }
+}
+
 /// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
 /// when it exists, else none (defaults and environment only).
 pub fn resolve_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
@@ -252,11 +292,11 @@ impl Config {
         // Every key lives in a section, so only `GLANCE_CACHED_<SECTION>__<KEY>` can name
         // one; other variables with the prefix (`GLANCE_CACHED_CONFIG`, a test harness's)
         // are not configuration.
-        figment = figment.merge(
+        figment = figment.merge(RawEnv(
             Env::prefixed(ENV_PREFIX)
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
-        );
+        ));
         let dict = figment
             .data()
             .map_err(|e| ConfigError::File {

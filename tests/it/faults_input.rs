@@ -364,3 +364,74 @@ fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
         reasons["bad-header"]
     );
 }
+
+/// Runs the binary with `config` and exactly the configuration variables in `env`.
+fn cli_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.arg("--config").arg(config).args(args).output().unwrap()
+}
+
+#[test]
+fn the_environment_gives_string_keys_their_text_as_written() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    origin.require_keystone(3600);
+    origin.add("env-img", test_bytes(3000, 4), Behaviour::default());
+    let s = Setup::new("");
+    let env = [
+        ("GLANCE_CACHED_NODE__REFERENCE_URL", "0123"),
+        ("GLANCE_CACHED_UPSTREAM__KIND", "glance"),
+        ("GLANCE_CACHED_UPSTREAM__URL", &origin.url()),
+        (
+            "GLANCE_CACHED_UPSTREAM__KEYSTONE__AUTH_URL",
+            &format!("{}/v3", origin.url()),
+        ),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__USERNAME", "true"),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__PASSWORD", "+05"),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__PROJECT_NAME", "\"svc\""),
+        (
+            "GLANCE_CACHED_UPSTREAM__KEYSTONE__USER_DOMAIN_NAME",
+            " [spaced] ",
+        ),
+        // Numbers, sizes and booleans are still parsed from their text.
+        ("GLANCE_CACHED_CACHE__MAX_SIZE", "1000000"),
+        ("GLANCE_CACHED_PREFETCHER__CONCURRENCY", "3"),
+        ("GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES", "true"),
+    ];
+    let shown = ok(
+        &cli_with_env(&s.config, &env, &["check-config"]),
+        "check-config",
+    );
+    for line in [
+        "reference_url = \"0123\"",
+        "username = \"true\"",
+        "project_name = \"\\\"svc\\\"\"",
+        "user_domain_name = \" [spaced] \"",
+        "max_size = \"1000000\"",
+        "concurrency = 3",
+    ] {
+        assert!(shown.contains(line), "{line} in:\n{shown}");
+    }
+    // The password reaches Keystone as written.
+    ok(
+        &cli_with_env(&s.config, &env, &["queue", "env-img"]),
+        "queue",
+    );
+    ok(&cli_with_env(&s.config, &env, &["prefetch"]), "prefetch");
+    let requests = origin.with_stats(|st| st.keystone_requests.clone());
+    let body: serde_json::Value = serde_json::from_str(&requests[0]).unwrap();
+    let user = &body["auth"]["identity"]["password"]["user"];
+    assert_eq!(user["password"], "+05", "{body}");
+    assert_eq!(user["name"], "true", "{body}");
+    assert_eq!(
+        body["auth"]["scope"]["project"]["name"], "\"svc\"",
+        "{body}"
+    );
+}

@@ -63,6 +63,8 @@ pub struct Stats {
     pub in_flight: u32,
     pub max_in_flight: u32,
     pub tokens_issued: u32,
+    /// The bodies of the Keystone token requests, as received.
+    pub keystone_requests: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +154,7 @@ struct Request {
     method: String,
     path: String,
     headers: HashMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
@@ -172,17 +175,19 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
         }
     }
+    let mut body = Vec::new();
     if let Some(len) = headers
         .get("content-length")
         .and_then(|l| l.parse::<usize>().ok())
     {
-        let mut body = vec![0; len];
+        body = vec![0; len];
         reader.read_exact(&mut body)?;
     }
     Ok(Request {
         method,
         path,
         headers,
+        body,
     })
 }
 
@@ -211,6 +216,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     if req.method == "POST" && req.path == "/v3/auth/tokens" {
         let mut s = state.lock().unwrap();
         s.stats.tokens_issued += 1;
+        let body = String::from_utf8_lossy(&req.body).into_owned();
+        s.stats.keystone_requests.push(body);
         let token = format!("tok-{}", s.stats.tokens_issued);
         s.issued_tokens.push(token.clone());
         let expires = chrono::Utc::now() + chrono::Duration::seconds(s.token_ttl_secs);
