@@ -60,6 +60,9 @@ pub struct DatabaseConfig {
     /// May Glance's cache tables be created when the database has none? Set, or by
     /// default only for SQLite (see `DbOptions::create_glance_tables`).
     pub create_glance_tables: bool,
+    /// The default SQLite file (in the cache directory) when `database.url` is unset,
+    /// opened by path (`url` then only shows it).
+    pub sqlite_file: Option<PathBuf>,
 }
 
 impl DatabaseConfig {
@@ -69,6 +72,7 @@ impl DatabaseConfig {
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             create_glance_tables: self.create_glance_tables,
+            sqlite_file: self.sqlite_file.clone(),
         }
     }
 }
@@ -421,8 +425,14 @@ impl<'a> Validator<'a> {
         let stall_time = self
             .duration("cache.stall_time")
             .unwrap_or(Duration::from_secs(86_400));
-        let default_url = format!("sqlite://{}", dir.join(DEFAULT_SQLITE_FILE).display());
-        let url = self.string("database.url").unwrap_or(default_url);
+        // Unset: SQLite in the cache directory, opened by path; the URL only shows it.
+        let (url, sqlite_file) = match self.string("database.url") {
+            Some(url) => (url, None),
+            None => {
+                let file = dir.join(DEFAULT_SQLITE_FILE);
+                (format!("sqlite://{}", file.display()), Some(file))
+            }
+        };
         let dialect = Dialect::from_url(&url);
         if dialect.is_none() {
             self.problem(
@@ -530,6 +540,7 @@ impl<'a> Validator<'a> {
                 max_connections,
                 connect_timeout,
                 create_glance_tables,
+                sqlite_file,
             },
             node_reference_url,
             log: LogConfig { level, format },
@@ -689,16 +700,20 @@ impl<'a> Validator<'a> {
     /// An absolute path; a relative one in a file is taken relative to that file's
     /// directory, from the environment relative to the working directory.
     fn path(&mut self, key: &str, default: &str) -> PathBuf {
-        let Some(raw) = self.string(key) else {
-            return PathBuf::from(default);
-        };
+        self.optional_path(key)
+            .unwrap_or_else(|| PathBuf::from(default))
+    }
+
+    /// `path` for a key without a default: `None` when unset (or empty, a problem).
+    fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
+        let raw = self.string(key)?;
         if raw.is_empty() {
             self.problem(key, "must not be empty".into());
-            return PathBuf::from(default);
+            return None;
         }
         let p = PathBuf::from(&raw);
         if p.is_absolute() {
-            return p;
+            return Some(p);
         }
         let from_file = self
             .figment
@@ -711,13 +726,13 @@ impl<'a> Validator<'a> {
             });
         let base = from_file.or_else(|| std::env::current_dir().ok());
         match base {
-            Some(b) => b.join(p),
+            Some(b) => Some(b.join(p)),
             None => {
                 self.problem(
                     key,
                     "is relative and the working directory is unknown".into(),
                 );
-                p
+                Some(p)
             }
         }
     }

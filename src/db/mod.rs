@@ -154,6 +154,9 @@ pub struct DbOptions {
     /// the configuration says the database is glance-cached's own
     /// (`database.create_glance_tables`, default: only for SQLite).
     pub create_glance_tables: bool,
+    /// The SQLite database as a file path, used instead of the `sqlite://` URL when set:
+    /// a path made into a URL would have its `%41` decoded and its `?` read as options.
+    pub sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DbOptions {
@@ -162,6 +165,7 @@ impl Default for DbOptions {
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
             create_glance_tables: true,
+            sqlite_file: None,
         }
     }
 }
@@ -228,8 +232,11 @@ impl Db {
         };
         let pool = match dialect {
             Dialect::Sqlite => {
-                let opts = SqliteConnectOptions::from_str(url)
-                    .map_err(connect_err)?
+                let opts = match &options.sqlite_file {
+                    Some(path) => SqliteConnectOptions::new().filename(path),
+                    None => SqliteConnectOptions::from_str(url).map_err(connect_err)?,
+                };
+                let opts = opts
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)

@@ -435,3 +435,121 @@ fn the_environment_gives_string_keys_their_text_as_written() {
         "{body}"
     );
 }
+
+#[test]
+fn relative_token_and_ca_files_are_relative_to_the_config_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let token = etc.join("token");
+    std::fs::write(&token, "secret-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(etc.join("ca.pem"), ca.cert.pem()).unwrap();
+    let config = etc.join("glance-cached.toml");
+    std::fs::write(
+        &config,
+        "[cache]\ndir = \"cache\"\n[upstream]\nkind = \"glance\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let check = |dir: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.current_dir(dir)
+            .arg("--config")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    // Run from another directory (systemd runs us in /): the file's neighbours count.
+    let shown = ok(&check(&elsewhere), "check-config");
+    for line in [
+        format!("dir = {:?}", etc.join("cache").display().to_string()),
+        format!("token_file = {:?}", token.display().to_string()),
+        format!("ca_file = {:?}", etc.join("ca.pem").display().to_string()),
+    ] {
+        assert!(shown.contains(&line), "{line} in:\n{shown}");
+    }
+    // A token that others can read, or that anyone but its owner can replace, is refused.
+    for mode in [0o604, 0o620, 0o602, 0o660] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = check(&elsewhere);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "mode {mode:o}: {stderr}");
+        assert!(
+            stderr.contains("upstream.token_file"),
+            "mode {mode:o}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cache_dir_with_url_characters_opens_its_own_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Made into a URL, "%41" decodes to "A" and "?" starts the options.
+    for name in ["c%41", "c?mode=ro", "c#frag"] {
+        let dir = tmp.path().join(name);
+        let config = tmp.path().join(format!("{}.toml", name.len()));
+        std::fs::write(
+            &config,
+            format!("[cache]\ndir = {:?}\n", dir.display().to_string()),
+        )
+        .unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        // Glance's old driver's database, for migrate-sqlite to read from the same place.
+        let legacy = dir.join("cache.db");
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&legacy)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
+             last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO cached_images VALUES ('old-a', 1.0, 1.0, 12, 3, NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let run = |args: &[&str]| cli_with_env(&config, &[], args);
+        let migrated = ok(
+            &run(&["migrate-sqlite"]),
+            &format!("{name}: migrate-sqlite"),
+        );
+        assert!(
+            migrated.starts_with("migrated 1 rows"),
+            "{name}: {migrated}"
+        );
+        let listed = ok(
+            &run(&["list-cached", "--json"]),
+            &format!("{name}: list-cached"),
+        );
+        assert!(listed.contains("old-a"), "{name}: {listed}");
+        assert!(
+            dir.join("glance-cached.db").is_file(),
+            "{name}: no database in its dir"
+        );
+    }
+    let mut entries: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".toml"))
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["c#frag", "c%41", "c?mode=ro"],
+        "nothing opened elsewhere"
+    );
+}
