@@ -5,6 +5,9 @@
 //!
 //! Results: a table on stdout and JSON in target/bench/daemon.json.
 
+// Test and benchmark code: a panic here is a failed run, not a crashed daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::bench_dir;

@@ -8,6 +8,9 @@
 //! Figures are medians of `BENCH_ROUNDS` rounds (default 3). Results: a table on stdout
 //! and JSON in target/bench/driver.json.
 
+// Test and benchmark code: a panic here is a failed run, not a crashed daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{bench_dir, median};

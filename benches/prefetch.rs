@@ -11,6 +11,9 @@
 //!
 //! Results: a table on stdout and JSON in target/bench/prefetch.json.
 
+// Test and benchmark code: a panic here is a failed run, not a crashed daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{bench_dir, median};

@@ -41,6 +41,7 @@ impl From<UpstreamError> for FetchError {
         match e {
             UpstreamError::Retry(m) => FetchError::Retry(m),
             UpstreamError::Permanent(m) => FetchError::Permanent(m),
+            UpstreamError::Verify(m) => FetchError::Verify(m),
         }
     }
 }

@@ -59,10 +59,26 @@ impl CacheDriver {
         now: SystemTime,
     ) -> Result<CleanReport, CacheError> {
         let layout = self.layout().clone();
-        tokio::task::spawn_blocking(move || clean_blocking(&layout, policy, now))
-            .await
-            .expect("clean panicked")
+        crate::blocking(move || clean_blocking(&layout, policy, now)).await
     }
+}
+
+/// Glance's rule: an `invalid/` file may go once `age_limit` has passed since its mtime,
+/// an `incomplete/` file once more than that has (mtime < now - stall_time). `Err` says
+/// when it becomes due instead; `Err(None)`: never, for an mtime so far ahead (anyone can
+/// set one) that the time cannot be represented.
+fn due(
+    area: Area,
+    modified: SystemTime,
+    age_limit: Duration,
+    now: SystemTime,
+) -> Result<(), Option<SystemTime>> {
+    let due_at = modified.checked_add(age_limit).ok_or(None)?;
+    let due = match area {
+        Area::Invalid => due_at <= now,
+        _ => due_at < now,
+    };
+    if due { Ok(()) } else { Err(Some(due_at)) }
 }
 
 fn clean_blocking(
@@ -82,16 +98,11 @@ fn clean_blocking(
             warn!(path = %path.display(), "skipping a cache entry that is not a regular file named by an image id");
         }
         report.skipped.extend(listing.skipped);
-        let cutoff = now.checked_sub(age_limit).unwrap_or(SystemTime::UNIX_EPOCH);
         for file in listing.files {
-            // Glance's rule for incomplete/: remove when mtime < now - stall_time.
-            let due = match area {
-                Area::Invalid => file.modified <= cutoff,
-                _ => file.modified < cutoff,
-            };
-            if !due {
-                let due_at = file.modified + age_limit;
-                report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
+            if let Err(due_at) = due(area, file.modified, age_limit, now) {
+                if let Some(due_at) = due_at {
+                    report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
+                }
                 continue;
             }
             match layout.remove(area, &file.image_id) {
@@ -121,4 +132,53 @@ fn clean_blocking(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::UNIX_EPOCH;
+
+    /// Times either side of the epoch across the whole range of `st_mtime` seconds.
+    fn any_time() -> impl Strategy<Value = SystemTime> {
+        (any::<bool>(), 0..=i64::MAX as u64, 0..1_000_000_000u32).prop_map(
+            |(after, secs, nanos)| {
+                let d = Duration::new(secs, nanos);
+                let t = if after {
+                    UNIX_EPOCH.checked_add(d)
+                } else {
+                    UNIX_EPOCH.checked_sub(d)
+                };
+                t.unwrap_or(UNIX_EPOCH)
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn due_never_panics_and_agrees_with_glance(
+            modified in any_time(),
+            now in any_time(),
+            age in any::<u64>(),
+            incomplete in any::<bool>(),
+        ) {
+            let area = if incomplete { Area::Incomplete } else { Area::Invalid };
+            let age = Duration::from_secs(age);
+            match due(area, modified, age, now) {
+                Ok(()) => prop_assert!(modified.checked_add(age).is_some_and(|t| t <= now)),
+                Err(Some(at)) => prop_assert!(at >= now && Some(at) == modified.checked_add(age)),
+                Err(None) => prop_assert!(modified.checked_add(age).is_none()),
+            }
+        }
+    }
+
+    #[test]
+    fn strict_for_incomplete_files() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let age = Duration::from_secs(10);
+        let modified = now - age;
+        assert_eq!(due(Area::Invalid, modified, age, now), Ok(()));
+        assert_eq!(due(Area::Incomplete, modified, age, now), Err(Some(now)));
+    }
 }

@@ -79,9 +79,7 @@ impl CacheDriver {
         node_url: &str,
     ) -> Result<Self, CacheError> {
         let l = layout.clone();
-        tokio::task::spawn_blocking(move || l.ensure())
-            .await
-            .expect("layout check panicked")?;
+        crate::blocking(move || l.ensure()).await?;
         db.migrate().await?;
         let node = db.register_node(node_url).await?;
         debug!(node_url, node_id = node.0, "cache node registered");
@@ -214,7 +212,10 @@ impl CacheDriver {
             if queued.contains(id.as_str()) {
                 continue;
             }
-            let queued_at = DbTime::from_utc(marker.modified.into());
+            let queued_at = DbTime::from_mtime(marker.modified).unwrap_or_else(|clamped| {
+                warn!(image_id = %id, "queue marker's mtime is out of range; queued at the nearest storable time");
+                clamped
+            });
             if self
                 .db()
                 .enqueue(self.node(), id.as_str(), queued_at)
@@ -409,9 +410,8 @@ impl CacheDriver {
     pub async fn list(&self, area: Area) -> Result<Listing, CacheError> {
         let layout = self.layout().clone();
         let dir = layout.dir(area);
-        tokio::task::spawn_blocking(move || layout.list(area))
+        crate::blocking(move || layout.list(area))
             .await
-            .expect("directory listing panicked")
             .map_err(CacheError::io("list", dir))
     }
 

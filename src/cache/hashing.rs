@@ -48,6 +48,8 @@ enum Digester {
 impl Digester {
     /// OpenSSL's when it offers the algorithm, else the pure-Rust one.
     fn new(algorithm: Algorithm) -> Digester {
+        // `with(_, PureRust)` is `Some` for every algorithm, so the search always ends.
+        #[allow(clippy::expect_used)]
         [Implementation::OpenSsl, Implementation::PureRust]
             .into_iter()
             .find_map(|implementation| Digester::with(algorithm, implementation))

@@ -45,6 +45,8 @@ pub enum CacheError {
         "image {image_id} is larger than declared ({declared} bytes); it was moved to invalid/"
     )]
     TooLarge { image_id: ImageId, declared: u64 },
+    #[error("image {0}: the writer was already aborted")]
+    WriterAborted(ImageId),
 }
 
 impl CacheError {

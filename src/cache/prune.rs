@@ -78,12 +78,24 @@ impl CacheDriver {
             return Ok(report);
         }
         // Files without rows would never be candidates: give them rows, aged by mtime.
-        let rows = self.db().cached_images(self.node()).await?;
-        let known: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
+        let all = self.db().cached_images_and_unreadable(self.node()).await?;
+        all.warn_unreadable();
+        let crate::db::CachedImageRows { rows, unreadable } = all;
+        let known: HashSet<&str> = rows
+            .iter()
+            .map(|r| r.image_id.as_str())
+            .chain(unreadable.iter().filter_map(|u| u.image_id.as_deref()))
+            .collect();
         report.adopted = self
             .adopt_files_without_rows(&listing.files, &known)
             .await?
             .len() as u64;
+        // A row whose time cannot be read counts as the oldest: evicted first.
+        size = self
+            .evict_unreadable_rows(&unreadable, size, &mut report, |size| {
+                needs_pruning(size, self)
+            })
+            .await?;
 
         let mut cursor = None;
         'batches: loop {
@@ -131,6 +143,43 @@ impl CacheDriver {
         report.size_after = size;
         report.images_after = listing.files.len().saturating_sub(report.pruned.len());
         Ok(report)
+    }
+
+    /// Evicts the images of `unreadable` rows (those with a valid id) while `needs` holds,
+    /// and drops their rows. Returns the cache size after.
+    async fn evict_unreadable_rows(
+        &self,
+        unreadable: &[crate::db::UnreadableRow],
+        mut size: u64,
+        report: &mut PruneReport,
+        needs: impl Fn(u64) -> bool,
+    ) -> Result<u64, CacheError> {
+        let mut gone_rows = Vec::new();
+        for raw in unreadable.iter().filter_map(|u| u.image_id.as_deref()) {
+            if !needs(size) {
+                break;
+            }
+            let Some(id) = super::driver::valid_row_id(raw) else {
+                continue;
+            };
+            match self.layout().remove(Area::Cached, &id) {
+                Ok(Some(bytes)) => {
+                    info!(image_id = %id, bytes, "pruned cached image (its row is unreadable)");
+                    size = size.saturating_sub(bytes);
+                    report.pruned.push((id, bytes));
+                }
+                Ok(None) => report.rows_without_file += 1,
+                Err(error) => {
+                    warn!(image_id = %id, %error, "failed to prune cached image; skipping it");
+                    continue;
+                }
+            }
+            gone_rows.push(raw.to_owned());
+        }
+        self.db()
+            .delete_cached_images(self.node(), &gone_rows)
+            .await?;
+        Ok(size)
     }
 
     /// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX

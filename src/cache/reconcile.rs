@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::layout::{Area, CacheFile};
 use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
@@ -30,6 +30,15 @@ impl ReconcileReport {
     }
 }
 
+/// A cached file's mtime as the row's times, clamped to what the database stores (with a
+/// warning: anyone can set any mtime).
+fn mtime_as_db_time(id: &ImageId, modified: SystemTime) -> DbTime {
+    DbTime::from_mtime(modified).unwrap_or_else(|clamped| {
+        warn!(image_id = %id, "cached file's mtime is out of range; its row gets the nearest storable time");
+        clamped
+    })
+}
+
 impl CacheDriver {
     /// Gives each of `files` that is not in `known_ids` a row, with both times set to
     /// its mtime (an orphan ages by when it was written). Returns the ids adopted.
@@ -45,7 +54,7 @@ impl CacheDriver {
                 (
                     f.image_id.to_string(),
                     f.size as i64,
-                    DbTime::from_utc(f.modified.into()),
+                    mtime_as_db_time(&f.image_id, f.modified),
                 )
             })
             .collect();
@@ -84,7 +93,7 @@ impl CacheDriver {
                 self.node(),
                 id.as_str(),
                 meta.len() as i64,
-                DbTime::from_utc(modified.into()),
+                mtime_as_db_time(id, modified),
             )
             .await?;
         if adopted {

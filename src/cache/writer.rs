@@ -146,8 +146,9 @@ impl ImageWriter {
                 declared,
             });
         }
-        let file = self.file.as_mut().expect("write after commit or abort");
-        let digests = self.digests.as_ref().expect("write after commit or abort");
+        let (Some(file), Some(digests)) = (self.file.as_mut(), self.digests.as_ref()) else {
+            return Err(CacheError::WriterAborted(self.image_id.clone()));
+        };
         if let Err(e) = file.write_all(&chunk).and_then(|()| digests.feed(&chunk)) {
             let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
             self.abort("write failed");
@@ -190,10 +191,10 @@ impl ImageWriter {
     /// Verifies, makes durable and publishes the image; on a failed verification the
     /// bytes go to `invalid/` and nothing is published.
     pub async fn commit(mut self) -> Result<Published, CacheError> {
-        let digests = self.digests.take().expect("commit after abort");
-        let finished = tokio::task::spawn_blocking(move || digests.finish())
-            .await
-            .expect("digest join panicked");
+        let Some(digests) = self.digests.take() else {
+            return Err(CacheError::WriterAborted(self.image_id.clone()));
+        };
+        let finished = crate::blocking(move || digests.finish()).await;
         let finished = match finished {
             Ok(f) => f,
             Err(e) => {
@@ -212,9 +213,11 @@ impl ImageWriter {
         }
         let layout = self.driver.layout().clone();
         let incomplete = layout.path(Area::Incomplete, &self.image_id);
-        let file = self.file.take().expect("commit after abort");
+        let Some(file) = self.file.take() else {
+            return Err(CacheError::WriterAborted(self.image_id.clone()));
+        };
         let id = self.image_id.clone();
-        let durable = tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
+        let durable = crate::blocking(move || -> Result<(), CacheError> {
             file.sync_all()
                 .map_err(CacheError::io("fsync", &incomplete))?;
             drop(file);
@@ -226,8 +229,7 @@ impl ImageWriter {
                 .sync_dir(Area::Cached)
                 .map_err(CacheError::io("fsync", layout.root()))
         })
-        .await
-        .expect("publish panicked");
+        .await;
         if let Err(e) = durable {
             // The file handle is gone; the bytes (if still in incomplete/) go to invalid/.
             self.move_to_invalid("publish failed");

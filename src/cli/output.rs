@@ -34,6 +34,8 @@ pub fn cached_json(images: &[CachedImage]) -> String {
             })
         })
         .collect();
+    // Serialising a `Value` cannot fail (its map keys are strings).
+    #[allow(clippy::expect_used)]
     serde_json::to_string_pretty(&rows).expect("json of plain values")
 }
 
@@ -52,6 +54,8 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
             })
         })
         .collect();
+    // Serialising a `Value` cannot fail (its map keys are strings).
+    #[allow(clippy::expect_used)]
     serde_json::to_string_pretty(&rows).expect("json of plain values")
 }
 

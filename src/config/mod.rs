@@ -60,6 +60,9 @@ pub struct DatabaseConfig {
     /// May Glance's cache tables be created when the database has none? Set, or by
     /// default only for SQLite (see `DbOptions::create_glance_tables`).
     pub create_glance_tables: bool,
+    /// The default SQLite file (in the cache directory) when `database.url` is unset,
+    /// opened by path (`url` then only shows it).
+    pub sqlite_file: Option<PathBuf>,
 }
 
 impl DatabaseConfig {
@@ -70,6 +73,7 @@ impl DatabaseConfig {
             connect_timeout: self.connect_timeout,
             create_glance_tables: self.create_glance_tables,
             read_only: false,
+            sqlite_file: self.sqlite_file.clone(),
         }
     }
 }
@@ -220,6 +224,46 @@ fn describe_toml_error(path: &Path) -> Option<String> {
     Some(format!("line {line_no}: {name}: {message}{hint}"))
 }
 
+/// The environment with every value as written. figment's `Env` parses values as TOML-ish
+/// literals (`0123` becomes 123, `+5` becomes 5, quotes are stripped, `true` is a
+/// boolean), which would change passwords and URLs; the validator already parses the
+/// text of sizes, durations, numbers and booleans itself.
+struct RawEnv(Env);
+
+impl Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, raw) in self.0.iter() {
+            insert_nested(&mut dict, key.as_str(), Value::from(raw));
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Puts `value` at the dotted `key` in `dict`, making the tables on the way.
+fn insert_nested(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, rest, value);
+            }
+        }
+    }
+}
+
 /// Which file to read: `--config`, else `GLANCE_CACHED_CONFIG`, else the default path
 /// when it exists, else none (defaults and environment only).
 pub fn resolve_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
@@ -253,11 +297,11 @@ impl Config {
         // Every key lives in a section, so only `GLANCE_CACHED_<SECTION>__<KEY>` can name
         // one; other variables with the prefix (`GLANCE_CACHED_CONFIG`, a test harness's)
         // are not configuration.
-        figment = figment.merge(
+        figment = figment.merge(RawEnv(
             Env::prefixed(ENV_PREFIX)
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
-        );
+        ));
         let dict = figment
             .data()
             .map_err(|e| ConfigError::File {
@@ -302,6 +346,8 @@ impl Config {
     }
 
     pub fn dialect(&self) -> Dialect {
+        // A `Config` exists only after the validator accepted `database.url`'s scheme.
+        #[allow(clippy::expect_used)]
         Dialect::from_url(&self.database.url).expect("validated database url")
     }
 
@@ -380,8 +426,14 @@ impl<'a> Validator<'a> {
         let stall_time = self
             .duration("cache.stall_time")
             .unwrap_or(Duration::from_secs(86_400));
-        let default_url = format!("sqlite://{}", dir.join(DEFAULT_SQLITE_FILE).display());
-        let url = self.string("database.url").unwrap_or(default_url);
+        // Unset: SQLite in the cache directory, opened by path; the URL only shows it.
+        let (url, sqlite_file) = match self.string("database.url") {
+            Some(url) => (url, None),
+            None => {
+                let file = dir.join(DEFAULT_SQLITE_FILE);
+                (format!("sqlite://{}", file.display()), Some(file))
+            }
+        };
         let dialect = Dialect::from_url(&url);
         if dialect.is_none() {
             self.problem(
@@ -489,6 +541,7 @@ impl<'a> Validator<'a> {
                 max_connections,
                 connect_timeout,
                 create_glance_tables,
+                sqlite_file,
             },
             node_reference_url,
             log: LogConfig { level, format },
@@ -648,16 +701,20 @@ impl<'a> Validator<'a> {
     /// An absolute path; a relative one in a file is taken relative to that file's
     /// directory, from the environment relative to the working directory.
     fn path(&mut self, key: &str, default: &str) -> PathBuf {
-        let Some(raw) = self.string(key) else {
-            return PathBuf::from(default);
-        };
+        self.optional_path(key)
+            .unwrap_or_else(|| PathBuf::from(default))
+    }
+
+    /// `path` for a key without a default: `None` when unset (or empty, a problem).
+    fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
+        let raw = self.string(key)?;
         if raw.is_empty() {
             self.problem(key, "must not be empty".into());
-            return PathBuf::from(default);
+            return None;
         }
         let p = PathBuf::from(&raw);
         if p.is_absolute() {
-            return p;
+            return Some(p);
         }
         let from_file = self
             .figment
@@ -670,13 +727,13 @@ impl<'a> Validator<'a> {
             });
         let base = from_file.or_else(|| std::env::current_dir().ok());
         match base {
-            Some(b) => b.join(p),
+            Some(b) => Some(b.join(p)),
             None => {
                 self.problem(
                     key,
                     "is relative and the working directory is unknown".into(),
                 );
-                p
+                Some(p)
             }
         }
     }

@@ -168,7 +168,8 @@ impl Validator<'_> {
         let read_timeout = self
             .positive_duration("upstream.read_timeout")
             .unwrap_or(Duration::from_secs(60));
-        let ca_file = self.string("upstream.ca_file").map(PathBuf::from);
+        // Like every path in the file: relative to the file's directory.
+        let ca_file = self.optional_path("upstream.ca_file");
         if let Some(ca) = &ca_file
             && !ca.is_file()
         {
@@ -243,13 +244,25 @@ impl Validator<'_> {
     }
 
     fn glance_auth(&mut self) -> GlanceAuth {
-        if let Some(path) = self.string("upstream.token_file") {
-            let path = PathBuf::from(path);
+        if let Some(path) = self.optional_path("upstream.token_file") {
             match std::fs::metadata(&path) {
+                Ok(m) if !m.is_file() => self.problem(
+                    "upstream.token_file",
+                    format!("{} is not a regular file", path.display()),
+                ),
+                // A token is a credential: others must not read it, nor anyone but its
+                // owner replace it with one of their choosing.
                 Ok(m) if m.permissions().mode() & 0o004 != 0 => self.problem(
                     "upstream.token_file",
                     format!(
                         "{} is world-readable: chmod o-r it (a token is a credential)",
+                        path.display()
+                    ),
+                ),
+                Ok(m) if m.permissions().mode() & 0o022 != 0 => self.problem(
+                    "upstream.token_file",
+                    format!(
+                        "{} is writable by its group or others: chmod go-w it (whoever can write it chooses the token sent)",
                         path.display()
                     ),
                 ),

@@ -54,8 +54,9 @@ impl Worker for CleanerWorker {
         self.ctx.publish_status();
         let mut wake = Instant::now() + config.cleaner.interval;
         if let Some(due) = report.next_due {
+            // Never past the interval: a far-future mtime must not overflow `Instant`.
             let wait = due.duration_since(now).unwrap_or(Duration::ZERO) + DUE_SLACK;
-            wake = wake.min(Instant::now() + wait);
+            wake = wake.min(Instant::now() + wait.min(config.cleaner.interval));
         }
         Ok(Next::IdleUntil(wake))
     }

@@ -189,12 +189,9 @@ async fn boot_and_serve(
     info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
     let layout = CacheLayout::new(&config.cache.dir);
     let layout_for_check = layout.clone();
-    boot.phase(tokio::task::spawn_blocking(move || {
-        layout_for_check.ensure()
-    }))
-    .await?
-    .map_err(|e| DaemonError::Fatal(format!("cache directory check failed: {e}")))?
-    .map_err(CacheError::from)?;
+    boot.phase(crate::blocking(move || layout_for_check.ensure()))
+        .await?
+        .map_err(CacheError::from)?;
     // Held until the process ends: the kernel releases it however we exit.
     let _directory_lock = lock_directory(&config.cache.dir)?;
     let db_options = config.database.db_options();

@@ -1,6 +1,7 @@
 //! `cached_images`: one row per cached image per node (Glance's table).
 
 use sqlx::Row;
+use tracing::{debug, warn};
 
 use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
 
@@ -35,6 +36,43 @@ const DELETE_BATCH_ROWS: usize = 500;
 
 const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, hits, checksum";
 
+/// A row of this node that cannot be decoded (a time that does not parse, a hits or
+/// size value of another type, as anyone with access to the shared database can leave):
+/// what could be read of it, and why. Listings skip it; the pruner evicts it first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableRow {
+    pub image_id: Option<String>,
+    pub error: String,
+}
+
+/// This node's rows as read: the decoded ones and those that could not be.
+#[derive(Debug, Default)]
+pub struct CachedImageRows {
+    pub rows: Vec<CachedImageRow>,
+    pub unreadable: Vec<UnreadableRow>,
+}
+
+impl CachedImageRows {
+    /// Logs the unreadable rows as one warning (one per listing, not one per row) and
+    /// returns the readable ones.
+    pub fn warn_and_skip_unreadable(self) -> Vec<CachedImageRow> {
+        self.warn_unreadable();
+        self.rows
+    }
+
+    /// Logs the unreadable rows as one warning.
+    pub fn warn_unreadable(&self) {
+        if let Some(first) = self.unreadable.first() {
+            warn!(
+                rows = self.unreadable.len(),
+                image_id = ?first.image_id,
+                error = %first.error,
+                "skipping cached_images rows that cannot be read"
+            );
+        }
+    }
+}
+
 fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -49,14 +87,66 @@ where
         last_accessed: row.try_get("last_accessed")?,
         last_modified: row.try_get("last_modified")?,
         size: row.try_get("size")?,
-        hits: i64::from(row.try_get::<i32, _>("hits")?),
+        hits: decode_hits(row, "hits")?,
         checksum: row.try_get("checksum")?,
     })
 }
 
+/// `decode_row`, keeping what can be read of a row that does not decode.
+fn decode_or_unreadable<R: Row>(row: &R) -> Result<CachedImageRow, UnreadableRow>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    decode_row(row).map_err(|error| UnreadableRow {
+        image_id: row.try_get("image_id").ok(),
+        error: error.to_string(),
+    })
+}
+
+fn split_rows(
+    decoded: impl Iterator<Item = Result<CachedImageRow, UnreadableRow>>,
+) -> CachedImageRows {
+    let mut out = CachedImageRows::default();
+    for r in decoded {
+        match r {
+            Ok(row) => out.rows.push(row),
+            Err(bad) => out.unreadable.push(bad),
+        }
+    }
+    out
+}
+
+/// `hits` is INTEGER: 32 bits on PostgreSQL and MySQL, but SQLite stores any 64-bit
+/// value there (Glance's `hits = hits + 1` never stops at 2^31).
+fn decode_hits<R: Row>(row: &R, column: &str) -> Result<i64, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    row.try_get::<i64, _>(column)
+        .or_else(|_| row.try_get::<i32, _>(column).map(i64::from))
+}
+
 impl Db {
-    /// This node's rows, ordered by image id.
+    /// This node's readable rows, ordered by image id; unreadable ones are skipped with
+    /// one warning.
     pub async fn cached_images(&self, node: NodeId) -> Result<Vec<CachedImageRow>, DbError> {
+        Ok(self
+            .cached_images_and_unreadable(node)
+            .await?
+            .warn_and_skip_unreadable())
+    }
+
+    /// This node's rows, ordered by image id, with those that cannot be decoded apart.
+    pub async fn cached_images_and_unreadable(
+        &self,
+        node: NodeId,
+    ) -> Result<CachedImageRows, DbError> {
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? ORDER BY image_id";
         debug_assert!(Q.contains(SELECT_COLUMNS));
@@ -66,10 +156,10 @@ impl Db {
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_row)
-                .collect::<Result<Vec<_>, _>>()?
+                .map(decode_or_unreadable)
+                .collect::<Vec<_>>()
         });
-        Ok(rows)
+        Ok(split_rows(rows.into_iter()))
     }
 
     /// One row of this node, if present.
@@ -116,10 +206,10 @@ impl Db {
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
-                .map(|r| r.try_get::<i32, _>(0))
+                .map(|r| decode_hits(&r, "hits"))
                 .transpose()?
         });
-        Ok(hits.map_or(0, i64::from))
+        Ok(hits.unwrap_or(0))
     }
 
     /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns
@@ -300,7 +390,9 @@ impl Db {
     }
 
     /// Up to `limit` rows of this node in least-recently-accessed order (ties broken by
-    /// row id), starting after `after`.
+    /// row id), starting after `after`. Rows that cannot be decoded are left out (the
+    /// pruner has evicted them first, from `cached_images_and_unreadable`); a batch of
+    /// only such rows reads as the end.
     pub async fn least_recently_accessed(
         &self,
         node: NodeId,
@@ -327,9 +419,16 @@ impl Db {
             q.fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_row)
-                .collect::<Result<Vec<_>, _>>()?
+                .map(decode_or_unreadable)
+                .collect::<Vec<_>>()
         });
-        Ok(rows)
+        let rows = split_rows(rows.into_iter());
+        if !rows.unreadable.is_empty() {
+            debug!(
+                rows = rows.unreadable.len(),
+                "LRU batch skipped unreadable rows"
+            );
+        }
+        Ok(rows.rows)
     }
 }

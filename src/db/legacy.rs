@@ -3,7 +3,6 @@
 //! floats. Read here so `migrate-sqlite` can move its rows into the central database.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -27,12 +26,9 @@ fn epoch(secs: f64) -> DateTime<Utc> {
 
 /// Reads every row of a Glance SQLite cache database, opened read-only.
 pub async fn read_glance_sqlite(path: &Path) -> Result<Vec<LegacyRow>, DbError> {
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-        .map_err(|source| DbError::Connect {
-            backend: "sqlite",
-            source,
-        })?
-        .read_only(true);
+    // From the path itself: formatted into a URL, a `%41` or `?` in it would name another
+    // file.
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options)

@@ -24,7 +24,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use cached_images::{CachedImageRow, LruCursor};
+pub use cached_images::{CachedImageRow, CachedImageRows, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
 pub use node::NodeId;
 pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};
@@ -161,6 +161,9 @@ pub struct DbOptions {
     /// Open for reading only: a SQLite file must exist and is never written (its `-wal`
     /// and `-shm` may still be made by SQLite, as for any reader).
     pub read_only: bool,
+    /// The SQLite database as a file path, used instead of the `sqlite://` URL when set:
+    /// a path made into a URL would have its `%41` decoded and its `?` read as options.
+    pub sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DbOptions {
@@ -170,6 +173,7 @@ impl Default for DbOptions {
             connect_timeout: Duration::from_secs(5),
             create_glance_tables: true,
             read_only: false,
+            sqlite_file: None,
         }
     }
 }
@@ -236,8 +240,11 @@ impl Db {
         };
         let pool = match dialect {
             Dialect::Sqlite => {
-                let opts = SqliteConnectOptions::from_str(url)
-                    .map_err(connect_err)?
+                let opts = match &options.sqlite_file {
+                    Some(path) => SqliteConnectOptions::new().filename(path),
+                    None => SqliteConnectOptions::from_str(url).map_err(connect_err)?,
+                };
+                let opts = opts
                     .create_if_missing(!options.read_only)
                     .read_only(options.read_only)
                     .journal_mode(SqliteJournalMode::Wal)

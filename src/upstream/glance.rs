@@ -93,7 +93,7 @@ impl GlanceUpstream {
                         HashAlgo::Sha384 => 96,
                         HashAlgo::Sha512 => 128,
                     };
-                    hex_digest(value, len).map(|v| (a, v))
+                    Some((a, hex_digest("os_hash_value", value, len)?))
                 }
                 None => {
                     tracing::warn!(image_id = %id, algo, "unsupported os_hash_algo; verifying size and MD5 only");
@@ -104,7 +104,11 @@ impl GlanceUpstream {
         };
         let meta = ImageMeta {
             size: image["size"].as_u64(),
-            md5: image["checksum"].as_str().and_then(|c| hex_digest(c, 32)),
+            md5: match &image["checksum"] {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(c) => Some(hex_digest("checksum", c, 32)?),
+                other => Some(hex_digest("checksum", &other.to_string(), 32)?),
+            },
             os_hash,
         };
         let response = self.get(&format!("{url}/file")).await?;

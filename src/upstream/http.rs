@@ -19,16 +19,24 @@ impl HttpUpstream {
         if !response.status().is_success() {
             return Err(status_error(response.status(), &format!("GET {url}")));
         }
-        let header = |name: &Option<String>, len: usize| {
-            name.as_ref()
-                .and_then(|n| response.headers().get(n.as_str()))
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| hex_digest(v, len))
+        // A configured checksum header must be there and well formed: without it the
+        // bytes could not be verified.
+        let header = |name: &Option<String>, len: usize| -> Result<Option<String>, UpstreamError> {
+            let Some(name) = name else { return Ok(None) };
+            let Some(value) = response.headers().get(name.as_str()) else {
+                return Err(UpstreamError::Verify(format!(
+                    "GET {url}: the response has no {name} header"
+                )));
+            };
+            let value = value.to_str().map_err(|_| {
+                UpstreamError::Verify(format!("GET {url}: header {name} is not text"))
+            })?;
+            hex_digest(&format!("header {name}"), value, len).map(Some)
         };
         let meta = ImageMeta {
             size: response.content_length(),
-            md5: header(&self.md5_header, 32),
-            os_hash: header(&self.sha512_header, 128).map(|h| (HashAlgo::Sha512, h)),
+            md5: header(&self.md5_header, 32)?,
+            os_hash: header(&self.sha512_header, 128)?.map(|h| (HashAlgo::Sha512, h)),
         };
         Ok((meta, ImageStream::Http(response)))
     }

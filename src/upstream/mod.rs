@@ -35,6 +35,10 @@ pub enum UpstreamError {
     /// Will not get better: drop the image from the queue.
     #[error("{0}")]
     Permanent(String),
+    /// The upstream's promise cannot be checked (a malformed checksum, a configured
+    /// checksum header missing): a verification failure, never "unverified".
+    #[error("{0}")]
+    Verify(String),
 }
 
 /// The bytes of one image, read chunk by chunk (memory stays flat).
@@ -193,8 +197,41 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// A hex digest from an upstream, lower-cased; `None` unless it is `len` hex digits.
-pub(crate) fn hex_digest(value: &str, len: usize) -> Option<String> {
+/// A hex digest from an upstream, lower-cased. Anything but `len` hex digits is a
+/// verification failure naming `what`: a checksum that cannot be checked must not turn
+/// verification off.
+pub(crate) fn hex_digest(what: &str, value: &str, len: usize) -> Result<String, UpstreamError> {
     let v = value.trim().to_ascii_lowercase();
-    (v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit())).then_some(v)
+    if v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(v)
+    } else {
+        let shown: String = value.chars().take(2 * len).collect();
+        Err(UpstreamError::Verify(format!(
+            "{what} {shown:?} is not {len} hex digits"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_digests_must_be_whole() {
+        let md5 = "0123456789ABCDEF0123456789abcdef";
+        assert_eq!(
+            hex_digest("checksum", md5, 32).unwrap(),
+            md5.to_ascii_lowercase()
+        );
+        for bad in [
+            "",
+            "0123",
+            &md5[..31],
+            &format!("{md5}0"),
+            "g123456789abcdef0123456789abcdef",
+        ] {
+            let e = hex_digest("checksum", bad, 32).unwrap_err();
+            assert!(matches!(e, UpstreamError::Verify(_)), "{bad}: {e:?}");
+        }
+    }
 }

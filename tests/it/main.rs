@@ -1,6 +1,9 @@
 //! One integration test binary (one link on 2 cores): the driver suite on three
 //! backends, configuration, and the CLI through the built binary.
 
+// Test and benchmark code: a panic here is a failed run, not a crashed daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod cli;
 mod common;
 mod daemon;
@@ -9,6 +12,7 @@ mod driver;
 mod faults_crash;
 mod faults_disk;
 mod faults_hostile;
+mod faults_input;
 mod faults_scale;
 mod glance_interop;
 mod origin;

@@ -29,6 +29,16 @@ pub struct Behaviour {
     pub meta_size: Option<u64>,
     /// Answer file requests with a redirect to this URL.
     pub redirect_to: Option<String>,
+    /// Advertise this text as the MD5 (Glance's `checksum`, the plain MD5 header).
+    pub md5_text: Option<String>,
+    /// Advertise this text as the SHA-512 (Glance's `os_hash_value`, the plain header).
+    pub sha512_text: Option<String>,
+    /// Leave the plain checksum headers out.
+    pub no_checksum_headers: bool,
+    /// Pad Glance's image JSON with this many bytes of whitespace.
+    pub meta_padding: usize,
+    /// Write the body this many bytes at a time (default 64 KiB), `chunk_delay` apart.
+    pub chunk_bytes: Option<usize>,
 }
 
 impl Behaviour {
@@ -53,6 +63,8 @@ pub struct Stats {
     pub in_flight: u32,
     pub max_in_flight: u32,
     pub tokens_issued: u32,
+    /// The bodies of the Keystone token requests, as received.
+    pub keystone_requests: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +154,7 @@ struct Request {
     method: String,
     path: String,
     headers: HashMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
@@ -162,17 +175,19 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
         }
     }
+    let mut body = Vec::new();
     if let Some(len) = headers
         .get("content-length")
         .and_then(|l| l.parse::<usize>().ok())
     {
-        let mut body = vec![0; len];
+        body = vec![0; len];
         reader.read_exact(&mut body)?;
     }
     Ok(Request {
         method,
         path,
         headers,
+        body,
     })
 }
 
@@ -201,6 +216,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     if req.method == "POST" && req.path == "/v3/auth/tokens" {
         let mut s = state.lock().unwrap();
         s.stats.tokens_issued += 1;
+        let body = String::from_utf8_lossy(&req.body).into_owned();
+        s.stats.keystone_requests.push(body);
         let token = format!("tok-{}", s.stats.tokens_issued);
         s.issued_tokens.push(token.clone());
         let expires = chrono::Utc::now() + chrono::Duration::seconds(s.token_ttl_secs);
@@ -244,9 +261,12 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let md5 = if b.wrong_md5 {
         "0".repeat(32)
     } else {
-        md5_hex(&image.data)
+        b.md5_text.clone().unwrap_or_else(|| md5_hex(&image.data))
     };
-    let sha512 = sha512_hex(&image.data);
+    let sha512 = b
+        .sha512_text
+        .clone()
+        .unwrap_or_else(|| sha512_hex(&image.data));
     if kind == "meta" {
         let body = serde_json::json!({
             "id": id,
@@ -256,11 +276,13 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             "os_hash_algo": "sha512",
             "os_hash_value": sha512,
         });
+        let mut body = body.to_string().into_bytes();
+        body.splice(1..1, std::iter::repeat_n(b' ', b.meta_padding));
         return respond(
             &mut conn,
             200,
             &[("Content-Type".into(), "application/json".into())],
-            body.to_string().as_bytes(),
+            &body,
         );
     }
     // A file request: count it, then maybe misbehave.
@@ -289,7 +311,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n",
             image.data.len()
         );
-        if kind == "plain" {
+        if kind == "plain" && !b.no_checksum_headers {
             head.push_str(&format!(
                 "X-Checksum-Md5: {md5}\r\nX-Checksum-Sha512: {sha512}\r\n"
             ));
@@ -300,7 +322,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             .truncate_at
             .unwrap_or(image.data.len())
             .min(image.data.len());
-        for chunk in image.data[..end].chunks(64 * 1024) {
+        for chunk in image.data[..end].chunks(b.chunk_bytes.unwrap_or(64 * 1024)) {
             // Pause before a chunk, not after: the transfer ends with the last byte, so
             // `in_flight` is not still counting a download the client has finished.
             if let Some(d) = b.chunk_delay {

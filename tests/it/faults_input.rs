@@ -1,0 +1,555 @@
+//! Hostile input planted while the daemon or a command runs (issue 20): extreme mtimes,
+//! rows the driver cannot read, malformed checksums, environment values, paths, secrets
+//! and upstreams that never end.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, SystemTime};
+
+use chrono::{TimeZone, Utc};
+use filetime::FileTime;
+use glance_cached::cache::{CleanPolicy, Expectations, PrunePolicy};
+use glance_cached::db::DbTime;
+
+use crate::common::{Backend, TestCache, id, run_sql};
+
+use crate::daemon::{SOON, Setup};
+
+/// Seconds since the epoch that tmpfs and btrfs accept and chrono cannot represent as a
+/// `DateTime` (about 317,000 years ahead), and one far before the epoch.
+const FAR_FUTURE: i64 = 10_000_000_000_000;
+const FAR_PAST: i64 = -1_000_000_000_000;
+
+/// Puts a file with `mtime` at `path` in one step (a rename), so the daemon never sees it
+/// with another mtime.
+fn plant(path: &Path, data: &[u8], mtime: i64) {
+    // Staged beside the cache directory (same filesystem, outside every watched area).
+    let name = path.file_name().unwrap().to_string_lossy();
+    let staged = path
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "cache"))
+        .and_then(Path::parent)
+        .unwrap_or(path.parent().unwrap())
+        .join(format!(".staged-{name}"));
+    std::fs::write(&staged, data).unwrap();
+    filetime::set_file_mtime(&staged, FileTime::from_unix_time(mtime, 0)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `Setup` on tmpfs (`/dev/shm`), which stores any mtime; ext4 clamps them to 2446.
+fn setup_on_tmpfs(extra: &str) -> Setup {
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let config = tmp.path().join("glance-cached.toml");
+    let s = Setup { tmp, config };
+    s.write_config(extra);
+    let probe = s.tmp.path().join("probe");
+    plant(&probe, b"", FAR_FUTURE);
+    assert_eq!(
+        FileTime::from_last_modification_time(&std::fs::metadata(&probe).unwrap()).unix_seconds(),
+        FAR_FUTURE,
+        "/dev/shm must keep far mtimes"
+    );
+    s
+}
+
+#[test]
+fn extreme_mtimes_planted_while_running_crash_neither_the_daemon_nor_a_command() {
+    let s = setup_on_tmpfs("max_size = 3000");
+    let mut d = s.start();
+    // The queue loop adopts the marker (its mtime is the queued time), the pruner the
+    // cached file (over max_size, it adopts files without rows, aged by mtime), the
+    // cleaner schedules the incomplete file (due 10^13 s from now) and the invalid one.
+    plant(&s.cache("queue/far-marker"), b"", FAR_FUTURE);
+    plant(&s.cache("far-cached"), &[7; 4000], FAR_FUTURE);
+    plant(
+        &s.cache("incomplete/far-incomplete"),
+        b"partial",
+        FAR_FUTURE,
+    );
+    plant(&s.cache("invalid/far-invalid"), b"bad", FAR_PAST);
+    // The latest mtime there is: mtime + stall_time overflows `SystemTime`.
+    plant(&s.cache("incomplete/last-incomplete"), b"partial", i64::MAX);
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let log = d.log_text();
+        if log.contains("queue marker's mtime is out of range")
+            && log.contains("cached file's mtime is out of range")
+        {
+            break;
+        }
+        assert!(d.alive(), "the daemon died; log:\n{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not adopt the marker and the file; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    assert!(
+        !s.cache("invalid/far-invalid").exists(),
+        "an old invalid file stays"
+    );
+
+    // The same while a command runs: each finds fresh ones of its own.
+    plant(&s.cache("queue/far-marker-2"), b"", FAR_FUTURE);
+    let queued = ok(&s.cli(&["list-queued", "--json"]), "list-queued");
+    assert!(queued.contains("far-marker-2"), "{queued}");
+    assert!(queued.contains("9999-12-31"), "{queued}");
+    plant(&s.cache("far-cached-2"), b"x", FAR_PAST);
+    plant(
+        &s.cache("incomplete/far-incomplete-2"),
+        b"partial",
+        i64::MAX,
+    );
+    ok(&s.cli(&["reconcile"]), "reconcile");
+    plant(
+        &s.cache("incomplete/far-incomplete-3"),
+        b"partial",
+        i64::MAX,
+    );
+    ok(&s.cli(&["clean"]), "clean");
+    let cached = ok(&s.cli(&["list-cached", "--json"]), "list-cached");
+    assert!(cached.contains("1000-01-01"), "{cached}");
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    // Not stalled: an mtime ahead of now never comes due.
+    assert!(s.cache("incomplete/far-incomplete").exists());
+    d.stop();
+}
+
+/// One test per backend, as the driver suite does.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
+        mod mysql { $( #[tokio::test] async fn $test() { super::$test(super::Backend::MySql).await } )* }
+    };
+}
+
+on_every_backend!(unreadable_rows_are_skipped_and_pruned_first);
+
+/// A statement that makes `image`'s `last_accessed` unreadable for this backend: text
+/// that is no time on SQLite, `infinity` on PostgreSQL, a zero date on MariaDB.
+fn unreadable_time(b: Backend, image: &str) -> String {
+    match b {
+        Backend::Sqlite => format!(
+            "UPDATE cached_images SET last_accessed = 'yesterday' WHERE image_id = '{image}'"
+        ),
+        Backend::Postgres => format!(
+            "UPDATE cached_images SET last_accessed = 'infinity' WHERE image_id = '{image}'"
+        ),
+        Backend::MySql => format!(
+            "SET STATEMENT sql_mode = '' FOR UPDATE cached_images \
+             SET last_accessed = '0000-00-00 00:00:00' WHERE image_id = '{image}'"
+        ),
+    }
+}
+
+async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for (n, image) in ["good-old", "good-new", "many-hits", "bad-time"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = t
+            .driver
+            .open_for_write(&id(image), Expectations::default())
+            .await
+            .unwrap();
+        w.write(&[n as u8; 1000]).unwrap();
+        w.commit().await.unwrap();
+        // Accessed in this order: bad-time is the most recently used by its last time.
+        let when = DbTime::from_utc(Utc.timestamp_opt(1_000_000 * (n as i64 + 1), 0).unwrap());
+        let db = t.driver.db();
+        assert!(db.record_hit(t.driver.node(), image, when).await.unwrap());
+    }
+    run_sql(&t.db.url, b, &unreadable_time(b, "bad-time"))
+        .await
+        .unwrap();
+    // Only SQLite's INTEGER holds more than 32 bits (Glance's hits + 1 never stops).
+    if b == Backend::Sqlite {
+        let q = "UPDATE cached_images SET hits = 3000000000 WHERE image_id = 'many-hits'";
+        run_sql(&t.db.url, b, q).await.unwrap();
+    }
+
+    let listed: Vec<String> = t
+        .driver
+        .get_cached_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id.to_string())
+        .collect();
+    assert_eq!(listed, ["good-new", "good-old", "many-hits"]);
+    if b == Backend::Sqlite {
+        assert_eq!(
+            t.driver.get_hit_count(&id("many-hits")).await.unwrap(),
+            3_000_000_000
+        );
+    }
+    let policy = CleanPolicy {
+        stall_time: Duration::from_secs(3600),
+        invalid_grace: Duration::ZERO,
+    };
+    let report = t.driver.reconcile(policy, SystemTime::now()).await.unwrap();
+    assert!(!report.changed(), "{report:?}");
+    // Over max_size by one image: the unreadable row goes first, as the oldest.
+    let report = t
+        .driver
+        .prune(PrunePolicy {
+            max_size: 3000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pruned: Vec<String> = report.pruned.iter().map(|(i, _)| i.to_string()).collect();
+    assert_eq!(pruned, ["bad-time"]);
+    assert_eq!(
+        t.driver
+            .db()
+            .count_cached_images(t.driver.node())
+            .await
+            .unwrap(),
+        3
+    );
+    t.finish().await;
+}
+
+/// `list-queued --json` rows by image id.
+fn queue_rows(s: &Setup) -> std::collections::HashMap<String, serde_json::Value> {
+    let text = ok(&s.cli(&["list-queued", "--json"]), "list-queued");
+    let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["image_id"].as_str().unwrap().to_owned(), r.clone()))
+        .collect()
+}
+
+/// Queues `ids`, runs `prefetch` to the end, and returns each id's reason for failing;
+/// none of them may be cached.
+fn prefetch_all_fail(s: &Setup, ids: &[&str]) -> std::collections::HashMap<String, String> {
+    let mut args = vec!["queue"];
+    args.extend_from_slice(ids);
+    ok(&s.cli(&args), "queue");
+    // Exits 1, naming the failures; what matters is what it recorded.
+    let out = s.cli(&["prefetch"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = queue_rows(s);
+    let cached = ok(&s.cli(&["list-cached", "--json"]), "list-cached");
+    ids.iter()
+        .map(|id| {
+            assert!(!s.cache(id).exists(), "{id} was cached");
+            assert!(
+                !cached.contains(&format!("\"{id}\"")),
+                "{id} has a row: {cached}"
+            );
+            let row = &rows[*id];
+            assert_eq!(row["state"], "failed", "{id}: {row}");
+            (
+                id.to_string(),
+                row["last_error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let data = test_bytes(5000, 9);
+    let cases: [(&str, Behaviour); 5] = [
+        (
+            "short-md5",
+            Behaviour {
+                md5_text: Some("abc".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "nonhex-md5",
+            Behaviour {
+                md5_text: Some("z".repeat(32)),
+                ..Default::default()
+            },
+        ),
+        (
+            "empty-md5",
+            Behaviour {
+                md5_text: Some(String::new()),
+                ..Default::default()
+            },
+        ),
+        (
+            "long-sha512",
+            Behaviour {
+                sha512_text: Some("a".repeat(130)),
+                ..Default::default()
+            },
+        ),
+        (
+            "nonhex-sha512",
+            Behaviour {
+                sha512_text: Some("x".repeat(128)),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (id, b) in &cases {
+        origin.add(id, data.clone(), b.clone());
+    }
+    let prefetcher = "[prefetcher]\nmax_attempts = 1\n";
+    let s = Setup::new(&format!(
+        "{prefetcher}[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let ids: Vec<&str> = cases.iter().map(|(id, _)| *id).collect();
+    let reasons = prefetch_all_fail(&s, &ids);
+    for (id, expected) in [
+        ("short-md5", "checksum \"abc\" is not 32 hex digits"),
+        ("nonhex-md5", "is not 32 hex digits"),
+        ("empty-md5", "checksum \"\" is not 32 hex digits"),
+        ("long-sha512", "os_hash_value"),
+        ("nonhex-sha512", "is not 128 hex digits"),
+    ] {
+        assert!(reasons[id].contains(expected), "{id}: {}", reasons[id]);
+    }
+
+    // A plain HTTP origin: a configured header missing, or malformed.
+    let plain = |id: &str, b: Behaviour| origin.add(id, data.clone(), b);
+    plain(
+        "no-headers",
+        Behaviour {
+            no_checksum_headers: true,
+            ..Default::default()
+        },
+    );
+    plain(
+        "bad-header",
+        Behaviour {
+            md5_text: Some("0x12".into()),
+            ..Default::default()
+        },
+    );
+    let s = Setup::new(&format!(
+        "{prefetcher}[upstream]\nkind = \"http\"\nurl_template = \"{}/plain/{{image_id}}\"\nmd5_header = \"X-Checksum-Md5\"\nsha512_header = \"X-Checksum-Sha512\"\n",
+        origin.url()
+    ));
+    let reasons = prefetch_all_fail(&s, &["no-headers", "bad-header"]);
+    assert!(
+        reasons["no-headers"].contains("no X-Checksum-Md5 header"),
+        "{}",
+        reasons["no-headers"]
+    );
+    assert!(
+        reasons["bad-header"].contains("header X-Checksum-Md5 \"0x12\" is not 32 hex digits"),
+        "{}",
+        reasons["bad-header"]
+    );
+}
+
+/// Runs the binary with `config` and exactly the configuration variables in `env`.
+fn cli_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.arg("--config").arg(config).args(args).output().unwrap()
+}
+
+#[test]
+fn the_environment_gives_string_keys_their_text_as_written() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    origin.require_keystone(3600);
+    origin.add("env-img", test_bytes(3000, 4), Behaviour::default());
+    let s = Setup::new("");
+    let env = [
+        ("GLANCE_CACHED_NODE__REFERENCE_URL", "0123"),
+        ("GLANCE_CACHED_UPSTREAM__KIND", "glance"),
+        ("GLANCE_CACHED_UPSTREAM__URL", &origin.url()),
+        (
+            "GLANCE_CACHED_UPSTREAM__KEYSTONE__AUTH_URL",
+            &format!("{}/v3", origin.url()),
+        ),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__USERNAME", "true"),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__PASSWORD", "+05"),
+        ("GLANCE_CACHED_UPSTREAM__KEYSTONE__PROJECT_NAME", "\"svc\""),
+        (
+            "GLANCE_CACHED_UPSTREAM__KEYSTONE__USER_DOMAIN_NAME",
+            " [spaced] ",
+        ),
+        // Numbers, sizes and booleans are still parsed from their text.
+        ("GLANCE_CACHED_CACHE__MAX_SIZE", "1000000"),
+        ("GLANCE_CACHED_PREFETCHER__CONCURRENCY", "3"),
+        ("GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES", "true"),
+    ];
+    let shown = ok(
+        &cli_with_env(&s.config, &env, &["check-config"]),
+        "check-config",
+    );
+    for line in [
+        "reference_url = \"0123\"",
+        "username = \"true\"",
+        "project_name = \"\\\"svc\\\"\"",
+        "user_domain_name = \" [spaced] \"",
+        "max_size = \"1000000\"",
+        "concurrency = 3",
+    ] {
+        assert!(shown.contains(line), "{line} in:\n{shown}");
+    }
+    // The password reaches Keystone as written.
+    ok(
+        &cli_with_env(&s.config, &env, &["queue", "env-img"]),
+        "queue",
+    );
+    ok(&cli_with_env(&s.config, &env, &["prefetch"]), "prefetch");
+    let requests = origin.with_stats(|st| st.keystone_requests.clone());
+    let body: serde_json::Value = serde_json::from_str(&requests[0]).unwrap();
+    let user = &body["auth"]["identity"]["password"]["user"];
+    assert_eq!(user["password"], "+05", "{body}");
+    assert_eq!(user["name"], "true", "{body}");
+    assert_eq!(
+        body["auth"]["scope"]["project"]["name"], "\"svc\"",
+        "{body}"
+    );
+}
+
+#[test]
+fn relative_token_and_ca_files_are_relative_to_the_config_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let token = etc.join("token");
+    std::fs::write(&token, "secret-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(etc.join("ca.pem"), ca.cert.pem()).unwrap();
+    let config = etc.join("glance-cached.toml");
+    std::fs::write(
+        &config,
+        "[cache]\ndir = \"cache\"\n[upstream]\nkind = \"glance\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let check = |dir: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.current_dir(dir)
+            .arg("--config")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    // Run from another directory (systemd runs us in /): the file's neighbours count.
+    let shown = ok(&check(&elsewhere), "check-config");
+    for line in [
+        format!("dir = {:?}", etc.join("cache").display().to_string()),
+        format!("token_file = {:?}", token.display().to_string()),
+        format!("ca_file = {:?}", etc.join("ca.pem").display().to_string()),
+    ] {
+        assert!(shown.contains(&line), "{line} in:\n{shown}");
+    }
+    // A token that others can read, or that anyone but its owner can replace, is refused.
+    for mode in [0o604, 0o620, 0o602, 0o660] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = check(&elsewhere);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "mode {mode:o}: {stderr}");
+        assert!(
+            stderr.contains("upstream.token_file"),
+            "mode {mode:o}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cache_dir_with_url_characters_opens_its_own_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Made into a URL, "%41" decodes to "A" and "?" starts the options.
+    for name in ["c%41", "c?mode=ro", "c#frag"] {
+        let dir = tmp.path().join(name);
+        let config = tmp.path().join(format!("{}.toml", name.len()));
+        std::fs::write(
+            &config,
+            format!("[cache]\ndir = {:?}\n", dir.display().to_string()),
+        )
+        .unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        // Glance's old driver's database, for migrate-sqlite to read from the same place.
+        let legacy = dir.join("cache.db");
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&legacy)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
+             last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO cached_images VALUES ('old-a', 1.0, 1.0, 12, 3, NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let run = |args: &[&str]| cli_with_env(&config, &[], args);
+        let migrated = ok(
+            &run(&["migrate-sqlite"]),
+            &format!("{name}: migrate-sqlite"),
+        );
+        assert!(
+            migrated.starts_with("migrated 1 rows"),
+            "{name}: {migrated}"
+        );
+        let listed = ok(
+            &run(&["list-cached", "--json"]),
+            &format!("{name}: list-cached"),
+        );
+        assert!(listed.contains("old-a"), "{name}: {listed}");
+        assert!(
+            dir.join("glance-cached.db").is_file(),
+            "{name}: no database in its dir"
+        );
+    }
+    let mut entries: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".toml"))
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["c#frag", "c%41", "c?mode=ro"],
+        "nothing opened elsewhere"
+    );
+}
