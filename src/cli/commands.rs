@@ -400,12 +400,16 @@ pub fn prune_policy(config: &Config) -> PrunePolicy {
 /// the directory comes first (the database lives in it); with a server the database
 /// comes first, so an unreachable server leaves the disk untouched.
 pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
-    let layout = CacheLayout::new(&config.cache.dir);
+    let mut layout = None;
     if config.dialect() == Dialect::Sqlite {
-        layout.ensure()?;
+        layout = Some(CacheLayout::open(&config.cache.dir)?);
     }
     let options = config.database.db_options();
     let db = Db::connect(&config.database.url, &options).await?;
+    let layout = match layout {
+        Some(l) => l,
+        None => CacheLayout::open(&config.cache.dir)?,
+    };
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
     Ok(driver)
 }

@@ -149,9 +149,8 @@ pub async fn run(
     let mut signals = signals::listen().map_err(DaemonError::Signals)?;
 
     info!(dir = %config.cache.dir.display(), database = %crate::db::mask_url(&config.database.url), "opening the cache");
-    let layout = CacheLayout::new(&config.cache.dir);
-    let layout_for_check = layout.clone();
-    tokio::task::spawn_blocking(move || layout_for_check.ensure())
+    let dir = config.cache.dir.clone();
+    let layout = tokio::task::spawn_blocking(move || CacheLayout::open(dir))
         .await
         .expect("layout check panicked")
         .map_err(CacheError::from)?;

@@ -75,7 +75,7 @@ impl Glance {
 
 async fn our_driver(cache_dir: &Path, db_url: &str) -> CacheDriver {
     let db = Db::connect(db_url, &DbOptions::default()).await.unwrap();
-    CacheDriver::configure(CacheLayout::new(cache_dir), db, NODE)
+    CacheDriver::configure(CacheLayout::open(cache_dir).unwrap(), db, NODE)
         .await
         .unwrap()
 }
