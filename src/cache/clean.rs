@@ -131,13 +131,10 @@ fn clean_blocking(
             }
         }
     }
-    if !report.skipped.is_empty() {
-        warn!(
-            count = report.skipped.count,
-            examples = ?report.skipped.examples,
-            "skipping cache entries that are not regular files named by an image id"
-        );
-    }
+    layout.report_skipped(
+        "skipping cache entries that are not regular files named by an image id",
+        &report.skipped,
+    );
     match unlisted {
         Some(e) => Err(e),
         None => Ok(report),

@@ -168,11 +168,10 @@ impl CacheDriver {
     /// Gives every marker in `queue/` without a row a row. Returns how many were added.
     pub async fn adopt_queue_markers(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
-        if !listing.skipped.is_empty() {
-            // One line per pass, however many: a flood of planted entries must not
-            // flood the log.
-            warn!(count = listing.skipped.count, examples = ?listing.skipped.examples, "skipping queue entries that are not regular files named by an image id");
-        }
+        self.layout().report_skipped(
+            "skipping queue entries that are not regular files named by an image id",
+            &listing.skipped,
+        );
         // Most markers are of images queued long ago (a marker stays until its image is
         // cached): one query tells which, instead of two statements per marker per pass.
         let queued = self.db().queued_ids(self.node()).await?;

@@ -6,6 +6,7 @@
 //! start is noticed, reported and never followed. This is also the only module that turns
 //! an `ImageId` into a path (for messages and the watcher, never to reach a file).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{DirBuilder, File};
 use std::io;
@@ -13,12 +14,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 
@@ -30,6 +31,12 @@ pub const FILE_MODE: u32 = 0o640;
 /// How many skipped names a listing keeps as examples: enough to find them, bounded so
 /// 20,000 planted entries cost one short log line, not 20,000.
 const SKIPPED_EXAMPLES: usize = 3;
+
+/// How often the same kind of skipped entries is warned about again when their count
+/// changes. The watcher runs a pass per arrival, so planting 2,000 symlinks one by one
+/// is hundreds of passes: one warning per pass would still be a flood. Passes in
+/// between report at debug level.
+const SKIPPED_WARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One of the four places an image file can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +165,9 @@ struct Held {
     root: OwnedFd,
     /// In `Area::SUBDIRS` order.
     subdirs: [HeldDir; 3],
+    /// Per kind of listing (by its message): when skipped entries were last warned
+    /// about, and how many there were.
+    skip_warnings: Mutex<HashMap<&'static str, (Instant, usize)>>,
 }
 
 #[derive(Debug)]
@@ -246,6 +256,7 @@ impl CacheLayout {
                 root_path,
                 root,
                 subdirs,
+                skip_warnings: Mutex::default(),
             }),
         })
     }
@@ -309,6 +320,38 @@ impl CacheLayout {
             .filter(|a| self.fd(**a).is_err())
             .map(|a| self.dir(*a))
             .collect()
+    }
+
+    /// Logs a pass's skipped entries as one line: a warning the first time, and again
+    /// when their count has changed and `SKIPPED_WARN_INTERVAL` has passed; debug
+    /// otherwise. Names are quoted, so a name with a newline cannot forge a log line.
+    pub fn report_skipped(&self, message: &'static str, skipped: &Skipped) {
+        if skipped.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let warn_now = {
+            let mut last = self
+                .inner
+                .skip_warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = match last.get(message) {
+                None => true,
+                Some((at, count)) => {
+                    *count != skipped.count && now.duration_since(*at) >= SKIPPED_WARN_INTERVAL
+                }
+            };
+            if due {
+                last.insert(message, (now, skipped.count));
+            }
+            due
+        };
+        if warn_now {
+            warn!(count = skipped.count, examples = ?skipped.examples, "{message}");
+        } else {
+            debug!(count = skipped.count, examples = ?skipped.examples, "{message}");
+        }
     }
 
     /// Lists the regular files named by valid ids in `area`, without following symlinks.

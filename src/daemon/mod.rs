@@ -148,7 +148,7 @@ pub async fn run(
     info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
     let mut signals = signals::listen().map_err(DaemonError::Signals)?;
 
-    info!(dir = %config.cache.dir.display(), database = %crate::db::mask_url(&config.database.url), "opening the cache");
+    info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
     let dir = config.cache.dir.clone();
     let layout = tokio::task::spawn_blocking(move || CacheLayout::open(dir))
         .await
