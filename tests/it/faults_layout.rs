@@ -176,9 +176,10 @@ fn a_paused_download_is_never_cleaned_and_only_its_own_bytes_are_published() {
     // Another writer takes the name over: remove, then create 27 bytes.
     std::fs::remove_file(&partial).unwrap();
     std::fs::write(&partial, b"twenty-seven foreign bytes!").unwrap();
-    eventually(Duration::from_secs(20), "the commit gives up", || {
-        d.log_text()
-            .contains("removed or replaced by another writer")
+    eventually(Duration::from_secs(20), "the commit ends", || {
+        s.cache("paused").exists()
+            || d.log_text()
+                .contains("removed or replaced by another writer")
     });
     assert!(
         !s.cache("paused").exists(),
@@ -193,8 +194,9 @@ fn a_paused_download_is_never_cleaned_and_only_its_own_bytes_are_published() {
     d.stop();
 }
 
-/// A flood of planted symlinks in `invalid/` while the daemon runs is one warning per
-/// pass with a count, and a file name with a newline cannot forge a log line.
+/// A flood of planted symlinks in `invalid/` while the daemon runs (hundreds of watcher
+/// passes) is a warning or two with a count, not a line per entry per pass, and a file
+/// name with a newline cannot forge a log line.
 #[test]
 fn planted_entries_neither_flood_nor_forge_the_log() {
     let s = Setup::new("");
@@ -205,7 +207,7 @@ fn planted_entries_neither_flood_nor_forge_the_log() {
     let name = format!("x\n{forged}");
     std::fs::write(invalid.join(OsStr::from_bytes(name.as_bytes())), b"").unwrap();
     eventually(SOON, "the hostile name is reported", || {
-        d.log_text().contains("skipping cache entries")
+        d.log_text().contains("skipping")
     });
     const PLANTED: usize = 2000;
     for n in 0..PLANTED {
