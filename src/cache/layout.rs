@@ -510,11 +510,29 @@ impl CacheLayout {
         Ok(File::from(fd))
     }
 
-    /// Marks `file` as being written, for as long as it stays open: the cleaner of any
-    /// process never removes it, however long the writer pauses. A lock refused by the
-    /// filesystem is an error: the write would then be unprotected.
-    pub fn lock_for_writing(&self, file: &File) -> io::Result<()> {
-        rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive).map_err(Into::into)
+    /// Marks `file` as being written, for as long as it stays open: no glance-cached
+    /// cleaner (daemon or command) removes it, however long the writer pauses. Returns
+    /// `false` when the filesystem has no file locks (some network or FUSE
+    /// filesystems): the write then goes on unprotected, and its commit still publishes
+    /// only its own inode. A lock someone else keeps is an error.
+    pub fn lock_for_writing(&self, file: &File) -> io::Result<bool> {
+        // A cleaner checking a file that was just created under a listed name holds
+        // its lock for a moment; whoever holds it longer is not a cleaner.
+        const ATTEMPTS: u32 = 50;
+        const PAUSE: Duration = Duration::from_millis(1);
+        for _ in 0..ATTEMPTS {
+            match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(true),
+                Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(PAUSE),
+                Err(
+                    rustix::io::Errno::NOLCK
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(rustix::io::Errno::WOULDBLOCK.into())
     }
 
     /// Opens `id` in `area` for reading, refusing symlinks; O_NONBLOCK so a planted FIFO
@@ -711,7 +729,7 @@ mod tests {
         let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
         let id = ImageId::parse("w").unwrap();
         let file = layout.create_new(Area::Incomplete, &id).unwrap();
-        layout.lock_for_writing(&file).unwrap();
+        assert!(layout.lock_for_writing(&file).unwrap());
         let listed = layout.list(Area::Incomplete).unwrap().files.remove(0);
         assert_eq!(
             layout

@@ -104,11 +104,17 @@ impl ImageWriter {
                     CacheError::io("create", &path)(e)
                 }
             })?;
-        if let Err(e) = layout.lock_for_writing(&file) {
-            // Unlocked, a pause would let a cleaner remove it: give it up now. It is
-            // ours (just created), so it moves by inode like any failed write.
-            move_to_invalid(&driver, &image_id, &file, "could not lock");
-            return Err(CacheError::io("lock", &path)(e));
+        match layout.lock_for_writing(&file) {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(image_id = %image_id, "the cache filesystem has no file locks: a cleaner may remove this download's file during a pause (its commit then publishes nothing)");
+            }
+            Err(e) => {
+                // Someone else holds a lock on our new file: give it up now. It is ours
+                // (just created), so it moves by inode like any failed write.
+                move_to_invalid(&driver, &image_id, &file, "could not lock");
+                return Err(CacheError::io("lock", &path)(e));
+            }
         }
         let digests = Digests::start(expectations.os_hash.as_ref().map(|(a, _)| *a))
             .map_err(CacheError::io("start hashing for", &path))?;
