@@ -175,8 +175,26 @@ struct HeldDir {
     fd: OwnedFd,
     dev: u64,
     ino: u64,
-    /// Whether the name was last seen naming something else (logged once per change).
+    /// Whether the name was last seen naming something else.
     replaced: AtomicBool,
+    /// When a change of `replaced` was last logged at its own level (see `loud`).
+    logged_at: Mutex<Option<Instant>>,
+}
+
+impl HeldDir {
+    /// Whether a change of state is logged at its own level (error, info) or at debug:
+    /// a loop exchanging the directory with a symlink many times a second must not
+    /// flood the log, so changes within `SKIPPED_WARN_INTERVAL` of the last loud one
+    /// are quiet (STATUS still shows the state).
+    fn loud(&self) -> bool {
+        let now = Instant::now();
+        let mut at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        let loud = at.is_none_or(|t| now.duration_since(t) >= SKIPPED_WARN_INTERVAL);
+        if loud {
+            *at = Some(now);
+        }
+        loud
+    }
 }
 
 impl CacheLayout {
@@ -244,6 +262,7 @@ impl CacheLayout {
                 dev: st.st_dev,
                 ino: st.st_ino,
                 replaced: AtomicBool::new(false),
+                logged_at: Mutex::new(None),
             })
         };
         let subdirs = [
@@ -291,15 +310,26 @@ impl CacheLayout {
             return Ok(self.inner.root.as_fd());
         };
         let held = &self.inner.subdirs[i];
+        const BACK: &str = "cache subdirectory is back in place";
+        const REPLACED: &str = "cache subdirectory was replaced after start (a symlink or another directory has its name); it is not followed, and its work stops until it is restored or glance-cached restarts";
         if self.names_held(area, held) {
             if held.replaced.swap(false, Ordering::Relaxed) {
-                info!(path = ?self.dir(area), "cache subdirectory is back in place");
+                let path = self.dir(area);
+                if held.loud() {
+                    info!(path = ?path, "{BACK}");
+                } else {
+                    debug!(path = ?path, "{BACK}");
+                }
             }
             return Ok(held.fd.as_fd());
         }
         let path = self.dir(area);
         if !held.replaced.swap(true, Ordering::Relaxed) {
-            error!(path = ?path, "cache subdirectory was replaced after start (a symlink or another directory has its name); it is not followed, and its work stops until it is restored or glance-cached restarts");
+            if held.loud() {
+                error!(path = ?path, "{REPLACED}");
+            } else {
+                debug!(path = ?path, "{REPLACED}");
+            }
         }
         Err(io::Error::other(LayoutError::Replaced { path }))
     }
