@@ -15,6 +15,9 @@ use super::layout::{Area, CacheLayout, Removal, Skipped};
 use super::{CacheDriver, CacheError};
 use crate::image_id::ImageId;
 
+/// When an `invalid/` file whose writer still held it is looked at again.
+const INVALID_LOCKED_RETRY: Duration = Duration::from_secs(1);
+
 /// When files count as leftovers.
 #[derive(Debug, Clone, Copy)]
 pub struct CleanPolicy {
@@ -105,7 +108,18 @@ fn clean_blocking(
                 continue;
             }
             match layout.remove_due(area, &file, is_due) {
-                Ok(Removal::BeingWritten) => report.being_written += 1,
+                Ok(Removal::BeingWritten) => {
+                    report.being_written += 1;
+                    // A failed write moves its file here and closes it a moment later:
+                    // look again soon. A paused download is looked at again when it
+                    // could next stall.
+                    let again = match area {
+                        Area::Invalid => INVALID_LOCKED_RETRY,
+                        _ => age_limit,
+                    };
+                    let due_at = now.checked_add(again).unwrap_or(now);
+                    report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
+                }
                 Ok(Removal::Changed) => {} // vanished, replaced or rewritten meanwhile
                 Ok(Removal::Removed { bytes }) => {
                     let what = if area == Area::Invalid {

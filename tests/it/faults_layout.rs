@@ -94,8 +94,8 @@ fn subdirectories_swapped_under_a_running_daemon_are_never_followed() {
 
 /// `glance-cached clean` (as root, here) against a loop exchanging `invalid/` with a
 /// symlink to the canary tree by `renameat2(RENAME_EXCHANGE)`, for a bounded number of
-/// runs: each run either cleans the real directory or refuses the swapped one, and
-/// never reaches the canary.
+/// runs, with the daemon running: each run either cleans the real directory or refuses
+/// the swapped one, nothing reaches the canary, and the daemon's log stays short.
 #[test]
 fn clean_racing_a_rename_exchange_loop_never_leaves_the_cache() {
     let s = Setup::new("");
@@ -105,6 +105,8 @@ fn clean_racing_a_rename_exchange_loop_never_leaves_the_cache() {
     let root = s.cache("");
     symlink(&canary.root, root.join("swap")).unwrap();
     plant_leftovers(&s.cache("invalid"), &["a1", "a2", "a3"]);
+    // The daemon runs through the race too: every exchange is a watcher event.
+    let mut d = s.start();
     let stop = Arc::new(AtomicBool::new(false));
     let exchanges = {
         let stop = stop.clone();
@@ -143,6 +145,14 @@ fn clean_racing_a_rename_exchange_loop_never_leaves_the_cache() {
     let exchanged = exchanges.join().unwrap();
     assert!(exchanged > 0);
     eprintln!("{runs} clean runs, {refused} refused, {exchanged} exchanges");
+    assert!(d.alive(), "{}", d.log_text());
+    let log = d.log_text();
+    let errors = log.lines().filter(|l| l.contains(" ERROR ")).count();
+    assert!(
+        errors <= 2,
+        "{errors} error lines for {exchanged} exchanges"
+    );
+    d.stop();
     canary.finish("clean racing an exchange loop");
 }
 
