@@ -288,8 +288,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let layout = CacheLayout::new(&cache);
-        layout.ensure().unwrap();
+        let layout = CacheLayout::open(&cache).unwrap();
         let url = format!("sqlite://{}/glance-cached.db", cache.display());
         let db = Db::connect(&url, &DbOptions::default()).await.unwrap();
         let driver =

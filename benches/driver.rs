@@ -40,8 +40,7 @@ fn image_id(n: usize) -> ImageId {
 /// A cache with `n` cached images of `size` bytes (files written directly, rows
 /// adopted in batches, as a reconcile would).
 async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> CacheDriver {
-    let layout = CacheLayout::new(dir);
-    layout.ensure().unwrap();
+    let layout = CacheLayout::open(dir).unwrap();
     let data = vec![0x42u8; size];
     let mut rows = Vec::with_capacity(n);
     let base = chrono::Utc::now() - chrono::Duration::days(1);

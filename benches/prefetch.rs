@@ -213,8 +213,7 @@ fn main() {
         .unwrap();
     let cache_dir = work.path().join("cache");
     let driver = runtime.block_on(async {
-        let layout = CacheLayout::new(&cache_dir);
-        layout.ensure().unwrap();
+        let layout = CacheLayout::open(&cache_dir).unwrap();
         let db = Db::connect(
             &format!("sqlite://{}/glance-cached.db", cache_dir.display()),
             &DbOptions::default(),

@@ -11,6 +11,23 @@ use std::str::FromStr;
 /// Longest accepted id: Glance's `cached_images.image_id` is VARCHAR(36).
 pub const MAX_IMAGE_ID_LEN: usize = 36;
 
+/// Lock files that Glance keeps in the cache root through oslo.concurrency: its cache
+/// driver sets oslo's `lock_path` to the cache directory (`lockutils.set_defaults`), so
+/// every external lock of that process lands there. Glance 33 takes `glance-cache`
+/// (prefetcher), `glance-cache-clean` and `glance-cache-prune` (cache API),
+/// `sqlite_centralized_migrate` (the SQLite migration), `image_cache_db_init` (the
+/// sqlite driver) and `tasks` (the import cancellation tracker). Their names fit the id
+/// syntax, but Glance's ids are UUIDs: they are refused as ids, so they are never
+/// adopted, listed, counted, pruned or deleted.
+pub const GLANCE_LOCK_NAMES: [&str; 6] = [
+    "glance-cache",
+    "glance-cache-clean",
+    "glance-cache-prune",
+    "sqlite_centralized_migrate",
+    "image_cache_db_init",
+    "tasks",
+];
+
 /// A validated image id. It can never contain a path separator, `.` or `..`, so joining it
 /// to a directory never escapes that directory.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,6 +44,10 @@ pub enum InvalidImageId {
         "invalid image id {shown}: only letters, digits, '-' and '_' are allowed (character {position})"
     )]
     BadCharacter { shown: String, position: usize },
+    #[error(
+        "invalid image id {shown}: the name of a lock file Glance keeps in the cache directory"
+    )]
+    GlanceLock { shown: String },
 }
 
 impl ImageId {
@@ -46,6 +67,9 @@ impl ImageId {
         }
         if raw.len() > MAX_IMAGE_ID_LEN {
             return Err(InvalidImageId::TooLong { shown: shown(raw) });
+        }
+        if GLANCE_LOCK_NAMES.contains(&raw) {
+            return Err(InvalidImageId::GlanceLock { shown: shown(raw) });
         }
         Ok(ImageId(raw.to_owned()))
     }
@@ -147,5 +171,14 @@ mod tests {
         assert!(ImageId::from_file_name(OsStr::new("cache.db")).is_none());
         assert!(ImageId::from_file_name(OsStr::new(".lock")).is_none());
         assert!(ImageId::from_file_name(OsStr::new("abc")).is_some());
+    }
+
+    #[test]
+    fn glance_lock_files_are_not_ids() {
+        for name in GLANCE_LOCK_NAMES {
+            let e = ImageId::parse(name).unwrap_err().to_string();
+            assert!(e.contains("lock file"), "{e}");
+        }
+        assert!(ImageId::parse("glance-cache-2").is_ok());
     }
 }

@@ -2,16 +2,21 @@
 //!
 //! Glance's rule, with our decisions: one failed delete never aborts the rest, files that
 //! vanish meanwhile are fine, symlinks and other non-regular entries are skipped (never
-//! followed), and the report says what was removed and when the next file can stall.
+//! followed, and counted in one warning per pass), a file a writer still holds is never
+//! removed however long it pauses, a replaced subdirectory is refused (the other area is
+//! still cleaned), and the report says what was removed and when the next file can stall.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use super::layout::{Area, CacheLayout};
+use super::layout::{Area, CacheLayout, Removal, Skipped};
 use super::{CacheDriver, CacheError};
 use crate::image_id::ImageId;
+
+/// When an `invalid/` file whose writer still held it is looked at again.
+const INVALID_LOCKED_RETRY: Duration = Duration::from_secs(1);
 
 /// When files count as leftovers.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +40,9 @@ pub struct CleanReport {
     /// Entries that could not be removed, with the reason.
     pub failed: Vec<(PathBuf, String)>,
     /// Entries that are not regular files named by an image id: left alone.
-    pub skipped: Vec<PathBuf>,
+    pub skipped: Skipped,
+    /// Files whose writer still holds them (a paused download): left alone.
+    pub being_written: usize,
     /// The earliest time a remaining file in `incomplete/` or `invalid/` becomes due, so
     /// a loop can sleep until then instead of polling.
     pub next_due: Option<SystemTime>,
@@ -87,17 +94,22 @@ fn clean_blocking(
     now: SystemTime,
 ) -> Result<CleanReport, CacheError> {
     let mut report = CleanReport::default();
+    let mut unlisted = None;
     for (area, age_limit) in [
         (Area::Invalid, policy.invalid_grace),
         (Area::Incomplete, policy.stall_time),
     ] {
-        let listing = layout
-            .list(area)
-            .map_err(CacheError::io("list", layout.dir(area)))?;
-        for path in &listing.skipped {
-            warn!(path = %path.display(), "skipping a cache entry that is not a regular file named by an image id");
-        }
-        report.skipped.extend(listing.skipped);
+        let listing = match layout.list(area) {
+            Ok(l) => l,
+            Err(e) => {
+                // The other area is still cleaned; the first error fails the pass.
+                unlisted.get_or_insert(CacheError::io("list", layout.dir(area))(e));
+                continue;
+            }
+        };
+        report.skipped.merge(listing.skipped);
+        // Glance's rule (`due`), which no extreme mtime can overflow.
+        let is_due = |modified: SystemTime| due(area, modified, age_limit, now).is_ok();
         for file in listing.files {
             if let Err(due_at) = due(area, file.modified, age_limit, now) {
                 if let Some(due_at) = due_at {
@@ -105,8 +117,21 @@ fn clean_blocking(
                 }
                 continue;
             }
-            match layout.remove(area, &file.image_id) {
-                Ok(Some(bytes)) => {
+            match layout.remove_due(area, &file, is_due) {
+                Ok(Removal::BeingWritten) => {
+                    report.being_written += 1;
+                    // A failed write moves its file here and closes it a moment later:
+                    // look again soon. A paused download is looked at again when it
+                    // could next stall.
+                    let again = match area {
+                        Area::Invalid => INVALID_LOCKED_RETRY,
+                        _ => age_limit,
+                    };
+                    let due_at = now.checked_add(again).unwrap_or(now);
+                    report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
+                }
+                Ok(Removal::Changed) => {} // vanished, replaced or rewritten meanwhile
+                Ok(Removal::Removed { bytes }) => {
                     let what = if area == Area::Invalid {
                         "invalid"
                     } else {
@@ -122,16 +147,22 @@ fn clean_blocking(
                         crate::failpoint::hit("clean:mid");
                     }
                 }
-                Ok(None) => {} // vanished meanwhile, or replaced by a non-regular entry
                 Err(error) => {
                     let path = layout.path(area, &file.image_id);
-                    warn!(path = %path.display(), %error, "failed to remove cache file");
+                    warn!(path = ?path, %error, "failed to remove cache file");
                     report.failed.push((path, error.to_string()));
                 }
             }
         }
     }
-    Ok(report)
+    layout.report_skipped(
+        "skipping cache entries that are not regular files named by an image id",
+        &report.skipped,
+    );
+    match unlisted {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,7 @@
 //! differences the specification decides (validated ids, queue table, O_EXCL writers,
 //! verified publishes, ordered listings, no infinite prune).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -71,15 +70,13 @@ struct Inner {
 }
 
 impl CacheDriver {
-    /// Glance's `configure`: creates the directories, migrates the schema and registers
-    /// this node.
+    /// Glance's `configure` on an opened layout (`CacheLayout::open` made and holds the
+    /// directories): migrates the schema and registers this node.
     pub async fn configure(
         layout: CacheLayout,
         db: Db,
         node_url: &str,
     ) -> Result<Self, CacheError> {
-        let l = layout.clone();
-        crate::blocking(move || l.ensure()).await?;
         db.migrate().await?;
         let node = db.register_node(node_url).await?;
         debug!(node_url, node_id = node.0, "cache node registered");
@@ -194,9 +191,10 @@ impl CacheDriver {
     /// Gives every marker in `queue/` without a row a row. Returns how many were added.
     pub async fn adopt_queue_markers(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
-        for path in &listing.skipped {
-            warn!(path = %path.display(), "skipping a queue entry that is not a regular file named by an image id");
-        }
+        self.layout().report_skipped(
+            "skipping queue entries that are not regular files named by an image id",
+            &listing.skipped,
+        );
         // Most markers are of images queued long ago (a marker stays until its image is
         // cached): one query tells which, instead of two statements per marker per pass.
         let queued = self.db().queued_ids(self.node()).await?;
@@ -322,7 +320,7 @@ impl CacheDriver {
                     .regular_file(Area::Cached, &id)
                     .ok()
                     .flatten()
-                    .map_or(0, |m| m.len());
+                    .map_or(0, |m| m.size);
                 return Ok(Some((id, size)));
             }
         }
@@ -342,13 +340,7 @@ impl CacheDriver {
     /// are refused.
     pub async fn open_for_read(&self, id: &ImageId) -> Result<File, CacheError> {
         let path = self.layout().path(Area::Cached, id);
-        let opened = OpenOptions::new()
-            .read(true)
-            // O_NONBLOCK so a planted FIFO cannot hang us; it does nothing for files.
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
-            )
-            .open(&path);
+        let opened = self.layout().open_read(Area::Cached, id);
         let hit = self
             .db()
             .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
@@ -364,7 +356,7 @@ impl CacheDriver {
             .metadata()
             .map_err(CacheError::io("stat cached image", &path))?;
         if !meta.file_type().is_file() {
-            warn!(path = %path.display(), "refusing to read a cache entry that is not a regular file");
+            warn!(path = ?path, "refusing to read a cache entry that is not a regular file");
             return Err(CacheError::NotCached(id.clone()));
         }
         hit?;

@@ -1,21 +1,42 @@
 //! The on-disk layout shared with Glance: `<dir>/<id>`, `incomplete/`, `invalid/`, `queue/`.
 //!
-//! This is the only module that turns an `ImageId` into a path. Listing and deleting go
-//! through here too, so that symlinks, FIFOs, directories and names that are not image
-//! ids are never followed, counted or removed.
+//! A `CacheLayout` holds the root and its three subdirectories open (each opened once,
+//! `O_DIRECTORY | O_NOFOLLOW`), and every file operation in the cache goes through those
+//! handles (`openat`, `unlinkat`, `renameat`): a subdirectory swapped for a symlink after
+//! start is noticed, reported and never followed. This is also the only module that turns
+//! an `ImageId` into a path (for messages and the watcher, never to reach a file).
 
-use std::fs::{self, DirBuilder, OpenOptions};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{DirBuilder, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::image_id::ImageId;
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use tracing::{debug, error, info, warn};
+
+use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 
 /// Directories are created 0750 and files 0640: readable by the service group (Glance
 /// runs as `glance`), never by other local users.
 pub const DIR_MODE: u32 = 0o750;
 pub const FILE_MODE: u32 = 0o640;
+
+/// How many skipped names a listing keeps as examples: enough to find them, bounded so
+/// 20,000 planted entries cost one short log line, not 20,000.
+const SKIPPED_EXAMPLES: usize = 3;
+
+/// How often the same kind of skipped entries is warned about again when their count
+/// changes. The watcher runs a pass per arrival, so planting 2,000 symlinks one by one
+/// is hundreds of passes: one warning per pass would still be a flood. Passes in
+/// between report at debug level.
+const SKIPPED_WARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One of the four places an image file can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,18 +62,26 @@ impl Area {
             Area::Queue => Some("queue"),
         }
     }
+
+    fn index(self) -> Option<usize> {
+        Area::SUBDIRS.iter().position(|a| *a == self)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("cache directory {path} is not usable: {source}")]
+    #[error("cache directory {path:?} is not usable: {source}")]
     Unusable { path: PathBuf, source: io::Error },
-    #[error("cache directory {path} is not a directory")]
+    #[error("cache directory {path:?} is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("{path} must be a real directory, not a symlink or other file")]
+    #[error("{path:?} must be a real directory, not a symlink or other file")]
     NotARealDirectory { path: PathBuf },
-    #[error("cache directory {path} is not writable: {source}")]
+    #[error("cache directory {path:?} is not writable: {source}")]
     NotWritable { path: PathBuf, source: io::Error },
+    #[error(
+        "{path:?} was replaced after start (it no longer names the directory opened then); it is not followed"
+    )]
+    Replaced { path: PathBuf },
 }
 
 /// A file found by a safe listing: a regular file whose name is a valid image id.
@@ -61,141 +90,380 @@ pub struct CacheFile {
     pub image_id: ImageId,
     pub size: u64,
     pub modified: SystemTime,
+    /// Device and inode when listed, so a removal can tell the same file from a new one
+    /// put at its name meanwhile.
+    identity: (u64, u64),
 }
 
-/// The result of listing one area: the image files, and how many entries were skipped
-/// because they were not regular files named by a valid id.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub files: Vec<CacheFile>,
-    pub skipped: Vec<PathBuf>,
+/// What `regular_file` found at a name.
+#[derive(Debug, Clone, Copy)]
+pub struct FileStat {
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
-#[derive(Debug, Clone)]
-pub struct CacheLayout {
-    root: PathBuf,
+/// Entries of a listing that are not regular files named by valid ids: how many, and
+/// the first few as examples, so a flood of them is one log line per pass.
+#[derive(Debug, Default, Clone)]
+pub struct Skipped {
+    pub count: usize,
+    pub examples: Vec<PathBuf>,
 }
 
-impl CacheLayout {
-    /// A layout rooted at `root`, which must be absolute (config validation ensures it).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        CacheLayout { root: root.into() }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn dir(&self, area: Area) -> PathBuf {
-        match area.subdir() {
-            None => self.root.clone(),
-            Some(sub) => self.root.join(sub),
+impl Skipped {
+    fn push(&mut self, path: PathBuf) {
+        self.count += 1;
+        if self.examples.len() < SKIPPED_EXAMPLES {
+            self.examples.push(path);
         }
     }
 
-    /// The path of `id` in `area`. Safe by construction: an `ImageId` has no separators.
+    pub fn merge(&mut self, other: Skipped) {
+        self.count += other.count;
+        for p in other.examples {
+            if self.examples.len() < SKIPPED_EXAMPLES {
+                self.examples.push(p);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// The result of listing one area: the image files, and the entries skipped because
+/// they were not regular files named by a valid id.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub files: Vec<CacheFile>,
+    pub skipped: Skipped,
+}
+
+/// What `remove_due` did with one listed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed {
+        bytes: u64,
+    },
+    /// Gone already, or its name now holds another file (or a non-regular entry), or it
+    /// was written since it was listed: left alone.
+    Changed,
+    /// A writer holds its lock (an `ImageWriter` of this or another process): left alone.
+    BeingWritten,
+}
+
+/// The layout with its directories held open. Cheap to clone (shared handles).
+#[derive(Debug, Clone)]
+pub struct CacheLayout {
+    inner: Arc<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    root_path: PathBuf,
+    root: OwnedFd,
+    /// In `Area::SUBDIRS` order.
+    subdirs: [HeldDir; 3],
+    /// Per kind of listing (by its message): when skipped entries were last warned
+    /// about, and how many there were.
+    skip_warnings: Mutex<HashMap<&'static str, (Instant, usize)>>,
+}
+
+#[derive(Debug)]
+struct HeldDir {
+    fd: OwnedFd,
+    dev: u64,
+    ino: u64,
+    /// Whether the name was last seen naming something else.
+    replaced: AtomicBool,
+    /// When a change of `replaced` was last logged at its own level (see `loud`).
+    logged_at: Mutex<Option<Instant>>,
+}
+
+impl HeldDir {
+    /// Whether a change of state is logged at its own level (error, info) or at debug:
+    /// a loop exchanging the directory with a symlink many times a second must not
+    /// flood the log, so changes within `SKIPPED_WARN_INTERVAL` of the last loud one
+    /// are quiet (STATUS still shows the state).
+    fn loud(&self) -> bool {
+        let now = Instant::now();
+        let mut at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        let loud = at.is_none_or(|t| now.duration_since(t) >= SKIPPED_WARN_INTERVAL);
+        if loud {
+            *at = Some(now);
+        }
+        loud
+    }
+}
+
+impl CacheLayout {
+    /// Creates the root (if missing) and the three subdirectories, checks that the root
+    /// is a writable directory and the subdirectories are real directories, and holds
+    /// all four open. `root` must be absolute (config validation ensures it).
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, LayoutError> {
+        Self::open_with(root.into(), true)
+    }
+
+    /// Holds an existing layout open without creating or needing to write anything, for
+    /// commands that only look: a missing root or subdirectory is an error.
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self, LayoutError> {
+        Self::open_with(root.into(), false)
+    }
+
+    fn open_with(root_path: PathBuf, create: bool) -> Result<Self, LayoutError> {
+        let unusable = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: io::Error| LayoutError::Unusable { path, source: e }
+        };
+        if create {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(&root_path)
+                .map_err(unusable(&root_path))?;
+        }
+        // The root may be a symlink the operator made; it is resolved once, here.
+        let root = rustix::fs::open(
+            &root_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOTDIR => LayoutError::NotADirectory {
+                path: root_path.clone(),
+            },
+            e => unusable(&root_path)(e.into()),
+        })?;
+        if create {
+            rustix::fs::accessat(
+                &root,
+                ".",
+                rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+                AtFlags::empty(),
+            )
+            .map_err(|e| LayoutError::NotWritable {
+                path: root_path.clone(),
+                source: e.into(),
+            })?;
+        }
+        let open_sub = |area: Area| -> Result<HeldDir, LayoutError> {
+            let name = area.subdir().unwrap_or(".");
+            let path = root_path.join(name);
+            if create {
+                match rustix::fs::mkdirat(&root, name, Mode::from_raw_mode(DIR_MODE)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(unusable(&path)(e.into())),
+                }
+            }
+            // A planted `invalid -> /etc` symlink would make the cleaner delete files
+            // outside the cache: only a real directory is held (O_NOFOLLOW refuses the
+            // link itself, O_DIRECTORY anything else).
+            let fd = rustix::fs::openat(
+                &root,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| match e {
+                rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                    LayoutError::NotARealDirectory { path: path.clone() }
+                }
+                e => unusable(&path)(e.into()),
+            })?;
+            let st = rustix::fs::fstat(&fd).map_err(|e| unusable(&path)(e.into()))?;
+            Ok(HeldDir {
+                fd,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                replaced: AtomicBool::new(false),
+                logged_at: Mutex::new(None),
+            })
+        };
+        let subdirs = [
+            open_sub(Area::Incomplete)?,
+            open_sub(Area::Invalid)?,
+            open_sub(Area::Queue)?,
+        ];
+        Ok(CacheLayout {
+            inner: Arc::new(Held {
+                root_path,
+                root,
+                subdirs,
+                skip_warnings: Mutex::default(),
+            }),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root_path
+    }
+
+    /// The path of `area`, for messages and the watcher; files are reached through the
+    /// held handles, never through this path.
+    pub fn dir(&self, area: Area) -> PathBuf {
+        match area.subdir() {
+            None => self.inner.root_path.clone(),
+            Some(sub) => self.inner.root_path.join(sub),
+        }
+    }
+
+    /// The path of `id` in `area`, for messages only. Safe by construction: an
+    /// `ImageId` has no separators.
     pub fn path(&self, area: Area, id: &ImageId) -> PathBuf {
         let mut p = self.dir(area);
         p.push(id.as_str());
         p
     }
 
-    /// Creates the root (if missing) and the three subdirectories, and checks that the
-    /// root is a writable directory and the subdirectories are real directories.
-    pub fn ensure(&self) -> Result<(), LayoutError> {
-        let unusable = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LayoutError::Unusable { path, source }
+    /// The held handle of `area`, after checking that its name still names it. A
+    /// replaced subdirectory is logged (once per change) and refused: its handle still
+    /// reaches the original directory safely, but Glance, which works by path, no longer
+    /// sees it, so acting on it would only hide the problem.
+    fn fd(&self, area: Area) -> io::Result<BorrowedFd<'_>> {
+        let Some(i) = area.index() else {
+            return Ok(self.inner.root.as_fd());
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&self.root)
-            .map_err(unusable(&self.root))?;
-        let meta = fs::metadata(&self.root).map_err(unusable(&self.root))?;
-        if !meta.is_dir() {
-            return Err(LayoutError::NotADirectory {
-                path: self.root.clone(),
-            });
-        }
-        rustix::fs::access(
-            &self.root,
-            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
-        )
-        .map_err(|e| LayoutError::NotWritable {
-            path: self.root.clone(),
-            source: e.into(),
-        })?;
-        for area in Area::SUBDIRS {
-            let dir = self.dir(area);
-            match DirBuilder::new().mode(DIR_MODE).create(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(unusable(&dir)(e)),
+        let held = &self.inner.subdirs[i];
+        const BACK: &str = "cache subdirectory is back in place";
+        const REPLACED: &str = "cache subdirectory was replaced after start (a symlink or another directory has its name); it is not followed, and its work stops until it is restored or glance-cached restarts";
+        if self.names_held(area, held) {
+            if held.replaced.swap(false, Ordering::Relaxed) {
+                let path = self.dir(area);
+                if held.loud() {
+                    info!(path = ?path, "{BACK}");
+                } else {
+                    debug!(path = ?path, "{BACK}");
+                }
             }
-            // A planted `invalid -> /etc` symlink would make the cleaner delete files
-            // outside the cache: refuse to run on anything but a real directory.
-            let meta = fs::symlink_metadata(&dir).map_err(unusable(&dir))?;
-            if !meta.is_dir() {
-                return Err(LayoutError::NotARealDirectory { path: dir });
+            return Ok(held.fd.as_fd());
+        }
+        let path = self.dir(area);
+        if !held.replaced.swap(true, Ordering::Relaxed) {
+            if held.loud() {
+                error!(path = ?path, "{REPLACED}");
+            } else {
+                debug!(path = ?path, "{REPLACED}");
             }
         }
-        Ok(())
+        Err(io::Error::other(LayoutError::Replaced { path }))
+    }
+
+    fn names_held(&self, area: Area, held: &HeldDir) -> bool {
+        let name = area.subdir().unwrap_or(".");
+        match rustix::fs::statat(&self.inner.root, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st.st_dev == held.dev && st.st_ino == held.ino,
+            Err(_) => false,
+        }
+    }
+
+    /// The subdirectories whose names no longer name the directories held since start
+    /// (each logged once when first noticed).
+    pub fn replaced_dirs(&self) -> Vec<PathBuf> {
+        Area::SUBDIRS
+            .iter()
+            .filter(|a| self.fd(**a).is_err())
+            .map(|a| self.dir(*a))
+            .collect()
+    }
+
+    /// Logs a pass's skipped entries as one line: a warning the first time, and again
+    /// when their count has changed and `SKIPPED_WARN_INTERVAL` has passed; debug
+    /// otherwise. Names are quoted, so a name with a newline cannot forge a log line.
+    pub fn report_skipped(&self, message: &'static str, skipped: &Skipped) {
+        if skipped.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let warn_now = {
+            let mut last = self
+                .inner
+                .skip_warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = match last.get(message) {
+                None => true,
+                Some((at, count)) => {
+                    *count != skipped.count && now.duration_since(*at) >= SKIPPED_WARN_INTERVAL
+                }
+            };
+            if due {
+                last.insert(message, (now, skipped.count));
+            }
+            due
+        };
+        if warn_now {
+            warn!(count = skipped.count, examples = ?skipped.examples, "{message}");
+        } else {
+            debug!(count = skipped.count, examples = ?skipped.examples, "{message}");
+        }
     }
 
     /// Lists the regular files named by valid ids in `area`, without following symlinks.
     /// Entries that vanish while listing are ignored.
     pub fn list(&self, area: Area) -> io::Result<Listing> {
+        let dir_fd = self.fd(area)?;
         let mut listing = Listing::default();
-        for entry in fs::read_dir(self.dir(area))? {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            let name = entry.file_name();
-            // The three subdirectories, Glance's lock files and the SQLite database are
-            // expected in the root: not images, and not worth a warning.
-            if area == Area::Cached && is_own_entry(&name) {
+        // Reads through a fresh descriptor of the held directory (`openat(fd, ".")`),
+        // never through its path.
+        for entry in rustix::fs::Dir::read_from(dir_fd)? {
+            let entry = entry?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
                 continue;
             }
-            let Some(image_id) = ImageId::from_file_name(&name) else {
-                listing.skipped.push(entry.path());
+            // The three subdirectories, Glance's lock files and the SQLite database are
+            // expected in the root: not images, and not worth a warning.
+            if area == Area::Cached && is_own_entry(name) {
+                continue;
+            }
+            let Some(image_id) = ImageId::from_file_name(name) else {
+                listing.skipped.push(self.dir(area).join(name));
                 continue;
             };
-            // `DirEntry::metadata` does not follow symlinks.
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            let st = match rustix::fs::statat(dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
             };
-            if !meta.file_type().is_file() {
-                listing.skipped.push(entry.path());
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                listing.skipped.push(self.dir(area).join(name));
                 continue;
             }
             listing.files.push(CacheFile {
                 image_id,
-                size: meta.len(),
-                modified: meta.modified()?,
+                size: st.st_size.max(0) as u64,
+                modified: mtime(&st),
+                identity: (st.st_dev, st.st_ino),
             });
         }
         Ok(listing)
     }
 
-    /// Metadata of `id` in `area` if it is a regular file; `None` if it is absent or is
-    /// something else (a symlink, a directory, a FIFO).
-    pub fn regular_file(&self, area: Area, id: &ImageId) -> io::Result<Option<fs::Metadata>> {
-        match fs::symlink_metadata(self.path(area, id)) {
-            Ok(m) if m.file_type().is_file() => Ok(Some(m)),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+    fn stat(&self, area: Area, id: &ImageId) -> io::Result<Option<Stat>> {
+        match rustix::fs::statat(self.fd(area)?, id.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Whether anything at all exists at `id` in `area` (Glance's `os.path.exists`).
+    /// Size and mtime of `id` in `area` if it is a regular file; `None` if it is absent
+    /// or is something else (a symlink, a directory, a FIFO).
+    pub fn regular_file(&self, area: Area, id: &ImageId) -> io::Result<Option<FileStat>> {
+        Ok(self
+            .stat(area, id)?
+            .filter(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+            .map(|st| FileStat {
+                size: st.st_size.max(0) as u64,
+                modified: mtime(&st),
+            }))
+    }
+
+    /// Whether anything at all exists at `id` in `area` (Glance's `os.path.exists`). A
+    /// replaced or unreadable area answers yes: callers then leave the image alone.
     pub fn exists(&self, area: Area, id: &ImageId) -> bool {
-        fs::symlink_metadata(self.path(area, id)).is_ok()
+        !matches!(self.stat(area, id), Ok(None))
     }
 
     /// Removes `id` from `area` if it is a regular file. Returns the bytes freed, or
@@ -204,48 +472,205 @@ impl CacheLayout {
         let Some(meta) = self.regular_file(area, id)? else {
             return Ok(None);
         };
-        match fs::remove_file(self.path(area, id)) {
-            Ok(()) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        // `unlinkat` without AT_REMOVEDIR removes a name, never a directory, and never
+        // what a symlink points to.
+        match rustix::fs::unlinkat(self.fd(area)?, id.as_str(), AtFlags::empty()) {
+            Ok(()) => Ok(Some(meta.size)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// The cleaner's removal of a listed leftover: only the very file that was listed,
+    /// only while `still_due` holds for its mtime now, and never while a writer holds
+    /// its lock (`lock_for_writing`), whatever its age.
+    pub fn remove_due(
+        &self,
+        area: Area,
+        file: &CacheFile,
+        still_due: impl Fn(SystemTime) -> bool,
+    ) -> io::Result<Removal> {
+        let dir = self.fd(area)?;
+        let name = file.image_id.as_str();
+        // O_NONBLOCK: a FIFO swapped in meanwhile cannot block us; O_NOFOLLOW: nor can
+        // a symlink lead us out.
+        let fd = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Some(fd),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(Removal::Changed),
+            // A file we may not read cannot be one of our writers' (they create 0640
+            // files as this user): it cannot hold a lock we would honour.
+            Err(rustix::io::Errno::ACCESS) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let st = match &fd {
+            Some(fd) => rustix::fs::fstat(fd)?,
+            None => match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+            || (st.st_dev, st.st_ino) != file.identity
+            || !still_due(mtime(&st))
+        {
+            return Ok(Removal::Changed);
+        }
+        if let Some(fd) = &fd {
+            match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(Removal::BeingWritten),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Still the same file at the name, just before it goes.
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if (now.st_dev, now.st_ino) == file.identity => {}
+            Ok(_) | Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
+            Err(e) => return Err(e.into()),
+        }
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) => Ok(Removal::Removed {
+                bytes: st.st_size.max(0) as u64,
+            }),
+            Err(rustix::io::Errno::NOENT) => Ok(Removal::Changed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates `id` in `area` for writing, failing with `AlreadyExists` if anything has
+    /// that name (O_EXCL; a symlink counts and is never followed).
+    pub fn create_new(&self, area: Area, id: &ImageId) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            self.fd(area)?,
+            id.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Marks `file` as being written, for as long as it stays open: no glance-cached
+    /// cleaner (daemon or command) removes it, however long the writer pauses. Returns
+    /// `false` when the filesystem has no file locks (some network or FUSE
+    /// filesystems): the write then goes on unprotected, and its commit still publishes
+    /// only its own inode. A lock someone else keeps is an error.
+    pub fn lock_for_writing(&self, file: &File) -> io::Result<bool> {
+        // A cleaner checking a file that was just created under a listed name holds
+        // its lock for a moment; whoever holds it longer is not a cleaner.
+        const ATTEMPTS: u32 = 50;
+        const PAUSE: Duration = Duration::from_millis(1);
+        for _ in 0..ATTEMPTS {
+            match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(true),
+                Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(PAUSE),
+                Err(
+                    rustix::io::Errno::NOLCK
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(rustix::io::Errno::WOULDBLOCK.into())
+    }
+
+    /// Opens `id` in `area` for reading, refusing symlinks; O_NONBLOCK so a planted FIFO
+    /// cannot hang the caller (callers check that it is a regular file).
+    pub fn open_read(&self, area: Area, id: &ImageId) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            self.fd(area)?,
+            id.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
     }
 
     /// Creates the zero-byte queue marker for `id` (kept for Glance's `GET /v2/cache`).
     pub fn touch_marker(&self, id: &ImageId) -> io::Result<()> {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(self.path(Area::Queue, id))
-            .map(drop)
+        rustix::fs::openat(
+            self.fd(Area::Queue)?,
+            id.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map(drop)
+        .map_err(Into::into)
     }
 
-    /// Moves `id` from one area to another by rename (same filesystem).
+    /// Moves whatever is at `id` from one area to another (same filesystem). Only for
+    /// leftovers of dead writers; a live writer moves its own file with `move_own`.
     pub fn rename(&self, from: Area, to: Area, id: &ImageId) -> io::Result<()> {
-        fs::rename(self.path(from, id), self.path(to, id))
+        rustix::fs::renameat(self.fd(from)?, id.as_str(), self.fd(to)?, id.as_str())
+            .map_err(Into::into)
+    }
+
+    /// Moves the file open as `file` from `from/<id>` to `to/<id>`, and only that file.
+    /// Returns `false`, having moved nothing of anyone else's, when the name no longer
+    /// holds it (removed, or replaced by another writer). The check before the rename
+    /// avoids moving a stranger's file; the check after catches a swap in between,
+    /// which is rolled back into `invalid/`.
+    pub fn move_own(&self, file: &File, from: Area, to: Area, id: &ImageId) -> io::Result<bool> {
+        let ours = rustix::fs::fstat(file)?;
+        let is_ours = |st: &Stat| st.st_dev == ours.st_dev && st.st_ino == ours.st_ino;
+        match self.stat(from, id)? {
+            Some(st) if is_ours(&st) => {}
+            _ => return Ok(false),
+        }
+        self.rename(from, to, id)?;
+        match self.stat(to, id)? {
+            Some(st) if is_ours(&st) => Ok(true),
+            None => Ok(false),
+            Some(_) => {
+                if to != Area::Invalid {
+                    self.rename(to, Area::Invalid, id)?;
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// fsyncs the directory of `area`, making a rename into it durable.
     pub fn sync_dir(&self, area: Area) -> io::Result<()> {
-        fs::File::open(self.dir(area))?.sync_all()
+        rustix::fs::fsync(self.fd(area)?).map_err(Into::into)
+    }
+
+    /// The cache filesystem's statistics, through the held root.
+    pub fn statvfs(&self) -> io::Result<rustix::fs::StatVfs> {
+        rustix::fs::fstatvfs(&self.inner.root).map_err(Into::into)
     }
 }
 
-/// Lock files that Glance's API creates in the cache root through oslo.concurrency
-/// (`@lockutils.synchronized('glance-cache-clean', external=True)`). Their names are valid
-/// ids, but they are not images: never listed, counted, adopted or pruned.
-pub const GLANCE_LOCK_FILES: [&str; 2] = ["glance-cache-clean", "glance-cache-prune"];
+/// A stat's mtime as a `SystemTime`, clamped to the epoch on either side of the range
+/// `SystemTime` can hold (never a panic on a hostile timestamp).
+fn mtime(st: &Stat) -> SystemTime {
+    let nanos = u32::try_from(st.st_mtime_nsec)
+        .unwrap_or(0)
+        .min(999_999_999);
+    if st.st_mtime >= 0 {
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::new(st.st_mtime as u64, nanos))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    } else {
+        SystemTime::UNIX_EPOCH
+            .checked_sub(Duration::new(st.st_mtime.unsigned_abs(), 0))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
 
 /// Entries of the cache root that belong to the layout, to Glance's locks or to a SQLite
 /// database and are expected, so they are not reported as skipped.
-fn is_own_entry(name: &std::ffi::OsStr) -> bool {
+fn is_own_entry(name: &OsStr) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
-    GLANCE_LOCK_FILES.contains(&name)
+    GLANCE_LOCK_NAMES.contains(&name)
         || Area::SUBDIRS.iter().any(|a| a.subdir() == Some(name))
         || name.ends_with(".db")
         || name.ends_with(".db-wal")
@@ -256,29 +681,28 @@ fn is_own_entry(name: &std::ffi::OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn paths_stay_inside_the_cache_dir() {
-        let layout = CacheLayout::new("/var/cache/x");
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("x")).unwrap();
         let id = ImageId::parse("abc").unwrap();
-        assert_eq!(
-            layout.path(Area::Cached, &id),
-            Path::new("/var/cache/x/abc")
-        );
+        assert_eq!(layout.path(Area::Cached, &id), tmp.path().join("x/abc"));
         assert_eq!(
             layout.path(Area::Invalid, &id),
-            Path::new("/var/cache/x/invalid/abc")
+            tmp.path().join("x/invalid/abc")
         );
     }
 
     #[test]
     fn listing_skips_symlinks_directories_and_non_ids() {
         let tmp = tempfile::tempdir().unwrap();
-        let layout = CacheLayout::new(tmp.path().join("c"));
-        layout.ensure().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
         let root = layout.root().to_path_buf();
         fs::write(root.join("img1"), b"12345").unwrap();
         fs::write(root.join("cache.db"), b"x").unwrap();
+        fs::write(root.join("glance-cache"), b"").unwrap();
         fs::write(root.join("bad.name"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("link1")).unwrap();
         fs::create_dir(root.join("dir1")).unwrap();
@@ -286,7 +710,7 @@ mod tests {
         let ids: Vec<_> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
         assert_eq!(ids, ["img1"]);
         assert_eq!(listing.files[0].size, 5);
-        assert_eq!(listing.skipped.len(), 3, "{:?}", listing.skipped);
+        assert_eq!(listing.skipped.count, 3, "{:?}", listing.skipped);
         // Removing a symlink's id is refused: the link and its target stay.
         let link = ImageId::parse("link1").unwrap();
         assert_eq!(layout.remove(Area::Cached, &link).unwrap(), None);
@@ -294,15 +718,76 @@ mod tests {
     }
 
     #[test]
-    fn ensure_refuses_a_symlinked_subdirectory() {
+    fn a_flood_of_skipped_entries_keeps_a_count_and_a_few_examples() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        for n in 0..50 {
+            std::os::unix::fs::symlink(
+                "/etc/passwd",
+                layout.dir(Area::Invalid).join(format!("l{n}")),
+            )
+            .unwrap();
+        }
+        let listing = layout.list(Area::Invalid).unwrap();
+        assert_eq!(listing.skipped.count, 50);
+        assert_eq!(listing.skipped.examples.len(), SKIPPED_EXAMPLES);
+    }
+
+    #[test]
+    fn open_refuses_a_symlinked_subdirectory() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("c");
         fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(tmp.path(), root.join("invalid")).unwrap();
-        let err = CacheLayout::new(&root).ensure().unwrap_err();
+        let err = CacheLayout::open(&root).unwrap_err();
         assert!(
             matches!(err, LayoutError::NotARealDirectory { .. }),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_subdirectory_swapped_after_open_is_refused_and_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("victim"), b"keep").unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let invalid = layout.dir(Area::Invalid);
+        fs::rename(&invalid, tmp.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, &invalid).unwrap();
+        let victim = ImageId::parse("victim").unwrap();
+        assert!(layout.list(Area::Invalid).is_err());
+        assert!(layout.remove(Area::Invalid, &victim).is_err());
+        assert_eq!(layout.replaced_dirs(), std::slice::from_ref(&invalid));
+        assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep");
+        // Put back, it is used again.
+        fs::remove_file(&invalid).unwrap();
+        fs::rename(tmp.path().join("moved"), &invalid).unwrap();
+        assert!(layout.replaced_dirs().is_empty());
+        assert!(layout.list(Area::Invalid).unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn a_locked_file_is_never_removed_as_due() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let id = ImageId::parse("w").unwrap();
+        let file = layout.create_new(Area::Incomplete, &id).unwrap();
+        assert!(layout.lock_for_writing(&file).unwrap());
+        let listed = layout.list(Area::Incomplete).unwrap().files.remove(0);
+        assert_eq!(
+            layout
+                .remove_due(Area::Incomplete, &listed, |_| true)
+                .unwrap(),
+            Removal::BeingWritten
+        );
+        drop(file);
+        assert_eq!(
+            layout
+                .remove_due(Area::Incomplete, &listed, |_| true)
+                .unwrap(),
+            Removal::Removed { bytes: 0 }
         );
     }
 }

@@ -29,7 +29,7 @@ pub enum CacheError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path:?}: {source}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -37,6 +37,10 @@ pub enum CacheError {
     },
     #[error("image {0} is already being written to the cache")]
     AlreadyBeingWritten(ImageId),
+    #[error(
+        "image {0}'s file in incomplete/ was removed or replaced by another writer while it was written; nothing was published"
+    )]
+    Replaced(ImageId),
     #[error("image {0} is not cached")]
     NotCached(ImageId),
     #[error("image {image_id} failed verification: {problem}; it was moved to invalid/")]

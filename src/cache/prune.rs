@@ -185,7 +185,7 @@ impl CacheDriver {
     /// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX
     /// when it cannot be read, so a failing statvfs never empties the cache.
     pub fn free_disk(&self) -> u64 {
-        match rustix::fs::statvfs(self.layout().root()) {
+        match self.layout().statvfs() {
             Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
             Err(error) => {
                 warn!(%error, "cannot read free disk space of the cache filesystem");

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::layout::{Area, CacheFile};
 use super::{CacheDriver, CacheError, CleanPolicy, CleanReport};
 use crate::db::DbTime;
-use crate::image_id::ImageId;
+use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
@@ -86,14 +86,13 @@ impl CacheDriver {
         else {
             return Ok(false);
         };
-        let modified = meta.modified().map_err(CacheError::io("stat", &path))?;
         let adopted = self
             .db()
             .adopt_cached_image(
                 self.node(),
                 id.as_str(),
-                meta.len() as i64,
-                mtime_as_db_time(id, modified),
+                meta.size as i64,
+                mtime_as_db_time(id, meta.modified),
             )
             .await?;
         if adopted {
@@ -119,12 +118,14 @@ impl CacheDriver {
             .filter(|r| !on_disk.contains(r.image_id.as_str()))
             .map(|r| r.image_id.clone())
             .collect();
-        // A file published between our listing and now must keep its row.
+        // A file published between our listing and now must keep its row. Rows with ids
+        // that are not ours stay (they may be Glance's), except rows named like Glance's
+        // lock files: earlier versions adopted those as images.
         let ghosts: Vec<String> = ghosts
             .into_iter()
-            .filter(|g| match crate::image_id::ImageId::parse(g) {
+            .filter(|g| match ImageId::parse(g) {
                 Ok(id) => !self.is_cached(&id),
-                Err(_) => false,
+                Err(_) => GLANCE_LOCK_NAMES.contains(&g.as_str()),
             })
             .collect();
         self.db().delete_cached_images(self.node(), &ghosts).await?;

@@ -1,15 +1,16 @@
 //! `ImageWriter`: one image being written into `incomplete/<id>`.
 //!
-//! The file is created with O_EXCL so a second writer of the same id fails cleanly. Every
-//! chunk is hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and
-//! `commit` verifies size and every given checksum, fsyncs, renames into place, fsyncs the
-//! directory, records the row and removes the image from the queue. Anything else (an
-//! error, a failed verification, a dropped writer) moves the bytes to `invalid/`.
+//! The file is created with O_EXCL so a second writer of the same id fails cleanly, and
+//! locked (flock) while open so no cleaner removes it during a pause. Every chunk is
+//! hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and `commit`
+//! verifies size and every given checksum, fsyncs, moves the very inode it wrote into
+//! place (never whatever else sits at the name), fsyncs the directory, records the row
+//! and removes the image from the queue. Anything else (an error, a failed verification,
+//! a dropped writer) moves the bytes to `invalid/`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 
 use bytes::Bytes;
 use tracing::{debug, warn};
@@ -17,7 +18,7 @@ use tracing::{debug, warn};
 use super::CacheError;
 use super::driver::CacheDriver;
 use super::hashing::Digests;
-use super::layout::{Area, FILE_MODE};
+use super::layout::Area;
 use crate::clock;
 use crate::db::DbTime;
 use crate::image_id::ImageId;
@@ -92,13 +93,10 @@ impl ImageWriter {
         image_id: ImageId,
         expectations: Expectations,
     ) -> Result<Self, CacheError> {
-        let path = driver.layout().path(Area::Incomplete, &image_id);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
+        let layout = driver.layout();
+        let path = layout.path(Area::Incomplete, &image_id);
+        let file = layout
+            .create_new(Area::Incomplete, &image_id)
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     CacheError::AlreadyBeingWritten(image_id.clone())
@@ -106,6 +104,18 @@ impl ImageWriter {
                     CacheError::io("create", &path)(e)
                 }
             })?;
+        match layout.lock_for_writing(&file) {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(image_id = %image_id, "the cache filesystem has no file locks: a cleaner may remove this download's file during a pause (its commit then publishes nothing)");
+            }
+            Err(e) => {
+                // Someone else holds a lock on our new file: give it up now. It is ours
+                // (just created), so it moves by inode like any failed write.
+                move_to_invalid(&driver, &image_id, &file, "could not lock");
+                return Err(CacheError::io("lock", &path)(e));
+            }
+        }
         let digests = Digests::start(expectations.os_hash.as_ref().map(|(a, _)| *a))
             .map_err(CacheError::io("start hashing for", &path))?;
         debug!(image_id = %image_id, "writing image into incomplete/");
@@ -217,22 +227,35 @@ impl ImageWriter {
             return Err(CacheError::WriterAborted(self.image_id.clone()));
         };
         let id = self.image_id.clone();
+        let driver = self.driver.clone();
         let durable = crate::blocking(move || -> Result<(), CacheError> {
+            let failed = |e: CacheError| {
+                move_to_invalid(&driver, &id, &file, "publish failed");
+                e
+            };
             file.sync_all()
-                .map_err(CacheError::io("fsync", &incomplete))?;
-            drop(file);
+                .map_err(CacheError::io("fsync", &incomplete))
+                .map_err(failed)?;
             crate::failpoint::hit("writer:before-rename");
-            layout
-                .rename(Area::Incomplete, Area::Cached, &id)
-                .map_err(CacheError::io("publish", &incomplete))?;
+            // The file stays open (and locked) until it is in place: the move checks by
+            // its inode that what it publishes is what was written and verified here.
+            let moved = layout
+                .move_own(&file, Area::Incomplete, Area::Cached, &id)
+                .map_err(CacheError::io("publish", &incomplete))
+                .map_err(failed)?;
+            if !moved {
+                return Err(CacheError::Replaced(id));
+            }
+            drop(file);
             layout
                 .sync_dir(Area::Cached)
                 .map_err(CacheError::io("fsync", layout.root()))
         })
         .await;
         if let Err(e) = durable {
-            // The file handle is gone; the bytes (if still in incomplete/) go to invalid/.
-            self.move_to_invalid("publish failed");
+            if matches!(e, CacheError::Replaced(_)) {
+                warn!(image_id = %self.image_id, "the file being written was removed or replaced by another writer; nothing published");
+            }
             return Err(e);
         }
         // Glance's order: file first, then the row; a crash in between leaves a file
@@ -281,23 +304,26 @@ impl ImageWriter {
     pub fn abort(&mut self, reason: &str) {
         // Dropping the senders ends the digest threads.
         self.digests = None;
-        if self.file.take().is_some() {
-            self.move_to_invalid(reason);
+        if let Some(file) = self.file.take() {
+            move_to_invalid(&self.driver, &self.image_id, &file, reason);
         }
     }
+}
 
-    /// Moves the bytes to `invalid/`. Logged at debug level: the caller gets the error
-    /// and reports it (a writer dropped unfinished logs a warning in `Drop`).
-    fn move_to_invalid(&self, reason: &str) {
-        let layout = self.driver.layout();
-        match layout.rename(Area::Incomplete, Area::Invalid, &self.image_id) {
-            Ok(()) => {
-                debug!(image_id = %self.image_id, reason, "cache write failed, moved to invalid/")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                warn!(image_id = %self.image_id, reason, %error, "cache write failed and could not be moved to invalid/; the stall rule will remove it")
-            }
+/// Moves the bytes written through `file` to `invalid/`, and only those: a file another
+/// writer put at the name stays. Logged at debug level: the caller gets the error and
+/// reports it (a writer dropped unfinished logs a warning in `Drop`).
+fn move_to_invalid(driver: &CacheDriver, id: &ImageId, file: &File, reason: &str) {
+    match driver
+        .layout()
+        .move_own(file, Area::Incomplete, Area::Invalid, id)
+    {
+        Ok(true) => debug!(image_id = %id, reason, "cache write failed, moved to invalid/"),
+        Ok(false) => {
+            debug!(image_id = %id, reason, "cache write failed; its file was already gone")
+        }
+        Err(error) => {
+            warn!(image_id = %id, reason, %error, "cache write failed and could not be moved to invalid/; the stall rule will remove it")
         }
     }
 }

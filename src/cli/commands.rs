@@ -429,21 +429,28 @@ pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver
     let missing_dir = || {
         anyhow::anyhow!("the cache directory {dir:?} does not exist: nothing is cached there yet")
     };
-    // SQLite's file is in the cache directory: say that it is missing, not that a
-    // database cannot be opened.
-    if sqlite && access == Access::ReadOnly && !dir.exists() {
-        return Err(missing_dir());
-    }
-    let layout = CacheLayout::new(dir);
-    if sqlite && access == Access::ReadWrite {
-        layout.ensure()?;
+    let open_layout = || match access {
+        Access::ReadWrite => CacheLayout::open(dir),
+        Access::ReadOnly => CacheLayout::open_existing(dir),
+    };
+    // SQLite's file is in the cache directory, which comes first (and is said to be
+    // missing, rather than a database that cannot be opened); a server comes first
+    // otherwise, so an unreachable one leaves the disk untouched.
+    let mut layout = None;
+    if sqlite {
+        if access == Access::ReadOnly && !dir.exists() {
+            return Err(missing_dir());
+        }
+        layout = Some(open_layout()?);
     }
     let mut options = config.database.db_options();
     options.read_only = access == Access::ReadOnly;
     let db = Db::connect(&config.database.url, &options).await?;
-    if access == Access::ReadOnly && !dir.exists() {
-        return Err(missing_dir());
-    }
+    let layout = match layout {
+        Some(layout) => layout,
+        None if access == Access::ReadOnly && !dir.exists() => return Err(missing_dir()),
+        None => open_layout()?,
+    };
     let driver = match access {
         Access::ReadWrite => CacheDriver::configure(layout, db, &config.node_reference_url).await?,
         Access::ReadOnly => {

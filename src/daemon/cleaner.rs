@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Context;
 use super::Task;
@@ -41,7 +41,18 @@ impl Worker for CleanerWorker {
         };
         let now = clock::system_now();
         let started = Instant::now();
+        // Every pass also checks the layout itself: a subdirectory swapped for a symlink
+        // shows in STATUS until it is restored (the watcher wakes this loop for it).
+        let replaced = self.ctx.driver.layout().replaced_dirs();
+        self.ctx.board.set_replaced_dirs(replaced);
+        self.ctx.publish_status();
         let report = self.ctx.driver.clean(policy, now).await?;
+        if report.being_written > 0 {
+            debug!(
+                files = report.being_written,
+                "left files alone that a writer still holds"
+            );
+        }
         if report.files() > 0 {
             info!(
                 files = report.files(),

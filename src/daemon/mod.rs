@@ -187,9 +187,9 @@ async fn boot_and_serve(
     let mut boot = Boot::new(signals);
 
     info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
-    let layout = CacheLayout::new(&config.cache.dir);
-    let layout_for_check = layout.clone();
-    boot.phase(crate::blocking(move || layout_for_check.ensure()))
+    let dir = config.cache.dir.clone();
+    let layout = boot
+        .phase(crate::blocking(move || CacheLayout::open(dir)))
         .await?
         .map_err(CacheError::from)?;
     // Held until the process ends: the kernel releases it however we exit.

@@ -33,6 +33,8 @@ struct Board {
     last_prune: Option<(DateTime<Utc>, usize, u64)>,
     last_clean: Option<(DateTime<Utc>, usize, u64)>,
     config_error: Option<String>,
+    /// Cache subdirectories replaced after start (not followed).
+    replaced_dirs: Vec<std::path::PathBuf>,
     /// The last line sent to systemd, so unchanged lines are not sent again.
     published: String,
 }
@@ -150,6 +152,10 @@ impl StatusBoard {
         self.with(|b| b.last_clean = Some((crate::clock::now(), files, bytes)));
     }
 
+    pub fn set_replaced_dirs(&self, dirs: Vec<std::path::PathBuf>) {
+        self.with(|b| b.replaced_dirs = dirs);
+    }
+
     pub fn set_config_error(&self, error: Option<String>) {
         self.with(|b| b.config_error = error);
     }
@@ -204,6 +210,12 @@ impl StatusBoard {
             parts.extend(failing);
             if let Some(e) = &b.config_error {
                 parts.push(e.clone());
+            }
+            if !b.replaced_dirs.is_empty() {
+                parts.push(format!(
+                    "replaced after start, not followed: {:?}",
+                    b.replaced_dirs
+                ));
             }
             parts.join("; ")
         })

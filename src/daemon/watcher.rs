@@ -86,6 +86,15 @@ struct Dirs {
 }
 
 impl Dirs {
+    fn dir(&self, area: Area) -> &Path {
+        match area {
+            Area::Cached => &self.root,
+            Area::Incomplete => &self.incomplete,
+            Area::Invalid => &self.invalid,
+            Area::Queue => &self.queue,
+        }
+    }
+
     fn classify(&self, event: &notify::Event) -> Vec<Wake> {
         // Data writes into incomplete/ only push a stall later; waking for them would
         // cost a pass per write. Arrivals, renames and mtime changes matter.
@@ -103,7 +112,12 @@ impl Dirs {
             let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
                 continue;
             };
-            let wake = if same(parent, &self.invalid) || same(parent, &self.incomplete) {
+            let wake = if same(parent, &self.root)
+                && Area::SUBDIRS.iter().any(|a| same(path, self.dir(*a)))
+            {
+                // A subdirectory renamed or replaced: every loop checks its handles.
+                Wake::All
+            } else if same(parent, &self.invalid) || same(parent, &self.incomplete) {
                 Wake::Cleaner
             } else if same(parent, &self.queue) {
                 Wake::Queue

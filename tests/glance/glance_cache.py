@@ -44,6 +44,9 @@ COMMANDS = {
     "prune": ([], "ImageCache().prune(): [files, bytes]. NB: Glance loops "
                   "forever if the cache is over max size and the node has "
                   "no rows"),
+    "hold-locks": (["ready", "release"],
+                   "take the external locks Glance keeps in the cache "
+                   "directory, touch READY, hold them until RELEASE exists"),
 }
 
 
@@ -128,6 +131,27 @@ def lru(driver):
     return None if image_id is None else [image_id, size]
 
 
+def hold_locks(ready, release):
+    """Glance's own lock calls, in the lock_path its driver's configure() set to
+    the cache directory: the prefetcher's, the cache API's clean and prune, and
+    the import cancellation tracker's. Returns the lock files' names."""
+    import os
+    import time
+    from oslo_concurrency import lockutils
+    from glance import task_cancellation_tracker  # noqa: F401  same oslo calls
+
+    names = ["glance-cache", "glance-cache-clean", "glance-cache-prune"]
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(lockutils.lock(name, external=True))
+        stack.enter_context(lockutils.external_lock("tasks"))
+        open(ready, "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return names + ["tasks"]
+
+
 def run(args):
     if args.command == "db-sync":
         return db_sync()
@@ -151,6 +175,7 @@ def run(args):
         "clean": d.clean,
         "size": d.get_cache_size,
         "lru": lambda: lru(d),
+        "hold-locks": lambda: hold_locks(args.ready, args.release),
     }
     return actions[args.command]()
 

@@ -727,9 +727,15 @@ fn read_only_commands_create_nothing() {
         names
     };
     let before = listing();
-    std::fs::remove_dir(env.cache("invalid")).unwrap();
     for args in [&["list-cached"][..], &["size"], &["hits", "some-image"]] {
         env.ok(args);
+    }
+    assert_eq!(listing(), before);
+    // A missing subdirectory is said, not made.
+    std::fs::remove_dir(env.cache("invalid")).unwrap();
+    for args in [&["list-cached"][..], &["size"], &["hits", "some-image"]] {
+        let line = env.fails(args);
+        assert!(line.contains("invalid"), "{args:?}: {line}");
     }
     let mut expected = before.clone();
     expected.retain(|n| n != "invalid");
@@ -738,6 +744,7 @@ fn read_only_commands_create_nothing() {
         expected,
         "read-only commands recreated a directory"
     );
+    std::fs::create_dir(env.cache("invalid")).unwrap();
     // Another node's listing does not register that node.
     let other = env.run_env(
         &["list-cached", "--json"],

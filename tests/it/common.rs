@@ -186,7 +186,7 @@ impl TestCache {
     pub async fn on(db: TestDb, node_url: &str) -> TestCache {
         let dir = tempfile::tempdir().unwrap();
         let driver = CacheDriver::configure(
-            CacheLayout::new(dir.path().join("cache")),
+            CacheLayout::open(dir.path().join("cache")).unwrap(),
             db.connect().await,
             node_url,
         )

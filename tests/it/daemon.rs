@@ -647,7 +647,11 @@ fn logs_natively_to_journald_under_systemd() {
         notify,
     };
     d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
-    std::fs::write(s.cache("invalid/journal-test"), b"12345").unwrap();
+    // Written beside and renamed in, as Glance does: the cleaner, woken by the
+    // arrival, must not find it half written.
+    let staged = s.tmp.path().join("journal-test");
+    std::fs::write(&staged, b"12345").unwrap();
+    std::fs::rename(&staged, s.cache("invalid/journal-test")).unwrap();
     eventually(SOON, "the invalid file is removed", || {
         !s.cache("invalid/journal-test").exists()
     });

@@ -213,7 +213,7 @@ async fn glance_tables_are_created_only_where_allowed(b: Backend) {
             let db = Db::connect(&url, &options).await.unwrap();
             let dir = tempfile::tempdir().unwrap();
             let result = CacheDriver::configure(
-                CacheLayout::new(dir.path().join("c")),
+                CacheLayout::open(dir.path().join("c")).unwrap(),
                 db.clone(),
                 "http://n:9292",
             )
@@ -848,7 +848,7 @@ async fn clean_never_follows_symlinks(b: Backend) {
         .await
         .unwrap();
     assert_eq!(report.files(), 0);
-    assert_eq!(report.skipped.len(), 4);
+    assert_eq!(report.skipped.count, 4);
     assert_eq!(
         std::fs::read(canary_dir.join("precious")).unwrap(),
         b"keep me"

@@ -276,7 +276,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
     )
     .await
     .unwrap();
-    let driver = CacheDriver::configure(CacheLayout::new(s.cache("")), db, NODE)
+    let driver = CacheDriver::configure(CacheLayout::open(s.cache("")).unwrap(), db, NODE)
         .await
         .unwrap();
 

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use glance_cached::cache::{CacheDriver, CacheLayout, Expectations, PrunePolicy};
 use glance_cached::db::{Db, DbOptions};
@@ -51,19 +52,23 @@ impl Glance {
         })
     }
 
-    /// Runs one driver command; returns its JSON result.
-    fn run(&self, args: &[&str]) -> Value {
+    /// One driver command, to run.
+    fn command(&self, args: &[&str]) -> Command {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/glance/glance_cache.py");
-        let out = Command::new(&self.python)
-            .arg(script)
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(script)
             .arg("--cache-dir")
             .arg(&self.cache_dir)
             .args(["--db-url", &self.db_url, "--node-url", NODE])
             .args(args)
             // Glance turns naive UTC into epoch seconds as local time.
-            .env("TZ", "UTC")
-            .output()
-            .unwrap();
+            .env("TZ", "UTC");
+        cmd
+    }
+
+    /// Runs one driver command; returns its JSON result.
+    fn run(&self, args: &[&str]) -> Value {
+        let out = self.command(args).output().unwrap();
         assert!(
             out.status.success(),
             "glance {args:?} failed: {}",
@@ -75,7 +80,7 @@ impl Glance {
 
 async fn our_driver(cache_dir: &Path, db_url: &str) -> CacheDriver {
     let db = Db::connect(db_url, &DbOptions::default()).await.unwrap();
-    CacheDriver::configure(CacheLayout::new(cache_dir), db, NODE)
+    CacheDriver::configure(CacheLayout::open(cache_dir).unwrap(), db, NODE)
         .await
         .unwrap()
 }
@@ -261,4 +266,88 @@ async fn glance_driver_works_on_tables_we_created() {
     }
     db.close().await;
     ours.db().close().await;
+}
+
+/// Glance keeps oslo lock files in the cache root (its driver sets oslo's lock_path to
+/// the cache directory). Taken by the real Glance while the daemon runs, they are never
+/// adopted, listed, counted, pruned or deleted.
+#[test]
+fn glance_lock_files_taken_while_the_daemon_runs_are_never_images() {
+    use crate::daemon::{SOON, Setup};
+    use crate::daemon_kit::eventually;
+
+    let s = Setup::new("max_size = 3000");
+    let db_url = format!("sqlite://{}", s.cache("glance-cached.db").display());
+    let Some(glance) = Glance::new(&s.cache(""), &db_url) else {
+        return;
+    };
+    s.import("real-a", 1000);
+    let d = s.start();
+    let ready = s.tmp.path().join("locked");
+    let release = s.tmp.path().join("release");
+    // Glance lets go when the test ends, whether it passes or not.
+    struct Release<'a>(&'a std::path::Path);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0, b"");
+        }
+    }
+    let _release = Release(&release);
+    let holder = glance
+        .command(&[
+            "hold-locks",
+            ready.to_str().unwrap(),
+            release.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(60), "Glance holds its locks", || {
+        ready.exists()
+    });
+    let locks = [
+        "glance-cache",
+        "glance-cache-clean",
+        "glance-cache-prune",
+        "tasks",
+    ];
+    for lock in locks {
+        assert!(s.cache(lock).is_file(), "Glance made {lock}");
+        // Older than every image: the first victim if it were taken for one.
+        crate::common::age_file(&s.cache(lock), 7200);
+    }
+    // The daemon's pruner runs past them: two imports take the cache over max_size.
+    s.import("real-b", 1000);
+    s.import("real-c", 1500);
+    eventually(SOON, "the least recently used image is pruned", || {
+        !s.cache("real-a").exists()
+    });
+    for lock in locks {
+        assert!(s.cache(lock).is_file(), "the pruner left {lock} alone");
+    }
+    // The commands.
+    let out = s.cli(&["reconcile"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reconciled: 0 adopted"), "{text}");
+    assert_eq!(s.cached_ids(), ["real-b", "real-c"]);
+    let out = s.cli(&["size", "--json"]);
+    let size: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(size["images"], 2, "{size}");
+    assert_eq!(size["size"], 2500, "{size}");
+    for lock in locks {
+        let out = s.cli(&["delete-cached", lock]);
+        assert!(!out.status.success(), "{lock} is refused as an image id");
+    }
+    let out = s.cli(&["delete-cached", "--all"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("deleted 2 cached images"), "{text}");
+    for lock in locks {
+        assert!(s.cache(lock).is_file(), "{lock} is still there");
+    }
+    std::fs::write(&release, b"").unwrap();
+    let out = holder.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // Glance sees no rows for them either.
+    assert_eq!(glance.run(&["list-cached"]), serde_json::json!([]));
+    d.stop();
 }

@@ -517,9 +517,13 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
         )
         .await
         .unwrap();
-        let driver = CacheDriver::configure(CacheLayout::new(s.cache("")), db, DEFAULT_NODE_URL)
-            .await
-            .unwrap();
+        let driver = CacheDriver::configure(
+            CacheLayout::open(s.cache("")).unwrap(),
+            db,
+            DEFAULT_NODE_URL,
+        )
+        .await
+        .unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
         assert!(
             driver
