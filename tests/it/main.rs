@@ -9,6 +9,7 @@ mod driver;
 mod faults_crash;
 mod faults_disk;
 mod faults_hostile;
+mod faults_reactor;
 mod faults_scale;
 mod glance_interop;
 mod origin;
