@@ -338,7 +338,14 @@ pub async fn fetch_into_cache(
             budget.bandwidth.pace(len, rate).await;
         }
     }
-    let published = writer.commit().await?;
+    // The thread may still be writing queued chunks: a shutdown need not wait for them.
+    // Dropped before it took the commit, the thread moves the bytes to invalid/; after,
+    // it publishes a verified image, as a commit under way always could.
+    let published = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+        published = writer.commit() => published?,
+    };
     // Published, the image counts in the cache's size: its reservation can go.
     drop(reservation);
     Ok(Fetched::Published {

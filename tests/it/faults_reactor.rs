@@ -12,7 +12,13 @@ use glance_cached::download::{DownloadBudget, FetchLimits, Fetched, fetch_into_c
 use glance_cached::upstream::Upstream;
 use tokio_util::sync::CancellationToken;
 
+use rustix::process::Signal;
+
 use crate::common::{Backend, TestCache, id, test_bytes};
+use crate::daemon::{SOON, Setup};
+use crate::daemon_kit::{Daemon, eventually};
+use crate::origin::{Behaviour, Origin};
+use crate::prefetch::queue;
 
 /// Bytes of every image in the prune race: evictions come in these steps.
 const RACE_IMAGE: usize = 1000;
@@ -107,4 +113,89 @@ async fn concurrent_prunes_and_downloads_stop_at_the_target(backend: Backend) {
         "evicted down to {size} bytes for a target of {max_size}"
     );
     c.finish().await;
+}
+
+/// The node lease's last heartbeat, read beside the running daemon.
+fn lease_heartbeat(s: &Setup) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = format!("sqlite://{}?mode=ro", s.cache("glance-cached.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let heartbeat: String = sqlx::query_scalar("SELECT heartbeat_at FROM glance_cached_lease")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        heartbeat
+    })
+}
+
+/// Four downloads on a runtime of two worker threads (the cores of a small node), into
+/// a cache whose writes never return (a failpoint stalls the write path): the lease is
+/// still renewed, the watchdog still pinged and a SIGHUP still reloads.
+#[test]
+fn a_stuck_disk_under_four_downloads_leaves_the_daemon_responsive() {
+    let origin = Origin::start();
+    let ids: Vec<String> = (0..4).map(|n| format!("stuck-{n}")).collect();
+    for (n, image) in ids.iter().enumerate() {
+        origin.add(image, test_bytes(256 * 1024, n as u8), Behaviour::default());
+    }
+    let s = Setup::new(&format!(
+        "[prefetcher]\nconcurrency = 4\ninterval = \"1h\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let stalled = s.tmp.path().join("write-stalled");
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[
+            ("GLANCE_CACHED_TEST_FAILPOINT", "download:write"),
+            (
+                "GLANCE_CACHED_TEST_FAILPOINT_FILE",
+                stalled.to_str().unwrap(),
+            ),
+            ("WATCHDOG_USEC", "1000000"),
+            // Renewed every second.
+            ("GLANCE_CACHED_DAEMON__LEASE_TTL", "3s"),
+            ("TOKIO_WORKER_THREADS", "2"),
+        ],
+    );
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    queue(&s, &refs);
+    eventually(SOON, "a write is stuck", || stalled.exists());
+    let from = d.notify.mark();
+    let heartbeat = lease_heartbeat(&s);
+    // Two pings in a row (every 0.5 s), not one that slipped out before the stall.
+    let ping = d.notify.wait_for(from, SOON, |m| m == "WATCHDOG=1\n");
+    d.notify.wait_for(ping + 1, SOON, |m| m == "WATCHDOG=1\n");
+    eventually(SOON, "the lease is renewed", || {
+        lease_heartbeat(&s) != heartbeat
+    });
+    let before_reload = d.notify.mark();
+    d.signal(Signal::HUP);
+    let reloading = d
+        .notify
+        .wait_for(before_reload, SOON, |m| m.contains("RELOADING=1"));
+    d.notify
+        .wait_for(reloading + 1, SOON, |m| m.contains("READY=1"));
+    // ...with every download as far as its stuck write.
+    eventually(SOON, "all four downloads are writing", || {
+        ids.iter()
+            .all(|image| s.cache(&format!("incomplete/{image}")).exists())
+    });
+    assert!(
+        !d.log_text().contains("withholding the watchdog ping"),
+        "{}",
+        d.log_text()
+    );
+    // Shutdown does not wait for the stuck disk either.
+    let log = d.log.clone();
+    d.stop();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(!log.contains("did not stop in time"), "{log}");
 }
