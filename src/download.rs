@@ -3,6 +3,8 @@
 //! `cache.max_size`, counting the downloads in progress beside this one; an image larger
 //! than the cache is refused; a shutdown aborts at the next chunk with nothing published.
 
+mod writer_thread;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use crate::clock;
 use crate::config::Config;
 use crate::image_id::ImageId;
 use crate::upstream::{Upstream, UpstreamError};
+use writer_thread::WriterThread;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
@@ -222,7 +225,7 @@ pub async fn fetch_into_cache(
     let mut waiting: Option<(WaitTicket<'_>, u64)> = None;
     let (meta, mut stream, reservation) = loop {
         // Checked again after waiting for room: the image may have arrived meanwhile.
-        if driver.is_cached(id) {
+        if driver.cached(id).await {
             return Ok(Fetched::AlreadyCached);
         }
         // Listening before asking, so a release in between is not missed.
@@ -289,12 +292,13 @@ pub async fn fetch_into_cache(
         md5: meta.md5,
         os_hash: meta.os_hash,
     };
-    let mut writer = driver.open_for_write(id, expectations).await?;
+    // Every file operation of the write happens on the writer's own thread.
+    let mut writer = WriterThread::open(driver, id, expectations).await?;
     loop {
         let chunk = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                writer.abort("interrupted by shutdown");
+                writer.abandon("interrupted by shutdown");
                 return Err(FetchError::Cancelled);
             }
             c = stream.next_chunk() => c,
@@ -303,13 +307,21 @@ pub async fn fetch_into_cache(
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => {
-                writer.abort(&e.to_string());
+                writer.abort(&e.to_string()).await;
                 return Err(e.into());
             }
         };
         let len = chunk.len();
         let before = writer.bytes_written();
-        writer.write_bytes(chunk)?;
+        // Waits while the disk is behind, but a shutdown need not wait for the disk.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                writer.abandon("interrupted by shutdown");
+                return Err(FetchError::Cancelled);
+            }
+            written = writer.write(chunk) => written?,
+        }
         if let Some(size) = meta.size
             && before < size / 2
             && writer.bytes_written() >= size / 2
@@ -317,7 +329,7 @@ pub async fn fetch_into_cache(
             crate::failpoint::hit("download:half");
         }
         if meta.size.is_none() && writer.bytes_written() > limits.max_size {
-            writer.abort("larger than the cache");
+            writer.abort("larger than the cache").await;
             return Err(FetchError::Permanent(format!(
                 "image is larger than cache.max_size ({} bytes)",
                 limits.max_size
@@ -327,7 +339,14 @@ pub async fn fetch_into_cache(
             budget.bandwidth.pace(len, rate).await;
         }
     }
-    let published = writer.commit().await?;
+    // The thread may still be writing queued chunks: a shutdown need not wait for them.
+    // Dropped before it took the commit, the thread moves the bytes to invalid/; after,
+    // it publishes a verified image, as a commit under way always could.
+    let published = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+        published = writer.commit() => published?,
+    };
     // Published, the image counts in the cache's size: its reservation can go.
     drop(reservation);
     Ok(Fetched::Published {

@@ -67,6 +67,8 @@ struct Inner {
     db: Db,
     node: NodeId,
     node_url: String,
+    /// Held by the one prune pass of this process (see `PrunePass`).
+    prune_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl CacheDriver {
@@ -86,6 +88,7 @@ impl CacheDriver {
                 db,
                 node,
                 node_url: node_url.to_owned(),
+                prune_turn: Arc::default(),
             }),
         })
     }
@@ -109,6 +112,7 @@ impl CacheDriver {
                 db,
                 node,
                 node_url: node_url.to_owned(),
+                prune_turn: Arc::default(),
             }),
         })
     }
@@ -126,6 +130,18 @@ impl CacheDriver {
         &self.inner.node_url
     }
 
+    /// Waits until no other prune of this process runs, and holds the turn.
+    pub(super) async fn prune_turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.inner.prune_turn.clone().lock_owned().await
+    }
+
+    /// Whether `id` is cached, asked from a blocking thread (see `blocking`).
+    pub async fn cached(&self, id: &ImageId) -> bool {
+        let (layout, id) = (self.layout().clone(), id.clone());
+        blocking(move || layout.exists(Area::Cached, &id)).await
+    }
+
+    /// Blocking: a stat. Async code asks `cached` instead.
     pub fn is_cached(&self, id: &ImageId) -> bool {
         self.layout().exists(Area::Cached, id)
     }
@@ -418,6 +434,10 @@ impl CacheDriver {
             .sum())
     }
 }
+
+/// Filesystem work runs on tokio's blocking pool: a slow or stuck disk must never hold
+/// one of the runtime's few worker threads (see ARCHITECTURE.md's invariants).
+pub(crate) use crate::blocking;
 
 /// Validates an id read from the database; rows with ids that are not ours are ignored
 /// with a warning rather than turned into paths.

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 pub use clean::{CleanPolicy, CleanReport, RemovedFile};
 pub use driver::{CacheDriver, CachedImage, QueuedImage};
 pub use layout::{Area, CacheLayout, LayoutError};
-pub use prune::{PrunePolicy, PruneReport};
+pub use prune::{PRUNE_STEP_ROWS, PrunePass, PrunePolicy, PruneReport};
 pub use reconcile::ReconcileReport;
 pub use writer::{Expectations, HashAlgo, ImageWriter, Published};
 

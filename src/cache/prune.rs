@@ -3,19 +3,23 @@
 //! Glance's order and stop condition (LRU by `last_accessed`, stop once size <= max),
 //! plus: no loop without progress (rows are visited once, by a cursor), files without
 //! rows are adopted first so they can be evicted, rows without files are dropped, an
-//! optional low watermark, and an optional minimum of free disk space.
+//! optional low watermark, and an optional minimum of free disk space. A prune is a
+//! `PrunePass` walked in bounded steps, and only one runs at a time per process.
 
 use std::collections::HashSet;
 
+use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
-use super::layout::Area;
+use super::driver::blocking;
+use super::layout::{Area, CacheLayout};
 use super::{CacheDriver, CacheError};
 use crate::db::LruCursor;
 use crate::image_id::ImageId;
 
-/// Rows fetched per LRU batch: bounded memory, few round trips.
-const PRUNE_BATCH_ROWS: i64 = 512;
+/// Rows visited per step: bounded memory, few round trips, and a step that stays far
+/// shorter than the watchdog (two statements and at most this many unlinks).
+pub const PRUNE_STEP_ROWS: i64 = 512;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PrunePolicy {
@@ -50,16 +54,48 @@ impl PruneReport {
     }
 }
 
+/// One prune in progress. It holds the process's prune turn from `start_prune` until it
+/// is dropped: two passes over the same LRU order would each count the other's victims
+/// as rows without a file, keep their own stale size and evict further.
+pub struct PrunePass {
+    _turn: OwnedMutexGuard<()>,
+    /// Cache size as listed at the start, lowered by every eviction since.
+    size: u64,
+    target: u64,
+    min_free_disk: Option<u64>,
+    images_listed: usize,
+    cursor: Option<LruCursor>,
+    done: bool,
+    report: PruneReport,
+}
+
+/// What one step did with its batch of rows, on the blocking thread.
+struct BatchOutcome {
+    size: u64,
+    pruned: Vec<(ImageId, u64)>,
+    rows_without_file: u64,
+    /// Rows whose file is gone now (evicted, or already missing).
+    gone_rows: Vec<String>,
+    /// The prune reached its goal inside this batch.
+    satisfied: bool,
+}
+
 impl CacheDriver {
+    /// Evicts until the cache fits `policy`, waiting for any prune in progress first.
     pub async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, CacheError> {
+        let mut pass = self.start_prune(policy).await?;
+        while !pass.is_done() {
+            pass.step(self, PRUNE_STEP_ROWS).await?;
+        }
+        Ok(pass.into_report())
+    }
+
+    /// Waits for the prune turn, measures the cache and adopts files without rows; the
+    /// returned pass is done already when nothing needs evicting.
+    pub async fn start_prune(&self, policy: PrunePolicy) -> Result<PrunePass, CacheError> {
+        let turn = self.prune_turn().await;
         let listing = self.list(Area::Cached).await?;
-        let mut size: u64 = listing.files.iter().map(|f| f.size).sum();
-        let mut report = PruneReport {
-            size_before: size,
-            size_after: size,
-            images_after: listing.files.len(),
-            ..Default::default()
-        };
+        let size: u64 = listing.files.iter().map(|f| f.size).sum();
         let target = if size > policy.max_size {
             policy
                 .low_watermark
@@ -68,14 +104,29 @@ impl CacheDriver {
         } else {
             size
         };
-        let needs_pruning = |size: u64, driver: &CacheDriver| {
-            size > target
-                || policy
-                    .min_free_disk
-                    .is_some_and(|min| driver.free_disk() < min)
+        let mut pass = PrunePass {
+            _turn: turn,
+            size,
+            target,
+            min_free_disk: policy.min_free_disk,
+            images_listed: listing.files.len(),
+            cursor: None,
+            done: false,
+            report: PruneReport {
+                size_before: size,
+                ..Default::default()
+            },
         };
-        if !needs_pruning(size, self) {
-            return Ok(report);
+        let free_disk_low = match policy.min_free_disk {
+            None => false,
+            Some(min) => {
+                let layout = self.layout().clone();
+                blocking(move || free_disk(&layout) < min).await
+            }
+        };
+        if size <= target && !free_disk_low {
+            pass.done = true;
+            return Ok(pass);
         }
         // Files without rows would never be candidates: give them rows, aged by mtime.
         let all = self.db().cached_images_and_unreadable(self.node()).await?;
@@ -86,111 +137,133 @@ impl CacheDriver {
             .map(|r| r.image_id.as_str())
             .chain(unreadable.iter().filter_map(|u| u.image_id.as_deref()))
             .collect();
-        report.adopted = self
+        pass.report.adopted = self
             .adopt_files_without_rows(&listing.files, &known)
             .await?
             .len() as u64;
         // A row whose time cannot be read counts as the oldest: evicted first.
-        size = self
-            .evict_unreadable_rows(&unreadable, size, &mut report, |size| {
-                needs_pruning(size, self)
-            })
-            .await?;
-
-        let mut cursor = None;
-        'batches: loop {
-            let rows = self
-                .db()
-                .least_recently_accessed(self.node(), cursor, PRUNE_BATCH_ROWS)
-                .await?;
-            let Some(last) = rows.last() else { break };
-            cursor = Some(LruCursor {
-                last_accessed: last.last_accessed,
-                id: last.id,
-            });
-            let mut gone_rows = Vec::with_capacity(rows.len());
-            for row in &rows {
-                if !needs_pruning(size, self) {
-                    self.db()
-                        .delete_cached_images(self.node(), &gone_rows)
-                        .await?;
-                    break 'batches;
-                }
-                let Some(id) = super::driver::valid_row_id(&row.image_id) else {
-                    continue;
-                };
-                match self.layout().remove(Area::Cached, &id) {
-                    Ok(Some(bytes)) => {
-                        info!(image_id = %id, bytes, "pruned cached image");
-                        size = size.saturating_sub(bytes);
-                        report.pruned.push((id, bytes));
-                        if gone_rows.is_empty() {
-                            crate::failpoint::hit("prune:mid");
-                        }
-                    }
-                    Ok(None) => report.rows_without_file += 1,
-                    Err(error) => {
-                        warn!(image_id = %id, %error, "failed to prune cached image; skipping it");
-                        continue;
-                    }
-                }
-                gone_rows.push(row.image_id.clone());
-            }
-            self.db()
-                .delete_cached_images(self.node(), &gone_rows)
-                .await?;
+        let unreadable: Vec<String> = unreadable.into_iter().filter_map(|u| u.image_id).collect();
+        if !unreadable.is_empty() {
+            pass.evict(self, unreadable).await?;
         }
-        report.size_after = size;
-        report.images_after = listing.files.len().saturating_sub(report.pruned.len());
-        Ok(report)
-    }
-
-    /// Evicts the images of `unreadable` rows (those with a valid id) while `needs` holds,
-    /// and drops their rows. Returns the cache size after.
-    async fn evict_unreadable_rows(
-        &self,
-        unreadable: &[crate::db::UnreadableRow],
-        mut size: u64,
-        report: &mut PruneReport,
-        needs: impl Fn(u64) -> bool,
-    ) -> Result<u64, CacheError> {
-        let mut gone_rows = Vec::new();
-        for raw in unreadable.iter().filter_map(|u| u.image_id.as_deref()) {
-            if !needs(size) {
-                break;
-            }
-            let Some(id) = super::driver::valid_row_id(raw) else {
-                continue;
-            };
-            match self.layout().remove(Area::Cached, &id) {
-                Ok(Some(bytes)) => {
-                    info!(image_id = %id, bytes, "pruned cached image (its row is unreadable)");
-                    size = size.saturating_sub(bytes);
-                    report.pruned.push((id, bytes));
-                }
-                Ok(None) => report.rows_without_file += 1,
-                Err(error) => {
-                    warn!(image_id = %id, %error, "failed to prune cached image; skipping it");
-                    continue;
-                }
-            }
-            gone_rows.push(raw.to_owned());
-        }
-        self.db()
-            .delete_cached_images(self.node(), &gone_rows)
-            .await?;
-        Ok(size)
+        Ok(pass)
     }
 
     /// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX
-    /// when it cannot be read, so a failing statvfs never empties the cache.
+    /// when it cannot be read, so a failing statvfs never empties the cache. Blocking.
     pub fn free_disk(&self) -> u64 {
-        match self.layout().statvfs() {
-            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
-            Err(error) => {
-                warn!(%error, "cannot read free disk space of the cache filesystem");
-                u64::MAX
+        free_disk(self.layout())
+    }
+}
+
+impl PrunePass {
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Visits at most `rows` more rows in LRU order, evicting while the cache is over
+    /// its target; the files are removed on a blocking thread.
+    pub async fn step(&mut self, driver: &CacheDriver, rows: i64) -> Result<(), CacheError> {
+        if self.done {
+            return Ok(());
+        }
+        let batch = driver
+            .db()
+            .least_recently_accessed(driver.node(), self.cursor, rows)
+            .await?;
+        let Some(last) = batch.last() else {
+            self.done = true;
+            return Ok(());
+        };
+        self.cursor = Some(LruCursor {
+            last_accessed: last.last_accessed,
+            id: last.id,
+        });
+        let ids: Vec<String> = batch.into_iter().map(|r| r.image_id).collect();
+        self.evict(driver, ids).await
+    }
+
+    /// Evicts the images of `ids`, in order, while the cache is over its target, and
+    /// drops their rows; the files are removed on a blocking thread.
+    async fn evict(&mut self, driver: &CacheDriver, ids: Vec<String>) -> Result<(), CacheError> {
+        let (layout, size, target, min) = (
+            driver.layout().clone(),
+            self.size,
+            self.target,
+            self.min_free_disk,
+        );
+        let outcome = blocking(move || evict_batch(&layout, &ids, size, target, min)).await;
+        driver
+            .db()
+            .delete_cached_images(driver.node(), &outcome.gone_rows)
+            .await?;
+        self.size = outcome.size;
+        self.report.pruned.extend(outcome.pruned);
+        self.report.rows_without_file += outcome.rows_without_file;
+        self.done = outcome.satisfied;
+        Ok(())
+    }
+
+    /// What the pass did (so far, if it is not done).
+    pub fn into_report(mut self) -> PruneReport {
+        self.report.size_after = self.size;
+        self.report.images_after = self.images_listed.saturating_sub(self.report.pruned.len());
+        self.report
+    }
+}
+
+/// Removes the files of `ids` in order while the cache needs pruning.
+fn evict_batch(
+    layout: &CacheLayout,
+    ids: &[String],
+    mut size: u64,
+    target: u64,
+    min_free_disk: Option<u64>,
+) -> BatchOutcome {
+    let needs_pruning =
+        |size: u64| size > target || min_free_disk.is_some_and(|min| free_disk(layout) < min);
+    let mut out = BatchOutcome {
+        size,
+        pruned: Vec::new(),
+        rows_without_file: 0,
+        gone_rows: Vec::with_capacity(ids.len()),
+        satisfied: false,
+    };
+    for raw in ids {
+        if !needs_pruning(size) {
+            out.satisfied = true;
+            break;
+        }
+        let Some(id) = super::driver::valid_row_id(raw) else {
+            continue;
+        };
+        match layout.remove(Area::Cached, &id) {
+            Ok(Some(bytes)) => {
+                info!(image_id = %id, bytes, "pruned cached image");
+                size = size.saturating_sub(bytes);
+                out.pruned.push((id, bytes));
+                if out.gone_rows.is_empty() {
+                    crate::failpoint::hit("prune:mid");
+                }
             }
+            Ok(None) => out.rows_without_file += 1,
+            Err(error) => {
+                warn!(image_id = %id, %error, "failed to prune cached image; skipping it");
+                continue;
+            }
+        }
+        out.gone_rows.push(raw.clone());
+    }
+    out.size = size;
+    out
+}
+
+fn free_disk(layout: &CacheLayout) -> u64 {
+    match layout.statvfs() {
+        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
+        Err(error) => {
+            warn!(%error, "cannot read free disk space of the cache filesystem");
+            u64::MAX
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The pruner loop: evicts least recently used images while the cache is over
 //! `cache.max_size` (down to `pruner.low_watermark`) or the disk is short of
 //! `pruner.min_free_disk`. Woken at once by a newly published image and by a reload.
+//! A prune is walked `PRUNE_STEP_ROWS` rows per step, so a very large cache is evicted
+//! in many short steps rather than one the watchdog would take for stuck.
 
 use tokio::time::Instant;
 use tracing::info;
@@ -8,15 +10,17 @@ use tracing::info;
 use super::Context;
 use super::Task;
 use super::worker::{Next, Worker};
-use crate::cache::{CacheError, PrunePolicy};
+use crate::cache::{CacheError, PRUNE_STEP_ROWS, PrunePass, PrunePolicy};
 
 pub struct PrunerWorker {
     ctx: Context,
+    /// The prune in progress between steps, with its policy and start.
+    pass: Option<(PrunePass, PrunePolicy, Instant)>,
 }
 
 impl PrunerWorker {
     pub fn new(ctx: Context) -> Self {
-        PrunerWorker { ctx }
+        PrunerWorker { ctx, pass: None }
     }
 }
 
@@ -28,14 +32,40 @@ impl Worker for PrunerWorker {
     }
 
     async fn step(&mut self) -> Result<Next, CacheError> {
-        let config = self.ctx.config();
-        let policy = PrunePolicy {
-            max_size: config.cache.max_size,
-            low_watermark: config.pruner.low_watermark,
-            min_free_disk: config.pruner.min_free_disk,
-        };
-        let started = Instant::now();
-        let report = self.ctx.driver.prune(policy).await?;
+        let driver = &self.ctx.driver;
+        match self.pass.take() {
+            None => {
+                // Starting (measuring, adopting) is one step; evicting the next ones.
+                let config = self.ctx.config();
+                let policy = PrunePolicy {
+                    max_size: config.cache.max_size,
+                    low_watermark: config.pruner.low_watermark,
+                    min_free_disk: config.pruner.min_free_disk,
+                };
+                let pass = driver.start_prune(policy).await?;
+                self.pass = Some((pass, policy, Instant::now()));
+                Ok(Next::Continue)
+            }
+            Some((mut pass, policy, started)) if !pass.is_done() => {
+                // On an error the pass is dropped with its prune turn, so downloads can
+                // make room during the backoff; the next step starts a new pass.
+                pass.step(driver, PRUNE_STEP_ROWS).await?;
+                self.pass = Some((pass, policy, started));
+                Ok(Next::Continue)
+            }
+            Some((pass, policy, started)) => {
+                self.report(pass, policy, started);
+                Ok(Next::IdleUntil(
+                    Instant::now() + self.ctx.config().pruner.interval,
+                ))
+            }
+        }
+    }
+}
+
+impl PrunerWorker {
+    fn report(&self, pass: PrunePass, policy: PrunePolicy, started: Instant) {
+        let report = pass.into_report();
         if report.files() > 0 || report.rows_without_file > 0 {
             info!(
                 files = report.files(),
@@ -52,6 +82,5 @@ impl Worker for PrunerWorker {
             .board
             .set_cache(report.size_after, report.images_after, policy.max_size);
         self.ctx.publish_status();
-        Ok(Next::IdleUntil(Instant::now() + config.pruner.interval))
     }
 }

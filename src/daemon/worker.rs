@@ -20,6 +20,9 @@ use super::status::StatusBoard;
 pub enum Next {
     /// Nothing to do until this instant, or until nudged.
     IdleUntil(Instant),
+    /// More work is due: step again at once. Long work is cut into such steps, so each
+    /// step stays bounded and the watchdog judges each one, not the whole work.
+    Continue,
 }
 
 /// First and longest pause after failed steps: from one second, doubling, up to a minute,
@@ -64,12 +67,19 @@ pub async fn run<W: Worker>(
         board.step_started(task);
         let result = worker.step().await;
         let wake_at = match result {
-            Ok(Next::IdleUntil(at)) => {
+            Ok(next) => {
                 if board.step_finished(task, None) {
                     info!(%task, "loop recovered");
                     on_change();
                 }
-                at
+                match next {
+                    Next::IdleUntil(at) => at,
+                    Next::Continue => {
+                        // Let the other tasks of this worker thread run between steps.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                }
             }
             Err(error) => {
                 let message = error.to_string();

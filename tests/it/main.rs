@@ -14,6 +14,7 @@ mod faults_disk;
 mod faults_hostile;
 mod faults_input;
 mod faults_layout;
+mod faults_reactor;
 mod faults_scale;
 mod glance_interop;
 mod origin;

@@ -1,0 +1,158 @@
+//! One download's `ImageWriter` on a thread of its own, fed through a bounded channel.
+//! The file writes, the wait for the digest threads, the fsync and the rename never run
+//! on a runtime worker thread: a slow or stuck disk slows its downloads only, never the
+//! lease, the watchdog, signal handling, the watcher or the other loops.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cache::{Area, CacheDriver, CacheError, Expectations, ImageWriter, Published};
+use crate::image_id::ImageId;
+
+/// Chunks queued for the writer thread: enough to keep the disk busy while the network
+/// delivers, few enough that a slow disk holds back the download instead of memory
+/// growing (8 x a chunk, as the digest threads' own queues).
+const CHUNKS_QUEUED: usize = 8;
+
+enum Op {
+    Chunk(Bytes),
+    Commit,
+    Abort(String),
+}
+
+/// What the writer thread ended with: published, aborted (`None`), or the error.
+type Ended = Result<Option<Published>, CacheError>;
+
+/// The async side of a writer thread. Dropped unfinished, the thread drops its writer,
+/// which moves the bytes to `invalid/`.
+pub(super) struct WriterThread {
+    ops: mpsc::Sender<Op>,
+    ended: oneshot::Receiver<Ended>,
+    written: u64,
+    /// `incomplete/<id>`, named when the thread is lost.
+    path: PathBuf,
+}
+
+impl WriterThread {
+    /// Starts the thread, which creates `incomplete/<id>`; fails as the creation does.
+    pub async fn open(
+        driver: &CacheDriver,
+        id: &ImageId,
+        expectations: Expectations,
+    ) -> Result<Self, CacheError> {
+        let (ops, ops_rx) = mpsc::channel(CHUNKS_QUEUED);
+        let (opened_tx, opened) = oneshot::channel();
+        let (ended_tx, ended) = oneshot::channel();
+        let path = driver.layout().path(Area::Incomplete, id);
+        let (runtime, thread_driver, thread_id) = (Handle::current(), driver.clone(), id.clone());
+        std::thread::Builder::new()
+            .name("image-writer".into())
+            .spawn(move || {
+                let opened =
+                    runtime.block_on(thread_driver.open_for_write(&thread_id, expectations));
+                match opened {
+                    Ok(writer) => {
+                        let _ = opened_tx.send(Ok(()));
+                        let _ = ended_tx.send(write_until_done(&runtime, writer, ops_rx));
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(CacheError::io("start a writer thread for", &path))?;
+        match opened.await {
+            Ok(Ok(())) => Ok(WriterThread {
+                ops,
+                ended,
+                written: 0,
+                path,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(lost(path)),
+        }
+    }
+
+    /// Bytes handed to the thread so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Queues `chunk`, waiting (asynchronously) while the disk is behind.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+        let len = chunk.len() as u64;
+        if self.ops.send(Op::Chunk(chunk)).await.is_err() {
+            // The thread stopped at a failed write: its error says why.
+            return Err(self.failure().await);
+        }
+        self.written += len;
+        Ok(())
+    }
+
+    /// Verifies and publishes (`ImageWriter::commit`) once every chunk is written.
+    pub async fn commit(mut self) -> Result<Published, CacheError> {
+        if self.ops.send(Op::Commit).await.is_err() {
+            return Err(self.failure().await);
+        }
+        match self.ended.await {
+            Ok(Ok(Some(published))) => Ok(published),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) | Err(_) => Err(lost(self.path)),
+        }
+    }
+
+    /// Gives up, and waits until the bytes are in `invalid/`, so a retry of the same
+    /// image does not find them still in `incomplete/`.
+    pub async fn abort(mut self, reason: &str) {
+        if self.ops.send(Op::Abort(reason.to_owned())).await.is_ok() {
+            let _ = (&mut self.ended).await;
+        }
+    }
+
+    /// Gives up without waiting for a disk that may be stuck (shutdown): the thread
+    /// aborts once it gets to it.
+    pub fn abandon(self, reason: &str) {
+        let _ = self.ops.try_send(Op::Abort(reason.to_owned()));
+    }
+
+    async fn failure(&mut self) -> CacheError {
+        match (&mut self.ended).await {
+            Ok(Err(e)) => e,
+            _ => lost(self.path.clone()),
+        }
+    }
+}
+
+/// The thread's loop: writes chunks until told to commit or abort. When the async side
+/// is gone without either, the writer is dropped, which moves its bytes to `invalid/`.
+fn write_until_done(
+    runtime: &Handle,
+    mut writer: ImageWriter,
+    mut ops: mpsc::Receiver<Op>,
+) -> Ended {
+    while let Some(op) = ops.blocking_recv() {
+        match op {
+            Op::Chunk(chunk) => {
+                crate::failpoint::hit("download:write");
+                // A failed write has aborted the writer already.
+                writer.write_bytes(chunk)?;
+            }
+            Op::Commit => return runtime.block_on(writer.commit()).map(Some),
+            Op::Abort(reason) => {
+                writer.abort(&reason);
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The thread ended without saying how (it panicked).
+fn lost(path: PathBuf) -> CacheError {
+    CacheError::io("write", path)(std::io::Error::other(
+        "the writer thread ended unexpectedly",
+    ))
+}

@@ -1,0 +1,201 @@
+//! Load on the runtime and on the pruner: a stuck disk under four downloads must leave
+//! the daemon responsive (watchdog, lease, SIGHUP), concurrent prunes and downloads must
+//! not evict below the target, and a prune over a very large cache must never be taken
+//! for a stuck loop by the watchdog.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use glance_cached::cache::{CleanPolicy, PrunePolicy};
+use glance_cached::config::{UpstreamConfig, UpstreamKind};
+use glance_cached::download::{DownloadBudget, FetchLimits, Fetched, fetch_into_cache};
+use glance_cached::upstream::Upstream;
+use tokio_util::sync::CancellationToken;
+
+use rustix::process::Signal;
+
+use crate::common::{Backend, TestCache, id, test_bytes};
+use crate::daemon::{SOON, Setup};
+use crate::daemon_kit::{Daemon, eventually};
+use crate::origin::{Behaviour, Origin};
+use crate::prefetch::queue;
+
+/// Bytes of every image in the prune race: evictions come in these steps.
+const RACE_IMAGE: usize = 1000;
+
+macro_rules! backend_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
+        mod mysql { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::MySql).await } )* }
+    };
+}
+
+backend_suite!(concurrent_prunes_and_downloads_stop_at_the_target);
+
+/// Four downloads (each making room with its own prune) and a busy pruner, all at once,
+/// over a cache twice its target: it must end at the target, not far below it.
+async fn concurrent_prunes_and_downloads_stop_at_the_target(backend: Backend) {
+    let Some(c) = TestCache::new(backend).await else {
+        return;
+    };
+    for n in 0..120 {
+        std::fs::write(c.path(&format!("old-{n}")), test_bytes(RACE_IMAGE, n as u8)).unwrap();
+    }
+    let policy = CleanPolicy {
+        stall_time: Duration::from_secs(3600),
+        invalid_grace: Duration::from_secs(3600),
+    };
+    c.driver.reconcile(policy, SystemTime::now()).await.unwrap();
+    let origin = c.dir.path().join("origin");
+    std::fs::create_dir(&origin).unwrap();
+    for n in 0..4 {
+        std::fs::write(origin.join(format!("new-{n}")), test_bytes(RACE_IMAGE, 7)).unwrap();
+    }
+    let upstream = Arc::new(
+        Upstream::from_config(&UpstreamConfig {
+            kind: UpstreamKind::Directory { path: origin },
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+        })
+        .unwrap(),
+    );
+    let max_size = 60 * RACE_IMAGE as u64;
+    let limits = FetchLimits {
+        max_size,
+        min_free_disk: None,
+        max_bytes_per_second: None,
+    };
+    let budget = Arc::new(DownloadBudget::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..4 {
+        let (driver, upstream, budget) = (c.driver.clone(), upstream.clone(), budget.clone());
+        tasks.spawn(async move {
+            let fetched = fetch_into_cache(
+                &driver,
+                &upstream,
+                &id(&format!("new-{n}")),
+                limits,
+                &CancellationToken::new(),
+                &budget,
+            )
+            .await;
+            assert!(
+                matches!(fetched, Ok(Fetched::Published { .. })),
+                "{fetched:?}"
+            );
+        });
+        let driver = c.driver.clone();
+        tasks.spawn(async move {
+            // The pruner loop, woken by every publish.
+            for _ in 0..3 {
+                driver
+                    .prune(PrunePolicy {
+                        max_size,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let size = c.driver.get_cache_size().await.unwrap();
+    assert!(size <= max_size, "{size} over {max_size}");
+    // A download makes room for every reservation it saw, itself included, even those
+    // published since: at most the other three images' worth below the target, then
+    // its own arrives. Further down is over-eviction.
+    assert!(
+        size >= max_size - 4 * RACE_IMAGE as u64,
+        "evicted down to {size} bytes for a target of {max_size}"
+    );
+    c.finish().await;
+}
+
+/// The node lease's last heartbeat, read beside the running daemon.
+fn lease_heartbeat(s: &Setup) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = format!("sqlite://{}?mode=ro", s.cache("glance-cached.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let heartbeat: String = sqlx::query_scalar("SELECT heartbeat_at FROM glance_cached_lease")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        heartbeat
+    })
+}
+
+/// Four downloads on a runtime of two worker threads (the cores of a small node), into
+/// a cache whose writes never return (a failpoint stalls the write path): the lease is
+/// still renewed, the watchdog still pinged and a SIGHUP still reloads.
+#[test]
+fn a_stuck_disk_under_four_downloads_leaves_the_daemon_responsive() {
+    let origin = Origin::start();
+    let ids: Vec<String> = (0..4).map(|n| format!("stuck-{n}")).collect();
+    for (n, image) in ids.iter().enumerate() {
+        origin.add(image, test_bytes(256 * 1024, n as u8), Behaviour::default());
+    }
+    let s = Setup::new(&format!(
+        "[prefetcher]\nconcurrency = 4\ninterval = \"1h\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let stalled = s.tmp.path().join("write-stalled");
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[
+            ("GLANCE_CACHED_TEST_FAILPOINT", "download:write"),
+            (
+                "GLANCE_CACHED_TEST_FAILPOINT_FILE",
+                stalled.to_str().unwrap(),
+            ),
+            ("WATCHDOG_USEC", "1000000"),
+            // Renewed every second.
+            ("GLANCE_CACHED_DAEMON__LEASE_TTL", "3s"),
+            ("TOKIO_WORKER_THREADS", "2"),
+        ],
+    );
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    queue(&s, &refs);
+    eventually(SOON, "a write is stuck", || stalled.exists());
+    let from = d.notify.mark();
+    let heartbeat = lease_heartbeat(&s);
+    // Two pings in a row (every 0.5 s), not one that slipped out before the stall.
+    let ping = d.notify.wait_for(from, SOON, |m| m == "WATCHDOG=1\n");
+    d.notify.wait_for(ping + 1, SOON, |m| m == "WATCHDOG=1\n");
+    eventually(SOON, "the lease is renewed", || {
+        lease_heartbeat(&s) != heartbeat
+    });
+    let before_reload = d.notify.mark();
+    d.signal(Signal::HUP);
+    let reloading = d
+        .notify
+        .wait_for(before_reload, SOON, |m| m.contains("RELOADING=1"));
+    d.notify
+        .wait_for(reloading + 1, SOON, |m| m.contains("READY=1"));
+    // ...with every download as far as its stuck write.
+    eventually(SOON, "all four downloads are writing", || {
+        ids.iter()
+            .all(|image| s.cache(&format!("incomplete/{image}")).exists())
+    });
+    assert!(
+        !d.log_text().contains("withholding the watchdog ping"),
+        "{}",
+        d.log_text()
+    );
+    // Shutdown does not wait for the stuck disk either.
+    let log = d.log.clone();
+    d.stop();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(!log.contains("did not stop in time"), "{log}");
+}
