@@ -1,0 +1,146 @@
+//! glance-cached beside the real glance-api 33.0.0, as deployed: one cache directory,
+//! one SQLite database, one node URL, glance-api's cache middleware on. Each test drives
+//! glance-api over HTTP while the daemon runs.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{md5_hex, test_bytes};
+use crate::daemon::Setup;
+use crate::daemon_kit::{Daemon, eventually};
+use crate::glance_api::{GlanceApi, GlanceApiOptions};
+use crate::prefetch::queued_json;
+
+/// The node both sides are: glance-api's `worker_self_reference_url`, our
+/// `node.reference_url`.
+const NODE: &str = "http://shared-node:9292";
+
+/// Longer than loopback socket buffers, so a download glance-api tees into its cache
+/// cannot finish unread (it did, and so hid the livelock, with small images).
+const IMAGE_BYTES: usize = 12 << 20;
+
+/// How long the prefetches of a test may take (each is well under a second here).
+const PREFETCH_DEADLINE: Duration = Duration::from_secs(40);
+
+/// A daemon's setup and a glance-api sharing its cache directory and database.
+pub struct Shared {
+    pub s: Setup,
+    pub api: GlanceApi,
+}
+
+impl Shared {
+    /// glance-api on the setup's cache directory and a database outside it; `extra` is
+    /// more of glance-cached's configuration. `None` when Glance is not installed.
+    pub fn start(extra: &str) -> Option<Shared> {
+        let s = Setup::new("");
+        let state = s.tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::create_dir_all(s.cache("")).unwrap();
+        let database = state.join("glance-cached.db");
+        let api = GlanceApi::start(&GlanceApiOptions {
+            cache_dir: Some(&s.cache("")),
+            database: &database,
+            node_url: NODE,
+        })?;
+        let token = s.tmp.path().join("token");
+        std::fs::write(&token, "any-token\n").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        s.write_config(&format!(
+            "[database]\nurl = \"sqlite://{}\"\n[node]\nreference_url = \"{NODE}\"\n\
+             [prefetcher]\nretry_delay = \"100ms\"\nmax_retry_delay = \"500ms\"\nmax_attempts = 1000\n\
+             [upstream]\nkind = \"glance\"\nurl = \"{}\"\ntoken_file = \"{}\"\n{extra}",
+            database.display(),
+            api.url,
+            token.display()
+        ));
+        Some(Shared { s, api })
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.s.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn cached_rows(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.cli_ok(&["list-cached", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_through_glance_api_never_triggers_its_cache() {
+    let Some(sh) = Shared::start("") else {
+        return;
+    };
+    let images: Vec<Vec<u8>> = (0..3).map(|i| test_bytes(IMAGE_BYTES, 40 + i)).collect();
+    let mut ids = Vec::new();
+    for data in &images {
+        ids.push(sh.api.create_image(data).await);
+    }
+    let deleted = ids[2].clone();
+    sh.api.delete_image(&deleted).await;
+    let mut queue = vec!["queue"];
+    queue.extend(ids.iter().map(String::as_str));
+    sh.cli_ok(&queue);
+
+    let mut d = Daemon::start(sh.s.tmp.path(), &sh.s.config, &[]);
+    let mut kept: Vec<String> = ids[..2].to_vec();
+    kept.sort();
+    eventually(
+        PREFETCH_DEADLINE,
+        "two images are cached and the deleted one dropped",
+        || {
+            let cached: Vec<String> = sh
+                .cached_rows()
+                .iter()
+                .map(|r| r["image_id"].as_str().unwrap().to_owned())
+                .collect();
+            let dropped = queued_json(&sh.s)
+                .iter()
+                .any(|q| q["image_id"] == deleted.as_str() && q["state"] == "failed");
+            cached == kept && dropped
+        },
+    );
+    // Our writer cached them, verified: glance-api's tee never records a checksum.
+    for (id, data) in ids.iter().zip(&images).take(2) {
+        assert_eq!(&std::fs::read(sh.s.cache(id)).unwrap(), data);
+        let row = sh
+            .cached_rows()
+            .into_iter()
+            .find(|r| r["image_id"] == id.as_str())
+            .unwrap();
+        assert_eq!(row["checksum"], md5_hex(data).as_str(), "{row}");
+        assert_eq!(row["hits"], 0, "{row}");
+    }
+    let reason = queued_json(&sh.s)
+        .into_iter()
+        .find(|q| q["image_id"] == deleted.as_str())
+        .unwrap()["last_error"]
+        .clone();
+    assert!(reason.as_str().unwrap().contains("404"), "{reason}");
+    let log = d.log_text();
+    assert!(!log.contains("already being written"), "{log}");
+
+    // glance-api sees both in the shared cache, serves a download from it, and the hit
+    // is counted in the shared row.
+    assert_eq!(sh.api.cached_ids().await, kept);
+    assert_eq!(sh.api.download(&ids[0]).await, images[0]);
+    let row = sh
+        .cached_rows()
+        .into_iter()
+        .find(|r| r["image_id"] == ids[0].as_str())
+        .unwrap();
+    assert_eq!(row["hits"], 1, "served from the cache: {row}");
+    assert!(d.alive());
+    d.stop();
+}
