@@ -54,23 +54,27 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 path.display()
             );
         }
-        Command::Reconcile => {
+        Command::Reconcile { force } => {
             let driver = open(&config).await?;
             let policy = CleanPolicy {
                 stall_time: config.cache.stall_time,
                 invalid_grace: config.cleaner.invalid_grace,
             };
-            let report = driver.reconcile(policy, SystemTime::now()).await?;
+            let report = driver.reconcile(policy, SystemTime::now(), force).await?;
             for id in &report.adopted {
                 println!("adopted {id}: file without a row");
             }
             for id in &report.removed_rows {
                 println!("removed row {id}: file is gone");
             }
+            for id in &report.resized {
+                println!("refreshed row {id}: file changed size, checksum cleared");
+            }
             println!(
-                "reconciled: {} adopted, {} rows removed, {} leftover files cleaned",
+                "reconciled: {} adopted, {} rows removed, {} rows refreshed, {} leftover files cleaned",
                 report.adopted.len(),
                 report.removed_rows.len(),
+                report.resized.len(),
                 report.cleaned.files()
             );
         }
@@ -370,7 +374,11 @@ pub fn import_glance_config(
 }
 
 /// `glance-cached run`: the daemon, on a multi-threaded runtime with daemon logging.
-pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow::Result<ExitCode> {
+pub fn run_daemon(
+    config_arg: Option<std::path::PathBuf>,
+    force: bool,
+    force_reconcile: bool,
+) -> anyhow::Result<ExitCode> {
     let path = resolve_config_path(config_arg.as_deref());
     let config = Config::load(path.as_deref())?;
     let (log_level, _) = crate::telemetry::init_daemon(&config.log);
@@ -381,6 +389,7 @@ pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow
     let options = crate::daemon::RunOptions {
         config_path: path,
         force,
+        force_reconcile,
     };
     runtime.block_on(crate::daemon::run(config, options, Some(log_level)))?;
     // Blocking threads (a stuck filesystem call) must not hold the exit.

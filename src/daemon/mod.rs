@@ -136,6 +136,8 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
     /// Take the node's lease even if another daemon seems to hold it.
     pub force: bool,
+    /// Let the start-up reconcile drop the rows of missing files however many they are.
+    pub force_reconcile: bool,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
@@ -158,6 +160,11 @@ pub async fn run(
     let db_options = config.database.db_options();
     let db = Db::connect(&config.database.url, &db_options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
+    // Taken once the pool has the file open (migrations ran on it).
+    let db_file = driver
+        .db()
+        .sqlite_file()
+        .and_then(|path| lease::DbFile::identify(&path));
 
     let holder = lease::holder_name();
     take_lease(&driver, &holder, &config, options.force).await?;
@@ -166,6 +173,7 @@ pub async fn run(
     let result = serve(
         driver.clone(),
         config,
+        db_file,
         &options,
         log_level,
         &holder,
@@ -221,9 +229,11 @@ async fn take_lease(
 }
 
 /// Reconcile, start the loops, supervise, and tear down.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     driver: CacheDriver,
     config: Config,
+    db_file: Option<lease::DbFile>,
     options: &RunOptions,
     log_level: Option<LogLevelHandle>,
     holder: &str,
@@ -238,11 +248,13 @@ async fn serve(
                 invalid_grace: config.cleaner.invalid_grace,
             },
             clock::system_now(),
+            options.force_reconcile,
         )
         .await?;
     info!(
         adopted = report.adopted.len(),
         removed_rows = report.removed_rows.len(),
+        resized = report.resized.len(),
         cleaned = report.cleaned.files(),
         "reconcile done"
     );
@@ -314,7 +326,7 @@ async fn serve(
         ctx.nudges.queue.clone()
     );
     spawn_loop!(
-        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), fatal_tx),
+        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal_tx),
         Arc::new(Notify::new())
     );
     if let Some(upstream) = upstream {
