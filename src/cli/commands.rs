@@ -414,7 +414,8 @@ pub async fn open(config: &Config) -> anyhow::Result<CacheDriver> {
         layout.ensure()?;
     }
     let options = config.database.db_options();
-    let db = Db::connect(&config.database.url, &options).await?;
+    let url = crate::daemon::prepare_database(config).await?;
+    let db = Db::connect(&url, &options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
     Ok(driver)
 }

@@ -72,6 +72,8 @@ pub enum DaemonError {
         holder: String,
         age: i64,
     },
+    #[error(transparent)]
+    DbLocation(#[from] crate::db::location::LocationError),
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
     #[error("cannot watch the cache directory: {0}")]
@@ -158,7 +160,8 @@ pub async fn run(
         .expect("layout check panicked")
         .map_err(CacheError::from)?;
     let db_options = config.database.db_options();
-    let db = Db::connect(&config.database.url, &db_options).await?;
+    let url = prepare_database(&config).await?;
+    let db = Db::connect(&url, &db_options).await?;
     let driver = CacheDriver::configure(layout, db, &config.node_reference_url).await?;
     // Taken once the pool has the file open (migrations ran on it).
     let db_file = driver
@@ -191,6 +194,18 @@ pub async fn run(
         Err(e) => error!(error = %e, "stopped after a fatal error"),
     }
     result
+}
+
+/// Makes a SQLite database ready to open (its directory; a database at the old default
+/// place moved in once no live daemon holds it). Returns the url to connect to.
+pub async fn prepare_database(
+    config: &Config,
+) -> Result<String, crate::db::location::LocationError> {
+    let ttl = config.daemon.lease_ttl;
+    crate::db::location::prepare_sqlite(&config.database.url, &config.cache.dir, |holder, at| {
+        at > lease::expired_before(ttl) && lease::holder_state(holder) != lease::HolderState::Gone
+    })
+    .await
 }
 
 async fn take_lease(

@@ -8,6 +8,7 @@
 mod cached_images;
 mod lease;
 pub mod legacy;
+pub mod location;
 mod node;
 mod queue;
 mod schema;

@@ -74,3 +74,50 @@ fn a_database_deleted_or_replaced_under_the_daemon_stops_it() {
     assert_eq!(s.cached_ids(), ["before"]);
     d.stop();
 }
+
+#[test]
+fn a_database_at_the_old_default_place_moves_once_no_daemon_holds_it() {
+    let s = Setup::new("");
+    let old = s.cache("glance-cached.db");
+    let explicit = format!("[database]\nurl = \"sqlite://{}\"\n", old.display());
+    s.write_config(&explicit);
+    s.import("kept", 1234);
+    let out = s.cli(&["queue", "still-queued"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A daemon of the previous version runs on it: the move waits.
+    let d = s.start();
+    s.write_config("");
+    let out = s.cli(&["list-cached"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "moved under a running daemon");
+    assert!(
+        err.contains("is in use by") && err.contains("stop it, then start again"),
+        "{err}"
+    );
+    assert!(old.exists());
+    s.write_config(&explicit);
+    d.stop();
+
+    // Stopped: the first start on the default moves it, with all it holds.
+    s.write_config("");
+    let d = s.start();
+    let new = s.cache(glance_cached::config::DEFAULT_SQLITE_FILE);
+    assert!(new.exists());
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", old.display());
+        assert!(!std::path::Path::new(&file).exists(), "{file} remains");
+    }
+    assert!(
+        d.log_text().contains("moved the SQLite database"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(s.cached_ids(), ["kept"]);
+    let out = s.cli(&["list-queued"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("still-queued"));
+    d.stop();
+}

@@ -2,6 +2,7 @@
 //! one SQLite database, one node URL, glance-api's cache middleware on. Each test drives
 //! glance-api over HTTP while the daemon runs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -27,17 +28,30 @@ const PREFETCH_DEADLINE: Duration = Duration::from_secs(40);
 pub struct Shared {
     pub s: Setup,
     pub api: GlanceApi,
+    pub database: PathBuf,
 }
 
 impl Shared {
     /// glance-api on the setup's cache directory and a database outside it; `extra` is
     /// more of glance-cached's configuration. `None` when Glance is not installed.
     pub fn start(extra: &str) -> Option<Shared> {
+        Self::start_on(extra, false)
+    }
+
+    /// As `start`, on glance-cached's default database (`database.url` unset).
+    pub fn start_on_default_database(extra: &str) -> Option<Shared> {
+        Self::start_on(extra, true)
+    }
+
+    fn start_on(extra: &str, default_database: bool) -> Option<Shared> {
         let s = Setup::new("");
-        let state = s.tmp.path().join("state");
-        std::fs::create_dir(&state).unwrap();
         std::fs::create_dir_all(s.cache("")).unwrap();
-        let database = state.join("glance-cached.db");
+        let database = if default_database {
+            s.cache(glance_cached::config::DEFAULT_SQLITE_FILE)
+        } else {
+            s.tmp.path().join("state/glance-cached.db")
+        };
+        std::fs::create_dir_all(database.parent().unwrap()).unwrap();
         let api = GlanceApi::start(&GlanceApiOptions {
             cache_dir: Some(&s.cache("")),
             database: &database,
@@ -47,15 +61,19 @@ impl Shared {
         std::fs::write(&token, "any-token\n").unwrap();
         std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
+        let url = if default_database {
+            String::new()
+        } else {
+            format!("[database]\nurl = \"sqlite://{}\"\n", database.display())
+        };
         s.write_config(&format!(
-            "[database]\nurl = \"sqlite://{}\"\n[node]\nreference_url = \"{NODE}\"\n\
+            "{url}[node]\nreference_url = \"{NODE}\"\n\
              [prefetcher]\nretry_delay = \"100ms\"\nmax_retry_delay = \"500ms\"\nmax_attempts = 1000\n\
              [upstream]\nkind = \"glance\"\nurl = \"{}\"\ntoken_file = \"{}\"\n{extra}",
-            database.display(),
             api.url,
             token.display()
         ));
-        Some(Shared { s, api })
+        Some(Shared { s, api, database })
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
@@ -142,5 +160,58 @@ async fn prefetch_through_glance_api_never_triggers_its_cache() {
         .unwrap();
     assert_eq!(row["hits"], 1, "served from the cache: {row}");
     assert!(d.alive());
+    d.stop();
+}
+
+/// The three files of a SQLite database in WAL mode.
+fn database_files(db: &std::path::Path) -> Vec<PathBuf> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| PathBuf::from(format!("{}{suffix}", db.display())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glance_clearing_its_cache_leaves_our_database_alone() {
+    let Some(sh) = Shared::start_on_default_database("") else {
+        return;
+    };
+    let data = test_bytes(100_000, 7);
+    let id = sh.api.create_image(&data).await;
+    let mut d = Daemon::start(sh.s.tmp.path(), &sh.s.config, &[]);
+    // Work the daemon does after start: a queued image it fetches, one it cannot.
+    sh.cli_ok(&["queue", &id, "never-there"]);
+    eventually(PREFETCH_DEADLINE, "the image is cached", || {
+        sh.cached_rows()
+            .iter()
+            .any(|r| r["image_id"] == id.as_str())
+    });
+    for file in database_files(&sh.database) {
+        assert!(file.exists(), "{} exists before", file.display());
+    }
+
+    // Glance's clear-cache: every regular file at the top of the cache directory but
+    // `*.db` is deleted, and this node's rows.
+    sh.api.cache_clear("cache").await;
+    assert!(!sh.s.cache(&id).exists(), "Glance deleted the image");
+    for file in database_files(&sh.database) {
+        assert!(file.exists(), "{} survived Glance's clear", file.display());
+    }
+    // Everything written since the last checkpoint is still there: the queue, the lease.
+    let queued = queued_json(&sh.s);
+    assert!(
+        queued.iter().any(|q| q["image_id"] == "never-there"),
+        "{queued:?}"
+    );
+    let elsewhere = sh.s.tmp.path().join("second");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let mut second = Daemon::spawn(&elsewhere, &sh.s.config, &[], &[]);
+    second.wait_exit(Duration::from_secs(10));
+    let refusal = second.log_text();
+    assert!(
+        refusal.contains("already served by another glance-cached"),
+        "{refusal}"
+    );
+    assert!(d.alive(), "{}", d.log_text());
     d.stop();
 }
