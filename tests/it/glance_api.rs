@@ -54,8 +54,6 @@ pub struct GlanceApi {
     _dirs: tempfile::TempDir,
 }
 
-// The cache API calls serve the dequeue and clear-cache tests.
-#[allow(dead_code)]
 impl GlanceApi {
     /// Starts glance-api and waits until it answers; `None` when Glance is not installed.
     pub fn start(options: &GlanceApiOptions) -> Option<GlanceApi> {

@@ -215,3 +215,69 @@ async fn glance_clearing_its_cache_leaves_our_database_alone() {
     assert!(d.alive(), "{}", d.log_text());
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dequeue_through_glance_takes_the_image_off_our_queue() {
+    // One download at a time, slowly: the first image holds the prefetcher while
+    // Glance dequeues the next ones.
+    let Some(sh) = Shared::start("") else {
+        return;
+    };
+    let config = std::fs::read_to_string(&sh.s.config).unwrap().replace(
+        "[prefetcher]\n",
+        "[prefetcher]\nconcurrency = 1\nmax_bytes_per_second = \"256KiB\"\n",
+    );
+    std::fs::write(&sh.s.config, config).unwrap();
+    let slow_data = test_bytes(1 << 20, 1);
+    let slow = sh.api.create_image(&slow_data).await;
+    let (a, b, last) = (
+        sh.api.create_image(&test_bytes(50_000, 2)).await,
+        sh.api.create_image(&test_bytes(50_000, 3)).await,
+        sh.api.create_image(&test_bytes(50_000, 4)).await,
+    );
+    sh.cli_ok(&["queue", &slow]);
+    let mut d = Daemon::start(sh.s.tmp.path(), &sh.s.config, &[]);
+    eventually(PREFETCH_DEADLINE, "the slow download is under way", || {
+        sh.s.cache(&format!("incomplete/{slow}")).exists()
+    });
+    sh.cli_ok(&["queue", &a, &b]);
+    // Glance dequeues one image, then clears its whole queue (the marker of the image
+    // being downloaded included).
+    sh.api.cache_delete(&a).await;
+    sh.api.cache_clear("queue").await;
+    assert!(
+        std::fs::read_dir(sh.s.cache("queue"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    // Queued after them: once it is cached, the prefetcher has passed a and b.
+    sh.cli_ok(&["queue", &last]);
+    eventually(PREFETCH_DEADLINE, "the last queued image is cached", || {
+        sh.s.cache(&last).exists()
+    });
+    assert_eq!(
+        std::fs::read(sh.s.cache(&slow)).unwrap(),
+        slow_data,
+        "a claimed download ends"
+    );
+    assert!(
+        !sh.s.cache(&a).exists(),
+        "a was dequeued through Glance, yet fetched"
+    );
+    assert!(
+        !sh.s.cache(&b).exists(),
+        "b was dequeued through Glance, yet fetched"
+    );
+    let log = d.log_text();
+    for id in [&a, &b] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("its queue marker was removed") && l.contains(id.as_str())),
+            "{log}"
+        );
+    }
+    assert!(queued_json(&sh.s).is_empty(), "{:?}", queued_json(&sh.s));
+    assert!(d.alive());
+    d.stop();
+}
