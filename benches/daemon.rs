@@ -289,7 +289,10 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let layout = CacheLayout::open(&cache).unwrap();
-        let url = format!("sqlite://{}/glance-cached.db", cache.display());
+        // The default place (config::DEFAULT_SQLITE_FILE), where the daemon looks.
+        let db_file = cache.join(glance_cached::config::DEFAULT_SQLITE_FILE);
+        std::fs::create_dir_all(db_file.parent().unwrap()).unwrap();
+        let url = format!("sqlite://{}", db_file.display());
         let db = Db::connect(&url, &DbOptions::default()).await.unwrap();
         let driver =
             CacheDriver::configure(layout.clone(), db, glance_cached::config::DEFAULT_NODE_URL)

@@ -38,6 +38,14 @@ impl CacheDriver {
             };
             let (raw_id, attempts) = (row.image_id.clone(), row.attempts);
             match queued_image(row) {
+                // Its marker went after the queue loop's last pass: dequeued through
+                // Glance, not to be fetched.
+                Some(image)
+                    if !self.layout().exists(Area::Queue, &image.image_id)
+                        && self.dequeue_unmarked(&image.image_id, Some(holder)).await? =>
+                {
+                    continue;
+                }
                 Some(image) => return Ok(Some(image)),
                 // A row whose id is not valid can never be fetched: fail it, take the next.
                 None => {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
@@ -161,7 +161,9 @@ impl CacheDriver {
     }
 
     /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
-    /// Glance does). Adds the queue row and the marker file Glance's API reads.
+    /// Glance does). Adds the marker file Glance's API reads, then the queue row: a
+    /// queued row always had its marker first, so one found without it was dequeued
+    /// through Glance (see `adopt_queue_markers`).
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
         if self.is_cached(id) {
             debug!(image_id = %id, "not queueing: already cached");
@@ -171,24 +173,26 @@ impl CacheDriver {
             debug!(image_id = %id, "not queueing: being written to the cache");
             return Ok(false);
         }
-        // A marker alone (Glance's PUT /v2/cache/{id}) means queued; a row is checked by
-        // the insert itself, which adds nothing when one is queued already (one query
-        // instead of a lookup and an insert).
-        if self.layout().exists(Area::Queue, id)
-            || !self
-                .db()
-                .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
-                .await?
-        {
+        // A marker alone (Glance's PUT /v2/cache/{id}) means queued.
+        if self.layout().exists(Area::Queue, id) {
             debug!(image_id = %id, "not queueing: already queued");
             return Ok(false);
         }
+        // The request's time, taken before the marker exists: a daemon may adopt the
+        // marker, try the image and give up on it before the insert below, which must
+        // then not revive the failure (it is newer than the request).
+        let requested = DbTime::from_utc(clock::now());
         let marker = self.layout().path(Area::Queue, id);
         self.layout()
             .touch_marker(id)
             .map_err(CacheError::io("create queue marker", marker))?;
-        // A prefetcher may have claimed, published and dequeued the image between the
-        // row and the marker: then the marker is stale and goes.
+        // The insert adds nothing when a row is queued already (the queue loop may have
+        // adopted the marker just made): queued either way.
+        self.db()
+            .enqueue(self.node(), id.as_str(), requested)
+            .await?;
+        // A prefetcher may have claimed, published and dequeued the image meanwhile:
+        // then the marker is stale and goes.
         if self.is_cached(id) {
             self.dequeue_cached(id).await?;
         }
@@ -204,18 +208,26 @@ impl CacheDriver {
         Ok(rows.into_iter().filter_map(queued_image).collect())
     }
 
-    /// Gives every marker in `queue/` without a row a row. Returns how many were added.
+    /// Gives every marker in `queue/` without a row a row, and takes off the queue the
+    /// rows whose marker is gone (Glance's `DELETE /v2/cache/{id}` or clear-queue: the
+    /// queue is shared both ways). Returns how many markers were adopted.
+    ///
+    /// A queued row always had its marker first (`queue_image`, adoption), so a row read
+    /// before the markers are listed whose marker is missing was dequeued. Claimed rows
+    /// are left to their download; rows of cached images to the prefetcher, which
+    /// settles them (and gives a published file its row).
     pub async fn adopt_queue_markers(&self) -> Result<u64, CacheError> {
+        // Rows first, then markers: a marker made for a row read here already exists.
+        // Most markers are of images queued long ago (a marker stays until its image is
+        // cached): one query tells which, instead of two statements per marker per pass.
+        let queued = self.db().queued_ids(self.node()).await?;
         let listing = self.list(Area::Queue).await?;
         self.layout().report_skipped(
             "skipping queue entries that are not regular files named by an image id",
             &listing.skipped,
         );
-        // Most markers are of images queued long ago (a marker stays until its image is
-        // cached): one query tells which, instead of two statements per marker per pass.
-        let queued = self.db().queued_ids(self.node()).await?;
         let mut adopted = 0;
-        for marker in listing.files {
+        for marker in &listing.files {
             let id = &marker.image_id;
             // A marker for a cached image is stale (the image was published after the
             // listing, or Glance queued a cached image): never queue a cached image.
@@ -223,7 +235,7 @@ impl CacheDriver {
                 self.dequeue_cached(id).await?;
                 continue;
             }
-            if queued.contains(id.as_str()) {
+            if queued.contains_key(id.as_str()) {
                 continue;
             }
             let queued_at = DbTime::from_mtime(marker.modified).unwrap_or_else(|clamped| {
@@ -244,7 +256,39 @@ impl CacheDriver {
                 adopted += 1;
             }
         }
+        let marked: std::collections::HashSet<&str> =
+            listing.files.iter().map(|m| m.image_id.as_str()).collect();
+        for (raw, claimed) in &queued {
+            if *claimed || marked.contains(raw.as_str()) {
+                continue;
+            }
+            let Ok(id) = ImageId::parse(raw) else {
+                continue;
+            };
+            self.dequeue_unmarked(&id, None).await?;
+        }
         Ok(adopted)
+    }
+
+    /// Takes `id`, queued but without its marker, off the queue (unless it is cached:
+    /// the prefetcher settles those), if it is still unclaimed or claimed by `holder`.
+    /// Returns whether it went.
+    pub(super) async fn dequeue_unmarked(
+        &self,
+        id: &ImageId,
+        holder: Option<&str>,
+    ) -> Result<bool, CacheError> {
+        if self.is_cached(id) {
+            return Ok(false);
+        }
+        let dequeued = self
+            .db()
+            .dequeue_if_idle(self.node(), id.as_str(), holder)
+            .await?;
+        if dequeued {
+            info!(image_id = %id, "dequeued: its queue marker was removed (through Glance's API)");
+        }
+        Ok(dequeued)
     }
 
     /// Takes `id`, found cached, off the queue. Its writer may have published the file

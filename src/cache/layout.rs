@@ -665,13 +665,15 @@ fn mtime(st: &Stat) -> SystemTime {
 }
 
 /// Entries of the cache root that belong to the layout, to Glance's locks or to a SQLite
-/// database and are expected, so they are not reported as skipped.
+/// database (the default one's directory `.glance-cached` included) and are expected,
+/// so they are not reported as skipped.
 fn is_own_entry(name: &OsStr) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
     GLANCE_LOCK_NAMES.contains(&name)
         || Area::SUBDIRS.iter().any(|a| a.subdir() == Some(name))
+        || name == ".glance-cached"
         || name.ends_with(".db")
         || name.ends_with(".db-wal")
         || name.ends_with(".db-shm")

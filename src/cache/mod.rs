@@ -17,7 +17,7 @@ pub use clean::{CleanPolicy, CleanReport, RemovedFile};
 pub use driver::{CacheDriver, CachedImage, QueuedImage};
 pub use layout::{Area, CacheLayout, LayoutError};
 pub use prune::{PRUNE_STEP_ROWS, PrunePass, PrunePolicy, PruneReport};
-pub use reconcile::ReconcileReport;
+pub use reconcile::{MAX_MISSING_SHARE_PERCENT, ReconcileReport};
 pub use writer::{Expectations, HashAlgo, ImageWriter, Published};
 
 use crate::db::DbError;
@@ -51,6 +51,14 @@ pub enum CacheError {
     TooLarge { image_id: ImageId, declared: u64 },
     #[error("image {0}: the writer was already aborted")]
     WriterAborted(ImageId),
+    #[error(
+        "refusing to reconcile: {missing} of this node's {rows} cached images have no file in {dir} (is its filesystem mounted?); if they are really gone, start with --force-reconcile (or run `glance-cached reconcile --force`) to drop their rows"
+    )]
+    FilesMissing {
+        missing: usize,
+        rows: usize,
+        dir: PathBuf,
+    },
 }
 
 impl CacheError {

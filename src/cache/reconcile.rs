@@ -1,8 +1,12 @@
 //! Reconcile: make the database and the disk agree again after a crash, an operator's
 //! `rm`, or Glance's API dying between its rename and its insert.
 //!
-//! Files without a row get one (size from stat, both times from mtime); rows without a
-//! file are removed; `incomplete/` and `invalid/` leftovers go through the clean rule.
+//! Files without a row get one (size from stat, both times from mtime); a row whose
+//! file's size changed (copied over by hand, truncated by a disk error) gets the file's
+//! size and loses its checksum, which no longer describes the bytes; rows without a
+//! file are removed, unless so many are missing that the cache's filesystem is more
+//! likely unmounted than emptied; `incomplete/` and `invalid/` leftovers go through the
+//! clean rule.
 
 use std::collections::HashSet;
 use std::time::SystemTime;
@@ -20,13 +24,18 @@ pub struct ReconcileReport {
     pub adopted: Vec<String>,
     /// Rows whose file was gone, removed.
     pub removed_rows: Vec<String>,
+    /// Rows whose file has another size now: size refreshed, checksum cleared.
+    pub resized: Vec<String>,
     /// What the clean rule removed from `incomplete/` and `invalid/`.
     pub cleaned: CleanReport,
 }
 
 impl ReconcileReport {
     pub fn changed(&self) -> bool {
-        !self.adopted.is_empty() || !self.removed_rows.is_empty() || self.cleaned.files() > 0
+        !self.adopted.is_empty()
+            || !self.removed_rows.is_empty()
+            || !self.resized.is_empty()
+            || self.cleaned.files() > 0
     }
 }
 
@@ -37,6 +46,17 @@ fn mtime_as_db_time(id: &ImageId, modified: SystemTime) -> DbTime {
         warn!(image_id = %id, "cached file's mtime is out of range; its row gets the nearest storable time");
         clamped
     })
+}
+
+/// Reconcile refuses to drop rows when the files of more than this share of the node's
+/// rows (and of more than one row) are missing: an unmounted filesystem looks like an
+/// emptied cache, and dropping every row would have the prefetcher refill the root
+/// filesystem. One lost file, or a few among many, is an operator's `rm`.
+pub const MAX_MISSING_SHARE_PERCENT: usize = 50;
+
+/// Whether `missing` rows without files out of `rows` is too many to drop unasked.
+fn too_many_missing(missing: usize, rows: usize) -> bool {
+    missing > 1 && missing * 100 > rows * MAX_MISSING_SHARE_PERCENT
 }
 
 impl CacheDriver {
@@ -101,18 +121,55 @@ impl CacheDriver {
         Ok(adopted)
     }
 
+    /// Gives each row whose file now has another size that size, and clears its
+    /// checksum. Returns the ids refreshed.
+    async fn refresh_resized_rows(
+        &self,
+        files: &[CacheFile],
+        rows: &[crate::db::CachedImageRow],
+    ) -> Result<Vec<String>, CacheError> {
+        let sizes: std::collections::HashMap<&str, u64> = files
+            .iter()
+            .map(|f| (f.image_id.as_str(), f.size))
+            .collect();
+        let mut resized = Vec::new();
+        for row in rows {
+            let Some(&size) = sizes.get(row.image_id.as_str()) else {
+                continue;
+            };
+            if u64::try_from(row.size).ok() == Some(size) {
+                continue;
+            }
+            if self
+                .db()
+                .refresh_cached_image_size(self.node(), &row.image_id, row.size, size as i64)
+                .await?
+            {
+                warn!(
+                    image_id = %row.image_id,
+                    recorded = row.size,
+                    bytes = size,
+                    "reconcile: the cached file's size differs from its row; size refreshed, checksum cleared"
+                );
+                resized.push(row.image_id.clone());
+            }
+        }
+        Ok(resized)
+    }
+
+    /// Repairs drift between disk and database. Fails with `FilesMissing`, changing
+    /// nothing, when the rows without files are too many to drop (see
+    /// [`MAX_MISSING_SHARE_PERCENT`]), unless `force_drop` says they are really gone.
     pub async fn reconcile(
         &self,
         clean: CleanPolicy,
         now: SystemTime,
+        force_drop: bool,
     ) -> Result<ReconcileReport, CacheError> {
         let listing = self.list(Area::Cached).await?;
         let rows = self.db().cached_images(self.node()).await?;
         let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
         let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
-        let adopted = self
-            .adopt_files_without_rows(&listing.files, &in_db)
-            .await?;
         let ghosts: Vec<String> = rows
             .iter()
             .filter(|r| !on_disk.contains(r.image_id.as_str()))
@@ -128,6 +185,17 @@ impl CacheDriver {
                 Err(_) => GLANCE_LOCK_NAMES.contains(&g.as_str()),
             })
             .collect();
+        if !force_drop && too_many_missing(ghosts.len(), rows.len()) {
+            return Err(CacheError::FilesMissing {
+                missing: ghosts.len(),
+                rows: rows.len(),
+                dir: self.layout().dir(Area::Cached),
+            });
+        }
+        let adopted = self
+            .adopt_files_without_rows(&listing.files, &in_db)
+            .await?;
+        let resized = self.refresh_resized_rows(&listing.files, &rows).await?;
         self.db().delete_cached_images(self.node(), &ghosts).await?;
         for g in &ghosts {
             info!(image_id = %g, "reconcile: removed a row whose file is gone");
@@ -135,7 +203,23 @@ impl CacheDriver {
         Ok(ReconcileReport {
             adopted,
             removed_rows: ghosts,
+            resized,
             cleaned: self.clean(clean, now).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::too_many_missing;
+
+    #[test]
+    fn more_than_half_and_more_than_one_missing_is_too_many() {
+        assert!(!too_many_missing(0, 0));
+        assert!(!too_many_missing(1, 1), "one lost file is an rm");
+        assert!(too_many_missing(2, 2));
+        assert!(!too_many_missing(2, 4), "half is not more than half");
+        assert!(too_many_missing(3, 5));
+        assert!(!too_many_missing(10, 1000));
     }
 }

@@ -59,23 +59,27 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 path.display()
             );
         }
-        Command::Reconcile => {
+        Command::Reconcile { force } => {
             let driver = open().await?;
             let policy = CleanPolicy {
                 stall_time: config.cache.stall_time,
                 invalid_grace: config.cleaner.invalid_grace,
             };
-            let report = driver.reconcile(policy, SystemTime::now()).await?;
+            let report = driver.reconcile(policy, SystemTime::now(), force).await?;
             for id in &report.adopted {
                 println!("adopted {id}: file without a row");
             }
             for id in &report.removed_rows {
                 println!("removed row {id}: file is gone");
             }
+            for id in &report.resized {
+                println!("refreshed row {id}: file changed size, checksum cleared");
+            }
             println!(
-                "reconciled: {} adopted, {} rows removed, {} leftover files cleaned",
+                "reconciled: {} adopted, {} rows removed, {} rows refreshed, {} leftover files cleaned",
                 report.adopted.len(),
                 report.removed_rows.len(),
+                report.resized.len(),
                 report.cleaned.files()
             );
         }
@@ -375,7 +379,11 @@ pub fn import_glance_config(
 }
 
 /// `glance-cached run`: the daemon, on a multi-threaded runtime with daemon logging.
-pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow::Result<ExitCode> {
+pub fn run_daemon(
+    config_arg: Option<std::path::PathBuf>,
+    force: bool,
+    force_reconcile: bool,
+) -> anyhow::Result<ExitCode> {
     let path = resolve_config_path(config_arg.as_deref());
     let config = Config::load(path.as_deref())?;
     super::owner::act_as_cache_owner(&config.cache.dir)?;
@@ -387,6 +395,7 @@ pub fn run_daemon(config_arg: Option<std::path::PathBuf>, force: bool) -> anyhow
     let options = crate::daemon::RunOptions {
         config_path: path,
         force,
+        force_reconcile,
     };
     runtime.block_on(crate::daemon::run(config, options, Some(log_level)))?;
     // Blocking threads (a stuck filesystem call) must not hold the exit.
@@ -443,8 +452,20 @@ pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver
         }
         layout = Some(open_layout()?);
     }
-    let mut options = config.database.db_options();
-    options.read_only = access == Access::ReadOnly;
+    let options = match access {
+        Access::ReadWrite => crate::daemon::prepare_database(config).await?,
+        // Looking moves and creates nothing: a database not yet moved from the old
+        // default place is read where it is.
+        Access::ReadOnly => {
+            let mut options = config.database.db_options();
+            let legacy = dir.join(crate::db::location::LEGACY_SQLITE_FILE);
+            if options.sqlite_file.as_ref().is_some_and(|f| !f.exists()) && legacy.is_file() {
+                options.sqlite_file = Some(legacy);
+            }
+            options.read_only = true;
+            options
+        }
+    };
     let db = Db::connect(&config.database.url, &options).await?;
     let layout = match layout {
         Some(layout) => layout,

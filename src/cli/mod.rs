@@ -36,10 +36,20 @@ pub enum Command {
         /// Start even if another daemon seems to serve this node (its lease is fresh)
         #[arg(long)]
         force: bool,
+        /// Drop the rows of missing files at start even when more than half of this
+        /// node's images have lost their files (otherwise refused: an unmounted cache
+        /// filesystem looks the same)
+        #[arg(long)]
+        force_reconcile: bool,
     },
-    /// Make disk and database agree: adopt files without rows, drop rows without files,
-    /// clean leftovers
-    Reconcile,
+    /// Make disk and database agree: adopt files without rows, refresh rows whose file
+    /// changed size, drop rows without files, clean leftovers
+    Reconcile {
+        /// Drop the rows of missing files even when more than half of this node's
+        /// images have lost their files
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate the configuration and print the effective values (secrets masked)
     CheckConfig,
     /// List this node's cached images
@@ -154,7 +164,10 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 /// Runs the parsed command line; the binary maps an error to `error: ...` and exit 1.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Run { force } => return commands::run_daemon(cli.config, *force),
+        Command::Run {
+            force,
+            force_reconcile,
+        } => return commands::run_daemon(cli.config, *force, *force_reconcile),
         Command::Man => return commands::man_page(),
         Command::Completions { shell } => return commands::completions(*shell),
         Command::ImportGlanceConfig {

@@ -30,9 +30,11 @@ pub const CONFIG_PATH_ENV: &str = "GLANCE_CACHED_CONFIG";
 pub const ENV_PREFIX: &str = "GLANCE_CACHED_";
 /// Where Glance's packages put the cache, and so our default.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/glance/image-cache";
-/// The SQLite file created inside the cache directory when `database.url` is unset. It
-/// ends in `.db`, which Glance's own listing skips.
-pub const DEFAULT_SQLITE_FILE: &str = "glance-cached.db";
+/// The SQLite file used when `database.url` is unset: in a directory of its own inside
+/// the cache directory, which Glance never lists, counts or deletes (it skips
+/// directories; at the top it would delete the `-wal` and `-shm` files). The packages
+/// set a state directory outside the cache instead (see the README).
+pub const DEFAULT_SQLITE_FILE: &str = ".glance-cached/glance-cached.db";
 /// Node name used with the embedded SQLite database when none is configured.
 pub const DEFAULT_NODE_URL: &str = "http://localhost:9292";
 

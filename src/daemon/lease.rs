@@ -1,12 +1,20 @@
 //! The node lease: taken at boot so a second daemon with the same `node.reference_url`
 //! on the same database is refused, renewed by this loop while we run, released at a
 //! clean shutdown. Losing it (a forced takeover) stops this daemon.
+//!
+//! With SQLite, each heartbeat also checks that the database's path still names the
+//! file the daemon opened: a file deleted or replaced under it (an operator's `rm`, a
+//! backup restored with `mv`) would leave the daemon on an orphaned inode while the CLI
+//! and a second daemon use a new file. The daemon stops, and systemd restarts it on
+//! the file the path names now.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::Context;
 use super::Task;
@@ -19,15 +27,65 @@ pub fn expired_before(ttl: Duration) -> DbTime {
     DbTime::from_utc(clock::now() - ttl)
 }
 
+/// The SQLite file the daemon opened: its path, and the device and inode it had then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl DbFile {
+    /// The identity of the file at `path` now (taken once the pool has opened it);
+    /// `None` when it cannot be read (an in-memory database has no file).
+    pub fn identify(path: &Path) -> Option<DbFile> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(DbFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Why the path no longer names the opened file, if it does not. A stat that fails
+    /// otherwise (a permission change) is logged and not fatal.
+    fn gone(&self) -> Option<String> {
+        let what = match std::fs::metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == (self.dev, self.ino) => return None,
+            Ok(_) => "was replaced by another file",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "was deleted",
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "cannot check the SQLite database file");
+                return None;
+            }
+        };
+        Some(format!(
+            "the SQLite database {} {what} while the daemon ran on it; stopping so that a restart opens the file the path names now",
+            self.path.display()
+        ))
+    }
+}
+
 pub struct LeaseWorker {
     ctx: Context,
     holder: String,
+    db_file: Option<DbFile>,
     fatal: mpsc::UnboundedSender<String>,
 }
 
 impl LeaseWorker {
-    pub fn new(ctx: Context, holder: String, fatal: mpsc::UnboundedSender<String>) -> Self {
-        LeaseWorker { ctx, holder, fatal }
+    pub fn new(
+        ctx: Context,
+        holder: String,
+        db_file: Option<DbFile>,
+        fatal: mpsc::UnboundedSender<String>,
+    ) -> Self {
+        LeaseWorker {
+            ctx,
+            holder,
+            db_file,
+            fatal,
+        }
     }
 }
 
@@ -40,6 +98,11 @@ impl Worker for LeaseWorker {
 
     async fn step(&mut self) -> Result<Next, DbError> {
         let ttl = self.ctx.config().daemon.lease_ttl;
+        if let Some(message) = self.db_file.as_ref().and_then(DbFile::gone) {
+            error!("{message}");
+            let _ = self.fatal.send(message);
+            return Ok(Next::IdleUntil(Instant::now() + ttl / 3));
+        }
         let now = DbTime::from_utc(clock::now());
         let held = self
             .ctx

@@ -82,6 +82,8 @@ pub enum DaemonError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    DbLocation(#[from] crate::db::location::LocationError),
     /// A shutdown signal came during start-up: not a failure.
     #[error("stopped by {0} during start-up")]
     Stopped(&'static str),
@@ -149,6 +151,8 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
     /// Take the node's lease even if another daemon seems to hold it.
     pub force: bool,
+    /// Let the start-up reconcile drop the rows of missing files however many they are.
+    pub force_reconcile: bool,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
@@ -194,7 +198,7 @@ async fn boot_and_serve(
         .map_err(CacheError::from)?;
     // Held until the process ends: the kernel releases it however we exit.
     let _directory_lock = lock_directory(&config.cache.dir)?;
-    let db_options = config.database.db_options();
+    let db_options = boot.phase(prepare_database(&config)).await??;
     let db = boot
         .phase(Db::connect(&config.database.url, &db_options))
         .await??;
@@ -205,6 +209,11 @@ async fn boot_and_serve(
             &config.node_reference_url,
         ))
         .await??;
+    // Taken once the pool has the file open (migrations ran on it).
+    let db_file = driver
+        .db()
+        .sqlite_file()
+        .and_then(|path| lease::DbFile::identify(&path));
 
     let holder = crate::process::holder_name();
     let taken = take_lease(&driver, &holder, &config, options.force, &mut boot).await;
@@ -215,6 +224,7 @@ async fn boot_and_serve(
             let result = serve(
                 driver.clone(),
                 config,
+                db_file,
                 &options,
                 log_level,
                 &holder,
@@ -243,6 +253,29 @@ async fn boot_and_serve(
         warn!("the database connections did not close in time");
     }
     result
+}
+
+/// The connection settings for the configured database, with a SQLite file made ready
+/// to open (its directory; a database at the old default place moved in once no live
+/// daemon holds it) and named by path.
+pub async fn prepare_database(
+    config: &Config,
+) -> Result<crate::db::DbOptions, crate::db::location::LocationError> {
+    let mut options = config.database.db_options();
+    let file = match &options.sqlite_file {
+        Some(file) => Some(file.clone()),
+        None => crate::db::location::sqlite_path(&config.database.url),
+    };
+    if let Some(file) = file {
+        let ttl = config.daemon.lease_ttl;
+        let chosen = crate::db::location::prepare_sqlite(&file, &config.cache.dir, |holder, at| {
+            at > lease::expired_before(ttl)
+                && process::holder_state(holder) != process::HolderState::Gone
+        })
+        .await?;
+        options.sqlite_file = Some(chosen);
+    }
+    Ok(options)
 }
 
 /// The signals as seen during start-up: a shutdown signal ends the phase in progress,
@@ -383,9 +416,11 @@ async fn take_lease(
 }
 
 /// Reconcile, start the loops, supervise, and tear down.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     driver: CacheDriver,
     config: Config,
+    db_file: Option<lease::DbFile>,
     options: &RunOptions,
     log_level: Option<LogLevelHandle>,
     holder: &str,
@@ -400,11 +435,13 @@ async fn serve(
                 invalid_grace: config.cleaner.invalid_grace,
             },
             clock::system_now(),
+            options.force_reconcile,
         ))
         .await??;
     info!(
         adopted = report.adopted.len(),
         removed_rows = report.removed_rows.len(),
+        resized = report.resized.len(),
         cleaned = report.cleaned.files(),
         "reconcile done"
     );
@@ -475,7 +512,7 @@ async fn serve(
         ctx.nudges.queue.clone()
     );
     spawn_loop!(
-        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), fatal_tx),
+        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal_tx),
         Arc::new(Notify::new())
     );
     if let Some(upstream) = upstream {

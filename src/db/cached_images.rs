@@ -330,6 +330,31 @@ impl Db {
         Ok(adopted)
     }
 
+    /// Sets the size of `image_id`'s row to `size` and clears its checksum, if the row
+    /// still records `old_size` (a writer that has re-cached the image since wrote a
+    /// row of its own, which stays). Returns whether the row changed.
+    pub async fn refresh_cached_image_size(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        old_size: i64,
+        size: i64,
+    ) -> Result<bool, DbError> {
+        const Q: &str = "UPDATE cached_images SET size = ?, checksum = NULL \
+             WHERE node_reference_id = ? AND image_id = ? AND size = ?";
+        let n = on_pool!(self, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(size)
+                .bind(node.0)
+                .bind(image_id)
+                .bind(old_size)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
     /// Deletes one row of this node. Returns the number of rows deleted.
     pub async fn delete_cached_image(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";

@@ -8,6 +8,7 @@
 mod cached_images;
 mod lease;
 pub mod legacy;
+pub mod location;
 mod node;
 mod queue;
 mod schema;
@@ -300,6 +301,14 @@ impl Db {
 
     pub fn dialect(&self) -> Dialect {
         on_pool!(self, |_pool, d| d)
+    }
+
+    /// The file of a SQLite database (`None` for a server database).
+    pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        match &self.pool {
+            Pool::Sqlite(pool) => Some(pool.connect_options().get_filename().to_path_buf()),
+            _ => None,
+        }
     }
 
     /// Checks that the database answers.

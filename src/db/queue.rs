@@ -112,12 +112,13 @@ impl Db {
         Ok(revived > 0)
     }
 
-    /// The ids this node has queued (not failed ones), for passes over many markers.
+    /// The ids this node has queued (not failed ones), each with whether it is claimed
+    /// now (a claim that ran out counts), for passes over many markers.
     pub async fn queued_ids(
         &self,
         node: NodeId,
-    ) -> Result<std::collections::HashSet<String>, DbError> {
-        const Q: &str = "SELECT image_id FROM glance_cached_queue \
+    ) -> Result<std::collections::HashMap<String, bool>, DbError> {
+        const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
         let ids = on_pool!(self, |pool, d| {
             sqlx::query(sql(d, Q))
@@ -125,10 +126,51 @@ impl Db {
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<_, _>>()?
+                .map(|r| {
+                    Ok((
+                        r.try_get::<String, _>(0)?,
+                        r.try_get::<Option<String>, _>(1)?.is_some(),
+                    ))
+                })
+                .collect::<Result<_, sqlx::Error>>()?
         });
         Ok(ids)
+    }
+
+    /// Removes `image_id` from this node's queue if it is still queued and unclaimed, or
+    /// claimed by `holder` when one is given (a row failed, claimed or re-queued since it
+    /// was read stays). Returns whether it went.
+    pub async fn dequeue_if_idle(
+        &self,
+        node: NodeId,
+        image_id: &str,
+        holder: Option<&str>,
+    ) -> Result<bool, DbError> {
+        const UNCLAIMED: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ? \
+             AND image_id = ? AND state = 'queued' AND claimed_by IS NULL";
+        const HOLDERS: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ? \
+             AND image_id = ? AND state = 'queued' AND claimed_by = ?";
+        let n = on_pool!(self, |pool, d| {
+            match holder {
+                None => {
+                    sqlx::query(sql(d, UNCLAIMED))
+                        .bind(node.0)
+                        .bind(image_id)
+                        .execute(pool)
+                        .await?
+                }
+                Some(holder) => {
+                    sqlx::query(sql(d, HOLDERS))
+                        .bind(node.0)
+                        .bind(image_id)
+                        .bind(holder)
+                        .execute(pool)
+                        .await?
+                }
+            }
+            .rows_affected()
+        });
+        Ok(n > 0)
     }
 
     /// Whether this node has `image_id` queued (a `failed` row does not count).

@@ -1,5 +1,11 @@
 //! Glance's v2 API: `GET /v2/images/{id}` for status, size and checksums, then
 //! `GET /v2/images/{id}/file` for the bytes, authenticated with `X-Auth-Token`.
+//!
+//! The bytes are asked for with `Range: bytes=0-`: Glance's cache middleware tees every
+//! un-ranged download into its cache directory (ours, when glance-api shares it: its
+//! `incomplete/<id>` then makes our O_EXCL writer fail at every retry) and serves
+//! ranged requests neither from nor into its cache. A prefetch must never fill, or be
+//! served by, the cache of the node it asks.
 
 use std::path::PathBuf;
 
@@ -50,10 +56,18 @@ impl GlanceUpstream {
         }
     }
 
-    /// GET with the token; on 401 a Keystone token is renewed and the request retried once.
-    async fn get(&self, url: &str) -> Result<reqwest::Response, UpstreamError> {
+    /// GET with the token (and `range`, if given); on 401 a Keystone token is renewed
+    /// and the request retried once.
+    async fn get(
+        &self,
+        url: &str,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         for attempt in 0..2 {
             let mut request = self.client.get(url);
+            if let Some(range) = range {
+                request = request.header(reqwest::header::RANGE, range);
+            }
             if let Some(token) = self.token().await? {
                 request = request.header("X-Auth-Token", token);
             }
@@ -75,7 +89,12 @@ impl GlanceUpstream {
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let url = format!("{}/v2/images/{id}", self.base);
-        let image: serde_json::Value = self.get(&url).await?.json().await.map_err(http_error)?;
+        let image: serde_json::Value = self
+            .get(&url, None)
+            .await?
+            .json()
+            .await
+            .map_err(http_error)?;
         let status = image["status"].as_str().unwrap_or("unknown");
         if status != "active" {
             return Err(UpstreamError::Permanent(format!(
@@ -111,7 +130,74 @@ impl GlanceUpstream {
             },
             os_hash,
         };
-        let response = self.get(&format!("{url}/file")).await?;
+        // A range starting at 0 is not satisfiable on an empty image (416): there are
+        // no bytes to ask for.
+        if meta.size == Some(0) {
+            return Ok((meta, ImageStream::Empty));
+        }
+        let file_url = format!("{url}/file");
+        let response = self.get(&file_url, Some(WHOLE_IMAGE)).await?;
+        whole_body(&response, meta.size, &file_url)?;
         Ok((meta, ImageStream::Http(response)))
+    }
+}
+
+/// The range that is the whole image: ranged, so no cache middleware tees or serves it.
+const WHOLE_IMAGE: &str = "bytes=0-";
+
+/// Checks that a successful answer to [`WHOLE_IMAGE`] carries the whole image: `200`, or
+/// `206` whose `Content-Range` runs from 0 to the last byte (of `size`, when the image
+/// record gave one). Anything else would be cached as a truncated image and is refused.
+fn whole_body(
+    response: &reqwest::Response,
+    size: Option<u64>,
+    url: &str,
+) -> Result<(), UpstreamError> {
+    match response.status() {
+        reqwest::StatusCode::OK => Ok(()),
+        reqwest::StatusCode::PARTIAL_CONTENT => {
+            let header = response
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok());
+            match header.and_then(parse_content_range) {
+                Some((0, last, total)) if last + 1 == total && size.is_none_or(|s| s == total) => {
+                    Ok(())
+                }
+                _ => Err(UpstreamError::Permanent(format!(
+                    "GET {url}: HTTP 206 with Content-Range {header:?}, not the whole image{}",
+                    size.map(|s| format!(" of {s} bytes")).unwrap_or_default()
+                ))),
+            }
+        }
+        status => Err(UpstreamError::Permanent(format!(
+            "GET {url}: HTTP {status} to a request for the whole image"
+        ))),
+    }
+}
+
+/// `bytes FIRST-LAST/TOTAL` as numbers; `None` for anything else (`*` totals included).
+fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let first = first.trim().parse().ok()?;
+    let last: u64 = last.trim().parse().ok()?;
+    let total = total.trim().parse().ok()?;
+    (first <= last).then_some((first, last, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_ranges_are_parsed_strictly() {
+        assert_eq!(parse_content_range("bytes 0-99/100"), Some((0, 99, 100)));
+        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9, 10)));
+        assert_eq!(parse_content_range("bytes 0-99/*"), None);
+        assert_eq!(parse_content_range("bytes 9-5/10"), None);
+        assert_eq!(parse_content_range("items 0-9/10"), None);
+        assert_eq!(parse_content_range("bytes 0-x/10"), None);
+        assert_eq!(parse_content_range(""), None);
     }
 }

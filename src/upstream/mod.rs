@@ -45,6 +45,8 @@ pub enum UpstreamError {
 pub enum ImageStream {
     Http(reqwest::Response),
     File(tokio::fs::File),
+    /// An image of no bytes (nothing to ask an upstream for).
+    Empty,
 }
 
 /// Bytes per read from a file upstream.
@@ -55,6 +57,7 @@ impl ImageStream {
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match self {
             ImageStream::Http(response) => response.chunk().await.map_err(http_error),
+            ImageStream::Empty => Ok(None),
             ImageStream::File(file) => {
                 use tokio::io::AsyncReadExt;
                 let mut buf = vec![0u8; FILE_CHUNK_BYTES];

@@ -760,7 +760,7 @@ fn read_only_commands_create_nothing() {
             "-c",
             "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from node_reference').fetchone()[0])",
         ])
-        .arg(env.cache("glance-cached.db"))
+        .arg(env.cache(".glance-cached/glance-cached.db"))
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&nodes.stdout).trim(), "1");

@@ -706,7 +706,7 @@ fn watchdog_pings_only_while_loops_are_healthy() {
     d.notify.wait_for(first + 1, SOON, |m| m == "WATCHDOG=1\n");
     // Wedge the queue loop: another process holds the SQLite write lock, and a queue
     // marker makes the loop try to write (it waits on SQLite's busy timeout).
-    let db = s.cache("glance-cached.db");
+    let db = s.cache(".glance-cached/glance-cached.db");
     let mut locker = lock_sqlite(&db, 4);
     std::fs::write(s.cache("queue/wedge"), b"").unwrap();
     eventually(SOON, "the daemon notices the stuck loop", || {

@@ -50,6 +50,7 @@ driver_suite!(
     queue_image_follows_glance_order_of_checks,
     queued_images_are_ordered_and_markers_adopted,
     delete_queued_removes_rows_and_markers,
+    a_marker_removed_through_glance_dequeues_its_row,
     open_for_write_publishes_verified_image,
     open_for_write_failures_never_publish,
     concurrent_writers_of_one_image,
@@ -194,6 +195,48 @@ async fn delete_queued_removes_rows_and_markers(b: Backend) {
     assert_eq!(t.driver.delete_all_queued_images().await.unwrap(), 3);
     assert!(t.driver.get_queued_images().await.unwrap().is_empty());
     assert_eq!(std::fs::read_dir(t.path("queue")).unwrap().count(), 0);
+    t.finish().await;
+}
+
+/// The queue is shared both ways: a queued row whose marker Glance removed is dequeued
+/// (at the next pass over the markers, or when a prefetcher claims it), unless it is
+/// being downloaded or failed.
+async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["m1", "m2", "m3", "m4"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ttl = Duration::from_secs(60);
+    let claimed = t.driver.claim_next("worker", ttl).await.unwrap().unwrap();
+    assert_eq!(claimed.image_id.as_str(), "m1");
+    // Glance's DELETE /v2/cache/{id} on m1 (being downloaded) and m2.
+    for image in ["m1", "m2"] {
+        std::fs::remove_file(t.path(&format!("queue/{image}"))).unwrap();
+    }
+    let ids = |q: Vec<glance_cached::cache::QueuedImage>| -> Vec<String> {
+        q.into_iter().map(|q| q.image_id.to_string()).collect()
+    };
+    assert_eq!(
+        ids(t.driver.get_queued_images().await.unwrap()),
+        ["m1", "m3", "m4"],
+        "the claimed download keeps its row"
+    );
+    // Removed after the last pass: the prefetcher's claim skips it.
+    std::fs::remove_file(t.path("queue/m3")).unwrap();
+    let next = t.driver.claim_next("worker", ttl).await.unwrap().unwrap();
+    assert_eq!(next.image_id.as_str(), "m4");
+    assert!(!t.driver.is_queued(&id("m3")).await.unwrap());
+    // A failed row loses its marker on purpose and keeps its reason.
+    t.driver.give_up(&id("m4"), 1, "HTTP 404").await.unwrap();
+    let rows = t.driver.get_queued_images().await.unwrap();
+    assert!(
+        rows.iter()
+            .any(|q| q.image_id.as_str() == "m4" && q.state == "failed"),
+        "{rows:?}"
+    );
     t.finish().await;
 }
 

@@ -355,7 +355,7 @@ fn mariadb_down_for_a_minute_with_downloads_in_flight() {
 fn a_locked_sqlite_file_is_a_clear_error_and_retried() {
     let s = Setup::new("");
     let mut d = s.start();
-    let db: PathBuf = s.cache("glance-cached.db");
+    let db: PathBuf = s.cache(".glance-cached/glance-cached.db");
     let mut locker = lock_sqlite(&db, 15);
     let locked_at = Instant::now();
     // The daemon: work arriving meanwhile waits out the busy timeout, fails,

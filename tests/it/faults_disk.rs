@@ -124,7 +124,7 @@ fn a_full_disk_aborts_the_download_frees_the_space_and_the_next_one_fits() {
     .unwrap();
     let mut d = s.start();
     assert!(
-        !s.cache("glance-cached.db").exists(),
+        !s.cache(".glance-cached/glance-cached.db").exists(),
         "the database is not on the tmpfs"
     );
     let empty = mount.free();

@@ -201,7 +201,11 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
         stall_time: Duration::from_secs(3600),
         invalid_grace: Duration::ZERO,
     };
-    let report = t.driver.reconcile(policy, SystemTime::now()).await.unwrap();
+    let report = t
+        .driver
+        .reconcile(policy, SystemTime::now(), false)
+        .await
+        .unwrap();
     assert!(!report.changed(), "{report:?}");
     // Over max_size by one image: the unreadable row goes first, as the oldest.
     let report = t
@@ -537,7 +541,7 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
         );
         assert!(listed.contains("old-a"), "{name}: {listed}");
         assert!(
-            dir.join("glance-cached.db").is_file(),
+            dir.join(".glance-cached/glance-cached.db").is_file(),
             "{name}: no database in its dir"
         );
     }

@@ -46,7 +46,10 @@ async fn concurrent_prunes_and_downloads_stop_at_the_target(backend: Backend) {
         stall_time: Duration::from_secs(3600),
         invalid_grace: Duration::from_secs(3600),
     };
-    c.driver.reconcile(policy, SystemTime::now()).await.unwrap();
+    c.driver
+        .reconcile(policy, SystemTime::now(), false)
+        .await
+        .unwrap();
     let origin = c.dir.path().join("origin");
     std::fs::create_dir(&origin).unwrap();
     for n in 0..4 {
@@ -122,7 +125,10 @@ fn lease_heartbeat(s: &Setup) -> String {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let url = format!("sqlite://{}?mode=ro", s.cache("glance-cached.db").display());
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            s.cache(".glance-cached/glance-cached.db").display()
+        );
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         let heartbeat: String = sqlx::query_scalar("SELECT heartbeat_at FROM glance_cached_lease")
             .fetch_one(&pool)

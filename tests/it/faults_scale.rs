@@ -271,7 +271,10 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
     .unwrap();
     let d = s.start();
     let db = Db::connect(
-        &format!("sqlite://{}", s.cache("glance-cached.db").display()),
+        &format!(
+            "sqlite://{}",
+            s.cache(".glance-cached/glance-cached.db").display()
+        ),
         &DbOptions::default(),
     )
     .await

@@ -277,7 +277,10 @@ fn glance_lock_files_taken_while_the_daemon_runs_are_never_images() {
     use crate::daemon_kit::eventually;
 
     let s = Setup::new("max_size = 3000");
-    let db_url = format!("sqlite://{}", s.cache("glance-cached.db").display());
+    let db_url = format!(
+        "sqlite://{}",
+        s.cache(".glance-cached/glance-cached.db").display()
+    );
     let Some(glance) = Glance::new(&s.cache(""), &db_url) else {
         return;
     };

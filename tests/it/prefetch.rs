@@ -512,7 +512,10 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
         .unwrap();
     runtime.block_on(async {
         let db = Db::connect(
-            &format!("sqlite://{}", s.cache("glance-cached.db").display()),
+            &format!(
+                "sqlite://{}",
+                s.cache(".glance-cached/glance-cached.db").display()
+            ),
             &DbOptions::default(),
         )
         .await
