@@ -189,7 +189,7 @@ fn a_paused_download_is_never_cleaned_and_only_its_own_bytes_are_published() {
     eventually(Duration::from_secs(20), "the commit ends", || {
         s.cache("paused").exists()
             || d.log_text()
-                .contains("removed or replaced by another writer")
+                .contains("by another writer; nothing published")
     });
     assert!(
         !s.cache("paused").exists(),
