@@ -48,7 +48,7 @@ fn subdirectories_swapped_under_a_running_daemon_are_never_followed() {
         let from = d.notify.mark();
         std::fs::rename(&dir, &held).unwrap();
         symlink(&canary.root, &dir).unwrap();
-        // The watcher sees the swap in the root; every loop checks its handles.
+        // The watcher sees the swap in the root; the cleaner checks the handles.
         d.notify.wait_for(from, SOON, |m| {
             m.contains("STATUS=")
                 && m.contains("replaced after start")
