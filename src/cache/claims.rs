@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::driver::{QueuedImage, queued_image};
 use super::layout::Area;
@@ -100,7 +100,12 @@ impl CacheDriver {
                 error,
             )
             .await?;
-        self.remove_queue_marker(id)?;
+        // The outcome is recorded; a marker that cannot go (its directory replaced, say)
+        // is no reason to treat it as lost. A failure newer than the marker keeps it
+        // from reviving the image.
+        if let Err(error) = self.remove_queue_marker(id) {
+            warn!(image_id = %id, %error, "dropped from the queue, but its marker could not be removed");
+        }
         Ok(())
     }
 

@@ -27,6 +27,10 @@ use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 /// runs as `glance`), never by other local users.
 pub const DIR_MODE: u32 = 0o750;
 pub const FILE_MODE: u32 = 0o640;
+/// Files being written are read-only for everyone: the creating descriptor still
+/// writes, but nobody can open one for writing later (Glance's `open_for_write` opens
+/// without O_EXCL and would truncate ours in place). Published, they get `FILE_MODE`.
+pub const WRITING_MODE: u32 = 0o440;
 
 /// How many skipped names a listing keeps as examples: enough to find them, bounded so
 /// 20,000 planted entries cost one short log line, not 20,000.
@@ -544,15 +548,26 @@ impl CacheLayout {
     }
 
     /// Creates `id` in `area` for writing, failing with `AlreadyExists` if anything has
-    /// that name (O_EXCL; a symlink counts and is never followed).
+    /// that name (O_EXCL; a symlink counts and is never followed). The file is created
+    /// `WRITING_MODE`: only the returned descriptor can write to it.
     pub fn create_new(&self, area: Area, id: &ImageId) -> io::Result<File> {
         let fd = rustix::fs::openat(
             self.fd(area)?,
             id.as_str(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(FILE_MODE),
+            Mode::from_raw_mode(WRITING_MODE),
         )?;
         Ok(File::from(fd))
+    }
+
+    /// Gives a written file its published mode (`FILE_MODE`), through its descriptor.
+    pub fn set_published_mode(&self, file: &File) -> io::Result<()> {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(FILE_MODE)).map_err(Into::into)
+    }
+
+    /// The size of the open `file` now (what the kernel has, not what a writer counted).
+    pub fn open_file_size(&self, file: &File) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(file)?.st_size.max(0) as u64)
     }
 
     /// Marks `file` as being written, for as long as it stays open: no glance-cached
@@ -768,6 +783,44 @@ mod tests {
         fs::rename(tmp.path().join("moved"), &invalid).unwrap();
         assert!(layout.replaced_dirs().is_empty());
         assert!(layout.list(Area::Invalid).unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn a_file_being_written_cannot_be_opened_for_writing_even_by_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let id = ImageId::parse("w").unwrap();
+        let mut ours = layout.create_new(Area::Incomplete, &id).unwrap();
+        std::io::Write::write_all(&mut ours, b"ours").unwrap();
+        let path = layout.path(Area::Incomplete, &id);
+        // Root ignores modes: a thread whose filesystem uid owns the file plays the
+        // other writer (Glance's `open(path, 'wb')` as the same service user).
+        let owner = if rustix::process::geteuid().is_root() {
+            const OTHER_UID: u32 = 65534;
+            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&path, Some(OTHER_UID), None).unwrap();
+            Some(OTHER_UID)
+        } else {
+            None
+        };
+        let opened = std::thread::spawn(move || {
+            if let Some(uid) = owner {
+                // SAFETY: setfsuid only changes this thread's filesystem uid (and drops
+                // its filesystem capabilities); the thread ends right after.
+                unsafe { libc::setfsuid(uid) };
+            }
+            fs::OpenOptions::new().write(true).open(&path).map(drop)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            opened.map_err(|e| e.kind()),
+            Err(io::ErrorKind::PermissionDenied)
+        );
+        layout.set_published_mode(&ours).unwrap();
+        let mode = rustix::fs::fstat(&ours).unwrap().st_mode & 0o777;
+        assert_eq!(mode, FILE_MODE);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub enum CacheError {
     #[error("image {0} is already being written to the cache")]
     AlreadyBeingWritten(ImageId),
     #[error(
-        "image {0}'s file in incomplete/ was removed or replaced by another writer while it was written; nothing was published"
+        "image {0}'s file in incomplete/ was removed, replaced or changed by another writer while it was written; nothing was published"
     )]
     Replaced(ImageId),
     #[error("image {0} is not cached")]

@@ -228,6 +228,7 @@ impl ImageWriter {
         };
         let id = self.image_id.clone();
         let driver = self.driver.clone();
+        let written = self.written;
         let durable = crate::blocking(move || -> Result<(), CacheError> {
             let failed = |e: CacheError| {
                 move_to_invalid(&driver, &id, &file, "publish failed");
@@ -235,6 +236,19 @@ impl ImageWriter {
             };
             file.sync_all()
                 .map_err(CacheError::io("fsync", &incomplete))
+                .map_err(failed)?;
+            // Someone who could still open it (root, or its owner after a chmod) and
+            // truncated or extended it changed its size: not the verified bytes.
+            let size = layout
+                .open_file_size(&file)
+                .map_err(CacheError::io("stat", &incomplete))
+                .map_err(failed)?;
+            if size != written {
+                return Err(failed(CacheError::Replaced(id.clone())));
+            }
+            layout
+                .set_published_mode(&file)
+                .map_err(CacheError::io("chmod", &incomplete))
                 .map_err(failed)?;
             crate::failpoint::hit("writer:before-rename");
             // The file stays open (and locked) until it is in place: the move checks by
@@ -254,7 +268,7 @@ impl ImageWriter {
         .await;
         if let Err(e) = durable {
             if matches!(e, CacheError::Replaced(_)) {
-                warn!(image_id = %self.image_id, "the file being written was removed or replaced by another writer; nothing published");
+                warn!(image_id = %self.image_id, "the file being written was removed, replaced or changed by another writer; nothing published");
             }
             return Err(e);
         }

@@ -115,8 +115,10 @@ impl Dirs {
             let wake = if same(parent, &self.root)
                 && Area::SUBDIRS.iter().any(|a| same(path, self.dir(*a)))
             {
-                // A subdirectory renamed or replaced: every loop checks its handles.
-                Wake::All
+                // A subdirectory renamed or replaced: the cleaner checks the handles and
+                // shows it in STATUS (the other loops find out at their next use; waking
+                // them all at every event of an exchange loop would only churn).
+                Wake::Cleaner
             } else if same(parent, &self.invalid) || same(parent, &self.incomplete) {
                 Wake::Cleaner
             } else if same(parent, &self.queue) {

@@ -48,7 +48,7 @@ fn subdirectories_swapped_under_a_running_daemon_are_never_followed() {
         let from = d.notify.mark();
         std::fs::rename(&dir, &held).unwrap();
         symlink(&canary.root, &dir).unwrap();
-        // The watcher sees the swap in the root; every loop checks its handles.
+        // The watcher sees the swap in the root; the cleaner checks the handles.
         d.notify.wait_for(from, SOON, |m| {
             m.contains("STATUS=")
                 && m.contains("replaced after start")
@@ -189,7 +189,7 @@ fn a_paused_download_is_never_cleaned_and_only_its_own_bytes_are_published() {
     eventually(Duration::from_secs(20), "the commit ends", || {
         s.cache("paused").exists()
             || d.log_text()
-                .contains("removed or replaced by another writer")
+                .contains("by another writer; nothing published")
     });
     assert!(
         !s.cache("paused").exists(),
@@ -244,4 +244,73 @@ fn planted_entries_neither_flood_nor_forge_the_log() {
     assert!(d.alive());
     d.stop();
     canary.finish("planted log flood");
+}
+
+/// The prefetcher giving up on an image while `queue/` is a symlink to the canary tree:
+/// its marker is removed through the held directory or not at all, never through the
+/// link (where a canary file has the image's name).
+#[test]
+fn a_prefetch_giving_up_through_a_swapped_queue_never_leaves_the_cache() {
+    use glance_cached::db::{Db, DbOptions, DbTime};
+
+    let origin = Origin::start();
+    // Not active in Glance: the prefetcher gives up at once.
+    origin.add(
+        "victim",
+        b"x".to_vec(),
+        Behaviour {
+            status: Some("deleted".into()),
+            ..Default::default()
+        },
+    );
+    let s = Setup::new(&format!(
+        "[prefetcher]\ninterval = \"1s\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let canary = Canary::new(s.tmp.path());
+    let mut d = s.start();
+    let queue = s.cache("queue");
+    let from = d.notify.mark();
+    std::fs::rename(&queue, s.tmp.path().join("queue.held")).unwrap();
+    symlink(&canary.root, &queue).unwrap();
+    d.notify.wait_for(from, SOON, |m| {
+        m.contains("STATUS=") && m.contains("/queue\"")
+    });
+    // A queue row for an image named like a canary file, added the way another process
+    // (Glance, or an earlier run) would: straight into the database.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = Db::connect(
+            &format!("sqlite://{}", s.cache("glance-cached.db").display()),
+            &DbOptions::default(),
+        )
+        .await
+        .unwrap();
+        let node = db
+            .register_node(glance_cached::config::DEFAULT_NODE_URL)
+            .await
+            .unwrap();
+        let now = DbTime::from_utc(chrono::Utc::now());
+        assert!(db.enqueue(node, "victim", now).await.unwrap());
+        db.close().await;
+    });
+    // The outcome is recorded; that the marker could not go is said, and is no reason
+    // to treat the outcome as lost (and try the image again and again).
+    eventually(Duration::from_secs(20), "the prefetcher gives up", || {
+        d.log_text()
+            .contains("dropped from the queue, but its marker could not be removed")
+    });
+    assert!(
+        !d.log_text()
+            .contains("could not record the prefetch outcome"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.alive(), "{}", d.log_text());
+    canary.check("after the prefetcher gave up through a swapped queue/");
+    d.stop();
+    canary.finish("prefetch give-up through a swapped queue");
 }
