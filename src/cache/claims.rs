@@ -92,7 +92,7 @@ impl CacheDriver {
                 error,
             )
             .await?;
-        self.remove_queue_marker(id)?;
+        self.remove_queue_marker(id).await?;
         Ok(())
     }
 

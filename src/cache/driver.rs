@@ -118,8 +118,13 @@ impl CacheDriver {
 
     /// Whether `id` is cached, asked from a blocking thread (see `blocking`).
     pub async fn cached(&self, id: &ImageId) -> bool {
+        self.in_area(Area::Cached, id).await
+    }
+
+    /// Whether `area` has an entry for `id`, asked from a blocking thread.
+    async fn in_area(&self, area: Area, id: &ImageId) -> bool {
         let (layout, id) = (self.layout().clone(), id.clone());
-        blocking(move || layout.exists(Area::Cached, &id)).await
+        blocking(move || layout.exists(area, &id)).await
     }
 
     /// Blocking: a stat. Async code asks `cached` instead.
@@ -137,25 +142,25 @@ impl CacheDriver {
 
     /// Queued when this node has a queue row or a marker file for it.
     pub async fn is_queued(&self, id: &ImageId) -> Result<bool, CacheError> {
-        Ok(self.layout().exists(Area::Queue, id)
+        Ok(self.in_area(Area::Queue, id).await
             || self.db().is_queued(self.node(), id.as_str()).await?)
     }
 
     /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
     /// Glance does). Adds the queue row and the marker file Glance's API reads.
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        if self.is_cached(id) {
+        if self.cached(id).await {
             debug!(image_id = %id, "not queueing: already cached");
             return Ok(false);
         }
-        if self.is_being_cached(id) {
+        if self.in_area(Area::Incomplete, id).await {
             debug!(image_id = %id, "not queueing: being written to the cache");
             return Ok(false);
         }
         // A marker alone (Glance's PUT /v2/cache/{id}) means queued; a row is checked by
         // the insert itself, which adds nothing when one is queued already (one query
         // instead of a lookup and an insert).
-        if self.layout().exists(Area::Queue, id)
+        if self.in_area(Area::Queue, id).await
             || !self
                 .db()
                 .enqueue(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
@@ -165,12 +170,13 @@ impl CacheDriver {
             return Ok(false);
         }
         let marker = self.layout().path(Area::Queue, id);
-        self.layout()
-            .touch_marker(id)
+        let (layout, marker_id) = (self.layout().clone(), id.clone());
+        blocking(move || layout.touch_marker(&marker_id))
+            .await
             .map_err(CacheError::io("create queue marker", marker))?;
         // A prefetcher may have claimed, published and dequeued the image between the
         // row and the marker: then the marker is stale and goes.
-        if self.is_cached(id) {
+        if self.cached(id).await {
             self.dequeue_cached(id).await?;
         }
         Ok(true)
@@ -199,7 +205,7 @@ impl CacheDriver {
             let id = &marker.image_id;
             // A marker for a cached image is stale (the image was published after the
             // listing, or Glance queued a cached image): never queue a cached image.
-            if self.is_cached(id) {
+            if self.cached(id).await {
                 self.dequeue_cached(id).await?;
                 continue;
             }
@@ -213,7 +219,7 @@ impl CacheDriver {
                 .await?
             {
                 // Published (and dequeued) between the check and the insert: undo.
-                if self.is_cached(id) {
+                if self.cached(id).await {
                     self.dequeue_cached(id).await?;
                     continue;
                 }
@@ -237,18 +243,30 @@ impl CacheDriver {
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
     pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
         let rows = self.db().dequeue(self.node(), id.as_str()).await?;
-        let files = self.remove_queue_marker(id)?;
+        let files = self.remove_queue_marker(id).await?;
         Ok(u64::from(rows > 0 || files.is_some()))
     }
 
     /// Removes `id`'s marker from `queue/`, if there is one.
-    pub(super) fn remove_queue_marker(&self, id: &ImageId) -> Result<Option<u64>, CacheError> {
-        self.layout()
-            .remove(Area::Queue, id)
-            .map_err(CacheError::io(
-                "remove queue marker",
-                self.layout().path(Area::Queue, id),
-            ))
+    pub(super) async fn remove_queue_marker(
+        &self,
+        id: &ImageId,
+    ) -> Result<Option<u64>, CacheError> {
+        self.remove_file(Area::Queue, id, "remove queue marker")
+            .await
+    }
+
+    /// Removes `id`'s file from `area` on a blocking thread; `None` when there was none.
+    async fn remove_file(
+        &self,
+        area: Area,
+        id: &ImageId,
+        action: &'static str,
+    ) -> Result<Option<u64>, CacheError> {
+        let (layout, file_id) = (self.layout().clone(), id.clone());
+        blocking(move || layout.remove(area, &file_id))
+            .await
+            .map_err(CacheError::io(action, self.layout().path(area, id)))
     }
 
     /// Empties the queue: rows and markers. Returns how many images were queued.
@@ -258,7 +276,7 @@ impl CacheDriver {
         let mut ids: std::collections::BTreeSet<String> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
-            self.remove_queue_marker(&marker.image_id)?;
+            self.remove_queue_marker(&marker.image_id).await?;
             ids.insert(marker.image_id.to_string());
         }
         self.db().dequeue_all(self.node()).await?;
@@ -285,7 +303,7 @@ impl CacheDriver {
 
     /// 0 when the image file is absent, else the row's hits (0 without a row).
     pub async fn get_hit_count(&self, id: &ImageId) -> Result<u64, CacheError> {
-        if !self.is_cached(id) {
+        if !self.cached(id).await {
             return Ok(0);
         }
         Ok(self.db().hit_count(self.node(), id.as_str()).await?.max(0) as u64)
@@ -308,9 +326,9 @@ impl CacheDriver {
                 id: last.id,
             });
             if let Some(id) = rows.iter().find_map(|r| valid_row_id(&r.image_id)) {
-                let size = self
-                    .layout()
-                    .regular_file(Area::Cached, &id)
+                let (layout, file_id) = (self.layout().clone(), id.clone());
+                let size = blocking(move || layout.regular_file(Area::Cached, &file_id))
+                    .await
                     .ok()
                     .flatten()
                     .map_or(0, |m| m.len());
@@ -333,27 +351,31 @@ impl CacheDriver {
     /// are refused.
     pub async fn open_for_read(&self, id: &ImageId) -> Result<File, CacheError> {
         let path = self.layout().path(Area::Cached, id);
-        let opened = OpenOptions::new()
-            .read(true)
-            // O_NONBLOCK so a planted FIFO cannot hang us; it does nothing for files.
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
-            )
-            .open(&path);
+        let open_path = path.clone();
+        let opened = blocking(move || {
+            let file = OpenOptions::new()
+                .read(true)
+                // O_NONBLOCK so a planted FIFO cannot hang us; it does nothing for files.
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+                )
+                .open(&open_path)?;
+            let meta = file.metadata();
+            Ok::<_, std::io::Error>((file, meta))
+        })
+        .await;
         let hit = self
             .db()
             .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
             .await;
-        let file = match opened {
-            Ok(f) => f,
+        let (file, meta) = match opened {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CacheError::NotCached(id.clone()));
             }
             Err(e) => return Err(CacheError::io("open cached image", path)(e)),
         };
-        let meta = file
-            .metadata()
-            .map_err(CacheError::io("stat cached image", &path))?;
+        let meta = meta.map_err(CacheError::io("stat cached image", &path))?;
         if !meta.file_type().is_file() {
             warn!(path = %path.display(), "refusing to read a cache entry that is not a regular file");
             return Err(CacheError::NotCached(id.clone()));
@@ -365,11 +387,9 @@ impl CacheDriver {
     /// Deletes the file (if present) and this node's row. Returns whether a file was
     /// removed.
     pub async fn delete_cached_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        let path = self.layout().path(Area::Cached, id);
         let removed = self
-            .layout()
-            .remove(Area::Cached, id)
-            .map_err(CacheError::io("delete cached image", path))?;
+            .remove_file(Area::Cached, id, "delete cached image")
+            .await?;
         self.db()
             .delete_cached_image(self.node(), id.as_str())
             .await?;
@@ -382,11 +402,9 @@ impl CacheDriver {
         let listing = self.list(Area::Cached).await?;
         let mut deleted = 0;
         for file in &listing.files {
-            let path = self.layout().path(Area::Cached, &file.image_id);
             if self
-                .layout()
-                .remove(Area::Cached, &file.image_id)
-                .map_err(CacheError::io("delete cached image", path))?
+                .remove_file(Area::Cached, &file.image_id, "delete cached image")
+                .await?
                 .is_some()
             {
                 deleted += 1;
