@@ -103,7 +103,7 @@ impl CacheDriver {
         // The outcome is recorded; a marker that cannot go (its directory replaced, say)
         // is no reason to treat it as lost. A failure newer than the marker keeps it
         // from reviving the image.
-        if let Err(error) = self.remove_queue_marker(id) {
+        if let Err(error) = self.remove_queue_marker(id).await {
             warn!(image_id = %id, %error, "dropped from the queue, but its marker could not be removed");
         }
         Ok(())

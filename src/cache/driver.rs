@@ -137,8 +137,13 @@ impl CacheDriver {
 
     /// Whether `id` is cached, asked from a blocking thread (see `blocking`).
     pub async fn cached(&self, id: &ImageId) -> bool {
+        self.in_area(Area::Cached, id).await
+    }
+
+    /// Whether `area` has an entry for `id`, asked from a blocking thread.
+    async fn in_area(&self, area: Area, id: &ImageId) -> bool {
         let (layout, id) = (self.layout().clone(), id.clone());
-        blocking(move || layout.exists(Area::Cached, &id)).await
+        blocking(move || layout.exists(area, &id)).await
     }
 
     /// Blocking: a stat. Async code asks `cached` instead.
@@ -156,7 +161,7 @@ impl CacheDriver {
 
     /// Queued when this node has a queue row or a marker file for it.
     pub async fn is_queued(&self, id: &ImageId) -> Result<bool, CacheError> {
-        Ok(self.layout().exists(Area::Queue, id)
+        Ok(self.in_area(Area::Queue, id).await
             || self.db().is_queued(self.node(), id.as_str()).await?)
     }
 
@@ -165,16 +170,16 @@ impl CacheDriver {
     /// queued row always had its marker first, so one found without it was dequeued
     /// through Glance (see `adopt_queue_markers`).
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        if self.is_cached(id) {
+        if self.cached(id).await {
             debug!(image_id = %id, "not queueing: already cached");
             return Ok(false);
         }
-        if self.is_being_cached(id) {
+        if self.in_area(Area::Incomplete, id).await {
             debug!(image_id = %id, "not queueing: being written to the cache");
             return Ok(false);
         }
         // A marker alone (Glance's PUT /v2/cache/{id}) means queued.
-        if self.layout().exists(Area::Queue, id) {
+        if self.in_area(Area::Queue, id).await {
             debug!(image_id = %id, "not queueing: already queued");
             return Ok(false);
         }
@@ -183,8 +188,9 @@ impl CacheDriver {
         // then not revive the failure (it is newer than the request).
         let requested = DbTime::from_utc(clock::now());
         let marker = self.layout().path(Area::Queue, id);
-        self.layout()
-            .touch_marker(id)
+        let (layout, marker_id) = (self.layout().clone(), id.clone());
+        blocking(move || layout.touch_marker(&marker_id))
+            .await
             .map_err(CacheError::io("create queue marker", marker))?;
         // The insert adds nothing when a row is queued already (the queue loop may have
         // adopted the marker just made): queued either way.
@@ -193,7 +199,7 @@ impl CacheDriver {
             .await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
         // then the marker is stale and goes.
-        if self.is_cached(id) {
+        if self.cached(id).await {
             self.dequeue_cached(id).await?;
         }
         Ok(true)
@@ -231,7 +237,7 @@ impl CacheDriver {
             let id = &marker.image_id;
             // A marker for a cached image is stale (the image was published after the
             // listing, or Glance queued a cached image): never queue a cached image.
-            if self.is_cached(id) {
+            if self.cached(id).await {
                 self.dequeue_cached(id).await?;
                 continue;
             }
@@ -248,7 +254,7 @@ impl CacheDriver {
                 .await?
             {
                 // Published (and dequeued) between the check and the insert: undo.
-                if self.is_cached(id) {
+                if self.cached(id).await {
                     self.dequeue_cached(id).await?;
                     continue;
                 }
@@ -304,18 +310,30 @@ impl CacheDriver {
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
     pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
         let rows = self.db().dequeue(self.node(), id.as_str()).await?;
-        let files = self.remove_queue_marker(id)?;
+        let files = self.remove_queue_marker(id).await?;
         Ok(u64::from(rows > 0 || files.is_some()))
     }
 
     /// Removes `id`'s marker from `queue/`, if there is one.
-    pub(super) fn remove_queue_marker(&self, id: &ImageId) -> Result<Option<u64>, CacheError> {
-        self.layout()
-            .remove(Area::Queue, id)
-            .map_err(CacheError::io(
-                "remove queue marker",
-                self.layout().path(Area::Queue, id),
-            ))
+    pub(super) async fn remove_queue_marker(
+        &self,
+        id: &ImageId,
+    ) -> Result<Option<u64>, CacheError> {
+        self.remove_file(Area::Queue, id, "remove queue marker")
+            .await
+    }
+
+    /// Removes `id`'s file from `area` on a blocking thread; `None` when there was none.
+    async fn remove_file(
+        &self,
+        area: Area,
+        id: &ImageId,
+        action: &'static str,
+    ) -> Result<Option<u64>, CacheError> {
+        let (layout, file_id) = (self.layout().clone(), id.clone());
+        blocking(move || layout.remove(area, &file_id))
+            .await
+            .map_err(CacheError::io(action, self.layout().path(area, id)))
     }
 
     /// Empties the queue: rows and markers. Returns how many images were queued.
@@ -325,7 +343,7 @@ impl CacheDriver {
         let mut ids: std::collections::BTreeSet<String> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
-            self.remove_queue_marker(&marker.image_id)?;
+            self.remove_queue_marker(&marker.image_id).await?;
             ids.insert(marker.image_id.to_string());
         }
         self.db().dequeue_all(self.node()).await?;
@@ -352,7 +370,7 @@ impl CacheDriver {
 
     /// 0 when the image file is absent, else the row's hits (0 without a row).
     pub async fn get_hit_count(&self, id: &ImageId) -> Result<u64, CacheError> {
-        if !self.is_cached(id) {
+        if !self.cached(id).await {
             return Ok(0);
         }
         Ok(self.db().hit_count(self.node(), id.as_str()).await?.max(0) as u64)
@@ -375,9 +393,9 @@ impl CacheDriver {
                 id: last.id,
             });
             if let Some(id) = rows.iter().find_map(|r| valid_row_id(&r.image_id)) {
-                let size = self
-                    .layout()
-                    .regular_file(Area::Cached, &id)
+                let (layout, file_id) = (self.layout().clone(), id.clone());
+                let size = blocking(move || layout.regular_file(Area::Cached, &file_id))
+                    .await
                     .ok()
                     .flatten()
                     .map_or(0, |m| m.size);
@@ -400,21 +418,26 @@ impl CacheDriver {
     /// are refused.
     pub async fn open_for_read(&self, id: &ImageId) -> Result<File, CacheError> {
         let path = self.layout().path(Area::Cached, id);
-        let opened = self.layout().open_read(Area::Cached, id);
+        let (layout, read_id) = (self.layout().clone(), id.clone());
+        let opened = blocking(move || {
+            // O_NONBLOCK (in `open_read`) so a planted FIFO cannot hang us.
+            let file = layout.open_read(Area::Cached, &read_id)?;
+            let meta = file.metadata();
+            Ok::<_, std::io::Error>((file, meta))
+        })
+        .await;
         let hit = self
             .db()
             .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
             .await;
-        let file = match opened {
-            Ok(f) => f,
+        let (file, meta) = match opened {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CacheError::NotCached(id.clone()));
             }
             Err(e) => return Err(CacheError::io("open cached image", path)(e)),
         };
-        let meta = file
-            .metadata()
-            .map_err(CacheError::io("stat cached image", &path))?;
+        let meta = meta.map_err(CacheError::io("stat cached image", &path))?;
         if !meta.file_type().is_file() {
             warn!(path = ?path, "refusing to read a cache entry that is not a regular file");
             return Err(CacheError::NotCached(id.clone()));
@@ -426,11 +449,9 @@ impl CacheDriver {
     /// Deletes the file (if present) and this node's row. Returns whether a file was
     /// removed.
     pub async fn delete_cached_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        let path = self.layout().path(Area::Cached, id);
         let removed = self
-            .layout()
-            .remove(Area::Cached, id)
-            .map_err(CacheError::io("delete cached image", path))?;
+            .remove_file(Area::Cached, id, "delete cached image")
+            .await?;
         self.db()
             .delete_cached_image(self.node(), id.as_str())
             .await?;
@@ -443,11 +464,9 @@ impl CacheDriver {
         let listing = self.list(Area::Cached).await?;
         let mut deleted = 0;
         for file in &listing.files {
-            let path = self.layout().path(Area::Cached, &file.image_id);
             if self
-                .layout()
-                .remove(Area::Cached, &file.image_id)
-                .map_err(CacheError::io("delete cached image", path))?
+                .remove_file(Area::Cached, &file.image_id, "delete cached image")
+                .await?
                 .is_some()
             {
                 deleted += 1;

@@ -35,7 +35,7 @@ impl Worker for PrunerWorker {
         let driver = &self.ctx.driver;
         match self.pass.take() {
             None => {
-                // Starting (measuring, adopting) is one step; evicting the next ones.
+                // Starting (listing, measuring) is one step; adopting and evicting the next.
                 let config = self.ctx.config();
                 let policy = PrunePolicy {
                     max_size: config.cache.max_size,

@@ -401,6 +401,44 @@ impl Db {
         Ok(n)
     }
 
+    /// Which of `image_ids` have a row of this node (a few hundred ids per call: a
+    /// bounded statement, where loading every row of a large cache is not).
+    pub async fn cached_ids_among(
+        &self,
+        node: NodeId,
+        image_ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let mut found = std::collections::HashSet::new();
+        for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
+            let rows: Vec<String> = on_pool!(self, |pool, d| {
+                // Only placeholders are formatted into the statement; ids are bound.
+                let placeholders: Vec<String> = (0..batch.len())
+                    .map(|i| match d {
+                        Dialect::Postgres => format!("${}", i + 2),
+                        _ => "?".to_string(),
+                    })
+                    .collect();
+                let first = if d == Dialect::Postgres { "$1" } else { "?" };
+                let statement = format!(
+                    "SELECT image_id FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+                for id in batch {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0))
+                    .collect::<Result<_, _>>()?
+            });
+            // MySQL compares case-insensitively: keep exact matches only.
+            found.extend(rows.into_iter().filter(|r| batch.contains(&r.as_str())));
+        }
+        Ok(found)
+    }
+
     /// Deletes every row of this node. Returns the number of rows deleted.
     pub async fn delete_all_cached_images(&self, node: NodeId) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ?";

@@ -284,7 +284,10 @@ fn a_prefetch_giving_up_through_a_swapped_queue_never_leaves_the_cache() {
         .unwrap();
     runtime.block_on(async {
         let db = Db::connect(
-            &format!("sqlite://{}", s.cache("glance-cached.db").display()),
+            &format!(
+                "sqlite://{}",
+                s.cache(".glance-cached/glance-cached.db").display()
+            ),
             &DbOptions::default(),
         )
         .await

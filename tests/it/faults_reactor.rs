@@ -205,3 +205,66 @@ fn a_stuck_disk_under_four_downloads_leaves_the_daemon_responsive() {
     let log = std::fs::read_to_string(log).unwrap();
     assert!(!log.contains("did not stop in time"), "{log}");
 }
+
+/// Images in the large-prune test; `GLANCE_CACHED_TEST_PRUNE_IMAGES` raises it (the
+/// full 200,000 takes about three minutes on 2 cores, too long for every run).
+fn large_prune_images() -> usize {
+    std::env::var("GLANCE_CACHED_TEST_PRUNE_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+}
+
+/// A prune over a cache of many images (one byte each, all but 1000 evicted) with a
+/// watchdog of half a second (three for the full size, whose steps scan four times the
+/// rows): a step of 512 rows takes tens of milliseconds, the whole prune seconds:
+/// the pruner works in short steps, so the daemon is never judged stuck, keeps pinging,
+/// and the prune completes.
+#[test]
+fn a_prune_over_a_very_large_cache_is_never_taken_for_a_stuck_loop() {
+    let images = large_prune_images();
+    let keep = 1000;
+    let s = Setup::new(&format!("max_size = {keep}"));
+    std::fs::create_dir_all(s.cache("")).unwrap();
+    for n in 0..images {
+        std::fs::write(s.cache(&format!("many-{n}")), b"x").unwrap();
+    }
+    let watchdog_usec = if images > 100_000 {
+        "3000000"
+    } else {
+        "500000"
+    };
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[("WATCHDOG_USEC", watchdog_usec)],
+    );
+    // Adopting every file at startup comes before READY, outside the watchdog.
+    let ready = d
+        .notify
+        .wait_for(0, Duration::from_secs(300), |m| m.contains("READY=1"));
+    let evicted = format!("files={}", images - keep);
+    eventually(Duration::from_secs(300), "the prune completes", || {
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("prune pass evicted images") && l.contains(&evicted))
+    });
+    d.notify.drain();
+    let pings = d.notify.messages[ready..]
+        .iter()
+        .filter(|m| m.as_str() == "WATCHDOG=1\n")
+        .count();
+    let log = d.log_text();
+    assert!(!log.contains("withholding the watchdog ping"), "{log}");
+    assert!(pings > 0, "pinged during the prune");
+    let left = std::fs::read_dir(s.cache(""))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("many-"))
+        })
+        .count();
+    assert_eq!(left, keep);
+    d.stop();
+}
