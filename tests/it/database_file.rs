@@ -122,3 +122,43 @@ fn a_database_at_the_old_default_place_moves_once_no_daemon_holds_it() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("still-queued"));
     d.stop();
 }
+
+#[test]
+fn a_database_at_the_old_place_that_glance_shares_stays_there() {
+    let s = Setup::new("");
+    let old = s.cache("glance-cached.db");
+    s.write_config(&format!(
+        "[database]\nurl = \"sqlite://{}\"\n",
+        old.display()
+    ));
+    s.import("kept", 1234);
+    // Glance's API uses the same file as its own database.
+    let out = std::process::Command::new("sqlite3")
+        .arg(&old)
+        .arg("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.write_config("");
+    let out = s.cli(&["list-cached"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("also Glance's own"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        old.exists(),
+        "Glance's database stays where Glance opens it"
+    );
+    assert!(!s.cache(glance_cached::config::DEFAULT_SQLITE_FILE).exists());
+}

@@ -39,6 +39,9 @@ pub struct Behaviour {
     pub meta_padding: usize,
     /// Write the body this many bytes at a time (default 64 KiB), `chunk_delay` apart.
     pub chunk_bytes: Option<usize>,
+    /// Answer file requests `206` with only bytes FIRST..=LAST and their
+    /// `Content-Range`, as a proxy mangling `Range: bytes=0-` might.
+    pub partial: Option<(usize, usize)>,
 }
 
 impl Behaviour {
@@ -305,6 +308,17 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let mut s = state.lock().unwrap();
         s.stats.in_flight += 1;
         s.stats.max_in_flight = s.stats.max_in_flight.max(s.stats.in_flight);
+    }
+    if let Some((first, last)) = b.partial {
+        let body = &image.data[first..=last.min(image.data.len() - 1)];
+        let range = format!("bytes {first}-{last}/{}", image.data.len());
+        state.lock().unwrap().stats.in_flight -= 1;
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nConnection: close\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes())?;
+        return conn.write_all(body);
     }
     let result = (|| {
         let mut head = format!(

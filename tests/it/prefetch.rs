@@ -832,3 +832,37 @@ fn the_prefetch_command_renews_its_claims() {
     assert_cached(&s, "cli-long", &data);
     assert_eq!(origin.file_requests("cli-long"), 1, "fetched once");
 }
+
+/// The Glance upstream asks for `bytes=0-`: a `206` is taken only when its
+/// `Content-Range` is the whole image; a part of it is refused with a clear reason.
+#[test]
+fn a_ranged_answer_must_cover_the_whole_image() {
+    let origin = Origin::start();
+    let data = test_bytes(100_000, 9);
+    let partial = |first, last| Behaviour {
+        partial: Some((first, last)),
+        ..Default::default()
+    };
+    origin.add("whole-206", data.clone(), partial(0, 99_999));
+    origin.add("half-206", data.clone(), partial(0, 49_999));
+    let s = glance_setup(&origin, "");
+    let d = s.start();
+    queue(&s, &["whole-206", "half-206"]);
+    eventually(SOON, "one is cached and the other dropped", || {
+        s.cached_ids() == ["whole-206"]
+            && queued_json(&s)
+                .iter()
+                .any(|q| q["image_id"] == "half-206" && q["state"] == "failed")
+    });
+    assert_eq!(std::fs::read(s.cache("whole-206")).unwrap(), data);
+    let rows = queued_json(&s);
+    let reason = rows.iter().find(|q| q["image_id"] == "half-206").unwrap()["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("bytes 0-49999/100000") && reason.contains("not the whole image"),
+        "{reason}"
+    );
+    d.stop();
+}
