@@ -11,6 +11,7 @@ pub mod download;
 pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
+pub mod redact;
 pub mod telemetry;
 pub mod upstream;
 

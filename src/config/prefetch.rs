@@ -335,6 +335,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
     let mut keystone = String::new();
     match &u.kind {
         UpstreamKind::Glance { url, auth } => {
+            let url = crate::redact::mask_url(url);
             out.push_str(&format!("kind = \"glance\"\nurl = {url:?}\n"));
             match auth {
                 GlanceAuth::None => {}
@@ -342,6 +343,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
                     out.push_str(&format!("token_file = {:?}\n", p.display().to_string()))
                 }
                 GlanceAuth::Keystone { auth_url, method } => {
+                    let auth_url = crate::redact::mask_url(auth_url);
                     keystone.push_str(&format!("\n[upstream.keystone]\nauth_url = {auth_url:?}\n"));
                     match method {
                         KeystoneMethod::Password { username, project_name, user_domain_name, project_domain_name, .. } => {
@@ -361,6 +363,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
             md5_header,
             sha512_header,
         } => {
+            let url_template = crate::redact::mask_url(url_template);
             out.push_str(&format!(
                 "kind = \"http\"\nurl_template = {url_template:?}\n"
             ));

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use super::keystone::Keystone;
-use super::{ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, status_error};
+use super::{
+    ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, request_text, status_error,
+};
 use crate::cache::HashAlgo;
 use crate::config::GlanceAuth;
 use crate::image_id::ImageId;
@@ -66,7 +68,7 @@ impl GlanceUpstream {
                 continue;
             }
             if !response.status().is_success() {
-                return Err(status_error(response.status(), &format!("GET {url}")));
+                return Err(status_error(response.status(), &request_text("GET", url)));
             }
             return Ok(response);
         }

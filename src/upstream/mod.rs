@@ -139,7 +139,8 @@ fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError
             if attempt.previous().len() > MAX_REDIRECTS {
                 attempt.error("too many redirects")
             } else if origin.as_ref() != Some(&target) {
-                let refused = format!("redirect to another host ({}) refused", attempt.url());
+                let target = crate::redact::mask_url(attempt.url().as_str());
+                let refused = format!("redirect to another host ({target}) refused");
                 attempt.error(refused)
             } else {
                 attempt.follow()
@@ -164,12 +165,24 @@ fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError
 
 /// Classifies a transport error: refused redirects are permanent, the rest is retried.
 pub(crate) fn http_error(e: reqwest::Error) -> UpstreamError {
+    // reqwest's text names the URL, with any `user:password@` in it: mask it, since the
+    // text ends up in logs and in the shared database's `last_error` (reqwest already
+    // moves userinfo to an Authorization header; this keeps it so if that changes).
+    let e = match e.url().map(crate::redact::mask_parsed_url) {
+        Some(Some(masked)) => e.with_url(masked),
+        Some(None) | None => e,
+    };
     let text = error_chain(&e);
     if e.is_redirect() {
         UpstreamError::Permanent(text)
     } else {
         UpstreamError::Retry(text)
     }
+}
+
+/// The text for a request to `url` in errors and logs, its secrets masked.
+pub(crate) fn request_text(method: &str, url: &str) -> String {
+    format!("{method} {}", crate::redact::mask_url(url))
 }
 
 /// Classifies an HTTP status: 404/410 and other client errors are permanent; 5xx, 408,

@@ -553,3 +553,147 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
         "nothing opened elsewhere"
     );
 }
+
+/// One distinct secret per secret-bearing key; none may appear in any output.
+const SECRETS: [&str; 7] = [
+    "pw-db-userinfo-91",
+    "pw-db-query-92",
+    "slash-93",
+    "pw-upstream-94",
+    "tok-file-95",
+    "pw-ksurl-96",
+    "pw-keystone-97",
+];
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+    }
+}
+
+fn all_output(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn no_secret_shows_in_any_output() {
+    use crate::common::test_bytes;
+    use crate::daemon_kit::Daemon;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let data = test_bytes(4000, 5);
+    origin.add("present-img", data.clone(), Behaviour::default());
+    origin.add(
+        "cut-img",
+        data.clone(),
+        Behaviour {
+            truncate_at: Some(100),
+            ..Default::default()
+        },
+    );
+    let trace = [("GLANCE_CACHED_LOG__LEVEL", "trace"), ("RUST_LOG", "trace")];
+
+    // Database URLs: a password in the userinfo and in the query, one with a raw `/`.
+    // Nothing listens on port 1: each run fails at connect, and says so.
+    let s = Setup::new("");
+    for url in [
+        "postgres://glance:pw-db-userinfo-91@127.0.0.1:1/glance?password=pw-db-query-92",
+        "postgres://glance:pw-db/slash-93@127.0.0.1:1/glance",
+        "mysql://glance:pw-db-userinfo-91@127.0.0.1:1/glance?password=pw-db-query-92",
+    ] {
+        let env = [
+            ("GLANCE_CACHED_DATABASE__URL", url),
+            ("GLANCE_CACHED_NODE__REFERENCE_URL", "http://node:9292"),
+            trace[0],
+            trace[1],
+        ];
+        let checked = cli_with_env(&s.config, &env, &["check-config"]);
+        assert!(checked.status.success(), "{}", all_output(&checked));
+        assert_no_secret("check-config", &all_output(&checked));
+        let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &env);
+        assert!(!d.wait_exit(SOON).success());
+        assert!(d.log_text().contains("error"), "{}", d.log_text());
+        assert_no_secret("run", &d.log_text());
+        let listed = cli_with_env(&s.config, &env, &["list-queued"]);
+        assert_no_secret("list-queued", &all_output(&listed));
+    }
+
+    // Glance with user:password@ in its URL and a token file; a daemon at trace level.
+    origin.require_token("tok-file-95");
+    let token = s.tmp.path().join("token");
+    std::fs::write(&token, "tok-file-95\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let upstream = origin
+        .url()
+        .replace("http://", "http://glance:pw-upstream-94@");
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\n[upstream]\nkind = \"glance\"\nurl = \"{upstream}\"\ntoken_file = {:?}\n",
+        token.display().to_string()
+    ));
+    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    assert!(
+        all_output(&checked).contains("glance:***@"),
+        "{}",
+        all_output(&checked)
+    );
+    assert_no_secret("check-config", &all_output(&checked));
+    let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &trace);
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    ok(
+        &s.cli(&["queue", "present-img", "missing-img", "cut-img"]),
+        "queue",
+    );
+    let deadline = std::time::Instant::now() + SOON;
+    let rows = loop {
+        let rows = queue_rows(&s);
+        let failed = |id: &str| rows.get(id).is_some_and(|r| r["last_error"].is_string());
+        if failed("missing-img") && failed("cut-img") && s.cache("present-img").exists() {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rows:?}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let missing = rows["missing-img"]["last_error"].as_str().unwrap();
+    assert!(missing.contains("glance:***@"), "{missing}");
+    for args in [
+        &["list-queued"][..],
+        &["list-queued", "--json"],
+        &["list-cached"],
+    ] {
+        assert_no_secret(
+            "a listing",
+            &all_output(&cli_with_env(&s.config, &trace, args)),
+        );
+    }
+    let log = d.log.clone();
+    d.stop();
+    assert_no_secret("run", &std::fs::read_to_string(log).unwrap());
+    // What other nodes read: the database itself.
+    let db = std::fs::read(s.cache("glance-cached.db")).unwrap();
+    assert_no_secret("the database", &String::from_utf8_lossy(&db));
+
+    // Keystone with a password, and user:password@ in its URL; the prefetch command.
+    let origin = Origin::start();
+    origin.add("present-img", data.clone(), Behaviour::default());
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n[upstream.keystone]\nauth_url = \"{}/v3\"\nusername = \"u\"\npassword = \"pw-keystone-97\"\nproject_name = \"p\"\n",
+        origin.url(),
+        origin.url().replace("http://", "http://ks:pw-ksurl-96@"),
+    ));
+    origin.require_keystone(3600);
+    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    assert_no_secret("check-config", &all_output(&checked));
+    ok(&s.cli(&["queue", "present-img", "missing-img"]), "queue");
+    let fetched = cli_with_env(&s.config, &trace, &["prefetch"]);
+    assert!(s.cache("present-img").exists(), "{}", all_output(&fetched));
+    assert_no_secret("prefetch", &all_output(&fetched));
+    assert_no_secret("list-queued", &all_output(&s.cli(&["list-queued"])));
+}
