@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use super::keystone::Keystone;
 use super::{
-    ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, request_text, status_error,
+    ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, read_json_capped, request_text,
+    status_error,
 };
 use crate::cache::HashAlgo;
 use crate::config::GlanceAuth;
@@ -77,7 +78,7 @@ impl GlanceUpstream {
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let url = format!("{}/v2/images/{id}", self.base);
-        let image: serde_json::Value = self.get(&url).await?.json().await.map_err(http_error)?;
+        let image = read_json_capped(self.get(&url).await?, &request_text("GET", &url)).await?;
         let status = image["status"].as_str().unwrap_or("unknown");
         if status != "active" {
             return Err(UpstreamError::Permanent(format!(

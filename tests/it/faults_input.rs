@@ -697,3 +697,105 @@ fn no_secret_shows_in_any_output() {
     assert_no_secret("prefetch", &all_output(&fetched));
     assert_no_secret("list-queued", &all_output(&s.cli(&["list-queued"])));
 }
+
+/// Queues `ids` and runs `prefetch`, which must end within `limit`; returns each id's
+/// last error (none may be cached).
+fn prefetch_within(
+    s: &Setup,
+    ids: &[&str],
+    limit: Duration,
+) -> std::collections::HashMap<String, String> {
+    let mut args = vec!["queue"];
+    args.extend_from_slice(ids);
+    ok(&s.cli(&args), "queue");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("prefetch")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "prefetch still running after {limit:?}: {:?}",
+                queue_rows(s)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows = queue_rows(s);
+    ids.iter()
+        .map(|id| {
+            assert!(!s.cache(id).exists(), "{id} was cached");
+            let error = rows[*id]["last_error"].as_str().unwrap_or_default();
+            (id.to_string(), error.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn oversized_metadata_is_refused_without_reading_it_whole() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let huge = Behaviour {
+        meta_padding: 3 << 20,
+        ..Default::default()
+    };
+    origin.add("fat-meta", test_bytes(2000, 1), huge);
+    let s = Setup::new(&format!(
+        "[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let errors = prefetch_within(&s, &["fat-meta"], SOON);
+    assert!(
+        errors["fat-meta"].contains("larger than 1048576 bytes"),
+        "{errors:?}"
+    );
+
+    // Keystone's token response, the same.
+    let origin = Origin::start();
+    origin.require_keystone(3600);
+    origin.pad_keystone(3 << 20);
+    origin.add("fat-token", test_bytes(2000, 2), Behaviour::default());
+    let s = Setup::new(&format!(
+        "[upstream]\nkind = \"glance\"\nurl = \"{url}\"\n[upstream.keystone]\nauth_url = \"{url}/v3\"\nusername = \"u\"\npassword = \"p\"\nproject_name = \"p\"\n",
+        url = origin.url()
+    ));
+    let errors = prefetch_within(&s, &["fat-token"], SOON);
+    assert!(
+        errors["fat-token"].contains("Keystone authentication: the response is larger than"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_dripping_upstream_fails_at_the_transfer_floor() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    // One byte every 100 ms: 3,000 bytes would take five minutes, and no read ever
+    // waits long enough for read_timeout.
+    let drip = Behaviour {
+        chunk_bytes: Some(1),
+        chunk_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    origin.add("drip", test_bytes(3000, 3), drip);
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmin_bytes_per_second = \"1KiB\"\nmin_rate_window = \"1s\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\nread_timeout = \"5s\"\n",
+        origin.url()
+    ));
+    let errors = prefetch_within(&s, &["drip"], SOON);
+    assert!(errors["drip"].contains("upstream too slow"), "{errors:?}");
+    assert_eq!(queue_rows(&s)["drip"]["state"], "queued", "retried later");
+    assert!(
+        !s.cache("incomplete/drip").exists(),
+        "the partial file is gone"
+    );
+}
