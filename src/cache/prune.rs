@@ -46,14 +46,14 @@ impl PruneReport {
         self.pruned.len()
     }
     pub fn bytes(&self) -> u64 {
-        self.pruned.iter().map(|(_, b)| b).sum()
+        super::total_bytes(self.pruned.iter().map(|(_, b)| *b))
     }
 }
 
 impl CacheDriver {
     pub async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, CacheError> {
         let listing = self.list(Area::Cached).await?;
-        let mut size: u64 = listing.files.iter().map(|f| f.size).sum();
+        let mut size = super::total_bytes(listing.files.iter().map(|f| f.size));
         let mut report = PruneReport {
             size_before: size,
             size_after: size,

@@ -151,7 +151,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Size { json } => {
             let driver = open(&config).await?;
             let listing = driver.list(crate::cache::Area::Cached).await?;
-            let size: u64 = listing.files.iter().map(|f| f.size).sum();
+            let size = crate::cache::total_bytes(listing.files.iter().map(|f| f.size));
             if json {
                 println!(
                     "{}",

@@ -799,3 +799,40 @@ fn a_dripping_upstream_fails_at_the_transfer_floor() {
         "the partial file is gone"
     );
 }
+
+#[test]
+fn sparse_files_claiming_exabytes_overflow_no_total() {
+    let s = setup_on_tmpfs("max_size = 3000");
+    let mut d = s.start();
+    let stage = s.tmp.path().join(".sparse");
+    let plant_sparse = |name: &str| {
+        std::fs::File::create(&stage)
+            .unwrap()
+            .set_len(1 << 62)
+            .unwrap();
+        std::fs::rename(&stage, s.cache(name)).unwrap();
+    };
+    // Four sparse files of 2^62 bytes each under the running daemon: their total does
+    // not fit in 64 bits, and the pruner sums them.
+    for n in 0..4 {
+        plant_sparse(&format!("sparse-{n}"));
+    }
+    let deadline = std::time::Instant::now() + SOON;
+    while (0..4).any(|n| s.cache(&format!("sparse-{n}")).exists()) {
+        assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not pruned:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    d.stop();
+    // And before a command that sums what it lists.
+    for n in 4..8 {
+        plant_sparse(&format!("sparse-{n}"));
+    }
+    let sized = ok(&s.cli(&["size", "--json"]), "size");
+    assert!(sized.contains(&u64::MAX.to_string()), "{sized}");
+}
