@@ -172,10 +172,23 @@ impl Db {
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode)
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|r| decode(r).map_err(|e| (r.try_get::<String, _>("image_id").ok(), e)))
+                .collect::<Vec<_>>()
         });
-        Ok(rows)
+        // A row that does not decode (a time another writer left that is no time) is
+        // skipped with one warning per listing, so the rest of the queue still shows.
+        let mut good = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for row in rows {
+            match row {
+                Ok(r) => good.push(r),
+                Err(e) => bad.push(e),
+            }
+        }
+        if let Some((image_id, error)) = bad.first() {
+            tracing::warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
+        }
+        Ok(good)
     }
 
     /// Claims the next due, unclaimed queued image for `holder` until `claim_until`.

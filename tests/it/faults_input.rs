@@ -138,18 +138,16 @@ on_every_backend!(unreadable_rows_are_skipped_and_pruned_first);
 
 /// A statement that makes `image`'s `last_accessed` unreadable for this backend: text
 /// that is no time on SQLite, `infinity` on PostgreSQL, a zero date on MariaDB.
-fn unreadable_time(b: Backend, image: &str) -> String {
+fn unreadable_time(b: Backend, table: &str, column: &str, image: &str) -> String {
+    let value = match b {
+        Backend::Sqlite => "'yesterday'",
+        Backend::Postgres => "'infinity'",
+        Backend::MySql => "'0000-00-00 00:00:00'",
+    };
+    let update = format!("UPDATE {table} SET {column} = {value} WHERE image_id = '{image}'");
     match b {
-        Backend::Sqlite => format!(
-            "UPDATE cached_images SET last_accessed = 'yesterday' WHERE image_id = '{image}'"
-        ),
-        Backend::Postgres => format!(
-            "UPDATE cached_images SET last_accessed = 'infinity' WHERE image_id = '{image}'"
-        ),
-        Backend::MySql => format!(
-            "SET STATEMENT sql_mode = '' FOR UPDATE cached_images \
-             SET last_accessed = '0000-00-00 00:00:00' WHERE image_id = '{image}'"
-        ),
+        Backend::MySql => format!("SET STATEMENT sql_mode = '' FOR {update}"),
+        _ => update,
     }
 }
 
@@ -173,9 +171,23 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
         let db = t.driver.db();
         assert!(db.record_hit(t.driver.node(), image, when).await.unwrap());
     }
-    run_sql(&t.db.url, b, &unreadable_time(b, "bad-time"))
+    let planted = unreadable_time(b, "cached_images", "last_accessed", "bad-time");
+    run_sql(&t.db.url, b, &planted).await.unwrap();
+    // And in the queue: the other queued image still lists.
+    for image in ["queued-good", "queued-bad"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    }
+    let planted = unreadable_time(b, "glance_cached_queue", "queued_at", "queued-bad");
+    run_sql(&t.db.url, b, &planted).await.unwrap();
+    let queued: Vec<String> = t
+        .driver
+        .get_queued_images()
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|q| q.image_id.to_string())
+        .collect();
+    assert_eq!(queued, ["queued-good"]);
     // Only SQLite's INTEGER holds more than 32 bits (Glance's hits + 1 never stops).
     if b == Backend::Sqlite {
         let q = "UPDATE cached_images SET hits = 3000000000 WHERE image_id = 'many-hits'";
