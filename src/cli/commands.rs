@@ -25,7 +25,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Man
         | Command::Completions { .. }
         | Command::ImportGlanceConfig { .. } => {
-            unreachable!("handled before the configuration is read")
+            // `cli::run` handles these before reading the configuration; should that
+            // change, this is an error, not a crash.
+            anyhow::bail!(
+                "internal error: this command is handled before the configuration is read"
+            )
         }
         Command::MigrateSqlite { path } => {
             let path = path.unwrap_or_else(|| config.cache.dir.join("cache.db"));

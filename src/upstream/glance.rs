@@ -73,7 +73,11 @@ impl GlanceUpstream {
             }
             return Ok(response);
         }
-        unreachable!("the loop returns on its second attempt")
+        // The second attempt always returns above; a 401 is what it would have said.
+        Err(status_error(
+            reqwest::StatusCode::UNAUTHORIZED,
+            &request_text("GET", url),
+        ))
     }
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
