@@ -234,25 +234,32 @@ impl Db {
                     .transpose()?
             } else {
                 let mut tx = pool.begin().await?;
-                let picked = sqlx::query(sql(d, PICK_LOCKED))
+                let raw = sqlx::query(sql(d, PICK_LOCKED))
                     .bind(node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(&mut *tx)
-                    .await?
-                    .as_ref()
-                    .map(decode)
-                    .transpose()?;
-                if let Some(row) = &picked {
+                    .await?;
+                let picked = raw.as_ref().map(decode).transpose();
+                // The claim is written even when the row does not decode (as SQLite's
+                // single statement does): the error is reported once per claim term, and
+                // the next pick moves on instead of choosing the same row forever.
+                let image_id = match (&picked, &raw) {
+                    (Ok(Some(row)), _) => Some(row.image_id.clone()),
+                    (Err(_), Some(r)) => r.try_get::<String, _>("image_id").ok(),
+                    _ => None,
+                };
+                if let Some(image_id) = &image_id {
                     sqlx::query(sql(d, MARK))
                         .bind(holder)
                         .bind(claim_until)
                         .bind(node.0)
-                        .bind(row.image_id.as_str())
+                        .bind(image_id.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
                 tx.commit().await?;
+                let picked = picked?;
                 // The row as it was picked, with the claim just written.
                 picked.map(|row| QueueRow {
                     claimed_by: Some(holder.to_owned()),

@@ -134,7 +134,10 @@ macro_rules! on_every_backend {
     };
 }
 
-on_every_backend!(unreadable_rows_are_skipped_and_pruned_first);
+on_every_backend!(
+    unreadable_rows_are_skipped_and_pruned_first,
+    an_unreadable_queue_row_does_not_hold_up_the_queue,
+);
 
 /// A statement that makes `image`'s `last_accessed` unreadable for this backend: text
 /// that is no time on SQLite, `infinity` on PostgreSQL, a zero date on MariaDB.
@@ -847,4 +850,37 @@ fn sparse_files_claiming_exabytes_overflow_no_total() {
     }
     let sized = ok(&s.cli(&["size", "--json"]), "size");
     assert!(sized.contains(&u64::MAX.to_string()), "{sized}");
+}
+
+async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["q-bad", "q-good"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    }
+    // A queued time that does not decode and sorts first, so it is picked first.
+    let first = match b {
+        Backend::Sqlite => "'0-no-time'",
+        Backend::Postgres => "'-infinity'",
+        Backend::MySql => "'0000-00-00 00:00:00'",
+    };
+    let update =
+        format!("UPDATE glance_cached_queue SET queued_at = {first} WHERE image_id = 'q-bad'");
+    let update = match b {
+        Backend::MySql => format!("SET STATEMENT sql_mode = '' FOR {update}"),
+        _ => update,
+    };
+    run_sql(&t.db.url, b, &update).await.unwrap();
+    let claim = Duration::from_secs(3600);
+    // The bad row fails its claim once; the next claim gets the good one.
+    let mut claimed = None;
+    for _ in 0..3 {
+        if let Ok(Some(image)) = t.driver.claim_next("test holder", claim).await {
+            claimed = Some(image.image_id.to_string());
+            break;
+        }
+    }
+    assert_eq!(claimed.as_deref(), Some("q-good"));
+    t.finish().await;
 }
