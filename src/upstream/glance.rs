@@ -44,11 +44,7 @@ impl GlanceUpstream {
         match &self.auth {
             Auth::None => Ok(None),
             // Re-read each time so a rotated token is picked up without a restart.
-            Auth::TokenFile(p) => std::fs::read_to_string(p)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| {
-                    UpstreamError::Retry(format!("cannot read token file {}: {e}", p.display()))
-                }),
+            Auth::TokenFile(p) => super::read_token_file(p).map(Some),
             Auth::Keystone(k) => k.token().await.map(Some),
         }
     }

@@ -128,6 +128,50 @@ impl TransferFloor {
     }
 }
 
+/// The largest token file read: tokens are a few hundred bytes (Fernet) to a few KiB.
+const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads a token file as the configuration checks it, at every use (it may have been
+/// rotated since): a regular file that others cannot read and only its owner can write,
+/// at most `MAX_TOKEN_FILE_BYTES`, its text trimmed. The checks are on the file opened
+/// (`fstat`), so a file swapped in between a check and the read is still checked.
+pub(crate) fn read_token_file(path: &std::path::Path) -> Result<String, UpstreamError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let refuse =
+        |why: String| UpstreamError::Retry(format!("token file {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot stat it: {e}")))?;
+    let mode = meta.permissions().mode();
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if mode & 0o004 != 0 {
+        return Err(refuse(
+            "world-readable: chmod o-r it (a token is a credential)".into(),
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            "writable by its group or others: chmod go-w it".into(),
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(refuse(format!("larger than {MAX_TOKEN_FILE_BYTES} bytes")));
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(refuse("empty".into()));
+    }
+    Ok(token.to_owned())
+}
+
 /// The largest metadata body read from an upstream (Glance's image JSON, Keystone's
 /// token response): real ones are a few KiB, and a body is held whole in memory.
 pub const MAX_METADATA_BYTES: usize = 1 << 20;

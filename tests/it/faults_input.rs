@@ -884,3 +884,39 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
     assert_eq!(claimed.as_deref(), Some("q-good"));
     t.finish().await;
 }
+
+#[test]
+fn a_token_file_made_readable_while_running_is_refused_at_use() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    use std::os::unix::fs::PermissionsExt;
+    let origin = Origin::start();
+    origin.require_token("rotated-token");
+    origin.add("tok-img", test_bytes(2000, 6), Behaviour::default());
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "rotated-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\nretry_delay = \"1h\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\ntoken_file = {:?}\n",
+        origin.url(),
+        token.display().to_string()
+    ));
+    let d = s.start();
+    // A rotation leaves the new token readable by everyone, while the daemon runs.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Queued the way Glance's API does it (the CLI refuses the configuration now).
+    std::fs::write(s.cache("queue/tok-img"), b"").unwrap();
+    let deadline = std::time::Instant::now() + SOON;
+    let error = loop {
+        let log = d.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("prefetch failed")) {
+            break line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(error.contains("world-readable"), "{error}");
+    assert!(!s.cache("tok-img").exists());
+    d.stop();
+}
