@@ -239,6 +239,8 @@ fn main() {
         max_size: u64::MAX / 2,
         min_free_disk: None,
         max_bytes_per_second: None,
+        min_bytes_per_second: None,
+        min_rate_window: std::time::Duration::from_secs(60),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let budget = DownloadBudget::default();

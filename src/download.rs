@@ -17,7 +17,7 @@ use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy, QueuedIma
 use crate::clock;
 use crate::config::Config;
 use crate::image_id::ImageId;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{TransferFloor, Upstream, UpstreamError};
 use writer_thread::WriterThread;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,9 @@ pub struct FetchLimits {
     pub max_size: u64,
     pub min_free_disk: Option<u64>,
     pub max_bytes_per_second: Option<u64>,
+    /// The upstream's transfer floor: bytes per second over a window of waiting.
+    pub min_bytes_per_second: Option<u64>,
+    pub min_rate_window: Duration,
 }
 
 /// What every download of this process shares.
@@ -294,6 +297,7 @@ pub async fn fetch_into_cache(
     };
     // Every file operation of the write happens on the writer's own thread.
     let mut writer = WriterThread::open(driver, id, expectations).await?;
+    let mut floor = TransferFloor::new(limits.min_bytes_per_second, limits.min_rate_window);
     loop {
         let chunk = tokio::select! {
             biased;
@@ -301,7 +305,12 @@ pub async fn fetch_into_cache(
                 writer.abandon("interrupted by shutdown");
                 return Err(FetchError::Cancelled);
             }
-            c = stream.next_chunk() => c,
+            c = async {
+                match &mut floor {
+                    Some(floor) => floor.next_chunk(&mut stream).await,
+                    None => stream.next_chunk().await,
+                }
+            } => c,
         };
         let chunk = match chunk {
             Ok(Some(c)) => c,
@@ -388,6 +397,8 @@ pub async fn prefetch_claimed(
         max_size: config.cache.max_size,
         min_free_disk: config.pruner.min_free_disk,
         max_bytes_per_second: config.prefetcher.max_bytes_per_second,
+        min_bytes_per_second: config.prefetcher.min_bytes_per_second,
+        min_rate_window: config.prefetcher.min_rate_window,
     };
     let fetched = fetch_into_cache(driver, upstream, id, limits, cancel, budget).await;
     let attempts = image.attempts + 1;

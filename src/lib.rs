@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
 pub mod process;
+pub mod redact;
 pub mod telemetry;
 pub mod upstream;
 

@@ -53,7 +53,7 @@ impl CleanReport {
         self.removed.len()
     }
     pub fn bytes(&self) -> u64 {
-        self.removed.iter().map(|r| r.bytes).sum()
+        super::total_bytes(self.removed.iter().map(|r| r.bytes))
     }
 }
 

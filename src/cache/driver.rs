@@ -488,13 +488,8 @@ impl CacheDriver {
 
     /// The sum of the sizes of the cached image files.
     pub async fn get_cache_size(&self) -> Result<u64, CacheError> {
-        Ok(self
-            .list(Area::Cached)
-            .await?
-            .files
-            .iter()
-            .map(|f| f.size)
-            .sum())
+        let listing = self.list(Area::Cached).await?;
+        Ok(super::total_bytes(listing.files.iter().map(|f| f.size)))
     }
 }
 

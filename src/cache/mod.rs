@@ -61,6 +61,13 @@ pub enum CacheError {
     },
 }
 
+/// The total of `sizes`, saturating: a sparse file can claim up to 8 EiB (tmpfs lets
+/// anyone `truncate -s 8E`), and a few of them overflow a plain sum (a panic in debug
+/// builds, a wrapped total that stops pruning in release).
+pub fn total_bytes(sizes: impl IntoIterator<Item = u64>) -> u64 {
+    sizes.into_iter().fold(0, u64::saturating_add)
+}
+
 impl CacheError {
     pub(crate) fn io(
         action: &'static str,
@@ -71,6 +78,21 @@ impl CacheError {
             action,
             path,
             source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn totals_saturate_instead_of_overflowing(sizes in proptest::collection::vec(any::<u64>(), 0..64)) {
+            let exact: u128 = sizes.iter().map(|&s| u128::from(s)).sum();
+            let expected = u64::try_from(exact).unwrap_or(u64::MAX);
+            prop_assert_eq!(total_bytes(sizes), expected);
         }
     }
 }

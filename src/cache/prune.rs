@@ -53,7 +53,7 @@ impl PruneReport {
         self.pruned.len()
     }
     pub fn bytes(&self) -> u64 {
-        self.pruned.iter().map(|(_, b)| b).sum()
+        super::total_bytes(self.pruned.iter().map(|(_, b)| *b))
     }
 }
 
@@ -103,7 +103,7 @@ impl CacheDriver {
     pub async fn start_prune(&self, policy: PrunePolicy) -> Result<PrunePass, CacheError> {
         let turn = self.prune_turn().await;
         let listing = self.list(Area::Cached).await?;
-        let size: u64 = listing.files.iter().map(|f| f.size).sum();
+        let size = super::total_bytes(listing.files.iter().map(|f| f.size));
         let target = if size > policy.max_size {
             policy
                 .low_watermark

@@ -30,7 +30,11 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         | Command::Man
         | Command::Completions { .. }
         | Command::ImportGlanceConfig { .. } => {
-            unreachable!("handled before the configuration is read")
+            // `cli::run` handles these before reading the configuration; should that
+            // change, this is an error, not a crash.
+            anyhow::bail!(
+                "internal error: this command is handled before the configuration is read"
+            )
         }
         Command::MigrateSqlite { path } => {
             let path = path.unwrap_or_else(|| config.cache.dir.join("cache.db"));
@@ -160,7 +164,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Size { json } => {
             let driver = open().await?;
             let listing = driver.list(crate::cache::Area::Cached).await?;
-            let size: u64 = listing.files.iter().map(|f| f.size).sum();
+            let size = crate::cache::total_bytes(listing.files.iter().map(|f| f.size));
             if json {
                 println!(
                     "{}",

@@ -20,6 +20,11 @@ pub struct PrefetcherConfig {
     pub retry_delay: Duration,
     pub max_retry_delay: Duration,
     pub max_bytes_per_second: Option<u64>,
+    /// A download whose upstream delivers less than this many bytes per second, over
+    /// each `min_rate_window` spent waiting for it, fails (and is retried): a dripping
+    /// upstream must not hold a download slot forever. `None`: no floor.
+    pub min_bytes_per_second: Option<u64>,
+    pub min_rate_window: Duration,
     /// How long a claim on a queued image lasts unless renewed: bounds how long the
     /// image of a download whose process vanished without trace waits.
     pub claim_ttl: Duration,
@@ -83,6 +88,11 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
 }
 
+/// The default transfer floor: 1 KiB/s over a minute of waiting fails only an upstream
+/// that has all but stopped (a modem line moves more), not a slow one.
+const DEFAULT_MIN_BYTES_PER_SECOND: u64 = 1024;
+const DEFAULT_MIN_RATE_WINDOW: Duration = Duration::from_secs(60);
+
 pub(super) const KEYS: &[&str] = &[
     "prefetcher.concurrency",
     "prefetcher.interval",
@@ -90,6 +100,8 @@ pub(super) const KEYS: &[&str] = &[
     "prefetcher.retry_delay",
     "prefetcher.max_retry_delay",
     "prefetcher.max_bytes_per_second",
+    "prefetcher.min_bytes_per_second",
+    "prefetcher.min_rate_window",
     "prefetcher.claim_ttl",
     "upstream.kind",
     "upstream.url",
@@ -132,7 +144,18 @@ impl Validator<'_> {
                 "must be greater than zero (leave it unset for no limit)".into(),
             );
         }
+        // "0" turns the floor off (a default on a config file's word).
+        let min_bytes_per_second = match self.size("prefetcher.min_bytes_per_second") {
+            None => Some(DEFAULT_MIN_BYTES_PER_SECOND),
+            Some(0) => None,
+            some => some,
+        };
+        let min_rate_window = self
+            .positive_duration("prefetcher.min_rate_window")
+            .unwrap_or(DEFAULT_MIN_RATE_WINDOW);
         PrefetcherConfig {
+            min_bytes_per_second,
+            min_rate_window,
             concurrency: self.integer("prefetcher.concurrency", 1, 64).unwrap_or(2) as usize,
             interval: self
                 .positive_duration("prefetcher.interval")
@@ -315,7 +338,7 @@ impl Validator<'_> {
 /// The two sections as TOML, secrets masked.
 pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> String {
     let mut out = format!(
-        "[prefetcher]\nconcurrency = {}\ninterval = {:?}\nmax_attempts = {}\nretry_delay = {:?}\nmax_retry_delay = {:?}\nclaim_ttl = {:?}\n{}\n",
+        "[prefetcher]\nconcurrency = {}\ninterval = {:?}\nmax_attempts = {}\nretry_delay = {:?}\nmax_retry_delay = {:?}\nclaim_ttl = {:?}\n{}\n{}\n",
         p.concurrency,
         format_duration(p.interval),
         p.max_attempts,
@@ -325,6 +348,17 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
         match p.max_bytes_per_second {
             Some(b) => format!("max_bytes_per_second = {:?}", format_size(b)),
             None => "# max_bytes_per_second is unset".into(),
+        },
+        match p.min_bytes_per_second {
+            Some(b) => format!(
+                "min_bytes_per_second = {:?}\nmin_rate_window = {:?}",
+                format_size(b),
+                format_duration(p.min_rate_window)
+            ),
+            None => format!(
+                "min_bytes_per_second = 0\nmin_rate_window = {:?}",
+                format_duration(p.min_rate_window)
+            ),
         }
     );
     let Some(u) = u else {
@@ -335,6 +369,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
     let mut keystone = String::new();
     match &u.kind {
         UpstreamKind::Glance { url, auth } => {
+            let url = crate::redact::mask_url(url);
             out.push_str(&format!("kind = \"glance\"\nurl = {url:?}\n"));
             match auth {
                 GlanceAuth::None => {}
@@ -342,6 +377,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
                     out.push_str(&format!("token_file = {:?}\n", p.display().to_string()))
                 }
                 GlanceAuth::Keystone { auth_url, method } => {
+                    let auth_url = crate::redact::mask_url(auth_url);
                     keystone.push_str(&format!("\n[upstream.keystone]\nauth_url = {auth_url:?}\n"));
                     match method {
                         KeystoneMethod::Password { username, project_name, user_domain_name, project_domain_name, .. } => {
@@ -361,6 +397,7 @@ pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> Strin
             md5_header,
             sha512_header,
         } => {
+            let url_template = crate::redact::mask_url(url_template);
             out.push_str(&format!(
                 "kind = \"http\"\nurl_template = {url_template:?}\n"
             ));

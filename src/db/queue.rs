@@ -214,10 +214,23 @@ impl Db {
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode)
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|r| decode(r).map_err(|e| (r.try_get::<String, _>("image_id").ok(), e)))
+                .collect::<Vec<_>>()
         });
-        Ok(rows)
+        // A row that does not decode (a time another writer left that is no time) is
+        // skipped with one warning per listing, so the rest of the queue still shows.
+        let mut good = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for row in rows {
+            match row {
+                Ok(r) => good.push(r),
+                Err(e) => bad.push(e),
+            }
+        }
+        if let Some((image_id, error)) = bad.first() {
+            tracing::warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
+        }
+        Ok(good)
     }
 
     /// Claims the next due, unclaimed queued image for `holder` until `claim_until`.
@@ -263,25 +276,32 @@ impl Db {
                     .transpose()?
             } else {
                 let mut tx = pool.begin().await?;
-                let picked = sqlx::query(sql(d, PICK_LOCKED))
+                let raw = sqlx::query(sql(d, PICK_LOCKED))
                     .bind(node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(&mut *tx)
-                    .await?
-                    .as_ref()
-                    .map(decode)
-                    .transpose()?;
-                if let Some(row) = &picked {
+                    .await?;
+                let picked = raw.as_ref().map(decode).transpose();
+                // The claim is written even when the row does not decode (as SQLite's
+                // single statement does): the error is reported once per claim term, and
+                // the next pick moves on instead of choosing the same row forever.
+                let image_id = match (&picked, &raw) {
+                    (Ok(Some(row)), _) => Some(row.image_id.clone()),
+                    (Err(_), Some(r)) => r.try_get::<String, _>("image_id").ok(),
+                    _ => None,
+                };
+                if let Some(image_id) = &image_id {
                     sqlx::query(sql(d, MARK))
                         .bind(holder)
                         .bind(claim_until)
                         .bind(node.0)
-                        .bind(row.image_id.as_str())
+                        .bind(image_id.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
                 tx.commit().await?;
+                let picked = picked?;
                 // The row as it was picked, with the claim just written.
                 picked.map(|row| QueueRow {
                     claimed_by: Some(holder.to_owned()),

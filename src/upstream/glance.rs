@@ -10,7 +10,10 @@
 use std::path::PathBuf;
 
 use super::keystone::Keystone;
-use super::{ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, status_error};
+use super::{
+    ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, read_json_capped, request_text,
+    status_error,
+};
 use crate::cache::HashAlgo;
 use crate::config::GlanceAuth;
 use crate::image_id::ImageId;
@@ -47,11 +50,7 @@ impl GlanceUpstream {
         match &self.auth {
             Auth::None => Ok(None),
             // Re-read each time so a rotated token is picked up without a restart.
-            Auth::TokenFile(p) => std::fs::read_to_string(p)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| {
-                    UpstreamError::Retry(format!("cannot read token file {}: {e}", p.display()))
-                }),
+            Auth::TokenFile(p) => super::read_token_file(p).map(Some),
             Auth::Keystone(k) => k.token().await.map(Some),
         }
     }
@@ -80,21 +79,21 @@ impl GlanceUpstream {
                 continue;
             }
             if !response.status().is_success() {
-                return Err(status_error(response.status(), &format!("GET {url}")));
+                return Err(status_error(response.status(), &request_text("GET", url)));
             }
             return Ok(response);
         }
-        unreachable!("the loop returns on its second attempt")
+        // The second attempt always returns above; a 401 is what it would have said.
+        Err(status_error(
+            reqwest::StatusCode::UNAUTHORIZED,
+            &request_text("GET", url),
+        ))
     }
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let url = format!("{}/v2/images/{id}", self.base);
-        let image: serde_json::Value = self
-            .get(&url, None)
-            .await?
-            .json()
-            .await
-            .map_err(http_error)?;
+        let image =
+            read_json_capped(self.get(&url, None).await?, &request_text("GET", &url)).await?;
         let status = image["status"].as_str().unwrap_or("unknown");
         if status != "active" {
             return Err(UpstreamError::Permanent(format!(

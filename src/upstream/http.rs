@@ -1,7 +1,9 @@
 //! A plain HTTP origin: a URL template with `{image_id}`, expected size from
 //! `Content-Length`, expected checksums from configured response headers.
 
-use super::{ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, status_error};
+use super::{
+    ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, request_text, status_error,
+};
 use crate::cache::HashAlgo;
 use crate::image_id::ImageId;
 
@@ -17,7 +19,7 @@ impl HttpUpstream {
         let url = self.url_template.replace("{image_id}", id.as_str());
         let response = self.client.get(&url).send().await.map_err(http_error)?;
         if !response.status().is_success() {
-            return Err(status_error(response.status(), &format!("GET {url}")));
+            return Err(status_error(response.status(), &request_text("GET", &url)));
         }
         // A configured checksum header must be there and well formed: without it the
         // bytes could not be verified.
@@ -25,11 +27,15 @@ impl HttpUpstream {
             let Some(name) = name else { return Ok(None) };
             let Some(value) = response.headers().get(name.as_str()) else {
                 return Err(UpstreamError::Verify(format!(
-                    "GET {url}: the response has no {name} header"
+                    "{}: the response has no {name} header",
+                    request_text("GET", &url)
                 )));
             };
             let value = value.to_str().map_err(|_| {
-                UpstreamError::Verify(format!("GET {url}: header {name} is not text"))
+                UpstreamError::Verify(format!(
+                    "{}: header {name} is not text",
+                    request_text("GET", &url)
+                ))
             })?;
             hex_digest(&format!("header {name}"), value, len).map(Some)
         };

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use super::{UpstreamError, http_error, status_error};
+use super::{UpstreamError, http_error, read_json_capped, status_error};
 use crate::clock;
 use crate::config::KeystoneMethod;
 
@@ -103,7 +103,7 @@ impl Keystone {
             .ok_or_else(|| {
                 UpstreamError::Retry("Keystone answered without X-Subject-Token".into())
             })?;
-        let body: serde_json::Value = response.json().await.map_err(http_error)?;
+        let body = read_json_capped(response, "Keystone authentication").await?;
         let expires = body["token"]["expires_at"]
             .as_str()
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())

@@ -75,6 +75,138 @@ impl ImageStream {
     }
 }
 
+/// A download's floor on the upstream's transfer rate. Only time spent waiting for the
+/// upstream counts (not our own pacing or disk writes): every `window` of it must bring
+/// `window * min_bytes_per_second` bytes, or the download fails as retryable. Per-read
+/// timeouts alone let one byte a second hold a download slot forever.
+#[derive(Debug)]
+pub struct TransferFloor {
+    min_bytes_per_second: u64,
+    window: Duration,
+    waited: Duration,
+    bytes: u64,
+}
+
+impl TransferFloor {
+    /// `None` when there is no floor.
+    pub fn new(min_bytes_per_second: Option<u64>, window: Duration) -> Option<TransferFloor> {
+        Some(TransferFloor {
+            min_bytes_per_second: min_bytes_per_second.filter(|b| *b > 0)?,
+            window: window.max(Duration::from_millis(1)),
+            waited: Duration::ZERO,
+            bytes: 0,
+        })
+    }
+
+    /// The next chunk of `stream`, timing the wait.
+    pub async fn next_chunk(
+        &mut self,
+        stream: &mut ImageStream,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        let started = tokio::time::Instant::now();
+        let chunk = stream.next_chunk().await?;
+        let len = chunk.as_ref().map_or(0, |c| c.len() as u64);
+        self.observe(started.elapsed(), len)?;
+        Ok(chunk)
+    }
+
+    /// Counts `bytes` that took `waited` to arrive; an error once a whole window brought
+    /// too few.
+    fn observe(&mut self, waited: Duration, bytes: u64) -> Result<(), UpstreamError> {
+        self.waited = self.waited.saturating_add(waited);
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.waited < self.window {
+            return Ok(());
+        }
+        let needed = (self.min_bytes_per_second as f64 * self.waited.as_secs_f64()) as u64;
+        if self.bytes < needed {
+            return Err(UpstreamError::Retry(format!(
+                "upstream too slow: {} bytes in {:.0?} of waiting (minimum {} bytes per second, prefetcher.min_bytes_per_second)",
+                self.bytes, self.waited, self.min_bytes_per_second
+            )));
+        }
+        self.waited = Duration::ZERO;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// The largest token file read: tokens are a few hundred bytes (Fernet) to a few KiB.
+const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads a token file as the configuration checks it, at every use (it may have been
+/// rotated since): a regular file that others cannot read and only its owner can write,
+/// at most `MAX_TOKEN_FILE_BYTES`, its text trimmed. The checks are on the file opened
+/// (`fstat`), so a file swapped in between a check and the read is still checked.
+pub(crate) fn read_token_file(path: &std::path::Path) -> Result<String, UpstreamError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let refuse =
+        |why: String| UpstreamError::Retry(format!("token file {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot stat it: {e}")))?;
+    let mode = meta.permissions().mode();
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if mode & 0o004 != 0 {
+        return Err(refuse(
+            "world-readable: chmod o-r it (a token is a credential)".into(),
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            "writable by its group or others: chmod go-w it".into(),
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(refuse(format!("larger than {MAX_TOKEN_FILE_BYTES} bytes")));
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(refuse("empty".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// The largest metadata body read from an upstream (Glance's image JSON, Keystone's
+/// token response): real ones are a few KiB, and a body is held whole in memory.
+pub const MAX_METADATA_BYTES: usize = 1 << 20;
+
+/// Reads a JSON body of at most `MAX_METADATA_BYTES`; a larger one is an error (retried:
+/// a misbehaving proxy may recover) and is never read whole.
+pub(crate) async fn read_json_capped(
+    mut response: reqwest::Response,
+    what: &str,
+) -> Result<serde_json::Value, UpstreamError> {
+    let too_large = || {
+        UpstreamError::Retry(format!(
+            "{what}: the response is larger than {MAX_METADATA_BYTES} bytes"
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_METADATA_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+        if body.len() + chunk.len() > MAX_METADATA_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| UpstreamError::Retry(format!("{what}: the response is not JSON: {e}")))
+}
+
 pub enum Upstream {
     Glance(glance::GlanceUpstream),
     Http(http::HttpUpstream),
@@ -142,7 +274,8 @@ fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError
             if attempt.previous().len() > MAX_REDIRECTS {
                 attempt.error("too many redirects")
             } else if origin.as_ref() != Some(&target) {
-                let refused = format!("redirect to another host ({}) refused", attempt.url());
+                let target = crate::redact::mask_url(attempt.url().as_str());
+                let refused = format!("redirect to another host ({target}) refused");
                 attempt.error(refused)
             } else {
                 attempt.follow()
@@ -167,12 +300,24 @@ fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError
 
 /// Classifies a transport error: refused redirects are permanent, the rest is retried.
 pub(crate) fn http_error(e: reqwest::Error) -> UpstreamError {
+    // reqwest's text names the URL, with any `user:password@` in it: mask it, since the
+    // text ends up in logs and in the shared database's `last_error` (reqwest already
+    // moves userinfo to an Authorization header; this keeps it so if that changes).
+    let e = match e.url().map(crate::redact::mask_parsed_url) {
+        Some(Some(masked)) => e.with_url(masked),
+        Some(None) | None => e,
+    };
     let text = error_chain(&e);
     if e.is_redirect() {
         UpstreamError::Permanent(text)
     } else {
         UpstreamError::Retry(text)
     }
+}
+
+/// The text for a request to `url` in errors and logs, its secrets masked.
+pub(crate) fn request_text(method: &str, url: &str) -> String {
+    format!("{method} {}", crate::redact::mask_url(url))
 }
 
 /// Classifies an HTTP status: 404/410 and other client errors are permanent; 5xx, 408,
@@ -218,6 +363,43 @@ pub(crate) fn hex_digest(what: &str, value: &str, len: usize) -> Result<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_floor_fails_only_a_window_below_the_rate(
+            rate in 1u64..1_000_000,
+            window_ms in 1u64..600_000,
+            waits in proptest::collection::vec((0u64..100_000, 0u64..10_000_000), 1..50),
+        ) {
+            let window = Duration::from_millis(window_ms);
+            let mut floor = TransferFloor::new(Some(rate), window).unwrap();
+            let (mut waited, mut bytes) = (Duration::ZERO, 0u64);
+            for (ms, n) in waits {
+                let w = Duration::from_millis(ms);
+                waited += w;
+                bytes += n;
+                let verdict = floor.observe(w, n);
+                if waited < window {
+                    prop_assert!(verdict.is_ok());
+                } else {
+                    let needed = (rate as f64 * waited.as_secs_f64()) as u64;
+                    prop_assert_eq!(verdict.is_err(), bytes < needed);
+                    if verdict.is_err() {
+                        break;
+                    }
+                    waited = Duration::ZERO;
+                    bytes = 0;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_floor_when_unset_or_zero() {
+        assert!(TransferFloor::new(None, Duration::from_secs(1)).is_none());
+        assert!(TransferFloor::new(Some(0), Duration::from_secs(1)).is_none());
+    }
 
     #[test]
     fn hex_digests_must_be_whole() {

@@ -134,22 +134,23 @@ macro_rules! on_every_backend {
     };
 }
 
-on_every_backend!(unreadable_rows_are_skipped_and_pruned_first);
+on_every_backend!(
+    unreadable_rows_are_skipped_and_pruned_first,
+    an_unreadable_queue_row_does_not_hold_up_the_queue,
+);
 
 /// A statement that makes `image`'s `last_accessed` unreadable for this backend: text
 /// that is no time on SQLite, `infinity` on PostgreSQL, a zero date on MariaDB.
-fn unreadable_time(b: Backend, image: &str) -> String {
+fn unreadable_time(b: Backend, table: &str, column: &str, image: &str) -> String {
+    let value = match b {
+        Backend::Sqlite => "'yesterday'",
+        Backend::Postgres => "'infinity'",
+        Backend::MySql => "'0000-00-00 00:00:00'",
+    };
+    let update = format!("UPDATE {table} SET {column} = {value} WHERE image_id = '{image}'");
     match b {
-        Backend::Sqlite => format!(
-            "UPDATE cached_images SET last_accessed = 'yesterday' WHERE image_id = '{image}'"
-        ),
-        Backend::Postgres => format!(
-            "UPDATE cached_images SET last_accessed = 'infinity' WHERE image_id = '{image}'"
-        ),
-        Backend::MySql => format!(
-            "SET STATEMENT sql_mode = '' FOR UPDATE cached_images \
-             SET last_accessed = '0000-00-00 00:00:00' WHERE image_id = '{image}'"
-        ),
+        Backend::MySql => format!("SET STATEMENT sql_mode = '' FOR {update}"),
+        _ => update,
     }
 }
 
@@ -173,9 +174,23 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
         let db = t.driver.db();
         assert!(db.record_hit(t.driver.node(), image, when).await.unwrap());
     }
-    run_sql(&t.db.url, b, &unreadable_time(b, "bad-time"))
+    let planted = unreadable_time(b, "cached_images", "last_accessed", "bad-time");
+    run_sql(&t.db.url, b, &planted).await.unwrap();
+    // And in the queue: the other queued image still lists.
+    for image in ["queued-good", "queued-bad"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    }
+    let planted = unreadable_time(b, "glance_cached_queue", "queued_at", "queued-bad");
+    run_sql(&t.db.url, b, &planted).await.unwrap();
+    let queued: Vec<String> = t
+        .driver
+        .get_queued_images()
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|q| q.image_id.to_string())
+        .collect();
+    assert_eq!(queued, ["queued-good"]);
     // Only SQLite's INTEGER holds more than 32 bits (Glance's hits + 1 never stops).
     if b == Backend::Sqlite {
         let q = "UPDATE cached_images SET hits = 3000000000 WHERE image_id = 'many-hits'";
@@ -556,4 +571,356 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
         ["c#frag", "c%41", "c?mode=ro"],
         "nothing opened elsewhere"
     );
+}
+
+/// One distinct secret per secret-bearing key; none may appear in any output.
+const SECRETS: [&str; 7] = [
+    "pw-db-userinfo-91",
+    "pw-db-query-92",
+    "slash-93",
+    "pw-upstream-94",
+    "tok-file-95",
+    "pw-ksurl-96",
+    "pw-keystone-97",
+];
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+    }
+}
+
+fn all_output(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn no_secret_shows_in_any_output() {
+    use crate::common::test_bytes;
+    use crate::daemon_kit::Daemon;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let data = test_bytes(4000, 5);
+    origin.add("present-img", data.clone(), Behaviour::default());
+    origin.add(
+        "cut-img",
+        data.clone(),
+        Behaviour {
+            truncate_at: Some(100),
+            ..Default::default()
+        },
+    );
+    let trace = [("GLANCE_CACHED_LOG__LEVEL", "trace"), ("RUST_LOG", "trace")];
+
+    // Database URLs: a password in the userinfo and in the query, one with a raw `/`.
+    // Nothing listens on port 1: each run fails at connect, and says so.
+    let s = Setup::new("");
+    for url in [
+        "postgres://glance:pw-db-userinfo-91@127.0.0.1:1/glance?password=pw-db-query-92",
+        "postgres://glance:pw-db/slash-93@127.0.0.1:1/glance",
+        "mysql://glance:pw-db-userinfo-91@127.0.0.1:1/glance?password=pw-db-query-92",
+    ] {
+        let env = [
+            ("GLANCE_CACHED_DATABASE__URL", url),
+            ("GLANCE_CACHED_NODE__REFERENCE_URL", "http://node:9292"),
+            trace[0],
+            trace[1],
+        ];
+        let checked = cli_with_env(&s.config, &env, &["check-config"]);
+        assert!(checked.status.success(), "{}", all_output(&checked));
+        assert_no_secret("check-config", &all_output(&checked));
+        let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &env);
+        assert!(!d.wait_exit(SOON).success());
+        assert!(d.log_text().contains("error"), "{}", d.log_text());
+        assert_no_secret("run", &d.log_text());
+        let listed = cli_with_env(&s.config, &env, &["list-queued"]);
+        assert_no_secret("list-queued", &all_output(&listed));
+    }
+
+    // Glance with user:password@ in its URL and a token file; a daemon at trace level.
+    origin.require_token("tok-file-95");
+    let token = s.tmp.path().join("token");
+    std::fs::write(&token, "tok-file-95\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let upstream = origin
+        .url()
+        .replace("http://", "http://glance:pw-upstream-94@");
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\n[upstream]\nkind = \"glance\"\nurl = \"{upstream}\"\ntoken_file = {:?}\n",
+        token.display().to_string()
+    ));
+    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    assert!(
+        all_output(&checked).contains("glance:***@"),
+        "{}",
+        all_output(&checked)
+    );
+    assert_no_secret("check-config", &all_output(&checked));
+    let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &trace);
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    ok(
+        &s.cli(&["queue", "present-img", "missing-img", "cut-img"]),
+        "queue",
+    );
+    let deadline = std::time::Instant::now() + SOON;
+    let rows = loop {
+        let rows = queue_rows(&s);
+        let failed = |id: &str| rows.get(id).is_some_and(|r| r["last_error"].is_string());
+        if failed("missing-img") && failed("cut-img") && s.cache("present-img").exists() {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rows:?}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let missing = rows["missing-img"]["last_error"].as_str().unwrap();
+    assert!(missing.contains("glance:***@"), "{missing}");
+    for args in [
+        &["list-queued"][..],
+        &["list-queued", "--json"],
+        &["list-cached"],
+    ] {
+        assert_no_secret(
+            "a listing",
+            &all_output(&cli_with_env(&s.config, &trace, args)),
+        );
+    }
+    let log = d.log.clone();
+    d.stop();
+    assert_no_secret("run", &std::fs::read_to_string(log).unwrap());
+    // What other nodes read: the database itself.
+    let db = std::fs::read(s.cache(".glance-cached/glance-cached.db")).unwrap();
+    assert_no_secret("the database", &String::from_utf8_lossy(&db));
+
+    // Keystone with a password, and user:password@ in its URL; the prefetch command.
+    let origin = Origin::start();
+    origin.add("present-img", data.clone(), Behaviour::default());
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n[upstream.keystone]\nauth_url = \"{}/v3\"\nusername = \"u\"\npassword = \"pw-keystone-97\"\nproject_name = \"p\"\n",
+        origin.url(),
+        origin.url().replace("http://", "http://ks:pw-ksurl-96@"),
+    ));
+    origin.require_keystone(3600);
+    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    assert_no_secret("check-config", &all_output(&checked));
+    ok(&s.cli(&["queue", "present-img", "missing-img"]), "queue");
+    let fetched = cli_with_env(&s.config, &trace, &["prefetch"]);
+    assert!(s.cache("present-img").exists(), "{}", all_output(&fetched));
+    assert_no_secret("prefetch", &all_output(&fetched));
+    assert_no_secret("list-queued", &all_output(&s.cli(&["list-queued"])));
+}
+
+/// Queues `ids` and runs `prefetch`, which must end within `limit`; returns each id's
+/// last error (none may be cached).
+fn prefetch_within(
+    s: &Setup,
+    ids: &[&str],
+    limit: Duration,
+) -> std::collections::HashMap<String, String> {
+    let mut args = vec!["queue"];
+    args.extend_from_slice(ids);
+    ok(&s.cli(&args), "queue");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("prefetch")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "prefetch still running after {limit:?}: {:?}",
+                queue_rows(s)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows = queue_rows(s);
+    ids.iter()
+        .map(|id| {
+            assert!(!s.cache(id).exists(), "{id} was cached");
+            let error = rows[*id]["last_error"].as_str().unwrap_or_default();
+            (id.to_string(), error.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn oversized_metadata_is_refused_without_reading_it_whole() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    let huge = Behaviour {
+        meta_padding: 3 << 20,
+        ..Default::default()
+    };
+    origin.add("fat-meta", test_bytes(2000, 1), huge);
+    let s = Setup::new(&format!(
+        "[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    let errors = prefetch_within(&s, &["fat-meta"], SOON);
+    assert!(
+        errors["fat-meta"].contains("larger than 1048576 bytes"),
+        "{errors:?}"
+    );
+
+    // Keystone's token response, the same.
+    let origin = Origin::start();
+    origin.require_keystone(3600);
+    origin.pad_keystone(3 << 20);
+    origin.add("fat-token", test_bytes(2000, 2), Behaviour::default());
+    let s = Setup::new(&format!(
+        "[upstream]\nkind = \"glance\"\nurl = \"{url}\"\n[upstream.keystone]\nauth_url = \"{url}/v3\"\nusername = \"u\"\npassword = \"p\"\nproject_name = \"p\"\n",
+        url = origin.url()
+    ));
+    let errors = prefetch_within(&s, &["fat-token"], SOON);
+    assert!(
+        errors["fat-token"].contains("Keystone authentication: the response is larger than"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_dripping_upstream_fails_at_the_transfer_floor() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    let origin = Origin::start();
+    // One byte every 100 ms: 3,000 bytes would take five minutes, and no read ever
+    // waits long enough for read_timeout.
+    let drip = Behaviour {
+        chunk_bytes: Some(1),
+        chunk_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    origin.add("drip", test_bytes(3000, 3), drip);
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmin_bytes_per_second = \"1KiB\"\nmin_rate_window = \"1s\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\nread_timeout = \"5s\"\n",
+        origin.url()
+    ));
+    let errors = prefetch_within(&s, &["drip"], SOON);
+    assert!(errors["drip"].contains("upstream too slow"), "{errors:?}");
+    assert_eq!(queue_rows(&s)["drip"]["state"], "queued", "retried later");
+    assert!(
+        !s.cache("incomplete/drip").exists(),
+        "the partial file is gone"
+    );
+}
+
+#[test]
+fn sparse_files_claiming_exabytes_overflow_no_total() {
+    let s = setup_on_tmpfs("max_size = 3000");
+    let mut d = s.start();
+    let stage = s.tmp.path().join(".sparse");
+    let plant_sparse = |name: &str| {
+        std::fs::File::create(&stage)
+            .unwrap()
+            .set_len(1 << 62)
+            .unwrap();
+        std::fs::rename(&stage, s.cache(name)).unwrap();
+    };
+    // Four sparse files of 2^62 bytes each under the running daemon: their total does
+    // not fit in 64 bits, and the pruner sums them.
+    for n in 0..4 {
+        plant_sparse(&format!("sparse-{n}"));
+    }
+    let deadline = std::time::Instant::now() + SOON;
+    while (0..4).any(|n| s.cache(&format!("sparse-{n}")).exists()) {
+        assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not pruned:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.alive(), "the daemon died; log:\n{}", d.log_text());
+    d.stop();
+    // And before a command that sums what it lists.
+    for n in 4..8 {
+        plant_sparse(&format!("sparse-{n}"));
+    }
+    let sized = ok(&s.cli(&["size", "--json"]), "size");
+    assert!(sized.contains(&u64::MAX.to_string()), "{sized}");
+}
+
+async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for image in ["q-bad", "q-good"] {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    }
+    // A queued time that does not decode and sorts first, so it is picked first.
+    let first = match b {
+        Backend::Sqlite => "'0-no-time'",
+        Backend::Postgres => "'-infinity'",
+        Backend::MySql => "'0000-00-00 00:00:00'",
+    };
+    let update =
+        format!("UPDATE glance_cached_queue SET queued_at = {first} WHERE image_id = 'q-bad'");
+    let update = match b {
+        Backend::MySql => format!("SET STATEMENT sql_mode = '' FOR {update}"),
+        _ => update,
+    };
+    run_sql(&t.db.url, b, &update).await.unwrap();
+    let claim = Duration::from_secs(3600);
+    // The bad row fails its claim once; the next claim gets the good one.
+    let mut claimed = None;
+    for _ in 0..3 {
+        if let Ok(Some(image)) = t.driver.claim_next("test holder", claim).await {
+            claimed = Some(image.image_id.to_string());
+            break;
+        }
+    }
+    assert_eq!(claimed.as_deref(), Some("q-good"));
+    t.finish().await;
+}
+
+#[test]
+fn a_token_file_made_readable_while_running_is_refused_at_use() {
+    use crate::common::test_bytes;
+    use crate::origin::{Behaviour, Origin};
+    use std::os::unix::fs::PermissionsExt;
+    let origin = Origin::start();
+    origin.require_token("rotated-token");
+    origin.add("tok-img", test_bytes(2000, 6), Behaviour::default());
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "rotated-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = Setup::new(&format!(
+        "[prefetcher]\nmax_attempts = 1\nretry_delay = \"1h\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\ntoken_file = {:?}\n",
+        origin.url(),
+        token.display().to_string()
+    ));
+    let d = s.start();
+    // A rotation leaves the new token readable by everyone, while the daemon runs.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Queued the way Glance's API does it (the CLI refuses the configuration now).
+    std::fs::write(s.cache("queue/tok-img"), b"").unwrap();
+    let deadline = std::time::Instant::now() + SOON;
+    let error = loop {
+        let log = d.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("prefetch failed")) {
+            break line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(error.contains("world-readable"), "{error}");
+    assert!(!s.cache("tok-img").exists());
+    d.stop();
 }

@@ -78,6 +78,8 @@ struct State {
     keystone: bool,
     issued_tokens: Vec<String>,
     token_ttl_secs: i64,
+    /// Pad Keystone's token response with this many bytes of whitespace.
+    keystone_padding: usize,
     stats: Stats,
 }
 
@@ -135,6 +137,11 @@ impl Origin {
         let mut s = self.state.lock().unwrap();
         s.keystone = true;
         s.token_ttl_secs = ttl_secs;
+    }
+
+    /// Pads Keystone's token responses with `bytes` of whitespace.
+    pub fn pad_keystone(&self, bytes: usize) {
+        self.state.lock().unwrap().keystone_padding = bytes;
     }
 
     pub fn with_stats<R>(&self, f: impl FnOnce(&Stats) -> R) -> R {
@@ -224,7 +231,10 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let token = format!("tok-{}", s.stats.tokens_issued);
         s.issued_tokens.push(token.clone());
         let expires = chrono::Utc::now() + chrono::Duration::seconds(s.token_ttl_secs);
-        let body = serde_json::json!({"token": {"expires_at": expires.to_rfc3339()}}).to_string();
+        let mut body = serde_json::json!({"token": {"expires_at": expires.to_rfc3339()}})
+            .to_string()
+            .into_bytes();
+        body.splice(1..1, std::iter::repeat_n(b' ', s.keystone_padding));
         drop(s);
         return respond(
             &mut conn,
@@ -233,7 +243,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
                 ("X-Subject-Token".into(), token),
                 ("Content-Type".into(), "application/json".into()),
             ],
-            body.as_bytes(),
+            &body,
         );
     }
     let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
