@@ -100,9 +100,9 @@ impl RateLimiter {
     }
 }
 
-/// Cache space promised to the downloads in progress. Each download of a known size
-/// reserves it before making room, and makes room for every reservation, not only its
-/// own: two downloads that each fit alone would otherwise together push the cache past
+/// Cache space promised to the downloads in progress. Each download reserves its size
+/// before making room (one of unknown size reserves [`unknown_size_step`] at a time, as
+/// its bytes arrive), and makes room for every reservation, not only its own: two downloads that each fit alone would otherwise together push the cache past
 /// `max_size`. A download that does not fit beside the others waits for one to end, in
 /// turn: while one waits, later downloads wait behind it even if they would fit, so a
 /// large image is not passed over forever by a stream of small ones.
@@ -142,6 +142,36 @@ pub struct Reservation<'a> {
     bytes: u64,
     /// Everything reserved when this reservation was granted, itself included.
     pub total: u64,
+}
+
+impl Reservation<'_> {
+    /// Bytes this reservation holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Grows this reservation by `bytes` if everything reserved then still fits in
+    /// `max_size` (a download in progress does not wait in line: it holds a
+    /// connection). Returns everything reserved, itself included.
+    pub fn grow(&mut self, bytes: u64, max_size: u64) -> Option<u64> {
+        let mut ledger = self.space.lock();
+        let total = ledger
+            .reserved
+            .checked_add(bytes)
+            .filter(|t| *t <= max_size)?;
+        ledger.reserved = total;
+        self.bytes += bytes;
+        self.total = total;
+        Some(total)
+    }
+}
+
+/// How much a download of unknown size (no `Content-Length`, Glance metadata without
+/// `size`) reserves at a time: a 64th of the cache, at least 1 MiB, at most the cache.
+/// Small enough not to evict much more than the image needs, large enough that a big
+/// image makes room a few dozen times, not at every chunk.
+pub fn unknown_size_step(max_size: u64) -> u64 {
+    (max_size / 64).max(1 << 20).min(max_size)
 }
 
 /// A download's place in the line for room; leaves the line when dropped.
@@ -226,7 +256,7 @@ pub async fn fetch_into_cache(
     // Taken on the first wait for room, kept until room is granted; with the size the
     // upstream gave then.
     let mut waiting: Option<(WaitTicket<'_>, u64)> = None;
-    let (meta, mut stream, reservation) = loop {
+    let (meta, mut stream, mut reservation) = loop {
         // Checked again after waiting for room: the image may have arrived meanwhile.
         if driver.cached(id).await {
             return Ok(Fetched::AlreadyCached);
@@ -250,9 +280,10 @@ pub async fn fetch_into_cache(
             r = upstream.fetch(id) => r?,
         };
         crate::failpoint::hit("download:connected");
-        let Some(size) = meta.size else {
-            break (meta, stream, None);
-        };
+        // An unknown size is reserved a step at a time as the bytes arrive.
+        let size = meta
+            .size
+            .unwrap_or_else(|| unknown_size_step(limits.max_size));
         if size > limits.max_size {
             return Err(FetchError::Permanent(format!(
                 "image is {size} bytes, larger than cache.max_size ({} bytes)",
@@ -261,7 +292,7 @@ pub async fn fetch_into_cache(
         }
         let ticket = waiting.as_ref().map(|(t, _)| t);
         if let Some(r) = budget.space.try_reserve(size, limits.max_size, ticket) {
-            break (meta, stream, Some(r));
+            break (meta, stream, r);
         }
         // No room beside the downloads in progress, or others wait ahead: hang up rather
         // than hold an idle connection, and ask again when the reservations change.
@@ -279,17 +310,9 @@ pub async fn fetch_into_cache(
         }
     };
     drop(waiting);
-    if let Some(reservation) = &reservation {
-        // Make room for this image and the others in progress first, so the cache never
-        // exceeds max_size because of them.
-        driver
-            .prune(PrunePolicy {
-                max_size: limits.max_size - reservation.total,
-                low_watermark: None,
-                min_free_disk: limits.min_free_disk,
-            })
-            .await?;
-    }
+    // Make room for this image and the others in progress first, so the cache never
+    // exceeds max_size because of them.
+    make_room(driver, &limits, reservation.total).await?;
     let expectations = Expectations {
         size: meta.size,
         md5: meta.md5,
@@ -322,6 +345,30 @@ pub async fn fetch_into_cache(
         };
         let len = chunk.len();
         let before = writer.bytes_written();
+        // Of unknown size: the chunk goes to disk only within the reservation, grown
+        // (and room made for it) as needed.
+        let needed = before.saturating_add(len as u64);
+        if meta.size.is_none() && needed > reservation.bytes() {
+            if needed > limits.max_size {
+                writer.abort("larger than the cache").await;
+                return Err(FetchError::Permanent(format!(
+                    "image is larger than cache.max_size ({} bytes)",
+                    limits.max_size
+                )));
+            }
+            let more = (needed - reservation.bytes()).max(unknown_size_step(limits.max_size));
+            let more = more.min(limits.max_size - reservation.bytes());
+            let Some(total) = reservation.grow(more, limits.max_size) else {
+                writer
+                    .abort("no room beside the downloads in progress")
+                    .await;
+                return Err(FetchError::Retry(format!(
+                    "image of unknown size: no room for more than {} bytes beside the downloads in progress",
+                    reservation.bytes()
+                )));
+            };
+            make_room(driver, &limits, total).await?;
+        }
         // Waits while the disk is behind, but a shutdown need not wait for the disk.
         tokio::select! {
             biased;
@@ -336,13 +383,6 @@ pub async fn fetch_into_cache(
             && writer.bytes_written() >= size / 2
         {
             crate::failpoint::hit("download:half");
-        }
-        if meta.size.is_none() && writer.bytes_written() > limits.max_size {
-            writer.abort("larger than the cache").await;
-            return Err(FetchError::Permanent(format!(
-                "image is larger than cache.max_size ({} bytes)",
-                limits.max_size
-            )));
         }
         if let Some(rate) = limits.max_bytes_per_second {
             budget.bandwidth.pace(len, rate).await;
@@ -361,6 +401,23 @@ pub async fn fetch_into_cache(
     Ok(Fetched::Published {
         bytes: published.size,
     })
+}
+
+/// Prunes so that the cache plus `reserved` (the downloads in progress, this one
+/// included) fits in `max_size`.
+async fn make_room(
+    driver: &CacheDriver,
+    limits: &FetchLimits,
+    reserved: u64,
+) -> Result<(), FetchError> {
+    driver
+        .prune(PrunePolicy {
+            max_size: limits.max_size.saturating_sub(reserved),
+            low_watermark: None,
+            min_free_disk: limits.min_free_disk,
+        })
+        .await?;
+    Ok(())
 }
 
 /// What became of one claimed queued image, as recorded in the queue.
@@ -461,6 +518,24 @@ mod tests {
         assert_eq!(retry_delay(1, first, max), Duration::from_secs(30));
         assert_eq!(retry_delay(3, first, max), Duration::from_secs(120));
         assert_eq!(retry_delay(99, first, max), max);
+    }
+
+    #[test]
+    fn a_reservation_grows_only_within_max_size() {
+        let space = SpaceReservations::default();
+        let mut growing = space.try_reserve(300, 1000, None).unwrap();
+        let other = space.try_reserve(500, 1000, None).unwrap();
+        assert_eq!(growing.grow(200, 1000), Some(1000));
+        assert_eq!(growing.bytes(), 500);
+        assert_eq!(growing.grow(1, 1000), None, "no room beside the other");
+        assert_eq!(growing.bytes(), 500);
+        drop(other);
+        assert_eq!(growing.grow(1, 1000), Some(501));
+        drop(growing);
+        assert_eq!(space.reserved(), 0, "all of it is returned");
+        assert_eq!(unknown_size_step(64 << 30), 1 << 30);
+        assert_eq!(unknown_size_step(32 << 20), 1 << 20);
+        assert_eq!(unknown_size_step(1000), 1000);
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct Behaviour {
     /// Answer file requests `206` with only bytes FIRST..=LAST and their
     /// `Content-Range`, as a proxy mangling `Range: bytes=0-` might.
     pub partial: Option<(usize, usize)>,
+    /// Tell no size: `null` in Glance's metadata, no `Content-Length` on the body (the
+    /// connection's close ends it).
+    pub no_size: bool,
 }
 
 impl Behaviour {
@@ -284,7 +287,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let body = serde_json::json!({
             "id": id,
             "status": b.status.clone().unwrap_or_else(|| "active".into()),
-            "size": b.meta_size.unwrap_or(image.data.len() as u64),
+            "size": if b.no_size { None } else { Some(b.meta_size.unwrap_or(image.data.len() as u64)) },
             "checksum": md5,
             "os_hash_algo": "sha512",
             "os_hash_value": sha512,
@@ -331,10 +334,10 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         return conn.write_all(body);
     }
     let result = (|| {
-        let mut head = format!(
-            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n",
-            image.data.len()
-        );
+        let mut head = "HTTP/1.1 200 OK\r\nConnection: close\r\n".to_owned();
+        if !b.no_size {
+            head.push_str(&format!("Content-Length: {}\r\n", image.data.len()));
+        }
         if kind == "plain" && !b.no_checksum_headers {
             head.push_str(&format!(
                 "X-Checksum-Md5: {md5}\r\nX-Checksum-Sha512: {sha512}\r\n"

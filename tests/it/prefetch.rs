@@ -555,11 +555,25 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
 /// pruner acting only after both are published would be too late).
 #[test]
 fn concurrent_downloads_make_room_for_each_other() {
+    downloads_stay_within_max_size(Behaviour::slow(40));
+}
+
+/// The same when the upstream tells no size (Glance's metadata without `size`, a body
+/// without `Content-Length`): such a download reserves room step by step as its bytes
+/// arrive, instead of none.
+#[test]
+fn downloads_of_unknown_size_stay_within_max_size() {
+    downloads_stay_within_max_size(Behaviour {
+        no_size: true,
+        ..Behaviour::slow(40)
+    });
+}
+
+fn downloads_stay_within_max_size(behaviour: Behaviour) {
     let origin = Origin::start();
-    let slow = Behaviour::slow(40);
     let (a, b) = (test_bytes(600 * 1024, 1), test_bytes(600 * 1024, 2));
-    origin.add("room-a", a.clone(), slow.clone());
-    origin.add("room-b", b.clone(), slow);
+    origin.add("room-a", a.clone(), behaviour.clone());
+    origin.add("room-b", b.clone(), behaviour);
     let s = Setup::new(&format!(
         "max_size = \"1000KiB\"\n{FAST_RETRY}concurrency = 2\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
         origin.url()
