@@ -171,20 +171,7 @@ mod tests {
     use proptest::prelude::*;
     use std::time::UNIX_EPOCH;
 
-    /// Times either side of the epoch across the whole range of `st_mtime` seconds.
-    fn any_time() -> impl Strategy<Value = SystemTime> {
-        (any::<bool>(), 0..=i64::MAX as u64, 0..1_000_000_000u32).prop_map(
-            |(after, secs, nanos)| {
-                let d = Duration::new(secs, nanos);
-                let t = if after {
-                    UNIX_EPOCH.checked_add(d)
-                } else {
-                    UNIX_EPOCH.checked_sub(d)
-                };
-                t.unwrap_or(UNIX_EPOCH)
-            },
-        )
-    }
+    use crate::db::time::tests::any_mtime as any_time;
 
     proptest! {
         #[test]

@@ -82,7 +82,11 @@ impl CacheDriver {
         db.migrate().await?;
         let node = db.register_node(node_url).await?;
         debug!(node_url, node_id = node.0, "cache node registered");
-        Ok(CacheDriver {
+        Ok(Self::with_node(layout, db, node, node_url))
+    }
+
+    fn with_node(layout: CacheLayout, db: Db, node: NodeId, node_url: &str) -> Self {
+        CacheDriver {
             inner: Arc::new(Inner {
                 layout,
                 db,
@@ -90,7 +94,7 @@ impl CacheDriver {
                 node_url: node_url.to_owned(),
                 prune_turn: Arc::default(),
             }),
-        })
+        }
     }
 
     /// A driver for commands that only look: no directory, schema or node row is made.
@@ -106,15 +110,7 @@ impl CacheDriver {
             .find_node(node_url)
             .await?
             .unwrap_or(NodeId::UNREGISTERED);
-        Ok(CacheDriver {
-            inner: Arc::new(Inner {
-                layout,
-                db,
-                node,
-                node_url: node_url.to_owned(),
-                prune_turn: Arc::default(),
-            }),
-        })
+        Ok(Self::with_node(layout, db, node, node_url))
     }
 
     pub fn layout(&self) -> &CacheLayout {

@@ -34,44 +34,33 @@ impl Db {
         expired_before: DbTime,
         force: bool,
     ) -> Result<LeaseOutcome, DbError> {
-        let current = self.lease_holder(node).await?;
-        let changed = on_pool!(self, |pool, d| {
-            match &current {
-                None => sqlx::query(sql(
-                    d,
-                    "INSERT INTO glance_cached_lease (node_reference_id, holder, heartbeat_at, started_at) \
-                     VALUES (?, ?, ?, ?)",
-                ))
-                .bind(node.0)
-                .bind(holder)
-                .bind(now)
-                .bind(now)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected())
-                // Another daemon inserted first: report it below as held.
-                .or_else(|e| match &e {
-                    sqlx::Error::Database(db) if db.is_unique_violation() => Ok(0),
-                    _ => Err(e),
-                })?,
-                Some(cur) if cur.holder != holder && cur.heartbeat_at > expired_before && !force => 0,
-                Some(cur) => sqlx::query(sql(
-                    d,
-                    "UPDATE glance_cached_lease SET holder = ?, heartbeat_at = ?, started_at = ? \
-                     WHERE node_reference_id = ? AND holder = ? AND heartbeat_at = ?",
-                ))
-                .bind(holder)
-                .bind(now)
-                .bind(now)
-                .bind(node.0)
-                .bind(cur.holder.as_str())
-                .bind(cur.heartbeat_at)
-                .execute(pool)
-                .await?
-                .rows_affected(),
+        match self.lease_holder(node).await? {
+            Some(cur) if cur.holder != holder && cur.heartbeat_at > expired_before && !force => {
+                return Ok(LeaseOutcome::HeldBy(cur));
             }
+            Some(cur) => return self.take_over_lease(node, holder, now, &cur).await,
+            None => {}
+        }
+        let inserted = on_pool!(self, |pool, d| {
+            sqlx::query(sql(
+                d,
+                "INSERT INTO glance_cached_lease (node_reference_id, holder, heartbeat_at, started_at) \
+                 VALUES (?, ?, ?, ?)",
+            ))
+            .bind(node.0)
+            .bind(holder)
+            .bind(now)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+            // Another daemon inserted first: report it below as held.
+            .or_else(|e| match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => Ok(0),
+                _ => Err(e),
+            })?
         });
-        if changed > 0 {
+        if inserted > 0 {
             return Ok(LeaseOutcome::Acquired);
         }
         match self.lease_holder(node).await? {

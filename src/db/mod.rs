@@ -12,7 +12,7 @@ pub mod location;
 mod node;
 mod queue;
 mod schema;
-mod time;
+pub(crate) mod time;
 
 use std::collections::HashMap;
 use std::str::FromStr;

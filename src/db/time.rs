@@ -208,7 +208,7 @@ impl<'r> Decode<'r, MySql> for DbTime {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::Timelike;
     use proptest::prelude::*;
@@ -216,7 +216,7 @@ mod tests {
 
     /// Any time a filesystem can report: seconds across the whole i64 range of
     /// `st_mtime`, either side of the epoch, with nanoseconds.
-    fn any_mtime() -> impl Strategy<Value = SystemTime> {
+    pub(crate) fn any_mtime() -> impl Strategy<Value = SystemTime> {
         (any::<bool>(), 0..=i64::MAX as u64, 0..1_000_000_000u32).prop_map(
             |(after, secs, nanos)| {
                 let d = Duration::new(secs, nanos);
