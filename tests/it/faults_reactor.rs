@@ -209,7 +209,7 @@ fn a_stuck_disk_under_four_downloads_leaves_the_daemon_responsive() {
 }
 
 /// Images in the large-prune test; `GLANCE_CACHED_TEST_PRUNE_IMAGES` raises it (the
-/// full 200,000 takes about three minutes on 2 cores, too long for every run).
+/// full 200,000 takes one to three minutes on 2 cores, too long for every run).
 fn large_prune_images() -> usize {
     std::env::var("GLANCE_CACHED_TEST_PRUNE_IMAGES")
         .ok()
