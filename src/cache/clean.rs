@@ -130,7 +130,11 @@ fn clean_blocking(
                     let due_at = now.checked_add(again).unwrap_or(now);
                     report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
                 }
-                Ok(Removal::Changed) => {} // vanished, replaced or rewritten meanwhile
+                Ok(Removal::Changed) => {} // vanished or replaced meanwhile
+                Ok(Removal::Rewritten { modified }) => {
+                    let due_at = modified.checked_add(age_limit).unwrap_or(modified);
+                    report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
+                }
                 Ok(Removal::Removed { bytes }) => {
                     let what = if area == Area::Invalid {
                         "invalid"

@@ -155,6 +155,11 @@ pub enum Removal {
     Changed,
     /// A writer holds its lock (an `ImageWriter` of this or another process): left alone.
     BeingWritten,
+    /// Written to since it was listed, so not due now: left alone until `modified` makes
+    /// it due.
+    Rewritten {
+        modified: SystemTime,
+    },
 }
 
 /// The layout with its directories held open. Cheap to clone (shared handles).
@@ -521,9 +526,13 @@ impl CacheLayout {
         };
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
             || (st.st_dev, st.st_ino) != file.identity
-            || !still_due(mtime(&st))
         {
             return Ok(Removal::Changed);
+        }
+        if !still_due(mtime(&st)) {
+            return Ok(Removal::Rewritten {
+                modified: mtime(&st),
+            });
         }
         if let Some(fd) = &fd {
             match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {

@@ -742,7 +742,11 @@ fn json_log_format_writes_json_lines() {
         &[("GLANCE_CACHED_LOG__FORMAT", "json")],
     );
     d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
-    std::fs::write(s.cache("invalid/json-test"), b"123").unwrap();
+    // Written beside and renamed in, as Glance does: the cleaner, woken by the
+    // arrival, must not find it half written.
+    let staged = s.tmp.path().join("json-test");
+    std::fs::write(&staged, b"123").unwrap();
+    std::fs::rename(&staged, s.cache("invalid/json-test")).unwrap();
     eventually(SOON, "the removal is logged", || {
         d.log_text().contains("json-test")
     });
