@@ -128,12 +128,13 @@ impl Context {
         self.config.borrow().clone()
     }
 
-    /// Counts the queue for the status line and publishes it.
-    pub async fn publish_queue_status(&self) -> Result<(), crate::cache::CacheError> {
+    /// Counts the queue for the status line and publishes it; returns the count.
+    pub async fn publish_queue_status(&self) -> Result<usize, crate::cache::CacheError> {
         let queued = self.driver.db().count_queued(self.driver.node()).await?;
-        self.board.set_queued(queued.max(0) as usize);
+        let queued = queued.max(0) as usize;
+        self.board.set_queued(queued);
         self.publish_status();
-        Ok(())
+        Ok(queued)
     }
 
     /// Sends the status line to systemd when it changed.

@@ -32,9 +32,14 @@ impl Worker for QueueWorker {
         let adopted = self.ctx.driver.adopt_queue_markers().await?;
         if adopted > 0 {
             info!(adopted, "adopted queue markers into the queue");
+        }
+        // Queued rows wake the prefetcher, also those this pass did not adopt: the
+        // `queue` command writes its marker before its row, so the watcher's nudge for
+        // the marker can reach the prefetcher before the row exists, and this pass may
+        // then find the row already there.
+        if self.ctx.publish_queue_status().await? > 0 {
             self.ctx.nudges.prefetcher.notify_one();
         }
-        self.ctx.publish_queue_status().await?;
         Ok(Next::IdleUntil(Instant::now() + config.cleaner.interval))
     }
 }
