@@ -71,8 +71,11 @@ pub struct PrunePass {
     /// any eviction: files without rows would never be candidates.
     unchecked: Vec<CacheFile>,
     cursor: Option<LruCursor>,
-    /// Image ids fetched in LRU order and not visited yet.
+    /// Image ids fetched in LRU order and not visited yet (first those of rows whose
+    /// times cannot be read).
     fetched: std::collections::VecDeque<String>,
+    /// Whether the rows that cannot be read are still to be looked for.
+    unreadable_pending: bool,
     done: bool,
     report: PruneReport,
 }
@@ -122,6 +125,7 @@ impl CacheDriver {
             unchecked: listing.files,
             cursor: None,
             fetched: Default::default(),
+            unreadable_pending: true,
             done: false,
             report: PruneReport {
                 size_before: size,
@@ -138,16 +142,6 @@ impl CacheDriver {
         if size <= target && !free_disk_low {
             pass.done = true;
             pass.unchecked = Vec::new();
-        }
-        if !pass.done {
-            // A row whose time cannot be read counts as the oldest: evicted first.
-            let all = self.db().cached_images_and_unreadable(self.node()).await?;
-            all.warn_unreadable();
-            pass.fetched = all
-                .unreadable
-                .into_iter()
-                .filter_map(|u| u.image_id)
-                .collect();
         }
         Ok(pass)
     }
@@ -172,6 +166,22 @@ impl PrunePass {
         }
         if !self.unchecked.is_empty() {
             return self.adopt_some(driver, rows).await;
+        }
+        if self.unreadable_pending {
+            // A row whose time cannot be read counts as the oldest: evicted first. A
+            // step of its own: it reads every row of the node once.
+            self.unreadable_pending = false;
+            let all = driver
+                .db()
+                .cached_images_and_unreadable(driver.node())
+                .await?;
+            all.warn_unreadable();
+            self.fetched = all
+                .unreadable
+                .into_iter()
+                .filter_map(|u| u.image_id)
+                .collect();
+            return Ok(());
         }
         if self.fetched.is_empty() {
             let batch = driver

@@ -218,7 +218,7 @@ fn large_prune_images() -> usize {
 }
 
 /// A prune over a cache of many images (one byte each, all but 1000 evicted) with a
-/// watchdog of half a second (three for the full size, whose steps scan four times the
+/// watchdog of two seconds (three for the full size, whose steps scan four times the
 /// rows): a step of 512 rows takes tens of milliseconds, the whole prune seconds:
 /// the pruner works in short steps, so the daemon is never judged stuck, keeps pinging,
 /// and the prune completes.
@@ -231,10 +231,12 @@ fn a_prune_over_a_very_large_cache_is_never_taken_for_a_stuck_loop() {
     for n in 0..images {
         std::fs::write(s.cache(&format!("many-{n}")), b"x").unwrap();
     }
+    // Two seconds: a loaded 2-core machine takes a good part of one to list 50,000
+    // files (one step), while the prune as one step takes several.
     let watchdog_usec = if images > 100_000 {
         "3000000"
     } else {
-        "500000"
+        "2000000"
     };
     let mut d = Daemon::spawn(
         s.tmp.path(),
