@@ -234,3 +234,18 @@ pub fn md5_hex(data: &[u8]) -> String {
 pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
 }
+
+/// One test per backend for each named `async fn(Backend)` of the calling module (which
+/// must have `Backend` in scope): modules `sqlite`, `postgres` and `mysql`, each test
+/// under `#[tokio::test]` or the test attribute given first.
+macro_rules! on_every_backend {
+    (#[$attr:meta] $($test:ident),* $(,)?) => {
+        mod sqlite { $( #[$attr] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[$attr] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
+        mod mysql { $( #[$attr] async fn $test() { super::$test(super::Backend::MySql).await } )* }
+    };
+    ($($test:ident),* $(,)?) => {
+        $crate::common::on_every_backend!(#[tokio::test] $($test),*);
+    };
+}
+pub(crate) use on_every_backend;

@@ -36,15 +36,7 @@ async fn accessed_at(t: &TestCache, image: &str, secs: i64) {
     );
 }
 
-macro_rules! driver_suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
-        mod mysql { $( #[tokio::test] async fn $test() { super::$test(super::Backend::MySql).await } )* }
-    };
-}
-
-driver_suite!(
+crate::common::on_every_backend!(
     configure_creates_layout_and_is_idempotent,
     cached_being_cached_and_cacheable,
     queue_image_follows_glance_order_of_checks,
@@ -1151,7 +1143,7 @@ mod claims {
         t.finish().await;
     }
 
-    driver_suite!(
+    crate::common::on_every_backend!(
         concurrent_claims_never_overlap,
         renewed_claims_outlast_their_first_term
     );

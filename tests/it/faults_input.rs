@@ -125,16 +125,7 @@ fn extreme_mtimes_planted_while_running_crash_neither_the_daemon_nor_a_command()
     d.stop();
 }
 
-/// One test per backend, as the driver suite does.
-macro_rules! on_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
-        mod mysql { $( #[tokio::test] async fn $test() { super::$test(super::Backend::MySql).await } )* }
-    };
-}
-
-on_every_backend!(
+crate::common::on_every_backend!(
     unreadable_rows_are_skipped_and_pruned_first,
     an_unreadable_queue_row_does_not_hold_up_the_queue,
 );

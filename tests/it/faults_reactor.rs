@@ -23,15 +23,10 @@ use crate::prefetch::queue;
 /// Bytes of every image in the prune race: evictions come in these steps.
 const RACE_IMAGE: usize = 1000;
 
-macro_rules! backend_suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::Postgres).await } )* }
-        mod mysql { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Backend::MySql).await } )* }
-    };
-}
-
-backend_suite!(concurrent_prunes_and_downloads_stop_at_the_target);
+crate::common::on_every_backend!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    concurrent_prunes_and_downloads_stop_at_the_target
+);
 
 /// Four downloads (each making room with its own prune) and a busy pruner, all at once,
 /// over a cache twice its target: it must end at the target, not far below it.
