@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::test_bytes;
+use crate::kit::test_bytes;
 
 /// A temporary cache directory and config file for CLI runs.
 struct CliEnv {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use rustix::process::Signal;
 
-use crate::common::test_bytes;
 use crate::daemon_kit::{Daemon, PrivatePostgres, eventually, lock_sqlite};
+use crate::kit::test_bytes;
 
 /// Everything a daemon test needs on disk: a cache dir and a config file. Intervals are
 /// an hour, so anything that happens within a test was driven by the watcher or a signal.
@@ -826,7 +826,9 @@ fn a_service_manager_that_stops_reading_never_stalls_the_daemon() {
 #[test]
 fn an_empty_shared_database_gets_glance_tables_only_when_asked() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let Some(db) = rt.block_on(crate::common::TestDb::new(crate::common::Backend::Postgres)) else {
+    let Some(db) = rt.block_on(crate::kit::servers::TestDb::new(
+        crate::kit::servers::Backend::Postgres,
+    )) else {
         return;
     };
     let config = |extra: &str| {

@@ -9,9 +9,8 @@ use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::db::{Db, DbOptions, DbTime};
 
-use crate::common::{
-    Backend, TestCache, TestDb, age_file, id, md5_hex, run_sql, sha512_hex, test_bytes,
-};
+use crate::kit::servers::{Backend, TestCache, TestDb, run_sql};
+use crate::kit::{age_file, id, md5_hex, sha512_hex, test_bytes};
 
 /// Caches `data` as `image` through `open_for_write`.
 async fn cache(t: &TestCache, image: &str, data: &[u8]) {
@@ -36,7 +35,7 @@ async fn accessed_at(t: &TestCache, image: &str, secs: i64) {
     );
 }
 
-crate::common::on_every_backend!(
+crate::kit::servers::on_every_backend!(
     configure_creates_layout_and_is_idempotent,
     cached_being_cached_and_cacheable,
     queue_image_follows_glance_order_of_checks,
@@ -1143,7 +1142,7 @@ mod claims {
         t.finish().await;
     }
 
-    crate::common::on_every_backend!(
+    crate::kit::servers::on_every_backend!(
         concurrent_claims_never_overlap,
         renewed_claims_outlast_their_first_term
     );

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 
-use crate::common::test_bytes;
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::{Daemon, PrivateMariadb, PrivatePostgres, eventually, lock_sqlite};
+use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 use crate::prefetch::{queue, queued_json};
 
@@ -235,7 +235,7 @@ fn crash_in_the_middle_of_a_clean() {
     }
     let stalled = s.tmp.path().join("stalled");
     std::fs::write(&stalled, b"partial").unwrap();
-    crate::common::age_file(&stalled, 7200);
+    crate::kit::age_file(&stalled, 7200);
     std::fs::rename(&stalled, s.cache("incomplete/stalled")).unwrap();
     crash_at(&s, "clean:mid");
     assert_eq!(

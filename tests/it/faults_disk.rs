@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{md5_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
+use crate::kit::{md5_hex, test_bytes};
 use crate::origin::{Behaviour, Origin};
 
 const MIB: u64 = 1 << 20;

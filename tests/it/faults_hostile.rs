@@ -23,9 +23,9 @@ use glance_cached::image_id::ImageId;
 use proptest::prelude::*;
 use rustix::fs::inotify;
 
-use crate::common::test_bytes;
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
+use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 
 const BIN: &str = env!("CARGO_BIN_EXE_glance-cached");
@@ -556,7 +556,7 @@ fn planted_symlinks_fifos_and_directories_are_never_followed() {
     std::fs::write(s.cache("invalid/sentinel"), b"bad bytes").unwrap();
     let stalled = s.tmp.path().join("stalled");
     std::fs::write(&stalled, b"partial").unwrap();
-    crate::common::age_file(&stalled, 7200);
+    crate::kit::age_file(&stalled, 7200);
     std::fs::rename(&stalled, s.cache("incomplete/stalled")).unwrap();
     eventually(SOON, "the real leftovers are cleaned", || {
         !s.cache("invalid/sentinel").exists() && !s.cache("incomplete/stalled").exists()

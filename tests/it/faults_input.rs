@@ -11,7 +11,8 @@ use filetime::FileTime;
 use glance_cached::cache::{CleanPolicy, Expectations, PrunePolicy};
 use glance_cached::db::DbTime;
 
-use crate::common::{Backend, TestCache, id, run_sql};
+use crate::kit::id;
+use crate::kit::servers::{Backend, TestCache, run_sql};
 
 use crate::daemon::{SOON, Setup};
 
@@ -125,7 +126,7 @@ fn extreme_mtimes_planted_while_running_crash_neither_the_daemon_nor_a_command()
     d.stop();
 }
 
-crate::common::on_every_backend!(
+crate::kit::servers::on_every_backend!(
     unreadable_rows_are_skipped_and_pruned_first,
     an_unreadable_queue_row_does_not_hold_up_the_queue,
 );
@@ -281,7 +282,7 @@ fn prefetch_all_fail(s: &Setup, ids: &[&str]) -> std::collections::HashMap<Strin
 
 #[test]
 fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
-    use crate::common::test_bytes;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let data = test_bytes(5000, 9);
@@ -389,7 +390,7 @@ fn cli_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
 
 #[test]
 fn the_environment_gives_string_keys_their_text_as_written() {
-    use crate::common::test_bytes;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     origin.require_keystone(3600);
@@ -591,8 +592,8 @@ fn all_output(out: &Output) -> String {
 
 #[test]
 fn no_secret_shows_in_any_output() {
-    use crate::common::test_bytes;
     use crate::daemon_kit::Daemon;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let data = test_bytes(4000, 5);
@@ -750,7 +751,7 @@ fn prefetch_within(
 
 #[test]
 fn oversized_metadata_is_refused_without_reading_it_whole() {
-    use crate::common::test_bytes;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let huge = Behaviour {
@@ -786,7 +787,7 @@ fn oversized_metadata_is_refused_without_reading_it_whole() {
 
 #[test]
 fn a_dripping_upstream_fails_at_the_transfer_floor() {
-    use crate::common::test_bytes;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     // One byte every 100 ms: 3,000 bytes would take five minutes, and no read ever
@@ -882,7 +883,7 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
 
 #[test]
 fn a_token_file_made_readable_while_running_is_refused_at_use() {
-    use crate::common::test_bytes;
+    use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     use std::os::unix::fs::PermissionsExt;
     let origin = Origin::start();

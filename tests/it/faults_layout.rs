@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::test_bytes;
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
 use crate::faults_hostile::{Canary, make_old, run_cli};
+use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 
 fn cli(s: &Setup, args: &[&str]) -> std::process::Output {

@@ -14,16 +14,17 @@ use tokio_util::sync::CancellationToken;
 
 use rustix::process::Signal;
 
-use crate::common::{Backend, TestCache, id, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::{Daemon, eventually};
+use crate::kit::servers::{Backend, TestCache};
+use crate::kit::{id, test_bytes};
 use crate::origin::{Behaviour, Origin};
 use crate::prefetch::queue;
 
 /// Bytes of every image in the prune race: evictions come in these steps.
 const RACE_IMAGE: usize = 1000;
 
-crate::common::on_every_backend!(
+crate::kit::servers::on_every_backend!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     concurrent_prunes_and_downloads_stop_at_the_target
 );

@@ -19,9 +19,10 @@ use glance_cached::cache::{CacheDriver, CacheError, CacheLayout, Expectations};
 use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 
-use crate::common::{Backend, TestDb, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::Daemon;
+use crate::kit::servers::{Backend, TestDb};
+use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 
 /// The CLI on `config`, with only the `GLANCE_CACHED_*__*` overrides given in `env`.

@@ -13,7 +13,7 @@ use glance_cached::cache::{CacheDriver, CacheLayout, Expectations, PrunePolicy};
 use glance_cached::db::{Db, DbOptions};
 use serde_json::Value;
 
-use crate::common::{id, md5_hex, test_bytes};
+use crate::kit::{id, md5_hex, test_bytes};
 
 const NODE: &str = "http://interop-node:9292";
 
@@ -317,7 +317,7 @@ fn glance_lock_files_taken_while_the_daemon_runs_are_never_images() {
     for lock in locks {
         assert!(s.cache(lock).is_file(), "Glance made {lock}");
         // Older than every image: the first victim if it were taken for one.
-        crate::common::age_file(&s.cache(lock), 7200);
+        crate::kit::age_file(&s.cache(lock), 7200);
     }
     // The daemon's pruner runs past them: two imports take the cache over max_size.
     s.import("real-b", 1000);

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{md5_hex, test_bytes};
 use crate::daemon::Setup;
 use crate::daemon_kit::{Daemon, eventually};
 use crate::glance_api::{GlanceApi, GlanceApiOptions};
+use crate::kit::{md5_hex, test_bytes};
 use crate::prefetch::queued_json;
 
 /// The node both sides are: glance-api's `worker_self_reference_url`, our

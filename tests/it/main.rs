@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cli;
-mod common;
 mod daemon;
 mod daemon_kit;
 mod database_file;
@@ -20,6 +19,7 @@ mod faults_scale;
 mod glance_api;
 mod glance_interop;
 mod glance_shared;
+mod kit;
 mod origin;
 mod prefetch;
 mod reconcile;

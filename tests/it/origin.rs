@@ -4,7 +4,7 @@
 //! a redirect elsewhere. Written by hand (std threads) so it can lie on the wire, which
 //! a well-behaved server library refuses to do.
 
-use crate::common::{md5_hex, sha512_hex};
+use crate::kit::{md5_hex, sha512_hex};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -9,9 +9,9 @@ use glance_cached::config::DEFAULT_NODE_URL;
 use glance_cached::db::{Db, DbOptions, DbTime};
 use rustix::process::Signal;
 
-use crate::common::{md5_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::{Daemon, eventually};
+use crate::kit::{md5_hex, test_bytes};
 
 use crate::origin::{Behaviour, Origin};
 

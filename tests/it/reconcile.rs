@@ -2,9 +2,9 @@
 //! the refusal to drop most of a node's rows when their files are missing (an unmounted
 //! cache filesystem), unless the operator says they are gone.
 
-use crate::common::{md5_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::Daemon;
+use crate::kit::{md5_hex, test_bytes};
 
 fn cached_rows(s: &Setup) -> Vec<serde_json::Value> {
     let out = s.cli(&["list-cached", "--json"]);

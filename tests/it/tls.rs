@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use crate::common::{md5_hex, sha512_hex, test_bytes};
 use crate::daemon::{SOON, Setup};
 use crate::daemon_kit::eventually;
+use crate::kit::{md5_hex, sha512_hex, test_bytes};
 
 /// Serves one image as Glance's `/v2/images/{id}` and `/file` over TLS; returns the port.
 fn https_origin(config: Arc<rustls::ServerConfig>, id: &'static str, data: Arc<Vec<u8>>) -> u16 {

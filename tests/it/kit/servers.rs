@@ -1,12 +1,12 @@
-//! Shared test kit: fresh databases on the three backends, temporary cache directories,
-//! and a driver wired to both.
+//! Test databases: a fresh database per test on the three backends, temporary cache
+//! directories with a driver wired to both, and `on_every_backend!`.
 //!
 //! PostgreSQL and MariaDB come from `scripts/test-services` through
 //! `GLANCE_CACHED_TEST_POSTGRES_URL` and `GLANCE_CACHED_TEST_MYSQL_URL`. Every test gets
 //! its own database. Without those variables a server test fails under CI and is skipped
 //! with a printed reason elsewhere.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use glance_cached::cache::{CacheDriver, CacheLayout};
@@ -209,32 +209,6 @@ impl TestCache {
     }
 }
 
-/// Sets a file's mtime to `secs_ago` seconds before now.
-pub fn age_file(path: &Path, secs_ago: u64) {
-    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
-    filetime::set_file_mtime(path, filetime::FileTime::from_system_time(t)).unwrap();
-}
-
-/// Writes `len` deterministic bytes derived from `seed`.
-pub fn test_bytes(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-/// A valid image id (test literals only).
-pub fn id(s: &str) -> glance_cached::image_id::ImageId {
-    glance_cached::image_id::ImageId::parse(s).unwrap()
-}
-
-pub fn md5_hex(data: &[u8]) -> String {
-    hex::encode(<md5::Md5 as md5::Digest>::digest(data))
-}
-
-pub fn sha512_hex(data: &[u8]) -> String {
-    hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
-}
-
 /// One test per backend for each named `async fn(Backend)` of the calling module (which
 /// must have `Backend` in scope): modules `sqlite`, `postgres` and `mysql`, each test
 /// under `#[tokio::test]` or the test attribute given first.
@@ -245,7 +219,7 @@ macro_rules! on_every_backend {
         mod mysql { $( #[$attr] async fn $test() { super::$test(super::Backend::MySql).await } )* }
     };
     ($($test:ident),* $(,)?) => {
-        $crate::common::on_every_backend!(#[tokio::test] $($test),*);
+        $crate::kit::servers::on_every_backend!(#[tokio::test] $($test),*);
     };
 }
 pub(crate) use on_every_backend;

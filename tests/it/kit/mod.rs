@@ -1,0 +1,33 @@
+//! The test kit: everything the tests in `tests/it/` share, so that the test files hold
+//! tests only. `servers`: test databases on the three backends; the data helpers below:
+//! deterministic bytes, digests, ids and file ages.
+
+use std::path::Path;
+
+pub mod servers;
+
+/// Sets a file's mtime to `secs_ago` seconds before now.
+pub fn age_file(path: &Path, secs_ago: u64) {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
+    filetime::set_file_mtime(path, filetime::FileTime::from_system_time(t)).unwrap();
+}
+
+/// Writes `len` deterministic bytes derived from `seed`.
+pub fn test_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A valid image id (test literals only).
+pub fn id(s: &str) -> glance_cached::image_id::ImageId {
+    glance_cached::image_id::ImageId::parse(s).unwrap()
+}
+
+pub fn md5_hex(data: &[u8]) -> String {
+    hex::encode(<md5::Md5 as md5::Digest>::digest(data))
+}
+
+pub fn sha512_hex(data: &[u8]) -> String {
+    hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
+}
