@@ -3,88 +3,13 @@
 //! database outage.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use rustix::process::Signal;
 
-use crate::daemon_kit::{Daemon, PrivatePostgres, eventually, lock_sqlite};
-use crate::kit::test_bytes;
-
-/// Everything a daemon test needs on disk: a cache dir and a config file. Intervals are
-/// an hour, so anything that happens within a test was driven by the watcher or a signal.
-pub struct Setup {
-    pub tmp: tempfile::TempDir,
-    pub config: PathBuf,
-}
-
-impl Setup {
-    pub fn new(extra: &str) -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let config = tmp.path().join("glance-cached.toml");
-        let s = Setup { tmp, config };
-        s.write_config(extra);
-        s
-    }
-
-    pub fn write_config(&self, extra: &str) {
-        let text = format!(
-            "[cache]\ndir = \"{}\"\nstall_time = \"1h\"\n{extra}\n[cleaner]\ninterval = \"1h\"\n[pruner]\ninterval = \"1h\"\n[daemon]\nshutdown_timeout = \"5s\"\n",
-            self.cache("").display()
-        );
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    pub fn cache(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join("cache").join(rel)
-    }
-
-    pub fn start(&self) -> Daemon {
-        Daemon::start(self.tmp.path(), &self.config, &[])
-    }
-
-    pub fn cli(&self, args: &[&str]) -> Output {
-        cli(&self.config, args)
-    }
-
-    pub fn import(&self, id: &str, len: usize) {
-        let src = self.tmp.path().join(format!("{id}.src"));
-        std::fs::write(&src, test_bytes(len, len as u8)).unwrap();
-        let out = self.cli(&["import", id, src.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub fn cached_ids(&self) -> Vec<String> {
-        let out = self.cli(&["list-cached", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["image_id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-fn cli(config: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("--config").arg(config).args(args).output().unwrap()
-}
-
-pub const SOON: Duration = Duration::from_secs(10);
+use crate::kit::daemon::{Daemon, SOON, Setup, eventually};
+use crate::kit::servers::{PrivatePostgres, lock_sqlite};
 
 #[test]
 fn ready_then_sigterm_stops_cleanly() {
@@ -444,7 +369,7 @@ fn sigterm_during_start_up_stops_at_once() {
     let db = tmp.path().join("db.sqlite");
     let config = lease_config(tmp.path(), &db, "");
     Daemon::start(tmp.path(), &config, &[]).stop();
-    let locker = crate::daemon_kit::lock_sqlite(&db, 30);
+    let locker = crate::kit::servers::lock_sqlite(&db, 30);
     let mut d = Daemon::spawn(tmp.path(), &config, &[], &[]);
     eventually(SOON, "the daemon is opening the cache", || {
         d.log_text().contains("opening the cache")
@@ -490,7 +415,7 @@ fn a_reloaded_shutdown_timeout_applies() {
     let from = d.notify.mark();
     d.signal(Signal::HUP);
     d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
-    let _locker = crate::daemon_kit::lock_sqlite(&db, 30);
+    let _locker = crate::kit::servers::lock_sqlite(&db, 30);
     // The watcher wakes the queue loop, whose step then waits on the lock (10 s).
     std::fs::write(tmp.path().join("cache/queue/while-locked"), b"").unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -619,7 +544,7 @@ fn logs_natively_to_journald_under_systemd() {
         config = s.config.display(),
         stderr = stderr_file.display(),
     );
-    let notify = crate::daemon_kit::NotifySocket::bind(s.tmp.path());
+    let notify = crate::kit::daemon::NotifySocket::bind(s.tmp.path());
     let child = Command::new("unshare")
         .args([
             "--mount",

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use crate::daemon::Setup;
-use crate::daemon_kit::Daemon;
+use crate::kit::daemon::{Daemon, Setup};
 
 /// Time for two heartbeats and a clean exit.
 const NOTICE: Duration = Duration::from_secs(15);

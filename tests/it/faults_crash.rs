@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::{Daemon, PrivateMariadb, PrivatePostgres, eventually, lock_sqlite};
+use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
+use crate::kit::servers::{PrivateMariadb, PrivatePostgres, lock_sqlite};
 use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
-use crate::prefetch::{queue, queued_json};
 
 /// How long each database server is down.
 const OUTAGE_SECS: u64 = 60;

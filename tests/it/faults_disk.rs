@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::eventually;
+use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::{md5_hex, test_bytes};
 use crate::origin::{Behaviour, Origin};
 

@@ -23,8 +23,7 @@ use glance_cached::image_id::ImageId;
 use proptest::prelude::*;
 use rustix::fs::inotify;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::eventually;
+use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 

@@ -14,7 +14,7 @@ use glance_cached::db::DbTime;
 use crate::kit::id;
 use crate::kit::servers::{Backend, TestCache, run_sql};
 
-use crate::daemon::{SOON, Setup};
+use crate::kit::daemon::{SOON, Setup};
 
 /// Seconds since the epoch that tmpfs and btrfs accept and chrono cannot represent as a
 /// `DateTime` (about 317,000 years ahead), and one far before the epoch.
@@ -592,7 +592,7 @@ fn all_output(out: &Output) -> String {
 
 #[test]
 fn no_secret_shows_in_any_output() {
-    use crate::daemon_kit::Daemon;
+    use crate::kit::daemon::Daemon;
     use crate::kit::test_bytes;
     use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::eventually;
 use crate::faults_hostile::{Canary, make_old, run_cli};
+use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};
 

@@ -14,12 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use rustix::process::Signal;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::{Daemon, eventually};
+use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue};
 use crate::kit::servers::{Backend, TestCache};
 use crate::kit::{id, test_bytes};
 use crate::origin::{Behaviour, Origin};
-use crate::prefetch::queue;
 
 /// Bytes of every image in the prune race: evictions come in these steps.
 const RACE_IMAGE: usize = 1000;

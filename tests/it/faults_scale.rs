@@ -19,8 +19,7 @@ use glance_cached::cache::{CacheDriver, CacheError, CacheLayout, Expectations};
 use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::Daemon;
+use crate::kit::daemon::{Daemon, SOON, Setup};
 use crate::kit::servers::{Backend, TestDb};
 use crate::kit::test_bytes;
 use crate::origin::{Behaviour, Origin};

@@ -273,8 +273,8 @@ async fn glance_driver_works_on_tables_we_created() {
 /// adopted, listed, counted, pruned or deleted.
 #[test]
 fn glance_lock_files_taken_while_the_daemon_runs_are_never_images() {
-    use crate::daemon::{SOON, Setup};
-    use crate::daemon_kit::eventually;
+    use crate::kit::daemon::eventually;
+    use crate::kit::daemon::{SOON, Setup};
 
     let s = Setup::new("max_size = 3000");
     let db_url = format!(

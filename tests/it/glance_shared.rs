@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::daemon::Setup;
-use crate::daemon_kit::{Daemon, eventually};
 use crate::glance_api::{GlanceApi, GlanceApiOptions};
+use crate::kit::daemon::{Daemon, Setup, eventually, queued_json};
 use crate::kit::{md5_hex, test_bytes};
-use crate::prefetch::queued_json;
 
 /// The node both sides are: glance-api's `worker_self_reference_url`, our
 /// `node.reference_url`.

@@ -6,7 +6,6 @@
 
 mod cli;
 mod daemon;
-mod daemon_kit;
 mod database_file;
 mod driver;
 mod faults_crash;

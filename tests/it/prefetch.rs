@@ -9,8 +9,7 @@ use glance_cached::config::DEFAULT_NODE_URL;
 use glance_cached::db::{Db, DbOptions, DbTime};
 use rustix::process::Signal;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::{Daemon, eventually};
+use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
 use crate::kit::{md5_hex, test_bytes};
 
 use crate::origin::{Behaviour, Origin};
@@ -23,26 +22,6 @@ fn glance_setup(origin: &Origin, extra: &str) -> Setup {
         "{FAST_RETRY}{extra}\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
         origin.url()
     ))
-}
-
-pub fn queue(s: &Setup, ids: &[&str]) {
-    let mut args = vec!["queue"];
-    args.extend_from_slice(ids);
-    let out = s.cli(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
-    let out = s.cli(&["list-queued", "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 /// Waits until the first bytes of `id` are in `incomplete/`.

@@ -2,8 +2,7 @@
 //! the refusal to drop most of a node's rows when their files are missing (an unmounted
 //! cache filesystem), unless the operator says they are gone.
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::Daemon;
+use crate::kit::daemon::{Daemon, SOON, Setup};
 use crate::kit::{md5_hex, test_bytes};
 
 fn cached_rows(s: &Setup) -> Vec<serde_json::Value> {

@@ -6,8 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use crate::daemon::{SOON, Setup};
-use crate::daemon_kit::eventually;
+use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::{md5_hex, sha512_hex, test_bytes};
 
 /// Serves one image as Glance's `/v2/images/{id}` and `/file` over TLS; returns the port.

@@ -1,9 +1,11 @@
 //! The test kit: everything the tests in `tests/it/` share, so that the test files hold
-//! tests only. `servers`: test databases on the three backends; the data helpers below:
+//! tests only. `daemon`: the daemon binary run with a notify socket, and a daemon's setup
+//! on disk; `servers`: test databases on the three backends; the data helpers below:
 //! deterministic bytes, digests, ids and file ages.
 
 use std::path::Path;
 
+pub mod daemon;
 pub mod servers;
 
 /// Sets a file's mtime to `secs_ago` seconds before now.

@@ -1,16 +1,22 @@
 //! Test databases: a fresh database per test on the three backends, temporary cache
-//! directories with a driver wired to both, and `on_every_backend!`.
+//! directories with a driver wired to both, and `on_every_backend!`; private PostgreSQL
+//! and MariaDB servers a test may stop and start (outage tests), and a SQLite file
+//! locked by another process.
 //!
 //! PostgreSQL and MariaDB come from `scripts/test-services` through
 //! `GLANCE_CACHED_TEST_POSTGRES_URL` and `GLANCE_CACHED_TEST_MYSQL_URL`. Every test gets
 //! its own database. Without those variables a server test fails under CI and is skipped
 //! with a printed reason elsewhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::db::{Db, DbOptions};
+use rustix::process::{Pid, Signal, kill_process};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -223,3 +229,279 @@ macro_rules! on_every_backend {
     };
 }
 pub(crate) use on_every_backend;
+
+/// A PostgreSQL cluster of one test's own, which the test may stop and start.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// `None` (after saying why) outside CI when PostgreSQL binaries or root are missing.
+    pub fn start() -> Option<PrivatePostgres> {
+        let bin = match std::env::var("GLANCE_CACHED_TEST_POSTGRES_BIN") {
+            Ok(b) if !b.is_empty() && rustix::process::geteuid().is_root() => PathBuf::from(b),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!(
+                    "GLANCE_CACHED_TEST_POSTGRES_BIN unset or not root: run scripts/test as root"
+                )
+            }
+            _ => {
+                eprintln!("SKIPPED: a private PostgreSQL needs root and scripts/test");
+                return None;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(dir.path()));
+        run_ok(Command::new("chown").arg("postgres:").arg(dir.path()));
+        run_ok(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("initdb"))
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-locale",
+                    "-E",
+                    "UTF8",
+                    "-D",
+                ])
+                .arg(dir.path().join("data")),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.start_server();
+        Some(pg)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        run_ok(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(args),
+        );
+    }
+
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log");
+        self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+    }
+
+    pub fn stop_server(&self) {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// Another process holding a SQLite lock; killed if the test fails before it ends.
+pub struct Locker(pub Child);
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Holds `BEGIN EXCLUSIVE` on a SQLite file for `secs` in another process.
+pub fn lock_sqlite(db: &Path, secs: u32) -> Locker {
+    let mut locker = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(int(sys.argv[2]))\n",
+        ])
+        .arg(db)
+        .arg(secs.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    Locker(locker)
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A MariaDB server of one test's own (started like `scripts/test-services` does, with a
+/// password user on loopback TCP), which the test may stop and start.
+pub struct PrivateMariadb {
+    dir: tempfile::TempDir,
+    server: Mutex<Option<Child>>,
+    pub port: u16,
+}
+
+impl PrivateMariadb {
+    /// `None` (after saying why) outside CI when MariaDB binaries or root are missing.
+    pub fn start() -> Option<PrivateMariadb> {
+        let have = Path::new("/usr/sbin/mariadbd").exists()
+            && Command::new("mariadb-install-db")
+                .arg("--help")
+                .output()
+                .is_ok();
+        if !have || !rustix::process::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "a private MariaDB needs root and mariadb-server: run scripts/test as root"
+            );
+            eprintln!("SKIPPED: a private MariaDB needs root and mariadb-server");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(dir.path()));
+        run_ok(Command::new("chown").arg("mysql:").arg(dir.path()));
+        run_ok(
+            Command::new("mariadb-install-db")
+                .args(["--no-defaults", "--user=mysql", "--skip-test-db"])
+                .arg(format!("--datadir={}", dir.path().join("data").display())),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let my = PrivateMariadb {
+            dir,
+            server: Mutex::new(None),
+            port,
+        };
+        my.start_server();
+        let mut sql = String::from("CREATE DATABASE glance_cached;");
+        for host in ["%", "localhost", "127.0.0.1"] {
+            sql += &format!(
+                "CREATE USER 'glance_cached'@'{host}' IDENTIFIED BY 'glance_cached';\
+                 GRANT ALL PRIVILEGES ON glance_cached.* TO 'glance_cached'@'{host}';"
+            );
+        }
+        run_ok(
+            Command::new("mariadb")
+                .args(["--no-defaults", "-uroot"])
+                .arg(format!("--socket={}", my.socket().display()))
+                .args(["-e", &sql]),
+        );
+        Some(my)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("mariadbd.sock")
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "mysql://glance_cached:glance_cached@127.0.0.1:{}/glance_cached",
+            self.port
+        )
+    }
+
+    pub fn start_server(&self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("mariadbd.log"))
+            .unwrap();
+        let mut child = Command::new("/usr/sbin/mariadbd")
+            .args(["--no-defaults", "--user=mysql"])
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--port={}", self.port))
+            .args([
+                "--skip-name-resolve",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_unicode_ci",
+                "--skip-log-bin",
+                "--innodb-flush-log-at-trx-commit=0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ping = Command::new("mariadb-admin")
+                .args(["--no-defaults", "-uroot"])
+                .arg(format!("--socket={}", self.socket().display()))
+                .arg("ping")
+                .output()
+                .unwrap();
+            if ping.status.success() {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "mariadbd exited with {status}: {}",
+                    std::fs::read_to_string(d.join("mariadbd.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "MariaDB did not answer in 60 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        *self.server.lock().unwrap() = Some(child);
+    }
+
+    /// A clean shutdown (SIGTERM), waited for.
+    pub fn stop_server(&self) {
+        if let Some(mut child) = self.server.lock().unwrap().take() {
+            let pid = Pid::from_raw(child.id() as i32).unwrap();
+            kill_process(pid, Signal::TERM).unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.server.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
