@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::servers::{PrivateMariadb, PrivatePostgres, lock_sqlite};
 use crate::kit::test_bytes;
-use crate::origin::{Behaviour, Origin};
 
 /// How long each database server is down.
 const OUTAGE_SECS: u64 = 60;

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::kit::daemon::{SOON, Setup, eventually};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::{md5_hex, test_bytes};
-use crate::origin::{Behaviour, Origin};
 
 const MIB: u64 = 1 << 20;
 

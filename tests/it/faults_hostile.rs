@@ -24,8 +24,8 @@ use proptest::prelude::*;
 use rustix::fs::inotify;
 
 use crate::kit::daemon::{SOON, Setup, eventually};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::test_bytes;
-use crate::origin::{Behaviour, Origin};
 
 const BIN: &str = env!("CARGO_BIN_EXE_glance-cached");
 

@@ -282,8 +282,8 @@ fn prefetch_all_fail(s: &Setup, ids: &[&str]) -> std::collections::HashMap<Strin
 
 #[test]
 fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let data = test_bytes(5000, 9);
     let cases: [(&str, Behaviour); 5] = [
@@ -390,8 +390,8 @@ fn cli_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
 
 #[test]
 fn the_environment_gives_string_keys_their_text_as_written() {
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     origin.require_keystone(3600);
     origin.add("env-img", test_bytes(3000, 4), Behaviour::default());
@@ -593,8 +593,8 @@ fn all_output(out: &Output) -> String {
 #[test]
 fn no_secret_shows_in_any_output() {
     use crate::kit::daemon::Daemon;
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let data = test_bytes(4000, 5);
     origin.add("present-img", data.clone(), Behaviour::default());
@@ -751,8 +751,8 @@ fn prefetch_within(
 
 #[test]
 fn oversized_metadata_is_refused_without_reading_it_whole() {
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     let huge = Behaviour {
         meta_padding: 3 << 20,
@@ -787,8 +787,8 @@ fn oversized_metadata_is_refused_without_reading_it_whole() {
 
 #[test]
 fn a_dripping_upstream_fails_at_the_transfer_floor() {
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     let origin = Origin::start();
     // One byte every 100 ms: 3,000 bytes would take five minutes, and no read ever
     // waits long enough for read_timeout.
@@ -883,8 +883,8 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
 
 #[test]
 fn a_token_file_made_readable_while_running_is_refused_at_use() {
+    use crate::kit::origin::{Behaviour, Origin};
     use crate::kit::test_bytes;
-    use crate::origin::{Behaviour, Origin};
     use std::os::unix::fs::PermissionsExt;
     let origin = Origin::start();
     origin.require_token("rotated-token");

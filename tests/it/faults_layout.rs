@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::faults_hostile::{Canary, make_old, run_cli};
 use crate::kit::daemon::{SOON, Setup, eventually};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::test_bytes;
-use crate::origin::{Behaviour, Origin};
 
 fn cli(s: &Setup, args: &[&str]) -> std::process::Output {
     let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();

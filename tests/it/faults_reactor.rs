@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::servers::{Backend, TestCache};
 use crate::kit::{id, test_bytes};
-use crate::origin::{Behaviour, Origin};
 
 /// Bytes of every image in the prune race: evictions come in these steps.
 const RACE_IMAGE: usize = 1000;

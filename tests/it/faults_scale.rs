@@ -20,9 +20,9 @@ use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 
 use crate::kit::daemon::{Daemon, SOON, Setup};
+use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::servers::{Backend, TestDb};
 use crate::kit::test_bytes;
-use crate::origin::{Behaviour, Origin};
 
 /// The CLI on `config`, with only the `GLANCE_CACHED_*__*` overrides given in `env`.
 fn cli_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {

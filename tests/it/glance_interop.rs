@@ -19,27 +19,14 @@ const NODE: &str = "http://interop-node:9292";
 
 /// The real Glance driver on a cache directory and database.
 struct Glance {
-    python: String,
+    python: PathBuf,
     cache_dir: PathBuf,
     db_url: String,
 }
 
 impl Glance {
     fn new(cache_dir: &Path, db_url: &str) -> Option<Glance> {
-        let python = match std::env::var("GLANCE_CACHED_TEST_GLANCE_PYTHON") {
-            Ok(p) if !p.is_empty() => p,
-            _ if std::env::var_os("CI").is_some() => {
-                panic!(
-                    "GLANCE_CACHED_TEST_GLANCE_PYTHON is not set: run the suite with scripts/test"
-                )
-            }
-            _ => {
-                eprintln!(
-                    "SKIPPED: GLANCE_CACHED_TEST_GLANCE_PYTHON is not set (scripts/test sets it up)"
-                );
-                return None;
-            }
-        };
+        let python = crate::kit::glance::glance_python()?;
         // SQLAlchemy spells an absolute SQLite path with four slashes, sqlx with three.
         let db_url = match db_url.strip_prefix("sqlite://") {
             Some(path) => format!("sqlite:///{path}"),

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::glance_api::{GlanceApi, GlanceApiOptions};
 use crate::kit::daemon::{Daemon, Setup, eventually, queued_json};
+use crate::kit::glance::{GlanceApi, GlanceApiOptions};
 use crate::kit::{md5_hex, test_bytes};
 
 /// The node both sides are: glance-api's `worker_self_reference_url`, our

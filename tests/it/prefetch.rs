@@ -12,7 +12,7 @@ use rustix::process::Signal;
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
 use crate::kit::{md5_hex, test_bytes};
 
-use crate::origin::{Behaviour, Origin};
+use crate::kit::origin::{Behaviour, Origin};
 
 const FAST_RETRY: &str =
     "[prefetcher]\nretry_delay = \"100ms\"\nmax_retry_delay = \"200ms\"\ninterval = \"1h\"\n";

@@ -1,11 +1,17 @@
 //! The test kit: everything the tests in `tests/it/` share, so that the test files hold
-//! tests only. `daemon`: the daemon binary run with a notify socket, and a daemon's setup
-//! on disk; `servers`: test databases on the three backends; the data helpers below:
-//! deterministic bytes, digests, ids and file ages.
+//! tests only:
+//! - `daemon`: the daemon binary run with a notify socket, and a daemon's setup on disk;
+//! - `glance`: the real glance-api on loopback, and the Glance virtualenv's python that
+//!   it and the Glance driver of `glance_interop` run on;
+//! - `origin`: an HTTP origin for failure injection;
+//! - `servers`: test databases on the three backends, private servers to stop and start;
+//! - here: deterministic bytes, digests, ids and file ages.
 
 use std::path::Path;
 
 pub mod daemon;
+pub mod glance;
+pub mod origin;
 pub mod servers;
 
 /// Sets a file's mtime to `secs_ago` seconds before now.
