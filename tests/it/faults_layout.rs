@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::faults_hostile::{Canary, make_old, run_cli};
+use crate::faults_hostile::run_cli;
+use crate::kit::canary::{Canary, make_old};
 use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::test_bytes;

@@ -1,5 +1,6 @@
 //! The test kit: everything the tests in `tests/it/` share, so that the test files hold
 //! tests only:
+//! - `canary`: a watched tree outside the cache that nothing may touch;
 //! - `daemon`: the daemon binary run with a notify socket, and a daemon's setup on disk;
 //! - `glance`: the real glance-api on loopback, and the Glance virtualenv's python that
 //!   it and the Glance driver of `glance_interop` run on;
@@ -9,6 +10,7 @@
 
 use std::path::Path;
 
+pub mod canary;
 pub mod daemon;
 pub mod glance;
 pub mod origin;
