@@ -35,13 +35,10 @@ impl CliEnv {
     }
 
     fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-        cmd.arg("--config").arg(&self.config).args(args);
-        clean_env(&mut cmd);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
+        let env: Vec<(&str, &str)> = std::iter::once(NOT_A_KEY)
+            .chain(env.iter().copied())
+            .collect();
+        crate::kit::cli::run(&self.config, args, &env)
     }
 
     /// Runs and requires success; returns stdout.
@@ -61,17 +58,16 @@ impl CliEnv {
     }
 }
 
-/// Removes configuration from the environment: every `GLANCE_CACHED_<SECTION>__<KEY>`
-/// and the config path. Other prefixed variables (the test harness's) stay, proving they
-/// are not mistaken for configuration.
-fn clean_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars() {
-        let config_var = k.starts_with("GLANCE_CACHED_") && k.contains("__");
-        if config_var || k == "GLANCE_CACHED_CONFIG" || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("GLANCE_CACHED_NOT_A_KEY", "ignored");
+/// A prefixed variable that is not configuration, like the test harness's own: every
+/// command here runs with it (on top of the kit's scrubbed environment), proving such
+/// variables are not mistaken for configuration.
+const NOT_A_KEY: (&str, &str) = ("GLANCE_CACHED_NOT_A_KEY", "ignored");
+
+/// The binary in the kit's scrubbed environment, with `NOT_A_KEY`.
+fn command() -> Command {
+    let mut cmd = crate::kit::cli::command();
+    cmd.env(NOT_A_KEY.0, NOT_A_KEY.1);
+    cmd
 }
 
 fn fails(out: Output, what: &[&str]) -> String {
@@ -403,8 +399,7 @@ fn check_config_merges_defaults_file_and_environment() {
         "printed.toml",
         out.replace("***", "x").as_bytes(),
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    clean_env(&mut cmd);
+    let mut cmd = command();
     let again = cmd
         .args(["--config", printed.to_str().unwrap(), "check-config"])
         .output()
@@ -454,8 +449,7 @@ fn check_config_reports_every_problem_at_once() {
         "{line}"
     );
     // A missing explicit config file is an error, not silently ignored.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    clean_env(&mut cmd);
+    let mut cmd = command();
     let line = fails(
         cmd.args(["--config", "/nonexistent.toml", "check-config"])
             .output()
@@ -468,8 +462,7 @@ fn check_config_reports_every_problem_at_once() {
 #[test]
 fn shipped_example_config_is_valid_and_documents_every_key() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/glance-cached.toml");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    clean_env(&mut cmd);
+    let mut cmd = command();
     let out = cmd
         .args(["--config", path, "check-config"])
         .output()
@@ -519,8 +512,7 @@ fn import_glance_config_produces_a_valid_equivalent() {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
     let imported = write_file(env.tmp.path(), "imported.toml", out.as_bytes());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    clean_env(&mut cmd);
+    let mut cmd = command();
     let check = cmd
         .args(["--config", imported.to_str().unwrap(), "check-config"])
         .output()
@@ -776,8 +768,7 @@ fn without_configuration_the_default_directory_is_not_created() {
         eprintln!("SKIPPED: {default_dir:?} or {default_config:?} exists on this machine");
         return;
     }
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    clean_env(&mut cmd);
+    let mut cmd = command();
     let out = cmd.args(["queue", "an-image"]).output().unwrap();
     let line = fails(out, &["queue"]);
     assert!(line.contains("not creating it"), "{line}");

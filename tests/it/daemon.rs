@@ -540,12 +540,12 @@ fn logs_natively_to_journald_under_systemd() {
          exec {bin} --config {config} run 2>>{stderr}",
         receiver = receiver.display(),
         journal = journal.display(),
-        bin = env!("CARGO_BIN_EXE_glance-cached"),
+        bin = crate::kit::cli::BIN,
         config = s.config.display(),
         stderr = stderr_file.display(),
     );
     let notify = crate::kit::daemon::NotifySocket::bind(s.tmp.path());
-    let child = Command::new("unshare")
+    let child = crate::kit::cli::scrub_env(&mut Command::new("unshare"))
         .args([
             "--mount",
             "--propagation",
@@ -692,7 +692,7 @@ fn a_service_manager_that_stops_reading_never_stalls_the_daemon() {
     // A notify socket nobody drains after READY: its queue fills up.
     let path = s.tmp.path().join("unread.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
+    let mut cmd = crate::kit::cli::command();
     let child = cmd
         .args(["--config", s.config.to_str().unwrap(), "run"])
         .env("NOTIFY_SOCKET", &path)
@@ -763,7 +763,7 @@ fn an_empty_shared_database_gets_glance_tables_only_when_asked() {
         )
     };
     let s = Setup::new(&config(""));
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+    let mut daemon = crate::kit::cli::command()
         .args(["--config", s.config.to_str().unwrap(), "run"])
         .env_remove("NOTIFY_SOCKET")
         .stdout(std::process::Stdio::null())

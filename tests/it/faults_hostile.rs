@@ -10,8 +10,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use glance_cached::cache::{Area, CacheLayout};
 use glance_cached::config::{format_duration, format_size, parse_duration, parse_size};
@@ -19,62 +19,13 @@ use glance_cached::image_id::ImageId;
 use proptest::prelude::*;
 
 use crate::kit::canary::{Canary, Facts, facts, make_old, mkfifo};
+use crate::kit::cli::run_with_deadline;
 use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::test_bytes;
 
-const BIN: &str = env!("CARGO_BIN_EXE_glance-cached");
-
-/// Runs the CLI with a deadline: a command that blocked on a planted FIFO (or anything
-/// else) fails the test instead of hanging it.
-pub fn run_cli(config: &Path, args: &[&OsStr], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = tempfile::tempfile().unwrap();
-    let err = tempfile::tempfile().unwrap();
-    let mut child = cmd
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(err.try_clone().unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("glance-cached {args:?} hung for 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let read = |mut f: std::fs::File| {
-        use std::io::{Read, Seek};
-        let mut v = Vec::new();
-        f.seek(std::io::SeekFrom::Start(0)).unwrap();
-        f.read_to_end(&mut v).unwrap();
-        v
-    };
-    Output {
-        status,
-        stdout: read(out),
-        stderr: read(err),
-    }
-}
-
 fn cli(config: &Path, args: &[&str]) -> Output {
-    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    run_cli(config, &args, &[])
+    run_with_deadline(config, args, &[])
 }
 
 fn cli_ok(config: &Path, args: &[&str]) -> String {
@@ -196,7 +147,7 @@ fn hostile_image_ids_are_refused_by_every_command_before_anything_is_touched() {
             vec!["delete-cached".as_ref(), "keep-me".as_ref(), id],
         ];
         for args in commands {
-            let out = run_cli(&s.config, &args, &[]);
+            let out = run_with_deadline(&s.config, &args, &[]);
             assert_one_error_line(&out, &format!("{args:?}"));
         }
         assert_eq!(
@@ -208,7 +159,7 @@ fn hostile_image_ids_are_refused_by_every_command_before_anything_is_touched() {
     }
     // A NUL byte cannot even be passed on a command line: the kernel's argv is
     // NUL-terminated (ImageId::parse refuses it too; see the property test).
-    let err = Command::new(BIN)
+    let err = crate::kit::cli::command()
         .args(["--config".as_ref(), s.config.as_os_str()])
         .args(["queue", "a\0b"])
         .output()
@@ -491,7 +442,7 @@ fn assert_config_refused(
     let config = s.tmp.path().join("hostile.toml");
     std::fs::write(&config, text).unwrap();
     for command in ["check-config", "list-cached"] {
-        let out = run_cli(&config, &[OsStr::new(command)], env);
+        let out = run_with_deadline(&config, &[OsStr::new(command)], env);
         let line = assert_one_error_line(&out, &format!("{command} on {text}"));
         for key in keys {
             assert!(line.contains(key), "{key} is not named: {line}");

@@ -11,8 +11,8 @@ use filetime::FileTime;
 use glance_cached::cache::{CleanPolicy, Expectations, PrunePolicy};
 use glance_cached::db::DbTime;
 
-use crate::kit::id;
 use crate::kit::servers::{Backend, TestCache, run_sql};
+use crate::kit::{cli, id};
 
 use crate::kit::daemon::{SOON, Setup};
 
@@ -376,18 +376,6 @@ fn malformed_checksums_fail_verification_instead_of_turning_it_off() {
     );
 }
 
-/// Runs the binary with `config` and exactly the configuration variables in `env`.
-fn cli_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd.arg("--config").arg(config).args(args).output().unwrap()
-}
-
 #[test]
 fn the_environment_gives_string_keys_their_text_as_written() {
     use crate::kit::origin::{Behaviour, Origin};
@@ -417,7 +405,7 @@ fn the_environment_gives_string_keys_their_text_as_written() {
         ("GLANCE_CACHED_DATABASE__CREATE_GLANCE_TABLES", "true"),
     ];
     let shown = ok(
-        &cli_with_env(&s.config, &env, &["check-config"]),
+        &cli::run(&s.config, &["check-config"], &env),
         "check-config",
     );
     for line in [
@@ -431,11 +419,8 @@ fn the_environment_gives_string_keys_their_text_as_written() {
         assert!(shown.contains(line), "{line} in:\n{shown}");
     }
     // The password reaches Keystone as written.
-    ok(
-        &cli_with_env(&s.config, &env, &["queue", "env-img"]),
-        "queue",
-    );
-    ok(&cli_with_env(&s.config, &env, &["prefetch"]), "prefetch");
+    ok(&cli::run(&s.config, &["queue", "env-img"], &env), "queue");
+    ok(&cli::run(&s.config, &["prefetch"], &env), "prefetch");
     let requests = origin.with_stats(|st| st.keystone_requests.clone());
     let body: serde_json::Value = serde_json::from_str(&requests[0]).unwrap();
     let user = &body["auth"]["identity"]["password"]["user"];
@@ -467,13 +452,8 @@ fn relative_token_and_ca_files_are_relative_to_the_config_file() {
     )
     .unwrap();
     let check = |dir: &Path| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.current_dir(dir)
+        cli::command()
+            .current_dir(dir)
             .arg("--config")
             .arg(&config)
             .arg("check-config")
@@ -533,7 +513,7 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
             .await
             .unwrap();
         pool.close().await;
-        let run = |args: &[&str]| cli_with_env(&config, &[], args);
+        let run = |args: &[&str]| cli::run(&config, args, &[]);
         let migrated = ok(
             &run(&["migrate-sqlite"]),
             &format!("{name}: migrate-sqlite"),
@@ -622,14 +602,14 @@ fn no_secret_shows_in_any_output() {
             trace[0],
             trace[1],
         ];
-        let checked = cli_with_env(&s.config, &env, &["check-config"]);
+        let checked = cli::run(&s.config, &["check-config"], &env);
         assert!(checked.status.success(), "{}", all_output(&checked));
         assert_no_secret("check-config", &all_output(&checked));
         let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &env);
         assert!(!d.wait_exit(SOON).success());
         assert!(d.log_text().contains("error"), "{}", d.log_text());
         assert_no_secret("run", &d.log_text());
-        let listed = cli_with_env(&s.config, &env, &["list-queued"]);
+        let listed = cli::run(&s.config, &["list-queued"], &env);
         assert_no_secret("list-queued", &all_output(&listed));
     }
 
@@ -645,7 +625,7 @@ fn no_secret_shows_in_any_output() {
         "[prefetcher]\nmax_attempts = 1\n[upstream]\nkind = \"glance\"\nurl = \"{upstream}\"\ntoken_file = {:?}\n",
         token.display().to_string()
     ));
-    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    let checked = cli::run(&s.config, &["check-config"], &trace);
     assert!(
         all_output(&checked).contains("glance:***@"),
         "{}",
@@ -679,10 +659,7 @@ fn no_secret_shows_in_any_output() {
         &["list-queued", "--json"],
         &["list-cached"],
     ] {
-        assert_no_secret(
-            "a listing",
-            &all_output(&cli_with_env(&s.config, &trace, args)),
-        );
+        assert_no_secret("a listing", &all_output(&cli::run(&s.config, args, &trace)));
     }
     let log = d.log.clone();
     d.stop();
@@ -700,10 +677,10 @@ fn no_secret_shows_in_any_output() {
         origin.url().replace("http://", "http://ks:pw-ksurl-96@"),
     ));
     origin.require_keystone(3600);
-    let checked = cli_with_env(&s.config, &trace, &["check-config"]);
+    let checked = cli::run(&s.config, &["check-config"], &trace);
     assert_no_secret("check-config", &all_output(&checked));
     ok(&s.cli(&["queue", "present-img", "missing-img"]), "queue");
-    let fetched = cli_with_env(&s.config, &trace, &["prefetch"]);
+    let fetched = cli::run(&s.config, &["prefetch"], &trace);
     assert!(s.cache("present-img").exists(), "{}", all_output(&fetched));
     assert_no_secret("prefetch", &all_output(&fetched));
     assert_no_secret("list-queued", &all_output(&s.cli(&["list-queued"])));
@@ -719,7 +696,7 @@ fn prefetch_within(
     let mut args = vec!["queue"];
     args.extend_from_slice(ids);
     ok(&s.cli(&args), "queue");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+    let mut child = cli::command()
         .arg("--config")
         .arg(&s.config)
         .arg("prefetch")

@@ -12,15 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::faults_hostile::run_cli;
 use crate::kit::canary::{Canary, make_old};
+use crate::kit::cli::run_with_deadline;
 use crate::kit::daemon::{SOON, Setup, eventually};
 use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::test_bytes;
 
 fn cli(s: &Setup, args: &[&str]) -> std::process::Output {
-    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    run_cli(&s.config, &args, &[])
+    run_with_deadline(&s.config, args, &[])
 }
 
 /// Two-hour-old regular files named by valid ids in `dir`, so that the stall and grace

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,22 +19,11 @@ use glance_cached::cache::{CacheDriver, CacheError, CacheLayout, Expectations};
 use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 
+use crate::kit::cli::run;
 use crate::kit::daemon::{Daemon, SOON, Setup};
 use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::servers::{Backend, TestDb};
 use crate::kit::test_bytes;
-
-/// The CLI on `config`, with only the `GLANCE_CACHED_*__*` overrides given in `env`.
-fn cli_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd.arg("--config").arg(config).args(args).output().unwrap()
-}
 
 fn ok(out: Output) -> Output {
     assert!(
@@ -364,7 +353,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
             let config = s.config.clone();
             let expected = data[id].clone();
             cats.push(tokio::task::spawn_blocking(move || {
-                let out = ok(cli_env(&config, &["cat", id], &[]));
+                let out = ok(run(&config, &["cat", id], &[]));
                 assert!(out.stdout == *expected, "cat {id}: wrong bytes");
             }));
         }
@@ -483,7 +472,7 @@ fn three_nodes_share_one_postgresql_without_seeing_each_other() {
     check(&cached, &queued);
 
     // Prune node 0 to nothing: node 0 is empty, the others keep every row and file.
-    ok(cli_env(
+    ok(run(
         &nodes[0].config,
         &["prune"],
         &[("GLANCE_CACHED_CACHE__MAX_SIZE", "1")],

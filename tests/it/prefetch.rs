@@ -33,7 +33,7 @@ fn wait_until_downloading(s: &Setup, id: &str) {
 
 /// `glance-cached prefetch` in the background, its output captured.
 fn spawn_prefetch_command(s: &Setup) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+    crate::kit::cli::command()
         .arg("--config")
         .arg(&s.config)
         .arg("prefetch")

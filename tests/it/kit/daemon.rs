@@ -117,7 +117,7 @@ impl Daemon {
         let notify = NotifySocket::bind(dir);
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
-        let bin = env!("CARGO_BIN_EXE_glance-cached");
+        let bin = crate::kit::cli::BIN;
         let mut cmd = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut cmd = Command::new(program);
@@ -127,11 +127,7 @@ impl Daemon {
             None => Command::new(bin),
         };
         cmd.arg("--config").arg(config).arg("run").args(args);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-                cmd.env_remove(k);
-            }
-        }
+        crate::kit::cli::scrub_env(&mut cmd);
         cmd.env("NOTIFY_SOCKET", &notify.path)
             .env("GLANCE_CACHED_LOG__FORMAT", "text")
             .env_remove("JOURNAL_STREAM")
@@ -248,7 +244,7 @@ impl Setup {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        cli(&self.config, args)
+        crate::kit::cli::run(&self.config, args, &[])
     }
 
     pub fn import(&self, id: &str, len: usize) {
@@ -276,16 +272,6 @@ impl Setup {
             .map(|r| r["image_id"].as_str().unwrap().to_owned())
             .collect()
     }
-}
-
-fn cli(config: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-cached"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GLANCE_CACHED_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("--config").arg(config).args(args).output().unwrap()
 }
 
 pub const SOON: Duration = Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! The test kit: everything the tests in `tests/it/` share, so that the test files hold
 //! tests only:
 //! - `canary`: a watched tree outside the cache that nothing may touch;
+//! - `cli`: the built binary, run in the one scrubbed environment of the suite;
 //! - `daemon`: the daemon binary run with a notify socket, and a daemon's setup on disk;
 //! - `glance`: the real glance-api on loopback, and the Glance virtualenv's python that
 //!   it and the Glance driver of `glance_interop` run on;
@@ -11,6 +12,7 @@
 use std::path::Path;
 
 pub mod canary;
+pub mod cli;
 pub mod daemon;
 pub mod glance;
 pub mod origin;
