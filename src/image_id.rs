@@ -182,3 +182,103 @@ mod tests {
         assert!(ImageId::parse("glance-cache-2").is_ok());
     }
 }
+
+/// Property tests of id validation (moved from the integration tests' hostile-input
+/// file): whatever the input, an accepted id is exactly the allowed syntax and one normal
+/// path component under each of the cache's directories.
+#[cfg(test)]
+mod proptests {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Component;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cache::{Area, CacheLayout};
+
+    fn is_valid_id(raw: &str) -> bool {
+        !GLANCE_LOCK_NAMES.contains(&raw)
+            && (1..=36).contains(&raw.len())
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
+    /// Whatever `raw` is: accepted exactly when it is 1..=36 of [A-Za-z0-9_-], an accepted id
+    /// is one normal path component under every area's directory, and a refusal is one
+    /// bounded line.
+    fn check_id(raw: &str) -> Result<(), TestCaseError> {
+        // One layout for every case (opening one creates its directories).
+        static LAYOUT: std::sync::OnceLock<(tempfile::TempDir, CacheLayout)> =
+            std::sync::OnceLock::new();
+        let (_, layout) = LAYOUT.get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let layout = CacheLayout::open(tmp.path().join("image-cache")).unwrap();
+            (tmp, layout)
+        });
+        match ImageId::parse(raw) {
+            Ok(id) => {
+                prop_assert!(is_valid_id(raw), "accepted {raw:?}");
+                prop_assert_eq!(id.as_str(), raw);
+                for area in [Area::Cached, Area::Incomplete, Area::Invalid, Area::Queue] {
+                    let dir = layout.dir(area);
+                    let path = layout.path(area, &id);
+                    prop_assert_eq!(path.parent(), Some(dir.as_path()));
+                    prop_assert!(path.starts_with(&dir));
+                    prop_assert_eq!(
+                        path.components().next_back(),
+                        Some(Component::Normal(OsStr::new(raw)))
+                    );
+                    prop_assert_eq!(path.components().count(), dir.components().count() + 1);
+                }
+            }
+            Err(e) => {
+                prop_assert!(!is_valid_id(raw), "refused {raw:?}: {e}");
+                let msg = e.to_string();
+                prop_assert!(!msg.contains('\n') && !msg.contains('\0'), "{msg:?}");
+                prop_assert!(msg.chars().count() < 64 * 10 + 120, "{}", msg.len());
+            }
+        }
+        Ok(())
+    }
+
+    fn proptest_config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_image_id_parse_on_any_string(raw in any::<String>()) {
+            check_id(&raw)?;
+        }
+
+        #[test]
+        fn prop_image_id_parse_on_path_like_strings(
+            raw in r"(\.\.?/|/|[A-Za-z0-9_.\x00é -]){0,40}"
+        ) {
+            check_id(&raw)?;
+        }
+
+        #[test]
+        fn prop_every_valid_id_is_accepted(raw in "[A-Za-z0-9_-]{1,36}") {
+            let id = ImageId::parse(&raw);
+            prop_assert!(id.is_ok(), "{raw:?}: {id:?}");
+            let id = id.unwrap();
+            prop_assert_eq!(id.as_str(), raw.as_str());
+        }
+
+        #[test]
+        fn prop_file_names_from_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..48)) {
+            let from_name = ImageId::from_file_name(OsStr::from_bytes(&bytes));
+            let expected = std::str::from_utf8(&bytes).ok().filter(|s| is_valid_id(s));
+            prop_assert_eq!(from_name.as_ref().map(ImageId::as_str), expected);
+        }
+    }
+}

@@ -198,3 +198,75 @@ mod tests {
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
     }
 }
+
+/// Property tests of value parsing (moved from the integration tests' hostile-input file):
+/// no text panics the parsers, and every size and duration survives `format_*` then
+/// `parse_*`.
+#[cfg(test)]
+mod proptests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn proptest_config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_parse_size_and_duration_never_panic(text in any::<String>()) {
+            let _ = parse_size(&text);
+            if let Ok(d) = parse_duration(&text) {
+                prop_assert!(d < Duration::MAX);
+            }
+        }
+
+        #[test]
+        fn prop_parse_size_on_size_like_strings(
+            text in r" ?[0-9.]{0,24} ?(B|b|K|k|KiB|M|MiB|G|GiB|T|TiB|kB|KB|MB|GB|TB|XB|)"
+        ) {
+            let _ = parse_size(&text);
+        }
+
+        #[test]
+        fn prop_parse_duration_on_duration_like_strings(
+            text in r"( ?[0-9]{0,22}(ms|s|sec|secs|m|min|mins|h|d|y|) ?){0,6}"
+        ) {
+            if let Ok(d) = parse_duration(&text) {
+                prop_assert!(d < Duration::MAX);
+            }
+        }
+
+        #[test]
+        fn prop_sizes_round_trip(
+            bytes in prop_oneof![
+                any::<u64>(),
+                (any::<u64>(), 1u32..=4).prop_map(|(n, k)| (n >> (10 * k)) << (10 * k)),
+                (0u64..100_000, 0u32..=4).prop_map(|(n, k)| n << (10 * k)),
+            ]
+        ) {
+            let text = format_size(bytes);
+            prop_assert_eq!(parse_size(&text), Ok(bytes), "{}", text);
+        }
+
+        #[test]
+        fn prop_durations_round_trip(
+            d in prop_oneof![
+                any::<u64>().prop_map(Duration::from_secs),
+                any::<u64>().prop_map(Duration::from_millis),
+                (0u64..400 * 86_400).prop_map(Duration::from_secs),
+            ]
+        ) {
+            let text = format_duration(d);
+            prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
+        }
+    }
+}

@@ -1,22 +1,19 @@
 //! Hostile input (issue 7, item 4) through the real binary: ids that try to become paths,
 //! marker files with hostile names, symlinks, FIFOs and directories planted in the cache,
-//! broken configuration files, a lying upstream, and property tests for id validation and
-//! config value parsing.
+//! broken configuration files and a lying upstream. (The property tests of id validation
+//! and of config value parsing are unit tests now, in `src/image_id.rs` and
+//! `src/config/values.rs`.)
 //!
-//! Every end-to-end test keeps a canary tree (`kit::canary`) outside the cache directory.
+//! Every test keeps a canary tree (`kit::canary`) outside the cache directory.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, symlink};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
 
-use glance_cached::cache::{Area, CacheLayout};
-use glance_cached::config::{format_duration, format_size, parse_duration, parse_size};
 use glance_cached::image_id::ImageId;
-use proptest::prelude::*;
 
 use crate::kit::canary::{Canary, Facts, facts, make_old, mkfifo};
 use crate::kit::cli::run_with_deadline;
@@ -158,7 +155,7 @@ fn hostile_image_ids_are_refused_by_every_command_before_anything_is_touched() {
         canary.check(&format!("after the commands with {id:?}"));
     }
     // A NUL byte cannot even be passed on a command line: the kernel's argv is
-    // NUL-terminated (ImageId::parse refuses it too; see the property test).
+    // NUL-terminated (ImageId::parse refuses it too; see its property tests).
     let err = crate::kit::cli::command()
         .args(["--config".as_ref(), s.config.as_os_str()])
         .args(["queue", "a\0b"])
@@ -728,139 +725,4 @@ fn a_lying_or_redirecting_upstream_never_gets_anything_cached() {
     assert!(d.alive(), "{}", d.log_text());
     d.stop();
     canary.finish("hostile upstream");
-}
-
-// Property tests: id validation and config value parsing.
-
-fn is_valid_id(raw: &str) -> bool {
-    !glance_cached::image_id::GLANCE_LOCK_NAMES.contains(&raw)
-        && (1..=36).contains(&raw.len())
-        && raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Whatever `raw` is: accepted exactly when it is 1..=36 of [A-Za-z0-9_-], an accepted id
-/// is one normal path component under every area's directory, and a refusal is one
-/// bounded line.
-fn check_id(raw: &str) -> Result<(), TestCaseError> {
-    // One layout for every case (opening one creates its directories).
-    static LAYOUT: std::sync::OnceLock<(tempfile::TempDir, CacheLayout)> =
-        std::sync::OnceLock::new();
-    let (_, layout) = LAYOUT.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let layout = CacheLayout::open(tmp.path().join("image-cache")).unwrap();
-        (tmp, layout)
-    });
-    match ImageId::parse(raw) {
-        Ok(id) => {
-            prop_assert!(is_valid_id(raw), "accepted {raw:?}");
-            prop_assert_eq!(id.as_str(), raw);
-            for area in [Area::Cached, Area::Incomplete, Area::Invalid, Area::Queue] {
-                let dir = layout.dir(area);
-                let path = layout.path(area, &id);
-                prop_assert_eq!(path.parent(), Some(dir.as_path()));
-                prop_assert!(path.starts_with(&dir));
-                prop_assert_eq!(
-                    path.components().next_back(),
-                    Some(Component::Normal(OsStr::new(raw)))
-                );
-                prop_assert_eq!(path.components().count(), dir.components().count() + 1);
-            }
-        }
-        Err(e) => {
-            prop_assert!(!is_valid_id(raw), "refused {raw:?}: {e}");
-            let msg = e.to_string();
-            prop_assert!(!msg.contains('\n') && !msg.contains('\0'), "{msg:?}");
-            prop_assert!(msg.chars().count() < 64 * 10 + 120, "{}", msg.len());
-        }
-    }
-    Ok(())
-}
-
-fn proptest_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: 2000,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-proptest! {
-    #![proptest_config(proptest_config())]
-
-    #[test]
-    fn prop_image_id_parse_on_any_string(raw in any::<String>()) {
-        check_id(&raw)?;
-    }
-
-    #[test]
-    fn prop_image_id_parse_on_path_like_strings(
-        raw in r"(\.\.?/|/|[A-Za-z0-9_.\x00é -]){0,40}"
-    ) {
-        check_id(&raw)?;
-    }
-
-    #[test]
-    fn prop_every_valid_id_is_accepted(raw in "[A-Za-z0-9_-]{1,36}") {
-        let id = ImageId::parse(&raw);
-        prop_assert!(id.is_ok(), "{raw:?}: {id:?}");
-        let id = id.unwrap();
-        prop_assert_eq!(id.as_str(), raw.as_str());
-    }
-
-    #[test]
-    fn prop_file_names_from_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..48)) {
-        let from_name = ImageId::from_file_name(OsStr::from_bytes(&bytes));
-        let expected = std::str::from_utf8(&bytes).ok().filter(|s| is_valid_id(s));
-        prop_assert_eq!(from_name.as_ref().map(ImageId::as_str), expected);
-    }
-
-    #[test]
-    fn prop_parse_size_and_duration_never_panic(text in any::<String>()) {
-        let _ = parse_size(&text);
-        if let Ok(d) = parse_duration(&text) {
-            prop_assert!(d < Duration::MAX);
-        }
-    }
-
-    #[test]
-    fn prop_parse_size_on_size_like_strings(
-        text in r" ?[0-9.]{0,24} ?(B|b|K|k|KiB|M|MiB|G|GiB|T|TiB|kB|KB|MB|GB|TB|XB|)"
-    ) {
-        let _ = parse_size(&text);
-    }
-
-    #[test]
-    fn prop_parse_duration_on_duration_like_strings(
-        text in r"( ?[0-9]{0,22}(ms|s|sec|secs|m|min|mins|h|d|y|) ?){0,6}"
-    ) {
-        if let Ok(d) = parse_duration(&text) {
-            prop_assert!(d < Duration::MAX);
-        }
-    }
-
-    #[test]
-    fn prop_sizes_round_trip(
-        bytes in prop_oneof![
-            any::<u64>(),
-            (any::<u64>(), 1u32..=4).prop_map(|(n, k)| (n >> (10 * k)) << (10 * k)),
-            (0u64..100_000, 0u32..=4).prop_map(|(n, k)| n << (10 * k)),
-        ]
-    ) {
-        let text = format_size(bytes);
-        prop_assert_eq!(parse_size(&text), Ok(bytes), "{}", text);
-    }
-
-    #[test]
-    fn prop_durations_round_trip(
-        d in prop_oneof![
-            any::<u64>().prop_map(Duration::from_secs),
-            any::<u64>().prop_map(Duration::from_millis),
-            (0u64..400 * 86_400).prop_map(Duration::from_secs),
-        ]
-    ) {
-        let text = format_duration(d);
-        prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
-    }
 }
