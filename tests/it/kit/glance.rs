@@ -8,7 +8,6 @@
 //! that directory and keeps its cache rows in its own `[database] connection`: to share
 //! a cache with glance-cached, give it the same SQLite file and the same node URL.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,7 +67,7 @@ impl GlanceApi {
         for sub in ["conf", "staging", "store", "locks"] {
             std::fs::create_dir(d.join(sub)).unwrap();
         }
-        let port = free_port();
+        let port = crate::kit::free_port();
         let url = format!("http://127.0.0.1:{port}");
         std::fs::write(
             d.join("conf/policy.yaml"),
@@ -272,14 +271,6 @@ impl Drop for GlanceApi {
 }
 
 /// A loopback port free a moment ago (gunicorn binds it itself).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A one-shot blocking `GET` for the readiness probe: the status, or `None`.
 fn http_get_status(host_and_path: &str) -> Option<u16> {
     use std::io::{Read, Write};

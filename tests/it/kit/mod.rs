@@ -43,3 +43,12 @@ pub fn md5_hex(data: &[u8]) -> String {
 pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
 }
+
+/// A loopback TCP port that was free a moment ago, for a server the kit starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -271,11 +271,7 @@ impl PrivatePostgres {
                 ])
                 .arg(dir.path().join("data")),
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::kit::free_port();
         let pg = PrivatePostgres { dir, bin, port };
         pg.start_server();
         Some(pg)
@@ -400,11 +396,7 @@ impl PrivateMariadb {
                 .args(["--no-defaults", "--user=mysql", "--skip-test-db"])
                 .arg(format!("--datadir={}", dir.path().join("data").display())),
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::kit::free_port();
         let my = PrivateMariadb {
             dir,
             server: Mutex::new(None),
