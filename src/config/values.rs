@@ -209,14 +209,7 @@ mod proptests {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn proptest_config() -> ProptestConfig {
-        ProptestConfig {
-            cases: 2000,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
+    use crate::image_id::proptests::proptest_config;
 
     proptest! {
         #![proptest_config(proptest_config())]
