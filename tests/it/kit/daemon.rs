@@ -274,8 +274,11 @@ impl Setup {
     }
 }
 
+/// How long a test waits for what the daemon does at once (a notification, a file
+/// cleaned after a watcher event): long enough for a loaded 2-core machine.
 pub const SOON: Duration = Duration::from_secs(10);
 
+/// `glance-cached queue IDS`, which must succeed.
 pub fn queue(s: &Setup, ids: &[&str]) {
     let mut args = vec!["queue"];
     args.extend_from_slice(ids);
@@ -287,6 +290,7 @@ pub fn queue(s: &Setup, ids: &[&str]) {
     );
 }
 
+/// The rows of `list-queued --json`.
 pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
     let out = s.cli(&["list-queued", "--json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout)

@@ -163,20 +163,10 @@ impl GlanceApi {
 
     /// Uploads `data` as a new raw image; returns its id once it is `active`.
     pub async fn create_image(&self, data: &[u8]) -> String {
-        let created: Value = self
-            .client
-            .post(format!("{}/v2/images", self.url))
-            .json(
-                &serde_json::json!({"name": "t", "disk_format": "raw", "container_format": "bare"}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let created = json_answer(self.client.post(format!("{}/v2/images", self.url)).json(
+            &serde_json::json!({"name": "t", "disk_format": "raw", "container_format": "bare"}),
+        ))
+        .await;
         let id = created["id"].as_str().unwrap().to_owned();
         let status = self
             .client
@@ -209,16 +199,7 @@ impl GlanceApi {
 
     /// `GET /v2/cache`: `{"cached_images": [...], "queued_images": [...]}`.
     pub async fn cache_state(&self) -> Value {
-        self.client
-            .get(format!("{}/v2/cache", self.url))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        json_answer(self.client.get(format!("{}/v2/cache", self.url))).await
     }
 
     /// The image ids `GET /v2/cache` lists as cached.
@@ -271,6 +252,19 @@ impl Drop for GlanceApi {
 }
 
 /// A loopback port free a moment ago (gunicorn binds it itself).
+/// Sends `request`; requires a success status and returns the JSON body.
+async fn json_answer(request: reqwest::RequestBuilder) -> Value {
+    request
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A one-shot blocking `GET` for the readiness probe: the status, or `None`.
 fn http_get_status(host_and_path: &str) -> Option<u16> {
     use std::io::{Read, Write};
