@@ -227,7 +227,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
 /// every outcome in the queue, until none is due. SIGINT or SIGTERM stops the downloads
 /// with nothing published and the images still queued. Exits 1 if any image failed.
 async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
-    use crate::download::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
+    use crate::prefetch::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
     use std::sync::Arc;
 
     let Some(upstream) = &config.upstream else {
@@ -238,11 +238,11 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
     // Markers Glance's PUT /v2/cache/{id} left in queue/ join the queue first.
     driver.adopt_queue_markers().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let mut signals = crate::daemon::signals::listen().context("listening for signals")?;
+    let mut signals = crate::signals::listen().context("listening for signals")?;
     {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if let Some(crate::daemon::signals::SignalCommand::Shutdown(_)) = signals.recv().await {
+            if let Some(crate::signals::SignalCommand::Shutdown(_)) = signals.recv().await {
                 cancel.cancel();
             }
         });

@@ -19,8 +19,8 @@ use super::worker::{Next, Worker};
 use crate::cache::{CacheError, QueuedImage};
 use crate::clock;
 use crate::config::PrefetcherConfig;
-use crate::download::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
 use crate::image_id::ImageId;
+use crate::prefetch::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
 use crate::upstream::Upstream;
 
 pub struct PrefetcherWorker {
