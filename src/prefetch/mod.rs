@@ -3,6 +3,7 @@
 //! becomes of a claimed queued image (published, retried later, dropped, released).
 
 mod budget;
+mod engine;
 mod fetch;
 mod writer_thread;
 
@@ -20,6 +21,7 @@ use crate::upstream::Upstream;
 pub use budget::{
     DownloadBudget, RateLimiter, Reservation, SpaceReservations, WaitTicket, unknown_size_step,
 };
+pub use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
 pub use fetch::{FetchError, FetchLimits, Fetched, fetch_into_cache};
 
 /// What became of one claimed queued image, as recorded in the queue.
