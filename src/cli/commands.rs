@@ -287,9 +287,9 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
             PrefetchOutcome::Published { bytes } => println!("prefetched {id} ({bytes} bytes)"),
             PrefetchOutcome::AlreadyCached => println!("{id} was already cached"),
             PrefetchOutcome::Interrupted => println!("interrupted {id}; it stays queued"),
-            PrefetchOutcome::Dropped { reason } => println!("failed {id} for good: {reason}"),
-            PrefetchOutcome::Retrying { reason, delay } => println!(
-                "failed {id}: {reason}; tried again in {}",
+            PrefetchOutcome::Dropped { error } => println!("failed {id} for good: {error}"),
+            PrefetchOutcome::Retrying { error, delay } => println!(
+                "failed {id}: {error}; tried again in {}",
                 crate::config::format_duration(*delay)
             ),
         }

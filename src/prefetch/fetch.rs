@@ -13,7 +13,7 @@ use super::budget::{DownloadBudget, WaitTicket, unknown_size_step};
 use super::writer_thread::WriterThread;
 use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy};
 use crate::image_id::ImageId;
-use crate::upstream::{TransferFloor, Upstream, UpstreamError};
+use crate::upstream::{ErrorClass, TransferFloor, Upstream, UpstreamError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
@@ -21,37 +21,45 @@ pub enum Fetched {
     AlreadyCached,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("interrupted by shutdown")]
     Cancelled,
-    #[error("{0}")]
-    Retry(String),
-    #[error("{0}")]
-    Permanent(String),
-    /// The bytes were not what the upstream promised (size or checksum).
-    #[error("{0}")]
-    Verify(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Writing, verifying or publishing, or making room.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The upstream says the image is larger than the whole cache.
+    #[error("image is {size} bytes, larger than cache.max_size ({max_size} bytes)")]
+    LargerThanCache { size: u64, max_size: u64 },
+    /// An image of unknown size turned out larger than the whole cache.
+    #[error("image is larger than cache.max_size ({max_size} bytes)")]
+    GrewLargerThanCache { max_size: u64 },
+    /// An image of unknown size needs more room than the downloads beside it leave.
+    #[error(
+        "image of unknown size: no room for more than {reserved} bytes beside the downloads in progress"
+    )]
+    NoRoomBeside { reserved: u64 },
 }
 
-impl From<UpstreamError> for FetchError {
-    fn from(e: UpstreamError) -> Self {
-        match e {
-            UpstreamError::Retry(m) => FetchError::Retry(m),
-            UpstreamError::Permanent(m) => FetchError::Permanent(m),
-            UpstreamError::Verify(m) => FetchError::Verify(m),
-        }
-    }
-}
-
-impl From<CacheError> for FetchError {
-    fn from(e: CacheError) -> Self {
-        match e {
-            CacheError::Verification { .. } | CacheError::TooLarge { .. } => {
-                FetchError::Verify(e.to_string())
+impl FetchError {
+    /// What becomes of the image; a shutdown (`Cancelled`) is no failure of the image,
+    /// and is retried.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            FetchError::Upstream(e) => e.class(),
+            // The bytes were not what the upstream promised (size or checksum).
+            FetchError::Cache(CacheError::Verification { .. } | CacheError::TooLarge { .. }) => {
+                ErrorClass::Verify
             }
             // Disk full, database outage, another writer: all may pass.
-            other => FetchError::Retry(other.to_string()),
+            FetchError::Cache(_) | FetchError::Cancelled | FetchError::NoRoomBeside { .. } => {
+                ErrorClass::Retry
+            }
+            FetchError::LargerThanCache { .. } | FetchError::GrewLargerThanCache { .. } => {
+                ErrorClass::Permanent
+            }
         }
     }
 }
@@ -108,10 +116,10 @@ pub async fn fetch_into_cache(
             .size
             .unwrap_or_else(|| unknown_size_step(limits.max_size));
         if size > limits.max_size {
-            return Err(FetchError::Permanent(format!(
-                "image is {size} bytes, larger than cache.max_size ({} bytes)",
-                limits.max_size
-            )));
+            return Err(FetchError::LargerThanCache {
+                size,
+                max_size: limits.max_size,
+            });
         }
         let ticket = waiting.as_ref().map(|(t, _)| t);
         if let Some(r) = budget.space.try_reserve(size, limits.max_size, ticket) {
@@ -174,10 +182,9 @@ pub async fn fetch_into_cache(
         if meta.size.is_none() && needed > reservation.bytes() {
             if needed > limits.max_size {
                 writer.abort("larger than the cache").await;
-                return Err(FetchError::Permanent(format!(
-                    "image is larger than cache.max_size ({} bytes)",
-                    limits.max_size
-                )));
+                return Err(FetchError::GrewLargerThanCache {
+                    max_size: limits.max_size,
+                });
             }
             let more = (needed - reservation.bytes()).max(unknown_size_step(limits.max_size));
             let more = more.min(limits.max_size - reservation.bytes());
@@ -185,10 +192,9 @@ pub async fn fetch_into_cache(
                 writer
                     .abort("no room beside the downloads in progress")
                     .await;
-                return Err(FetchError::Retry(format!(
-                    "image of unknown size: no room for more than {} bytes beside the downloads in progress",
-                    reservation.bytes()
-                )));
+                return Err(FetchError::NoRoomBeside {
+                    reserved: reservation.bytes(),
+                });
             };
             make_room(driver, &limits, total).await?;
         }

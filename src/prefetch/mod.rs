@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::cache::{CacheDriver, CacheError, QueuedImage};
 use crate::clock;
 use crate::config::Config;
-use crate::upstream::Upstream;
+use crate::upstream::{ErrorClass, Upstream};
 
 pub use budget::{
     DownloadBudget, RateLimiter, Reservation, SpaceReservations, WaitTicket, unknown_size_step,
@@ -25,7 +25,7 @@ pub use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
 pub use fetch::{FetchError, FetchLimits, Fetched, fetch_into_cache};
 
 /// What became of one claimed queued image, as recorded in the queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PrefetchOutcome {
     /// Downloaded, verified and published; off the queue.
     Published { bytes: u64 },
@@ -33,10 +33,10 @@ pub enum PrefetchOutcome {
     AlreadyCached,
     /// Stopped by shutdown; still queued.
     Interrupted,
-    /// Failed for good; kept as `failed` with the reason.
-    Dropped { reason: String },
+    /// Failed for good; kept as `failed` with the error's text.
+    Dropped { error: FetchError },
     /// Failed; queued again for after `delay`.
-    Retrying { reason: String, delay: Duration },
+    Retrying { error: FetchError, delay: Duration },
 }
 
 /// Downloads the claimed `image` and records what became of it: dequeued once published
@@ -80,28 +80,33 @@ pub async fn prefetch_claimed(
             info!(image_id = %id, "download interrupted by shutdown; the image stays queued");
             (PrefetchOutcome::Interrupted, driver.release_claim(id).await)
         }
-        Err(FetchError::Verify(reason))
-            if attempts >= u64::from(config.prefetcher.max_attempts) =>
-        {
-            warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
-            let recorded = driver.give_up(id, attempts, &reason).await;
-            (PrefetchOutcome::Dropped { reason }, recorded)
-        }
-        Err(FetchError::Permanent(reason)) => {
-            warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
-            let recorded = driver.give_up(id, attempts, &reason).await;
-            (PrefetchOutcome::Dropped { reason }, recorded)
-        }
-        Err(FetchError::Retry(reason) | FetchError::Verify(reason)) => {
-            let delay = retry_delay(
-                attempts,
-                config.prefetcher.retry_delay,
-                config.prefetcher.max_retry_delay,
-            );
-            let next = clock::after(clock::now(), delay);
-            warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
-            let recorded = driver.retry_later(id, attempts, next, &reason).await;
-            (PrefetchOutcome::Retrying { reason, delay }, recorded)
+        Err(error) => {
+            // The queue keeps the text (`last_error`); the outcome keeps the error.
+            let reason = error.to_string();
+            let max_attempts = u64::from(config.prefetcher.max_attempts);
+            match error.class() {
+                ErrorClass::Verify if attempts >= max_attempts => {
+                    warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
+                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    (PrefetchOutcome::Dropped { error }, recorded)
+                }
+                ErrorClass::Permanent => {
+                    warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
+                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    (PrefetchOutcome::Dropped { error }, recorded)
+                }
+                ErrorClass::Retry | ErrorClass::Verify => {
+                    let delay = retry_delay(
+                        attempts,
+                        config.prefetcher.retry_delay,
+                        config.prefetcher.max_retry_delay,
+                    );
+                    let next = clock::after(clock::now(), delay);
+                    warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
+                    let recorded = driver.retry_later(id, attempts, next, &reason).await;
+                    (PrefetchOutcome::Retrying { error, delay }, recorded)
+                }
+            }
         }
     }
 }
