@@ -285,3 +285,87 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
         let _ = self.settle().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheLayout;
+    use crate::db::{Db, DbOptions};
+    use crate::upstream::ErrorClass;
+
+    /// The engine in process, as its callers drive it: two images queued, one the
+    /// directory upstream has and one it has not; both settle in one drain, within the
+    /// concurrency, and each outcome is recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_engine_drains_the_queue_and_records_every_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("origin");
+        std::fs::create_dir(&origin).unwrap();
+        std::fs::write(origin.join("present"), vec![7u8; 100_000]).unwrap();
+        let file = dir.path().join("glance-cached.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[prefetcher]\nconcurrency = 1\n[upstream]\nkind = \"directory\"\npath = \"{}\"\n",
+                dir.path().join("cache").display(),
+                dir.path().join("test.db").display(),
+                origin.display()
+            ),
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(Some(&file)).unwrap());
+        let db = Db::connect(&config.database.url, &DbOptions::default())
+            .await
+            .unwrap();
+        let layout = CacheLayout::open(&config.cache.dir).unwrap();
+        let driver = CacheDriver::configure(layout, db, "http://node-a:9292")
+            .await
+            .unwrap();
+        let (present, missing) = (
+            ImageId::parse("present").unwrap(),
+            ImageId::parse("missing").unwrap(),
+        );
+        assert!(driver.queue_image(&present).await.unwrap());
+        assert!(driver.queue_image(&missing).await.unwrap());
+        let upstream = Upstream::from_config(config.upstream.as_ref().unwrap()).unwrap();
+        let cancel = CancellationToken::new();
+        let mut engine = PrefetchEngine::new(
+            driver.clone(),
+            Arc::new(upstream),
+            "test".into(),
+            cancel,
+            (),
+        );
+        let mut ended = Vec::new();
+        loop {
+            engine.tick(&config).await.unwrap();
+            engine.fill(&config).await.unwrap();
+            assert!(engine.running() <= 1, "within prefetcher.concurrency");
+            let Some(done) = engine.next_finished().await else {
+                break;
+            };
+            let done = done.unwrap();
+            done.recorded.as_ref().unwrap();
+            ended.push(done);
+        }
+        engine.finish(|_| panic!("nothing is left running")).await;
+        ended.sort_by(|a, b| a.image_id.as_str().cmp(b.image_id.as_str()));
+        assert!(
+            matches!(
+                &ended[..],
+                [
+                    Finished {
+                        outcome: PrefetchOutcome::Dropped { error },
+                        ..
+                    },
+                    Finished {
+                        outcome: PrefetchOutcome::Published { bytes: 100_000 },
+                        ..
+                    },
+                ] if error.class() == ErrorClass::Permanent
+            ),
+            "{ended:?}"
+        );
+        assert!(driver.cached(&present).await);
+    }
+}
