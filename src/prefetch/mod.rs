@@ -1,6 +1,8 @@
-//! Prefetching: downloading queued images into the cache. `fetch` is the download of one
-//! image, `budget` what the downloads of this process share, and this module what
-//! becomes of a claimed queued image (published, retried later, dropped, released).
+//! Prefetching: downloading queued images into the cache. `engine` claims queued images
+//! and runs their downloads (for the daemon and the `prefetch` command alike), `fetch`
+//! is the download of one image, `budget` what the downloads of this process share, and
+//! this module what becomes of a claimed queued image (published, retried later,
+//! dropped, released).
 
 mod budget;
 mod engine;
