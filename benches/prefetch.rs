@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::config::{GlanceAuth, UpstreamConfig, UpstreamKind};
 use glance_cached::db::{Db, DbOptions};
-use glance_cached::download::{DownloadBudget, FetchLimits, fetch_into_cache};
 use glance_cached::image_id::ImageId;
+use glance_cached::prefetch::{DownloadBudget, FetchLimits, fetch_into_cache};
 use glance_cached::upstream::Upstream;
 use md5::Digest;
 

@@ -7,12 +7,13 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod db;
-pub mod download;
 pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
+pub mod prefetch;
 pub mod process;
 pub mod redact;
+pub mod signals;
 pub mod telemetry;
 pub mod upstream;
 

@@ -227,7 +227,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
 /// every outcome in the queue, until none is due. SIGINT or SIGTERM stops the downloads
 /// with nothing published and the images still queued. Exits 1 if any image failed.
 async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
-    use crate::download::{DownloadBudget, PrefetchOutcome, prefetch_claimed};
+    use crate::prefetch::{EngineError, PrefetchEngine, PrefetchOutcome};
     use std::sync::Arc;
 
     let Some(upstream) = &config.upstream else {
@@ -238,93 +238,72 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
     // Markers Glance's PUT /v2/cache/{id} left in queue/ join the queue first.
     driver.adopt_queue_markers().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let mut signals = crate::daemon::signals::listen().context("listening for signals")?;
+    let mut signals = crate::signals::listen().context("listening for signals")?;
     {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if let Some(crate::daemon::signals::SignalCommand::Shutdown(_)) = signals.recv().await {
+            if let Some(crate::signals::SignalCommand::Shutdown(_)) = signals.recv().await {
                 cancel.cancel();
             }
         });
     }
     let holder = crate::process::prefetch_command_holder_name();
+    let mut engine = PrefetchEngine::new(driver, upstream, holder, cancel, ());
     // Claims of earlier runs on this host that died (kill -9) would keep their images
     // until the claims run out.
-    let recovered = driver
-        .recover_claims(|other| crate::process::claim_may_be_live(&holder, other))
-        .await?;
+    let recovered = engine.recover_dead_claims().await?;
     if recovered > 0 {
         println!("released {recovered} claims of a process that is no longer running");
     }
-    let budget = Arc::new(DownloadBudget::default());
     let config = Arc::new(config.clone());
-    let mut downloads = tokio::task::JoinSet::new();
     // Each image's latest outcome: one may fail, be retried (when due again before the
     // queue runs dry) and then succeed.
     let mut latest = std::collections::BTreeMap::new();
-    // A download may outlast a claim (a large image under a bandwidth cap): renew ours.
-    let renew_every = config.prefetcher.claim_renew_every();
-    let mut renew_at = tokio::time::Instant::now() + renew_every;
     loop {
-        while downloads.len() < config.prefetcher.concurrency && !cancel.is_cancelled() {
-            let Some(image) = driver
-                .claim_next(&holder, config.prefetcher.claim_ttl)
-                .await?
-            else {
-                break;
-            };
-            let (driver, upstream, config, cancel, budget) = (
-                driver.clone(),
-                upstream.clone(),
-                config.clone(),
-                cancel.clone(),
-                budget.clone(),
-            );
-            downloads.spawn(async move {
-                let (outcome, recorded) =
-                    prefetch_claimed(&driver, &upstream, &image, &config, &cancel, &budget).await;
-                if recorded.is_err() {
-                    // Best effort: a claim left behind expires, or the daemon's next start
-                    // releases it.
-                    let _ = driver.release_claim(&image.image_id).await;
+        let tick_at = match engine.tick(&config).await {
+            Ok(at) => at,
+            Err(e) => {
+                // The next tick tries again; the claims last a while yet.
+                match &e {
+                    EngineError::Renew(_) => {
+                        println!("could not renew the claims of the downloads in progress: {e}")
+                    }
+                    _ => println!("{e}"),
                 }
-                (image.image_id, outcome, recorded)
-            });
-        }
-        let done = tokio::select! {
-            done = downloads.join_next() => done,
-            () = tokio::time::sleep_until(renew_at) => {
-                if let Err(e) = driver.renew_claims(&holder, config.prefetcher.claim_ttl).await {
-                    // The next renewal tries again; the claims last a while yet.
-                    println!("could not renew the claims of the downloads in progress: {e}");
-                }
-                renew_at = tokio::time::Instant::now() + renew_every;
-                continue;
+                tokio::time::Instant::now() + config.prefetcher.claim_renew_every()
             }
+        };
+        engine.fill(&config).await?;
+        let done = tokio::select! {
+            done = engine.next_finished() => done,
+            () = tokio::time::sleep_until(tick_at) => continue,
         };
         let Some(done) = done else {
             break;
         };
-        let (id, outcome, recorded) = done.context("a download task crashed")?;
-        match &outcome {
+        let done = done.context("a download task crashed")?;
+        let id = done.image_id;
+        match &done.outcome {
             PrefetchOutcome::Published { bytes } => println!("prefetched {id} ({bytes} bytes)"),
             PrefetchOutcome::AlreadyCached => println!("{id} was already cached"),
             PrefetchOutcome::Interrupted => println!("interrupted {id}; it stays queued"),
-            PrefetchOutcome::Dropped { reason } => println!("failed {id} for good: {reason}"),
-            PrefetchOutcome::Retrying { reason, delay } => println!(
-                "failed {id}: {reason}; tried again in {}",
+            PrefetchOutcome::Dropped { error } => println!("failed {id} for good: {error}"),
+            PrefetchOutcome::Retrying { error, delay } => println!(
+                "failed {id}: {error}; tried again in {}",
                 crate::config::format_duration(*delay)
             ),
         }
-        let recorded_ok = match recorded {
+        let recorded_ok = match done.recorded {
             Ok(()) => true,
             Err(e) => {
                 println!("the outcome for {id} could not be recorded: {e}");
                 false
             }
         };
-        latest.insert(id, (outcome, recorded_ok));
+        latest.insert(id, (done.outcome, recorded_ok));
     }
+    // Nothing is running: releases what is left to settle.
+    engine.finish(|_| {}).await;
     let count =
         |f: fn(&PrefetchOutcome) -> bool| latest.values().filter(|(o, ok)| *ok && f(o)).count();
     let published = count(|o| matches!(o, PrefetchOutcome::Published { .. }));

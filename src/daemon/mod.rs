@@ -9,7 +9,6 @@ mod prefetcher;
 mod pruner;
 mod queue;
 mod reload;
-pub(crate) mod signals;
 mod status;
 mod systemd;
 mod watcher;
@@ -30,9 +29,10 @@ use crate::clock;
 use crate::config::Config;
 use crate::db::{Db, DbError, DbTime, LeaseHolder, LeaseOutcome};
 use crate::process;
+use crate::signals;
 use crate::telemetry::LogLevelHandle;
 
-pub use signals::SignalCommand;
+pub use crate::signals::SignalCommand;
 pub use status::StatusBoard;
 
 /// The background tasks, named in logs and the status table.

@@ -21,20 +21,19 @@ impl DirectoryUpstream {
                 (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
             )
             .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    UpstreamError::Permanent(format!("{} does not exist", path.display()))
-                }
-                _ => UpstreamError::Retry(format!("cannot open {}: {e}", path.display())),
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => UpstreamError::NoSuchFile { path: path.clone() },
+                _ => UpstreamError::Open {
+                    path: path.clone(),
+                    source,
+                },
             })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| UpstreamError::Retry(format!("cannot stat {}: {e}", path.display())))?;
+        let meta = file.metadata().map_err(|source| UpstreamError::Stat {
+            path: path.clone(),
+            source,
+        })?;
         if !meta.is_file() {
-            return Err(UpstreamError::Permanent(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(UpstreamError::NotRegularFile { path });
         }
         let image = ImageMeta {
             size: Some(meta.len()),

@@ -96,9 +96,10 @@ impl GlanceUpstream {
             read_json_capped(self.get(&url, None).await?, &request_text("GET", &url)).await?;
         let status = image["status"].as_str().unwrap_or("unknown");
         if status != "active" {
-            return Err(UpstreamError::Permanent(format!(
-                "image {id} is {status}, not active"
-            )));
+            return Err(UpstreamError::NotActive {
+                id: id.clone(),
+                status: status.to_owned(),
+            });
         }
         let os_hash = match (
             image["os_hash_algo"].as_str(),
@@ -163,15 +164,17 @@ fn whole_body(
                 Some((0, last, total)) if last + 1 == total && size.is_none_or(|s| s == total) => {
                     Ok(())
                 }
-                _ => Err(UpstreamError::Permanent(format!(
-                    "GET {url}: HTTP 206 with Content-Range {header:?}, not the whole image{}",
-                    size.map(|s| format!(" of {s} bytes")).unwrap_or_default()
-                ))),
+                _ => Err(UpstreamError::PartialImage {
+                    url: url.to_owned(),
+                    content_range: header.map(str::to_owned),
+                    size,
+                }),
             }
         }
-        status => Err(UpstreamError::Permanent(format!(
-            "GET {url}: HTTP {status} to a request for the whole image"
-        ))),
+        status => Err(UpstreamError::NotWholeImage {
+            url: url.to_owned(),
+            status,
+        }),
     }
 }
 

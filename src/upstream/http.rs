@@ -26,17 +26,17 @@ impl HttpUpstream {
         let header = |name: &Option<String>, len: usize| -> Result<Option<String>, UpstreamError> {
             let Some(name) = name else { return Ok(None) };
             let Some(value) = response.headers().get(name.as_str()) else {
-                return Err(UpstreamError::Verify(format!(
-                    "{}: the response has no {name} header",
-                    request_text("GET", &url)
-                )));
+                return Err(UpstreamError::MissingDigestHeader {
+                    request: request_text("GET", &url),
+                    header: name.clone(),
+                });
             };
-            let value = value.to_str().map_err(|_| {
-                UpstreamError::Verify(format!(
-                    "{}: header {name} is not text",
-                    request_text("GET", &url)
-                ))
-            })?;
+            let value = value
+                .to_str()
+                .map_err(|_| UpstreamError::DigestHeaderNotText {
+                    request: request_text("GET", &url),
+                    header: name.clone(),
+                })?;
             hex_digest(&format!("header {name}"), value, len).map(Some)
         };
         let meta = ImageMeta {

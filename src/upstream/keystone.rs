@@ -100,9 +100,7 @@ impl Keystone {
             .get("X-Subject-Token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .ok_or_else(|| {
-                UpstreamError::Retry("Keystone answered without X-Subject-Token".into())
-            })?;
+            .ok_or(UpstreamError::NoSubjectToken)?;
         let body = read_json_capped(response, "Keystone authentication").await?;
         let expires = body["token"]["expires_at"]
             .as_str()

@@ -1,11 +1,13 @@
 //! Upstreams: where prefetched bytes come from. Glance's v2 API (with a static token or
 //! Keystone), a plain HTTP URL template, or a directory (Glance's filesystem store).
 //!
-//! Every failure is classified where it is raised: `Retry` (network, timeouts, 5xx, 429,
-//! authentication that may be fixed) or `Permanent` (404, not active, redirect to another
-//! host, a file that is not a regular file), so the prefetcher never has to guess.
+//! Every failure is a typed `UpstreamError` carrying its cause, classified where it is
+//! raised (`UpstreamError::class`): retry (network, timeouts, 5xx, 429, authentication
+//! that may be fixed), permanent (404, not active, redirect to another host, a file that
+//! is not a regular file) or verify, so the prefetcher never has to guess.
 
 mod directory;
+mod error;
 mod glance;
 mod http;
 mod keystone;
@@ -27,19 +29,8 @@ pub struct ImageMeta {
     pub os_hash: Option<(HashAlgo, String)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpstreamError {
-    /// Worth trying again later.
-    #[error("{0}")]
-    Retry(String),
-    /// Will not get better: drop the image from the queue.
-    #[error("{0}")]
-    Permanent(String),
-    /// The upstream's promise cannot be checked (a malformed checksum, a configured
-    /// checksum header missing): a verification failure, never "unverified".
-    #[error("{0}")]
-    Verify(String),
-}
+pub use error::{ErrorClass, TokenFileProblem, UpstreamError};
+pub(crate) use error::{http_error, status_error};
 
 /// The bytes of one image, read chunk by chunk (memory stays flat).
 pub enum ImageStream {
@@ -64,7 +55,7 @@ impl ImageStream {
                 let n = file
                     .read(&mut buf)
                     .await
-                    .map_err(|e| UpstreamError::Retry(format!("reading the source file: {e}")))?;
+                    .map_err(|source| UpstreamError::ReadFile { source })?;
                 if n == 0 {
                     return Ok(None);
                 }
@@ -120,10 +111,11 @@ impl TransferFloor {
         }
         let needed = (self.min_bytes_per_second as f64 * self.waited.as_secs_f64()) as u64;
         if self.bytes < needed {
-            return Err(UpstreamError::Retry(format!(
-                "upstream too slow: {} bytes in {:.0?} of waiting (minimum {} bytes per second, prefetcher.min_bytes_per_second)",
-                self.bytes, self.waited, self.min_bytes_per_second
-            )));
+            return Err(UpstreamError::TooSlow {
+                bytes: self.bytes,
+                waited: self.waited,
+                min_bytes_per_second: self.min_bytes_per_second,
+            });
         }
         self.waited = Duration::ZERO;
         self.bytes = 0;
@@ -141,36 +133,34 @@ const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 pub(crate) fn read_token_file(path: &std::path::Path) -> Result<String, UpstreamError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let refuse =
-        |why: String| UpstreamError::Retry(format!("token file {}: {why}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let refuse = |problem| UpstreamError::TokenFile {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let file = std::fs::File::open(path).map_err(|e| refuse(TokenFileProblem::Read(e)))?;
     let meta = file
         .metadata()
-        .map_err(|e| refuse(format!("cannot stat it: {e}")))?;
+        .map_err(|e| refuse(TokenFileProblem::Stat(e)))?;
     let mode = meta.permissions().mode();
     if !meta.is_file() {
-        return Err(refuse("not a regular file".into()));
+        return Err(refuse(TokenFileProblem::NotRegular));
     }
     if mode & 0o004 != 0 {
-        return Err(refuse(
-            "world-readable: chmod o-r it (a token is a credential)".into(),
-        ));
+        return Err(refuse(TokenFileProblem::WorldReadable));
     }
     if mode & 0o022 != 0 {
-        return Err(refuse(
-            "writable by its group or others: chmod go-w it".into(),
-        ));
+        return Err(refuse(TokenFileProblem::Writable));
     }
     let mut text = String::new();
     file.take(MAX_TOKEN_FILE_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        .map_err(|e| refuse(TokenFileProblem::Read(e)))?;
     if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
-        return Err(refuse(format!("larger than {MAX_TOKEN_FILE_BYTES} bytes")));
+        return Err(refuse(TokenFileProblem::TooLarge(MAX_TOKEN_FILE_BYTES)));
     }
     let token = text.trim();
     if token.is_empty() {
-        return Err(refuse("empty".into()));
+        return Err(refuse(TokenFileProblem::Empty));
     }
     Ok(token.to_owned())
 }
@@ -185,10 +175,9 @@ pub(crate) async fn read_json_capped(
     mut response: reqwest::Response,
     what: &str,
 ) -> Result<serde_json::Value, UpstreamError> {
-    let too_large = || {
-        UpstreamError::Retry(format!(
-            "{what}: the response is larger than {MAX_METADATA_BYTES} bytes"
-        ))
+    let too_large = || UpstreamError::ResponseTooLarge {
+        what: what.to_owned(),
+        max: MAX_METADATA_BYTES,
     };
     if response
         .content_length()
@@ -203,8 +192,10 @@ pub(crate) async fn read_json_capped(
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| UpstreamError::Retry(format!("{what}: the response is not JSON: {e}")))
+    serde_json::from_slice(&body).map_err(|source| UpstreamError::NotJson {
+        what: what.to_owned(),
+        source,
+    })
 }
 
 pub enum Upstream {
@@ -282,67 +273,26 @@ fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError
             }
         }));
     if let Some(ca) = &config.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| {
-            UpstreamError::Permanent(format!(
-                "cannot read upstream.ca_file {}: {e}",
-                ca.display()
-            ))
+        let pem = std::fs::read(ca).map_err(|source| UpstreamError::ReadCaFile {
+            path: ca.clone(),
+            source,
         })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            UpstreamError::Permanent(format!("upstream.ca_file {}: {e}", ca.display()))
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+            UpstreamError::CaFile {
+                path: ca.clone(),
+                source,
+            }
         })?;
         builder = builder.tls_certs_merge(certs);
     }
     builder
         .build()
-        .map_err(|e| UpstreamError::Permanent(format!("cannot build the HTTP client: {e}")))
-}
-
-/// Classifies a transport error: refused redirects are permanent, the rest is retried.
-pub(crate) fn http_error(e: reqwest::Error) -> UpstreamError {
-    // reqwest's text names the URL, with any `user:password@` in it: mask it, since the
-    // text ends up in logs and in the shared database's `last_error` (reqwest already
-    // moves userinfo to an Authorization header; this keeps it so if that changes).
-    let e = match e.url().map(crate::redact::mask_parsed_url) {
-        Some(Some(masked)) => e.with_url(masked),
-        Some(None) | None => e,
-    };
-    let text = error_chain(&e);
-    if e.is_redirect() {
-        UpstreamError::Permanent(text)
-    } else {
-        UpstreamError::Retry(text)
-    }
+        .map_err(|source| UpstreamError::Client { source })
 }
 
 /// The text for a request to `url` in errors and logs, its secrets masked.
 pub(crate) fn request_text(method: &str, url: &str) -> String {
     format!("{method} {}", crate::redact::mask_url(url))
-}
-
-/// Classifies an HTTP status: 404/410 and other client errors are permanent; 5xx, 408,
-/// 429 and authentication failures (a token can be renewed, a password fixed) retry.
-pub(crate) fn status_error(status: reqwest::StatusCode, what: &str) -> UpstreamError {
-    let text = format!("{what}: HTTP {status}");
-    match status.as_u16() {
-        401 | 403 | 408 | 429 => UpstreamError::Retry(text),
-        s if s >= 500 => UpstreamError::Retry(text),
-        _ => UpstreamError::Permanent(text),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// A hex digest from an upstream, lower-cased. Anything but `len` hex digits is a
@@ -354,9 +304,11 @@ pub(crate) fn hex_digest(what: &str, value: &str, len: usize) -> Result<String, 
         Ok(v)
     } else {
         let shown: String = value.chars().take(2 * len).collect();
-        Err(UpstreamError::Verify(format!(
-            "{what} {shown:?} is not {len} hex digits"
-        )))
+        Err(UpstreamError::MalformedDigest {
+            what: what.to_owned(),
+            shown,
+            len,
+        })
     }
 }
 
@@ -416,7 +368,7 @@ mod tests {
             "g123456789abcdef0123456789abcdef",
         ] {
             let e = hex_digest("checksum", bad, 32).unwrap_err();
-            assert!(matches!(e, UpstreamError::Verify(_)), "{bad}: {e:?}");
+            assert_eq!(e.class(), ErrorClass::Verify, "{bad}: {e:?}");
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use glance_cached::cache::{CleanPolicy, PrunePolicy};
 use glance_cached::config::{UpstreamConfig, UpstreamKind};
-use glance_cached::download::{DownloadBudget, FetchLimits, Fetched, fetch_into_cache};
+use glance_cached::prefetch::{DownloadBudget, FetchLimits, Fetched, fetch_into_cache};
 use glance_cached::upstream::Upstream;
 use tokio_util::sync::CancellationToken;
 
