@@ -1,42 +1,13 @@
-//! The `[prefetcher]` and `[upstream]` sections: how queued images are fetched and from
-//! where (Glance's v2 API with a token or Keystone, a plain HTTP URL template, or a
-//! directory such as Glance's filesystem store).
+//! The `[upstream]` section: where queued images are fetched from (Glance's v2 API with a
+//! token or Keystone, a plain HTTP URL template, or a directory such as Glance's
+//! filesystem store).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Validator, format_duration, format_size};
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PrefetcherConfig {
-    /// Downloads at once.
-    pub concurrency: usize,
-    /// Safety-net pass over the queue (queue commands and markers wake it at once).
-    pub interval: Duration,
-    /// A checksum mismatch is retried until this many attempts, then the image is dropped.
-    pub max_attempts: u32,
-    /// First retry delay after a retryable failure; doubles per attempt up to the max.
-    pub retry_delay: Duration,
-    pub max_retry_delay: Duration,
-    pub max_bytes_per_second: Option<u64>,
-    /// A download whose upstream delivers less than this many bytes per second, over
-    /// each `min_rate_window` spent waiting for it, fails (and is retried): a dripping
-    /// upstream must not hold a download slot forever. `None`: no floor.
-    pub min_bytes_per_second: Option<u64>,
-    pub min_rate_window: Duration,
-    /// How long a claim on a queued image lasts unless renewed: bounds how long the
-    /// image of a download whose process vanished without trace waits.
-    pub claim_ttl: Duration,
-}
-
-impl PrefetcherConfig {
-    /// How often the claims of downloads in progress are renewed: six times per term,
-    /// so a database outage of most of a term still leaves a renewal due in time.
-    pub fn claim_renew_every(&self) -> Duration {
-        self.claim_ttl / 6
-    }
-}
+use super::validate::Validator;
+use super::{PrefetcherConfig, format_duration, format_size};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeystoneMethod {
@@ -88,11 +59,6 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
 }
 
-/// The default transfer floor: 1 KiB/s over a minute of waiting fails only an upstream
-/// that has all but stopped (a modem line moves more), not a slow one.
-const DEFAULT_MIN_BYTES_PER_SECOND: u64 = 1024;
-const DEFAULT_MIN_RATE_WINDOW: Duration = Duration::from_secs(60);
-
 pub(super) const KEYS: &[&str] = &[
     "prefetcher.concurrency",
     "prefetcher.interval",
@@ -124,65 +90,6 @@ pub(super) const KEYS: &[&str] = &[
 ];
 
 impl Validator<'_> {
-    pub(super) fn prefetcher(&mut self) -> PrefetcherConfig {
-        let retry_delay = self
-            .positive_duration("prefetcher.retry_delay")
-            .unwrap_or(Duration::from_secs(30));
-        let max_retry_delay = self
-            .positive_duration("prefetcher.max_retry_delay")
-            .unwrap_or(Duration::from_secs(3600));
-        if max_retry_delay < retry_delay {
-            self.problem(
-                "prefetcher.max_retry_delay",
-                "must not be shorter than prefetcher.retry_delay".into(),
-            );
-        }
-        let max_bytes_per_second = self.size("prefetcher.max_bytes_per_second");
-        if max_bytes_per_second == Some(0) {
-            self.problem(
-                "prefetcher.max_bytes_per_second",
-                "must be greater than zero (leave it unset for no limit)".into(),
-            );
-        }
-        // "0" turns the floor off (a default on a config file's word).
-        let min_bytes_per_second = match self.size("prefetcher.min_bytes_per_second") {
-            None => Some(DEFAULT_MIN_BYTES_PER_SECOND),
-            Some(0) => None,
-            some => some,
-        };
-        let min_rate_window = self
-            .positive_duration("prefetcher.min_rate_window")
-            .unwrap_or(DEFAULT_MIN_RATE_WINDOW);
-        PrefetcherConfig {
-            min_bytes_per_second,
-            min_rate_window,
-            concurrency: self.integer("prefetcher.concurrency", 1, 64).unwrap_or(2) as usize,
-            interval: self
-                .positive_duration("prefetcher.interval")
-                .unwrap_or(Duration::from_secs(300)),
-            max_attempts: self
-                .integer("prefetcher.max_attempts", 1, 1000)
-                .unwrap_or(5) as u32,
-            retry_delay,
-            max_retry_delay,
-            max_bytes_per_second,
-            claim_ttl: self.claim_ttl(),
-        }
-    }
-
-    fn claim_ttl(&mut self) -> Duration {
-        const DEFAULT: Duration = Duration::from_secs(6 * 3600);
-        match self.duration("prefetcher.claim_ttl") {
-            // Renewed every sixth of it: shorter would spin on the database.
-            Some(d) if d < Duration::from_secs(1) => {
-                self.problem("prefetcher.claim_ttl", "must be at least 1s".into());
-                DEFAULT
-            }
-            Some(d) => d,
-            None => DEFAULT,
-        }
-    }
-
     pub(super) fn upstream(&mut self) -> Option<UpstreamConfig> {
         let kind = self.string("upstream.kind")?;
         let connect_timeout = self
