@@ -1,10 +1,11 @@
 //! Configuration: built-in defaults < TOML file < `GLANCE_CACHED_<SECTION>__<KEY>`
 //! environment variables, merged by figment, then validated into a `Config`.
 //!
-//! Validation walks a table of known keys, so every problem (unknown key, wrong type,
+//! Validation walks the key table (`keys`), so every problem (unknown key, wrong type,
 //! bad value, cross-field conflict) is collected and reported together, each naming the
 //! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
 
+pub mod keys;
 mod upstream;
 mod validate;
 pub mod values;
@@ -22,7 +23,9 @@ use figment::{Figment, Profile, Provider};
 use validate::Validator;
 pub use values::{format_duration, format_size, parse_duration, parse_size};
 
-use crate::db::{Dialect, mask_url};
+use crate::cache::{CleanPolicy, PrunePolicy};
+use crate::db::Dialect;
+use keys::{KEYS, Reload};
 
 /// The file read when neither `--config` nor `GLANCE_CACHED_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/glance-cached/glance-cached.toml";
@@ -47,6 +50,29 @@ pub enum LogFormat {
     Text,
     Json,
     Journald,
+}
+
+impl LogFormat {
+    /// The word `log.format` takes for it (`keys::LOG_FORMATS`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
+        }
+    }
+
+    pub fn from_word(word: &str) -> Option<LogFormat> {
+        [
+            LogFormat::Auto,
+            LogFormat::Text,
+            LogFormat::Json,
+            LogFormat::Journald,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == word)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,28 +222,6 @@ impl ConfigError {
     }
 }
 
-/// Every key of the main sections (`[upstream]` lists its own in `upstream`).
-/// Which of them a reload applies is `Config::restart_required_changes`.
-pub const KEYS: &[&str] = &[
-    "cache.dir",
-    "cache.max_size",
-    "cache.stall_time",
-    "database.url",
-    "database.max_connections",
-    "database.connect_timeout",
-    "database.create_glance_tables",
-    "node.reference_url",
-    "log.level",
-    "log.format",
-    "cleaner.interval",
-    "cleaner.invalid_grace",
-    "pruner.interval",
-    "pruner.low_watermark",
-    "pruner.min_free_disk",
-    "daemon.shutdown_timeout",
-    "daemon.lease_ttl",
-];
-
 /// When `path` is not valid TOML: where and what, naming the key the way the rest of
 /// the configuration errors do ("line 3: cache.max_size: ..."). The parser stops at the
 /// first error, so it is the only one reported for that file.
@@ -349,34 +353,24 @@ impl Config {
         Validator::new(&figment, file).validate(&dict)
     }
 
-    /// Keys whose value differs between `self` and `new` and need a restart to apply.
+    /// Keys whose value differs between `self` and `new` and need a restart to apply
+    /// (`[upstream]` as one: "upstream").
     pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
-        if self.cache.dir != new.cache.dir {
-            changed.push("cache.dir");
-        }
-        if self.database.url != new.database.url {
-            changed.push("database.url");
-        }
-        if self.database.max_connections != new.database.max_connections {
-            changed.push("database.max_connections");
-        }
-        if self.database.connect_timeout != new.database.connect_timeout {
-            changed.push("database.connect_timeout");
-        }
-        if self.database.create_glance_tables != new.database.create_glance_tables {
-            changed.push("database.create_glance_tables");
-        }
-        if self.node_reference_url != new.node_reference_url {
-            changed.push("node.reference_url");
-        }
-        if self.log.format != new.log.format {
-            changed.push("log.format");
-        }
-        if self.upstream != new.upstream {
-            changed.push("upstream");
+        for key in KEYS.iter().filter(|k| k.reload == Reload::Restart) {
+            if (key.get)(self) != (key.get)(new) && !changed.contains(&key.applied_as()) {
+                changed.push(key.applied_as());
+            }
         }
         changed
+    }
+
+    /// Puts the running values of the keys that only a restart can change back into
+    /// `self`, a reloaded config.
+    pub fn keep_restart_only_keys(&mut self, running: &Config) {
+        for key in KEYS.iter().filter(|k| k.reload == Reload::Restart) {
+            (key.keep)(self, running);
+        }
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -385,48 +379,61 @@ impl Config {
         Dialect::from_url(&self.database.url).expect("validated database url")
     }
 
-    /// The effective configuration as TOML, with secrets masked.
+    /// When the cleaner, `clean` and reconcile remove leftovers.
+    pub fn clean_policy(&self) -> CleanPolicy {
+        CleanPolicy {
+            stall_time: self.cache.stall_time,
+            invalid_grace: self.cleaner.invalid_grace,
+        }
+    }
+
+    /// How the pruner and `prune` shrink the cache.
+    pub fn prune_policy(&self) -> PrunePolicy {
+        PrunePolicy {
+            max_size: self.cache.max_size,
+            low_watermark: self.pruner.low_watermark,
+            min_free_disk: self.pruner.min_free_disk,
+        }
+    }
+
+    /// How often the queue loop scans `queue/` for Glance's markers: `cleaner.interval`
+    /// (its doc says so), the loop that rescans the other directories Glance writes.
+    pub fn queue_interval(&self) -> Duration {
+        self.cleaner.interval
+    }
+
+    /// The effective configuration as TOML, with secrets masked: every key of the table
+    /// in its order, section by section.
     pub fn to_toml(&self) -> String {
-        let opt_size = |key: &str, v: Option<u64>| match v {
-            Some(b) => format!("{key} = {:?}", format_size(b)),
-            None => format!("# {key} is unset"),
-        };
-        let format = match self.log.format {
-            LogFormat::Auto => "auto",
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-            LogFormat::Journald => "journald",
-        };
-        format!(
-            "[cache]\ndir = {dir:?}\nmax_size = {max:?}\nstall_time = {stall:?}\n\n\
-             [database]\nurl = {url:?}\nmax_connections = {maxc}\nconnect_timeout = {ct:?}\ncreate_glance_tables = {cgt}\n\n\
-             [node]\nreference_url = {node:?}\n\n\
-             [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
-             [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
-             [pruner]\ninterval = {pi:?}\n{low}\n{free}\n\n\
-             [daemon]\nshutdown_timeout = {st:?}\nlease_ttl = {lt:?}\n",
-            dir = self.cache.dir.display().to_string(),
-            max = format_size(self.cache.max_size),
-            stall = format_duration(self.cache.stall_time),
-            url = mask_url(&self.database.url),
-            maxc = self.database.max_connections,
-            ct = format_duration(self.database.connect_timeout),
-            cgt = self.database.create_glance_tables,
-            node = self.node_reference_url,
-            level = self.log.level,
-            ci = format_duration(self.cleaner.interval),
-            grace = format_duration(self.cleaner.invalid_grace),
-            pi = format_duration(self.pruner.interval),
-            low = opt_size("low_watermark", self.pruner.low_watermark),
-            free = opt_size("min_free_disk", self.pruner.min_free_disk),
-            st = format_duration(self.daemon.shutdown_timeout),
-            lt = format_duration(self.daemon.lease_ttl),
-        ) + "\n"
-            + &upstream::to_toml(&self.prefetcher, self.upstream.as_ref())
+        let mut out = String::new();
+        let mut keys = KEYS.iter().peekable();
+        while let Some(first) = keys.next() {
+            let section = first.section();
+            let mut lines: Vec<String> = first.toml_line(self).into_iter().collect();
+            while let Some(key) = keys.next_if(|k| k.section() == section) {
+                lines.extend(key.toml_line(self));
+            }
+            if section == "upstream" && self.upstream.is_none() {
+                out.push_str("\n# [upstream] is unset: queued images are not prefetched\n");
+                continue;
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{section}]\n"));
+            for line in lines {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
 /// Every key the file and the environment may set, in every section.
 pub fn all_keys() -> impl Iterator<Item = &'static str> {
-    KEYS.iter().chain(upstream::KEYS).copied()
+    KEYS.iter().map(|k| k.name)
 }

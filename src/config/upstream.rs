@@ -6,8 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::Config;
+use super::keys::{UPSTREAM_KINDS, unknown_choice};
 use super::validate::Validator;
-use super::{PrefetcherConfig, format_duration, format_size};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeystoneMethod {
@@ -59,47 +60,20 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
 }
 
-pub(super) const KEYS: &[&str] = &[
-    "prefetcher.concurrency",
-    "prefetcher.interval",
-    "prefetcher.max_attempts",
-    "prefetcher.retry_delay",
-    "prefetcher.max_retry_delay",
-    "prefetcher.max_bytes_per_second",
-    "prefetcher.min_bytes_per_second",
-    "prefetcher.min_rate_window",
-    "prefetcher.claim_ttl",
-    "upstream.kind",
-    "upstream.url",
-    "upstream.url_template",
-    "upstream.path",
-    "upstream.ca_file",
-    "upstream.token_file",
-    "upstream.connect_timeout",
-    "upstream.read_timeout",
-    "upstream.md5_header",
-    "upstream.sha512_header",
-    "upstream.keystone.auth_url",
-    "upstream.keystone.username",
-    "upstream.keystone.password",
-    "upstream.keystone.user_domain_name",
-    "upstream.keystone.project_name",
-    "upstream.keystone.project_domain_name",
-    "upstream.keystone.application_credential_id",
-    "upstream.keystone.application_credential_secret",
-];
+/// Fills `[upstream]`, a union tagged by `upstream.kind`: which keys apply depends on
+/// the kind, so this section is assembled here rather than key by key.
+pub(super) fn fill(v: &mut Validator<'_>, c: &mut Config) {
+    c.upstream = v.upstream();
+}
 
 impl Validator<'_> {
     pub(super) fn upstream(&mut self) -> Option<UpstreamConfig> {
         let kind = self.string("upstream.kind")?;
-        let connect_timeout = self
-            .positive_duration("upstream.connect_timeout")
-            .unwrap_or(Duration::from_secs(10));
-        let read_timeout = self
-            .positive_duration("upstream.read_timeout")
-            .unwrap_or(Duration::from_secs(60));
+        // A default of the right kind is the table's to keep (tested there).
+        let connect_timeout = self.get("upstream.connect_timeout").unwrap_or_default();
+        let read_timeout = self.get("upstream.read_timeout").unwrap_or_default();
         // Like every path in the file: relative to the file's directory.
-        let ca_file = self.optional_path("upstream.ca_file");
+        let ca_file: Option<PathBuf> = self.get("upstream.ca_file");
         if let Some(ca) = &ca_file
             && !ca.is_file()
         {
@@ -124,12 +98,12 @@ impl Validator<'_> {
                 }
                 UpstreamKind::Http {
                     url_template,
-                    md5_header: self.string("upstream.md5_header"),
-                    sha512_header: self.string("upstream.sha512_header"),
+                    md5_header: self.get("upstream.md5_header"),
+                    sha512_header: self.get("upstream.sha512_header"),
                 }
             }
             "directory" => {
-                let path = self.path("upstream.path", "");
+                let path: PathBuf = self.get("upstream.path").unwrap_or_default();
                 if path.as_os_str().is_empty() {
                     self.problem(
                         "upstream.path",
@@ -146,7 +120,7 @@ impl Validator<'_> {
             other => {
                 self.problem(
                     "upstream.kind",
-                    format!("unknown kind {other:?}: expected glance, http or directory"),
+                    unknown_choice("kind", other, UPSTREAM_KINDS),
                 );
                 return None;
             }
@@ -174,7 +148,7 @@ impl Validator<'_> {
     }
 
     fn glance_auth(&mut self) -> GlanceAuth {
-        if let Some(path) = self.optional_path("upstream.token_file") {
+        if let Some(path) = self.get::<PathBuf>("upstream.token_file") {
             match std::fs::metadata(&path) {
                 Ok(m) if !m.is_file() => self.problem(
                     "upstream.token_file",
@@ -231,105 +205,13 @@ impl Validator<'_> {
                 password: need(self, "upstream.keystone.password"),
                 project_name: need(self, "upstream.keystone.project_name"),
                 user_domain_name: self
-                    .string("upstream.keystone.user_domain_name")
-                    .unwrap_or_else(|| "Default".into()),
+                    .get("upstream.keystone.user_domain_name")
+                    .unwrap_or_default(),
                 project_domain_name: self
-                    .string("upstream.keystone.project_domain_name")
-                    .unwrap_or_else(|| "Default".into()),
+                    .get("upstream.keystone.project_domain_name")
+                    .unwrap_or_default(),
             }
         };
         GlanceAuth::Keystone { auth_url, method }
     }
-}
-
-/// The two sections as TOML, secrets masked.
-pub(super) fn to_toml(p: &PrefetcherConfig, u: Option<&UpstreamConfig>) -> String {
-    let mut out = format!(
-        "[prefetcher]\nconcurrency = {}\ninterval = {:?}\nmax_attempts = {}\nretry_delay = {:?}\nmax_retry_delay = {:?}\nclaim_ttl = {:?}\n{}\n{}\n",
-        p.concurrency,
-        format_duration(p.interval),
-        p.max_attempts,
-        format_duration(p.retry_delay),
-        format_duration(p.max_retry_delay),
-        format_duration(p.claim_ttl),
-        match p.max_bytes_per_second {
-            Some(b) => format!("max_bytes_per_second = {:?}", format_size(b)),
-            None => "# max_bytes_per_second is unset".into(),
-        },
-        match p.min_bytes_per_second {
-            Some(b) => format!(
-                "min_bytes_per_second = {:?}\nmin_rate_window = {:?}",
-                format_size(b),
-                format_duration(p.min_rate_window)
-            ),
-            None => format!(
-                "min_bytes_per_second = 0\nmin_rate_window = {:?}",
-                format_duration(p.min_rate_window)
-            ),
-        }
-    );
-    let Some(u) = u else {
-        out.push_str("\n# [upstream] is unset: queued images are not prefetched\n");
-        return out;
-    };
-    out.push_str("\n[upstream]\n");
-    let mut keystone = String::new();
-    match &u.kind {
-        UpstreamKind::Glance { url, auth } => {
-            let url = crate::redact::mask_url(url);
-            out.push_str(&format!("kind = \"glance\"\nurl = {url:?}\n"));
-            match auth {
-                GlanceAuth::None => {}
-                GlanceAuth::TokenFile(p) => {
-                    out.push_str(&format!("token_file = {:?}\n", p.display().to_string()))
-                }
-                GlanceAuth::Keystone { auth_url, method } => {
-                    let auth_url = crate::redact::mask_url(auth_url);
-                    keystone.push_str(&format!("\n[upstream.keystone]\nauth_url = {auth_url:?}\n"));
-                    match method {
-                        KeystoneMethod::Password { username, project_name, user_domain_name, project_domain_name, .. } => {
-                            keystone.push_str(&format!(
-                                "username = {username:?}\npassword = \"***\"\nproject_name = {project_name:?}\nuser_domain_name = {user_domain_name:?}\nproject_domain_name = {project_domain_name:?}\n"
-                            ));
-                        }
-                        KeystoneMethod::ApplicationCredential { id, .. } => keystone.push_str(&format!(
-                            "application_credential_id = {id:?}\napplication_credential_secret = \"***\"\n"
-                        )),
-                    }
-                }
-            }
-        }
-        UpstreamKind::Http {
-            url_template,
-            md5_header,
-            sha512_header,
-        } => {
-            let url_template = crate::redact::mask_url(url_template);
-            out.push_str(&format!(
-                "kind = \"http\"\nurl_template = {url_template:?}\n"
-            ));
-            if let Some(h) = md5_header {
-                out.push_str(&format!("md5_header = {h:?}\n"));
-            }
-            if let Some(h) = sha512_header {
-                out.push_str(&format!("sha512_header = {h:?}\n"));
-            }
-        }
-        UpstreamKind::Directory { path } => {
-            out.push_str(&format!(
-                "kind = \"directory\"\npath = {:?}\n",
-                path.display().to_string()
-            ));
-        }
-    }
-    if let Some(ca) = &u.ca_file {
-        out.push_str(&format!("ca_file = {:?}\n", ca.display().to_string()));
-    }
-    out.push_str(&format!(
-        "connect_timeout = {:?}\nread_timeout = {:?}\n",
-        format_duration(u.connect_timeout),
-        format_duration(u.read_timeout)
-    ));
-    out.push_str(&keystone);
-    out
 }

@@ -1,20 +1,21 @@
-//! The validator: turns the merged dictionary into a `Config`, collecting every problem
-//! (unknown key, wrong type, bad value, cross-field conflict) with where its value came
-//! from.
+//! The validator: turns the merged dictionary into a `Config` by walking the key table
+//! (`keys::KEYS`), collecting every problem (unknown key, wrong type, bad value,
+//! cross-field conflict) with where its value came from. The parsers here are the key
+//! kinds'; the few keys whose default follows from others are filled by the functions
+//! at the end.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::value::{Dict, Num, Value};
+use figment::value::{Dict, Num, Value as Raw};
 use figment::{Figment, Source};
 
-use super::*;
+use super::keys::{self, Field, Fill, KEYS, Key, Kind, Value};
+use super::{CacheConfig, CleanerConfig, Config, ConfigError, ConfigProblem, DaemonConfig};
+use super::{DEFAULT_NODE_URL, DEFAULT_SQLITE_FILE, DatabaseConfig, ENV_PREFIX, LogConfig};
+use super::{LogFormat, PrefetcherConfig, PrunerConfig, all_keys};
+use super::{format_duration, format_size, parse_duration, parse_size};
 use crate::db::{Dialect, mask_url};
-
-/// The default transfer floor: 1 KiB/s over a minute of waiting fails only an upstream
-/// that has all but stopped (a modem line moves more), not a slow one.
-const DEFAULT_MIN_BYTES_PER_SECOND: u64 = 1024;
-const DEFAULT_MIN_RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// A whole number of any width and sign (figment parses "1000" as unsigned).
 fn whole(n: Num) -> Option<i128> {
@@ -38,138 +39,59 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Fills every key in table order, so a key's checks see the keys before it.
     pub(super) fn validate(mut self, dict: &Dict) -> Result<Config, ConfigError> {
         self.reject_unknown_keys(dict, "");
-        let dir = self.path("cache.dir", DEFAULT_CACHE_DIR);
-        let max_size = self.size("cache.max_size").unwrap_or(10 << 30);
-        let stall_time = self
-            .duration("cache.stall_time")
-            .unwrap_or(Duration::from_secs(86_400));
-        // Unset: SQLite in the cache directory, opened by path; the URL only shows it.
-        let (url, sqlite_file) = match self.string("database.url") {
-            Some(url) => (url, None),
-            None => {
-                let file = dir.join(DEFAULT_SQLITE_FILE);
-                (format!("sqlite://{}", file.display()), Some(file))
+        let mut config = blank(self.file.map(Path::to_path_buf));
+        for key in KEYS {
+            match key.fill {
+                Fill::Set(set) => {
+                    let value = self.read(key);
+                    if let (Some(check), Some(v)) = (key.check, &value)
+                        && let Err(message) = check(v, &config)
+                    {
+                        self.problem(key.name, message);
+                    }
+                    set(&mut config, value);
+                }
+                Fill::Derive(derive) => derive(&mut self, &mut config),
+                Fill::WithSection => {}
             }
-        };
-        let dialect = Dialect::from_url(&url);
-        if dialect.is_none() {
-            self.problem(
-                "database.url",
-                format!(
-                    "unsupported url {:?}: expected sqlite://, postgres:// or mysql://",
-                    mask_url(&url)
-                ),
-            );
         }
-        let max_connections = self
-            .integer("database.max_connections", 1, 1_000)
-            .unwrap_or(8) as u32;
-        let connect_timeout = self
-            .duration("database.connect_timeout")
-            .unwrap_or(Duration::from_secs(5));
-        let create_glance_tables = self
-            .boolean("database.create_glance_tables")
-            .unwrap_or(matches!(dialect, Some(Dialect::Sqlite)));
-        let node_reference_url = match self.string("node.reference_url") {
-            Some(u) if u.trim().is_empty() || u.len() > 255 => {
-                self.problem("node.reference_url", "must be 1 to 255 characters".into());
-                u
-            }
-            Some(u) => u,
-            None if matches!(dialect, Some(Dialect::Postgres | Dialect::MySql)) => {
-                self.problem(
-                    "node.reference_url",
-                    "is required with a shared PostgreSQL or MySQL database: set it to this node's Glance worker_self_reference_url".into(),
-                );
-                String::new()
-            }
-            None => DEFAULT_NODE_URL.to_owned(),
-        };
-        let level = self.string("log.level").unwrap_or_else(|| "info".into());
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
-            self.problem("log.level", format!("invalid level {level:?}: {e}"));
-        }
-        let format = match self.string("log.format").as_deref() {
-            None | Some("auto") => LogFormat::Auto,
-            Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some("journald") => LogFormat::Journald,
-            Some(other) => {
-                self.problem(
-                    "log.format",
-                    format!("unknown format {other:?}: expected auto, text, json or journald"),
-                );
-                LogFormat::Auto
-            }
-        };
-        let cleaner = CleanerConfig {
-            interval: self
-                .positive_duration("cleaner.interval")
-                .unwrap_or(Duration::from_secs(600)),
-            invalid_grace: self
-                .duration("cleaner.invalid_grace")
-                .unwrap_or(Duration::ZERO),
-        };
-        let pruner = PrunerConfig {
-            interval: self
-                .positive_duration("pruner.interval")
-                .unwrap_or(Duration::from_secs(600)),
-            low_watermark: self.size("pruner.low_watermark"),
-            min_free_disk: self.size("pruner.min_free_disk"),
-        };
-        if let Some(low) = pruner.low_watermark
-            && low > max_size
-        {
-            self.problem(
-                "pruner.low_watermark",
-                format!(
-                    "{} is larger than cache.max_size ({})",
-                    format_size(low),
-                    format_size(max_size)
-                ),
-            );
-        }
-        let lease_ttl = self
-            .positive_duration("daemon.lease_ttl")
-            .unwrap_or(Duration::from_secs(60));
-        if lease_ttl < Duration::from_secs(3) {
-            self.problem("daemon.lease_ttl", "must be at least 3s".into());
-        }
-        let daemon = DaemonConfig {
-            lease_ttl,
-            shutdown_timeout: self
-                .positive_duration("daemon.shutdown_timeout")
-                .unwrap_or(Duration::from_secs(30)),
-        };
-        let prefetcher = self.prefetcher();
-        let upstream = self.upstream();
         if !self.problems.is_empty() {
             return Err(ConfigError::Invalid(self.problems));
         }
-        Ok(Config {
-            file: self.file.map(Path::to_path_buf),
-            cache: CacheConfig {
-                dir,
-                max_size,
-                stall_time,
+        Ok(config)
+    }
+
+    /// `key`'s value from the file or the environment, parsed by its kind; its default
+    /// when unset, and also after a problem (recorded), so later checks see a value.
+    pub(super) fn read(&mut self, key: &Key) -> Option<Value> {
+        let name = key.name;
+        let parsed = match key.kind {
+            Kind::Path => self.optional_path(name).map(Value::Path),
+            Kind::Size => self.size(name).map(Value::Size),
+            Kind::Duration => self.duration(name).map(Value::Duration),
+            Kind::PositiveDuration => self.positive_duration(name).map(Value::Duration),
+            Kind::Integer { min, max } => self.integer(name, min, max).map(Value::Integer),
+            Kind::Bool => self.boolean(name).map(Value::Bool),
+            Kind::Text | Kind::Url | Kind::Secret => self.string(name).map(Value::Text),
+            Kind::Choice { what, words } => match self.string(name) {
+                Some(word) if words.contains(&word.as_str()) => Some(Value::Text(word)),
+                Some(word) => {
+                    self.problem(name, keys::unknown_choice(what, &word, words));
+                    None
+                }
+                None => None,
             },
-            database: DatabaseConfig {
-                url,
-                max_connections,
-                connect_timeout,
-                create_glance_tables,
-                sqlite_file,
-            },
-            node_reference_url,
-            log: LogConfig { level, format },
-            cleaner,
-            pruner,
-            daemon,
-            prefetcher,
-            upstream,
-        })
+        };
+        parsed.or_else(|| key.default.value(key.kind))
+    }
+
+    /// `read` for the key named `name`, as the type of its field.
+    pub(super) fn get<T: Field>(&mut self, name: &str) -> Option<T> {
+        let value = self.read(keys::find(name)?);
+        T::from_value(value)
     }
 
     fn reject_unknown_keys(&mut self, dict: &Dict, prefix: &str) {
@@ -181,7 +103,7 @@ impl<'a> Validator<'a> {
             };
             let is_section = all_keys().any(|k| k.starts_with(&format!("{key}.")));
             match value {
-                Value::Dict(_, inner) if is_section => self.reject_unknown_keys(inner, &key),
+                Raw::Dict(_, inner) if is_section => self.reject_unknown_keys(inner, &key),
                 _ if all_keys().any(|k| k == key) => {}
                 _ if is_section => self.problem(&key, "must be a table of keys".into()),
                 _ => self.problem(&key, "unknown key".into()),
@@ -218,16 +140,16 @@ impl<'a> Validator<'a> {
             .is_some_and(|m| matches!(m.source, Some(Source::File(_))))
     }
 
-    fn value(&self, key: &str) -> Option<Value> {
+    fn value(&self, key: &str) -> Option<Raw> {
         self.figment.find_value(key).ok()
     }
 
     pub(super) fn string(&mut self, key: &str) -> Option<String> {
         match self.value(key)? {
-            Value::String(_, s) => Some(s),
+            Raw::String(_, s) => Some(s),
             // The environment has no types: figment reads `GLANCE_CACHED_..=1234` as a
             // number, which may well be a password. A number in a file is a mistake.
-            Value::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
+            Raw::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
             _ => {
                 self.problem(key, "must be a string".into());
                 None
@@ -237,9 +159,9 @@ impl<'a> Validator<'a> {
 
     pub(super) fn boolean(&mut self, key: &str) -> Option<bool> {
         match self.value(key)? {
-            Value::Bool(_, b) => Some(b),
+            Raw::Bool(_, b) => Some(b),
             // The environment has no types; figment passes some spellings through as text.
-            Value::String(tag, s) if !self.came_from_file(tag) => {
+            Raw::String(tag, s) if !self.came_from_file(tag) => {
                 match s.trim().to_ascii_lowercase().as_str() {
                     "true" | "yes" | "1" => Some(true),
                     "false" | "no" | "0" => Some(false),
@@ -259,8 +181,8 @@ impl<'a> Validator<'a> {
     pub(super) fn integer(&mut self, key: &str, min: i128, max: i128) -> Option<i128> {
         let v = self.value(key)?;
         let n = match &v {
-            Value::Num(_, n) => whole(*n),
-            Value::String(_, s) => s.trim().parse().ok(),
+            Raw::Num(_, n) => whole(*n),
+            Raw::String(_, s) => s.trim().parse().ok(),
             _ => None,
         };
         match n {
@@ -274,12 +196,12 @@ impl<'a> Validator<'a> {
 
     pub(super) fn size(&mut self, key: &str) -> Option<u64> {
         let parsed = match self.value(key)? {
-            Value::Num(_, n) => match whole(n) {
+            Raw::Num(_, n) => match whole(n) {
                 Some(n) if n >= 0 => u64::try_from(n).map_err(|_| "too large".to_string()),
                 Some(n) => Err(format!("invalid size {n}: must not be negative")),
                 None => Err("must be a whole number of bytes or a string like \"10GiB\"".into()),
             },
-            Value::String(_, s) => parse_size(&s),
+            Raw::String(_, s) => parse_size(&s),
             _ => Err("must be a number of bytes or a string like \"10GiB\"".into()),
         };
         parsed.map_err(|m| self.problem(key, m)).ok()
@@ -287,14 +209,14 @@ impl<'a> Validator<'a> {
 
     pub(super) fn duration(&mut self, key: &str) -> Option<Duration> {
         let parsed = match self.value(key)? {
-            Value::Num(_, n) => match whole(n) {
+            Raw::Num(_, n) => match whole(n) {
                 Some(n) if n >= 0 => u64::try_from(n)
                     .map(Duration::from_secs)
                     .map_err(|_| "too large".to_string()),
                 Some(n) => Err(format!("invalid duration {n}: must not be negative")),
                 None => Err("must be whole seconds or a string like \"10m\"".into()),
             },
-            Value::String(_, s) => parse_duration(&s),
+            Raw::String(_, s) => parse_duration(&s),
             _ => Err("must be seconds or a string like \"10m\"".into()),
         };
         // Anything past a century is a typo, and would overflow time arithmetic.
@@ -318,13 +240,8 @@ impl<'a> Validator<'a> {
     }
 
     /// An absolute path; a relative one in a file is taken relative to that file's
-    /// directory, from the environment relative to the working directory.
-    pub(super) fn path(&mut self, key: &str, default: &str) -> PathBuf {
-        self.optional_path(key)
-            .unwrap_or_else(|| PathBuf::from(default))
-    }
-
-    /// `path` for a key without a default: `None` when unset (or empty, a problem).
+    /// directory, from the environment relative to the working directory. `None` when
+    /// unset (or empty, a problem).
     pub(super) fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
         let raw = self.string(key)?;
         if raw.is_empty() {
@@ -358,63 +275,155 @@ impl<'a> Validator<'a> {
     }
 }
 
-impl Validator<'_> {
-    pub(super) fn prefetcher(&mut self) -> PrefetcherConfig {
-        let retry_delay = self
-            .positive_duration("prefetcher.retry_delay")
-            .unwrap_or(Duration::from_secs(30));
-        let max_retry_delay = self
-            .positive_duration("prefetcher.max_retry_delay")
-            .unwrap_or(Duration::from_secs(3600));
-        if max_retry_delay < retry_delay {
-            self.problem(
-                "prefetcher.max_retry_delay",
-                "must not be shorter than prefetcher.retry_delay".into(),
-            );
-        }
-        let max_bytes_per_second = self.size("prefetcher.max_bytes_per_second");
-        if max_bytes_per_second == Some(0) {
-            self.problem(
-                "prefetcher.max_bytes_per_second",
-                "must be greater than zero (leave it unset for no limit)".into(),
-            );
-        }
-        // "0" turns the floor off (a default on a config file's word).
-        let min_bytes_per_second = match self.size("prefetcher.min_bytes_per_second") {
-            None => Some(DEFAULT_MIN_BYTES_PER_SECOND),
-            Some(0) => None,
-            some => some,
-        };
-        let min_rate_window = self
-            .positive_duration("prefetcher.min_rate_window")
-            .unwrap_or(DEFAULT_MIN_RATE_WINDOW);
-        PrefetcherConfig {
-            min_bytes_per_second,
-            min_rate_window,
-            concurrency: self.integer("prefetcher.concurrency", 1, 64).unwrap_or(2) as usize,
-            interval: self
-                .positive_duration("prefetcher.interval")
-                .unwrap_or(Duration::from_secs(300)),
-            max_attempts: self
-                .integer("prefetcher.max_attempts", 1, 1000)
-                .unwrap_or(5) as u32,
-            retry_delay,
-            max_retry_delay,
-            max_bytes_per_second,
-            claim_ttl: self.claim_ttl(),
-        }
+/// A `Config` with every field empty, each then filled from its key.
+fn blank(file: Option<PathBuf>) -> Config {
+    Config {
+        file,
+        cache: CacheConfig {
+            dir: PathBuf::new(),
+            max_size: 0,
+            stall_time: Duration::ZERO,
+        },
+        database: DatabaseConfig {
+            url: String::new(),
+            max_connections: 0,
+            connect_timeout: Duration::ZERO,
+            create_glance_tables: false,
+            sqlite_file: None,
+        },
+        node_reference_url: String::new(),
+        log: LogConfig {
+            level: String::new(),
+            format: LogFormat::Auto,
+        },
+        cleaner: CleanerConfig {
+            interval: Duration::ZERO,
+            invalid_grace: Duration::ZERO,
+        },
+        pruner: PrunerConfig {
+            interval: Duration::ZERO,
+            low_watermark: None,
+            min_free_disk: None,
+        },
+        daemon: DaemonConfig {
+            shutdown_timeout: Duration::ZERO,
+            lease_ttl: Duration::ZERO,
+        },
+        prefetcher: PrefetcherConfig {
+            concurrency: 0,
+            interval: Duration::ZERO,
+            max_attempts: 0,
+            retry_delay: Duration::ZERO,
+            max_retry_delay: Duration::ZERO,
+            max_bytes_per_second: None,
+            min_bytes_per_second: None,
+            min_rate_window: Duration::ZERO,
+            claim_ttl: Duration::ZERO,
+        },
+        upstream: None,
     }
+}
 
-    fn claim_ttl(&mut self) -> Duration {
-        const DEFAULT: Duration = Duration::from_secs(6 * 3600);
-        match self.duration("prefetcher.claim_ttl") {
-            // Renewed every sixth of it: shorter would spin on the database.
-            Some(d) if d < Duration::from_secs(1) => {
-                self.problem("prefetcher.claim_ttl", "must be at least 1s".into());
-                DEFAULT
-            }
-            Some(d) => d,
-            None => DEFAULT,
+/// `database.url`; unset: SQLite in the cache directory, opened by path (the URL only
+/// shows it).
+pub(super) fn database_url(v: &mut Validator<'_>, c: &mut Config) {
+    const KEY: &str = "database.url";
+    let (url, sqlite_file) = match v.get::<String>(KEY) {
+        Some(url) => (url, None),
+        None => {
+            let file = c.cache.dir.join(DEFAULT_SQLITE_FILE);
+            (format!("sqlite://{}", file.display()), Some(file))
         }
+    };
+    if Dialect::from_url(&url).is_none() {
+        v.problem(
+            KEY,
+            format!(
+                "unsupported url {:?}: expected sqlite://, postgres:// or mysql://",
+                mask_url(&url)
+            ),
+        );
+    }
+    c.database.url = url;
+    c.database.sqlite_file = sqlite_file;
+}
+
+/// `database.create_glance_tables`; unset: only for SQLite.
+pub(super) fn create_glance_tables(v: &mut Validator<'_>, c: &mut Config) {
+    let sqlite = matches!(Dialect::from_url(&c.database.url), Some(Dialect::Sqlite));
+    c.database.create_glance_tables = v.get("database.create_glance_tables").unwrap_or(sqlite);
+}
+
+/// `node.reference_url`; unset: required with a server database, else the embedded
+/// default.
+pub(super) fn node_reference_url(v: &mut Validator<'_>, c: &mut Config) {
+    const KEY: &str = "node.reference_url";
+    let server = matches!(
+        Dialect::from_url(&c.database.url),
+        Some(Dialect::Postgres | Dialect::MySql)
+    );
+    c.node_reference_url = match v.get::<String>(KEY) {
+        Some(u) if u.trim().is_empty() || u.len() > 255 => {
+            v.problem(KEY, "must be 1 to 255 characters".into());
+            u
+        }
+        Some(u) => u,
+        None if server => {
+            v.problem(
+                KEY,
+                "is required with a shared PostgreSQL or MySQL database: set it to this node's Glance worker_self_reference_url".into(),
+            );
+            String::new()
+        }
+        None => DEFAULT_NODE_URL.to_owned(),
+    };
+}
+
+/// `log.level` must be a tracing filter.
+pub(super) fn log_filter(v: &Value, _: &Config) -> Result<(), String> {
+    match v {
+        Value::Text(level) => tracing_subscriber::EnvFilter::builder()
+            .parse(level)
+            .map(drop)
+            .map_err(|e| format!("invalid level {level:?}: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// `pruner.low_watermark` must not be above `cache.max_size`.
+pub(super) fn not_above_max_size(v: &Value, c: &Config) -> Result<(), String> {
+    match v {
+        Value::Size(low) if *low > c.cache.max_size => Err(format!(
+            "{} is larger than cache.max_size ({})",
+            format_size(*low),
+            format_size(c.cache.max_size)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `prefetcher.max_retry_delay` must not be shorter than `prefetcher.retry_delay`.
+pub(super) fn not_below_retry_delay(v: &Value, c: &Config) -> Result<(), String> {
+    match v {
+        Value::Duration(d) if *d < c.prefetcher.retry_delay => {
+            Err("must not be shorter than prefetcher.retry_delay".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A duration of at least `min`.
+pub(super) fn at_least(v: &Value, min: Duration) -> Result<(), String> {
+    match v {
+        Value::Duration(d) if *d < min => Err(format!("must be at least {}", format_duration(min))),
+        _ => Ok(()),
+    }
+}
+
+/// A limit whose "none" is leaving it unset, not 0.
+pub(super) fn not_zero(v: &Value, _: &Config) -> Result<(), String> {
+    match v {
+        Value::Size(0) => Err("must be greater than zero (leave it unset for no limit)".into()),
+        _ => Ok(()),
     }
 }
