@@ -787,3 +787,171 @@ fn password(u: &UpstreamConfig, n: usize) -> Option<Value> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::validate::blank;
+
+    #[test]
+    fn names_are_unique_and_sections_contiguous() {
+        let names: BTreeSet<_> = KEYS.iter().map(|k| k.name).collect();
+        assert_eq!(names.len(), KEYS.len());
+        // `to_toml` prints a section per run of keys: each section must be one run.
+        let mut closed = BTreeSet::new();
+        for pair in KEYS.windows(2) {
+            if pair[0].section() != pair[1].section() {
+                assert!(
+                    closed.insert(pair[0].section()),
+                    "{} split",
+                    pair[0].section()
+                );
+                assert!(
+                    !closed.contains(pair[1].section()),
+                    "{} split",
+                    pair[1].section()
+                );
+            }
+        }
+        for key in KEYS {
+            assert!(
+                !key.doc.is_empty() && !key.doc.contains('\n'),
+                "{}",
+                key.name
+            );
+            assert_eq!(key.in_upstream(), key.section().starts_with("upstream"));
+            if key.in_upstream() {
+                assert_eq!(
+                    key.reload,
+                    Reload::Restart,
+                    "{}: [upstream] is one value",
+                    key.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_default_is_a_value_of_its_kind() {
+        for key in KEYS {
+            let Some(value) = key.default.value(key.kind) else {
+                continue;
+            };
+            let fits = match (key.kind, &value) {
+                (Kind::Path, Value::Path(p)) => p.is_absolute(),
+                (Kind::Size, Value::Size(_)) => true,
+                (Kind::Duration, Value::Duration(_)) => true,
+                (Kind::PositiveDuration, Value::Duration(d)) => !d.is_zero(),
+                (Kind::Integer { min, max }, Value::Integer(n)) => (min..=max).contains(n),
+                (Kind::Bool, Value::Bool(_)) => true,
+                (Kind::Text | Kind::Url | Kind::Secret, Value::Text(_)) => true,
+                (Kind::Choice { words, .. }, Value::Text(w)) => words.contains(&w.as_str()),
+                _ => false,
+            };
+            assert!(
+                fits,
+                "{}: default {value:?} is not a {:?}",
+                key.name, key.kind
+            );
+            if let Some(check) = key.check {
+                assert_eq!(check(&value, &blank(None)), Ok(()), "{}", key.name);
+            }
+        }
+    }
+
+    /// A field the macro stores a value in must give it back: a `Field` of another type
+    /// would drop it silently.
+    #[test]
+    fn every_set_key_stores_its_default_in_its_field() {
+        for key in KEYS {
+            let (Fill::Set(set), Some(default)) = (key.fill, key.default.value(key.kind)) else {
+                continue;
+            };
+            let mut config = blank(None);
+            set(&mut config, Some(default.clone()));
+            assert_eq!((key.get)(&config), Some(default), "{}", key.name);
+            let mut other = blank(None);
+            (key.keep)(&mut other, &config);
+            assert_eq!((key.get)(&other), (key.get)(&config), "{}", key.name);
+        }
+    }
+
+    #[test]
+    fn log_formats_are_the_words_of_log_format() {
+        for word in LOG_FORMATS {
+            let format = LogFormat::from_word(word).expect(word);
+            assert_eq!(format.as_str(), *word);
+        }
+        assert_eq!(LogFormat::from_word("xml"), None);
+    }
+
+    /// The example config is operator documentation, written by hand: every key of the
+    /// table appears in it (set or as a `# key = ...` sample) under its section, none
+    /// that is not a key, each with the table's default where it has one, and under
+    /// the table's "Reload: yes" or "Reload: restart" (the last one said above it;
+    /// indented samples in a comment are prose).
+    #[test]
+    fn example_config_documents_every_key_with_its_default_and_reload() {
+        let text = include_str!("../../config/glance-cached.toml");
+        let mut section = "";
+        let mut reload = None;
+        let mut seen = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let n = n + 1;
+            if let Some(said) = line.split("Reload: ").nth(1) {
+                reload = said.split(|c: char| !c.is_ascii_alphabetic()).next();
+            }
+            let bare = line.trim_start_matches('#').trim();
+            if let Some(header) = bare.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                section = header;
+                continue;
+            }
+            let Some((leaf, literal)) = bare.split_once(" = ") else {
+                continue;
+            };
+            if !leaf
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                continue;
+            }
+            let name = format!("{section}.{leaf}");
+            let Some(key) = find(&name) else {
+                problems.push(format!("line {n}: {name} is not a key"));
+                continue;
+            };
+            seen.insert(key.name);
+            // An indented sample inside a key's comment ("#   url = ...") is prose.
+            if line.starts_with("#  ") {
+                continue;
+            }
+            if reload != Some(key.reload.as_str()) {
+                problems.push(format!(
+                    "line {n}: {name} is under \"Reload: {}\", the table says {}",
+                    reload.unwrap_or("(nothing)"),
+                    key.reload.as_str()
+                ));
+            }
+            if let Some(default) = key.default.value(key.kind) {
+                let parse = |literal: &str| {
+                    toml::from_str::<toml::Table>(&format!("v = {literal}"))
+                        .map(|t| t["v"].clone())
+                        .map_err(|e| e.to_string())
+                };
+                let shown = key.kind.show(&default);
+                if parse(literal) != parse(&shown) {
+                    problems.push(format!(
+                        "line {n}: {name} = {literal}, but its default is {shown}"
+                    ));
+                }
+            }
+        }
+        for key in KEYS.iter().filter(|k| !seen.contains(k.name)) {
+            problems.push(format!("{} is not in the example config", key.name));
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

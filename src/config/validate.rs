@@ -276,7 +276,7 @@ impl<'a> Validator<'a> {
 }
 
 /// A `Config` with every field empty, each then filled from its key.
-fn blank(file: Option<PathBuf>) -> Config {
+pub(super) fn blank(file: Option<PathBuf>) -> Config {
     Config {
         file,
         cache: CacheConfig {
