@@ -6,6 +6,8 @@
 //! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
 
 pub mod keys;
+#[cfg(test)]
+mod tests;
 mod upstream;
 mod validate;
 pub mod values;
