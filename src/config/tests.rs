@@ -32,7 +32,7 @@ fn comparable(mut config: Config) -> Config {
     config
 }
 
-/// 0 to 100 years, as seconds, or milliseconds when `millis`.
+/// `min` seconds to 100 years, in seconds or in milliseconds.
 fn duration(min: u64) -> impl Strategy<Value = Duration> {
     const CENTURY: u64 = 100 * 365 * 86_400;
     prop_oneof![
