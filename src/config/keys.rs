@@ -205,17 +205,24 @@ pub(super) trait Field: Sized {
     fn from_value(value: Option<Value>) -> Option<Self>;
 }
 
-impl Field for u64 {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Size(*self))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Size(b) => Some(b),
-            _ => None,
+/// `Field` for a type that is one `Value` variant.
+macro_rules! field_as {
+    ($($ty:ty => $variant:ident),+ $(,)?) => {$(
+        impl Field for $ty {
+            fn to_value(&self) -> Option<Value> {
+                Some(Value::$variant(Clone::clone(self)))
+            }
+            fn from_value(value: Option<Value>) -> Option<Self> {
+                match value? {
+                    Value::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
         }
-    }
+    )+};
 }
+
+field_as!(u64 => Size, Duration => Duration, PathBuf => Path, String => Text, bool => Bool);
 
 impl Field for Option<u64> {
     fn to_value(&self) -> Option<Value> {
@@ -230,77 +237,24 @@ impl Field for Option<u64> {
     }
 }
 
-impl Field for Duration {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Duration(*self))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Duration(d) => Some(d),
-            _ => None,
+/// `Field` for a count stored from an `Integer` (its kind's range makes it fit).
+macro_rules! field_count {
+    ($($ty:ty),+) => {$(
+        impl Field for $ty {
+            fn to_value(&self) -> Option<Value> {
+                i128::try_from(*self).ok().map(Value::Integer)
+            }
+            fn from_value(value: Option<Value>) -> Option<Self> {
+                match value? {
+                    Value::Integer(n) => <$ty>::try_from(n).ok(),
+                    _ => None,
+                }
+            }
         }
-    }
+    )+};
 }
 
-impl Field for PathBuf {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Path(self.clone()))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Path(p) => Some(p),
-            _ => None,
-        }
-    }
-}
-
-impl Field for String {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Text(self.clone()))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Text(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-impl Field for bool {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Bool(*self))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Bool(b) => Some(b),
-            _ => None,
-        }
-    }
-}
-
-impl Field for u32 {
-    fn to_value(&self) -> Option<Value> {
-        Some(Value::Integer(i128::from(*self)))
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Integer(n) => u32::try_from(n).ok(),
-            _ => None,
-        }
-    }
-}
-
-impl Field for usize {
-    fn to_value(&self) -> Option<Value> {
-        i128::try_from(*self).ok().map(Value::Integer)
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value? {
-            Value::Integer(n) => usize::try_from(n).ok(),
-            _ => None,
-        }
-    }
-}
+field_count!(u32, usize);
 
 impl Field for LogFormat {
     fn to_value(&self) -> Option<Value> {
