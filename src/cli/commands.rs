@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 
 use super::output;
 use super::{Cli, Command};
-use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo};
 use crate::config::{Config, resolve_config_path};
 use crate::db::{Db, Dialect};
 use crate::image_id::ImageId;
@@ -65,10 +65,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Reconcile { force } => {
             let driver = open().await?;
-            let policy = CleanPolicy {
-                stall_time: config.cache.stall_time,
-                invalid_grace: config.cleaner.invalid_grace,
-            };
+            let policy = config.clean_policy();
             let report = driver.reconcile(policy, SystemTime::now(), force).await?;
             for id in &report.adopted {
                 println!("adopted {id}: file without a row");
@@ -185,7 +182,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let driver = open().await?;
             let policy = CleanPolicy {
                 stall_time: stall_time.unwrap_or(config.cache.stall_time),
-                invalid_grace: config.cleaner.invalid_grace,
+                ..config.clean_policy()
             };
             let report = driver.clean(policy, SystemTime::now()).await?;
             let invalid = report
@@ -209,7 +206,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Prefetch => return prefetch(config).await,
         Command::Prune => {
             let driver = open().await?;
-            let report = driver.prune(prune_policy(config)).await?;
+            let report = driver.prune(config.prune_policy()).await?;
             println!(
                 "pruned {} files, {} bytes; size now {} bytes (max {})",
                 report.files(),
@@ -384,14 +381,6 @@ pub fn run_daemon(
     // Blocking threads (a stuck filesystem call) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn prune_policy(config: &Config) -> PrunePolicy {
-    PrunePolicy {
-        max_size: config.cache.max_size,
-        low_watermark: config.pruner.low_watermark,
-        min_free_disk: config.pruner.min_free_disk,
-    }
 }
 
 /// Whether a command may create and change things, or only look.

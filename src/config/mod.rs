@@ -1,26 +1,33 @@
 //! Configuration: built-in defaults < TOML file < `GLANCE_CACHED_<SECTION>__<KEY>`
 //! environment variables, merged by figment, then validated into a `Config`.
 //!
-//! Validation walks a table of known keys, so every problem (unknown key, wrong type,
+//! Validation walks the key table (`keys`), so every problem (unknown key, wrong type,
 //! bad value, cross-field conflict) is collected and reported together, each naming the
 //! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
 
-mod prefetch;
+pub mod keys;
+#[cfg(test)]
+mod tests;
+mod upstream;
+mod validate;
 pub mod values;
 
-pub use prefetch::{GlanceAuth, KeystoneMethod, PrefetcherConfig, UpstreamConfig, UpstreamKind};
+pub use upstream::{GlanceAuth, KeystoneMethod, UpstreamConfig, UpstreamKind};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
-use figment::value::{Dict, Num, Value};
-use figment::{Figment, Profile, Provider, Source};
+use figment::value::{Dict, Value};
+use figment::{Figment, Profile, Provider};
 
+use validate::Validator;
 pub use values::{format_duration, format_size, parse_duration, parse_size};
 
-use crate::db::{Dialect, mask_url};
+use crate::cache::{CleanPolicy, PrunePolicy};
+use crate::db::Dialect;
+use keys::{KEYS, Reload};
 
 /// The file read when neither `--config` nor `GLANCE_CACHED_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/glance-cached/glance-cached.toml";
@@ -45,6 +52,29 @@ pub enum LogFormat {
     Text,
     Json,
     Journald,
+}
+
+impl LogFormat {
+    /// The word `log.format` takes for it (`keys::LOG_FORMATS`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
+        }
+    }
+
+    pub fn from_word(word: &str) -> Option<LogFormat> {
+        [
+            LogFormat::Auto,
+            LogFormat::Text,
+            LogFormat::Json,
+            LogFormat::Journald,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == word)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +138,36 @@ pub struct DaemonConfig {
     pub lease_ttl: Duration,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefetcherConfig {
+    /// Downloads at once.
+    pub concurrency: usize,
+    /// Safety-net pass over the queue (queue commands and markers wake it at once).
+    pub interval: Duration,
+    /// A checksum mismatch is retried until this many attempts, then the image is dropped.
+    pub max_attempts: u32,
+    /// First retry delay after a retryable failure; doubles per attempt up to the max.
+    pub retry_delay: Duration,
+    pub max_retry_delay: Duration,
+    pub max_bytes_per_second: Option<u64>,
+    /// A download whose upstream delivers less than this many bytes per second, over
+    /// each `min_rate_window` spent waiting for it, fails (and is retried): a dripping
+    /// upstream must not hold a download slot forever. `None`: no floor.
+    pub min_bytes_per_second: Option<u64>,
+    pub min_rate_window: Duration,
+    /// How long a claim on a queued image lasts unless renewed: bounds how long the
+    /// image of a download whose process vanished without trace waits.
+    pub claim_ttl: Duration,
+}
+
+impl PrefetcherConfig {
+    /// How often the claims of downloads in progress are renewed: six times per term,
+    /// so a database outage of most of a term still leaves a renewal due in time.
+    pub fn claim_renew_every(&self) -> Duration {
+        self.claim_ttl / 6
+    }
+}
+
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field
 /// checks done.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,28 +223,6 @@ impl ConfigError {
         }
     }
 }
-
-/// Every key of the main sections (the prefetch sections list theirs in `prefetch`).
-/// Which of them a reload applies is `Config::restart_required_changes`.
-pub const KEYS: &[&str] = &[
-    "cache.dir",
-    "cache.max_size",
-    "cache.stall_time",
-    "database.url",
-    "database.max_connections",
-    "database.connect_timeout",
-    "database.create_glance_tables",
-    "node.reference_url",
-    "log.level",
-    "log.format",
-    "cleaner.interval",
-    "cleaner.invalid_grace",
-    "pruner.interval",
-    "pruner.low_watermark",
-    "pruner.min_free_disk",
-    "daemon.shutdown_timeout",
-    "daemon.lease_ttl",
-];
 
 /// When `path` is not valid TOML: where and what, naming the key the way the rest of
 /// the configuration errors do ("line 3: cache.max_size: ..."). The parser stops at the
@@ -317,34 +355,24 @@ impl Config {
         Validator::new(&figment, file).validate(&dict)
     }
 
-    /// Keys whose value differs between `self` and `new` and need a restart to apply.
+    /// Keys whose value differs between `self` and `new` and need a restart to apply
+    /// (`[upstream]` as one: "upstream").
     pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
-        if self.cache.dir != new.cache.dir {
-            changed.push("cache.dir");
-        }
-        if self.database.url != new.database.url {
-            changed.push("database.url");
-        }
-        if self.database.max_connections != new.database.max_connections {
-            changed.push("database.max_connections");
-        }
-        if self.database.connect_timeout != new.database.connect_timeout {
-            changed.push("database.connect_timeout");
-        }
-        if self.database.create_glance_tables != new.database.create_glance_tables {
-            changed.push("database.create_glance_tables");
-        }
-        if self.node_reference_url != new.node_reference_url {
-            changed.push("node.reference_url");
-        }
-        if self.log.format != new.log.format {
-            changed.push("log.format");
-        }
-        if self.upstream != new.upstream {
-            changed.push("upstream");
+        for key in KEYS.iter().filter(|k| k.reload == Reload::Restart) {
+            if (key.get)(self) != (key.get)(new) && !changed.contains(&key.applied_as()) {
+                changed.push(key.applied_as());
+            }
         }
         changed
+    }
+
+    /// Puts the running values of the keys that only a restart can change back into
+    /// `self`, a reloaded config.
+    pub fn keep_restart_only_keys(&mut self, running: &Config) {
+        for key in KEYS.iter().filter(|k| k.reload == Reload::Restart) {
+            (key.keep)(self, running);
+        }
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -353,390 +381,61 @@ impl Config {
         Dialect::from_url(&self.database.url).expect("validated database url")
     }
 
-    /// The effective configuration as TOML, with secrets masked.
+    /// When the cleaner, `clean` and reconcile remove leftovers.
+    pub fn clean_policy(&self) -> CleanPolicy {
+        CleanPolicy {
+            stall_time: self.cache.stall_time,
+            invalid_grace: self.cleaner.invalid_grace,
+        }
+    }
+
+    /// How the pruner and `prune` shrink the cache.
+    pub fn prune_policy(&self) -> PrunePolicy {
+        PrunePolicy {
+            max_size: self.cache.max_size,
+            low_watermark: self.pruner.low_watermark,
+            min_free_disk: self.pruner.min_free_disk,
+        }
+    }
+
+    /// How often the queue loop scans `queue/` for Glance's markers: `cleaner.interval`
+    /// (its doc says so), the loop that rescans the other directories Glance writes.
+    pub fn queue_interval(&self) -> Duration {
+        self.cleaner.interval
+    }
+
+    /// The effective configuration as TOML, with secrets masked: every key of the table
+    /// in its order, section by section.
     pub fn to_toml(&self) -> String {
-        let opt_size = |key: &str, v: Option<u64>| match v {
-            Some(b) => format!("{key} = {:?}", format_size(b)),
-            None => format!("# {key} is unset"),
-        };
-        let format = match self.log.format {
-            LogFormat::Auto => "auto",
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-            LogFormat::Journald => "journald",
-        };
-        format!(
-            "[cache]\ndir = {dir:?}\nmax_size = {max:?}\nstall_time = {stall:?}\n\n\
-             [database]\nurl = {url:?}\nmax_connections = {maxc}\nconnect_timeout = {ct:?}\ncreate_glance_tables = {cgt}\n\n\
-             [node]\nreference_url = {node:?}\n\n\
-             [log]\nlevel = {level:?}\nformat = {format:?}\n\n\
-             [cleaner]\ninterval = {ci:?}\ninvalid_grace = {grace:?}\n\n\
-             [pruner]\ninterval = {pi:?}\n{low}\n{free}\n\n\
-             [daemon]\nshutdown_timeout = {st:?}\nlease_ttl = {lt:?}\n",
-            dir = self.cache.dir.display().to_string(),
-            max = format_size(self.cache.max_size),
-            stall = format_duration(self.cache.stall_time),
-            url = mask_url(&self.database.url),
-            maxc = self.database.max_connections,
-            ct = format_duration(self.database.connect_timeout),
-            cgt = self.database.create_glance_tables,
-            node = self.node_reference_url,
-            level = self.log.level,
-            ci = format_duration(self.cleaner.interval),
-            grace = format_duration(self.cleaner.invalid_grace),
-            pi = format_duration(self.pruner.interval),
-            low = opt_size("low_watermark", self.pruner.low_watermark),
-            free = opt_size("min_free_disk", self.pruner.min_free_disk),
-            st = format_duration(self.daemon.shutdown_timeout),
-            lt = format_duration(self.daemon.lease_ttl),
-        ) + "\n"
-            + &prefetch::to_toml(&self.prefetcher, self.upstream.as_ref())
+        let mut out = String::new();
+        let mut keys = KEYS.iter().peekable();
+        while let Some(first) = keys.next() {
+            let section = first.section();
+            let mut lines: Vec<String> = first.toml_line(self).into_iter().collect();
+            while let Some(key) = keys.next_if(|k| k.section() == section) {
+                lines.extend(key.toml_line(self));
+            }
+            if section == "upstream" && self.upstream.is_none() {
+                out.push_str("\n# [upstream] is unset: queued images are not prefetched\n");
+                continue;
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{section}]\n"));
+            for line in lines {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
 /// Every key the file and the environment may set, in every section.
 pub fn all_keys() -> impl Iterator<Item = &'static str> {
-    KEYS.iter().chain(prefetch::KEYS).copied()
-}
-
-/// A whole number of any width and sign (figment parses "1000" as unsigned).
-fn whole(n: Num) -> Option<i128> {
-    n.to_i128()
-        .or_else(|| n.to_u128().and_then(|u| i128::try_from(u).ok()))
-}
-
-/// Collects every problem while turning the merged dictionary into a `Config`.
-struct Validator<'a> {
-    figment: &'a Figment,
-    file: Option<&'a Path>,
-    problems: Vec<ConfigProblem>,
-}
-
-impl<'a> Validator<'a> {
-    fn new(figment: &'a Figment, file: Option<&'a Path>) -> Self {
-        Validator {
-            figment,
-            file,
-            problems: Vec::new(),
-        }
-    }
-
-    fn validate(mut self, dict: &Dict) -> Result<Config, ConfigError> {
-        self.reject_unknown_keys(dict, "");
-        let dir = self.path("cache.dir", DEFAULT_CACHE_DIR);
-        let max_size = self.size("cache.max_size").unwrap_or(10 << 30);
-        let stall_time = self
-            .duration("cache.stall_time")
-            .unwrap_or(Duration::from_secs(86_400));
-        // Unset: SQLite in the cache directory, opened by path; the URL only shows it.
-        let (url, sqlite_file) = match self.string("database.url") {
-            Some(url) => (url, None),
-            None => {
-                let file = dir.join(DEFAULT_SQLITE_FILE);
-                (format!("sqlite://{}", file.display()), Some(file))
-            }
-        };
-        let dialect = Dialect::from_url(&url);
-        if dialect.is_none() {
-            self.problem(
-                "database.url",
-                format!(
-                    "unsupported url {:?}: expected sqlite://, postgres:// or mysql://",
-                    mask_url(&url)
-                ),
-            );
-        }
-        let max_connections = self
-            .integer("database.max_connections", 1, 1_000)
-            .unwrap_or(8) as u32;
-        let connect_timeout = self
-            .duration("database.connect_timeout")
-            .unwrap_or(Duration::from_secs(5));
-        let create_glance_tables = self
-            .boolean("database.create_glance_tables")
-            .unwrap_or(matches!(dialect, Some(Dialect::Sqlite)));
-        let node_reference_url = match self.string("node.reference_url") {
-            Some(u) if u.trim().is_empty() || u.len() > 255 => {
-                self.problem("node.reference_url", "must be 1 to 255 characters".into());
-                u
-            }
-            Some(u) => u,
-            None if matches!(dialect, Some(Dialect::Postgres | Dialect::MySql)) => {
-                self.problem(
-                    "node.reference_url",
-                    "is required with a shared PostgreSQL or MySQL database: set it to this node's Glance worker_self_reference_url".into(),
-                );
-                String::new()
-            }
-            None => DEFAULT_NODE_URL.to_owned(),
-        };
-        let level = self.string("log.level").unwrap_or_else(|| "info".into());
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
-            self.problem("log.level", format!("invalid level {level:?}: {e}"));
-        }
-        let format = match self.string("log.format").as_deref() {
-            None | Some("auto") => LogFormat::Auto,
-            Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some("journald") => LogFormat::Journald,
-            Some(other) => {
-                self.problem(
-                    "log.format",
-                    format!("unknown format {other:?}: expected auto, text, json or journald"),
-                );
-                LogFormat::Auto
-            }
-        };
-        let cleaner = CleanerConfig {
-            interval: self
-                .positive_duration("cleaner.interval")
-                .unwrap_or(Duration::from_secs(600)),
-            invalid_grace: self
-                .duration("cleaner.invalid_grace")
-                .unwrap_or(Duration::ZERO),
-        };
-        let pruner = PrunerConfig {
-            interval: self
-                .positive_duration("pruner.interval")
-                .unwrap_or(Duration::from_secs(600)),
-            low_watermark: self.size("pruner.low_watermark"),
-            min_free_disk: self.size("pruner.min_free_disk"),
-        };
-        if let Some(low) = pruner.low_watermark
-            && low > max_size
-        {
-            self.problem(
-                "pruner.low_watermark",
-                format!(
-                    "{} is larger than cache.max_size ({})",
-                    format_size(low),
-                    format_size(max_size)
-                ),
-            );
-        }
-        let lease_ttl = self
-            .positive_duration("daemon.lease_ttl")
-            .unwrap_or(Duration::from_secs(60));
-        if lease_ttl < Duration::from_secs(3) {
-            self.problem("daemon.lease_ttl", "must be at least 3s".into());
-        }
-        let daemon = DaemonConfig {
-            lease_ttl,
-            shutdown_timeout: self
-                .positive_duration("daemon.shutdown_timeout")
-                .unwrap_or(Duration::from_secs(30)),
-        };
-        let prefetcher = self.prefetcher();
-        let upstream = self.upstream();
-        if !self.problems.is_empty() {
-            return Err(ConfigError::Invalid(self.problems));
-        }
-        Ok(Config {
-            file: self.file.map(Path::to_path_buf),
-            cache: CacheConfig {
-                dir,
-                max_size,
-                stall_time,
-            },
-            database: DatabaseConfig {
-                url,
-                max_connections,
-                connect_timeout,
-                create_glance_tables,
-                sqlite_file,
-            },
-            node_reference_url,
-            log: LogConfig { level, format },
-            cleaner,
-            pruner,
-            daemon,
-            prefetcher,
-            upstream,
-        })
-    }
-
-    fn reject_unknown_keys(&mut self, dict: &Dict, prefix: &str) {
-        for (name, value) in dict {
-            let key = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}.{name}")
-            };
-            let is_section = all_keys().any(|k| k.starts_with(&format!("{key}.")));
-            match value {
-                Value::Dict(_, inner) if is_section => self.reject_unknown_keys(inner, &key),
-                _ if all_keys().any(|k| k == key) => {}
-                _ if is_section => self.problem(&key, "must be a table of keys".into()),
-                _ => self.problem(&key, "unknown key".into()),
-            }
-        }
-    }
-
-    fn problem(&mut self, key: &str, message: String) {
-        let origin = self.origin(key);
-        self.problems.push(ConfigProblem {
-            key: key.to_owned(),
-            origin,
-            message,
-        });
-    }
-
-    /// The file or environment variable that supplied `key`.
-    fn origin(&self, key: &str) -> Option<String> {
-        let value = self.figment.find_value(key).ok()?;
-        let meta = self.figment.get_metadata(value.tag())?;
-        match &meta.source {
-            Some(Source::File(path)) => Some(path.display().to_string()),
-            _ => Some(format!(
-                "{ENV_PREFIX}{}",
-                key.to_ascii_uppercase().replace('.', "__")
-            )),
-        }
-    }
-
-    /// Whether the value with `tag` came from a configuration file.
-    fn came_from_file(&self, tag: figment::value::Tag) -> bool {
-        self.figment
-            .get_metadata(tag)
-            .is_some_and(|m| matches!(m.source, Some(Source::File(_))))
-    }
-
-    fn value(&self, key: &str) -> Option<Value> {
-        self.figment.find_value(key).ok()
-    }
-
-    fn string(&mut self, key: &str) -> Option<String> {
-        match self.value(key)? {
-            Value::String(_, s) => Some(s),
-            // The environment has no types: figment reads `GLANCE_CACHED_..=1234` as a
-            // number, which may well be a password. A number in a file is a mistake.
-            Value::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
-            _ => {
-                self.problem(key, "must be a string".into());
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, key: &str) -> Option<bool> {
-        match self.value(key)? {
-            Value::Bool(_, b) => Some(b),
-            // The environment has no types; figment passes some spellings through as text.
-            Value::String(tag, s) if !self.came_from_file(tag) => {
-                match s.trim().to_ascii_lowercase().as_str() {
-                    "true" | "yes" | "1" => Some(true),
-                    "false" | "no" | "0" => Some(false),
-                    _ => {
-                        self.problem(key, format!("invalid value {s:?}: must be true or false"));
-                        None
-                    }
-                }
-            }
-            _ => {
-                self.problem(key, "must be true or false".into());
-                None
-            }
-        }
-    }
-
-    fn integer(&mut self, key: &str, min: i128, max: i128) -> Option<i128> {
-        let v = self.value(key)?;
-        let n = match &v {
-            Value::Num(_, n) => whole(*n),
-            Value::String(_, s) => s.trim().parse().ok(),
-            _ => None,
-        };
-        match n {
-            Some(n) if (min..=max).contains(&n) => Some(n),
-            _ => {
-                self.problem(key, format!("must be a whole number from {min} to {max}"));
-                None
-            }
-        }
-    }
-
-    fn size(&mut self, key: &str) -> Option<u64> {
-        let parsed = match self.value(key)? {
-            Value::Num(_, n) => match whole(n) {
-                Some(n) if n >= 0 => u64::try_from(n).map_err(|_| "too large".to_string()),
-                Some(n) => Err(format!("invalid size {n}: must not be negative")),
-                None => Err("must be a whole number of bytes or a string like \"10GiB\"".into()),
-            },
-            Value::String(_, s) => parse_size(&s),
-            _ => Err("must be a number of bytes or a string like \"10GiB\"".into()),
-        };
-        parsed.map_err(|m| self.problem(key, m)).ok()
-    }
-
-    fn duration(&mut self, key: &str) -> Option<Duration> {
-        let parsed = match self.value(key)? {
-            Value::Num(_, n) => match whole(n) {
-                Some(n) if n >= 0 => u64::try_from(n)
-                    .map(Duration::from_secs)
-                    .map_err(|_| "too large".to_string()),
-                Some(n) => Err(format!("invalid duration {n}: must not be negative")),
-                None => Err("must be whole seconds or a string like \"10m\"".into()),
-            },
-            Value::String(_, s) => parse_duration(&s),
-            _ => Err("must be seconds or a string like \"10m\"".into()),
-        };
-        // Anything past a century is a typo, and would overflow time arithmetic.
-        const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
-        match parsed {
-            Ok(d) if d > MAX_DURATION => {
-                self.problem(key, "must be at most 100 years".into());
-                None
-            }
-            other => other.map_err(|m| self.problem(key, m)).ok(),
-        }
-    }
-
-    fn positive_duration(&mut self, key: &str) -> Option<Duration> {
-        let d = self.duration(key)?;
-        if d.is_zero() {
-            self.problem(key, "must be greater than zero".into());
-            return None;
-        }
-        Some(d)
-    }
-
-    /// An absolute path; a relative one in a file is taken relative to that file's
-    /// directory, from the environment relative to the working directory.
-    fn path(&mut self, key: &str, default: &str) -> PathBuf {
-        self.optional_path(key)
-            .unwrap_or_else(|| PathBuf::from(default))
-    }
-
-    /// `path` for a key without a default: `None` when unset (or empty, a problem).
-    fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
-        let raw = self.string(key)?;
-        if raw.is_empty() {
-            self.problem(key, "must not be empty".into());
-            return None;
-        }
-        let p = PathBuf::from(&raw);
-        if p.is_absolute() {
-            return Some(p);
-        }
-        let from_file = self
-            .figment
-            .find_value(key)
-            .ok()
-            .and_then(|v| self.figment.get_metadata(v.tag()).cloned())
-            .and_then(|m| match m.source {
-                Some(Source::File(f)) => f.parent().map(Path::to_path_buf),
-                _ => None,
-            });
-        let base = from_file.or_else(|| std::env::current_dir().ok());
-        match base {
-            Some(b) => Some(b.join(p)),
-            None => {
-                self.problem(
-                    key,
-                    "is relative and the working directory is unknown".into(),
-                );
-                Some(p)
-            }
-        }
-    }
+    KEYS.iter().map(|k| k.name)
 }

@@ -10,7 +10,7 @@ use tracing::{debug, info};
 use super::Context;
 use super::Task;
 use super::worker::{Next, Worker};
-use crate::cache::{CacheError, CleanPolicy};
+use crate::cache::CacheError;
 use crate::clock;
 
 /// Wake a little after a file becomes due, so its mtime is strictly past the cutoff.
@@ -35,10 +35,7 @@ impl Worker for CleanerWorker {
 
     async fn step(&mut self) -> Result<Next, CacheError> {
         let config = self.ctx.config();
-        let policy = CleanPolicy {
-            stall_time: config.cache.stall_time,
-            invalid_grace: config.cleaner.invalid_grace,
-        };
+        let policy = config.clean_policy();
         let now = clock::system_now();
         let started = Instant::now();
         // Every pass also checks the layout itself: a subdirectory swapped for a symlink

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy};
+use crate::cache::{CacheDriver, CacheError, CacheLayout};
 use crate::clock;
 use crate::config::Config;
 use crate::db::{Db, DbError, DbTime, LeaseHolder, LeaseOutcome};
@@ -431,10 +431,7 @@ async fn serve(
     info!("reconciling disk and database");
     let report = boot
         .phase(driver.reconcile(
-            CleanPolicy {
-                stall_time: config.cache.stall_time,
-                invalid_grace: config.cleaner.invalid_grace,
-            },
+            config.clean_policy(),
             clock::system_now(),
             options.force_reconcile,
         ))

@@ -37,11 +37,7 @@ impl Worker for PrunerWorker {
             None => {
                 // Starting (listing, measuring) is one step; adopting and evicting the next.
                 let config = self.ctx.config();
-                let policy = PrunePolicy {
-                    max_size: config.cache.max_size,
-                    low_watermark: config.pruner.low_watermark,
-                    min_free_disk: config.pruner.min_free_disk,
-                };
+                let policy = config.prune_policy();
                 let pass = driver.start_prune(policy).await?;
                 self.pass = Some((pass, policy, Instant::now()));
                 Ok(Next::Continue)

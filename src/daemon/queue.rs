@@ -40,6 +40,6 @@ impl Worker for QueueWorker {
         if self.ctx.publish_queue_status().await? > 0 {
             self.ctx.nudges.prefetcher.notify_one();
         }
-        Ok(Next::IdleUntil(Instant::now() + config.cleaner.interval))
+        Ok(Next::IdleUntil(Instant::now() + config.queue_interval()))
     }
 }

@@ -45,7 +45,7 @@ impl Reloader {
                     );
                 }
                 let mut effective = new;
-                keep_restart_only_keys(&mut effective, &running);
+                effective.keep_restart_only_keys(&running);
                 if let Some(handle) = &self.log_level
                     && effective.log.level != running.log.level
                     && let Err(error) = handle.set_level(&effective.log.level)
@@ -62,13 +62,4 @@ impl Reloader {
         }
         systemd::ready(&ctx.board.line());
     }
-}
-
-/// The running values of the keys that only a restart can change.
-fn keep_restart_only_keys(new: &mut Config, running: &Config) {
-    new.cache.dir = running.cache.dir.clone();
-    new.database = running.database.clone();
-    new.node_reference_url = running.node_reference_url.clone();
-    new.log.format = running.log.format;
-    new.upstream = running.upstream.clone();
 }

@@ -12,6 +12,7 @@ use tracing::info;
 use super::budget::{DownloadBudget, WaitTicket, unknown_size_step};
 use super::writer_thread::WriterThread;
 use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy};
+use crate::config::Config;
 use crate::image_id::ImageId;
 use crate::upstream::{ErrorClass, TransferFloor, Upstream, UpstreamError};
 
@@ -73,6 +74,19 @@ pub struct FetchLimits {
     /// The upstream's transfer floor: bytes per second over a window of waiting.
     pub min_bytes_per_second: Option<u64>,
     pub min_rate_window: Duration,
+}
+
+/// Here rather than a `Config` method: `prefetch` stands above `config`.
+impl From<&Config> for FetchLimits {
+    fn from(config: &Config) -> Self {
+        FetchLimits {
+            max_size: config.cache.max_size,
+            min_free_disk: config.pruner.min_free_disk,
+            max_bytes_per_second: config.prefetcher.max_bytes_per_second,
+            min_bytes_per_second: config.prefetcher.min_bytes_per_second,
+            min_rate_window: config.prefetcher.min_rate_window,
+        }
+    }
 }
 
 /// Downloads `id` from `upstream` into the cache.

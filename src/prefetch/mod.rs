@@ -56,13 +56,7 @@ pub async fn prefetch_claimed(
 ) -> (PrefetchOutcome, Result<(), CacheError>) {
     let id = &image.image_id;
     let started = Instant::now();
-    let limits = FetchLimits {
-        max_size: config.cache.max_size,
-        min_free_disk: config.pruner.min_free_disk,
-        max_bytes_per_second: config.prefetcher.max_bytes_per_second,
-        min_bytes_per_second: config.prefetcher.min_bytes_per_second,
-        min_rate_window: config.prefetcher.min_rate_window,
-    };
+    let limits = FetchLimits::from(config);
     let fetched = fetch_into_cache(driver, upstream, id, limits, cancel, budget).await;
     let attempts = image.attempts + 1;
     match fetched {

@@ -1,0 +1,911 @@
+//! The key table: every configuration key once, with its kind (how its text is read),
+//! its default, whether a reload applies it or it needs a restart, and a one-line doc.
+//! The validator, `Config::to_toml`, the restart diff and the reload's keeping of
+//! restart-only keys all walk this table; the example config is checked against it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::validate::Validator;
+use super::{Config, DEFAULT_CACHE_DIR, GlanceAuth, KeystoneMethod, LogFormat, UpstreamConfig};
+use super::{UpstreamKind, format_duration, format_size, upstream, validate};
+use crate::redact::mask_url;
+
+/// A key's value, parsed: what the validator stores, `to_toml` prints and the restart
+/// diff compares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Path(PathBuf),
+    Size(u64),
+    Duration(Duration),
+    Integer(i128),
+    Bool(bool),
+    Text(String),
+}
+
+/// How a key's text is read and shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Absolute, or relative to the config file's directory (from the environment, to the
+    /// working directory).
+    Path,
+    /// Bytes or a number with a unit ("10GiB").
+    Size,
+    /// Seconds or a number with units ("1h30m"), at most 100 years.
+    Duration,
+    /// A `Duration` greater than zero (an interval or a timeout).
+    PositiveDuration,
+    Integer {
+        min: i128,
+        max: i128,
+    },
+    Bool,
+    Text,
+    /// Text shown with its password masked.
+    Url,
+    /// Text never shown.
+    Secret,
+    /// One of `words`; `what` names it in the error ("unknown format ...").
+    Choice {
+        what: &'static str,
+        words: &'static [&'static str],
+    },
+}
+
+/// A key's value when neither the file nor the environment sets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DefaultValue {
+    /// No value: the feature is off or the key not needed.
+    Unset,
+    /// Follows from other keys, as the key's doc says (filled by its `Fill::Derive`).
+    Derived,
+    Size(u64),
+    Duration(Duration),
+    Integer(i128),
+    Bool(bool),
+    /// Text, a path or a choice.
+    Text(&'static str),
+}
+
+impl DefaultValue {
+    /// The default as a value of `kind`; `None` when unset or derived.
+    pub fn value(self, kind: Kind) -> Option<Value> {
+        Some(match self {
+            DefaultValue::Unset | DefaultValue::Derived => return None,
+            DefaultValue::Size(b) => Value::Size(b),
+            DefaultValue::Duration(d) => Value::Duration(d),
+            DefaultValue::Integer(n) => Value::Integer(n),
+            DefaultValue::Bool(b) => Value::Bool(b),
+            DefaultValue::Text(s) if kind == Kind::Path => Value::Path(PathBuf::from(s)),
+            DefaultValue::Text(s) => Value::Text(s.to_owned()),
+        })
+    }
+}
+
+/// Whether a running daemon applies a changed key on SIGHUP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// Applied by the reload.
+    Yes,
+    /// Logged as ignored; the running value stays until the next start.
+    Restart,
+}
+
+impl Reload {
+    /// As the example config says it ("Reload: yes", "Reload: restart").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reload::Yes => "yes",
+            Reload::Restart => "restart",
+        }
+    }
+}
+
+/// How the validator fills a key's place in `Config`.
+#[derive(Clone, Copy)]
+pub(super) enum Fill {
+    /// Read by the key's kind (its default when unset or invalid), checked, stored.
+    Set(fn(&mut Config, Option<Value>)),
+    /// Computed by code from this key and those before it (a derived default, a
+    /// tagged section).
+    Derive(fn(&mut Validator<'_>, &mut Config)),
+    /// Filled with its section by an earlier key's `Derive` (`upstream.kind`).
+    WithSection,
+}
+
+/// A rule a key's value must follow beyond its kind: the problem's message, or `Ok`.
+pub(super) type Check = fn(&Value, &Config) -> Result<(), String>;
+
+/// One configuration key.
+pub struct Key {
+    /// `section.key`, as the file nests it and the environment spells it
+    /// (`GLANCE_CACHED_SECTION__KEY`).
+    pub name: &'static str,
+    pub kind: Kind,
+    pub default: DefaultValue,
+    pub reload: Reload,
+    pub doc: &'static str,
+    pub(super) fill: Fill,
+    /// A rule beyond the kind, given the keys filled before this one; runs on the value
+    /// in effect (the default too).
+    pub(super) check: Option<Check>,
+    /// The value in effect; `None` when unset (or, in `[upstream]`, not of this kind).
+    pub(super) get: fn(&Config) -> Option<Value>,
+    /// Puts the running value back into a reloaded config (for `Reload::Restart` keys).
+    pub(super) keep: fn(&mut Config, &Config),
+}
+
+impl Key {
+    /// The table section, e.g. "upstream.keystone".
+    pub fn section(&self) -> &'static str {
+        self.name.rsplit_once('.').map_or("", |(s, _)| s)
+    }
+
+    /// The key within its section, e.g. "max_size".
+    pub fn leaf(&self) -> &'static str {
+        self.name.rsplit_once('.').map_or(self.name, |(_, k)| k)
+    }
+
+    /// `[upstream]` is one value, a union tagged by `upstream.kind`: its keys are
+    /// compared, kept and reported as one ("upstream"), since the daemon builds its
+    /// upstream once, and a key of another kind is absent rather than unset.
+    pub fn in_upstream(&self) -> bool {
+        self.name.starts_with("upstream.")
+    }
+
+    /// The name a restart diff reports a change of this key under.
+    pub fn applied_as(&self) -> &'static str {
+        if self.in_upstream() {
+            "upstream"
+        } else {
+            self.name
+        }
+    }
+
+    /// The key's line in `to_toml`, or `None` for an absent `[upstream]` key.
+    pub(super) fn toml_line(&self, config: &Config) -> Option<String> {
+        match (self.get)(config) {
+            Some(value) => Some(format!("{} = {}", self.leaf(), self.kind.show(&value))),
+            None if self.in_upstream() => None,
+            None => Some(format!("# {} is unset", self.leaf())),
+        }
+    }
+}
+
+impl Kind {
+    /// `value` as a TOML value, secrets masked.
+    pub fn show(self, value: &Value) -> String {
+        match (self, value) {
+            (_, Value::Path(p)) => format!("{:?}", p.display().to_string()),
+            (_, Value::Size(b)) => format!("{:?}", format_size(*b)),
+            (_, Value::Duration(d)) => format!("{:?}", format_duration(*d)),
+            (_, Value::Integer(n)) => n.to_string(),
+            (_, Value::Bool(b)) => b.to_string(),
+            (Kind::Url, Value::Text(s)) => format!("{:?}", mask_url(s)),
+            (Kind::Secret, Value::Text(_)) => "\"***\"".into(),
+            (_, Value::Text(s)) => format!("{s:?}"),
+        }
+    }
+}
+
+/// "unknown format "xml": expected auto, text, json or journald".
+pub(super) fn unknown_choice(what: &str, word: &str, words: &[&str]) -> String {
+    let expected = match words.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    format!("unknown {what} {word:?}: expected {expected}")
+}
+
+/// A field of `Config` as a `Value` and back.
+pub(super) trait Field: Sized {
+    fn to_value(&self) -> Option<Value>;
+    /// `None`: `value` is not of this field's type (a table mistake the tests catch).
+    fn from_value(value: Option<Value>) -> Option<Self>;
+}
+
+/// `Field` for a type that is one `Value` variant.
+macro_rules! field_as {
+    ($($ty:ty => $variant:ident),+ $(,)?) => {$(
+        impl Field for $ty {
+            fn to_value(&self) -> Option<Value> {
+                Some(Value::$variant(Clone::clone(self)))
+            }
+            fn from_value(value: Option<Value>) -> Option<Self> {
+                match value? {
+                    Value::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    )+};
+}
+
+field_as!(u64 => Size, Duration => Duration, PathBuf => Path, String => Text, bool => Bool);
+
+impl Field for Option<u64> {
+    fn to_value(&self) -> Option<Value> {
+        self.map(Value::Size)
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value {
+            None => Some(None),
+            Some(Value::Size(b)) => Some(Some(b)),
+            Some(_) => None,
+        }
+    }
+}
+
+/// `Field` for a count stored from an `Integer` (its kind's range makes it fit).
+macro_rules! field_count {
+    ($($ty:ty),+) => {$(
+        impl Field for $ty {
+            fn to_value(&self) -> Option<Value> {
+                i128::try_from(*self).ok().map(Value::Integer)
+            }
+            fn from_value(value: Option<Value>) -> Option<Self> {
+                match value? {
+                    Value::Integer(n) => <$ty>::try_from(n).ok(),
+                    _ => None,
+                }
+            }
+        }
+    )+};
+}
+
+field_count!(u32, usize);
+
+impl Field for LogFormat {
+    fn to_value(&self) -> Option<Value> {
+        Some(Value::Text(self.as_str().to_owned()))
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value? {
+            Value::Text(s) => LogFormat::from_word(&s),
+            _ => None,
+        }
+    }
+}
+
+/// A key stored in one field of `Config`: its `get`, `Fill::Set` and `keep` from the
+/// field's path, the rest as given.
+macro_rules! key {
+    ($name:literal, $kind:expr, $default:expr, $reload:ident, $doc:literal,
+     $($field:ident).+ $(, check: $check:expr)?) => {
+        Key {
+            name: $name,
+            kind: $kind,
+            default: $default,
+            reload: Reload::$reload,
+            doc: $doc,
+            fill: Fill::Set(|c, v| {
+                if let Some(x) = Field::from_value(v) {
+                    c.$($field).+ = x;
+                }
+            }),
+            check: key!(@check $($check)?),
+            get: |c| Field::to_value(&c.$($field).+),
+            keep: |new, running| new.$($field).+ = running.$($field).+.clone(),
+        }
+    };
+    (@check) => { None };
+    (@check $check:expr) => { Some($check) };
+}
+
+/// A key of `[upstream]`: filled with the section by `upstream.kind`, kept with it.
+macro_rules! upstream_key {
+    ($name:literal, $kind:expr, $default:expr, $doc:literal, $get:expr) => {
+        Key {
+            name: $name,
+            kind: $kind,
+            default: $default,
+            reload: Reload::Restart,
+            doc: $doc,
+            fill: Fill::WithSection,
+            check: None,
+            get: |c| c.upstream.as_ref().and_then($get),
+            keep: keep_upstream,
+        }
+    };
+}
+
+use DefaultValue::{Derived, Unset};
+
+/// The words of `log.format`, in `LogFormat`'s order.
+pub(super) const LOG_FORMATS: &[&str] = &["auto", "text", "json", "journald"];
+/// The words of `upstream.kind`.
+pub(super) const UPSTREAM_KINDS: &[&str] = &["glance", "http", "directory"];
+
+/// Every key, section by section, in the order `check-config` prints them.
+pub static KEYS: &[Key] = &[
+    key!(
+        "cache.dir",
+        Kind::Path,
+        DefaultValue::Text(DEFAULT_CACHE_DIR),
+        Restart,
+        "The cache directory, shared with Glance's API on this node (Glance: image_cache_dir)",
+        cache.dir
+    ),
+    key!(
+        "cache.max_size",
+        Kind::Size,
+        DefaultValue::Size(10 << 30),
+        Yes,
+        "Prune least recently used images once the cache is larger than this",
+        cache.max_size
+    ),
+    key!(
+        "cache.stall_time",
+        Kind::Duration,
+        DefaultValue::Duration(Duration::from_secs(86_400)),
+        Yes,
+        "An incomplete/ file not written for this long is removed",
+        cache.stall_time
+    ),
+    Key {
+        name: "database.url",
+        kind: Kind::Url,
+        default: Derived,
+        reload: Reload::Restart,
+        doc: "Where the cache metadata lives (a sqlx URL); unset: SQLite at <cache.dir>/.glance-cached/glance-cached.db",
+        fill: Fill::Derive(validate::database_url),
+        check: None,
+        get: |c| Some(Value::Text(c.database.url.clone())),
+        // The default SQLite file is the URL's: they change together.
+        keep: |new, running| {
+            new.database.url = running.database.url.clone();
+            new.database.sqlite_file = running.database.sqlite_file.clone();
+        },
+    },
+    key!(
+        "database.max_connections",
+        Kind::Integer { min: 1, max: 1_000 },
+        DefaultValue::Integer(8),
+        Restart,
+        "Connections in the pool",
+        database.max_connections
+    ),
+    key!(
+        "database.connect_timeout",
+        Kind::Duration,
+        DefaultValue::Duration(Duration::from_secs(5)),
+        Restart,
+        "How long to wait for a connection before reporting the database unreachable",
+        database.connect_timeout
+    ),
+    Key {
+        name: "database.create_glance_tables",
+        kind: Kind::Bool,
+        default: Derived,
+        reload: Reload::Restart,
+        doc: "May Glance's cache tables be created when the database has none? Unset: only for SQLite",
+        fill: Fill::Derive(validate::create_glance_tables),
+        check: None,
+        get: |c| Field::to_value(&c.database.create_glance_tables),
+        keep: |new, running| {
+            new.database.create_glance_tables = running.database.create_glance_tables;
+        },
+    },
+    Key {
+        name: "node.reference_url",
+        kind: Kind::Text,
+        default: Derived,
+        reload: Reload::Restart,
+        doc: "This node's key in the database (Glance: worker_self_reference_url); required with PostgreSQL or MySQL",
+        fill: Fill::Derive(validate::node_reference_url),
+        check: None,
+        get: |c| Field::to_value(&c.node_reference_url),
+        keep: |new, running| new.node_reference_url = running.node_reference_url.clone(),
+    },
+    key!("log.level", Kind::Text, DefaultValue::Text("info"), Yes,
+        "Level or tracing filter, e.g. \"debug\" or \"glance_cached=debug,sqlx=warn\"",
+        log.level, check: validate::log_filter),
+    key!(
+        "log.format",
+        Kind::Choice {
+            what: "format",
+            words: LOG_FORMATS
+        },
+        DefaultValue::Text("auto"),
+        Restart,
+        "auto (journald under systemd, text on a terminal), text, json or journald",
+        log.format
+    ),
+    key!(
+        "cleaner.interval",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(600)),
+        Yes,
+        "How often the cleaner rescans invalid/ and incomplete/, and the queue loop queue/, as a safety net",
+        cleaner.interval
+    ),
+    key!(
+        "cleaner.invalid_grace",
+        Kind::Duration,
+        DefaultValue::Duration(Duration::ZERO),
+        Yes,
+        "How long a file in invalid/ is kept before removal",
+        cleaner.invalid_grace
+    ),
+    key!(
+        "pruner.interval",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(600)),
+        Yes,
+        "How often the pruner checks the cache size as a safety net",
+        pruner.interval
+    ),
+    key!("pruner.low_watermark", Kind::Size, Unset, Yes,
+        "Once pruning, evict down to this size instead of just under max_size",
+        pruner.low_watermark, check: validate::not_above_max_size),
+    key!(
+        "pruner.min_free_disk",
+        Kind::Size,
+        Unset,
+        Yes,
+        "Also prune while the cache filesystem has less free space than this",
+        pruner.min_free_disk
+    ),
+    key!(
+        "daemon.shutdown_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(30)),
+        Yes,
+        "How long shutdown waits for the loops to finish their step before aborting them",
+        daemon.shutdown_timeout
+    ),
+    key!("daemon.lease_ttl", Kind::PositiveDuration, DefaultValue::Duration(Duration::from_secs(60)), Yes,
+        "The node's lease expires when not renewed for this long (renewed every third); at least 3s",
+        daemon.lease_ttl, check: |v, _| validate::at_least(v, Duration::from_secs(3))),
+    key!(
+        "prefetcher.concurrency",
+        Kind::Integer { min: 1, max: 64 },
+        DefaultValue::Integer(2),
+        Yes,
+        "Downloads at once",
+        prefetcher.concurrency
+    ),
+    key!(
+        "prefetcher.interval",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(300)),
+        Yes,
+        "How often the queue is checked as a safety net",
+        prefetcher.interval
+    ),
+    key!(
+        "prefetcher.max_attempts",
+        Kind::Integer { min: 1, max: 1000 },
+        DefaultValue::Integer(5),
+        Yes,
+        "A download failing verification is retried until this many attempts, then dropped",
+        prefetcher.max_attempts
+    ),
+    key!(
+        "prefetcher.retry_delay",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(30)),
+        Yes,
+        "First delay before retrying a failed image; doubles per attempt up to max_retry_delay",
+        prefetcher.retry_delay
+    ),
+    key!("prefetcher.max_retry_delay", Kind::PositiveDuration, DefaultValue::Duration(Duration::from_secs(3600)), Yes,
+        "The longest delay between retries",
+        prefetcher.max_retry_delay, check: validate::not_below_retry_delay),
+    // Renewed every sixth of it: shorter than a second would spin on the database.
+    key!("prefetcher.claim_ttl", Kind::Duration, DefaultValue::Duration(Duration::from_secs(6 * 3600)), Yes,
+        "A download's claim on its queued image runs out unless renewed for this long; at least 1s",
+        prefetcher.claim_ttl, check: |v, _| validate::at_least(v, Duration::from_secs(1))),
+    key!("prefetcher.max_bytes_per_second", Kind::Size, Unset, Yes,
+        "Cap on the total download bandwidth; unset: no cap",
+        prefetcher.max_bytes_per_second, check: validate::not_zero),
+    Key {
+        name: "prefetcher.min_bytes_per_second",
+        kind: Kind::Size,
+        // 1 KiB/s over a minute of waiting fails only an upstream that has all but
+        // stopped (a modem line moves more), not a slow one.
+        default: DefaultValue::Size(1024),
+        reload: Reload::Yes,
+        doc: "A download fails when its upstream brings less than this over min_rate_window; 0: no floor",
+        // "0" turns the floor off, and is how it is shown.
+        fill: Fill::Set(|c, v| {
+            c.prefetcher.min_bytes_per_second = match v {
+                Some(Value::Size(b)) if b > 0 => Some(b),
+                _ => None,
+            };
+        }),
+        check: None,
+        get: |c| match c.prefetcher.min_bytes_per_second {
+            Some(b) => Some(Value::Size(b)),
+            None => Some(Value::Integer(0)),
+        },
+        keep: |new, running| {
+            new.prefetcher.min_bytes_per_second = running.prefetcher.min_bytes_per_second;
+        },
+    },
+    key!(
+        "prefetcher.min_rate_window",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(60)),
+        Yes,
+        "The window of waiting over which min_bytes_per_second is measured",
+        prefetcher.min_rate_window
+    ),
+    Key {
+        name: "upstream.kind",
+        kind: Kind::Choice {
+            what: "kind",
+            words: UPSTREAM_KINDS,
+        },
+        default: Unset,
+        reload: Reload::Restart,
+        doc: "Where prefetched images come from: glance, http or directory; unset: queued images wait",
+        fill: Fill::Derive(upstream::fill),
+        check: None,
+        get: |c| {
+            let kind = match &c.upstream.as_ref()?.kind {
+                UpstreamKind::Glance { .. } => "glance",
+                UpstreamKind::Http { .. } => "http",
+                UpstreamKind::Directory { .. } => "directory",
+            };
+            Some(Value::Text(kind.to_owned()))
+        },
+        keep: keep_upstream,
+    },
+    upstream_key!(
+        "upstream.url",
+        Kind::Url,
+        Unset,
+        "glance: the Glance API endpoint, e.g. https://glance.example.org:9292",
+        |u| glance(u).map(|(url, _)| Value::Text(url.clone()))
+    ),
+    upstream_key!(
+        "upstream.token_file",
+        Kind::Path,
+        Unset,
+        "glance: a file holding a token for X-Auth-Token, re-read for every request",
+        |u| match glance(u)?.1 {
+            GlanceAuth::TokenFile(p) => Some(Value::Path(p.clone())),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.url_template",
+        Kind::Url,
+        Unset,
+        "http: a URL with {image_id}",
+        |u| match &u.kind {
+            UpstreamKind::Http { url_template, .. } => Some(Value::Text(url_template.clone())),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.md5_header",
+        Kind::Text,
+        Unset,
+        "http: the response header carrying the expected MD5 (hex)",
+        |u| match &u.kind {
+            UpstreamKind::Http { md5_header, .. } => md5_header.clone().map(Value::Text),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.sha512_header",
+        Kind::Text,
+        Unset,
+        "http: the response header carrying the expected SHA-512 (hex)",
+        |u| match &u.kind {
+            UpstreamKind::Http { sha512_header, .. } => sha512_header.clone().map(Value::Text),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.path",
+        Kind::Path,
+        Unset,
+        "directory: the directory holding <image_id> files",
+        |u| match &u.kind {
+            UpstreamKind::Directory { path } => Some(Value::Path(path.clone())),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.ca_file",
+        Kind::Path,
+        Unset,
+        "Extra CA certificates (PEM) trusted besides the system's",
+        |u| u.ca_file.clone().map(Value::Path)
+    ),
+    upstream_key!(
+        "upstream.connect_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(10)),
+        "How long connecting to the upstream may take",
+        |u| Some(Value::Duration(u.connect_timeout))
+    ),
+    upstream_key!(
+        "upstream.read_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(60)),
+        "A read that stalls this long fails the attempt (it is retried)",
+        |u| Some(Value::Duration(u.read_timeout))
+    ),
+    upstream_key!(
+        "upstream.keystone.auth_url",
+        Kind::Url,
+        Unset,
+        "glance: Keystone v3 instead of token_file, e.g. https://keystone.example.org:5000/v3",
+        |u| keystone(u).map(|(url, _)| Value::Text(url.clone()))
+    ),
+    upstream_key!(
+        "upstream.keystone.username",
+        Kind::Text,
+        Unset,
+        "Keystone password authentication: the user",
+        |u| password(u, 0)
+    ),
+    upstream_key!(
+        "upstream.keystone.password",
+        Kind::Secret,
+        Unset,
+        "Keystone password authentication: the password",
+        |u| password(u, 1)
+    ),
+    upstream_key!(
+        "upstream.keystone.project_name",
+        Kind::Text,
+        Unset,
+        "Keystone password authentication: the project",
+        |u| password(u, 2)
+    ),
+    upstream_key!(
+        "upstream.keystone.user_domain_name",
+        Kind::Text,
+        DefaultValue::Text("Default"),
+        "Keystone password authentication: the user's domain",
+        |u| password(u, 3)
+    ),
+    upstream_key!(
+        "upstream.keystone.project_domain_name",
+        Kind::Text,
+        DefaultValue::Text("Default"),
+        "Keystone password authentication: the project's domain",
+        |u| password(u, 4)
+    ),
+    upstream_key!(
+        "upstream.keystone.application_credential_id",
+        Kind::Text,
+        Unset,
+        "Keystone application credential instead of a password: its id",
+        |u| match keystone(u)?.1 {
+            KeystoneMethod::ApplicationCredential { id, .. } => Some(Value::Text(id.clone())),
+            _ => None,
+        }
+    ),
+    upstream_key!(
+        "upstream.keystone.application_credential_secret",
+        Kind::Secret,
+        Unset,
+        "Keystone application credential: its secret",
+        |u| match keystone(u)?.1 {
+            KeystoneMethod::ApplicationCredential { secret, .. } =>
+                Some(Value::Text(secret.clone())),
+            _ => None,
+        }
+    ),
+];
+
+/// The key named `name`.
+pub fn find(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+fn keep_upstream(new: &mut Config, running: &Config) {
+    new.upstream = running.upstream.clone();
+}
+
+fn glance(u: &UpstreamConfig) -> Option<(&String, &GlanceAuth)> {
+    match &u.kind {
+        UpstreamKind::Glance { url, auth } => Some((url, auth)),
+        _ => None,
+    }
+}
+
+fn keystone(u: &UpstreamConfig) -> Option<(&String, &KeystoneMethod)> {
+    match glance(u)?.1 {
+        GlanceAuth::Keystone { auth_url, method } => Some((auth_url, method)),
+        _ => None,
+    }
+}
+
+/// Field `n` of Keystone password authentication: username, password, project name,
+/// user domain, project domain.
+fn password(u: &UpstreamConfig, n: usize) -> Option<Value> {
+    match keystone(u)?.1 {
+        KeystoneMethod::Password {
+            username,
+            password,
+            project_name,
+            user_domain_name,
+            project_domain_name,
+        } => [
+            username,
+            password,
+            project_name,
+            user_domain_name,
+            project_domain_name,
+        ]
+        .get(n)
+        .map(|s| Value::Text((*s).clone())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::validate::blank;
+
+    #[test]
+    fn names_are_unique_and_sections_contiguous() {
+        let names: BTreeSet<_> = KEYS.iter().map(|k| k.name).collect();
+        assert_eq!(names.len(), KEYS.len());
+        // `to_toml` prints a section per run of keys: each section must be one run.
+        let mut closed = BTreeSet::new();
+        for pair in KEYS.windows(2) {
+            if pair[0].section() != pair[1].section() {
+                assert!(
+                    closed.insert(pair[0].section()),
+                    "{} split",
+                    pair[0].section()
+                );
+                assert!(
+                    !closed.contains(pair[1].section()),
+                    "{} split",
+                    pair[1].section()
+                );
+            }
+        }
+        for key in KEYS {
+            assert!(
+                !key.doc.is_empty() && !key.doc.contains('\n'),
+                "{}",
+                key.name
+            );
+            assert_eq!(key.in_upstream(), key.section().starts_with("upstream"));
+            if key.in_upstream() {
+                assert_eq!(
+                    key.reload,
+                    Reload::Restart,
+                    "{}: [upstream] is one value",
+                    key.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_default_is_a_value_of_its_kind() {
+        for key in KEYS {
+            let Some(value) = key.default.value(key.kind) else {
+                continue;
+            };
+            let fits = match (key.kind, &value) {
+                (Kind::Path, Value::Path(p)) => p.is_absolute(),
+                (Kind::Size, Value::Size(_)) => true,
+                (Kind::Duration, Value::Duration(_)) => true,
+                (Kind::PositiveDuration, Value::Duration(d)) => !d.is_zero(),
+                (Kind::Integer { min, max }, Value::Integer(n)) => (min..=max).contains(n),
+                (Kind::Bool, Value::Bool(_)) => true,
+                (Kind::Text | Kind::Url | Kind::Secret, Value::Text(_)) => true,
+                (Kind::Choice { words, .. }, Value::Text(w)) => words.contains(&w.as_str()),
+                _ => false,
+            };
+            assert!(
+                fits,
+                "{}: default {value:?} is not a {:?}",
+                key.name, key.kind
+            );
+            if let Some(check) = key.check {
+                assert_eq!(check(&value, &blank(None)), Ok(()), "{}", key.name);
+            }
+        }
+    }
+
+    /// A field the macro stores a value in must give it back: a `Field` of another type
+    /// would drop it silently.
+    #[test]
+    fn every_set_key_stores_its_default_in_its_field() {
+        for key in KEYS {
+            let (Fill::Set(set), Some(default)) = (key.fill, key.default.value(key.kind)) else {
+                continue;
+            };
+            let mut config = blank(None);
+            set(&mut config, Some(default.clone()));
+            assert_eq!((key.get)(&config), Some(default), "{}", key.name);
+            let mut other = blank(None);
+            (key.keep)(&mut other, &config);
+            assert_eq!((key.get)(&other), (key.get)(&config), "{}", key.name);
+        }
+    }
+
+    #[test]
+    fn log_formats_are_the_words_of_log_format() {
+        for word in LOG_FORMATS {
+            let format = LogFormat::from_word(word).expect(word);
+            assert_eq!(format.as_str(), *word);
+        }
+        assert_eq!(LogFormat::from_word("xml"), None);
+    }
+
+    /// The example config is operator documentation, written by hand: every key of the
+    /// table appears in it (set or as a `# key = ...` sample) under its section, none
+    /// that is not a key, each with the table's default where it has one, and under
+    /// the table's "Reload: yes" or "Reload: restart" (the last one said above it;
+    /// indented samples in a comment are prose).
+    #[test]
+    fn example_config_documents_every_key_with_its_default_and_reload() {
+        let text = include_str!("../../config/glance-cached.toml");
+        let mut section = "";
+        let mut reload = None;
+        let mut seen = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let n = n + 1;
+            if let Some(said) = line.split("Reload: ").nth(1) {
+                reload = said.split(|c: char| !c.is_ascii_alphabetic()).next();
+            }
+            let bare = line.trim_start_matches('#').trim();
+            if let Some(header) = bare.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                section = header;
+                continue;
+            }
+            let Some((leaf, literal)) = bare.split_once(" = ") else {
+                continue;
+            };
+            if !leaf
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                continue;
+            }
+            let name = format!("{section}.{leaf}");
+            let Some(key) = find(&name) else {
+                problems.push(format!("line {n}: {name} is not a key"));
+                continue;
+            };
+            seen.insert(key.name);
+            // An indented sample inside a key's comment ("#   url = ...") is prose.
+            if line.starts_with("#  ") {
+                continue;
+            }
+            if reload != Some(key.reload.as_str()) {
+                problems.push(format!(
+                    "line {n}: {name} is under \"Reload: {}\", the table says {}",
+                    reload.unwrap_or("(nothing)"),
+                    key.reload.as_str()
+                ));
+            }
+            if let Some(default) = key.default.value(key.kind) {
+                let parse = |literal: &str| {
+                    toml::from_str::<toml::Table>(&format!("v = {literal}"))
+                        .map(|t| t["v"].clone())
+                        .map_err(|e| e.to_string())
+                };
+                let shown = key.kind.show(&default);
+                if parse(literal) != parse(&shown) {
+                    problems.push(format!(
+                        "line {n}: {name} = {literal}, but its default is {shown}"
+                    ));
+                }
+            }
+        }
+        for key in KEYS.iter().filter(|k| !seen.contains(k.name)) {
+            problems.push(format!("{} is not in the example config", key.name));
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}
