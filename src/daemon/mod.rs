@@ -1,9 +1,11 @@
-//! The daemon: `glance-cached run`. A boot script (config, database, node, lease,
-//! reconcile, loops, READY), a supervisor that turns signals into shutdown or reload and
-//! feeds the systemd watchdog while the loops are healthy, and a teardown script that
-//! drains the loops at step boundaries under a hard deadline.
+//! The daemon: `glance-cached run`. This file is the boot script: signals, layout, the
+//! directory lock, database, node, lease, reconcile, the loops spawned under the
+//! `supervisor`, READY; each phase gives way to a shutdown signal. The shared types live
+//! in `context`, the errors in `error`, serving and teardown in `supervisor`.
 
 mod cleaner;
+mod context;
+mod error;
 pub(crate) mod lease;
 mod prefetcher;
 mod pruner;
@@ -11,139 +13,31 @@ mod queue;
 mod reload;
 pub(crate) mod signals;
 mod status;
+mod supervisor;
 mod systemd;
 mod watcher;
 mod worker;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy};
 use crate::clock;
 use crate::config::Config;
-use crate::db::{Db, DbError, DbTime, LeaseHolder, LeaseOutcome};
+use crate::db::{Db, DbTime, LeaseHolder, LeaseOutcome};
 use crate::process;
 use crate::telemetry::LogLevelHandle;
 
+use context::{Context, Nudges, Task};
+pub use error::DaemonError;
 pub use signals::SignalCommand;
 pub use status::StatusBoard;
-
-/// The background tasks, named in logs and the status table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Task {
-    Cleaner,
-    Pruner,
-    Queue,
-    Lease,
-    Prefetcher,
-    Watcher,
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Task::Cleaner => "cleaner",
-            Task::Pruner => "pruner",
-            Task::Queue => "queue",
-            Task::Lease => "lease",
-            Task::Prefetcher => "prefetcher",
-            Task::Watcher => "watcher",
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error(
-        "node {node:?} is already served by another glance-cached ({holder}, last heartbeat {age}s ago); stop it, or start with --force if it is gone"
-    )]
-    NodeTaken {
-        node: String,
-        holder: String,
-        age: i64,
-    },
-    #[error(
-        "cache directory {dir:?} is in use by another glance-cached daemon on this host (it holds the directory's lock); stop it first"
-    )]
-    DirectoryInUse { dir: PathBuf },
-    #[error("cannot lock the cache directory {dir:?}: {source}")]
-    DirectoryLock {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    DbLocation(#[from] crate::db::location::LocationError),
-    /// A shutdown signal came during start-up: not a failure.
-    #[error("stopped by {0} during start-up")]
-    Stopped(&'static str),
-    #[error("cannot listen for signals: {0}")]
-    Signals(std::io::Error),
-    #[error("cannot watch the cache directory: {0}")]
-    Watch(#[from] notify::Error),
-    #[error("{0}")]
-    Fatal(String),
-}
-
-/// How loops are woken early.
-#[derive(Clone, Default)]
-pub struct Nudges {
-    pub cleaner: Arc<Notify>,
-    pub pruner: Arc<Notify>,
-    pub queue: Arc<Notify>,
-    pub prefetcher: Arc<Notify>,
-}
-
-impl Nudges {
-    pub fn all(&self) {
-        self.cleaner.notify_one();
-        self.pruner.notify_one();
-        self.queue.notify_one();
-        self.prefetcher.notify_one();
-    }
-}
-
-/// What every loop shares.
-#[derive(Clone)]
-pub struct Context {
-    pub driver: CacheDriver,
-    pub config: watch::Receiver<Arc<Config>>,
-    pub board: Arc<StatusBoard>,
-    pub nudges: Nudges,
-}
-
-impl Context {
-    /// The current configuration (swapped by a reload).
-    pub fn config(&self) -> Arc<Config> {
-        self.config.borrow().clone()
-    }
-
-    /// Counts the queue for the status line and publishes it; returns the count.
-    pub async fn publish_queue_status(&self) -> Result<usize, crate::cache::CacheError> {
-        let queued = self.driver.db().count_queued(self.driver.node()).await?;
-        let queued = queued.max(0) as usize;
-        self.board.set_queued(queued);
-        self.publish_status();
-        Ok(queued)
-    }
-
-    /// Sends the status line to systemd when it changed.
-    pub fn publish_status(&self) {
-        if let Some(line) = self.board.line_if_changed() {
-            systemd::status(&line);
-        }
-    }
-}
+use supervisor::Supervisor;
 
 /// Options of `glance-cached run` beyond the configuration.
 #[derive(Debug, Clone, Default)]
@@ -416,7 +310,8 @@ async fn take_lease(
     }
 }
 
-/// Reconcile, start the loops, supervise, and tear down.
+/// Reconcile, start the loops, send READY, and hand over to the supervisor until
+/// shutdown or a fatal condition; then tear down.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     driver: CacheDriver,
@@ -480,61 +375,42 @@ async fn serve(
         board: board.clone(),
         nudges: Nudges::default(),
     };
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let mut tasks: JoinSet<Task> = JoinSet::new();
-    let status_ctx = ctx.clone();
-    let on_change = move || status_ctx.publish_status();
-    macro_rules! spawn_loop {
-        ($worker:expr, $nudge:expr) => {{
-            let (w, n, s, b, c) = (
-                $worker,
-                $nudge,
-                shutdown.clone(),
-                board.clone(),
-                on_change.clone(),
-            );
-            let task = worker::Worker::task(&w);
-            tasks.spawn(async move {
-                worker::run(w, n, s, b, c).await;
-                task
-            });
-        }};
-    }
-    spawn_loop!(
+    let mut loops = Supervisor::new(board.clone(), shutdown.clone());
+    loops.spawn_worker(
+        &ctx,
         cleaner::CleanerWorker::new(ctx.clone()),
-        ctx.nudges.cleaner.clone()
+        ctx.nudges.cleaner.clone(),
     );
-    spawn_loop!(
+    loops.spawn_worker(
+        &ctx,
         pruner::PrunerWorker::new(ctx.clone()),
-        ctx.nudges.pruner.clone()
+        ctx.nudges.pruner.clone(),
     );
-    spawn_loop!(
+    loops.spawn_worker(
+        &ctx,
         queue::QueueWorker::new(ctx.clone()),
-        ctx.nudges.queue.clone()
+        ctx.nudges.queue.clone(),
     );
-    spawn_loop!(
-        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal_tx),
-        Arc::new(Notify::new())
+    let fatal = loops.fatal_sender();
+    loops.spawn_worker(
+        &ctx,
+        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal),
+        Arc::new(Notify::new()),
     );
     if let Some(upstream) = upstream {
-        spawn_loop!(
+        loops.spawn_worker(
+            &ctx,
             prefetcher::PrefetcherWorker::new(
                 ctx.clone(),
                 upstream,
                 holder.to_owned(),
-                shutdown.clone()
+                shutdown.clone(),
             ),
-            ctx.nudges.prefetcher.clone()
+            ctx.nudges.prefetcher.clone(),
         );
     }
     let watch_actor = watcher::start(driver.layout(), ctx.nudges.clone(), shutdown.clone())?;
-    board.task_started(Task::Watcher);
-    let watch_board = board.clone();
-    tasks.spawn(async move {
-        watch_actor.await;
-        watch_board.task_ended(Task::Watcher);
-        Task::Watcher
-    });
+    loops.spawn_task(Task::Watcher, watch_actor);
 
     let reloader = reload::Reloader {
         config_path: options.config_path.clone(),
@@ -542,8 +418,6 @@ async fn serve(
         log_level,
     };
     let watchdog = systemd::watchdog_timeout();
-    let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| w / 2));
     info!(
         watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
         "ready"
@@ -553,53 +427,10 @@ async fn serve(
         reloader.reload(&ctx);
     }
 
-    let outcome = loop {
-        tokio::select! {
-            command = boot.signals.recv() => match command {
-                Some(SignalCommand::Reload) => {
-                    info!("SIGHUP: reloading configuration");
-                    reloader.reload(&ctx);
-                }
-                Some(SignalCommand::Shutdown(signal)) => {
-                    info!(signal, "shutting down");
-                    break Ok(());
-                }
-                None => break Err(DaemonError::Fatal("signal listener stopped".into())),
-            },
-            _ = watchdog_tick.tick(), if watchdog.is_some() => {
-                let unhealthy = board.unhealthy(watchdog.unwrap_or_default());
-                if unhealthy.is_empty() {
-                    systemd::watchdog();
-                } else {
-                    let names: Vec<String> = unhealthy.iter().map(Task::to_string).collect();
-                    error!(tasks = %names.join(","), "loops are dead or stuck; withholding the watchdog ping so systemd restarts us");
-                }
-            }
-            ended = tasks.join_next() => {
-                let what = match ended {
-                    Some(Ok(task)) => format!("the {task} loop stopped unexpectedly"),
-                    Some(Err(e)) => format!("a loop crashed: {e}"),
-                    None => "every loop stopped".to_string(),
-                };
-                break Err(DaemonError::Fatal(what));
-            }
-            Some(message) = fatal_rx.recv() => break Err(DaemonError::Fatal(message)),
-        }
-    };
-
-    systemd::stopping();
-    shutdown.cancel();
+    let outcome = loops
+        .serve(&mut boot.signals, watchdog, || reloader.reload(&ctx))
+        .await;
     // Read now, not at start: the timeout is reloadable.
-    let shutdown_timeout = ctx.config().daemon.shutdown_timeout;
-    let drained = tokio::time::timeout(shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        let busy: Vec<String> = board.busy().iter().map(Task::to_string).collect();
-        warn!(tasks = %busy.join(","), timeout_s = shutdown_timeout.as_secs(), "loops did not stop in time; aborting them");
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    }
+    loops.teardown(ctx.config().daemon.shutdown_timeout).await;
     outcome
 }

@@ -5,8 +5,8 @@
 use tokio::time::Instant;
 use tracing::info;
 
-use super::Context;
-use super::Task;
+use super::context::Context;
+use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::CacheError;
 

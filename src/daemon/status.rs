@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::Task;
+use super::context::Task;
 use crate::config::values::human_bytes;
 
 #[derive(Debug, Default, Clone)]

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Task;
+use super::context::Task;
 use super::status::StatusBoard;
 
 /// What a worker wants after a step.
