@@ -45,7 +45,6 @@ impl Worker for CleanerWorker {
         // shows in STATUS until it is restored (the watcher wakes this loop for it).
         let replaced = self.ctx.driver.layout().replaced_dirs();
         self.ctx.board.set_replaced_dirs(replaced);
-        self.ctx.publish_status();
         let report = self.ctx.driver.clean(policy, now).await?;
         if report.being_written > 0 {
             debug!(
@@ -62,7 +61,6 @@ impl Worker for CleanerWorker {
             );
         }
         self.ctx.board.cleaned(report.files(), report.bytes());
-        self.ctx.publish_status();
         let mut wake = Instant::now() + config.cleaner.interval;
         if let Some(due) = report.next_due {
             // Never past the interval: a far-future mtime must not overflow `Instant`.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 
 use super::status::StatusBoard;
-use super::systemd;
 use crate::cache::CacheDriver;
 use crate::config::Config;
 
@@ -69,19 +68,11 @@ impl Context {
         self.config.borrow().clone()
     }
 
-    /// Counts the queue for the status line and publishes it; returns the count.
-    pub async fn publish_queue_status(&self) -> Result<usize, crate::cache::CacheError> {
+    /// Counts the queue for the status board; returns the count.
+    pub async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
         let queued = self.driver.db().count_queued(self.driver.node()).await?;
         let queued = queued.max(0) as usize;
         self.board.set_queued(queued);
-        self.publish_status();
         Ok(queued)
-    }
-
-    /// Sends the status line to systemd when it changed.
-    pub fn publish_status(&self) {
-        if let Some(line) = self.board.line_if_changed() {
-            systemd::status(&line);
-        }
     }
 }

@@ -276,7 +276,7 @@ async fn take_lease(
         process::HolderState::Unknown if process::may_be_predecessor(&other.holder) => {
             let watch = ttl / 2;
             info!(previous = %other.holder, watch_ms = watch.as_millis() as u64, "the node's lease is held by a process this host cannot look at; waiting to see whether it still renews it");
-            systemd::status("waiting to see whether the previous lease holder still renews it");
+            status::boot_phase("waiting to see whether the previous lease holder still renews it");
             boot.phase(tokio::time::sleep(watch)).await?;
             match boot
                 .phase(driver.db().lease_holder(driver.node()))
@@ -377,29 +377,24 @@ async fn serve(
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
-        &ctx,
         cleaner::CleanerWorker::new(ctx.clone()),
         ctx.nudges.cleaner.clone(),
     );
     loops.spawn_worker(
-        &ctx,
         pruner::PrunerWorker::new(ctx.clone()),
         ctx.nudges.pruner.clone(),
     );
     loops.spawn_worker(
-        &ctx,
         queue::QueueWorker::new(ctx.clone()),
         ctx.nudges.queue.clone(),
     );
     let fatal = loops.fatal_sender();
     loops.spawn_worker(
-        &ctx,
         lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal),
         Arc::new(Notify::new()),
     );
     if let Some(upstream) = upstream {
         loops.spawn_worker(
-            &ctx,
             prefetcher::PrefetcherWorker::new(
                 ctx.clone(),
                 upstream,
@@ -422,7 +417,7 @@ async fn serve(
         watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
         "ready"
     );
-    systemd::ready(&board.line());
+    board.ready();
     if boot.reload_pending {
         reloader.reload(&ctx);
     }

@@ -154,7 +154,7 @@ impl Worker for PrefetcherWorker {
             self.downloads.spawn(job.run(image, counted));
         }
         // Downloads change the queue; the queue loop only hears of markers.
-        self.ctx.publish_queue_status().await?;
+        self.ctx.refresh_queued().await?;
         let renew_due = self.renew_claims(&config.prefetcher).await?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(renew_due);
         if self.downloads.len() >= limit {

@@ -81,6 +81,5 @@ impl PrunerWorker {
         self.ctx
             .board
             .set_cache(report.size_after, report.images_after, policy.max_size);
-        self.ctx.publish_status();
     }
 }

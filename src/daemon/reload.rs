@@ -61,7 +61,7 @@ impl Reloader {
                 ctx.nudges.all();
             }
         }
-        systemd::ready(&ctx.board.line());
+        ctx.board.ready();
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::context::{Context, Task};
+use super::context::Task;
 use super::error::DaemonError;
 use super::signals::SignalCommand;
 use super::status::StatusBoard;
@@ -46,15 +46,11 @@ impl Supervisor {
     }
 
     /// Runs `worker` under the runner until shutdown, woken early by `nudge`.
-    pub fn spawn_worker<W: Worker>(&mut self, ctx: &Context, worker: W, nudge: Arc<Notify>) {
-        let (shutdown, board, status_ctx) =
-            (self.shutdown.clone(), self.board.clone(), ctx.clone());
+    pub fn spawn_worker<W: Worker>(&mut self, worker: W, nudge: Arc<Notify>) {
+        let (shutdown, board) = (self.shutdown.clone(), self.board.clone());
         let task = worker.task();
         self.tasks.spawn(async move {
-            worker::run(worker, nudge, shutdown, board, move || {
-                status_ctx.publish_status()
-            })
-            .await;
+            worker::run(worker, nudge, shutdown, board).await;
             task
         });
     }
@@ -75,7 +71,8 @@ impl Supervisor {
     }
 
     /// Supervises until a shutdown signal (`Ok`) or a fatal condition (`Err`). `reload`
-    /// runs for each SIGHUP.
+    /// runs for each SIGHUP. The board's changes are sent as STATUS from here, so
+    /// nothing is sent after STOPPING.
     pub async fn serve(
         &mut self,
         signals: &mut mpsc::UnboundedReceiver<SignalCommand>,
@@ -115,6 +112,7 @@ impl Supervisor {
                     return Err(DaemonError::Fatal(what));
                 }
                 Some(message) = self.fatal_rx.recv() => return Err(DaemonError::Fatal(message)),
+                _ = self.board.changed() => self.board.publish(),
             }
         }
     }

@@ -58,7 +58,6 @@ pub async fn run<W: Worker>(
     nudge: Arc<Notify>,
     shutdown: CancellationToken,
     board: Arc<StatusBoard>,
-    on_change: impl Fn() + Send,
 ) {
     let task = worker.task();
     board.task_started(task);
@@ -70,7 +69,6 @@ pub async fn run<W: Worker>(
             Ok(next) => {
                 if board.step_finished(task, None) {
                     info!(%task, "loop recovered");
-                    on_change();
                 }
                 match next {
                     Next::IdleUntil(at) => at,
@@ -87,7 +85,6 @@ pub async fn run<W: Worker>(
                 let failures = board.consecutive_failures(task);
                 let delay = backoff(failures);
                 warn!(%task, error = %message, failures, retry_in_ms = delay.as_millis() as u64, "loop step failed; backing off");
-                on_change();
                 // During a backoff nudges are ignored: they would only hammer whatever
                 // is failing.
                 tokio::select! {
