@@ -44,14 +44,14 @@ impl Worker for PrunerWorker {
                 };
                 let pass = driver.start_prune(policy).await?;
                 self.pass = Some((pass, policy, Instant::now()));
-                Ok(Next::Continue)
+                Ok(Next::Again)
             }
             Some((mut pass, policy, started)) if !pass.is_done() => {
                 // On an error the pass is dropped with its prune turn, so downloads can
                 // make room during the backoff; the next step starts a new pass.
                 pass.step(driver, PRUNE_STEP_ROWS).await?;
                 self.pass = Some((pass, policy, started));
-                Ok(Next::Continue)
+                Ok(Next::Again)
             }
             Some((pass, policy, started)) => {
                 self.report(pass, policy, started);

@@ -16,13 +16,18 @@ use super::context::Task;
 use super::status::StatusBoard;
 
 /// What a worker wants after a step.
+///
+/// There is no `Done`: every loop of the daemon runs for the life of the process, and
+/// the supervisor takes a loop that ends for a dead one (fatal: exit 1).
+/// A worker that could finish for good would need the supervisor to tell the two apart;
+/// add the variant with the first such worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// Nothing to do until this instant, or until nudged.
     IdleUntil(Instant),
     /// More work is due: step again at once. Long work is cut into such steps, so each
     /// step stays bounded and the watchdog judges each one, not the whole work.
-    Continue,
+    Again,
 }
 
 /// First and longest pause after failed steps: from one second, doubling, up to a minute,
@@ -72,7 +77,7 @@ pub async fn run<W: Worker>(
                 }
                 match next {
                     Next::IdleUntil(at) => at,
-                    Next::Continue => {
+                    Next::Again => {
                         // Let the other tasks of this worker thread run between steps.
                         tokio::task::yield_now().await;
                         continue;
