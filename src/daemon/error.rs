@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
+use super::context::Task;
 use crate::cache::CacheError;
 use crate::db::DbError;
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -38,6 +40,28 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("cannot watch the cache directory: {0}")]
     Watch(#[from] notify::Error),
+    /// The configured `[upstream]` cannot be set up (its HTTP client, its CA bundle).
     #[error("{0}")]
-    Fatal(String),
+    Config(#[source] UpstreamError),
+    /// The signal stream the daemon was given ended.
+    #[error("signal listener stopped")]
+    SignalsEnded,
+    /// A loop returned while the daemon was not shutting down.
+    #[error("the {task} loop stopped unexpectedly")]
+    LoopEnded { task: Task },
+    /// A loop panicked (or was cancelled from outside).
+    #[error("a loop crashed: {0}")]
+    LoopCrashed(#[source] tokio::task::JoinError),
+    /// No loop is left to supervise.
+    #[error("every loop stopped")]
+    NoLoops,
+    /// Another daemon took the node's lease over (started with `--force`).
+    #[error("lost the lease on node {node:?}: another daemon took it over (started with --force?)")]
+    LeaseLost { node: String },
+    /// The SQLite file the daemon opened is no longer the one its path names.
+    #[error(
+        "the SQLite database {} {what} while the daemon ran on it; stopping so that a restart opens the file the path names now",
+        .path.display()
+    )]
+    DatabaseFileGone { path: PathBuf, what: &'static str },
 }

@@ -356,10 +356,7 @@ async fn serve(
         info!(recovered, "released the claims of interrupted downloads");
     }
     let upstream = match &config.upstream {
-        Some(u) => Some(
-            crate::upstream::Upstream::from_config(u)
-                .map_err(|e| DaemonError::Fatal(e.to_string()))?,
-        ),
+        Some(u) => Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?),
         None => {
             info!("no [upstream] configured: queued images are not prefetched");
             None

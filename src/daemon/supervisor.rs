@@ -24,8 +24,8 @@ pub struct Supervisor {
     tasks: JoinSet<Task>,
     board: Arc<StatusBoard>,
     shutdown: CancellationToken,
-    fatal_tx: mpsc::UnboundedSender<String>,
-    fatal_rx: mpsc::UnboundedReceiver<String>,
+    fatal_tx: mpsc::UnboundedSender<DaemonError>,
+    fatal_rx: mpsc::UnboundedReceiver<DaemonError>,
 }
 
 impl Supervisor {
@@ -41,7 +41,7 @@ impl Supervisor {
     }
 
     /// Where a loop reports a condition that must stop the daemon.
-    pub fn fatal_sender(&self) -> mpsc::UnboundedSender<String> {
+    pub fn fatal_sender(&self) -> mpsc::UnboundedSender<DaemonError> {
         self.fatal_tx.clone()
     }
 
@@ -92,7 +92,7 @@ impl Supervisor {
                         info!(signal, "shutting down");
                         return Ok(());
                     }
-                    None => return Err(DaemonError::Fatal("signal listener stopped".into())),
+                    None => return Err(DaemonError::SignalsEnded),
                 },
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let unhealthy = self.board.unhealthy(watchdog.unwrap_or_default());
@@ -103,15 +103,12 @@ impl Supervisor {
                         error!(tasks = %names.join(","), "loops are dead or stuck; withholding the watchdog ping so systemd restarts us");
                     }
                 }
-                ended = self.tasks.join_next() => {
-                    let what = match ended {
-                        Some(Ok(task)) => format!("the {task} loop stopped unexpectedly"),
-                        Some(Err(e)) => format!("a loop crashed: {e}"),
-                        None => "every loop stopped".to_string(),
-                    };
-                    return Err(DaemonError::Fatal(what));
-                }
-                Some(message) = self.fatal_rx.recv() => return Err(DaemonError::Fatal(message)),
+                ended = self.tasks.join_next() => return Err(match ended {
+                    Some(Ok(task)) => DaemonError::LoopEnded { task },
+                    Some(Err(e)) => DaemonError::LoopCrashed(e),
+                    None => DaemonError::NoLoops,
+                }),
+                Some(fatal) = self.fatal_rx.recv() => return Err(fatal),
                 _ = self.board.changed() => self.board.publish(),
             }
         }

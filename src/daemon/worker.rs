@@ -18,7 +18,7 @@ use super::status::StatusBoard;
 /// What a worker wants after a step.
 ///
 /// There is no `Done`: every loop of the daemon runs for the life of the process, and
-/// the supervisor takes a loop that ends for a dead one (fatal: exit 1).
+/// the supervisor takes a loop that ends for a dead one (`DaemonError::LoopEnded`).
 /// A worker that could finish for good would need the supervisor to tell the two apart;
 /// add the variant with the first such worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,10 @@ pub async fn run<W: Worker>(
                 }
             }
             Err(error) => {
+                // Every failed step backs off alike, not classified as transient or
+                // permanent: a loop's errors come from the database or the disk, both of
+                // which an operator can repair under a running daemon, and STATUS shows
+                // the error either way.
                 let message = error.to_string();
                 board.step_finished(task, Some(message.clone()));
                 let failures = board.consecutive_failures(task);
