@@ -401,7 +401,13 @@ pub fn run_daemon(
         force,
         force_reconcile,
     };
-    runtime.block_on(crate::daemon::run(config, options, Some(log_level)))?;
+    let signals = crate::daemon::signals::listen().map_err(crate::daemon::DaemonError::Signals)?;
+    runtime.block_on(crate::daemon::run(
+        config,
+        options,
+        Some(log_level),
+        signals,
+    ))?;
     // Blocking threads (a stuck filesystem call) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)

@@ -50,16 +50,19 @@ pub struct RunOptions {
     pub force_reconcile: bool,
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
-/// condition (a dead loop, a lost lease); a clean shutdown returns `Ok`, also when the
-/// signal came during start-up (each boot phase gives way to it: stopping mid-phase
-/// leaves what a crash there would, which the next start repairs).
+/// Runs the daemon until `signals` brings a shutdown (the binary feeds it from
+/// SIGTERM/SIGINT/SIGHUP through `signals::listen`; tests feed it themselves). Returns an
+/// error for a failed boot or a fatal condition (a dead loop, a lost lease); a clean
+/// shutdown returns `Ok`, also when it came during start-up (each boot phase gives way
+/// to it: stopping mid-phase leaves what a crash there would, which the next start
+/// repairs).
 pub async fn run(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
+    signals: mpsc::UnboundedReceiver<SignalCommand>,
 ) -> Result<(), DaemonError> {
-    let result = boot_and_serve(config, options, log_level).await;
+    let result = boot_and_serve(config, options, log_level, signals).await;
     match &result {
         Ok(()) => info!("stopped"),
         Err(DaemonError::Stopped(signal)) => {
@@ -80,9 +83,9 @@ async fn boot_and_serve(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
+    signals: mpsc::UnboundedReceiver<SignalCommand>,
 ) -> Result<(), DaemonError> {
     info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
-    let signals = signals::listen().map_err(DaemonError::Signals)?;
     let mut boot = Boot::new(signals);
 
     info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
@@ -425,4 +428,55 @@ async fn serve(
     // Read now, not at start: the timeout is reloadable.
     loops.teardown(ctx.config().daemon.shutdown_timeout).await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &std::path::Path) -> PathBuf {
+        let file = dir.join("glance-cached.toml");
+        let text = format!(
+            "[cache]\ndir = \"{}\"\n[daemon]\nshutdown_timeout = \"5s\"\n",
+            dir.join("cache").display()
+        );
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// Starts the daemon in this process on the config at `file`, fed its signals by
+    /// the test.
+    fn start(
+        file: &std::path::Path,
+    ) -> (
+        mpsc::UnboundedSender<SignalCommand>,
+        tokio::task::JoinHandle<Result<(), DaemonError>>,
+    ) {
+        let config = Config::load(Some(file)).unwrap();
+        let options = RunOptions {
+            config_path: Some(file.to_path_buf()),
+            ..RunOptions::default()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, tokio::spawn(run(config, options, None, rx)))
+    }
+
+    /// The signals are a parameter: a daemon in process boots, reloads and stops on the
+    /// commands it is given, and gives its directory's lock back (a second daemon on the
+    /// same directory then serves, rather than failing at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_serves_until_its_signals_say_stop() {
+        const SERVING: Duration = Duration::from_secs(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let file = write_config(tmp.path());
+        for _ in 0..2 {
+            let (signals, mut daemon) = start(&file);
+            signals.send(SignalCommand::Reload).unwrap();
+            let early = tokio::time::timeout(SERVING, &mut daemon).await;
+            assert!(early.is_err(), "still serving: {early:?}");
+            signals.send(SignalCommand::Shutdown("SIGTERM")).unwrap();
+            let stopped = tokio::time::timeout(Duration::from_secs(30), daemon).await;
+            assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+        }
+    }
 }

@@ -134,3 +134,199 @@ impl Supervisor {
         busy
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::daemon::worker::Next;
+
+    /// Idles between steps; its first step hangs when `stuck` (a wedged disk call).
+    struct Fake {
+        task: Task,
+        stuck: bool,
+        finished: Arc<AtomicBool>,
+    }
+
+    impl Fake {
+        fn new(task: Task, stuck: bool) -> (Fake, Arc<AtomicBool>) {
+            let finished = Arc::new(AtomicBool::new(false));
+            let fake = Fake {
+                task,
+                stuck,
+                finished: finished.clone(),
+            };
+            (fake, finished)
+        }
+    }
+
+    impl Worker for Fake {
+        type Error = String;
+
+        fn task(&self) -> Task {
+            self.task
+        }
+
+        async fn step(&mut self) -> Result<Next, String> {
+            if self.stuck {
+                std::future::pending::<()>().await;
+            }
+            Ok(Next::IdleUntil(Instant::now() + Duration::from_secs(3600)))
+        }
+
+        async fn finish(&mut self) {
+            self.finished.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Panics in its step.
+    struct Crashing;
+
+    impl Worker for Crashing {
+        type Error = String;
+
+        fn task(&self) -> Task {
+            Task::Queue
+        }
+
+        async fn step(&mut self) -> Result<Next, String> {
+            panic!("a bug in a loop");
+        }
+    }
+
+    fn supervisor() -> Supervisor {
+        Supervisor::new(Arc::new(StatusBoard::default()), CancellationToken::new())
+    }
+
+    fn spawn_fake(s: &mut Supervisor, task: Task, stuck: bool) -> Arc<AtomicBool> {
+        let (fake, finished) = Fake::new(task, stuck);
+        s.spawn_worker(fake, Arc::new(Notify::new()));
+        finished
+    }
+
+    /// Serves until a fatal condition or a shutdown; the signals are `commands`, and
+    /// the stream stays open after them.
+    async fn serve_with(
+        s: &mut Supervisor,
+        commands: &[SignalCommand],
+    ) -> (Result<(), DaemonError>, usize) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for command in commands {
+            tx.send(*command).unwrap();
+        }
+        let reloads = AtomicUsize::new(0);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(3600),
+            s.serve(&mut rx, None, || {
+                reloads.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .await
+        .expect("the supervisor returns");
+        drop(tx);
+        (outcome, reloads.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_drains_loops_at_step_boundaries() {
+        let mut s = supervisor();
+        let cleaner = spawn_fake(&mut s, Task::Cleaner, false);
+        let pruner = spawn_fake(&mut s, Task::Pruner, false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let stragglers = s.teardown(Duration::from_secs(30)).await;
+        assert_eq!(stragglers, []);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(cleaner.load(Ordering::SeqCst) && pruner.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_aborts_and_names_the_loops_still_busy_at_the_deadline() {
+        let mut s = supervisor();
+        let cleaner = spawn_fake(&mut s, Task::Cleaner, false);
+        spawn_fake(&mut s, Task::Pruner, true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let stragglers = tokio::time::timeout(
+            Duration::from_secs(3600),
+            s.teardown(Duration::from_secs(5)),
+        )
+        .await
+        .expect("teardown keeps its deadline");
+        assert_eq!(stragglers, [Task::Pruner]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "{waited:?}"
+        );
+        assert!(cleaner.load(Ordering::SeqCst), "the idle loop drained");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_ends_is_fatal() {
+        let mut s = supervisor();
+        spawn_fake(&mut s, Task::Cleaner, false);
+        s.spawn_task(Task::Watcher, async {});
+        let (outcome, _) = serve_with(&mut s, &[]).await;
+        assert!(
+            matches!(
+                outcome,
+                Err(DaemonError::LoopEnded {
+                    task: Task::Watcher
+                })
+            ),
+            "{outcome:?}"
+        );
+        let message = outcome.unwrap_err().to_string();
+        assert_eq!(message, "the watcher loop stopped unexpectedly");
+        s.teardown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_panics_is_fatal() {
+        let mut s = supervisor();
+        spawn_fake(&mut s, Task::Cleaner, false);
+        s.spawn_worker(Crashing, Arc::new(Notify::new()));
+        let (outcome, _) = serve_with(&mut s, &[]).await;
+        assert!(
+            matches!(&outcome, Err(DaemonError::LoopCrashed(e)) if e.is_panic()),
+            "{outcome:?}"
+        );
+        s.teardown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_report_stops_the_supervisor_with_its_error() {
+        let mut s = supervisor();
+        spawn_fake(&mut s, Task::Lease, false);
+        s.fatal_sender()
+            .send(DaemonError::LeaseLost {
+                node: "http://node-a:9292".into(),
+            })
+            .unwrap();
+        let (outcome, _) = serve_with(&mut s, &[]).await;
+        assert!(
+            matches!(&outcome, Err(DaemonError::LeaseLost { node }) if node == "http://node-a:9292"),
+            "{outcome:?}"
+        );
+        s.teardown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn signals_reload_then_shut_down() {
+        let mut s = supervisor();
+        spawn_fake(&mut s, Task::Cleaner, false);
+        let commands = [
+            SignalCommand::Reload,
+            SignalCommand::Reload,
+            SignalCommand::Shutdown("SIGTERM"),
+        ];
+        let (outcome, reloads) = serve_with(&mut s, &commands).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(reloads, 2);
+        assert_eq!(s.teardown(Duration::from_secs(5)).await, []);
+    }
+}
