@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 
@@ -69,7 +68,9 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 stall_time: config.cache.stall_time,
                 invalid_grace: config.cleaner.invalid_grace,
             };
-            let report = driver.reconcile(policy, SystemTime::now(), force).await?;
+            let report = driver
+                .reconcile(policy, crate::clock::system_now(), force)
+                .await?;
             for id in &report.adopted {
                 println!("adopted {id}: file without a row");
             }
@@ -187,7 +188,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 stall_time: stall_time.unwrap_or(config.cache.stall_time),
                 invalid_grace: config.cleaner.invalid_grace,
             };
-            let report = driver.clean(policy, SystemTime::now()).await?;
+            let report = driver.clean(policy, crate::clock::system_now()).await?;
             let invalid = report
                 .removed
                 .iter()
