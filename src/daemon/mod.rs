@@ -119,7 +119,7 @@ async fn boot_and_serve(
         Ok(()) => {
             info!(node = %driver.node_url(), %holder, "holding the node's lease");
             let shutdown = CancellationToken::new();
-            let result = serve(
+            let result = start_loops_and_serve(
                 driver.clone(),
                 config,
                 db_file,
@@ -316,7 +316,7 @@ async fn take_lease(
 /// Reconcile, start the loops, send READY, and hand over to the supervisor until
 /// shutdown or a fatal condition; then tear down.
 #[allow(clippy::too_many_arguments)]
-async fn serve(
+async fn start_loops_and_serve(
     driver: CacheDriver,
     config: Config,
     db_file: Option<lease::DbFile>,
