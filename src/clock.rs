@@ -1,5 +1,6 @@
 //! The one place that reads the wall clock. Logic that depends on time (stall, LRU,
 //! backoff) takes `now` as a parameter so tests set times instead of sleeping.
+//! `clippy.toml` disallows the wall-clock reads everywhere else.
 
 use chrono::{DateTime, Utc};
 
@@ -12,11 +13,19 @@ pub fn after(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
 }
 
 /// The current UTC time.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the one wall-clock read, for chrono times"
+)]
 pub fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
 /// The current wall-clock time as a `SystemTime` (file mtimes are compared against it).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the one wall-clock read, for file times"
+)]
 pub fn system_now() -> std::time::SystemTime {
     std::time::SystemTime::now()
 }

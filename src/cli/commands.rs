@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 
@@ -66,7 +65,9 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Reconcile { force } => {
             let driver = open().await?;
             let policy = config.clean_policy();
-            let report = driver.reconcile(policy, SystemTime::now(), force).await?;
+            let report = driver
+                .reconcile(policy, crate::clock::system_now(), force)
+                .await?;
             for id in &report.adopted {
                 println!("adopted {id}: file without a row");
             }
@@ -184,7 +185,7 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 stall_time: stall_time.unwrap_or(config.cache.stall_time),
                 ..config.clean_policy()
             };
-            let report = driver.clean(policy, SystemTime::now()).await?;
+            let report = driver.clean(policy, crate::clock::system_now()).await?;
             let invalid = report
                 .removed
                 .iter()
@@ -377,7 +378,13 @@ pub fn run_daemon(
         force,
         force_reconcile,
     };
-    runtime.block_on(crate::daemon::run(config, options, Some(log_level)))?;
+    let signals = crate::signals::listen().map_err(crate::daemon::DaemonError::Signals)?;
+    runtime.block_on(crate::daemon::run(
+        config,
+        options,
+        Some(log_level),
+        signals,
+    ))?;
     // Blocking threads (a stuck filesystem call) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)

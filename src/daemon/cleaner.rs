@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::Context;
-use super::Task;
+use super::context::Context;
+use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::CacheError;
 use crate::clock;
@@ -42,7 +42,6 @@ impl Worker for CleanerWorker {
         // shows in STATUS until it is restored (the watcher wakes this loop for it).
         let replaced = self.ctx.driver.layout().replaced_dirs();
         self.ctx.board.set_replaced_dirs(replaced);
-        self.ctx.publish_status();
         let report = self.ctx.driver.clean(policy, now).await?;
         if report.being_written > 0 {
             debug!(
@@ -59,7 +58,6 @@ impl Worker for CleanerWorker {
             );
         }
         self.ctx.board.cleaned(report.files(), report.bytes());
-        self.ctx.publish_status();
         let mut wake = Instant::now() + config.cleaner.interval;
         if let Some(due) = report.next_due {
             // Never past the interval: a far-future mtime must not overflow `Instant`.

@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, warn};
 
-use super::Context;
-use super::Task;
+use super::context::Context;
+use super::context::Task;
+use super::error::DaemonError;
 use super::worker::{Next, Worker};
 use crate::clock;
 use crate::db::{DbError, DbTime};
@@ -49,7 +50,7 @@ impl DbFile {
 
     /// Why the path no longer names the opened file, if it does not. A stat that fails
     /// otherwise (a permission change) is logged and not fatal.
-    fn gone(&self) -> Option<String> {
+    fn gone(&self) -> Option<DaemonError> {
         let what = match std::fs::metadata(&self.path) {
             Ok(meta) if (meta.dev(), meta.ino()) == (self.dev, self.ino) => return None,
             Ok(_) => "was replaced by another file",
@@ -59,10 +60,10 @@ impl DbFile {
                 return None;
             }
         };
-        Some(format!(
-            "the SQLite database {} {what} while the daemon ran on it; stopping so that a restart opens the file the path names now",
-            self.path.display()
-        ))
+        Some(DaemonError::DatabaseFileGone {
+            path: self.path.clone(),
+            what,
+        })
     }
 }
 
@@ -70,7 +71,7 @@ pub struct LeaseWorker {
     ctx: Context,
     holder: String,
     db_file: Option<DbFile>,
-    fatal: mpsc::UnboundedSender<String>,
+    fatal: mpsc::UnboundedSender<DaemonError>,
 }
 
 impl LeaseWorker {
@@ -78,7 +79,7 @@ impl LeaseWorker {
         ctx: Context,
         holder: String,
         db_file: Option<DbFile>,
-        fatal: mpsc::UnboundedSender<String>,
+        fatal: mpsc::UnboundedSender<DaemonError>,
     ) -> Self {
         LeaseWorker {
             ctx,
@@ -98,9 +99,9 @@ impl Worker for LeaseWorker {
 
     async fn step(&mut self) -> Result<Next, DbError> {
         let ttl = self.ctx.config().daemon.lease_ttl;
-        if let Some(message) = self.db_file.as_ref().and_then(DbFile::gone) {
-            error!("{message}");
-            let _ = self.fatal.send(message);
+        if let Some(fatal) = self.db_file.as_ref().and_then(DbFile::gone) {
+            error!("{fatal}");
+            let _ = self.fatal.send(fatal);
             return Ok(Next::IdleUntil(Instant::now() + ttl / 3));
         }
         let now = DbTime::from_utc(clock::now());
@@ -111,12 +112,11 @@ impl Worker for LeaseWorker {
             .renew_lease(self.ctx.driver.node(), &self.holder, now)
             .await?;
         if !held {
-            let message = format!(
-                "lost the lease on node {:?}: another daemon took it over (started with --force?)",
-                self.ctx.driver.node_url()
-            );
-            error!("{message}");
-            let _ = self.fatal.send(message);
+            let fatal = DaemonError::LeaseLost {
+                node: self.ctx.driver.node_url().to_owned(),
+            };
+            error!("{fatal}");
+            let _ = self.fatal.send(fatal);
         }
         Ok(Next::IdleUntil(Instant::now() + ttl / 3))
     }

@@ -1,149 +1,43 @@
-//! The daemon: `glance-cached run`. A boot script (config, database, node, lease,
-//! reconcile, loops, READY), a supervisor that turns signals into shutdown or reload and
-//! feeds the systemd watchdog while the loops are healthy, and a teardown script that
-//! drains the loops at step boundaries under a hard deadline.
+//! The daemon: `glance-cached run`. This file is the boot script: signals, layout, the
+//! directory lock, database, node, lease, reconcile, the loops spawned under the
+//! `supervisor`, READY; each phase gives way to a shutdown signal. The shared types live
+//! in `context`, the errors in `error`, serving and teardown in `supervisor`.
 
 mod cleaner;
+mod context;
+mod error;
 pub(crate) mod lease;
 mod prefetcher;
 mod pruner;
 mod queue;
 mod reload;
 mod status;
+mod supervisor;
 mod systemd;
 mod watcher;
 mod worker;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cache::{CacheDriver, CacheError, CacheLayout};
 use crate::clock;
 use crate::config::Config;
-use crate::db::{Db, DbError, DbTime, LeaseHolder, LeaseOutcome};
+use crate::db::{Db, DbTime, LeaseHolder, LeaseOutcome};
 use crate::process;
 use crate::signals;
 use crate::telemetry::LogLevelHandle;
 
 pub use crate::signals::SignalCommand;
+use context::{Context, Nudges, Task};
+pub use error::DaemonError;
 pub use status::StatusBoard;
-
-/// The background tasks, named in logs and the status table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Task {
-    Cleaner,
-    Pruner,
-    Queue,
-    Lease,
-    Prefetcher,
-    Watcher,
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Task::Cleaner => "cleaner",
-            Task::Pruner => "pruner",
-            Task::Queue => "queue",
-            Task::Lease => "lease",
-            Task::Prefetcher => "prefetcher",
-            Task::Watcher => "watcher",
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error(
-        "node {node:?} is already served by another glance-cached ({holder}, last heartbeat {age}s ago); stop it, or start with --force if it is gone"
-    )]
-    NodeTaken {
-        node: String,
-        holder: String,
-        age: i64,
-    },
-    #[error(
-        "cache directory {dir:?} is in use by another glance-cached daemon on this host (it holds the directory's lock); stop it first"
-    )]
-    DirectoryInUse { dir: PathBuf },
-    #[error("cannot lock the cache directory {dir:?}: {source}")]
-    DirectoryLock {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    DbLocation(#[from] crate::db::location::LocationError),
-    /// A shutdown signal came during start-up: not a failure.
-    #[error("stopped by {0} during start-up")]
-    Stopped(&'static str),
-    #[error("cannot listen for signals: {0}")]
-    Signals(std::io::Error),
-    #[error("cannot watch the cache directory: {0}")]
-    Watch(#[from] notify::Error),
-    #[error("{0}")]
-    Fatal(String),
-}
-
-/// How loops are woken early.
-#[derive(Clone, Default)]
-pub struct Nudges {
-    pub cleaner: Arc<Notify>,
-    pub pruner: Arc<Notify>,
-    pub queue: Arc<Notify>,
-    pub prefetcher: Arc<Notify>,
-}
-
-impl Nudges {
-    pub fn all(&self) {
-        self.cleaner.notify_one();
-        self.pruner.notify_one();
-        self.queue.notify_one();
-        self.prefetcher.notify_one();
-    }
-}
-
-/// What every loop shares.
-#[derive(Clone)]
-pub struct Context {
-    pub driver: CacheDriver,
-    pub config: watch::Receiver<Arc<Config>>,
-    pub board: Arc<StatusBoard>,
-    pub nudges: Nudges,
-}
-
-impl Context {
-    /// The current configuration (swapped by a reload).
-    pub fn config(&self) -> Arc<Config> {
-        self.config.borrow().clone()
-    }
-
-    /// Counts the queue for the status line and publishes it; returns the count.
-    pub async fn publish_queue_status(&self) -> Result<usize, crate::cache::CacheError> {
-        let queued = self.driver.db().count_queued(self.driver.node()).await?;
-        let queued = queued.max(0) as usize;
-        self.board.set_queued(queued);
-        self.publish_status();
-        Ok(queued)
-    }
-
-    /// Sends the status line to systemd when it changed.
-    pub fn publish_status(&self) {
-        if let Some(line) = self.board.line_if_changed() {
-            systemd::status(&line);
-        }
-    }
-}
+use supervisor::Supervisor;
 
 /// Options of `glance-cached run` beyond the configuration.
 #[derive(Debug, Clone, Default)]
@@ -156,16 +50,19 @@ pub struct RunOptions {
     pub force_reconcile: bool,
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. Returns an error for a failed boot or a fatal
-/// condition (a dead loop, a lost lease); a clean shutdown returns `Ok`, also when the
-/// signal came during start-up (each boot phase gives way to it: stopping mid-phase
-/// leaves what a crash there would, which the next start repairs).
+/// Runs the daemon until `signals` brings a shutdown (the binary feeds it from
+/// SIGTERM/SIGINT/SIGHUP through `signals::listen`; tests feed it themselves). Returns an
+/// error for a failed boot or a fatal condition (a dead loop, a lost lease); a clean
+/// shutdown returns `Ok`, also when it came during start-up (each boot phase gives way
+/// to it: stopping mid-phase leaves what a crash there would, which the next start
+/// repairs).
 pub async fn run(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
+    signals: mpsc::UnboundedReceiver<SignalCommand>,
 ) -> Result<(), DaemonError> {
-    let result = boot_and_serve(config, options, log_level).await;
+    let result = boot_and_serve(config, options, log_level, signals).await;
     match &result {
         Ok(()) => info!("stopped"),
         Err(DaemonError::Stopped(signal)) => {
@@ -186,9 +83,9 @@ async fn boot_and_serve(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
+    signals: mpsc::UnboundedReceiver<SignalCommand>,
 ) -> Result<(), DaemonError> {
     info!(version = env!("CARGO_PKG_VERSION"), config = ?options.config_path, "starting glance-cached");
-    let signals = signals::listen().map_err(DaemonError::Signals)?;
     let mut boot = Boot::new(signals);
 
     info!(dir = ?config.cache.dir, database = %crate::db::mask_url(&config.database.url), "opening the cache");
@@ -222,7 +119,7 @@ async fn boot_and_serve(
         Ok(()) => {
             info!(node = %driver.node_url(), %holder, "holding the node's lease");
             let shutdown = CancellationToken::new();
-            let result = serve(
+            let result = start_loops_and_serve(
                 driver.clone(),
                 config,
                 db_file,
@@ -382,7 +279,7 @@ async fn take_lease(
         process::HolderState::Unknown if process::may_be_predecessor(&other.holder) => {
             let watch = ttl / 2;
             info!(previous = %other.holder, watch_ms = watch.as_millis() as u64, "the node's lease is held by a process this host cannot look at; waiting to see whether it still renews it");
-            systemd::status("waiting to see whether the previous lease holder still renews it");
+            status::boot_phase("waiting to see whether the previous lease holder still renews it");
             boot.phase(tokio::time::sleep(watch)).await?;
             match boot
                 .phase(driver.db().lease_holder(driver.node()))
@@ -416,9 +313,10 @@ async fn take_lease(
     }
 }
 
-/// Reconcile, start the loops, supervise, and tear down.
+/// Reconcile, start the loops, send READY, and hand over to the supervisor until
+/// shutdown or a fatal condition; then tear down.
 #[allow(clippy::too_many_arguments)]
-async fn serve(
+async fn start_loops_and_serve(
     driver: CacheDriver,
     config: Config,
     db_file: Option<lease::DbFile>,
@@ -458,10 +356,7 @@ async fn serve(
         info!(recovered, "released the claims of interrupted downloads");
     }
     let upstream = match &config.upstream {
-        Some(u) => Some(
-            crate::upstream::Upstream::from_config(u)
-                .map_err(|e| DaemonError::Fatal(e.to_string()))?,
-        ),
+        Some(u) => Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?),
         None => {
             info!("no [upstream] configured: queued images are not prefetched");
             None
@@ -477,61 +372,37 @@ async fn serve(
         board: board.clone(),
         nudges: Nudges::default(),
     };
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let mut tasks: JoinSet<Task> = JoinSet::new();
-    let status_ctx = ctx.clone();
-    let on_change = move || status_ctx.publish_status();
-    macro_rules! spawn_loop {
-        ($worker:expr, $nudge:expr) => {{
-            let (w, n, s, b, c) = (
-                $worker,
-                $nudge,
-                shutdown.clone(),
-                board.clone(),
-                on_change.clone(),
-            );
-            let task = worker::Worker::task(&w);
-            tasks.spawn(async move {
-                worker::run(w, n, s, b, c).await;
-                task
-            });
-        }};
-    }
-    spawn_loop!(
+    let mut loops = Supervisor::new(board.clone(), shutdown.clone());
+    loops.spawn_worker(
         cleaner::CleanerWorker::new(ctx.clone()),
-        ctx.nudges.cleaner.clone()
+        ctx.nudges.cleaner.clone(),
     );
-    spawn_loop!(
+    loops.spawn_worker(
         pruner::PrunerWorker::new(ctx.clone()),
-        ctx.nudges.pruner.clone()
+        ctx.nudges.pruner.clone(),
     );
-    spawn_loop!(
+    loops.spawn_worker(
         queue::QueueWorker::new(ctx.clone()),
-        ctx.nudges.queue.clone()
+        ctx.nudges.queue.clone(),
     );
-    spawn_loop!(
-        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal_tx),
-        Arc::new(Notify::new())
+    let fatal = loops.fatal_sender();
+    loops.spawn_worker(
+        lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal),
+        Arc::new(Notify::new()),
     );
     if let Some(upstream) = upstream {
-        spawn_loop!(
+        loops.spawn_worker(
             prefetcher::PrefetcherWorker::new(
                 ctx.clone(),
                 upstream,
                 holder.to_owned(),
-                shutdown.clone()
+                shutdown.clone(),
             ),
-            ctx.nudges.prefetcher.clone()
+            ctx.nudges.prefetcher.clone(),
         );
     }
     let watch_actor = watcher::start(driver.layout(), ctx.nudges.clone(), shutdown.clone())?;
-    board.task_started(Task::Watcher);
-    let watch_board = board.clone();
-    tasks.spawn(async move {
-        watch_actor.await;
-        watch_board.task_ended(Task::Watcher);
-        Task::Watcher
-    });
+    loops.spawn_task(Task::Watcher, watch_actor);
 
     let reloader = reload::Reloader {
         config_path: options.config_path.clone(),
@@ -539,64 +410,70 @@ async fn serve(
         log_level,
     };
     let watchdog = systemd::watchdog_timeout();
-    let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| w / 2));
     info!(
         watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
         "ready"
     );
-    systemd::ready(&board.line());
+    board.ready();
     if boot.reload_pending {
         reloader.reload(&ctx);
     }
 
-    let outcome = loop {
-        tokio::select! {
-            command = boot.signals.recv() => match command {
-                Some(SignalCommand::Reload) => {
-                    info!("SIGHUP: reloading configuration");
-                    reloader.reload(&ctx);
-                }
-                Some(SignalCommand::Shutdown(signal)) => {
-                    info!(signal, "shutting down");
-                    break Ok(());
-                }
-                None => break Err(DaemonError::Fatal("signal listener stopped".into())),
-            },
-            _ = watchdog_tick.tick(), if watchdog.is_some() => {
-                let unhealthy = board.unhealthy(watchdog.unwrap_or_default());
-                if unhealthy.is_empty() {
-                    systemd::watchdog();
-                } else {
-                    let names: Vec<String> = unhealthy.iter().map(Task::to_string).collect();
-                    error!(tasks = %names.join(","), "loops are dead or stuck; withholding the watchdog ping so systemd restarts us");
-                }
-            }
-            ended = tasks.join_next() => {
-                let what = match ended {
-                    Some(Ok(task)) => format!("the {task} loop stopped unexpectedly"),
-                    Some(Err(e)) => format!("a loop crashed: {e}"),
-                    None => "every loop stopped".to_string(),
-                };
-                break Err(DaemonError::Fatal(what));
-            }
-            Some(message) = fatal_rx.recv() => break Err(DaemonError::Fatal(message)),
-        }
-    };
-
-    systemd::stopping();
-    shutdown.cancel();
+    let outcome = loops
+        .serve(&mut boot.signals, watchdog, || reloader.reload(&ctx))
+        .await;
     // Read now, not at start: the timeout is reloadable.
-    let shutdown_timeout = ctx.config().daemon.shutdown_timeout;
-    let drained = tokio::time::timeout(shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        let busy: Vec<String> = board.busy().iter().map(Task::to_string).collect();
-        warn!(tasks = %busy.join(","), timeout_s = shutdown_timeout.as_secs(), "loops did not stop in time; aborting them");
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    }
+    loops.teardown(ctx.config().daemon.shutdown_timeout).await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &std::path::Path) -> PathBuf {
+        let file = dir.join("glance-cached.toml");
+        let text = format!(
+            "[cache]\ndir = \"{}\"\n[daemon]\nshutdown_timeout = \"5s\"\n",
+            dir.join("cache").display()
+        );
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// Starts the daemon in this process on the config at `file`, fed its signals by
+    /// the test.
+    fn start(
+        file: &std::path::Path,
+    ) -> (
+        mpsc::UnboundedSender<SignalCommand>,
+        tokio::task::JoinHandle<Result<(), DaemonError>>,
+    ) {
+        let config = Config::load(Some(file)).unwrap();
+        let options = RunOptions {
+            config_path: Some(file.to_path_buf()),
+            ..RunOptions::default()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, tokio::spawn(run(config, options, None, rx)))
+    }
+
+    /// The signals are a parameter: a daemon in process boots, reloads and stops on the
+    /// commands it is given, and gives its directory's lock back (a second daemon on the
+    /// same directory then serves, rather than failing at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_serves_until_its_signals_say_stop() {
+        const SERVING: Duration = Duration::from_secs(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let file = write_config(tmp.path());
+        for _ in 0..2 {
+            let (signals, mut daemon) = start(&file);
+            signals.send(SignalCommand::Reload).unwrap();
+            let early = tokio::time::timeout(SERVING, &mut daemon).await;
+            assert!(early.is_err(), "still serving: {early:?}");
+            signals.send(SignalCommand::Shutdown("SIGTERM")).unwrap();
+            let stopped = tokio::time::timeout(Duration::from_secs(30), daemon).await;
+            assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+        }
+    }
 }

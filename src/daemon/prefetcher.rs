@@ -13,9 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use super::Context;
-use super::Nudges;
-use super::Task;
+use super::context::{Context, Nudges, Task};
 use super::worker::{Next, Worker};
 use crate::prefetch::{DownloadEvents, EngineError, Finished, PrefetchEngine, PrefetchOutcome};
 use crate::upstream::Upstream;
@@ -78,7 +76,7 @@ impl Worker for PrefetcherWorker {
         self.engine.fill(&config).await?;
         // Downloads change the queue; the queue loop only hears of markers.
         self.ctx
-            .publish_queue_status()
+            .refresh_queued()
             .await
             .map_err(EngineError::Queue)?;
         let periodic = (Instant::now() + config.prefetcher.interval).min(due);

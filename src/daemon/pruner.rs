@@ -7,8 +7,8 @@
 use tokio::time::Instant;
 use tracing::info;
 
-use super::Context;
-use super::Task;
+use super::context::Context;
+use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, PRUNE_STEP_ROWS, PrunePass, PrunePolicy};
 
@@ -40,14 +40,14 @@ impl Worker for PrunerWorker {
                 let policy = config.prune_policy();
                 let pass = driver.start_prune(policy).await?;
                 self.pass = Some((pass, policy, Instant::now()));
-                Ok(Next::Continue)
+                Ok(Next::Again)
             }
             Some((mut pass, policy, started)) if !pass.is_done() => {
                 // On an error the pass is dropped with its prune turn, so downloads can
                 // make room during the backoff; the next step starts a new pass.
                 pass.step(driver, PRUNE_STEP_ROWS).await?;
                 self.pass = Some((pass, policy, started));
-                Ok(Next::Continue)
+                Ok(Next::Again)
             }
             Some((pass, policy, started)) => {
                 self.report(pass, policy, started);
@@ -77,6 +77,5 @@ impl PrunerWorker {
         self.ctx
             .board
             .set_cache(report.size_after, report.images_after, policy.max_size);
-        self.ctx.publish_status();
     }
 }

@@ -5,8 +5,8 @@
 use tokio::time::Instant;
 use tracing::info;
 
-use super::Context;
-use super::Task;
+use super::context::Context;
+use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::CacheError;
 
@@ -37,7 +37,7 @@ impl Worker for QueueWorker {
         // `queue` command writes its marker before its row, so the watcher's nudge for
         // the marker can reach the prefetcher before the row exists, and this pass may
         // then find the row already there.
-        if self.ctx.publish_queue_status().await? > 0 {
+        if self.ctx.refresh_queued().await? > 0 {
             self.ctx.nudges.prefetcher.notify_one();
         }
         Ok(Next::IdleUntil(Instant::now() + config.queue_interval()))

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
-use super::{Context, systemd};
+use super::context::Context;
+use super::systemd;
 use crate::config::Config;
 use crate::telemetry::LogLevelHandle;
 
@@ -60,6 +61,6 @@ impl Reloader {
                 ctx.nudges.all();
             }
         }
-        systemd::ready(&ctx.board.line());
+        ctx.board.ready();
     }
 }

@@ -1,13 +1,19 @@
 //! The status board: what each loop is doing and the latest figures, shared by the
-//! loops, the watchdog and the systemd STATUS line.
+//! loops, the watchdog and the systemd STATUS line. Loops only report facts here; this
+//! file is the one that sends STATUS, when the supervisor sees the board change
+//! (`changed`, `publish`) and with READY.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-use super::Task;
+use super::context::Task;
+use super::systemd;
 use crate::config::values::human_bytes;
 
 #[derive(Debug, Default, Clone)]
@@ -39,15 +45,49 @@ struct Board {
     published: String,
 }
 
+/// A STATUS line of its own while the board does not exist yet (a boot phase that
+/// waits).
+pub fn boot_phase(text: &str) {
+    systemd::status(text);
+}
+
 /// Shared state behind a mutex; every change can be published as the systemd STATUS.
 #[derive(Debug, Default)]
 pub struct StatusBoard {
     inner: Mutex<Board>,
+    /// Signalled by every change the STATUS line shows (one stored permit: changes
+    /// coalesce until the publisher looks).
+    changed: Notify,
 }
 
 impl StatusBoard {
     fn with<R>(&self, f: impl FnOnce(&mut Board) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A change the STATUS line shows.
+    fn change(&self, f: impl FnOnce(&mut Board)) {
+        self.with(f);
+        self.changed.notify_one();
+    }
+
+    /// Resolves once the board changed since the last time it resolved.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Sends the STATUS line to systemd when it differs from the last one sent.
+    pub fn publish(&self) {
+        if let Some(line) = self.line_if_changed() {
+            systemd::status(&line);
+        }
+    }
+
+    /// Sends READY with the STATUS line (at start and after a reload).
+    pub fn ready(&self) {
+        let line = self.line();
+        systemd::ready(&line);
+        self.with(|b| b.published = line);
     }
 
     pub fn task_started(&self, task: Task) {
@@ -69,11 +109,12 @@ impl StatusBoard {
     /// Records the end of a step; returns true when the task had been failing and has
     /// now recovered.
     pub fn step_finished(&self, task: Task, error: Option<String>) -> bool {
-        self.with(|b| {
+        let (recovered, shown) = self.with(|b| {
             let t = b.tasks.entry(task).or_default();
             t.in_step_since = None;
             t.steps += 1;
             let recovered = error.is_none() && t.consecutive_failures > 0;
+            let shown = error.is_some() || recovered;
             match error {
                 Some(e) => {
                     t.consecutive_failures += 1;
@@ -84,8 +125,12 @@ impl StatusBoard {
                     t.last_error = None;
                 }
             }
-            recovered
-        })
+            (recovered, shown)
+        });
+        if shown {
+            self.changed.notify_one();
+        }
+        recovered
     }
 
     pub fn task_ended(&self, task: Task) {
@@ -121,7 +166,7 @@ impl StatusBoard {
     }
 
     pub fn set_cache(&self, size: u64, images: usize, max_size: u64) {
-        self.with(|b| {
+        self.change(|b| {
             b.size = Some(size);
             b.images = Some(images);
             b.max_size = max_size;
@@ -129,39 +174,39 @@ impl StatusBoard {
     }
 
     pub fn set_max_size(&self, max_size: u64) {
-        self.with(|b| b.max_size = max_size);
+        self.change(|b| b.max_size = max_size);
     }
 
     pub fn set_queued(&self, queued: usize) {
-        self.with(|b| b.queued = Some(queued));
+        self.change(|b| b.queued = Some(queued));
     }
 
     pub fn download_started(&self) {
-        self.with(|b| b.downloading += 1);
+        self.change(|b| b.downloading += 1);
     }
 
     pub fn download_finished(&self) {
-        self.with(|b| b.downloading = b.downloading.saturating_sub(1));
+        self.change(|b| b.downloading = b.downloading.saturating_sub(1));
     }
 
     pub fn pruned(&self, files: usize, bytes: u64) {
-        self.with(|b| b.last_prune = Some((crate::clock::now(), files, bytes)));
+        self.change(|b| b.last_prune = Some((crate::clock::now(), files, bytes)));
     }
 
     pub fn cleaned(&self, files: usize, bytes: u64) {
-        self.with(|b| b.last_clean = Some((crate::clock::now(), files, bytes)));
+        self.change(|b| b.last_clean = Some((crate::clock::now(), files, bytes)));
     }
 
     pub fn set_replaced_dirs(&self, dirs: Vec<std::path::PathBuf>) {
-        self.with(|b| b.replaced_dirs = dirs);
+        self.change(|b| b.replaced_dirs = dirs);
     }
 
     pub fn set_config_error(&self, error: Option<String>) {
-        self.with(|b| b.config_error = error);
+        self.change(|b| b.config_error = error);
     }
 
     /// The status line when it differs from the one last returned by this method.
-    pub fn line_if_changed(&self) -> Option<String> {
+    fn line_if_changed(&self) -> Option<String> {
         let line = self.line();
         self.with(|b| {
             if b.published == line {

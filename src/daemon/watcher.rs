@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::Nudges;
+use super::context::Nudges;
 use crate::cache::{Area, CacheLayout};
 use crate::image_id::ImageId;
 

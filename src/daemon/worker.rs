@@ -12,17 +12,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Task;
+use super::context::Task;
 use super::status::StatusBoard;
 
 /// What a worker wants after a step.
+///
+/// There is no `Done`: every loop of the daemon runs for the life of the process, and
+/// the supervisor takes a loop that ends for a dead one (`DaemonError::LoopEnded`).
+/// A worker that could finish for good would need the supervisor to tell the two apart;
+/// add the variant with the first such worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// Nothing to do until this instant, or until nudged.
     IdleUntil(Instant),
     /// More work is due: step again at once. Long work is cut into such steps, so each
     /// step stays bounded and the watchdog judges each one, not the whole work.
-    Continue,
+    Again,
 }
 
 /// First and longest pause after failed steps: from one second, doubling, up to a minute,
@@ -58,7 +63,6 @@ pub async fn run<W: Worker>(
     nudge: Arc<Notify>,
     shutdown: CancellationToken,
     board: Arc<StatusBoard>,
-    on_change: impl Fn() + Send,
 ) {
     let task = worker.task();
     board.task_started(task);
@@ -70,11 +74,10 @@ pub async fn run<W: Worker>(
             Ok(next) => {
                 if board.step_finished(task, None) {
                     info!(%task, "loop recovered");
-                    on_change();
                 }
                 match next {
                     Next::IdleUntil(at) => at,
-                    Next::Continue => {
+                    Next::Again => {
                         // Let the other tasks of this worker thread run between steps.
                         tokio::task::yield_now().await;
                         continue;
@@ -82,12 +85,15 @@ pub async fn run<W: Worker>(
                 }
             }
             Err(error) => {
+                // Every failed step backs off alike, not classified as transient or
+                // permanent: a loop's errors come from the database or the disk, both of
+                // which an operator can repair under a running daemon, and STATUS shows
+                // the error either way.
                 let message = error.to_string();
                 board.step_finished(task, Some(message.clone()));
                 let failures = board.consecutive_failures(task);
                 let delay = backoff(failures);
                 warn!(%task, error = %message, failures, retry_in_ms = delay.as_millis() as u64, "loop step failed; backing off");
-                on_change();
                 // During a backoff nudges are ignored: they would only hammer whatever
                 // is failing.
                 tokio::select! {
@@ -111,6 +117,118 @@ pub async fn run<W: Worker>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Fails its first `failures` steps, then idles for an hour after each; reports the
+    /// instant each step ran.
+    struct Scripted {
+        failures: u32,
+        steps: mpsc::UnboundedSender<Instant>,
+    }
+
+    impl Worker for Scripted {
+        type Error = String;
+
+        fn task(&self) -> Task {
+            Task::Cleaner
+        }
+
+        async fn step(&mut self) -> Result<Next, String> {
+            let _ = self.steps.send(Instant::now());
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err("database down".into());
+            }
+            Ok(Next::IdleUntil(Instant::now() + HOUR))
+        }
+    }
+
+    struct Running {
+        nudge: Arc<Notify>,
+        board: Arc<StatusBoard>,
+        steps: mpsc::UnboundedReceiver<Instant>,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    fn start(failures: u32) -> Running {
+        let (tx, steps) = mpsc::unbounded_channel();
+        let (nudge, board) = (Arc::new(Notify::new()), Arc::new(StatusBoard::default()));
+        let shutdown = CancellationToken::new();
+        let worker = Scripted {
+            failures,
+            steps: tx,
+        };
+        tokio::spawn(run(worker, nudge.clone(), shutdown.clone(), board.clone()));
+        Running {
+            nudge,
+            board,
+            steps,
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    /// `a` is `b` to the millisecond (the paused clock's timers are exact to a tick).
+    fn about(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) <= Duration::from_millis(1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_steps_back_off_exponentially_up_to_a_cap_deaf_to_nudges_then_resume() {
+        let failures = 9;
+        let mut w = start(failures);
+        // Nudges all through the backoffs: none of them may cut one short.
+        let nudger = tokio::spawn({
+            let nudge = w.nudge.clone();
+            async move {
+                loop {
+                    nudge.notify_one();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let mut at = Vec::new();
+        for _ in 0..=failures {
+            at.push(w.steps.recv().await.unwrap());
+        }
+        nudger.abort();
+        let gaps: Vec<Duration> = at.windows(2).map(|p| p[1] - p[0]).collect();
+        let expected = [1, 2, 4, 8, 16, 32, 60, 60, 60].map(Duration::from_secs);
+        assert!(
+            gaps.iter().zip(&expected).all(|(g, e)| about(*g, *e)),
+            "{gaps:?}"
+        );
+        // The last step succeeded. A nudge left over from the backoffs may still step
+        // once more at that instant; after that, the runner is idle...
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        while let Ok(extra) = w.steps.try_recv() {
+            assert_eq!(extra, at[9]);
+        }
+        assert_eq!(w.board.consecutive_failures(Task::Cleaner), 0);
+        assert!(!w.board.line().contains("failing"), "{}", w.board.line());
+        // ...listens to nudges again at once...
+        w.nudge.notify_one();
+        let nudged = w.steps.recv().await.unwrap();
+        assert!(about(nudged - at[9], Duration::from_secs(60)));
+        // ...and, not nudged, waits for the worker's own `IdleUntil`.
+        let idle_end = w.steps.recv().await.unwrap();
+        assert!(about(idle_end - nudged, HOUR), "{:?}", idle_end - nudged);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nudge_wakes_an_idle_worker_before_its_idle_until() {
+        let mut w = start(0);
+        let first = w.steps.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        w.nudge.notify_one();
+        let second = w.steps.recv().await.unwrap();
+        assert!(
+            about(second - first, Duration::from_secs(5)),
+            "{:?}",
+            second - first
+        );
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

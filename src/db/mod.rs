@@ -95,44 +95,6 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
-impl DbError {
-    /// Whether the error looks like the database being unreachable or restarting, as
-    /// opposed to a bug or a constraint violation: loops back off and retry on these.
-    pub fn is_transient(&self) -> bool {
-        let e = match self {
-            DbError::Connect { source, .. } | DbError::Query(source) => source,
-            _ => return false,
-        };
-        matches!(
-            e,
-            sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Protocol(_)
-        ) || matches!(e, sqlx::Error::Database(d) if is_transient_db_code(d.code().as_deref()))
-    }
-}
-
-/// SQLite busy/locked, PostgreSQL admin shutdown / cannot connect now, MySQL server gone.
-fn is_transient_db_code(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some(
-            "5" | "6"
-                | "517"
-                | "57P01"
-                | "57P02"
-                | "57P03"
-                | "08006"
-                | "08001"
-                | "1053"
-                | "2006"
-                | "2013"
-        )
-    )
-}
-
 #[derive(Clone)]
 pub(crate) enum Pool {
     Sqlite(SqlitePool),

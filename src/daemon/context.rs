@@ -1,0 +1,78 @@
+//! What the loops share, in a file of its own so that no loop imports from the file
+//! that spawns it: the loops' names (`Task`), the nudges that wake them early, and the
+//! `Context` each loop holds (the driver, the live configuration, the status board).
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, watch};
+
+use super::status::StatusBoard;
+use crate::cache::CacheDriver;
+use crate::config::Config;
+
+/// The background tasks, named in logs and the status table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Task {
+    Cleaner,
+    Pruner,
+    Queue,
+    Lease,
+    Prefetcher,
+    Watcher,
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::Cleaner => "cleaner",
+            Task::Pruner => "pruner",
+            Task::Queue => "queue",
+            Task::Lease => "lease",
+            Task::Prefetcher => "prefetcher",
+            Task::Watcher => "watcher",
+        })
+    }
+}
+
+/// How loops are woken early.
+#[derive(Clone, Default)]
+pub struct Nudges {
+    pub cleaner: Arc<Notify>,
+    pub pruner: Arc<Notify>,
+    pub queue: Arc<Notify>,
+    pub prefetcher: Arc<Notify>,
+}
+
+impl Nudges {
+    pub fn all(&self) {
+        self.cleaner.notify_one();
+        self.pruner.notify_one();
+        self.queue.notify_one();
+        self.prefetcher.notify_one();
+    }
+}
+
+/// What every loop shares.
+#[derive(Clone)]
+pub struct Context {
+    pub driver: CacheDriver,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub board: Arc<StatusBoard>,
+    pub nudges: Nudges,
+}
+
+impl Context {
+    /// The current configuration (swapped by a reload).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Counts the queue for the status board; returns the count.
+    pub async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
+        let queued = self.driver.db().count_queued(self.driver.node()).await?;
+        let queued = queued.max(0) as usize;
+        self.board.set_queued(queued);
+        Ok(queued)
+    }
+}
