@@ -12,7 +12,7 @@ use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
 use super::writer::{Expectations, ImageWriter};
 use crate::clock;
-use crate::db::{Db, DbTime, NodeId};
+use crate::db::{Db, DbTime, NodeDb, NodeId};
 use crate::image_id::ImageId;
 
 /// One cached image of this node, as listed by `get_cached_images`.
@@ -64,9 +64,7 @@ pub struct CacheDriver {
 
 struct Inner {
     layout: CacheLayout,
-    db: Db,
-    node: NodeId,
-    node_url: String,
+    db: NodeDb,
     /// Held by the one prune pass of this process (see `PrunePass`).
     prune_turn: Arc<tokio::sync::Mutex<()>>,
 }
@@ -79,51 +77,42 @@ impl CacheDriver {
         db: Db,
         node_url: &str,
     ) -> Result<Self, CacheError> {
-        db.migrate().await?;
-        let node = db.register_node(node_url).await?;
-        debug!(node_url, node_id = node.0, "cache node registered");
-        Ok(Self::with_node(layout, db, node, node_url))
+        let db = NodeDb::configure(db, node_url).await?;
+        Ok(Self::new(layout, db))
     }
 
-    fn with_node(layout: CacheLayout, db: Db, node: NodeId, node_url: &str) -> Self {
+    /// The driver of the node `db` is bound to, on an opened layout.
+    pub fn new(layout: CacheLayout, db: NodeDb) -> Self {
         CacheDriver {
             inner: Arc::new(Inner {
                 layout,
                 db,
-                node,
-                node_url: node_url.to_owned(),
                 prune_turn: Arc::default(),
             }),
         }
     }
 
     /// A driver for commands that only look: no directory, schema or node row is made.
-    /// A node that was never registered has nothing cached or queued, so it gets an id
-    /// that no row carries.
     pub async fn open_read_only(
         layout: CacheLayout,
         db: Db,
         node_url: &str,
     ) -> Result<Self, CacheError> {
-        db.check_schema().await?;
-        let node = db
-            .find_node(node_url)
-            .await?
-            .unwrap_or(NodeId::UNREGISTERED);
-        Ok(Self::with_node(layout, db, node, node_url))
+        let db = NodeDb::open_read_only(db, node_url).await?;
+        Ok(Self::new(layout, db))
     }
 
     pub fn layout(&self) -> &CacheLayout {
         &self.inner.layout
     }
-    pub fn db(&self) -> &Db {
+    pub fn db(&self) -> &NodeDb {
         &self.inner.db
     }
     pub fn node(&self) -> NodeId {
-        self.inner.node
+        self.inner.db.node()
     }
     pub fn node_url(&self) -> &str {
-        &self.inner.node_url
+        self.inner.db.url()
     }
 
     /// Waits until no other prune of this process runs, and holds the turn.
@@ -157,8 +146,7 @@ impl CacheDriver {
 
     /// Queued when this node has a queue row or a marker file for it.
     pub async fn is_queued(&self, id: &ImageId) -> Result<bool, CacheError> {
-        Ok(self.in_area(Area::Queue, id).await
-            || self.db().is_queued(self.node(), id.as_str()).await?)
+        Ok(self.in_area(Area::Queue, id).await || self.db().is_queued(id.as_str()).await?)
     }
 
     /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
@@ -190,9 +178,7 @@ impl CacheDriver {
             .map_err(CacheError::io("create queue marker", marker))?;
         // The insert adds nothing when a row is queued already (the queue loop may have
         // adopted the marker just made): queued either way.
-        self.db()
-            .enqueue(self.node(), id.as_str(), requested)
-            .await?;
+        self.db().enqueue(id.as_str(), requested).await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
         // then the marker is stale and goes.
         if self.cached(id).await {
@@ -206,7 +192,7 @@ impl CacheDriver {
     /// the queued time.
     pub async fn get_queued_images(&self) -> Result<Vec<QueuedImage>, CacheError> {
         self.adopt_queue_markers().await?;
-        let rows = self.db().queued_images(self.node()).await?;
+        let rows = self.db().queued_images().await?;
         Ok(rows.into_iter().filter_map(queued_image).collect())
     }
 
@@ -222,7 +208,7 @@ impl CacheDriver {
         // Rows first, then markers: a marker made for a row read here already exists.
         // Most markers are of images queued long ago (a marker stays until its image is
         // cached): one query tells which, instead of two statements per marker per pass.
-        let queued = self.db().queued_ids(self.node()).await?;
+        let queued = self.db().queued_ids().await?;
         let listing = self.list(Area::Queue).await?;
         self.layout().report_skipped(
             "skipping queue entries that are not regular files named by an image id",
@@ -244,11 +230,7 @@ impl CacheDriver {
                 warn!(image_id = %id, "queue marker's mtime is out of range; queued at the nearest storable time");
                 clamped
             });
-            if self
-                .db()
-                .enqueue(self.node(), id.as_str(), queued_at)
-                .await?
-            {
+            if self.db().enqueue(id.as_str(), queued_at).await? {
                 // Published (and dequeued) between the check and the insert: undo.
                 if self.cached(id).await {
                     self.dequeue_cached(id).await?;
@@ -283,10 +265,7 @@ impl CacheDriver {
         if self.is_cached(id) {
             return Ok(false);
         }
-        let dequeued = self
-            .db()
-            .dequeue_if_idle(self.node(), id.as_str(), holder)
-            .await?;
+        let dequeued = self.db().dequeue_if_idle(id.as_str(), holder).await?;
         if dequeued {
             info!(image_id = %id, "dequeued: its queue marker was removed (through Glance's API)");
         }
@@ -305,7 +284,7 @@ impl CacheDriver {
 
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
     pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
-        let rows = self.db().dequeue(self.node(), id.as_str()).await?;
+        let rows = self.db().dequeue(id.as_str()).await?;
         let files = self.remove_queue_marker(id).await?;
         Ok(u64::from(rows > 0 || files.is_some()))
     }
@@ -335,20 +314,20 @@ impl CacheDriver {
     /// Empties the queue: rows and markers. Returns how many images were queued.
     pub async fn delete_all_queued_images(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
-        let rows = self.db().queued_images(self.node()).await?;
+        let rows = self.db().queued_images().await?;
         let mut ids: std::collections::BTreeSet<String> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
             self.remove_queue_marker(&marker.image_id).await?;
             ids.insert(marker.image_id.to_string());
         }
-        self.db().dequeue_all(self.node()).await?;
+        self.db().dequeue_all().await?;
         Ok(ids.len() as u64)
     }
 
     /// This node's cached images, ordered by image id.
     pub async fn get_cached_images(&self) -> Result<Vec<CachedImage>, CacheError> {
-        let rows = self.db().cached_images(self.node()).await?;
+        let rows = self.db().cached_images().await?;
         Ok(rows
             .into_iter()
             .filter_map(|r| {
@@ -369,7 +348,7 @@ impl CacheDriver {
         if !self.cached(id).await {
             return Ok(0);
         }
-        Ok(self.db().hit_count(self.node(), id.as_str()).await?.max(0) as u64)
+        Ok(self.db().hit_count(id.as_str()).await?.max(0) as u64)
     }
 
     /// The least recently accessed image and its size on disk (0 when its file is
@@ -377,10 +356,7 @@ impl CacheDriver {
     pub async fn get_least_recently_accessed(&self) -> Result<Option<(ImageId, u64)>, CacheError> {
         let mut cursor = None;
         loop {
-            let rows = self
-                .db()
-                .least_recently_accessed(self.node(), cursor, 16)
-                .await?;
+            let rows = self.db().least_recently_accessed(cursor, 16).await?;
             let Some(last) = rows.last() else {
                 return Ok(None);
             };
@@ -424,7 +400,7 @@ impl CacheDriver {
         .await;
         let hit = self
             .db()
-            .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
+            .record_hit(id.as_str(), DbTime::from_utc(clock::now()))
             .await;
         let (file, meta) = match opened {
             Ok(opened) => opened,
@@ -448,9 +424,7 @@ impl CacheDriver {
         let removed = self
             .remove_file(Area::Cached, id, "delete cached image")
             .await?;
-        self.db()
-            .delete_cached_image(self.node(), id.as_str())
-            .await?;
+        self.db().delete_cached_image(id.as_str()).await?;
         Ok(removed.is_some())
     }
 
@@ -468,7 +442,7 @@ impl CacheDriver {
                 deleted += 1;
             }
         }
-        self.db().delete_all_cached_images(self.node()).await?;
+        self.db().delete_all_cached_images().await?;
         Ok(deleted)
     }
 

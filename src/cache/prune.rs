@@ -171,10 +171,7 @@ impl PrunePass {
             // A row whose time cannot be read counts as the oldest: evicted first. A
             // step of its own: it reads every row of the node once.
             self.unreadable_pending = false;
-            let all = driver
-                .db()
-                .cached_images_and_unreadable(driver.node())
-                .await?;
+            let all = driver.db().cached_images_and_unreadable().await?;
             all.warn_unreadable();
             self.fetched = all
                 .unreadable
@@ -186,7 +183,7 @@ impl PrunePass {
         if self.fetched.is_empty() {
             let batch = driver
                 .db()
-                .least_recently_accessed(driver.node(), self.cursor, PRUNE_FETCH_ROWS)
+                .least_recently_accessed(self.cursor, PRUNE_FETCH_ROWS)
                 .await?;
             let Some(last) = batch.last() else {
                 self.done = true;
@@ -207,10 +204,7 @@ impl PrunePass {
             self.min_free_disk,
         );
         let outcome = blocking(move || evict_batch(&layout, &ids, size, target, min)).await;
-        driver
-            .db()
-            .delete_cached_images(driver.node(), &outcome.gone_rows)
-            .await?;
+        driver.db().delete_cached_images(&outcome.gone_rows).await?;
         self.size = outcome.size;
         self.report.pruned.extend(outcome.pruned);
         self.report.rows_without_file += outcome.rows_without_file;
@@ -223,7 +217,7 @@ impl PrunePass {
         let from = self.unchecked.len().saturating_sub(rows.max(1) as usize);
         let files = self.unchecked.split_off(from);
         let ids: Vec<&str> = files.iter().map(|f| f.image_id.as_str()).collect();
-        let known = driver.db().cached_ids_among(driver.node(), &ids).await?;
+        let known = driver.db().cached_ids_among(&ids).await?;
         let known: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
         self.report.adopted += driver.adopt_files_without_rows(&files, &known).await?.len() as u64;
         Ok(())

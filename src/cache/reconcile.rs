@@ -78,7 +78,7 @@ impl CacheDriver {
                 )
             })
             .collect();
-        let adopted = self.db().adopt_cached_images(self.node(), &orphans).await?;
+        let adopted = self.db().adopt_cached_images(&orphans).await?;
         // One line per pass, not per file: a start over 100,000 files Glance wrote must
         // not flood the journal (each id is still there at debug level).
         for id in &adopted {
@@ -109,7 +109,6 @@ impl CacheDriver {
         let adopted = self
             .db()
             .adopt_cached_image(
-                self.node(),
                 id.as_str(),
                 meta.size as i64,
                 mtime_as_db_time(id, meta.modified),
@@ -142,7 +141,7 @@ impl CacheDriver {
             }
             if self
                 .db()
-                .refresh_cached_image_size(self.node(), &row.image_id, row.size, size as i64)
+                .refresh_cached_image_size(&row.image_id, row.size, size as i64)
                 .await?
             {
                 warn!(
@@ -167,7 +166,7 @@ impl CacheDriver {
         force_drop: bool,
     ) -> Result<ReconcileReport, CacheError> {
         let listing = self.list(Area::Cached).await?;
-        let rows = self.db().cached_images(self.node()).await?;
+        let rows = self.db().cached_images().await?;
         let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
         let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
         let ghosts: Vec<String> = rows
@@ -196,7 +195,7 @@ impl CacheDriver {
             .adopt_files_without_rows(&listing.files, &in_db)
             .await?;
         let resized = self.refresh_resized_rows(&listing.files, &rows).await?;
-        self.db().delete_cached_images(self.node(), &ghosts).await?;
+        self.db().delete_cached_images(&ghosts).await?;
         for g in &ghosts {
             info!(image_id = %g, "reconcile: removed a row whose file is gone");
         }

@@ -277,7 +277,6 @@ impl ImageWriter {
         crate::failpoint::hit("writer:before-row");
         let db = self.driver.db();
         db.upsert_cached_image(
-            self.driver.node(),
             self.image_id.as_str(),
             self.written as i64,
             Some(&md5),

@@ -104,16 +104,12 @@ impl Worker for LeaseWorker {
             return Ok(Next::IdleUntil(Instant::now() + ttl / 3));
         }
         let now = DbTime::from_utc(clock::now());
-        let held = self
-            .ctx
-            .driver
-            .db()
-            .renew_lease(self.ctx.driver.node(), &self.holder, now)
-            .await?;
+        let db = &self.ctx.db;
+        let held = db.db().renew_lease(db.node(), &self.holder, now).await?;
         if !held {
             let message = format!(
                 "lost the lease on node {:?}: another daemon took it over (started with --force?)",
-                self.ctx.driver.node_url()
+                self.ctx.db.url()
             );
             error!("{message}");
             let _ = self.fatal.send(message);

@@ -3,7 +3,7 @@
 use sqlx::Row;
 use tracing::{debug, warn};
 
-use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
 
 /// A row of `cached_images` for this node. `image_id` is as stored: the driver validates
 /// it before it is used as a path.
@@ -132,27 +132,24 @@ where
         .or_else(|_| row.try_get::<i32, _>(column).map(i64::from))
 }
 
-impl Db {
+impl NodeDb {
     /// This node's readable rows, ordered by image id; unreadable ones are skipped with
     /// one warning.
-    pub async fn cached_images(&self, node: NodeId) -> Result<Vec<CachedImageRow>, DbError> {
+    pub async fn cached_images(&self) -> Result<Vec<CachedImageRow>, DbError> {
         Ok(self
-            .cached_images_and_unreadable(node)
+            .cached_images_and_unreadable()
             .await?
             .warn_and_skip_unreadable())
     }
 
     /// This node's rows, ordered by image id, with those that cannot be decoded apart.
-    pub async fn cached_images_and_unreadable(
-        &self,
-        node: NodeId,
-    ) -> Result<CachedImageRows, DbError> {
+    pub async fn cached_images_and_unreadable(&self) -> Result<CachedImageRows, DbError> {
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? ORDER BY image_id";
         debug_assert!(Q.contains(SELECT_COLUMNS));
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -163,16 +160,12 @@ impl Db {
     }
 
     /// One row of this node, if present.
-    pub async fn cached_image(
-        &self,
-        node: NodeId,
-        image_id: &str,
-    ) -> Result<Option<CachedImageRow>, DbError> {
+    pub async fn cached_image(&self, image_id: &str) -> Result<Option<CachedImageRow>, DbError> {
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let row = on_pool!(self, |pool, d| {
+        let row = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
@@ -184,11 +177,11 @@ impl Db {
     }
 
     /// The number of rows this node has.
-    pub async fn count_cached_images(&self, node: NodeId) -> Result<i64, DbError> {
+    pub async fn count_cached_images(&self) -> Result<i64, DbError> {
         const Q: &str = "SELECT COUNT(*) FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_one(pool)
                 .await?
                 .try_get::<i64, _>(0)?
@@ -197,12 +190,12 @@ impl Db {
     }
 
     /// The row's hit count, 0 when there is no row.
-    pub async fn hit_count(&self, node: NodeId, image_id: &str) -> Result<i64, DbError> {
+    pub async fn hit_count(&self, image_id: &str) -> Result<i64, DbError> {
         const Q: &str =
             "SELECT hits FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let hits = on_pool!(self, |pool, d| {
+        let hits = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
@@ -214,18 +207,13 @@ impl Db {
 
     /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns
     /// whether a row was there to update.
-    pub async fn record_hit(
-        &self,
-        node: NodeId,
-        image_id: &str,
-        now: DbTime,
-    ) -> Result<bool, DbError> {
+    pub async fn record_hit(&self, image_id: &str, now: DbTime) -> Result<bool, DbError> {
         const Q: &str = "UPDATE cached_images SET hits = hits + 1, last_accessed = ? \
              WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(now)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .execute(pool)
                 .await?
@@ -238,13 +226,12 @@ impl Db {
     /// cached before, the same row with refreshed size, checksum and times.
     pub async fn upsert_cached_image(
         &self,
-        node: NodeId,
         image_id: &str,
         size: i64,
         checksum: Option<&str>,
         now: DbTime,
     ) -> Result<(), DbError> {
-        on_pool!(self, |pool, d| {
+        on_pool!(self.db, |pool, d| {
             let q = match d {
                 Dialect::MySql => {
                     "INSERT INTO cached_images \
@@ -267,7 +254,7 @@ impl Db {
                 .bind(now)
                 .bind(size)
                 .bind(checksum)
-                .bind(node.0)
+                .bind(self.node.0)
                 .execute(pool)
                 .await?;
         });
@@ -278,25 +265,23 @@ impl Db {
     /// mtime and 0 hits. An existing row is left alone. Returns whether a row was added.
     pub async fn adopt_cached_image(
         &self,
-        node: NodeId,
         image_id: &str,
         size: i64,
         modified: DbTime,
     ) -> Result<bool, DbError> {
         let one = [(image_id.to_owned(), size, modified)];
-        Ok(!self.adopt_cached_images(node, &one).await?.is_empty())
+        Ok(!self.adopt_cached_images(&one).await?.is_empty())
     }
 
     /// `adopt_cached_image` for many files in one transaction (a reconcile after a crash
     /// or an upgrade may find thousands). Returns the ids that got a row.
     pub async fn adopt_cached_images(
         &self,
-        node: NodeId,
         files: &[(String, i64, DbTime)],
     ) -> Result<Vec<String>, DbError> {
         let mut adopted = Vec::new();
         for batch in files.chunks(ADOPT_BATCH_ROWS) {
-            on_pool!(self, |pool, d| {
+            on_pool!(self.db, |pool, d| {
                 let q = match d {
                     Dialect::MySql => {
                         "INSERT IGNORE INTO cached_images \
@@ -316,7 +301,7 @@ impl Db {
                         .bind(*modified)
                         .bind(*modified)
                         .bind(*size)
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
@@ -335,17 +320,16 @@ impl Db {
     /// row of its own, which stays). Returns whether the row changed.
     pub async fn refresh_cached_image_size(
         &self,
-        node: NodeId,
         image_id: &str,
         old_size: i64,
         size: i64,
     ) -> Result<bool, DbError> {
         const Q: &str = "UPDATE cached_images SET size = ?, checksum = NULL \
              WHERE node_reference_id = ? AND image_id = ? AND size = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(size)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(old_size)
                 .execute(pool)
@@ -356,11 +340,11 @@ impl Db {
     }
 
     /// Deletes one row of this node. Returns the number of rows deleted.
-    pub async fn delete_cached_image(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
+    pub async fn delete_cached_image(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .execute(pool)
                 .await?
@@ -371,14 +355,10 @@ impl Db {
 
     /// Deletes several rows of this node, a few hundred per statement (a prune of tens
     /// of thousands of images would otherwise spend seconds on round trips).
-    pub async fn delete_cached_images(
-        &self,
-        node: NodeId,
-        image_ids: &[String],
-    ) -> Result<u64, DbError> {
+    pub async fn delete_cached_images(&self, image_ids: &[String]) -> Result<u64, DbError> {
         let mut n = 0;
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
-            n += on_pool!(self, |pool, d| {
+            n += on_pool!(self.db, |pool, d| {
                 // Only placeholders are formatted into the statement; ids are bound.
                 let placeholders: Vec<String> = (0..batch.len())
                     .map(|i| match d {
@@ -391,7 +371,7 @@ impl Db {
                     "DELETE FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
                     placeholders.join(", ")
                 );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(self.node.0);
                 for id in batch {
                     q = q.bind(id.as_str());
                 }
@@ -405,12 +385,11 @@ impl Db {
     /// bounded statement, where loading every row of a large cache is not).
     pub async fn cached_ids_among(
         &self,
-        node: NodeId,
         image_ids: &[&str],
     ) -> Result<std::collections::HashSet<String>, DbError> {
         let mut found = std::collections::HashSet::new();
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
-            let rows: Vec<String> = on_pool!(self, |pool, d| {
+            let rows: Vec<String> = on_pool!(self.db, |pool, d| {
                 // Only placeholders are formatted into the statement; ids are bound.
                 let placeholders: Vec<String> = (0..batch.len())
                     .map(|i| match d {
@@ -423,7 +402,7 @@ impl Db {
                     "SELECT image_id FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
                     placeholders.join(", ")
                 );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(self.node.0);
                 for id in batch {
                     q = q.bind(*id);
                 }
@@ -440,11 +419,11 @@ impl Db {
     }
 
     /// Deletes every row of this node. Returns the number of rows deleted.
-    pub async fn delete_all_cached_images(&self, node: NodeId) -> Result<u64, DbError> {
+    pub async fn delete_all_cached_images(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .execute(pool)
                 .await?
                 .rows_affected()
@@ -458,7 +437,6 @@ impl Db {
     /// only such rows reads as the end.
     pub async fn least_recently_accessed(
         &self,
-        node: NodeId,
         after: Option<LruCursor>,
         limit: i64,
     ) -> Result<Vec<CachedImageRow>, DbError> {
@@ -469,11 +447,11 @@ impl Db {
              FROM cached_images WHERE node_reference_id = ? \
              AND (last_accessed > ? OR (last_accessed = ? AND id > ?)) \
              ORDER BY last_accessed, id LIMIT ?";
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             let q = match after {
-                None => sqlx::query(sql(d, FIRST)).bind(node.0).bind(limit),
+                None => sqlx::query(sql(d, FIRST)).bind(self.node.0).bind(limit),
                 Some(c) => sqlx::query(sql(d, NEXT))
-                    .bind(node.0)
+                    .bind(self.node.0)
                     .bind(c.last_accessed)
                     .bind(c.last_accessed)
                     .bind(c.id)

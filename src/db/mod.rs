@@ -27,7 +27,7 @@ use sqlx::sqlite::{
 
 pub use cached_images::{CachedImageRow, CachedImageRows, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
-pub use node::NodeId;
+pub use node::{NodeDb, NodeId};
 pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};
 pub use time::DbTime;
 

@@ -7,7 +7,7 @@
 
 use sqlx::Row;
 
-use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
 
 /// `state` of a queue row.
 pub const STATE_QUEUED: &str = "queued";
@@ -56,23 +56,18 @@ fn clip(error: &str) -> String {
     error.chars().take(MAX_ERROR_CHARS).collect()
 }
 
-impl Db {
+impl NodeDb {
     /// Queues `image_id` for this node as of `queued_at`: a new row, or a `failed` row
     /// brought back to `queued` (attempts reset) when it failed before `queued_at`. A
     /// queued row is left alone, and so is a failure newer than the request: a marker
     /// listed just before the prefetcher gave up must not revive the image. Returns
     /// whether the image is newly queued.
-    pub async fn enqueue(
-        &self,
-        node: NodeId,
-        image_id: &str,
-        queued_at: DbTime,
-    ) -> Result<bool, DbError> {
+    pub async fn enqueue(&self, image_id: &str, queued_at: DbTime) -> Result<bool, DbError> {
         const REVIVE: &str = "UPDATE glance_cached_queue SET state = 'queued', attempts = 0, \
              queued_at = ?, next_attempt_at = ?, last_error = NULL, claimed_by = NULL, \
              claimed_until = NULL WHERE node_reference_id = ? AND image_id = ? \
              AND state = 'failed' AND next_attempt_at < ?";
-        let inserted = on_pool!(self, |pool, d| {
+        let inserted = on_pool!(self.db, |pool, d| {
             let q = match d {
                 Dialect::MySql => {
                     "INSERT IGNORE INTO glance_cached_queue \
@@ -86,7 +81,7 @@ impl Db {
                 }
             };
             sqlx::query(sql(d, q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(queued_at)
                 .bind(queued_at)
@@ -98,11 +93,11 @@ impl Db {
             return Ok(true);
         }
         // Failures record their time in next_attempt_at (see mark_failed).
-        let revived = on_pool!(self, |pool, d| {
+        let revived = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, REVIVE))
                 .bind(queued_at)
                 .bind(queued_at)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(queued_at)
                 .execute(pool)
@@ -114,15 +109,12 @@ impl Db {
 
     /// The ids this node has queued (not failed ones), each with whether it is claimed
     /// now (a claim that ran out counts), for passes over many markers.
-    pub async fn queued_ids(
-        &self,
-        node: NodeId,
-    ) -> Result<std::collections::HashMap<String, bool>, DbError> {
+    pub async fn queued_ids(&self) -> Result<std::collections::HashMap<String, bool>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
-        let ids = on_pool!(self, |pool, d| {
+        let ids = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -142,7 +134,6 @@ impl Db {
     /// was read stays). Returns whether it went.
     pub async fn dequeue_if_idle(
         &self,
-        node: NodeId,
         image_id: &str,
         holder: Option<&str>,
     ) -> Result<bool, DbError> {
@@ -150,18 +141,18 @@ impl Db {
              AND image_id = ? AND state = 'queued' AND claimed_by IS NULL";
         const HOLDERS: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ? \
              AND image_id = ? AND state = 'queued' AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             match holder {
                 None => {
                     sqlx::query(sql(d, UNCLAIMED))
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id)
                         .execute(pool)
                         .await?
                 }
                 Some(holder) => {
                     sqlx::query(sql(d, HOLDERS))
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id)
                         .bind(holder)
                         .execute(pool)
@@ -174,12 +165,12 @@ impl Db {
     }
 
     /// Whether this node has `image_id` queued (a `failed` row does not count).
-    pub async fn is_queued(&self, node: NodeId, image_id: &str) -> Result<bool, DbError> {
+    pub async fn is_queued(&self, image_id: &str) -> Result<bool, DbError> {
         const Q: &str = "SELECT 1 FROM glance_cached_queue \
              WHERE node_reference_id = ? AND image_id = ? AND state = 'queued'";
-        let found = on_pool!(self, |pool, d| {
+        let found = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
@@ -189,12 +180,12 @@ impl Db {
     }
 
     /// How many images this node has queued (not counting failed ones).
-    pub async fn count_queued(&self, node: NodeId) -> Result<i64, DbError> {
+    pub async fn count_queued(&self) -> Result<i64, DbError> {
         const Q: &str = "SELECT COUNT(*) FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_one(pool)
                 .await?
                 .try_get::<i64, _>(0)?
@@ -203,14 +194,14 @@ impl Db {
     }
 
     /// This node's queue rows, queued and failed, in order: queued time, then image id.
-    pub async fn queued_images(&self, node: NodeId) -> Result<Vec<QueueRow>, DbError> {
+    pub async fn queued_images(&self) -> Result<Vec<QueueRow>, DbError> {
         const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \
              claimed_by, claimed_until \
              FROM glance_cached_queue WHERE node_reference_id = ? ORDER BY queued_at, image_id";
         debug_assert!(Q.contains(SELECT_ROW));
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -239,7 +230,6 @@ impl Db {
     /// the database's write lock.
     pub async fn claim_next(
         &self,
-        node: NodeId,
         holder: &str,
         now: DbTime,
         claim_until: DbTime,
@@ -260,13 +250,13 @@ impl Db {
              ORDER BY queued_at, image_id LIMIT 1) \
              RETURNING image_id, queued_at, attempts, next_attempt_at, last_error, state, \
              claimed_by, claimed_until";
-        let claimed = on_pool!(self, |pool, d| {
+        let claimed = on_pool!(self.db, |pool, d| {
             if d == Dialect::Sqlite {
                 sqlx::query(SQLITE_CLAIM)
                     .bind(holder)
                     .bind(claim_until)
-                    .bind(node.0)
-                    .bind(node.0)
+                    .bind(self.node.0)
+                    .bind(self.node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(pool)
@@ -277,7 +267,7 @@ impl Db {
             } else {
                 let mut tx = pool.begin().await?;
                 let raw = sqlx::query(sql(d, PICK_LOCKED))
-                    .bind(node.0)
+                    .bind(self.node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(&mut *tx)
@@ -295,7 +285,7 @@ impl Db {
                     sqlx::query(sql(d, MARK))
                         .bind(holder)
                         .bind(claim_until)
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id.as_str())
                         .execute(&mut *tx)
                         .await?;
@@ -315,12 +305,12 @@ impl Db {
 
     /// This node's claims: (image id, holder) of every claimed row, whether the claim
     /// has run out or not.
-    pub async fn claims(&self, node: NodeId) -> Result<Vec<(String, String)>, DbError> {
+    pub async fn claims(&self) -> Result<Vec<(String, String)>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
-        let claims = on_pool!(self, |pool, d| {
+        let claims = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -332,18 +322,13 @@ impl Db {
 
     /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
     /// that outlast a claim keep it. Returns how many claims were renewed.
-    pub async fn renew_claims(
-        &self,
-        node: NodeId,
-        holder: &str,
-        claim_until: DbTime,
-    ) -> Result<u64, DbError> {
+    pub async fn renew_claims(&self, holder: &str, claim_until: DbTime) -> Result<u64, DbError> {
         const Q: &str = "UPDATE glance_cached_queue SET claimed_until = ? \
              WHERE node_reference_id = ? AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(claim_until)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(holder)
                 .execute(pool)
                 .await?
@@ -356,7 +341,6 @@ impl Db {
     /// given (so a claim taken since by someone else stays). Returns whether one went.
     pub async fn release_claim(
         &self,
-        node: NodeId,
         image_id: &str,
         holder: Option<&str>,
     ) -> Result<bool, DbError> {
@@ -364,18 +348,18 @@ impl Db {
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by IS NOT NULL";
         const HOLDERS: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             match holder {
                 None => {
                     sqlx::query(sql(d, ANY))
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id)
                         .execute(pool)
                         .await?
                 }
                 Some(holder) => {
                     sqlx::query(sql(d, HOLDERS))
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id)
                         .bind(holder)
                         .execute(pool)
@@ -390,41 +374,31 @@ impl Db {
     /// Records a failed attempt to be retried at `next_attempt_at`; releases the claim.
     pub async fn record_retry(
         &self,
-        node: NodeId,
         image_id: &str,
         attempts: i64,
         next_attempt_at: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        self.settle_attempt(
-            node,
-            image_id,
-            STATE_QUEUED,
-            attempts,
-            next_attempt_at,
-            error,
-        )
-        .await
+        self.settle_attempt(image_id, STATE_QUEUED, attempts, next_attempt_at, error)
+            .await
     }
 
     /// Gives up on an image: the row stays, `failed`, with the reason, and is never
     /// claimed again until re-queued. The failure time goes in `next_attempt_at`.
     pub async fn mark_failed(
         &self,
-        node: NodeId,
         image_id: &str,
         attempts: i64,
         now: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        self.settle_attempt(node, image_id, STATE_FAILED, attempts, now, error)
+        self.settle_attempt(image_id, STATE_FAILED, attempts, now, error)
             .await
     }
 
     /// Ends an attempt: sets the state, attempts, time and error, and releases the claim.
     async fn settle_attempt(
         &self,
-        node: NodeId,
         image_id: &str,
         state: &str,
         attempts: i64,
@@ -434,13 +408,13 @@ impl Db {
         const Q: &str = "UPDATE glance_cached_queue SET state = ?, attempts = ?, \
              next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ?";
-        on_pool!(self, |pool, d| {
+        on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(state)
                 .bind(attempts as i32)
                 .bind(at)
                 .bind(clip(error))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .execute(pool)
                 .await?;
@@ -449,12 +423,12 @@ impl Db {
     }
 
     /// The earliest next attempt among this node's queued, unclaimed rows.
-    pub async fn next_queue_due(&self, node: NodeId) -> Result<Option<DbTime>, DbError> {
+    pub async fn next_queue_due(&self) -> Result<Option<DbTime>, DbError> {
         const Q: &str = "SELECT MIN(next_attempt_at) FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND claimed_by IS NULL";
-        let t = on_pool!(self, |pool, d| {
+        let t = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_one(pool)
                 .await?
                 .try_get::<Option<DbTime>, _>(0)?
@@ -463,12 +437,12 @@ impl Db {
     }
 
     /// Removes one image from this node's queue. Returns the number of rows removed.
-    pub async fn dequeue(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
+    pub async fn dequeue(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str =
             "DELETE FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .execute(pool)
                 .await?
@@ -478,11 +452,11 @@ impl Db {
     }
 
     /// Empties this node's queue. Returns the number of rows removed.
-    pub async fn dequeue_all(&self, node: NodeId) -> Result<u64, DbError> {
+    pub async fn dequeue_all(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .execute(pool)
                 .await?
                 .rows_affected()

@@ -162,8 +162,7 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
         w.commit().await.unwrap();
         // Accessed in this order: bad-time is the most recently used by its last time.
         let when = DbTime::from_utc(Utc.timestamp_opt(1_000_000 * (n as i64 + 1), 0).unwrap());
-        let db = t.driver.db();
-        assert!(db.record_hit(t.driver.node(), image, when).await.unwrap());
+        assert!(t.node_db.record_hit(image, when).await.unwrap());
     }
     let planted = unreadable_time(b, "cached_images", "last_accessed", "bad-time");
     run_sql(&t.db.url, b, &planted).await.unwrap();
@@ -224,14 +223,7 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
         .unwrap();
     let pruned: Vec<String> = report.pruned.iter().map(|(i, _)| i.to_string()).collect();
     assert_eq!(pruned, ["bad-time"]);
-    assert_eq!(
-        t.driver
-            .db()
-            .count_cached_images(t.driver.node())
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(t.node_db.count_cached_images().await.unwrap(), 3);
     t.finish().await;
 }
 
