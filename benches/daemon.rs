@@ -302,7 +302,7 @@ fn main() {
         for i in 0..n {
             let id = ImageId::parse(&format!("{i:08x}-0000-4000-8000-000000000000")).unwrap();
             std::fs::write(layout.path(Area::Cached, &id), b"tiny image").unwrap();
-            rows.push((id.to_string(), 10i64, now));
+            rows.push((id, 10i64, now));
         }
         db.adopt_cached_images(&rows).await.unwrap();
         db.db().close().await;

@@ -49,7 +49,7 @@ async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> (CacheDri
         std::fs::write(layout.path(Area::Cached, &id), &data).unwrap();
         // Distinct access times, oldest first, so LRU order is well defined.
         rows.push((
-            id.to_string(),
+            id.clone(),
             size as i64,
             DbTime::from_utc(base + chrono::Duration::milliseconds(i as i64)),
         ));

@@ -31,24 +31,15 @@ impl CacheDriver {
             else {
                 return Ok(None);
             };
-            let (raw_id, attempts) = (row.image_id.clone(), row.attempts);
-            match queued_image(row) {
-                // Its marker went after the queue loop's last pass: dequeued through
-                // Glance, not to be fetched.
-                Some(image)
-                    if !self.layout().exists(Area::Queue, &image.image_id)
-                        && self.dequeue_unmarked(&image.image_id, Some(holder)).await? =>
-                {
-                    continue;
-                }
-                Some(image) => return Ok(Some(image)),
-                // A row whose id is not valid can never be fetched: fail it, take the next.
-                None => {
-                    self.db()
-                        .mark_failed(&raw_id, attempts, DbTime::from_utc(now), "invalid image id")
-                        .await?;
-                }
+            let image = queued_image(row, now);
+            // Its marker went after the queue loop's last pass: dequeued through Glance,
+            // not to be fetched.
+            if !self.layout().exists(Area::Queue, &image.image_id)
+                && self.dequeue_unmarked(&image.image_id, Some(holder)).await?
+            {
+                continue;
             }
+            return Ok(Some(image));
         }
     }
 
@@ -122,14 +113,12 @@ impl CacheDriver {
         holder_running: impl Fn(&str) -> bool,
     ) -> Result<u64, CacheError> {
         let mut recovered = 0;
-        for (raw, holder) in self.db().claims().await? {
+        for (id, holder) in self.db().claims().await? {
             if holder_running(&holder) {
                 continue;
             }
-            if let Ok(id) = ImageId::parse(&raw) {
-                self.move_partial_download_to_invalid(&id)?;
-            }
-            if self.db().release_claim(&raw, Some(&holder)).await? {
+            self.move_partial_download_to_invalid(&id)?;
+            if self.db().release_claim(id.as_str(), Some(&holder)).await? {
                 recovered += 1;
             }
         }

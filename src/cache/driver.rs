@@ -12,7 +12,7 @@ use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
 use super::writer::{Expectations, ImageWriter};
 use crate::clock;
-use crate::db::{Db, DbTime, NodeDb, NodeId};
+use crate::db::{Db, DbTime, NodeDb, NodeId, QueueState};
 use crate::image_id::ImageId;
 
 /// One cached image of this node, as listed by `get_cached_images`.
@@ -34,17 +34,17 @@ pub struct QueuedImage {
     pub attempts: u64,
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
-    /// `queued`, or `failed` (dropped with `last_error` as the reason).
-    pub state: String,
+    /// `Failed`: dropped, with `last_error` as the reason.
+    pub state: QueueState,
     /// The process downloading it now (a daemon or a `prefetch` command, as "host pid
     /// N"), while its claim lasts.
     pub downloading_by: Option<String>,
 }
 
-/// A queue row as a `QueuedImage`; `None` (with a warning) when its id is not valid.
-pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
-    Some(QueuedImage {
-        image_id: valid_row_id(&r.image_id)?,
+/// A queue row as a `QueuedImage`, as of `now` (a claim that ran out is no download).
+pub(crate) fn queued_image(r: crate::db::QueueRow, now: DateTime<Utc>) -> QueuedImage {
+    QueuedImage {
+        image_id: r.image_id,
         queued_at: r.queued_at.to_utc(),
         attempts: r.attempts.max(0) as u64,
         next_attempt_at: r.next_attempt_at.to_utc(),
@@ -52,8 +52,8 @@ pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
         state: r.state,
         downloading_by: r
             .claimed_by
-            .filter(|_| r.claimed_until.is_some_and(|t| t.to_utc() > clock::now())),
-    })
+            .filter(|_| r.claimed_until.is_some_and(|t| t.to_utc() > now)),
+    }
 }
 
 /// The cache of one node: its directory, its database and its node row. Cheap to clone.
@@ -193,7 +193,8 @@ impl CacheDriver {
     pub async fn get_queued_images(&self) -> Result<Vec<QueuedImage>, CacheError> {
         self.adopt_queue_markers().await?;
         let rows = self.db().queued_images().await?;
-        Ok(rows.into_iter().filter_map(queued_image).collect())
+        let now = clock::now();
+        Ok(rows.into_iter().map(|r| queued_image(r, now)).collect())
     }
 
     /// Gives every marker in `queue/` without a row a row, and takes off the queue the
@@ -223,7 +224,7 @@ impl CacheDriver {
                 self.dequeue_cached(id).await?;
                 continue;
             }
-            if queued.contains_key(id.as_str()) {
+            if queued.contains_key(id) {
                 continue;
             }
             let queued_at = DbTime::from_mtime(marker.modified).unwrap_or_else(|clamped| {
@@ -240,16 +241,13 @@ impl CacheDriver {
                 adopted += 1;
             }
         }
-        let marked: std::collections::HashSet<&str> =
-            listing.files.iter().map(|m| m.image_id.as_str()).collect();
-        for (raw, claimed) in &queued {
-            if *claimed || marked.contains(raw.as_str()) {
+        let marked: std::collections::HashSet<&ImageId> =
+            listing.files.iter().map(|m| &m.image_id).collect();
+        for (id, claimed) in &queued {
+            if *claimed || marked.contains(id) {
                 continue;
             }
-            let Ok(id) = ImageId::parse(raw) else {
-                continue;
-            };
-            self.dequeue_unmarked(&id, None).await?;
+            self.dequeue_unmarked(id, None).await?;
         }
         Ok(adopted)
     }
@@ -315,11 +313,11 @@ impl CacheDriver {
     pub async fn delete_all_queued_images(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
         let rows = self.db().queued_images().await?;
-        let mut ids: std::collections::BTreeSet<String> =
+        let mut ids: std::collections::BTreeSet<ImageId> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
             self.remove_queue_marker(&marker.image_id).await?;
-            ids.insert(marker.image_id.to_string());
+            ids.insert(marker.image_id.clone());
         }
         self.db().dequeue_all().await?;
         Ok(ids.len() as u64)
@@ -330,15 +328,13 @@ impl CacheDriver {
         let rows = self.db().cached_images().await?;
         Ok(rows
             .into_iter()
-            .filter_map(|r| {
-                Some(CachedImage {
-                    image_id: valid_row_id(&r.image_id)?,
-                    size: r.size.max(0) as u64,
-                    hits: r.hits.max(0) as u64,
-                    last_accessed: r.last_accessed.to_utc(),
-                    last_modified: r.last_modified.to_utc(),
-                    checksum: r.checksum,
-                })
+            .map(|r| CachedImage {
+                image_id: r.image_id,
+                size: r.size.max(0) as u64,
+                hits: r.hits.max(0) as u64,
+                last_accessed: r.last_accessed.to_utc(),
+                last_modified: r.last_modified.to_utc(),
+                checksum: r.checksum,
             })
             .collect())
     }
@@ -356,15 +352,12 @@ impl CacheDriver {
     pub async fn get_least_recently_accessed(&self) -> Result<Option<(ImageId, u64)>, CacheError> {
         let mut cursor = None;
         loop {
-            let rows = self.db().least_recently_accessed(cursor, 16).await?;
-            let Some(last) = rows.last() else {
+            let batch = self.db().least_recently_accessed(cursor, 16).await?;
+            let Some(next) = batch.next else {
                 return Ok(None);
             };
-            cursor = Some(crate::db::LruCursor {
-                last_accessed: last.last_accessed,
-                id: last.id,
-            });
-            if let Some(id) = rows.iter().find_map(|r| valid_row_id(&r.image_id)) {
+            cursor = Some(next);
+            if let Some(id) = batch.rows.into_iter().next().map(|r| r.image_id) {
                 let (layout, file_id) = (self.layout().clone(), id.clone());
                 let size = blocking(move || layout.regular_file(Area::Cached, &file_id))
                     .await
@@ -466,15 +459,3 @@ impl CacheDriver {
 /// Filesystem work runs on tokio's blocking pool: a slow or stuck disk must never hold
 /// one of the runtime's few worker threads (see ARCHITECTURE.md's invariants).
 pub(crate) use crate::blocking;
-
-/// Validates an id read from the database; rows with ids that are not ours are ignored
-/// with a warning rather than turned into paths.
-pub(crate) fn valid_row_id(raw: &str) -> Option<ImageId> {
-    match ImageId::parse(raw) {
-        Ok(id) => Some(id),
-        Err(error) => {
-            warn!(%error, "ignoring a database row whose image id is not valid");
-            None
-        }
-    }
-}

@@ -73,7 +73,7 @@ pub struct PrunePass {
     cursor: Option<LruCursor>,
     /// Image ids fetched in LRU order and not visited yet (first those of rows whose
     /// times cannot be read).
-    fetched: std::collections::VecDeque<String>,
+    fetched: std::collections::VecDeque<ImageId>,
     /// Whether the rows that cannot be read are still to be looked for.
     unreadable_pending: bool,
     done: bool,
@@ -86,7 +86,7 @@ struct BatchOutcome {
     pruned: Vec<(ImageId, u64)>,
     rows_without_file: u64,
     /// Rows whose file is gone now (evicted, or already missing).
-    gone_rows: Vec<String>,
+    gone_rows: Vec<ImageId>,
     /// The prune reached its goal inside this batch.
     satisfied: bool,
 }
@@ -185,18 +185,15 @@ impl PrunePass {
                 .db()
                 .least_recently_accessed(self.cursor, PRUNE_FETCH_ROWS)
                 .await?;
-            let Some(last) = batch.last() else {
+            let Some(next) = batch.next else {
                 self.done = true;
                 return Ok(());
             };
-            self.cursor = Some(LruCursor {
-                last_accessed: last.last_accessed,
-                id: last.id,
-            });
-            self.fetched = batch.into_iter().map(|r| r.image_id).collect();
+            self.cursor = Some(next);
+            self.fetched = batch.rows.into_iter().map(|r| r.image_id).collect();
         }
         let take = self.fetched.len().min(rows.max(1) as usize);
-        let ids: Vec<String> = self.fetched.drain(..take).collect();
+        let ids: Vec<ImageId> = self.fetched.drain(..take).collect();
         let (layout, size, target, min) = (
             driver.layout().clone(),
             self.size,
@@ -218,7 +215,7 @@ impl PrunePass {
         let files = self.unchecked.split_off(from);
         let ids: Vec<&str> = files.iter().map(|f| f.image_id.as_str()).collect();
         let known = driver.db().cached_ids_among(&ids).await?;
-        let known: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
+        let known: std::collections::HashSet<&str> = known.iter().map(ImageId::as_str).collect();
         self.report.adopted += driver.adopt_files_without_rows(&files, &known).await?.len() as u64;
         Ok(())
     }
@@ -234,7 +231,7 @@ impl PrunePass {
 /// Removes the files of `ids` in order while the cache needs pruning.
 fn evict_batch(
     layout: &CacheLayout,
-    ids: &[String],
+    ids: &[ImageId],
     mut size: u64,
     target: u64,
     min_free_disk: Option<u64>,
@@ -248,19 +245,16 @@ fn evict_batch(
         gone_rows: Vec::with_capacity(ids.len()),
         satisfied: false,
     };
-    for raw in ids {
+    for id in ids {
         if !needs_pruning(size) {
             out.satisfied = true;
             break;
         }
-        let Some(id) = super::driver::valid_row_id(raw) else {
-            continue;
-        };
-        match layout.remove(Area::Cached, &id) {
+        match layout.remove(Area::Cached, id) {
             Ok(Some(bytes)) => {
                 info!(image_id = %id, bytes, "pruned cached image");
                 size = size.saturating_sub(bytes);
-                out.pruned.push((id, bytes));
+                out.pruned.push((id.clone(), bytes));
                 if out.gone_rows.is_empty() {
                     crate::failpoint::hit("prune:mid");
                 }
@@ -271,7 +265,7 @@ fn evict_batch(
                 continue;
             }
         }
-        out.gone_rows.push(raw.clone());
+        out.gone_rows.push(id.clone());
     }
     out.size = size;
     out

@@ -4,13 +4,14 @@ use sqlx::Row;
 use tracing::{debug, warn};
 
 use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
+use crate::image_id::ImageId;
 
-/// A row of `cached_images` for this node. `image_id` is as stored: the driver validates
-/// it before it is used as a path.
+/// A row of `cached_images` for this node whose image id is valid (validated as it is
+/// read: a row named otherwise is never turned into a path).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedImageRow {
     pub id: i64,
-    pub image_id: String,
+    pub image_id: ImageId,
     pub last_accessed: DbTime,
     pub last_modified: DbTime,
     pub size: i64,
@@ -24,6 +25,16 @@ pub struct CachedImageRow {
 pub struct LruCursor {
     pub last_accessed: DbTime,
     pub id: i64,
+}
+
+/// One batch of a least-recently-accessed scan.
+#[derive(Debug, Default)]
+pub struct LruBatch {
+    /// The readable rows with valid image ids, in LRU order.
+    pub rows: Vec<CachedImageRow>,
+    /// Where the next batch starts (past the rows whose image id is not valid too);
+    /// `None` at the end.
+    pub next: Option<LruCursor>,
 }
 
 /// Rows per transaction when adopting many files: large enough to amortise commits,
@@ -41,7 +52,8 @@ const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, 
 /// what could be read of it, and why. Listings skip it; the pruner evicts it first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnreadableRow {
-    pub image_id: Option<String>,
+    /// `None` when the id could not be read or is not a valid image id.
+    pub image_id: Option<ImageId>,
     pub error: String,
 }
 
@@ -50,6 +62,9 @@ pub struct UnreadableRow {
 pub struct CachedImageRows {
     pub rows: Vec<CachedImageRow>,
     pub unreadable: Vec<UnreadableRow>,
+    /// The ids, as stored, of readable rows whose image id is not valid (Glance's lock
+    /// file names, which earlier versions adopted, or a stranger's rows).
+    pub invalid_ids: Vec<String>,
 }
 
 impl CachedImageRows {
@@ -60,7 +75,7 @@ impl CachedImageRows {
         self.rows
     }
 
-    /// Logs the unreadable rows as one warning.
+    /// Logs the unreadable rows as one warning, and those with invalid ids as another.
     pub fn warn_unreadable(&self) {
         if let Some(first) = self.unreadable.first() {
             warn!(
@@ -70,54 +85,97 @@ impl CachedImageRows {
                 "skipping cached_images rows that cannot be read"
             );
         }
-    }
-}
-
-fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-{
-    Ok(CachedImageRow {
-        id: row.try_get("id")?,
-        image_id: row.try_get("image_id")?,
-        last_accessed: row.try_get("last_accessed")?,
-        last_modified: row.try_get("last_modified")?,
-        size: row.try_get("size")?,
-        hits: decode_hits(row, "hits")?,
-        checksum: row.try_get("checksum")?,
-    })
-}
-
-/// `decode_row`, keeping what can be read of a row that does not decode.
-fn decode_or_unreadable<R: Row>(row: &R) -> Result<CachedImageRow, UnreadableRow>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-{
-    decode_row(row).map_err(|error| UnreadableRow {
-        image_id: row.try_get("image_id").ok(),
-        error: error.to_string(),
-    })
-}
-
-fn split_rows(
-    decoded: impl Iterator<Item = Result<CachedImageRow, UnreadableRow>>,
-) -> CachedImageRows {
-    let mut out = CachedImageRows::default();
-    for r in decoded {
-        match r {
-            Ok(row) => out.rows.push(row),
-            Err(bad) => out.unreadable.push(bad),
+        if !self.invalid_ids.is_empty() {
+            warn!(
+                rows = self.invalid_ids.len(),
+                "ignoring database rows whose image id is not valid"
+            );
         }
     }
-    out
+}
+
+/// A `cached_images` row as read.
+enum Decoded {
+    Row(CachedImageRow),
+    /// Readable, but its image id is not valid: kept by its id as stored.
+    InvalidId {
+        raw: String,
+        at: LruCursor,
+    },
+    Unreadable(UnreadableRow),
+}
+
+/// Decodes a row, validating its image id; keeps what can be read of a row that does
+/// not decode.
+fn decode<R: Row>(row: &R) -> Decoded
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let fields = || -> Result<_, sqlx::Error> {
+        Ok((
+            row.try_get::<i64, _>("id")?,
+            row.try_get::<String, _>("image_id")?,
+            row.try_get::<DbTime, _>("last_accessed")?,
+            row.try_get::<DbTime, _>("last_modified")?,
+            row.try_get::<i64, _>("size")?,
+            decode_hits(row, "hits")?,
+            row.try_get::<Option<String>, _>("checksum")?,
+        ))
+    };
+    match fields() {
+        Err(error) => Decoded::Unreadable(UnreadableRow {
+            image_id: row
+                .try_get::<String, _>("image_id")
+                .ok()
+                .and_then(|raw| ImageId::parse(&raw).ok()),
+            error: error.to_string(),
+        }),
+        Ok((id, raw, last_accessed, last_modified, size, hits, checksum)) => {
+            match ImageId::parse(&raw) {
+                Ok(image_id) => Decoded::Row(CachedImageRow {
+                    id,
+                    image_id,
+                    last_accessed,
+                    last_modified,
+                    size,
+                    hits,
+                    checksum,
+                }),
+                Err(_) => Decoded::InvalidId {
+                    raw,
+                    at: LruCursor { last_accessed, id },
+                },
+            }
+        }
+    }
+}
+
+/// The rows sorted by what they turned out to be, and where the last readable one was
+/// in LRU order.
+fn split_rows(decoded: impl Iterator<Item = Decoded>) -> (CachedImageRows, Option<LruCursor>) {
+    let mut out = CachedImageRows::default();
+    let mut last = None;
+    for r in decoded {
+        match r {
+            Decoded::Row(row) => {
+                last = Some(LruCursor {
+                    last_accessed: row.last_accessed,
+                    id: row.id,
+                });
+                out.rows.push(row);
+            }
+            Decoded::InvalidId { raw, at } => {
+                last = Some(at);
+                out.invalid_ids.push(raw);
+            }
+            Decoded::Unreadable(bad) => out.unreadable.push(bad),
+        }
+    }
+    (out, last)
 }
 
 /// `hits` is INTEGER: 32 bits on PostgreSQL and MySQL, but SQLite stores any 64-bit
@@ -153,10 +211,10 @@ impl NodeDb {
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_or_unreadable)
+                .map(decode)
                 .collect::<Vec<_>>()
         });
-        Ok(split_rows(rows.into_iter()))
+        Ok(split_rows(rows.into_iter()).0)
     }
 
     /// One row of this node, if present.
@@ -170,10 +228,12 @@ impl NodeDb {
                 .fetch_optional(pool)
                 .await?
                 .as_ref()
-                .map(decode_row)
-                .transpose()?
+                .map(decode)
         });
-        Ok(row)
+        Ok(match row {
+            Some(Decoded::Row(row)) => Some(row),
+            _ => None,
+        })
     }
 
     /// The number of rows this node has.
@@ -265,11 +325,11 @@ impl NodeDb {
     /// mtime and 0 hits. An existing row is left alone. Returns whether a row was added.
     pub async fn adopt_cached_image(
         &self,
-        image_id: &str,
+        image_id: &ImageId,
         size: i64,
         modified: DbTime,
     ) -> Result<bool, DbError> {
-        let one = [(image_id.to_owned(), size, modified)];
+        let one = [(image_id.clone(), size, modified)];
         Ok(!self.adopt_cached_images(&one).await?.is_empty())
     }
 
@@ -277,8 +337,8 @@ impl NodeDb {
     /// or an upgrade may find thousands). Returns the ids that got a row.
     pub async fn adopt_cached_images(
         &self,
-        files: &[(String, i64, DbTime)],
-    ) -> Result<Vec<String>, DbError> {
+        files: &[(ImageId, i64, DbTime)],
+    ) -> Result<Vec<ImageId>, DbError> {
         let mut adopted = Vec::new();
         for batch in files.chunks(ADOPT_BATCH_ROWS) {
             on_pool!(self.db, |pool, d| {
@@ -355,7 +415,10 @@ impl NodeDb {
 
     /// Deletes several rows of this node, a few hundred per statement (a prune of tens
     /// of thousands of images would otherwise spend seconds on round trips).
-    pub async fn delete_cached_images(&self, image_ids: &[String]) -> Result<u64, DbError> {
+    pub async fn delete_cached_images(
+        &self,
+        image_ids: &[impl AsRef<str>],
+    ) -> Result<u64, DbError> {
         let mut n = 0;
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
             n += on_pool!(self.db, |pool, d| {
@@ -373,7 +436,7 @@ impl NodeDb {
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(self.node.0);
                 for id in batch {
-                    q = q.bind(id.as_str());
+                    q = q.bind(id.as_ref());
                 }
                 q.execute(pool).await?.rows_affected()
             });
@@ -386,7 +449,7 @@ impl NodeDb {
     pub async fn cached_ids_among(
         &self,
         image_ids: &[&str],
-    ) -> Result<std::collections::HashSet<String>, DbError> {
+    ) -> Result<std::collections::HashSet<ImageId>, DbError> {
         let mut found = std::collections::HashSet::new();
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
             let rows: Vec<String> = on_pool!(self.db, |pool, d| {
@@ -413,7 +476,11 @@ impl NodeDb {
                     .collect::<Result<_, _>>()?
             });
             // MySQL compares case-insensitively: keep exact matches only.
-            found.extend(rows.into_iter().filter(|r| batch.contains(&r.as_str())));
+            found.extend(
+                rows.iter()
+                    .filter(|r| batch.contains(&r.as_str()))
+                    .filter_map(|r| ImageId::parse(r).ok()),
+            );
         }
         Ok(found)
     }
@@ -434,12 +501,13 @@ impl NodeDb {
     /// Up to `limit` rows of this node in least-recently-accessed order (ties broken by
     /// row id), starting after `after`. Rows that cannot be decoded are left out (the
     /// pruner has evicted them first, from `cached_images_and_unreadable`); a batch of
-    /// only such rows reads as the end.
+    /// only such rows reads as the end. Rows whose image id is not valid are left out
+    /// too, but the cursor moves past them.
     pub async fn least_recently_accessed(
         &self,
         after: Option<LruCursor>,
         limit: i64,
-    ) -> Result<Vec<CachedImageRow>, DbError> {
+    ) -> Result<LruBatch, DbError> {
         const FIRST: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? \
              ORDER BY last_accessed, id LIMIT ?";
@@ -460,16 +528,20 @@ impl NodeDb {
             q.fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_or_unreadable)
+                .map(decode)
                 .collect::<Vec<_>>()
         });
-        let rows = split_rows(rows.into_iter());
-        if !rows.unreadable.is_empty() {
+        let (rows, next) = split_rows(rows.into_iter());
+        if !rows.unreadable.is_empty() || !rows.invalid_ids.is_empty() {
             debug!(
-                rows = rows.unreadable.len(),
-                "LRU batch skipped unreadable rows"
+                unreadable = rows.unreadable.len(),
+                invalid_ids = rows.invalid_ids.len(),
+                "LRU batch skipped rows"
             );
         }
-        Ok(rows.rows)
+        Ok(LruBatch {
+            rows: rows.rows,
+            next,
+        })
     }
 }

@@ -25,10 +25,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use cached_images::{CachedImageRow, CachedImageRows, LruCursor, UnreadableRow};
+pub use cached_images::{CachedImageRow, CachedImageRows, LruBatch, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
 pub use node::{NodeDb, NodeId};
-pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};
+pub use queue::{QueueRow, QueueState};
 pub use time::DbTime;
 
 /// How long a SQLite statement waits for another writer (Glance's API on the same node,

@@ -6,25 +6,60 @@
 //! until an operator deletes or re-queues it.
 
 use sqlx::Row;
+use tracing::warn;
 
 use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
+use crate::image_id::ImageId;
 
 /// `state` of a queue row.
-pub const STATE_QUEUED: &str = "queued";
-pub const STATE_FAILED: &str = "failed";
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Waiting for (or in) a download.
+    Queued,
+    /// Given up on, with `last_error` as the reason, until re-queued.
+    Failed,
+}
+
+impl QueueState {
+    /// The column's text (also written literally in the statements below).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Queued => "queued",
+            QueueState::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<QueueState> {
+        match text {
+            "queued" => Some(QueueState::Queued),
+            "failed" => Some(QueueState::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for QueueState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `state` that is neither `queued` nor `failed` (someone else wrote the row).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown queue state {0:?}")]
+struct UnknownState(String);
 
 /// Longest `last_error` kept (the column is VARCHAR(1024)).
 const MAX_ERROR_CHARS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueRow {
-    pub image_id: String,
+    pub image_id: ImageId,
     pub queued_at: DbTime,
     pub attempts: i64,
     pub next_attempt_at: DbTime,
     pub last_error: Option<String>,
-    /// `queued` or `failed`.
-    pub state: String,
+    pub state: QueueState,
     /// Who claimed the row for a download, and until when (the claim may have run out).
     pub claimed_by: Option<String>,
     pub claimed_until: Option<DbTime>,
@@ -33,23 +68,47 @@ pub struct QueueRow {
 const SELECT_ROW: &str =
     "image_id, queued_at, attempts, next_attempt_at, last_error, state, claimed_by, claimed_until";
 
-fn decode<R: Row>(r: &R) -> Result<QueueRow, sqlx::Error>
+/// A queue row as read: ours, or one whose image id is not valid (never a path, never
+/// fetched), kept by its id as stored.
+enum Decoded {
+    Row(QueueRow),
+    InvalidId { raw: String, attempts: i64 },
+}
+
+fn decode<R: Row>(r: &R) -> Result<Decoded, sqlx::Error>
 where
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'a> &'a str: sqlx::ColumnIndex<R>,
 {
-    Ok(QueueRow {
-        image_id: r.try_get("image_id")?,
+    let raw: String = r.try_get("image_id")?;
+    let attempts = i64::from(r.try_get::<i32, _>("attempts")?);
+    let Ok(image_id) = ImageId::parse(&raw) else {
+        return Ok(Decoded::InvalidId { raw, attempts });
+    };
+    let state: String = r.try_get("state")?;
+    let state = QueueState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "state".into(),
+        source: Box::new(UnknownState(state)),
+    })?;
+    Ok(Decoded::Row(QueueRow {
+        image_id,
         queued_at: r.try_get("queued_at")?,
-        attempts: i64::from(r.try_get::<i32, _>("attempts")?),
+        attempts,
         next_attempt_at: r.try_get("next_attempt_at")?,
         last_error: r.try_get("last_error")?,
-        state: r.try_get("state")?,
+        state,
         claimed_by: r.try_get("claimed_by")?,
         claimed_until: r.try_get("claimed_until")?,
-    })
+    }))
+}
+
+/// The warning for rows whose image id is not valid: ignored, never turned into paths.
+fn warn_invalid_ids(rows: usize) {
+    if rows > 0 {
+        warn!(rows, "ignoring database rows whose image id is not valid");
+    }
 }
 
 fn clip(error: &str) -> String {
@@ -109,7 +168,8 @@ impl NodeDb {
 
     /// The ids this node has queued (not failed ones), each with whether it is claimed
     /// now (a claim that ran out counts), for passes over many markers.
-    pub async fn queued_ids(&self) -> Result<std::collections::HashMap<String, bool>, DbError> {
+    /// Rows whose image id is not valid are left out.
+    pub async fn queued_ids(&self) -> Result<std::collections::HashMap<ImageId, bool>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
         let ids = on_pool!(self.db, |pool, d| {
@@ -124,9 +184,12 @@ impl NodeDb {
                         r.try_get::<Option<String>, _>(1)?.is_some(),
                     ))
                 })
-                .collect::<Result<_, sqlx::Error>>()?
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        Ok(ids)
+        Ok(ids
+            .into_iter()
+            .filter_map(|(raw, claimed)| Some((ImageId::parse(&raw).ok()?, claimed)))
+            .collect())
     }
 
     /// Removes `image_id` from this node's queue if it is still queued and unclaimed, or
@@ -212,15 +275,18 @@ impl NodeDb {
         // skipped with one warning per listing, so the rest of the queue still shows.
         let mut good = Vec::with_capacity(rows.len());
         let mut bad = Vec::new();
+        let mut invalid_ids = 0;
         for row in rows {
             match row {
-                Ok(r) => good.push(r),
+                Ok(Decoded::Row(r)) => good.push(r),
+                Ok(Decoded::InvalidId { .. }) => invalid_ids += 1,
                 Err(e) => bad.push(e),
             }
         }
         if let Some((image_id, error)) = bad.first() {
-            tracing::warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
+            warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
         }
+        warn_invalid_ids(invalid_ids);
         Ok(good)
     }
 
@@ -228,12 +294,40 @@ impl NodeDb {
     /// Safe with several workers and several processes: on PostgreSQL and MySQL the row
     /// is locked with `FOR UPDATE SKIP LOCKED`, on SQLite the single statement runs under
     /// the database's write lock.
+    ///
+    /// A claimed row whose image id is not valid can never be fetched: it is given up
+    /// (`failed`, "invalid image id") and the next one claimed.
     pub async fn claim_next(
         &self,
         holder: &str,
         now: DbTime,
         claim_until: DbTime,
     ) -> Result<Option<QueueRow>, DbError> {
+        loop {
+            match self.claim_one(holder, now, claim_until).await? {
+                None => return Ok(None),
+                Some(Decoded::Row(row)) => return Ok(Some(row)),
+                Some(Decoded::InvalidId { raw, attempts }) => {
+                    warn_invalid_ids(1);
+                    self.settle_attempt(
+                        &raw,
+                        QueueState::Failed,
+                        attempts,
+                        now,
+                        "invalid image id",
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+
+    async fn claim_one(
+        &self,
+        holder: &str,
+        now: DbTime,
+        claim_until: DbTime,
+    ) -> Result<Option<Decoded>, DbError> {
         const PICK_LOCKED: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, \
              last_error, state, claimed_by, claimed_until FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
@@ -277,7 +371,8 @@ impl NodeDb {
                 // single statement does): the error is reported once per claim term, and
                 // the next pick moves on instead of choosing the same row forever.
                 let image_id = match (&picked, &raw) {
-                    (Ok(Some(row)), _) => Some(row.image_id.clone()),
+                    (Ok(Some(Decoded::Row(row))), _) => Some(row.image_id.to_string()),
+                    (Ok(Some(Decoded::InvalidId { raw, .. })), _) => Some(raw.clone()),
                     (Err(_), Some(r)) => r.try_get::<String, _>("image_id").ok(),
                     _ => None,
                 };
@@ -293,10 +388,13 @@ impl NodeDb {
                 tx.commit().await?;
                 let picked = picked?;
                 // The row as it was picked, with the claim just written.
-                picked.map(|row| QueueRow {
-                    claimed_by: Some(holder.to_owned()),
-                    claimed_until: Some(claim_until),
-                    ..row
+                picked.map(|row| match row {
+                    Decoded::Row(row) => Decoded::Row(QueueRow {
+                        claimed_by: Some(holder.to_owned()),
+                        claimed_until: Some(claim_until),
+                        ..row
+                    }),
+                    invalid => invalid,
                 })
             }
         });
@@ -304,8 +402,9 @@ impl NodeDb {
     }
 
     /// This node's claims: (image id, holder) of every claimed row, whether the claim
-    /// has run out or not.
-    pub async fn claims(&self) -> Result<Vec<(String, String)>, DbError> {
+    /// has run out or not. Rows whose image id is not valid are left out (`claim_next`
+    /// gives them up as soon as it claims one).
+    pub async fn claims(&self) -> Result<Vec<(ImageId, String)>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
         let claims = on_pool!(self.db, |pool, d| {
@@ -317,7 +416,10 @@ impl NodeDb {
                 .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        Ok(claims)
+        Ok(claims
+            .into_iter()
+            .filter_map(|(raw, holder)| Some((ImageId::parse(&raw).ok()?, holder)))
+            .collect())
     }
 
     /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
@@ -379,8 +481,14 @@ impl NodeDb {
         next_attempt_at: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        self.settle_attempt(image_id, STATE_QUEUED, attempts, next_attempt_at, error)
-            .await
+        self.settle_attempt(
+            image_id,
+            QueueState::Queued,
+            attempts,
+            next_attempt_at,
+            error,
+        )
+        .await
     }
 
     /// Gives up on an image: the row stays, `failed`, with the reason, and is never
@@ -392,7 +500,7 @@ impl NodeDb {
         now: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        self.settle_attempt(image_id, STATE_FAILED, attempts, now, error)
+        self.settle_attempt(image_id, QueueState::Failed, attempts, now, error)
             .await
     }
 
@@ -400,7 +508,7 @@ impl NodeDb {
     async fn settle_attempt(
         &self,
         image_id: &str,
-        state: &str,
+        state: QueueState,
         attempts: i64,
         at: DbTime,
         error: &str,
@@ -410,7 +518,7 @@ impl NodeDb {
              WHERE node_reference_id = ? AND image_id = ?";
         on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(state)
+                .bind(state.as_str())
                 .bind(attempts as i32)
                 .bind(at)
                 .bind(clip(error))

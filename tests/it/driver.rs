@@ -216,7 +216,7 @@ async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
     let rows = t.driver.get_queued_images().await.unwrap();
     assert!(
         rows.iter()
-            .any(|q| q.image_id.as_str() == "m4" && q.state == "failed"),
+            .any(|q| q.image_id.as_str() == "m4" && q.state.as_str() == "failed"),
         "{rows:?}"
     );
     t.finish().await;
@@ -1038,7 +1038,7 @@ mod claims {
         let holder_of = |image: &str| {
             claims
                 .iter()
-                .find(|(i, _)| i == image)
+                .find(|(i, _)| i.as_str() == image)
                 .map(|(_, h)| h.clone())
                 .unwrap()
         };
