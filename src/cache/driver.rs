@@ -92,16 +92,6 @@ impl CacheDriver {
         }
     }
 
-    /// A driver for commands that only look: no directory, schema or node row is made.
-    pub async fn open_read_only(
-        layout: CacheLayout,
-        db: Db,
-        node_url: &str,
-    ) -> Result<Self, CacheError> {
-        let db = NodeDb::open_read_only(db, node_url).await?;
-        Ok(Self::new(layout, db))
-    }
-
     pub fn layout(&self) -> &CacheLayout {
         &self.inner.layout
     }

@@ -145,12 +145,6 @@ impl CacheDriver {
         }
         Ok(pass)
     }
-
-    /// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX
-    /// when it cannot be read, so a failing statvfs never empties the cache. Blocking.
-    pub fn free_disk(&self) -> u64 {
-        free_disk(self.layout())
-    }
 }
 
 impl PrunePass {
@@ -271,6 +265,8 @@ fn evict_batch(
     out
 }
 
+/// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX when
+/// it cannot be read, so a failing statvfs never empties the cache. Blocking.
 fn free_disk(layout: &CacheLayout) -> u64 {
     match layout.statvfs() {
         Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),

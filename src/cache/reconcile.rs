@@ -31,15 +31,6 @@ pub struct ReconcileReport {
     pub cleaned: CleanReport,
 }
 
-impl ReconcileReport {
-    pub fn changed(&self) -> bool {
-        !self.adopted.is_empty()
-            || !self.removed_rows.is_empty()
-            || !self.resized.is_empty()
-            || self.cleaned.files() > 0
-    }
-}
-
 /// A cached file's mtime as the row's times, clamped to what the database stores (with a
 /// warning: anyone can set any mtime).
 fn mtime_as_db_time(id: &ImageId, modified: SystemTime) -> DbTime {

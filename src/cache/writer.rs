@@ -130,14 +130,6 @@ impl ImageWriter {
         })
     }
 
-    pub fn image_id(&self) -> &ImageId {
-        &self.image_id
-    }
-
-    pub fn bytes_written(&self) -> u64 {
-        self.written
-    }
-
     /// Appends `data`, hashing it. See `write_bytes`, which avoids a copy.
     pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
         self.write_bytes(Bytes::copy_from_slice(data))

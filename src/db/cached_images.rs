@@ -217,38 +217,6 @@ impl NodeDb {
         Ok(split_rows(rows.into_iter()).0)
     }
 
-    /// One row of this node, if present.
-    pub async fn cached_image(&self, image_id: &str) -> Result<Option<CachedImageRow>, DbError> {
-        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
-             FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let row = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .bind(image_id)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(decode)
-        });
-        Ok(match row {
-            Some(Decoded::Row(row)) => Some(row),
-            _ => None,
-        })
-    }
-
-    /// The number of rows this node has.
-    pub async fn count_cached_images(&self) -> Result<i64, DbError> {
-        const Q: &str = "SELECT COUNT(*) FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .fetch_one(pool)
-                .await?
-                .try_get::<i64, _>(0)?
-        });
-        Ok(n)
-    }
-
     /// The row's hit count, 0 when there is no row.
     pub async fn hit_count(&self, image_id: &str) -> Result<i64, DbError> {
         const Q: &str =

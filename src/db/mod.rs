@@ -299,24 +299,12 @@ impl Db {
         })
     }
 
-    pub fn dialect(&self) -> Dialect {
-        on_pool!(self, |_pool, d| d)
-    }
-
     /// The file of a SQLite database (`None` for a server database).
     pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
         match &self.pool {
             Pool::Sqlite(pool) => Some(pool.connect_options().get_filename().to_path_buf()),
             _ => None,
         }
-    }
-
-    /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), DbError> {
-        on_pool!(self, |pool, _d| {
-            sqlx::query("SELECT 1").execute(pool).await?;
-        });
-        Ok(())
     }
 
     /// Closes every connection, waiting for the ones in use to be returned.
