@@ -12,7 +12,7 @@ use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
 use super::writer::{Expectations, ImageWriter};
 use crate::clock;
-use crate::db::{Db, DbTime, NodeDb, NodeId, QueueState};
+use crate::db::{Db, DbTime, NodeDb, QueueState};
 use crate::image_id::ImageId;
 
 /// One cached image of this node, as listed by `get_cached_images`.
@@ -92,17 +92,22 @@ impl CacheDriver {
         }
     }
 
-    pub fn layout(&self) -> &CacheLayout {
+    /// The held directories, for the cache's own submodules: whoever else needs them
+    /// keeps the `CacheLayout` it opened.
+    pub(super) fn layout(&self) -> &CacheLayout {
         &self.inner.layout
     }
-    pub fn db(&self) -> &NodeDb {
+
+    /// The node's database, for the cache's own submodules: whoever else needs it keeps
+    /// the `NodeDb` it opened.
+    pub(super) fn db(&self) -> &NodeDb {
         &self.inner.db
     }
-    pub fn node(&self) -> NodeId {
-        self.inner.db.node()
-    }
-    pub fn node_url(&self) -> &str {
-        self.inner.db.url()
+
+    /// Glance's `get_image_filepath`: where `id`'s entry in `area` is, to be shown in
+    /// messages (every file operation goes through the layout's handles).
+    pub fn get_image_filepath(&self, id: &ImageId, area: Area) -> std::path::PathBuf {
+        self.layout().path(area, id)
     }
 
     /// Waits until no other prune of this process runs, and holds the turn.

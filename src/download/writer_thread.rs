@@ -46,7 +46,7 @@ impl WriterThread {
         let (ops, ops_rx) = mpsc::channel(CHUNKS_QUEUED);
         let (opened_tx, opened) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
-        let path = driver.layout().path(Area::Incomplete, id);
+        let path = driver.get_image_filepath(id, Area::Incomplete);
         let (runtime, thread_driver, thread_id) = (Handle::current(), driver.clone(), id.clone());
         std::thread::Builder::new()
             .name("image-writer".into())

@@ -66,7 +66,7 @@ async fn configure_creates_layout_and_is_idempotent(b: Backend) {
         assert_eq!(meta.permissions().mode() & 0o777, 0o750, "{sub}");
     }
     // A second configure on the same database and directory finds the same node.
-    let again = NodeDb::configure(t.db.connect().await, t.driver.node_url())
+    let again = NodeDb::configure(t.db.connect().await, t.node_db.url())
         .await
         .unwrap();
     assert_eq!(again.node(), t.node_db.node());
@@ -927,7 +927,7 @@ mod claims {
         let second = glance_cached::cache::CacheDriver::configure(
             t.layout.clone(),
             second_db.clone(),
-            t.driver.node_url(),
+            t.node_db.url(),
         )
         .await
         .unwrap();
