@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
-use super::writer::{Expectations, ImageWriter};
+use super::writer::{Expectations, ImageWriter, Published};
 use crate::clock;
 use crate::db::{Db, DbTime, NodeDb, QueueState};
 use crate::image_id::ImageId;
@@ -370,7 +370,28 @@ impl CacheDriver {
         id: &ImageId,
         expectations: Expectations,
     ) -> Result<ImageWriter, CacheError> {
-        ImageWriter::create(self.clone(), id.clone(), expectations)
+        ImageWriter::create(self.layout().clone(), id.clone(), expectations)
+    }
+
+    /// Commits what `writer` wrote: verified, made durable and moved into place by the
+    /// writer, then recorded in this node's row and taken off the queue. On a failed
+    /// verification the bytes go to `invalid/` and nothing is published.
+    pub async fn publish(&self, writer: ImageWriter) -> Result<Published, CacheError> {
+        let published = writer.finish().await?;
+        // Glance's order: file first, then the row; a crash in between leaves a file
+        // without a row, which reconcile adopts.
+        crate::failpoint::hit("writer:before-row");
+        self.db()
+            .upsert_cached_image(
+                published.image_id.as_str(),
+                published.size as i64,
+                Some(&published.md5),
+                DbTime::from_utc(clock::now()),
+            )
+            .await?;
+        self.delete_queued_image(&published.image_id).await?;
+        debug!(image_id = %published.image_id, bytes = published.size, "image published");
+        Ok(published)
     }
 
     /// Opens a cached image for reading and, as Glance does, counts a hit and sets

@@ -535,7 +535,7 @@ async fn import(
         }
     })
     .await??;
-    let published = writer.commit().await?;
+    let published = driver.publish(writer).await?;
     println!(
         "cached {} ({} bytes, md5 {})",
         published.image_id, published.size, published.md5

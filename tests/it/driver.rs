@@ -21,7 +21,7 @@ async fn cache(t: &TestCache, image: &str, data: &[u8]) {
         .await
         .unwrap();
     w.write(data).unwrap();
-    w.commit().await.unwrap();
+    t.driver.publish(w).await.unwrap();
 }
 
 /// Sets an image's `last_accessed` to `secs` after the epoch (through a hit).
@@ -87,7 +87,7 @@ async fn cached_being_cached_and_cacheable(b: Backend) {
         .unwrap();
     assert!(t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a) && !t.driver.is_cached(&a));
     w.write(b"data").unwrap();
-    w.commit().await.unwrap();
+    t.driver.publish(w).await.unwrap();
     assert!(t.driver.is_cached(&a) && !t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a));
     t.finish().await;
 }
@@ -302,7 +302,7 @@ async fn open_for_write_publishes_verified_image(b: Backend) {
     for chunk in data.chunks(65_536) {
         w.write(chunk).unwrap();
     }
-    let published = w.commit().await.unwrap();
+    let published = t.driver.publish(w).await.unwrap();
     assert_eq!(published.size, data.len() as u64);
     assert_eq!(published.md5, md5_hex(&data));
     assert_eq!(std::fs::read(t.path("pub")).unwrap(), data);
@@ -358,7 +358,7 @@ async fn open_for_write_failures_never_publish(b: Backend) {
     for (name, expect, bytes) in cases {
         let mut w = t.driver.open_for_write(&id(name), expect).await.unwrap();
         w.write(bytes).unwrap();
-        let err = w.commit().await.unwrap_err();
+        let err = t.driver.publish(w).await.unwrap_err();
         assert!(
             matches!(err, CacheError::Verification { .. }),
             "{name}: {err}"
@@ -422,7 +422,7 @@ async fn concurrent_writers_of_one_image(b: Backend) {
     assert!(matches!(second, Err(CacheError::AlreadyBeingWritten(_))));
     // The loser touched nothing: the winner's file is intact and publishes.
     first.write(b", more").unwrap();
-    first.commit().await.unwrap();
+    t.driver.publish(first).await.unwrap();
     assert_eq!(
         std::fs::read(t.path("race")).unwrap(),
         b"first writer's bytes, more"
@@ -440,7 +440,7 @@ async fn concurrent_writers_of_one_image(b: Backend) {
                 Ok(mut w) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     w.write(&[n; 1000]).unwrap();
-                    w.commit().await.unwrap();
+                    d.publish(w).await.unwrap();
                     true
                 }
                 Err(CacheError::AlreadyBeingWritten(_)) => false,
@@ -1143,7 +1143,7 @@ async fn large_image_spanning_writeback_windows_publishes_intact() {
     for chunk in data.chunks(1_000_003) {
         w.write(chunk).unwrap();
     }
-    let published = w.commit().await.unwrap();
+    let published = t.driver.publish(w).await.unwrap();
     assert_eq!(published.size, data.len() as u64);
     let on_disk = std::fs::read(t.path("large")).unwrap();
     assert!(

@@ -159,7 +159,7 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
             .await
             .unwrap();
         w.write(&[n as u8; 1000]).unwrap();
-        w.commit().await.unwrap();
+        t.driver.publish(w).await.unwrap();
         // Accessed in this order: bad-time is the most recently used by its last time.
         let when = DbTime::from_utc(Utc.timestamp_opt(1_000_000 * (n as i64 + 1), 0).unwrap());
         assert!(t.node_db.record_hit(image, when).await.unwrap());

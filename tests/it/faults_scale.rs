@@ -203,7 +203,7 @@ async fn publish(driver: &CacheDriver, id: &str, data: &[u8]) {
         .await
         .unwrap();
     w.write(data).unwrap();
-    w.commit().await.unwrap();
+    driver.publish(w).await.unwrap();
 }
 
 const IMAGE: usize = 64 * 1024;

@@ -125,7 +125,7 @@ async fn glance_schema_then_both_drivers_share_rows_files_and_queue() {
         .await
         .unwrap();
     w.write(&from_us).unwrap();
-    w.commit().await.unwrap();
+    ours.publish(w).await.unwrap();
     drop(ours.open_for_read(&id("img-ours")).await.unwrap());
     assert_eq!(
         glance.run(&["read", "img-ours"]),
@@ -231,7 +231,7 @@ async fn glance_driver_works_on_tables_we_created() {
         .await
         .unwrap();
     w.write(&data).unwrap();
-    w.commit().await.unwrap();
+    ours.publish(w).await.unwrap();
     let src = tmp.path().join("g.raw");
     std::fs::write(&src, b"glance bytes").unwrap();
     glance.run(&["write", "glance-second", src.to_str().unwrap()]);
