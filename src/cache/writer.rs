@@ -17,35 +17,9 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::CacheError;
-use super::hashing::Digests;
 use super::layout::{Area, CacheLayout};
+use crate::digest::{Digests, HashAlgo};
 use crate::image_id::ImageId;
-
-/// A secure hash algorithm Glance records as `os_hash_algo`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HashAlgo {
-    Sha256,
-    Sha384,
-    Sha512,
-}
-
-impl HashAlgo {
-    pub fn parse(name: &str) -> Option<HashAlgo> {
-        match name.to_ascii_lowercase().as_str() {
-            "sha256" => Some(HashAlgo::Sha256),
-            "sha384" => Some(HashAlgo::Sha384),
-            "sha512" => Some(HashAlgo::Sha512),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            HashAlgo::Sha256 => "sha256",
-            HashAlgo::Sha384 => "sha384",
-            HashAlgo::Sha512 => "sha512",
-        }
-    }
-}
 
 /// Dirty bytes after which writeback of the written range is started. Without it the
 /// whole image sits dirty in the page cache until `finish`'s fsync, which then waits for

@@ -9,9 +9,10 @@ use anyhow::{Context, bail};
 
 use super::output;
 use super::{Cli, Command};
-use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, PrunePolicy};
 use crate::config::{Config, resolve_config_path};
 use crate::db::{Db, Dialect, NodeDb};
+use crate::digest::HashAlgo;
 use crate::image_id::ImageId;
 
 /// Bytes per read when importing or streaming an image.
@@ -505,7 +506,7 @@ async fn import(
     sha512: Option<String>,
 ) -> anyhow::Result<()> {
     let md5 = parse_hex("md5", md5, 32)?;
-    let sha512 = parse_hex("sha512", sha512, 128)?;
+    let sha512 = parse_hex("sha512", sha512, HashAlgo::Sha512.hex_len())?;
     let mut source =
         std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
     let meta = source.metadata()?;

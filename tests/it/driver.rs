@@ -5,9 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
 use chrono::{TimeZone, Utc};
-use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, PrunePolicy};
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
+use glance_cached::digest::HashAlgo;
 
 use crate::common::{
     Backend, TestCache, TestDb, age_file, id, md5_hex, run_sql, sha512_hex, test_bytes,
