@@ -178,6 +178,22 @@ fn split_rows(decoded: impl Iterator<Item = Decoded>) -> (CachedImageRows, Optio
     (out, last)
 }
 
+/// `<verb> FROM cached_images WHERE node_reference_id = ? AND image_id IN (?, ...)` with
+/// `ids` ids, its placeholders numbered for `d`. Only placeholders are formatted into
+/// the statement; the node and the ids are bound.
+fn among_ids(verb: &str, d: Dialect, ids: usize) -> sqlx::AssertSqlSafe<String> {
+    let mark = |n: usize| match d {
+        Dialect::Postgres => format!("${n}"),
+        _ => "?".to_string(),
+    };
+    let list: Vec<String> = (2..ids + 2).map(mark).collect();
+    sqlx::AssertSqlSafe(format!(
+        "{verb} FROM cached_images WHERE node_reference_id = {} AND image_id IN ({})",
+        mark(1),
+        list.join(", ")
+    ))
+}
+
 /// `hits` is INTEGER: 32 bits on PostgreSQL and MySQL, but SQLite stores any 64-bit
 /// value there (Glance's `hits = hits + 1` never stops at 2^31).
 fn decode_hits<R: Row>(row: &R, column: &str) -> Result<i64, sqlx::Error>
@@ -238,16 +254,7 @@ impl NodeDb {
     pub async fn record_hit(&self, image_id: &str, now: DbTime) -> Result<bool, DbError> {
         const Q: &str = "UPDATE cached_images SET hits = hits + 1, last_accessed = ? \
              WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(now)
-                .bind(self.node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n > 0)
+        Ok(self.execute_setting(Q, Some(now), &[image_id]).await? > 0)
     }
 
     /// Records a freshly published image: a new row with 0 hits, or, when the image was
@@ -370,15 +377,7 @@ impl NodeDb {
     /// Deletes one row of this node. Returns the number of rows deleted.
     pub async fn delete_cached_image(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[image_id]).await
     }
 
     /// Deletes several rows of this node, a few hundred per statement (a prune of tens
@@ -390,19 +389,7 @@ impl NodeDb {
         let mut n = 0;
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
             n += on_pool!(self.db, |pool, d| {
-                // Only placeholders are formatted into the statement; ids are bound.
-                let placeholders: Vec<String> = (0..batch.len())
-                    .map(|i| match d {
-                        Dialect::Postgres => format!("${}", i + 2),
-                        _ => "?".to_string(),
-                    })
-                    .collect();
-                let first = if d == Dialect::Postgres { "$1" } else { "?" };
-                let statement = format!(
-                    "DELETE FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
-                    placeholders.join(", ")
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(self.node.0);
+                let mut q = sqlx::query(among_ids("DELETE", d, batch.len())).bind(self.node.0);
                 for id in batch {
                     q = q.bind(id.as_ref());
                 }
@@ -421,19 +408,8 @@ impl NodeDb {
         let mut found = std::collections::HashSet::new();
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
             let rows: Vec<String> = on_pool!(self.db, |pool, d| {
-                // Only placeholders are formatted into the statement; ids are bound.
-                let placeholders: Vec<String> = (0..batch.len())
-                    .map(|i| match d {
-                        Dialect::Postgres => format!("${}", i + 2),
-                        _ => "?".to_string(),
-                    })
-                    .collect();
-                let first = if d == Dialect::Postgres { "$1" } else { "?" };
-                let statement = format!(
-                    "SELECT image_id FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
-                    placeholders.join(", ")
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(self.node.0);
+                let mut q =
+                    sqlx::query(among_ids("SELECT image_id", d, batch.len())).bind(self.node.0);
                 for id in batch {
                     q = q.bind(*id);
                 }
@@ -456,14 +432,7 @@ impl NodeDb {
     /// Deletes every row of this node. Returns the number of rows deleted.
     pub async fn delete_all_cached_images(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[]).await
     }
 
     /// Up to `limit` rows of this node in least-recently-accessed order (ties broken by

@@ -19,11 +19,9 @@ use std::str::FromStr;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
 pub use cached_images::{CachedImageRow, CachedImageRows, LruBatch, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
@@ -251,10 +249,7 @@ impl Db {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::Sqlite>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -267,10 +262,7 @@ impl Db {
                 probe_connect::<sqlx::PgConnection>(&opts, options.connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                let pool = PgPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::Postgres>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -283,10 +275,7 @@ impl Db {
                 probe_connect::<sqlx::MySqlConnection>(&opts, options.connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::MySql>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -311,6 +300,14 @@ impl Db {
     pub async fn close(&self) {
         on_pool!(self, |pool, _d| pool.close().await)
     }
+}
+
+/// The pool settings every backend shares.
+fn pool_options<DB: sqlx::Database>(options: &DbOptions) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.connect_timeout)
+        .test_before_acquire(false)
 }
 
 /// Opens and closes one connection, so that an unreachable server or a wrong password is

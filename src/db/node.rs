@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::{Db, DbError, on_pool, sql};
+use super::{Db, DbError, DbTime, on_pool, sql};
 
 /// The `node_reference_id` of a node: every other query is scoped by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,38 @@ impl NodeDb {
     /// The node's reference URL (`node_reference_url`).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Runs `statement`, whose placeholders are this node's id and then `texts` in
+    /// order; returns how many rows it changed.
+    pub(super) async fn execute(
+        &self,
+        statement: &'static str,
+        texts: &[&str],
+    ) -> Result<u64, DbError> {
+        self.execute_setting(statement, None, texts).await
+    }
+
+    /// `execute` for a statement whose first placeholder is the time it sets, when
+    /// `time` is given.
+    pub(super) async fn execute_setting(
+        &self,
+        statement: &'static str,
+        time: Option<DbTime>,
+        texts: &[&str],
+    ) -> Result<u64, DbError> {
+        let n = on_pool!(self.db, |pool, d| {
+            let mut q = sqlx::query(sql(d, statement));
+            if let Some(time) = time {
+                q = q.bind(time);
+            }
+            q = q.bind(self.node.0);
+            for text in texts {
+                q = q.bind(*text);
+            }
+            q.execute(pool).await?.rows_affected()
+        });
+        Ok(n)
     }
 
     /// The database itself, for what is not scoped by a node's rows (the lease, the

@@ -204,26 +204,10 @@ impl NodeDb {
              AND image_id = ? AND state = 'queued' AND claimed_by IS NULL";
         const HOLDERS: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ? \
              AND image_id = ? AND state = 'queued' AND claimed_by = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            match holder {
-                None => {
-                    sqlx::query(sql(d, UNCLAIMED))
-                        .bind(self.node.0)
-                        .bind(image_id)
-                        .execute(pool)
-                        .await?
-                }
-                Some(holder) => {
-                    sqlx::query(sql(d, HOLDERS))
-                        .bind(self.node.0)
-                        .bind(image_id)
-                        .bind(holder)
-                        .execute(pool)
-                        .await?
-                }
-            }
-            .rows_affected()
-        });
+        let n = match holder {
+            None => self.execute(UNCLAIMED, &[image_id]).await?,
+            Some(holder) => self.execute(HOLDERS, &[image_id, holder]).await?,
+        };
         Ok(n > 0)
     }
 
@@ -427,16 +411,7 @@ impl NodeDb {
     pub async fn renew_claims(&self, holder: &str, claim_until: DbTime) -> Result<u64, DbError> {
         const Q: &str = "UPDATE glance_cached_queue SET claimed_until = ? \
              WHERE node_reference_id = ? AND claimed_by = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(claim_until)
-                .bind(self.node.0)
-                .bind(holder)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute_setting(Q, Some(claim_until), &[holder]).await
     }
 
     /// Drops the claim on `image_id`, or only `holder`'s claim on it when a holder is
@@ -450,26 +425,10 @@ impl NodeDb {
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by IS NOT NULL";
         const HOLDERS: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            match holder {
-                None => {
-                    sqlx::query(sql(d, ANY))
-                        .bind(self.node.0)
-                        .bind(image_id)
-                        .execute(pool)
-                        .await?
-                }
-                Some(holder) => {
-                    sqlx::query(sql(d, HOLDERS))
-                        .bind(self.node.0)
-                        .bind(image_id)
-                        .bind(holder)
-                        .execute(pool)
-                        .await?
-                }
-            }
-            .rows_affected()
-        });
+        let n = match holder {
+            None => self.execute(ANY, &[image_id]).await?,
+            Some(holder) => self.execute(HOLDERS, &[image_id, holder]).await?,
+        };
         Ok(n > 0)
     }
 
@@ -548,27 +507,12 @@ impl NodeDb {
     pub async fn dequeue(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str =
             "DELETE FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[image_id]).await
     }
 
     /// Empties this node's queue. Returns the number of rows removed.
     pub async fn dequeue_all(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ?";
-        let n = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(self.node.0)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[]).await
     }
 }
