@@ -1,7 +1,8 @@
 //! The database layer: all SQL lives here.
 //!
 //! One `Db` handle wraps a pool for the configured backend (SQLite, PostgreSQL or
-//! MySQL/MariaDB). Each query is written once with `?` placeholders and run through
+//! MySQL/MariaDB); a `NodeDb` binds it to one node, and the queries on that node's rows
+//! hang off it. Each query is written once with `?` placeholders and run through
 //! `on_pool!`, which expands the body per backend; the few statements whose syntax
 //! differs (upserts, DDL, locking) branch on `Dialect`.
 
