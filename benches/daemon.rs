@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use glance_cached::cache::{Area, CacheDriver, CacheLayout};
-use glance_cached::db::{Db, DbOptions, DbTime};
+use glance_cached::cache::{Area, CacheLayout};
+use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
 use glance_cached::image_id::ImageId;
 
 fn smoke() -> bool {
@@ -297,23 +297,18 @@ fn main() {
         std::fs::create_dir_all(db_file.parent().unwrap()).unwrap();
         let url = format!("sqlite://{}", db_file.display());
         let db = Db::connect(&url, &DbOptions::default()).await.unwrap();
-        let driver =
-            CacheDriver::configure(layout.clone(), db, glance_cached::config::DEFAULT_NODE_URL)
-                .await
-                .unwrap();
+        let db = NodeDb::configure(db, glance_cached::config::DEFAULT_NODE_URL)
+            .await
+            .unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
         let mut rows = Vec::with_capacity(n);
         for i in 0..n {
             let id = ImageId::parse(&format!("{i:08x}-0000-4000-8000-000000000000")).unwrap();
             std::fs::write(layout.path(Area::Cached, &id), b"tiny image").unwrap();
-            rows.push((id.to_string(), 10i64, now));
+            rows.push((id, 10i64, now));
         }
-        driver
-            .db()
-            .adopt_cached_images(driver.node(), &rows)
-            .await
-            .unwrap();
-        driver.db().close().await;
+        db.adopt_cached_images(&rows).await.unwrap();
+        db.db().close().await;
     });
     let config = write_config(tmp.path(), &cache, "");
     let mut startup = Vec::new();

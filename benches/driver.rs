@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use glance_cached::cache::{Area, CacheDriver, CacheLayout, CleanPolicy, PrunePolicy};
-use glance_cached::db::{Db, DbOptions, DbTime};
+use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
 use glance_cached::image_id::ImageId;
 
 fn smoke() -> bool {
@@ -42,7 +42,7 @@ fn image_id(n: usize) -> ImageId {
 
 /// A cache with `n` cached images of `size` bytes (files written directly, rows
 /// adopted in batches, as a reconcile would).
-async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> CacheDriver {
+async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> (CacheDriver, Db) {
     let layout = CacheLayout::open(dir).unwrap();
     let data = vec![0x42u8; size];
     let mut rows = Vec::with_capacity(n);
@@ -52,21 +52,15 @@ async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> CacheDriv
         std::fs::write(layout.path(Area::Cached, &id), &data).unwrap();
         // Distinct access times, oldest first, so LRU order is well defined.
         rows.push((
-            id.to_string(),
+            id.clone(),
             size as i64,
             DbTime::from_utc(base + chrono::Duration::milliseconds(i as i64)),
         ));
     }
     let db = Db::connect(db_url, &DbOptions::default()).await.unwrap();
-    let driver = CacheDriver::configure(layout, db, "http://bench:9292")
-        .await
-        .unwrap();
-    driver
-        .db()
-        .adopt_cached_images(driver.node(), &rows)
-        .await
-        .unwrap();
-    driver
+    let db = NodeDb::configure(db, "http://bench:9292").await.unwrap();
+    db.adopt_cached_images(&rows).await.unwrap();
+    (CacheDriver::new(layout, db.clone()), db.db().clone())
 }
 
 /// Runs `op` `count` times, one after the other; returns operations per second.
@@ -101,7 +95,7 @@ async fn driver_ops(figures: &mut Figures, backend: &str, db_url: &str, n: usize
         .prefix("gc-bench-")
         .tempdir_in(bench_dir())
         .unwrap();
-    let driver = populated(&tmp.path().join("cache"), db_url, n, 64).await;
+    let (driver, db) = populated(&tmp.path().join("cache"), db_url, n, 64).await;
     let (mut cached, mut read, mut hits, mut queue, mut list, mut pass) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds() {
@@ -202,7 +196,7 @@ async fn driver_ops(figures: &mut Figures, backend: &str, db_url: &str, n: usize
         "ms",
         "",
     );
-    driver.db().close().await;
+    db.close().await;
 }
 
 async fn prune_and_clean(figures: &mut Figures) {
@@ -215,7 +209,7 @@ async fn prune_and_clean(figures: &mut Figures) {
             .unwrap();
         let dir = tmp.path().join("cache");
         let url = format!("sqlite://{}/bench.db", tmp.path().display());
-        let driver = populated(&dir, &url, n, 1024).await;
+        let (driver, db) = populated(&dir, &url, n, 1024).await;
         let started = Instant::now();
         let report = driver
             .prune(PrunePolicy {
@@ -266,7 +260,7 @@ async fn prune_and_clean(figures: &mut Figures) {
                 .success()
         );
         rm_secs.push(started.elapsed().as_secs_f64());
-        driver.db().close().await;
+        db.close().await;
     }
     let k = format!("{}k", n / 1000);
     figures.add(
@@ -366,9 +360,10 @@ fn main() {
 /// Removes the bench node's rows from a shared server database.
 async fn cleanup_node(url: &str) {
     let db = Db::connect(url, &DbOptions::default()).await.unwrap();
-    if let Some(node) = db.find_node("http://bench:9292").await.unwrap() {
-        db.delete_all_cached_images(node).await.unwrap();
-        db.dequeue_all(node).await.unwrap();
-    }
+    let node = NodeDb::open_read_only(db.clone(), "http://bench:9292")
+        .await
+        .unwrap();
+    node.delete_all_cached_images().await.unwrap();
+    node.dequeue_all().await.unwrap();
     db.close().await;
 }

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod digest;
 pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;

@@ -26,40 +26,20 @@ impl CacheDriver {
         loop {
             let Some(row) = self
                 .db()
-                .claim_next(
-                    self.node(),
-                    holder,
-                    DbTime::from_utc(now),
-                    DbTime::from_utc(until),
-                )
+                .claim_next(holder, DbTime::from_utc(now), DbTime::from_utc(until))
                 .await?
             else {
                 return Ok(None);
             };
-            let (raw_id, attempts) = (row.image_id.clone(), row.attempts);
-            match queued_image(row) {
-                // Its marker went after the queue loop's last pass: dequeued through
-                // Glance, not to be fetched.
-                Some(image)
-                    if !self.layout().exists(Area::Queue, &image.image_id)
-                        && self.dequeue_unmarked(&image.image_id, Some(holder)).await? =>
-                {
-                    continue;
-                }
-                Some(image) => return Ok(Some(image)),
-                // A row whose id is not valid can never be fetched: fail it, take the next.
-                None => {
-                    self.db()
-                        .mark_failed(
-                            self.node(),
-                            &raw_id,
-                            attempts,
-                            DbTime::from_utc(now),
-                            "invalid image id",
-                        )
-                        .await?;
-                }
+            let image = queued_image(row, now);
+            // Its marker went after the queue loop's last pass: dequeued through Glance,
+            // not to be fetched.
+            if !self.layout().exists(Area::Queue, &image.image_id)
+                && self.dequeue_unmarked(&image.image_id, Some(holder)).await?
+            {
+                continue;
             }
+            return Ok(Some(image));
         }
     }
 
@@ -73,7 +53,6 @@ impl CacheDriver {
     ) -> Result<(), CacheError> {
         self.db()
             .record_retry(
-                self.node(),
                 id.as_str(),
                 attempts as i64,
                 DbTime::from_utc(next_attempt),
@@ -93,7 +72,6 @@ impl CacheDriver {
     ) -> Result<(), CacheError> {
         self.db()
             .mark_failed(
-                self.node(),
                 id.as_str(),
                 attempts as i64,
                 DbTime::from_utc(clock::now()),
@@ -115,15 +93,13 @@ impl CacheDriver {
         let until = clock::after(clock::now(), claim_for);
         Ok(self
             .db()
-            .renew_claims(self.node(), holder, DbTime::from_utc(until))
+            .renew_claims(holder, DbTime::from_utc(until))
             .await?)
     }
 
     /// Releases the claim on `id` (an interrupted download): it stays queued.
     pub async fn release_claim(&self, id: &ImageId) -> Result<(), CacheError> {
-        self.db()
-            .release_claim(self.node(), id.as_str(), None)
-            .await?;
+        self.db().release_claim(id.as_str(), None).await?;
         Ok(())
     }
 
@@ -137,18 +113,12 @@ impl CacheDriver {
         holder_running: impl Fn(&str) -> bool,
     ) -> Result<u64, CacheError> {
         let mut recovered = 0;
-        for (raw, holder) in self.db().claims(self.node()).await? {
+        for (id, holder) in self.db().claims().await? {
             if holder_running(&holder) {
                 continue;
             }
-            if let Ok(id) = ImageId::parse(&raw) {
-                self.move_partial_download_to_invalid(&id)?;
-            }
-            if self
-                .db()
-                .release_claim(self.node(), &raw, Some(&holder))
-                .await?
-            {
+            self.move_partial_download_to_invalid(&id)?;
+            if self.db().release_claim(id.as_str(), Some(&holder)).await? {
                 recovered += 1;
             }
         }
@@ -180,10 +150,6 @@ impl CacheDriver {
 
     /// When the earliest waiting queued image becomes due.
     pub async fn next_queue_due(&self) -> Result<Option<DateTime<Utc>>, CacheError> {
-        Ok(self
-            .db()
-            .next_queue_due(self.node())
-            .await?
-            .map(DbTime::to_utc))
+        Ok(self.db().next_queue_due().await?.map(DbTime::to_utc))
     }
 }

@@ -10,9 +10,9 @@ use tracing::{debug, info, warn};
 
 use super::CacheError;
 use super::layout::{Area, CacheLayout, Listing};
-use super::writer::{Expectations, ImageWriter};
+use super::writer::{Expectations, ImageWriter, Published};
 use crate::clock;
-use crate::db::{Db, DbTime, NodeId};
+use crate::db::{Db, DbTime, NodeDb, QueueState};
 use crate::image_id::ImageId;
 
 /// One cached image of this node, as listed by `get_cached_images`.
@@ -34,17 +34,17 @@ pub struct QueuedImage {
     pub attempts: u64,
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
-    /// `queued`, or `failed` (dropped with `last_error` as the reason).
-    pub state: String,
+    /// `Failed`: dropped, with `last_error` as the reason.
+    pub state: QueueState,
     /// The process downloading it now (a daemon or a `prefetch` command, as "host pid
     /// N"), while its claim lasts.
     pub downloading_by: Option<String>,
 }
 
-/// A queue row as a `QueuedImage`; `None` (with a warning) when its id is not valid.
-pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
-    Some(QueuedImage {
-        image_id: valid_row_id(&r.image_id)?,
+/// A queue row as a `QueuedImage`, as of `now` (a claim that ran out is no download).
+pub(crate) fn queued_image(r: crate::db::QueueRow, now: DateTime<Utc>) -> QueuedImage {
+    QueuedImage {
+        image_id: r.image_id,
         queued_at: r.queued_at.to_utc(),
         attempts: r.attempts.max(0) as u64,
         next_attempt_at: r.next_attempt_at.to_utc(),
@@ -52,8 +52,8 @@ pub(crate) fn queued_image(r: crate::db::QueueRow) -> Option<QueuedImage> {
         state: r.state,
         downloading_by: r
             .claimed_by
-            .filter(|_| r.claimed_until.is_some_and(|t| t.to_utc() > clock::now())),
-    })
+            .filter(|_| r.claimed_until.is_some_and(|t| t.to_utc() > now)),
+    }
 }
 
 /// The cache of one node: its directory, its database and its node row. Cheap to clone.
@@ -64,9 +64,7 @@ pub struct CacheDriver {
 
 struct Inner {
     layout: CacheLayout,
-    db: Db,
-    node: NodeId,
-    node_url: String,
+    db: NodeDb,
     /// Held by the one prune pass of this process (see `PrunePass`).
     prune_turn: Arc<tokio::sync::Mutex<()>>,
 }
@@ -79,51 +77,37 @@ impl CacheDriver {
         db: Db,
         node_url: &str,
     ) -> Result<Self, CacheError> {
-        db.migrate().await?;
-        let node = db.register_node(node_url).await?;
-        debug!(node_url, node_id = node.0, "cache node registered");
-        Ok(Self::with_node(layout, db, node, node_url))
+        let db = NodeDb::configure(db, node_url).await?;
+        Ok(Self::new(layout, db))
     }
 
-    fn with_node(layout: CacheLayout, db: Db, node: NodeId, node_url: &str) -> Self {
+    /// The driver of the node `db` is bound to, on an opened layout.
+    pub fn new(layout: CacheLayout, db: NodeDb) -> Self {
         CacheDriver {
             inner: Arc::new(Inner {
                 layout,
                 db,
-                node,
-                node_url: node_url.to_owned(),
                 prune_turn: Arc::default(),
             }),
         }
     }
 
-    /// A driver for commands that only look: no directory, schema or node row is made.
-    /// A node that was never registered has nothing cached or queued, so it gets an id
-    /// that no row carries.
-    pub async fn open_read_only(
-        layout: CacheLayout,
-        db: Db,
-        node_url: &str,
-    ) -> Result<Self, CacheError> {
-        db.check_schema().await?;
-        let node = db
-            .find_node(node_url)
-            .await?
-            .unwrap_or(NodeId::UNREGISTERED);
-        Ok(Self::with_node(layout, db, node, node_url))
-    }
-
-    pub fn layout(&self) -> &CacheLayout {
+    /// The held directories, for the cache's own submodules: whoever else needs them
+    /// keeps the `CacheLayout` it opened.
+    pub(super) fn layout(&self) -> &CacheLayout {
         &self.inner.layout
     }
-    pub fn db(&self) -> &Db {
+
+    /// The node's database, for the cache's own submodules: whoever else needs it keeps
+    /// the `NodeDb` it opened.
+    pub(super) fn db(&self) -> &NodeDb {
         &self.inner.db
     }
-    pub fn node(&self) -> NodeId {
-        self.inner.node
-    }
-    pub fn node_url(&self) -> &str {
-        &self.inner.node_url
+
+    /// Glance's `get_image_filepath`: where `id`'s entry in `area` is, to be shown in
+    /// messages (every file operation goes through the layout's handles).
+    pub fn get_image_filepath(&self, id: &ImageId, area: Area) -> std::path::PathBuf {
+        self.layout().path(area, id)
     }
 
     /// Waits until no other prune of this process runs, and holds the turn.
@@ -157,8 +141,7 @@ impl CacheDriver {
 
     /// Queued when this node has a queue row or a marker file for it.
     pub async fn is_queued(&self, id: &ImageId) -> Result<bool, CacheError> {
-        Ok(self.in_area(Area::Queue, id).await
-            || self.db().is_queued(self.node(), id.as_str()).await?)
+        Ok(self.in_area(Area::Queue, id).await || self.db().is_queued(id.as_str()).await?)
     }
 
     /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
@@ -190,9 +173,7 @@ impl CacheDriver {
             .map_err(CacheError::io("create queue marker", marker))?;
         // The insert adds nothing when a row is queued already (the queue loop may have
         // adopted the marker just made): queued either way.
-        self.db()
-            .enqueue(self.node(), id.as_str(), requested)
-            .await?;
+        self.db().enqueue(id.as_str(), requested).await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
         // then the marker is stale and goes.
         if self.cached(id).await {
@@ -206,8 +187,9 @@ impl CacheDriver {
     /// the queued time.
     pub async fn get_queued_images(&self) -> Result<Vec<QueuedImage>, CacheError> {
         self.adopt_queue_markers().await?;
-        let rows = self.db().queued_images(self.node()).await?;
-        Ok(rows.into_iter().filter_map(queued_image).collect())
+        let rows = self.db().queued_images().await?;
+        let now = clock::now();
+        Ok(rows.into_iter().map(|r| queued_image(r, now)).collect())
     }
 
     /// Gives every marker in `queue/` without a row a row, and takes off the queue the
@@ -222,7 +204,7 @@ impl CacheDriver {
         // Rows first, then markers: a marker made for a row read here already exists.
         // Most markers are of images queued long ago (a marker stays until its image is
         // cached): one query tells which, instead of two statements per marker per pass.
-        let queued = self.db().queued_ids(self.node()).await?;
+        let queued = self.db().queued_ids().await?;
         let listing = self.list(Area::Queue).await?;
         self.layout().report_skipped(
             "skipping queue entries that are not regular files named by an image id",
@@ -237,18 +219,14 @@ impl CacheDriver {
                 self.dequeue_cached(id).await?;
                 continue;
             }
-            if queued.contains_key(id.as_str()) {
+            if queued.contains_key(id) {
                 continue;
             }
             let queued_at = DbTime::from_mtime(marker.modified).unwrap_or_else(|clamped| {
                 warn!(image_id = %id, "queue marker's mtime is out of range; queued at the nearest storable time");
                 clamped
             });
-            if self
-                .db()
-                .enqueue(self.node(), id.as_str(), queued_at)
-                .await?
-            {
+            if self.db().enqueue(id.as_str(), queued_at).await? {
                 // Published (and dequeued) between the check and the insert: undo.
                 if self.cached(id).await {
                     self.dequeue_cached(id).await?;
@@ -258,16 +236,13 @@ impl CacheDriver {
                 adopted += 1;
             }
         }
-        let marked: std::collections::HashSet<&str> =
-            listing.files.iter().map(|m| m.image_id.as_str()).collect();
-        for (raw, claimed) in &queued {
-            if *claimed || marked.contains(raw.as_str()) {
+        let marked: std::collections::HashSet<&ImageId> =
+            listing.files.iter().map(|m| &m.image_id).collect();
+        for (id, claimed) in &queued {
+            if *claimed || marked.contains(id) {
                 continue;
             }
-            let Ok(id) = ImageId::parse(raw) else {
-                continue;
-            };
-            self.dequeue_unmarked(&id, None).await?;
+            self.dequeue_unmarked(id, None).await?;
         }
         Ok(adopted)
     }
@@ -283,10 +258,7 @@ impl CacheDriver {
         if self.is_cached(id) {
             return Ok(false);
         }
-        let dequeued = self
-            .db()
-            .dequeue_if_idle(self.node(), id.as_str(), holder)
-            .await?;
+        let dequeued = self.db().dequeue_if_idle(id.as_str(), holder).await?;
         if dequeued {
             info!(image_id = %id, "dequeued: its queue marker was removed (through Glance's API)");
         }
@@ -305,7 +277,7 @@ impl CacheDriver {
 
     /// Removes `id` from the queue: its row and its marker. Returns 1 if it was queued.
     pub async fn delete_queued_image(&self, id: &ImageId) -> Result<u64, CacheError> {
-        let rows = self.db().dequeue(self.node(), id.as_str()).await?;
+        let rows = self.db().dequeue(id.as_str()).await?;
         let files = self.remove_queue_marker(id).await?;
         Ok(u64::from(rows > 0 || files.is_some()))
     }
@@ -335,31 +307,29 @@ impl CacheDriver {
     /// Empties the queue: rows and markers. Returns how many images were queued.
     pub async fn delete_all_queued_images(&self) -> Result<u64, CacheError> {
         let listing = self.list(Area::Queue).await?;
-        let rows = self.db().queued_images(self.node()).await?;
-        let mut ids: std::collections::BTreeSet<String> =
+        let rows = self.db().queued_images().await?;
+        let mut ids: std::collections::BTreeSet<ImageId> =
             rows.into_iter().map(|r| r.image_id).collect();
         for marker in &listing.files {
             self.remove_queue_marker(&marker.image_id).await?;
-            ids.insert(marker.image_id.to_string());
+            ids.insert(marker.image_id.clone());
         }
-        self.db().dequeue_all(self.node()).await?;
+        self.db().dequeue_all().await?;
         Ok(ids.len() as u64)
     }
 
     /// This node's cached images, ordered by image id.
     pub async fn get_cached_images(&self) -> Result<Vec<CachedImage>, CacheError> {
-        let rows = self.db().cached_images(self.node()).await?;
+        let rows = self.db().cached_images().await?;
         Ok(rows
             .into_iter()
-            .filter_map(|r| {
-                Some(CachedImage {
-                    image_id: valid_row_id(&r.image_id)?,
-                    size: r.size.max(0) as u64,
-                    hits: r.hits.max(0) as u64,
-                    last_accessed: r.last_accessed.to_utc(),
-                    last_modified: r.last_modified.to_utc(),
-                    checksum: r.checksum,
-                })
+            .map(|r| CachedImage {
+                image_id: r.image_id,
+                size: r.size.max(0) as u64,
+                hits: r.hits.max(0) as u64,
+                last_accessed: r.last_accessed.to_utc(),
+                last_modified: r.last_modified.to_utc(),
+                checksum: r.checksum,
             })
             .collect())
     }
@@ -369,7 +339,7 @@ impl CacheDriver {
         if !self.cached(id).await {
             return Ok(0);
         }
-        Ok(self.db().hit_count(self.node(), id.as_str()).await?.max(0) as u64)
+        Ok(self.db().hit_count(id.as_str()).await?.max(0) as u64)
     }
 
     /// The least recently accessed image and its size on disk (0 when its file is
@@ -377,18 +347,12 @@ impl CacheDriver {
     pub async fn get_least_recently_accessed(&self) -> Result<Option<(ImageId, u64)>, CacheError> {
         let mut cursor = None;
         loop {
-            let rows = self
-                .db()
-                .least_recently_accessed(self.node(), cursor, 16)
-                .await?;
-            let Some(last) = rows.last() else {
+            let batch = self.db().least_recently_accessed(cursor, 16).await?;
+            let Some(next) = batch.next else {
                 return Ok(None);
             };
-            cursor = Some(crate::db::LruCursor {
-                last_accessed: last.last_accessed,
-                id: last.id,
-            });
-            if let Some(id) = rows.iter().find_map(|r| valid_row_id(&r.image_id)) {
+            cursor = Some(next);
+            if let Some(id) = batch.rows.into_iter().next().map(|r| r.image_id) {
                 let (layout, file_id) = (self.layout().clone(), id.clone());
                 let size = blocking(move || layout.regular_file(Area::Cached, &file_id))
                     .await
@@ -406,7 +370,28 @@ impl CacheDriver {
         id: &ImageId,
         expectations: Expectations,
     ) -> Result<ImageWriter, CacheError> {
-        ImageWriter::create(self.clone(), id.clone(), expectations)
+        ImageWriter::create(self.layout().clone(), id.clone(), expectations)
+    }
+
+    /// Commits what `writer` wrote: verified, made durable and moved into place by the
+    /// writer, then recorded in this node's row and taken off the queue. On a failed
+    /// verification the bytes go to `invalid/` and nothing is published.
+    pub async fn publish(&self, writer: ImageWriter) -> Result<Published, CacheError> {
+        let published = writer.finish().await?;
+        // Glance's order: file first, then the row; a crash in between leaves a file
+        // without a row, which reconcile adopts.
+        crate::failpoint::hit("writer:before-row");
+        self.db()
+            .upsert_cached_image(
+                published.image_id.as_str(),
+                published.size as i64,
+                Some(&published.md5),
+                DbTime::from_utc(clock::now()),
+            )
+            .await?;
+        self.delete_queued_image(&published.image_id).await?;
+        debug!(image_id = %published.image_id, bytes = published.size, "image published");
+        Ok(published)
     }
 
     /// Opens a cached image for reading and, as Glance does, counts a hit and sets
@@ -424,7 +409,7 @@ impl CacheDriver {
         .await;
         let hit = self
             .db()
-            .record_hit(self.node(), id.as_str(), DbTime::from_utc(clock::now()))
+            .record_hit(id.as_str(), DbTime::from_utc(clock::now()))
             .await;
         let (file, meta) = match opened {
             Ok(opened) => opened,
@@ -448,9 +433,7 @@ impl CacheDriver {
         let removed = self
             .remove_file(Area::Cached, id, "delete cached image")
             .await?;
-        self.db()
-            .delete_cached_image(self.node(), id.as_str())
-            .await?;
+        self.db().delete_cached_image(id.as_str()).await?;
         Ok(removed.is_some())
     }
 
@@ -468,7 +451,7 @@ impl CacheDriver {
                 deleted += 1;
             }
         }
-        self.db().delete_all_cached_images(self.node()).await?;
+        self.db().delete_all_cached_images().await?;
         Ok(deleted)
     }
 
@@ -492,15 +475,3 @@ impl CacheDriver {
 /// Filesystem work runs on tokio's blocking pool: a slow or stuck disk must never hold
 /// one of the runtime's few worker threads (see ARCHITECTURE.md's invariants).
 pub(crate) use crate::blocking;
-
-/// Validates an id read from the database; rows with ids that are not ours are ignored
-/// with a warning rather than turned into paths.
-pub(crate) fn valid_row_id(raw: &str) -> Option<ImageId> {
-    match ImageId::parse(raw) {
-        Ok(id) => Some(id),
-        Err(error) => {
-            warn!(%error, "ignoring a database row whose image id is not valid");
-            None
-        }
-    }
-}

@@ -207,6 +207,13 @@ impl HeldDir {
     }
 }
 
+/// `dir/<id>`: the one place an image id becomes a path (the cache's own paths, shown
+/// in messages, and the directory upstream's files). Safe by construction: an `ImageId`
+/// has no separators, so the path names an entry of `dir` itself.
+pub fn file_in(dir: &Path, id: &ImageId) -> PathBuf {
+    dir.join(id.as_str())
+}
+
 impl CacheLayout {
     /// Creates the root (if missing) and the three subdirectories, checks that the root
     /// is a writable directory and the subdirectories are real directories, and holds
@@ -318,12 +325,9 @@ impl CacheLayout {
         }
     }
 
-    /// The path of `id` in `area`, for messages only. Safe by construction: an
-    /// `ImageId` has no separators.
+    /// The path of `id` in `area`, for messages only (see `file_in`).
     pub fn path(&self, area: Area, id: &ImageId) -> PathBuf {
-        let mut p = self.dir(area);
-        p.push(id.as_str());
-        p
+        file_in(&self.dir(area), id)
     }
 
     /// The held handle of `area`, after checking that its name still names it. A

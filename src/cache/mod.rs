@@ -4,7 +4,6 @@
 mod claims;
 mod clean;
 mod driver;
-mod hashing;
 pub mod layout;
 mod prune;
 mod reconcile;
@@ -18,7 +17,7 @@ pub use driver::{CacheDriver, CachedImage, QueuedImage};
 pub use layout::{Area, CacheLayout, LayoutError};
 pub use prune::{PRUNE_STEP_ROWS, PrunePass, PrunePolicy, PruneReport};
 pub use reconcile::{MAX_MISSING_SHARE_PERCENT, ReconcileReport};
-pub use writer::{Expectations, HashAlgo, ImageWriter, Published};
+pub use writer::{Expectations, ImageWriter, Published};
 
 use crate::db::DbError;
 use crate::image_id::ImageId;

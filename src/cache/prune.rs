@@ -73,7 +73,7 @@ pub struct PrunePass {
     cursor: Option<LruCursor>,
     /// Image ids fetched in LRU order and not visited yet (first those of rows whose
     /// times cannot be read).
-    fetched: std::collections::VecDeque<String>,
+    fetched: std::collections::VecDeque<ImageId>,
     /// Whether the rows that cannot be read are still to be looked for.
     unreadable_pending: bool,
     done: bool,
@@ -86,7 +86,7 @@ struct BatchOutcome {
     pruned: Vec<(ImageId, u64)>,
     rows_without_file: u64,
     /// Rows whose file is gone now (evicted, or already missing).
-    gone_rows: Vec<String>,
+    gone_rows: Vec<ImageId>,
     /// The prune reached its goal inside this batch.
     satisfied: bool,
 }
@@ -145,12 +145,6 @@ impl CacheDriver {
         }
         Ok(pass)
     }
-
-    /// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX
-    /// when it cannot be read, so a failing statvfs never empties the cache. Blocking.
-    pub fn free_disk(&self) -> u64 {
-        free_disk(self.layout())
-    }
 }
 
 impl PrunePass {
@@ -171,10 +165,7 @@ impl PrunePass {
             // A row whose time cannot be read counts as the oldest: evicted first. A
             // step of its own: it reads every row of the node once.
             self.unreadable_pending = false;
-            let all = driver
-                .db()
-                .cached_images_and_unreadable(driver.node())
-                .await?;
+            let all = driver.db().cached_images_and_unreadable().await?;
             all.warn_unreadable();
             self.fetched = all
                 .unreadable
@@ -186,20 +177,17 @@ impl PrunePass {
         if self.fetched.is_empty() {
             let batch = driver
                 .db()
-                .least_recently_accessed(driver.node(), self.cursor, PRUNE_FETCH_ROWS)
+                .least_recently_accessed(self.cursor, PRUNE_FETCH_ROWS)
                 .await?;
-            let Some(last) = batch.last() else {
+            let Some(next) = batch.next else {
                 self.done = true;
                 return Ok(());
             };
-            self.cursor = Some(LruCursor {
-                last_accessed: last.last_accessed,
-                id: last.id,
-            });
-            self.fetched = batch.into_iter().map(|r| r.image_id).collect();
+            self.cursor = Some(next);
+            self.fetched = batch.rows.into_iter().map(|r| r.image_id).collect();
         }
         let take = self.fetched.len().min(rows.max(1) as usize);
-        let ids: Vec<String> = self.fetched.drain(..take).collect();
+        let ids: Vec<ImageId> = self.fetched.drain(..take).collect();
         let (layout, size, target, min) = (
             driver.layout().clone(),
             self.size,
@@ -207,10 +195,7 @@ impl PrunePass {
             self.min_free_disk,
         );
         let outcome = blocking(move || evict_batch(&layout, &ids, size, target, min)).await;
-        driver
-            .db()
-            .delete_cached_images(driver.node(), &outcome.gone_rows)
-            .await?;
+        driver.db().delete_cached_images(&outcome.gone_rows).await?;
         self.size = outcome.size;
         self.report.pruned.extend(outcome.pruned);
         self.report.rows_without_file += outcome.rows_without_file;
@@ -223,8 +208,8 @@ impl PrunePass {
         let from = self.unchecked.len().saturating_sub(rows.max(1) as usize);
         let files = self.unchecked.split_off(from);
         let ids: Vec<&str> = files.iter().map(|f| f.image_id.as_str()).collect();
-        let known = driver.db().cached_ids_among(driver.node(), &ids).await?;
-        let known: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
+        let known = driver.db().cached_ids_among(&ids).await?;
+        let known: std::collections::HashSet<&str> = known.iter().map(ImageId::as_str).collect();
         self.report.adopted += driver.adopt_files_without_rows(&files, &known).await?.len() as u64;
         Ok(())
     }
@@ -240,7 +225,7 @@ impl PrunePass {
 /// Removes the files of `ids` in order while the cache needs pruning.
 fn evict_batch(
     layout: &CacheLayout,
-    ids: &[String],
+    ids: &[ImageId],
     mut size: u64,
     target: u64,
     min_free_disk: Option<u64>,
@@ -254,19 +239,16 @@ fn evict_batch(
         gone_rows: Vec::with_capacity(ids.len()),
         satisfied: false,
     };
-    for raw in ids {
+    for id in ids {
         if !needs_pruning(size) {
             out.satisfied = true;
             break;
         }
-        let Some(id) = super::driver::valid_row_id(raw) else {
-            continue;
-        };
-        match layout.remove(Area::Cached, &id) {
+        match layout.remove(Area::Cached, id) {
             Ok(Some(bytes)) => {
                 info!(image_id = %id, bytes, "pruned cached image");
                 size = size.saturating_sub(bytes);
-                out.pruned.push((id, bytes));
+                out.pruned.push((id.clone(), bytes));
                 if out.gone_rows.is_empty() {
                     crate::failpoint::hit("prune:mid");
                 }
@@ -277,12 +259,14 @@ fn evict_batch(
                 continue;
             }
         }
-        out.gone_rows.push(raw.clone());
+        out.gone_rows.push(id.clone());
     }
     out.size = size;
     out
 }
 
+/// Free bytes on the cache filesystem for unprivileged users (`f_bavail`); u64::MAX when
+/// it cannot be read, so a failing statvfs never empties the cache. Blocking.
 fn free_disk(layout: &CacheLayout) -> u64 {
     match layout.statvfs() {
         Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),

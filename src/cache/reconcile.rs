@@ -21,22 +21,14 @@ use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     /// Files that had no row and were given one.
-    pub adopted: Vec<String>,
-    /// Rows whose file was gone, removed.
+    pub adopted: Vec<ImageId>,
+    /// Rows whose file was gone, removed, by their id as stored (rows named like
+    /// Glance's lock files, which are no image ids, among them).
     pub removed_rows: Vec<String>,
     /// Rows whose file has another size now: size refreshed, checksum cleared.
-    pub resized: Vec<String>,
+    pub resized: Vec<ImageId>,
     /// What the clean rule removed from `incomplete/` and `invalid/`.
     pub cleaned: CleanReport,
-}
-
-impl ReconcileReport {
-    pub fn changed(&self) -> bool {
-        !self.adopted.is_empty()
-            || !self.removed_rows.is_empty()
-            || !self.resized.is_empty()
-            || self.cleaned.files() > 0
-    }
 }
 
 /// A cached file's mtime as the row's times, clamped to what the database stores (with a
@@ -66,26 +58,26 @@ impl CacheDriver {
         &self,
         files: &[CacheFile],
         known_ids: &HashSet<&str>,
-    ) -> Result<Vec<String>, CacheError> {
-        let orphans: Vec<(String, i64, DbTime)> = files
+    ) -> Result<Vec<ImageId>, CacheError> {
+        let orphans: Vec<(ImageId, i64, DbTime)> = files
             .iter()
             .filter(|f| !known_ids.contains(f.image_id.as_str()))
             .map(|f| {
                 (
-                    f.image_id.to_string(),
+                    f.image_id.clone(),
                     f.size as i64,
                     mtime_as_db_time(&f.image_id, f.modified),
                 )
             })
             .collect();
-        let adopted = self.db().adopt_cached_images(self.node(), &orphans).await?;
+        let adopted = self.db().adopt_cached_images(&orphans).await?;
         // One line per pass, not per file: a start over 100,000 files Glance wrote must
         // not flood the journal (each id is still there at debug level).
         for id in &adopted {
             debug!(image_id = %id, "adopted a cached file without a row");
         }
         if !adopted.is_empty() {
-            let examples: Vec<&str> = adopted.iter().take(5).map(String::as_str).collect();
+            let examples: Vec<&str> = adopted.iter().take(5).map(ImageId::as_str).collect();
             info!(
                 adopted = adopted.len(),
                 examples = %examples.join(","),
@@ -108,12 +100,7 @@ impl CacheDriver {
         };
         let adopted = self
             .db()
-            .adopt_cached_image(
-                self.node(),
-                id.as_str(),
-                meta.size as i64,
-                mtime_as_db_time(id, meta.modified),
-            )
+            .adopt_cached_image(id, meta.size as i64, mtime_as_db_time(id, meta.modified))
             .await?;
         if adopted {
             info!(image_id = %id, "adopted a cached file without a row");
@@ -127,7 +114,7 @@ impl CacheDriver {
         &self,
         files: &[CacheFile],
         rows: &[crate::db::CachedImageRow],
-    ) -> Result<Vec<String>, CacheError> {
+    ) -> Result<Vec<ImageId>, CacheError> {
         let sizes: std::collections::HashMap<&str, u64> = files
             .iter()
             .map(|f| (f.image_id.as_str(), f.size))
@@ -142,7 +129,7 @@ impl CacheDriver {
             }
             if self
                 .db()
-                .refresh_cached_image_size(self.node(), &row.image_id, row.size, size as i64)
+                .refresh_cached_image_size(row.image_id.as_str(), row.size, size as i64)
                 .await?
             {
                 warn!(
@@ -167,28 +154,30 @@ impl CacheDriver {
         force_drop: bool,
     ) -> Result<ReconcileReport, CacheError> {
         let listing = self.list(Area::Cached).await?;
-        let rows = self.db().cached_images(self.node()).await?;
-        let on_disk: HashSet<&str> = listing.files.iter().map(|f| f.image_id.as_str()).collect();
+        let all = self.db().cached_images_and_unreadable().await?;
+        all.warn_unreadable();
+        let (rows, invalid_ids) = (all.rows, all.invalid_ids);
+        let on_disk: HashSet<&ImageId> = listing.files.iter().map(|f| &f.image_id).collect();
         let in_db: HashSet<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
-        let ghosts: Vec<String> = rows
-            .iter()
-            .filter(|r| !on_disk.contains(r.image_id.as_str()))
-            .map(|r| r.image_id.clone())
-            .collect();
         // A file published between our listing and now must keep its row. Rows with ids
         // that are not ours stay (they may be Glance's), except rows named like Glance's
         // lock files: earlier versions adopted those as images.
-        let ghosts: Vec<String> = ghosts
-            .into_iter()
-            .filter(|g| match ImageId::parse(g) {
-                Ok(id) => !self.is_cached(&id),
-                Err(_) => GLANCE_LOCK_NAMES.contains(&g.as_str()),
-            })
+        let ghosts: Vec<String> = rows
+            .iter()
+            .filter(|r| !on_disk.contains(&r.image_id) && !self.is_cached(&r.image_id))
+            .map(|r| r.image_id.to_string())
+            .chain(
+                invalid_ids
+                    .iter()
+                    .filter(|raw| GLANCE_LOCK_NAMES.contains(&raw.as_str()))
+                    .cloned(),
+            )
             .collect();
-        if !force_drop && too_many_missing(ghosts.len(), rows.len()) {
+        let row_count = rows.len() + invalid_ids.len();
+        if !force_drop && too_many_missing(ghosts.len(), row_count) {
             return Err(CacheError::FilesMissing {
                 missing: ghosts.len(),
-                rows: rows.len(),
+                rows: row_count,
                 dir: self.layout().dir(Area::Cached),
             });
         }
@@ -196,7 +185,7 @@ impl CacheDriver {
             .adopt_files_without_rows(&listing.files, &in_db)
             .await?;
         let resized = self.refresh_resized_rows(&listing.files, &rows).await?;
-        self.db().delete_cached_images(self.node(), &ghosts).await?;
+        self.db().delete_cached_images(&ghosts).await?;
         for g in &ghosts {
             info!(image_id = %g, "reconcile: removed a row whose file is gone");
         }

@@ -2,11 +2,12 @@
 //!
 //! The file is created with O_EXCL so a second writer of the same id fails cleanly, and
 //! locked (flock) while open so no cleaner removes it during a pause. Every chunk is
-//! hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and `commit`
+//! hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and `finish`
 //! verifies size and every given checksum, fsyncs, moves the very inode it wrote into
-//! place (never whatever else sits at the name), fsyncs the directory, records the row
-//! and removes the image from the queue. Anything else (an error, a failed verification,
-//! a dropped writer) moves the bytes to `invalid/`.
+//! place (never whatever else sits at the name) and fsyncs the directory; the driver's
+//! `publish` then records the row and removes the image from the queue. Anything else
+//! (an error, a failed verification, a dropped writer) moves the bytes to `invalid/`.
+//! The writer holds the layout only: it knows files, not the database.
 
 use std::fs::File;
 use std::io::Write;
@@ -16,41 +17,12 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::CacheError;
-use super::driver::CacheDriver;
-use super::hashing::Digests;
-use super::layout::Area;
-use crate::clock;
-use crate::db::DbTime;
+use super::layout::{Area, CacheLayout};
+use crate::digest::{Digests, HashAlgo};
 use crate::image_id::ImageId;
 
-/// A secure hash algorithm Glance records as `os_hash_algo`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HashAlgo {
-    Sha256,
-    Sha384,
-    Sha512,
-}
-
-impl HashAlgo {
-    pub fn parse(name: &str) -> Option<HashAlgo> {
-        match name.to_ascii_lowercase().as_str() {
-            "sha256" => Some(HashAlgo::Sha256),
-            "sha384" => Some(HashAlgo::Sha384),
-            "sha512" => Some(HashAlgo::Sha512),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            HashAlgo::Sha256 => "sha256",
-            HashAlgo::Sha384 => "sha384",
-            HashAlgo::Sha512 => "sha512",
-        }
-    }
-}
-
 /// Dirty bytes after which writeback of the written range is started. Without it the
-/// whole image sits dirty in the page cache until `commit`'s fsync, which then waits for
+/// whole image sits dirty in the page cache until `finish`'s fsync, which then waits for
 /// all of it at once (about 0.3 s per GiB on the test machine's disk) and floods the
 /// device, stalling other writers on it; started early, the disk writes while the
 /// network still delivers and the final fsync only waits for the tail.
@@ -66,7 +38,7 @@ pub struct Expectations {
     pub os_hash: Option<(HashAlgo, String)>,
 }
 
-/// What a successful commit published.
+/// What a successful publish published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub image_id: ImageId,
@@ -75,7 +47,7 @@ pub struct Published {
 }
 
 pub struct ImageWriter {
-    driver: CacheDriver,
+    layout: CacheLayout,
     image_id: ImageId,
     /// `None` once committed or aborted.
     file: Option<File>,
@@ -89,11 +61,10 @@ pub struct ImageWriter {
 
 impl ImageWriter {
     pub(super) fn create(
-        driver: CacheDriver,
+        layout: CacheLayout,
         image_id: ImageId,
         expectations: Expectations,
     ) -> Result<Self, CacheError> {
-        let layout = driver.layout();
         let path = layout.path(Area::Incomplete, &image_id);
         let file = layout
             .create_new(Area::Incomplete, &image_id)
@@ -112,7 +83,7 @@ impl ImageWriter {
             Err(e) => {
                 // Someone else holds a lock on our new file: give it up now. It is ours
                 // (just created), so it moves by inode like any failed write.
-                move_to_invalid(&driver, &image_id, &file, "could not lock");
+                move_to_invalid(&layout, &image_id, &file, "could not lock");
                 return Err(CacheError::io("lock", &path)(e));
             }
         }
@@ -121,21 +92,13 @@ impl ImageWriter {
         debug!(image_id = %image_id, "writing image into incomplete/");
         Ok(ImageWriter {
             digests: Some(digests),
-            driver,
+            layout,
             image_id,
             file: Some(file),
             written: 0,
             writeback_started: 0,
             expectations,
         })
-    }
-
-    pub fn image_id(&self) -> &ImageId {
-        &self.image_id
-    }
-
-    pub fn bytes_written(&self) -> u64 {
-        self.written
     }
 
     /// Appends `data`, hashing it. See `write_bytes`, which avoids a copy.
@@ -160,7 +123,7 @@ impl ImageWriter {
             return Err(CacheError::WriterAborted(self.image_id.clone()));
         };
         if let Err(e) = file.write_all(&chunk).and_then(|()| digests.feed(&chunk)) {
-            let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
+            let path = self.layout.path(Area::Incomplete, &self.image_id);
             self.abort("write failed");
             return Err(CacheError::io("write", path)(e));
         }
@@ -172,7 +135,7 @@ impl ImageWriter {
     }
 
     /// Asks the kernel to start writing the not-yet-started range to disk, without
-    /// waiting for it. Durability still comes from `commit`'s fsync; this only spreads
+    /// waiting for it. Durability still comes from `finish`'s fsync; this only spreads
     /// the disk work over the download, so a failure here is not an error.
     fn start_writeback(&mut self) {
         let Some(file) = self.file.as_ref() else {
@@ -198,9 +161,10 @@ impl ImageWriter {
         self.writeback_started = self.written;
     }
 
-    /// Verifies, makes durable and publishes the image; on a failed verification the
-    /// bytes go to `invalid/` and nothing is published.
-    pub async fn commit(mut self) -> Result<Published, CacheError> {
+    /// Verifies, makes durable and moves the image into place (the file only: the row
+    /// and the dequeue are `CacheDriver::publish`'s, which calls this); on a failed
+    /// verification the bytes go to `invalid/` and nothing is published.
+    pub(super) async fn finish(mut self) -> Result<Published, CacheError> {
         let Some(digests) = self.digests.take() else {
             return Err(CacheError::WriterAborted(self.image_id.clone()));
         };
@@ -208,7 +172,7 @@ impl ImageWriter {
         let finished = match finished {
             Ok(f) => f,
             Err(e) => {
-                let path = self.driver.layout().path(Area::Incomplete, &self.image_id);
+                let path = self.layout.path(Area::Incomplete, &self.image_id);
                 self.abort("hashing failed");
                 return Err(CacheError::io("hash", path)(e));
             }
@@ -221,17 +185,16 @@ impl ImageWriter {
                 problem,
             });
         }
-        let layout = self.driver.layout().clone();
+        let layout = self.layout.clone();
         let incomplete = layout.path(Area::Incomplete, &self.image_id);
         let Some(file) = self.file.take() else {
             return Err(CacheError::WriterAborted(self.image_id.clone()));
         };
         let id = self.image_id.clone();
-        let driver = self.driver.clone();
         let written = self.written;
         let durable = crate::blocking(move || -> Result<(), CacheError> {
             let failed = |e: CacheError| {
-                move_to_invalid(&driver, &id, &file, "publish failed");
+                move_to_invalid(&layout, &id, &file, "publish failed");
                 e
             };
             file.sync_all()
@@ -272,20 +235,6 @@ impl ImageWriter {
             }
             return Err(e);
         }
-        // Glance's order: file first, then the row; a crash in between leaves a file
-        // without a row, which reconcile adopts.
-        crate::failpoint::hit("writer:before-row");
-        let db = self.driver.db();
-        db.upsert_cached_image(
-            self.driver.node(),
-            self.image_id.as_str(),
-            self.written as i64,
-            Some(&md5),
-            DbTime::from_utc(clock::now()),
-        )
-        .await?;
-        self.driver.delete_queued_image(&self.image_id).await?;
-        debug!(image_id = %self.image_id, bytes = self.written, "image published");
         Ok(Published {
             image_id: self.image_id.clone(),
             size: self.written,
@@ -319,7 +268,7 @@ impl ImageWriter {
         // Dropping the senders ends the digest threads.
         self.digests = None;
         if let Some(file) = self.file.take() {
-            move_to_invalid(&self.driver, &self.image_id, &file, reason);
+            move_to_invalid(&self.layout, &self.image_id, &file, reason);
         }
     }
 }
@@ -327,11 +276,8 @@ impl ImageWriter {
 /// Moves the bytes written through `file` to `invalid/`, and only those: a file another
 /// writer put at the name stays. Logged at debug level: the caller gets the error and
 /// reports it (a writer dropped unfinished logs a warning in `Drop`).
-fn move_to_invalid(driver: &CacheDriver, id: &ImageId, file: &File, reason: &str) {
-    match driver
-        .layout()
-        .move_own(file, Area::Incomplete, Area::Invalid, id)
-    {
+fn move_to_invalid(layout: &CacheLayout, id: &ImageId, file: &File, reason: &str) {
+    match layout.move_own(file, Area::Incomplete, Area::Invalid, id) {
         Ok(true) => debug!(image_id = %id, reason, "cache write failed, moved to invalid/"),
         Ok(false) => {
             debug!(image_id = %id, reason, "cache write failed; its file was already gone")

@@ -8,9 +8,10 @@ use anyhow::{Context, bail};
 
 use super::output;
 use super::{Cli, Command};
-use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations, HashAlgo};
+use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations};
 use crate::config::{Config, resolve_config_path};
-use crate::db::{Db, Dialect};
+use crate::db::{Db, Dialect, NodeDb};
+use crate::digest::HashAlgo;
 use crate::image_id::ImageId;
 
 /// Bytes per read when importing or streaming an image.
@@ -44,14 +45,14 @@ pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 );
             }
             let rows = crate::db::legacy::read_glance_sqlite(&path).await?;
-            let driver = open().await?;
+            let (_driver, db) = open_with_db(config, access).await?;
             let (mut imported, mut present, mut invalid) = (0, 0, 0);
             for row in &rows {
                 if ImageId::parse(&row.image_id).is_err() {
                     invalid += 1;
                     continue;
                 }
-                if driver.db().import_cached_image(driver.node(), row).await? {
+                if db.import_cached_image(row).await? {
                     imported += 1;
                 } else {
                     present += 1;
@@ -403,6 +404,11 @@ pub enum Access {
 /// exist (the daemon or a first write makes them), and it never registers the node. No
 /// command creates the built-in default directory when nothing configured it.
 pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver> {
+    Ok(open_with_db(config, access).await?.0)
+}
+
+/// `open`, and the database bound to this node as the driver has it.
+async fn open_with_db(config: &Config, access: Access) -> anyhow::Result<(CacheDriver, NodeDb)> {
     let dir = &config.cache.dir;
     let sqlite = config.dialect() == Dialect::Sqlite;
     if !dir.exists()
@@ -451,13 +457,11 @@ pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver
         None if access == Access::ReadOnly && !dir.exists() => return Err(missing_dir()),
         None => open_layout()?,
     };
-    let driver = match access {
-        Access::ReadWrite => CacheDriver::configure(layout, db, &config.node_reference_url).await?,
-        Access::ReadOnly => {
-            CacheDriver::open_read_only(layout, db, &config.node_reference_url).await?
-        }
+    let db = match access {
+        Access::ReadWrite => NodeDb::configure(db, &config.node_reference_url).await?,
+        Access::ReadOnly => NodeDb::open_read_only(db, &config.node_reference_url).await?,
     };
-    Ok(driver)
+    Ok((CacheDriver::new(layout, db.clone()), db))
 }
 
 fn parse_hex(name: &str, value: Option<String>, len: usize) -> anyhow::Result<Option<String>> {
@@ -477,7 +481,7 @@ async fn import(
     sha512: Option<String>,
 ) -> anyhow::Result<()> {
     let md5 = parse_hex("md5", md5, 32)?;
-    let sha512 = parse_hex("sha512", sha512, 128)?;
+    let sha512 = parse_hex("sha512", sha512, HashAlgo::Sha512.hex_len())?;
     let mut source =
         std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
     let meta = source.metadata()?;
@@ -507,7 +511,7 @@ async fn import(
         }
     })
     .await??;
-    let published = writer.commit().await?;
+    let published = driver.publish(writer).await?;
     println!(
         "cached {} ({} bytes, md5 {})",
         published.image_id, published.size, published.md5

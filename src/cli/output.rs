@@ -49,7 +49,7 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
                 "attempts": i.attempts,
                 "next_attempt_at": rfc3339(i.next_attempt_at),
                 "last_error": i.last_error,
-                "state": i.state,
+                "state": i.state.as_str(),
                 "downloading_by": i.downloading_by,
             })
         })
@@ -135,7 +135,7 @@ pub fn queued_table(images: &[QueuedImage]) -> String {
             .map(|i| {
                 vec![
                     i.image_id.to_string(),
-                    i.state.clone(),
+                    i.state.to_string(),
                     time(i.queued_at),
                     i.attempts.to_string(),
                     time(i.next_attempt_at),

@@ -40,7 +40,7 @@ impl Worker for CleanerWorker {
         let started = Instant::now();
         // Every pass also checks the layout itself: a subdirectory swapped for a symlink
         // shows in STATUS until it is restored (the watcher wakes this loop for it).
-        let replaced = self.ctx.driver.layout().replaced_dirs();
+        let replaced = self.ctx.layout.replaced_dirs();
         self.ctx.board.set_replaced_dirs(replaced);
         let report = self.ctx.driver.clean(policy, now).await?;
         if report.being_written > 0 {

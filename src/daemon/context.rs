@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 
 use super::status::StatusBoard;
-use crate::cache::CacheDriver;
+use crate::cache::{CacheDriver, CacheLayout};
 use crate::config::Config;
+use crate::db::NodeDb;
 
 /// The background tasks, named in logs and the status table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -57,6 +58,10 @@ impl Nudges {
 #[derive(Clone)]
 pub struct Context {
     pub driver: CacheDriver,
+    /// This node's database, for what is not the cache's (the lease, the queue count).
+    pub db: NodeDb,
+    /// The cache directory's held handles (the watcher, the cleaner's check of them).
+    pub layout: CacheLayout,
     pub config: watch::Receiver<Arc<Config>>,
     pub board: Arc<StatusBoard>,
     pub nudges: Nudges,
@@ -70,7 +75,7 @@ impl Context {
 
     /// Counts the queue for the status board; returns the count.
     pub async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
-        let queued = self.driver.db().count_queued(self.driver.node()).await?;
+        let queued = self.db.count_queued().await?;
         let queued = queued.max(0) as usize;
         self.board.set_queued(queued);
         Ok(queued)

@@ -105,15 +105,11 @@ impl Worker for LeaseWorker {
             return Ok(Next::IdleUntil(Instant::now() + ttl / 3));
         }
         let now = DbTime::from_utc(clock::now());
-        let held = self
-            .ctx
-            .driver
-            .db()
-            .renew_lease(self.ctx.driver.node(), &self.holder, now)
-            .await?;
+        let db = &self.ctx.db;
+        let held = db.db().renew_lease(db.node(), &self.holder, now).await?;
         if !held {
             let fatal = DaemonError::LeaseLost {
-                node: self.ctx.driver.node_url().to_owned(),
+                node: self.ctx.db.url().to_owned(),
             };
             error!("{fatal}");
             let _ = self.fatal.send(fatal);

@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use crate::cache::{CacheDriver, CacheError, CacheLayout};
 use crate::clock;
 use crate::config::Config;
-use crate::db::{Db, DbTime, LeaseHolder, LeaseOutcome};
+use crate::db::{Db, DbTime, LeaseHolder, LeaseOutcome, NodeDb};
 use crate::process;
 use crate::signals;
 use crate::telemetry::LogLevelHandle;
@@ -100,27 +100,26 @@ async fn boot_and_serve(
     let db = boot
         .phase(Db::connect(&config.database.url, &db_options))
         .await??;
-    let driver = boot
-        .phase(CacheDriver::configure(
-            layout,
-            db,
-            &config.node_reference_url,
-        ))
+    let db = boot
+        .phase(NodeDb::configure(db, &config.node_reference_url))
         .await??;
+    let driver = CacheDriver::new(layout.clone(), db.clone());
     // Taken once the pool has the file open (migrations ran on it).
-    let db_file = driver
+    let db_file = db
         .db()
         .sqlite_file()
         .and_then(|path| lease::DbFile::identify(&path));
 
     let holder = crate::process::holder_name();
-    let taken = take_lease(&driver, &holder, &config, options.force, &mut boot).await;
+    let taken = take_lease(&db, &holder, &config, options.force, &mut boot).await;
     let result = match taken {
         Ok(()) => {
-            info!(node = %driver.node_url(), %holder, "holding the node's lease");
+            info!(node = %db.url(), %holder, "holding the node's lease");
             let shutdown = CancellationToken::new();
             let result = start_loops_and_serve(
                 driver.clone(),
+                db.clone(),
+                layout,
                 config,
                 db_file,
                 &options,
@@ -130,7 +129,7 @@ async fn boot_and_serve(
                 &shutdown,
             )
             .await;
-            let release = driver.db().release_lease(driver.node(), &holder);
+            let release = db.db().release_lease(db.node(), &holder);
             match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
@@ -144,7 +143,7 @@ async fn boot_and_serve(
         }
         Err(e) => Err(e),
     };
-    if tokio::time::timeout(RELEASE_TIMEOUT, driver.db().close())
+    if tokio::time::timeout(RELEASE_TIMEOUT, db.db().close())
         .await
         .is_err()
     {
@@ -241,7 +240,7 @@ fn lock_directory(dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
 }
 
 async fn take_lease(
-    driver: &CacheDriver,
+    db: &NodeDb,
     holder: &str,
     config: &Config,
     force: bool,
@@ -249,8 +248,8 @@ async fn take_lease(
 ) -> Result<(), DaemonError> {
     let ttl = config.daemon.lease_ttl;
     let attempt = |force: bool| {
-        driver.db().acquire_lease(
-            driver.node(),
+        db.db().acquire_lease(
+            db.node(),
             holder,
             DbTime::from_utc(clock::now()),
             lease::expired_before(ttl),
@@ -262,7 +261,7 @@ async fn take_lease(
         LeaseOutcome::HeldBy(other) => other,
     };
     let taken = |other: LeaseHolder| DaemonError::NodeTaken {
-        node: driver.node_url().to_owned(),
+        node: db.url().to_owned(),
         age: (clock::now() - other.heartbeat_at.to_utc()).num_seconds(),
         holder: other.holder,
     };
@@ -281,10 +280,7 @@ async fn take_lease(
             info!(previous = %other.holder, watch_ms = watch.as_millis() as u64, "the node's lease is held by a process this host cannot look at; waiting to see whether it still renews it");
             status::boot_phase("waiting to see whether the previous lease holder still renews it");
             boot.phase(tokio::time::sleep(watch)).await?;
-            match boot
-                .phase(driver.db().lease_holder(driver.node()))
-                .await??
-            {
+            match boot.phase(db.db().lease_holder(db.node())).await?? {
                 Some(now) if now == other => {
                     warn!(previous = %other.holder, "taking over the lease of a daemon that stopped renewing it");
                 }
@@ -293,8 +289,8 @@ async fn take_lease(
             }
             // Compare-and-swap on the holder and heartbeat just observed.
             return match boot
-                .phase(driver.db().take_over_lease(
-                    driver.node(),
+                .phase(db.db().take_over_lease(
+                    db.node(),
                     holder,
                     DbTime::from_utc(clock::now()),
                     &other,
@@ -318,6 +314,8 @@ async fn take_lease(
 #[allow(clippy::too_many_arguments)]
 async fn start_loops_and_serve(
     driver: CacheDriver,
+    db: NodeDb,
+    layout: CacheLayout,
     config: Config,
     db_file: Option<lease::DbFile>,
     options: &RunOptions,
@@ -368,6 +366,8 @@ async fn start_loops_and_serve(
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let ctx = Context {
         driver: driver.clone(),
+        db,
+        layout,
         config: config_rx,
         board: board.clone(),
         nudges: Nudges::default(),
@@ -401,7 +401,7 @@ async fn start_loops_and_serve(
             ctx.nudges.prefetcher.clone(),
         );
     }
-    let watch_actor = watcher::start(driver.layout(), ctx.nudges.clone(), shutdown.clone())?;
+    let watch_actor = watcher::start(&ctx.layout, ctx.nudges.clone(), shutdown.clone())?;
     loops.spawn_task(Task::Watcher, watch_actor);
 
     let reloader = reload::Reloader {

@@ -3,14 +3,15 @@
 use sqlx::Row;
 use tracing::{debug, warn};
 
-use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
+use crate::image_id::ImageId;
 
-/// A row of `cached_images` for this node. `image_id` is as stored: the driver validates
-/// it before it is used as a path.
+/// A row of `cached_images` for this node whose image id is valid (validated as it is
+/// read: a row named otherwise is never turned into a path).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedImageRow {
     pub id: i64,
-    pub image_id: String,
+    pub image_id: ImageId,
     pub last_accessed: DbTime,
     pub last_modified: DbTime,
     pub size: i64,
@@ -24,6 +25,16 @@ pub struct CachedImageRow {
 pub struct LruCursor {
     pub last_accessed: DbTime,
     pub id: i64,
+}
+
+/// One batch of a least-recently-accessed scan.
+#[derive(Debug, Default)]
+pub struct LruBatch {
+    /// The readable rows with valid image ids, in LRU order.
+    pub rows: Vec<CachedImageRow>,
+    /// Where the next batch starts (past the rows whose image id is not valid too);
+    /// `None` at the end.
+    pub next: Option<LruCursor>,
 }
 
 /// Rows per transaction when adopting many files: large enough to amortise commits,
@@ -41,7 +52,8 @@ const SELECT_COLUMNS: &str = "id, image_id, last_accessed, last_modified, size, 
 /// what could be read of it, and why. Listings skip it; the pruner evicts it first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnreadableRow {
-    pub image_id: Option<String>,
+    /// `None` when the id could not be read or is not a valid image id.
+    pub image_id: Option<ImageId>,
     pub error: String,
 }
 
@@ -50,6 +62,9 @@ pub struct UnreadableRow {
 pub struct CachedImageRows {
     pub rows: Vec<CachedImageRow>,
     pub unreadable: Vec<UnreadableRow>,
+    /// The ids, as stored, of readable rows whose image id is not valid (Glance's lock
+    /// file names, which earlier versions adopted, or a stranger's rows).
+    pub invalid_ids: Vec<String>,
 }
 
 impl CachedImageRows {
@@ -60,7 +75,7 @@ impl CachedImageRows {
         self.rows
     }
 
-    /// Logs the unreadable rows as one warning.
+    /// Logs the unreadable rows as one warning, and those with invalid ids as another.
     pub fn warn_unreadable(&self) {
         if let Some(first) = self.unreadable.first() {
             warn!(
@@ -70,54 +85,113 @@ impl CachedImageRows {
                 "skipping cached_images rows that cannot be read"
             );
         }
-    }
-}
-
-fn decode_row<R: Row>(row: &R) -> Result<CachedImageRow, sqlx::Error>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-{
-    Ok(CachedImageRow {
-        id: row.try_get("id")?,
-        image_id: row.try_get("image_id")?,
-        last_accessed: row.try_get("last_accessed")?,
-        last_modified: row.try_get("last_modified")?,
-        size: row.try_get("size")?,
-        hits: decode_hits(row, "hits")?,
-        checksum: row.try_get("checksum")?,
-    })
-}
-
-/// `decode_row`, keeping what can be read of a row that does not decode.
-fn decode_or_unreadable<R: Row>(row: &R) -> Result<CachedImageRow, UnreadableRow>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-{
-    decode_row(row).map_err(|error| UnreadableRow {
-        image_id: row.try_get("image_id").ok(),
-        error: error.to_string(),
-    })
-}
-
-fn split_rows(
-    decoded: impl Iterator<Item = Result<CachedImageRow, UnreadableRow>>,
-) -> CachedImageRows {
-    let mut out = CachedImageRows::default();
-    for r in decoded {
-        match r {
-            Ok(row) => out.rows.push(row),
-            Err(bad) => out.unreadable.push(bad),
+        if !self.invalid_ids.is_empty() {
+            warn!(
+                rows = self.invalid_ids.len(),
+                "ignoring database rows whose image id is not valid"
+            );
         }
     }
-    out
+}
+
+/// A `cached_images` row as read.
+enum Decoded {
+    Row(CachedImageRow),
+    /// Readable, but its image id is not valid: kept by its id as stored.
+    InvalidId {
+        raw: String,
+        at: LruCursor,
+    },
+    Unreadable(UnreadableRow),
+}
+
+/// Decodes a row, validating its image id; keeps what can be read of a row that does
+/// not decode.
+fn decode<R: Row>(row: &R) -> Decoded
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let fields = || -> Result<_, sqlx::Error> {
+        Ok((
+            row.try_get::<i64, _>("id")?,
+            row.try_get::<String, _>("image_id")?,
+            row.try_get::<DbTime, _>("last_accessed")?,
+            row.try_get::<DbTime, _>("last_modified")?,
+            row.try_get::<i64, _>("size")?,
+            decode_hits(row, "hits")?,
+            row.try_get::<Option<String>, _>("checksum")?,
+        ))
+    };
+    match fields() {
+        Err(error) => Decoded::Unreadable(UnreadableRow {
+            image_id: row
+                .try_get::<String, _>("image_id")
+                .ok()
+                .and_then(|raw| ImageId::parse(&raw).ok()),
+            error: error.to_string(),
+        }),
+        Ok((id, raw, last_accessed, last_modified, size, hits, checksum)) => {
+            match ImageId::parse(&raw) {
+                Ok(image_id) => Decoded::Row(CachedImageRow {
+                    id,
+                    image_id,
+                    last_accessed,
+                    last_modified,
+                    size,
+                    hits,
+                    checksum,
+                }),
+                Err(_) => Decoded::InvalidId {
+                    raw,
+                    at: LruCursor { last_accessed, id },
+                },
+            }
+        }
+    }
+}
+
+/// The rows sorted by what they turned out to be, and where the last readable one was
+/// in LRU order.
+fn split_rows(decoded: impl Iterator<Item = Decoded>) -> (CachedImageRows, Option<LruCursor>) {
+    let mut out = CachedImageRows::default();
+    let mut last = None;
+    for r in decoded {
+        match r {
+            Decoded::Row(row) => {
+                last = Some(LruCursor {
+                    last_accessed: row.last_accessed,
+                    id: row.id,
+                });
+                out.rows.push(row);
+            }
+            Decoded::InvalidId { raw, at } => {
+                last = Some(at);
+                out.invalid_ids.push(raw);
+            }
+            Decoded::Unreadable(bad) => out.unreadable.push(bad),
+        }
+    }
+    (out, last)
+}
+
+/// `<verb> FROM cached_images WHERE node_reference_id = ? AND image_id IN (?, ...)` with
+/// `ids` ids, its placeholders numbered for `d`. Only placeholders are formatted into
+/// the statement; the node and the ids are bound.
+fn among_ids(verb: &str, d: Dialect, ids: usize) -> sqlx::AssertSqlSafe<String> {
+    let mark = |n: usize| match d {
+        Dialect::Postgres => format!("${n}"),
+        _ => "?".to_string(),
+    };
+    let list: Vec<String> = (2..ids + 2).map(mark).collect();
+    sqlx::AssertSqlSafe(format!(
+        "{verb} FROM cached_images WHERE node_reference_id = {} AND image_id IN ({})",
+        mark(1),
+        list.join(", ")
+    ))
 }
 
 /// `hits` is INTEGER: 32 bits on PostgreSQL and MySQL, but SQLite stores any 64-bit
@@ -132,77 +206,40 @@ where
         .or_else(|_| row.try_get::<i32, _>(column).map(i64::from))
 }
 
-impl Db {
+impl NodeDb {
     /// This node's readable rows, ordered by image id; unreadable ones are skipped with
     /// one warning.
-    pub async fn cached_images(&self, node: NodeId) -> Result<Vec<CachedImageRow>, DbError> {
+    pub async fn cached_images(&self) -> Result<Vec<CachedImageRow>, DbError> {
         Ok(self
-            .cached_images_and_unreadable(node)
+            .cached_images_and_unreadable()
             .await?
             .warn_and_skip_unreadable())
     }
 
     /// This node's rows, ordered by image id, with those that cannot be decoded apart.
-    pub async fn cached_images_and_unreadable(
-        &self,
-        node: NodeId,
-    ) -> Result<CachedImageRows, DbError> {
+    pub async fn cached_images_and_unreadable(&self) -> Result<CachedImageRows, DbError> {
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? ORDER BY image_id";
         debug_assert!(Q.contains(SELECT_COLUMNS));
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_or_unreadable)
+                .map(decode)
                 .collect::<Vec<_>>()
         });
-        Ok(split_rows(rows.into_iter()))
-    }
-
-    /// One row of this node, if present.
-    pub async fn cached_image(
-        &self,
-        node: NodeId,
-        image_id: &str,
-    ) -> Result<Option<CachedImageRow>, DbError> {
-        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
-             FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let row = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .bind(image_id)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(decode_row)
-                .transpose()?
-        });
-        Ok(row)
-    }
-
-    /// The number of rows this node has.
-    pub async fn count_cached_images(&self, node: NodeId) -> Result<i64, DbError> {
-        const Q: &str = "SELECT COUNT(*) FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .fetch_one(pool)
-                .await?
-                .try_get::<i64, _>(0)?
-        });
-        Ok(n)
+        Ok(split_rows(rows.into_iter()).0)
     }
 
     /// The row's hit count, 0 when there is no row.
-    pub async fn hit_count(&self, node: NodeId, image_id: &str) -> Result<i64, DbError> {
+    pub async fn hit_count(&self, image_id: &str) -> Result<i64, DbError> {
         const Q: &str =
             "SELECT hits FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let hits = on_pool!(self, |pool, d| {
+        let hits = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
@@ -214,37 +251,22 @@ impl Db {
 
     /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns
     /// whether a row was there to update.
-    pub async fn record_hit(
-        &self,
-        node: NodeId,
-        image_id: &str,
-        now: DbTime,
-    ) -> Result<bool, DbError> {
+    pub async fn record_hit(&self, image_id: &str, now: DbTime) -> Result<bool, DbError> {
         const Q: &str = "UPDATE cached_images SET hits = hits + 1, last_accessed = ? \
              WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(now)
-                .bind(node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n > 0)
+        Ok(self.execute_setting(Q, Some(now), &[image_id]).await? > 0)
     }
 
     /// Records a freshly published image: a new row with 0 hits, or, when the image was
     /// cached before, the same row with refreshed size, checksum and times.
     pub async fn upsert_cached_image(
         &self,
-        node: NodeId,
         image_id: &str,
         size: i64,
         checksum: Option<&str>,
         now: DbTime,
     ) -> Result<(), DbError> {
-        on_pool!(self, |pool, d| {
+        on_pool!(self.db, |pool, d| {
             let q = match d {
                 Dialect::MySql => {
                     "INSERT INTO cached_images \
@@ -267,7 +289,7 @@ impl Db {
                 .bind(now)
                 .bind(size)
                 .bind(checksum)
-                .bind(node.0)
+                .bind(self.node.0)
                 .execute(pool)
                 .await?;
         });
@@ -278,25 +300,23 @@ impl Db {
     /// mtime and 0 hits. An existing row is left alone. Returns whether a row was added.
     pub async fn adopt_cached_image(
         &self,
-        node: NodeId,
-        image_id: &str,
+        image_id: &ImageId,
         size: i64,
         modified: DbTime,
     ) -> Result<bool, DbError> {
-        let one = [(image_id.to_owned(), size, modified)];
-        Ok(!self.adopt_cached_images(node, &one).await?.is_empty())
+        let one = [(image_id.clone(), size, modified)];
+        Ok(!self.adopt_cached_images(&one).await?.is_empty())
     }
 
     /// `adopt_cached_image` for many files in one transaction (a reconcile after a crash
     /// or an upgrade may find thousands). Returns the ids that got a row.
     pub async fn adopt_cached_images(
         &self,
-        node: NodeId,
-        files: &[(String, i64, DbTime)],
-    ) -> Result<Vec<String>, DbError> {
+        files: &[(ImageId, i64, DbTime)],
+    ) -> Result<Vec<ImageId>, DbError> {
         let mut adopted = Vec::new();
         for batch in files.chunks(ADOPT_BATCH_ROWS) {
-            on_pool!(self, |pool, d| {
+            on_pool!(self.db, |pool, d| {
                 let q = match d {
                     Dialect::MySql => {
                         "INSERT IGNORE INTO cached_images \
@@ -316,7 +336,7 @@ impl Db {
                         .bind(*modified)
                         .bind(*modified)
                         .bind(*size)
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
@@ -335,17 +355,16 @@ impl Db {
     /// row of its own, which stays). Returns whether the row changed.
     pub async fn refresh_cached_image_size(
         &self,
-        node: NodeId,
         image_id: &str,
         old_size: i64,
         size: i64,
     ) -> Result<bool, DbError> {
         const Q: &str = "UPDATE cached_images SET size = ?, checksum = NULL \
              WHERE node_reference_id = ? AND image_id = ? AND size = ?";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
                 .bind(size)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(old_size)
                 .execute(pool)
@@ -356,44 +375,23 @@ impl Db {
     }
 
     /// Deletes one row of this node. Returns the number of rows deleted.
-    pub async fn delete_cached_image(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
+    pub async fn delete_cached_image(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[image_id]).await
     }
 
     /// Deletes several rows of this node, a few hundred per statement (a prune of tens
     /// of thousands of images would otherwise spend seconds on round trips).
     pub async fn delete_cached_images(
         &self,
-        node: NodeId,
-        image_ids: &[String],
+        image_ids: &[impl AsRef<str>],
     ) -> Result<u64, DbError> {
         let mut n = 0;
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
-            n += on_pool!(self, |pool, d| {
-                // Only placeholders are formatted into the statement; ids are bound.
-                let placeholders: Vec<String> = (0..batch.len())
-                    .map(|i| match d {
-                        Dialect::Postgres => format!("${}", i + 2),
-                        _ => "?".to_string(),
-                    })
-                    .collect();
-                let first = if d == Dialect::Postgres { "$1" } else { "?" };
-                let statement = format!(
-                    "DELETE FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
-                    placeholders.join(", ")
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+            n += on_pool!(self.db, |pool, d| {
+                let mut q = sqlx::query(among_ids("DELETE", d, batch.len())).bind(self.node.0);
                 for id in batch {
-                    q = q.bind(id.as_str());
+                    q = q.bind(id.as_ref());
                 }
                 q.execute(pool).await?.rows_affected()
             });
@@ -405,25 +403,13 @@ impl Db {
     /// bounded statement, where loading every row of a large cache is not).
     pub async fn cached_ids_among(
         &self,
-        node: NodeId,
         image_ids: &[&str],
-    ) -> Result<std::collections::HashSet<String>, DbError> {
+    ) -> Result<std::collections::HashSet<ImageId>, DbError> {
         let mut found = std::collections::HashSet::new();
         for batch in image_ids.chunks(DELETE_BATCH_ROWS) {
-            let rows: Vec<String> = on_pool!(self, |pool, d| {
-                // Only placeholders are formatted into the statement; ids are bound.
-                let placeholders: Vec<String> = (0..batch.len())
-                    .map(|i| match d {
-                        Dialect::Postgres => format!("${}", i + 2),
-                        _ => "?".to_string(),
-                    })
-                    .collect();
-                let first = if d == Dialect::Postgres { "$1" } else { "?" };
-                let statement = format!(
-                    "SELECT image_id FROM cached_images WHERE node_reference_id = {first} AND image_id IN ({})",
-                    placeholders.join(", ")
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(statement)).bind(node.0);
+            let rows: Vec<String> = on_pool!(self.db, |pool, d| {
+                let mut q =
+                    sqlx::query(among_ids("SELECT image_id", d, batch.len())).bind(self.node.0);
                 for id in batch {
                     q = q.bind(*id);
                 }
@@ -434,34 +420,31 @@ impl Db {
                     .collect::<Result<_, _>>()?
             });
             // MySQL compares case-insensitively: keep exact matches only.
-            found.extend(rows.into_iter().filter(|r| batch.contains(&r.as_str())));
+            found.extend(
+                rows.iter()
+                    .filter(|r| batch.contains(&r.as_str()))
+                    .filter_map(|r| ImageId::parse(r).ok()),
+            );
         }
         Ok(found)
     }
 
     /// Deletes every row of this node. Returns the number of rows deleted.
-    pub async fn delete_all_cached_images(&self, node: NodeId) -> Result<u64, DbError> {
+    pub async fn delete_all_cached_images(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM cached_images WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[]).await
     }
 
     /// Up to `limit` rows of this node in least-recently-accessed order (ties broken by
     /// row id), starting after `after`. Rows that cannot be decoded are left out (the
     /// pruner has evicted them first, from `cached_images_and_unreadable`); a batch of
-    /// only such rows reads as the end.
+    /// only such rows reads as the end. Rows whose image id is not valid are left out
+    /// too, but the cursor moves past them.
     pub async fn least_recently_accessed(
         &self,
-        node: NodeId,
         after: Option<LruCursor>,
         limit: i64,
-    ) -> Result<Vec<CachedImageRow>, DbError> {
+    ) -> Result<LruBatch, DbError> {
         const FIRST: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? \
              ORDER BY last_accessed, id LIMIT ?";
@@ -469,11 +452,11 @@ impl Db {
              FROM cached_images WHERE node_reference_id = ? \
              AND (last_accessed > ? OR (last_accessed = ? AND id > ?)) \
              ORDER BY last_accessed, id LIMIT ?";
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             let q = match after {
-                None => sqlx::query(sql(d, FIRST)).bind(node.0).bind(limit),
+                None => sqlx::query(sql(d, FIRST)).bind(self.node.0).bind(limit),
                 Some(c) => sqlx::query(sql(d, NEXT))
-                    .bind(node.0)
+                    .bind(self.node.0)
                     .bind(c.last_accessed)
                     .bind(c.last_accessed)
                     .bind(c.id)
@@ -482,16 +465,20 @@ impl Db {
             q.fetch_all(pool)
                 .await?
                 .iter()
-                .map(decode_or_unreadable)
+                .map(decode)
                 .collect::<Vec<_>>()
         });
-        let rows = split_rows(rows.into_iter());
-        if !rows.unreadable.is_empty() {
+        let (rows, next) = split_rows(rows.into_iter());
+        if !rows.unreadable.is_empty() || !rows.invalid_ids.is_empty() {
             debug!(
-                rows = rows.unreadable.len(),
-                "LRU batch skipped unreadable rows"
+                unreadable = rows.unreadable.len(),
+                invalid_ids = rows.invalid_ids.len(),
+                "LRU batch skipped rows"
             );
         }
-        Ok(rows.rows)
+        Ok(LruBatch {
+            rows: rows.rows,
+            next,
+        })
     }
 }

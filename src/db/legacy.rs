@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
-use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LegacyRow {
@@ -57,15 +57,11 @@ pub async fn read_glance_sqlite(path: &Path) -> Result<Vec<LegacyRow>, DbError> 
     Ok(out)
 }
 
-impl Db {
+impl NodeDb {
     /// Inserts a row with all its fields unless this node already has one for the image.
     /// Returns whether it was inserted.
-    pub async fn import_cached_image(
-        &self,
-        node: NodeId,
-        row: &LegacyRow,
-    ) -> Result<bool, DbError> {
-        let n = on_pool!(self, |pool, d| {
+    pub async fn import_cached_image(&self, row: &LegacyRow) -> Result<bool, DbError> {
+        let n = on_pool!(self.db, |pool, d| {
             let q = match d {
                 Dialect::MySql => {
                     "INSERT IGNORE INTO cached_images \
@@ -85,7 +81,7 @@ impl Db {
                 .bind(row.size)
                 .bind(row.hits.clamp(0, i64::from(i32::MAX)) as i32)
                 .bind(row.checksum.as_deref())
-                .bind(node.0)
+                .bind(self.node.0)
                 .execute(pool)
                 .await?
                 .rows_affected()

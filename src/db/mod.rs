@@ -1,7 +1,8 @@
 //! The database layer: all SQL lives here.
 //!
 //! One `Db` handle wraps a pool for the configured backend (SQLite, PostgreSQL or
-//! MySQL/MariaDB). Each query is written once with `?` placeholders and run through
+//! MySQL/MariaDB); a `NodeDb` binds it to one node, and the queries on that node's rows
+//! hang off it. Each query is written once with `?` placeholders and run through
 //! `on_pool!`, which expands the body per backend; the few statements whose syntax
 //! differs (upserts, DDL, locking) branch on `Dialect`.
 
@@ -19,16 +20,14 @@ use std::str::FromStr;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
-pub use cached_images::{CachedImageRow, CachedImageRows, LruCursor, UnreadableRow};
+pub use cached_images::{CachedImageRow, CachedImageRows, LruBatch, LruCursor, UnreadableRow};
 pub use lease::{LeaseHolder, LeaseOutcome};
-pub use node::NodeId;
-pub use queue::{QueueRow, STATE_FAILED, STATE_QUEUED};
+pub use node::{NodeDb, NodeId};
+pub use queue::{QueueRow, QueueState};
 pub use time::DbTime;
 
 /// How long a SQLite statement waits for another writer (Glance's API on the same node,
@@ -213,10 +212,7 @@ impl Db {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::Sqlite>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -229,10 +225,7 @@ impl Db {
                 probe_connect::<sqlx::PgConnection>(&opts, options.connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                let pool = PgPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::Postgres>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -245,10 +238,7 @@ impl Db {
                 probe_connect::<sqlx::MySqlConnection>(&opts, options.connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.connect_timeout)
-                    .test_before_acquire(false)
+                let pool = pool_options::<sqlx::MySql>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
@@ -261,10 +251,6 @@ impl Db {
         })
     }
 
-    pub fn dialect(&self) -> Dialect {
-        on_pool!(self, |_pool, d| d)
-    }
-
     /// The file of a SQLite database (`None` for a server database).
     pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
         match &self.pool {
@@ -273,18 +259,18 @@ impl Db {
         }
     }
 
-    /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), DbError> {
-        on_pool!(self, |pool, _d| {
-            sqlx::query("SELECT 1").execute(pool).await?;
-        });
-        Ok(())
-    }
-
     /// Closes every connection, waiting for the ones in use to be returned.
     pub async fn close(&self) {
         on_pool!(self, |pool, _d| pool.close().await)
     }
+}
+
+/// The pool settings every backend shares.
+fn pool_options<DB: sqlx::Database>(options: &DbOptions) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.connect_timeout)
+        .test_before_acquire(false)
 }
 
 /// Opens and closes one connection, so that an unreachable server or a wrong password is

@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::{Db, DbError, on_pool, sql};
+use super::{Db, DbError, DbTime, on_pool, sql};
 
 /// The `node_reference_id` of a node: every other query is scoped by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +12,92 @@ impl NodeId {
     /// The id of a node with no row yet (read-only access never registers one): no
     /// `cached_images` or queue row carries it, since Glance's ids start at 1.
     pub const UNREGISTERED: NodeId = NodeId(0);
+}
+
+/// The database bound to one node: every query on `cached_images` and the queue hangs
+/// off it and is scoped by its `node_reference_id`, so no caller passes (or mixes up) a
+/// node. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeDb {
+    pub(super) db: Db,
+    pub(super) node: NodeId,
+    url: std::sync::Arc<str>,
+}
+
+impl NodeDb {
+    /// Glance's `configure` on the database side: migrates the schema and registers the
+    /// node named `url` (its row made if missing).
+    pub async fn configure(db: Db, url: &str) -> Result<NodeDb, DbError> {
+        db.migrate().await?;
+        let node = db.register_node(url).await?;
+        tracing::debug!(node_url = url, node_id = node.0, "cache node registered");
+        Ok(NodeDb::bound(db, node, url))
+    }
+
+    /// For commands that only look: no schema or node row is made. A node that was
+    /// never registered has nothing cached or queued, so it gets an id that no row
+    /// carries.
+    pub async fn open_read_only(db: Db, url: &str) -> Result<NodeDb, DbError> {
+        db.check_schema().await?;
+        let node = db.find_node(url).await?.unwrap_or(NodeId::UNREGISTERED);
+        Ok(NodeDb::bound(db, node, url))
+    }
+
+    fn bound(db: Db, node: NodeId, url: &str) -> NodeDb {
+        NodeDb {
+            db,
+            node,
+            url: url.into(),
+        }
+    }
+
+    /// The node's id (for the lease, which `Db` keeps per node).
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The node's reference URL (`node_reference_url`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs `statement`, whose placeholders are this node's id and then `texts` in
+    /// order; returns how many rows it changed.
+    pub(super) async fn execute(
+        &self,
+        statement: &'static str,
+        texts: &[&str],
+    ) -> Result<u64, DbError> {
+        self.execute_setting(statement, None, texts).await
+    }
+
+    /// `execute` for a statement whose first placeholder is the time it sets, when
+    /// `time` is given.
+    pub(super) async fn execute_setting(
+        &self,
+        statement: &'static str,
+        time: Option<DbTime>,
+        texts: &[&str],
+    ) -> Result<u64, DbError> {
+        let n = on_pool!(self.db, |pool, d| {
+            let mut q = sqlx::query(sql(d, statement));
+            if let Some(time) = time {
+                q = q.bind(time);
+            }
+            q = q.bind(self.node.0);
+            for text in texts {
+                q = q.bind(*text);
+            }
+            q.execute(pool).await?.rows_affected()
+        });
+        Ok(n)
+    }
+
+    /// The database itself, for what is not scoped by a node's rows (the lease, the
+    /// pool's file, closing).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
 }
 
 impl Db {

@@ -6,25 +6,60 @@
 //! until an operator deletes or re-queues it.
 
 use sqlx::Row;
+use tracing::warn;
 
-use super::{Db, DbError, DbTime, Dialect, NodeId, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
+use crate::image_id::ImageId;
 
 /// `state` of a queue row.
-pub const STATE_QUEUED: &str = "queued";
-pub const STATE_FAILED: &str = "failed";
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Waiting for (or in) a download.
+    Queued,
+    /// Given up on, with `last_error` as the reason, until re-queued.
+    Failed,
+}
+
+impl QueueState {
+    /// The column's text (also written literally in the statements below).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Queued => "queued",
+            QueueState::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<QueueState> {
+        match text {
+            "queued" => Some(QueueState::Queued),
+            "failed" => Some(QueueState::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for QueueState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `state` that is neither `queued` nor `failed` (someone else wrote the row).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown queue state {0:?}")]
+struct UnknownState(String);
 
 /// Longest `last_error` kept (the column is VARCHAR(1024)).
 const MAX_ERROR_CHARS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueRow {
-    pub image_id: String,
+    pub image_id: ImageId,
     pub queued_at: DbTime,
     pub attempts: i64,
     pub next_attempt_at: DbTime,
     pub last_error: Option<String>,
-    /// `queued` or `failed`.
-    pub state: String,
+    pub state: QueueState,
     /// Who claimed the row for a download, and until when (the claim may have run out).
     pub claimed_by: Option<String>,
     pub claimed_until: Option<DbTime>,
@@ -33,46 +68,65 @@ pub struct QueueRow {
 const SELECT_ROW: &str =
     "image_id, queued_at, attempts, next_attempt_at, last_error, state, claimed_by, claimed_until";
 
-fn decode<R: Row>(r: &R) -> Result<QueueRow, sqlx::Error>
+/// A queue row as read: ours, or one whose image id is not valid (never a path, never
+/// fetched), kept by its id as stored.
+enum Decoded {
+    Row(QueueRow),
+    InvalidId { raw: String, attempts: i64 },
+}
+
+fn decode<R: Row>(r: &R) -> Result<Decoded, sqlx::Error>
 where
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> DbTime: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'a> &'a str: sqlx::ColumnIndex<R>,
 {
-    Ok(QueueRow {
-        image_id: r.try_get("image_id")?,
+    let raw: String = r.try_get("image_id")?;
+    let attempts = i64::from(r.try_get::<i32, _>("attempts")?);
+    let Ok(image_id) = ImageId::parse(&raw) else {
+        return Ok(Decoded::InvalidId { raw, attempts });
+    };
+    let state: String = r.try_get("state")?;
+    let state = QueueState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "state".into(),
+        source: Box::new(UnknownState(state)),
+    })?;
+    Ok(Decoded::Row(QueueRow {
+        image_id,
         queued_at: r.try_get("queued_at")?,
-        attempts: i64::from(r.try_get::<i32, _>("attempts")?),
+        attempts,
         next_attempt_at: r.try_get("next_attempt_at")?,
         last_error: r.try_get("last_error")?,
-        state: r.try_get("state")?,
+        state,
         claimed_by: r.try_get("claimed_by")?,
         claimed_until: r.try_get("claimed_until")?,
-    })
+    }))
+}
+
+/// The warning for rows whose image id is not valid: ignored, never turned into paths.
+fn warn_invalid_ids(rows: usize) {
+    if rows > 0 {
+        warn!(rows, "ignoring database rows whose image id is not valid");
+    }
 }
 
 fn clip(error: &str) -> String {
     error.chars().take(MAX_ERROR_CHARS).collect()
 }
 
-impl Db {
+impl NodeDb {
     /// Queues `image_id` for this node as of `queued_at`: a new row, or a `failed` row
     /// brought back to `queued` (attempts reset) when it failed before `queued_at`. A
     /// queued row is left alone, and so is a failure newer than the request: a marker
     /// listed just before the prefetcher gave up must not revive the image. Returns
     /// whether the image is newly queued.
-    pub async fn enqueue(
-        &self,
-        node: NodeId,
-        image_id: &str,
-        queued_at: DbTime,
-    ) -> Result<bool, DbError> {
+    pub async fn enqueue(&self, image_id: &str, queued_at: DbTime) -> Result<bool, DbError> {
         const REVIVE: &str = "UPDATE glance_cached_queue SET state = 'queued', attempts = 0, \
              queued_at = ?, next_attempt_at = ?, last_error = NULL, claimed_by = NULL, \
              claimed_until = NULL WHERE node_reference_id = ? AND image_id = ? \
              AND state = 'failed' AND next_attempt_at < ?";
-        let inserted = on_pool!(self, |pool, d| {
+        let inserted = on_pool!(self.db, |pool, d| {
             let q = match d {
                 Dialect::MySql => {
                     "INSERT IGNORE INTO glance_cached_queue \
@@ -86,7 +140,7 @@ impl Db {
                 }
             };
             sqlx::query(sql(d, q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(queued_at)
                 .bind(queued_at)
@@ -98,11 +152,11 @@ impl Db {
             return Ok(true);
         }
         // Failures record their time in next_attempt_at (see mark_failed).
-        let revived = on_pool!(self, |pool, d| {
+        let revived = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, REVIVE))
                 .bind(queued_at)
                 .bind(queued_at)
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .bind(queued_at)
                 .execute(pool)
@@ -114,15 +168,13 @@ impl Db {
 
     /// The ids this node has queued (not failed ones), each with whether it is claimed
     /// now (a claim that ran out counts), for passes over many markers.
-    pub async fn queued_ids(
-        &self,
-        node: NodeId,
-    ) -> Result<std::collections::HashMap<String, bool>, DbError> {
+    /// Rows whose image id is not valid are left out.
+    pub async fn queued_ids(&self) -> Result<std::collections::HashMap<ImageId, bool>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
-        let ids = on_pool!(self, |pool, d| {
+        let ids = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -132,9 +184,12 @@ impl Db {
                         r.try_get::<Option<String>, _>(1)?.is_some(),
                     ))
                 })
-                .collect::<Result<_, sqlx::Error>>()?
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        Ok(ids)
+        Ok(ids
+            .into_iter()
+            .filter_map(|(raw, claimed)| Some((ImageId::parse(&raw).ok()?, claimed)))
+            .collect())
     }
 
     /// Removes `image_id` from this node's queue if it is still queued and unclaimed, or
@@ -142,7 +197,6 @@ impl Db {
     /// was read stays). Returns whether it went.
     pub async fn dequeue_if_idle(
         &self,
-        node: NodeId,
         image_id: &str,
         holder: Option<&str>,
     ) -> Result<bool, DbError> {
@@ -150,36 +204,20 @@ impl Db {
              AND image_id = ? AND state = 'queued' AND claimed_by IS NULL";
         const HOLDERS: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ? \
              AND image_id = ? AND state = 'queued' AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
-            match holder {
-                None => {
-                    sqlx::query(sql(d, UNCLAIMED))
-                        .bind(node.0)
-                        .bind(image_id)
-                        .execute(pool)
-                        .await?
-                }
-                Some(holder) => {
-                    sqlx::query(sql(d, HOLDERS))
-                        .bind(node.0)
-                        .bind(image_id)
-                        .bind(holder)
-                        .execute(pool)
-                        .await?
-                }
-            }
-            .rows_affected()
-        });
+        let n = match holder {
+            None => self.execute(UNCLAIMED, &[image_id]).await?,
+            Some(holder) => self.execute(HOLDERS, &[image_id, holder]).await?,
+        };
         Ok(n > 0)
     }
 
     /// Whether this node has `image_id` queued (a `failed` row does not count).
-    pub async fn is_queued(&self, node: NodeId, image_id: &str) -> Result<bool, DbError> {
+    pub async fn is_queued(&self, image_id: &str) -> Result<bool, DbError> {
         const Q: &str = "SELECT 1 FROM glance_cached_queue \
              WHERE node_reference_id = ? AND image_id = ? AND state = 'queued'";
-        let found = on_pool!(self, |pool, d| {
+        let found = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
@@ -189,12 +227,12 @@ impl Db {
     }
 
     /// How many images this node has queued (not counting failed ones).
-    pub async fn count_queued(&self, node: NodeId) -> Result<i64, DbError> {
+    pub async fn count_queued(&self) -> Result<i64, DbError> {
         const Q: &str = "SELECT COUNT(*) FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued'";
-        let n = on_pool!(self, |pool, d| {
+        let n = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_one(pool)
                 .await?
                 .try_get::<i64, _>(0)?
@@ -203,14 +241,14 @@ impl Db {
     }
 
     /// This node's queue rows, queued and failed, in order: queued time, then image id.
-    pub async fn queued_images(&self, node: NodeId) -> Result<Vec<QueueRow>, DbError> {
+    pub async fn queued_images(&self) -> Result<Vec<QueueRow>, DbError> {
         const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \
              claimed_by, claimed_until \
              FROM glance_cached_queue WHERE node_reference_id = ? ORDER BY queued_at, image_id";
         debug_assert!(Q.contains(SELECT_ROW));
-        let rows = on_pool!(self, |pool, d| {
+        let rows = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -221,15 +259,18 @@ impl Db {
         // skipped with one warning per listing, so the rest of the queue still shows.
         let mut good = Vec::with_capacity(rows.len());
         let mut bad = Vec::new();
+        let mut invalid_ids = 0;
         for row in rows {
             match row {
-                Ok(r) => good.push(r),
+                Ok(Decoded::Row(r)) => good.push(r),
+                Ok(Decoded::InvalidId { .. }) => invalid_ids += 1,
                 Err(e) => bad.push(e),
             }
         }
         if let Some((image_id, error)) = bad.first() {
-            tracing::warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
+            warn!(rows = bad.len(), image_id = ?image_id, %error, "skipping queue rows that cannot be read");
         }
+        warn_invalid_ids(invalid_ids);
         Ok(good)
     }
 
@@ -237,13 +278,40 @@ impl Db {
     /// Safe with several workers and several processes: on PostgreSQL and MySQL the row
     /// is locked with `FOR UPDATE SKIP LOCKED`, on SQLite the single statement runs under
     /// the database's write lock.
+    ///
+    /// A claimed row whose image id is not valid can never be fetched: it is given up
+    /// (`failed`, "invalid image id") and the next one claimed.
     pub async fn claim_next(
         &self,
-        node: NodeId,
         holder: &str,
         now: DbTime,
         claim_until: DbTime,
     ) -> Result<Option<QueueRow>, DbError> {
+        loop {
+            match self.claim_one(holder, now, claim_until).await? {
+                None => return Ok(None),
+                Some(Decoded::Row(row)) => return Ok(Some(row)),
+                Some(Decoded::InvalidId { raw, attempts }) => {
+                    warn_invalid_ids(1);
+                    self.settle_attempt(
+                        &raw,
+                        QueueState::Failed,
+                        attempts,
+                        now,
+                        "invalid image id",
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+
+    async fn claim_one(
+        &self,
+        holder: &str,
+        now: DbTime,
+        claim_until: DbTime,
+    ) -> Result<Option<Decoded>, DbError> {
         const PICK_LOCKED: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, \
              last_error, state, claimed_by, claimed_until FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND next_attempt_at <= ? \
@@ -260,13 +328,13 @@ impl Db {
              ORDER BY queued_at, image_id LIMIT 1) \
              RETURNING image_id, queued_at, attempts, next_attempt_at, last_error, state, \
              claimed_by, claimed_until";
-        let claimed = on_pool!(self, |pool, d| {
+        let claimed = on_pool!(self.db, |pool, d| {
             if d == Dialect::Sqlite {
                 sqlx::query(SQLITE_CLAIM)
                     .bind(holder)
                     .bind(claim_until)
-                    .bind(node.0)
-                    .bind(node.0)
+                    .bind(self.node.0)
+                    .bind(self.node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(pool)
@@ -277,7 +345,7 @@ impl Db {
             } else {
                 let mut tx = pool.begin().await?;
                 let raw = sqlx::query(sql(d, PICK_LOCKED))
-                    .bind(node.0)
+                    .bind(self.node.0)
                     .bind(now)
                     .bind(now)
                     .fetch_optional(&mut *tx)
@@ -287,7 +355,8 @@ impl Db {
                 // single statement does): the error is reported once per claim term, and
                 // the next pick moves on instead of choosing the same row forever.
                 let image_id = match (&picked, &raw) {
-                    (Ok(Some(row)), _) => Some(row.image_id.clone()),
+                    (Ok(Some(Decoded::Row(row))), _) => Some(row.image_id.to_string()),
+                    (Ok(Some(Decoded::InvalidId { raw, .. })), _) => Some(raw.clone()),
                     (Err(_), Some(r)) => r.try_get::<String, _>("image_id").ok(),
                     _ => None,
                 };
@@ -295,7 +364,7 @@ impl Db {
                     sqlx::query(sql(d, MARK))
                         .bind(holder)
                         .bind(claim_until)
-                        .bind(node.0)
+                        .bind(self.node.0)
                         .bind(image_id.as_str())
                         .execute(&mut *tx)
                         .await?;
@@ -303,10 +372,13 @@ impl Db {
                 tx.commit().await?;
                 let picked = picked?;
                 // The row as it was picked, with the claim just written.
-                picked.map(|row| QueueRow {
-                    claimed_by: Some(holder.to_owned()),
-                    claimed_until: Some(claim_until),
-                    ..row
+                picked.map(|row| match row {
+                    Decoded::Row(row) => Decoded::Row(QueueRow {
+                        claimed_by: Some(holder.to_owned()),
+                        claimed_until: Some(claim_until),
+                        ..row
+                    }),
+                    invalid => invalid,
                 })
             }
         });
@@ -314,49 +386,38 @@ impl Db {
     }
 
     /// This node's claims: (image id, holder) of every claimed row, whether the claim
-    /// has run out or not.
-    pub async fn claims(&self, node: NodeId) -> Result<Vec<(String, String)>, DbError> {
+    /// has run out or not. Rows whose image id is not valid are left out (`claim_next`
+    /// gives them up as soon as it claims one).
+    pub async fn claims(&self) -> Result<Vec<(ImageId, String)>, DbError> {
         const Q: &str = "SELECT image_id, claimed_by FROM glance_cached_queue \
              WHERE node_reference_id = ? AND claimed_by IS NOT NULL";
-        let claims = on_pool!(self, |pool, d| {
+        let claims = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_all(pool)
                 .await?
                 .iter()
                 .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        Ok(claims)
+        Ok(claims
+            .into_iter()
+            .filter_map(|(raw, holder)| Some((ImageId::parse(&raw).ok()?, holder)))
+            .collect())
     }
 
     /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
     /// that outlast a claim keep it. Returns how many claims were renewed.
-    pub async fn renew_claims(
-        &self,
-        node: NodeId,
-        holder: &str,
-        claim_until: DbTime,
-    ) -> Result<u64, DbError> {
+    pub async fn renew_claims(&self, holder: &str, claim_until: DbTime) -> Result<u64, DbError> {
         const Q: &str = "UPDATE glance_cached_queue SET claimed_until = ? \
              WHERE node_reference_id = ? AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(claim_until)
-                .bind(node.0)
-                .bind(holder)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute_setting(Q, Some(claim_until), &[holder]).await
     }
 
     /// Drops the claim on `image_id`, or only `holder`'s claim on it when a holder is
     /// given (so a claim taken since by someone else stays). Returns whether one went.
     pub async fn release_claim(
         &self,
-        node: NodeId,
         image_id: &str,
         holder: Option<&str>,
     ) -> Result<bool, DbError> {
@@ -364,42 +425,24 @@ impl Db {
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by IS NOT NULL";
         const HOLDERS: &str = "UPDATE glance_cached_queue SET claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ? AND claimed_by = ?";
-        let n = on_pool!(self, |pool, d| {
-            match holder {
-                None => {
-                    sqlx::query(sql(d, ANY))
-                        .bind(node.0)
-                        .bind(image_id)
-                        .execute(pool)
-                        .await?
-                }
-                Some(holder) => {
-                    sqlx::query(sql(d, HOLDERS))
-                        .bind(node.0)
-                        .bind(image_id)
-                        .bind(holder)
-                        .execute(pool)
-                        .await?
-                }
-            }
-            .rows_affected()
-        });
+        let n = match holder {
+            None => self.execute(ANY, &[image_id]).await?,
+            Some(holder) => self.execute(HOLDERS, &[image_id, holder]).await?,
+        };
         Ok(n > 0)
     }
 
     /// Records a failed attempt to be retried at `next_attempt_at`; releases the claim.
     pub async fn record_retry(
         &self,
-        node: NodeId,
         image_id: &str,
         attempts: i64,
         next_attempt_at: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
         self.settle_attempt(
-            node,
             image_id,
-            STATE_QUEUED,
+            QueueState::Queued,
             attempts,
             next_attempt_at,
             error,
@@ -411,22 +454,20 @@ impl Db {
     /// claimed again until re-queued. The failure time goes in `next_attempt_at`.
     pub async fn mark_failed(
         &self,
-        node: NodeId,
         image_id: &str,
         attempts: i64,
         now: DbTime,
         error: &str,
     ) -> Result<(), DbError> {
-        self.settle_attempt(node, image_id, STATE_FAILED, attempts, now, error)
+        self.settle_attempt(image_id, QueueState::Failed, attempts, now, error)
             .await
     }
 
     /// Ends an attempt: sets the state, attempts, time and error, and releases the claim.
     async fn settle_attempt(
         &self,
-        node: NodeId,
         image_id: &str,
-        state: &str,
+        state: QueueState,
         attempts: i64,
         at: DbTime,
         error: &str,
@@ -434,13 +475,13 @@ impl Db {
         const Q: &str = "UPDATE glance_cached_queue SET state = ?, attempts = ?, \
              next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL \
              WHERE node_reference_id = ? AND image_id = ?";
-        on_pool!(self, |pool, d| {
+        on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(state)
+                .bind(state.as_str())
                 .bind(attempts as i32)
                 .bind(at)
                 .bind(clip(error))
-                .bind(node.0)
+                .bind(self.node.0)
                 .bind(image_id)
                 .execute(pool)
                 .await?;
@@ -449,12 +490,12 @@ impl Db {
     }
 
     /// The earliest next attempt among this node's queued, unclaimed rows.
-    pub async fn next_queue_due(&self, node: NodeId) -> Result<Option<DbTime>, DbError> {
+    pub async fn next_queue_due(&self) -> Result<Option<DbTime>, DbError> {
         const Q: &str = "SELECT MIN(next_attempt_at) FROM glance_cached_queue \
              WHERE node_reference_id = ? AND state = 'queued' AND claimed_by IS NULL";
-        let t = on_pool!(self, |pool, d| {
+        let t = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
-                .bind(node.0)
+                .bind(self.node.0)
                 .fetch_one(pool)
                 .await?
                 .try_get::<Option<DbTime>, _>(0)?
@@ -463,30 +504,15 @@ impl Db {
     }
 
     /// Removes one image from this node's queue. Returns the number of rows removed.
-    pub async fn dequeue(&self, node: NodeId, image_id: &str) -> Result<u64, DbError> {
+    pub async fn dequeue(&self, image_id: &str) -> Result<u64, DbError> {
         const Q: &str =
             "DELETE FROM glance_cached_queue WHERE node_reference_id = ? AND image_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .bind(image_id)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[image_id]).await
     }
 
     /// Empties this node's queue. Returns the number of rows removed.
-    pub async fn dequeue_all(&self, node: NodeId) -> Result<u64, DbError> {
+    pub async fn dequeue_all(&self) -> Result<u64, DbError> {
         const Q: &str = "DELETE FROM glance_cached_queue WHERE node_reference_id = ?";
-        let n = on_pool!(self, |pool, d| {
-            sqlx::query(sql(d, Q))
-                .bind(node.0)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n)
+        self.execute(Q, &[]).await
     }
 }

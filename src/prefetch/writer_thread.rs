@@ -46,7 +46,7 @@ impl WriterThread {
         let (ops, ops_rx) = mpsc::channel(CHUNKS_QUEUED);
         let (opened_tx, opened) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
-        let path = driver.layout().path(Area::Incomplete, id);
+        let path = driver.get_image_filepath(id, Area::Incomplete);
         let (runtime, thread_driver, thread_id) = (Handle::current(), driver.clone(), id.clone());
         std::thread::Builder::new()
             .name("image-writer".into())
@@ -56,7 +56,8 @@ impl WriterThread {
                 match opened {
                     Ok(writer) => {
                         let _ = opened_tx.send(Ok(()));
-                        let _ = ended_tx.send(write_until_done(&runtime, writer, ops_rx));
+                        let ended = write_until_done(&runtime, &thread_driver, writer, ops_rx);
+                        let _ = ended_tx.send(ended);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -92,7 +93,7 @@ impl WriterThread {
         Ok(())
     }
 
-    /// Verifies and publishes (`ImageWriter::commit`) once every chunk is written.
+    /// Verifies and publishes (`CacheDriver::publish`) once every chunk is written.
     pub async fn commit(mut self) -> Result<Published, CacheError> {
         if self.ops.send(Op::Commit).await.is_err() {
             return Err(self.failure().await);
@@ -130,6 +131,7 @@ impl WriterThread {
 /// is gone without either, the writer is dropped, which moves its bytes to `invalid/`.
 fn write_until_done(
     runtime: &Handle,
+    driver: &CacheDriver,
     mut writer: ImageWriter,
     mut ops: mpsc::Receiver<Op>,
 ) -> Ended {
@@ -140,7 +142,7 @@ fn write_until_done(
                 // A failed write has aborted the writer already.
                 writer.write_bytes(chunk)?;
             }
-            Op::Commit => return runtime.block_on(writer.commit()).map(Some),
+            Op::Commit => return runtime.block_on(driver.publish(writer)).map(Some),
             Op::Abort(reason) => {
                 writer.abort(&reason);
                 return Ok(None);

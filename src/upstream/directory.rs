@@ -12,9 +12,9 @@ pub struct DirectoryUpstream {
 
 impl DirectoryUpstream {
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
-        // An ImageId has no separators, so the join stays inside the directory; the open
-        // refuses symlinks, and non-regular files are refused below.
-        let path = self.path.join(id.as_str());
+        // The path names an entry of the directory itself (`file_in`); the open refuses
+        // symlinks, and non-regular files are refused below.
+        let path = crate::cache::layout::file_in(&self.path, id);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(

@@ -14,8 +14,8 @@ use super::{
     ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, read_json_capped, request_text,
     status_error,
 };
-use crate::cache::HashAlgo;
 use crate::config::GlanceAuth;
+use crate::digest::HashAlgo;
 use crate::image_id::ImageId;
 
 enum Auth {
@@ -106,14 +106,7 @@ impl GlanceUpstream {
             image["os_hash_value"].as_str(),
         ) {
             (Some(algo), Some(value)) => match HashAlgo::parse(algo) {
-                Some(a) => {
-                    let len = match a {
-                        HashAlgo::Sha256 => 64,
-                        HashAlgo::Sha384 => 96,
-                        HashAlgo::Sha512 => 128,
-                    };
-                    Some((a, hex_digest("os_hash_value", value, len)?))
-                }
+                Some(a) => Some((a, hex_digest("os_hash_value", value, a.hex_len())?)),
                 None => {
                     tracing::warn!(image_id = %id, algo, "unsupported os_hash_algo; verifying size and MD5 only");
                     None

@@ -4,7 +4,7 @@
 use super::{
     ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, request_text, status_error,
 };
-use crate::cache::HashAlgo;
+use crate::digest::HashAlgo;
 use crate::image_id::ImageId;
 
 pub struct HttpUpstream {
@@ -42,7 +42,8 @@ impl HttpUpstream {
         let meta = ImageMeta {
             size: response.content_length(),
             md5: header(&self.md5_header, 32)?,
-            os_hash: header(&self.sha512_header, 128)?.map(|h| (HashAlgo::Sha512, h)),
+            os_hash: header(&self.sha512_header, HashAlgo::Sha512.hex_len())?
+                .map(|h| (HashAlgo::Sha512, h)),
         };
         Ok((meta, ImageStream::Http(response)))
     }

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::cache::HashAlgo;
 use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::digest::HashAlgo;
 use crate::image_id::ImageId;
 
 /// What the upstream says the image must be.

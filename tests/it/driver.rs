@@ -5,9 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
 use chrono::{TimeZone, Utc};
-use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, HashAlgo, PrunePolicy};
+use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, PrunePolicy};
 use glance_cached::cache::{CacheDriver, CacheLayout};
-use glance_cached::db::{Db, DbOptions, DbTime};
+use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
+use glance_cached::digest::HashAlgo;
 
 use crate::kit::servers::{Backend, TestCache, TestDb, run_sql};
 use crate::kit::{age_file, id, md5_hex, sha512_hex, test_bytes};
@@ -20,19 +21,13 @@ async fn cache(t: &TestCache, image: &str, data: &[u8]) {
         .await
         .unwrap();
     w.write(data).unwrap();
-    w.commit().await.unwrap();
+    t.driver.publish(w).await.unwrap();
 }
 
 /// Sets an image's `last_accessed` to `secs` after the epoch (through a hit).
 async fn accessed_at(t: &TestCache, image: &str, secs: i64) {
     let when = DbTime::from_utc(Utc.timestamp_opt(secs, 0).unwrap());
-    assert!(
-        t.driver
-            .db()
-            .record_hit(t.driver.node(), image, when)
-            .await
-            .unwrap()
-    );
+    assert!(t.node_db.record_hit(image, when).await.unwrap());
 }
 
 crate::kit::servers::on_every_backend!(
@@ -71,14 +66,10 @@ async fn configure_creates_layout_and_is_idempotent(b: Backend) {
         assert_eq!(meta.permissions().mode() & 0o777, 0o750, "{sub}");
     }
     // A second configure on the same database and directory finds the same node.
-    let again = glance_cached::cache::CacheDriver::configure(
-        t.driver.layout().clone(),
-        t.db.connect().await,
-        t.driver.node_url(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(again.node(), t.driver.node());
+    let again = NodeDb::configure(t.db.connect().await, t.node_db.url())
+        .await
+        .unwrap();
+    assert_eq!(again.node(), t.node_db.node());
     again.db().close().await;
     t.finish().await;
 }
@@ -96,7 +87,7 @@ async fn cached_being_cached_and_cacheable(b: Backend) {
         .unwrap();
     assert!(t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a) && !t.driver.is_cached(&a));
     w.write(b"data").unwrap();
-    w.commit().await.unwrap();
+    t.driver.publish(w).await.unwrap();
     assert!(t.driver.is_cached(&a) && !t.driver.is_being_cached(&a) && !t.driver.is_cacheable(&a));
     t.finish().await;
 }
@@ -225,7 +216,7 @@ async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
     let rows = t.driver.get_queued_images().await.unwrap();
     assert!(
         rows.iter()
-            .any(|q| q.image_id.as_str() == "m4" && q.state == "failed"),
+            .any(|q| q.image_id.as_str() == "m4" && q.state.as_str() == "failed"),
         "{rows:?}"
     );
     t.finish().await;
@@ -311,7 +302,7 @@ async fn open_for_write_publishes_verified_image(b: Backend) {
     for chunk in data.chunks(65_536) {
         w.write(chunk).unwrap();
     }
-    let published = w.commit().await.unwrap();
+    let published = t.driver.publish(w).await.unwrap();
     assert_eq!(published.size, data.len() as u64);
     assert_eq!(published.md5, md5_hex(&data));
     assert_eq!(std::fs::read(t.path("pub")).unwrap(), data);
@@ -367,7 +358,7 @@ async fn open_for_write_failures_never_publish(b: Backend) {
     for (name, expect, bytes) in cases {
         let mut w = t.driver.open_for_write(&id(name), expect).await.unwrap();
         w.write(bytes).unwrap();
-        let err = w.commit().await.unwrap_err();
+        let err = t.driver.publish(w).await.unwrap_err();
         assert!(
             matches!(err, CacheError::Verification { .. }),
             "{name}: {err}"
@@ -431,7 +422,7 @@ async fn concurrent_writers_of_one_image(b: Backend) {
     assert!(matches!(second, Err(CacheError::AlreadyBeingWritten(_))));
     // The loser touched nothing: the winner's file is intact and publishes.
     first.write(b", more").unwrap();
-    first.commit().await.unwrap();
+    t.driver.publish(first).await.unwrap();
     assert_eq!(
         std::fs::read(t.path("race")).unwrap(),
         b"first writer's bytes, more"
@@ -449,7 +440,7 @@ async fn concurrent_writers_of_one_image(b: Backend) {
                 Ok(mut w) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     w.write(&[n; 1000]).unwrap();
-                    w.commit().await.unwrap();
+                    d.publish(w).await.unwrap();
                     true
                 }
                 Err(CacheError::AlreadyBeingWritten(_)) => false,
@@ -515,14 +506,7 @@ async fn open_for_read_counts_hits(b: Backend) {
         t.driver.open_for_read(&id("readme")).await,
         Err(CacheError::NotCached(_))
     ));
-    assert_eq!(
-        t.driver
-            .db()
-            .hit_count(t.driver.node(), "readme")
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(t.node_db.hit_count("readme").await.unwrap(), 3);
     // A symlink planted as an image is refused, not followed.
     let outside = t.dir.path().join("secret");
     std::fs::write(&outside, b"secret").unwrap();
@@ -850,10 +834,7 @@ async fn clean_removes_invalid_and_stalled_only(b: Backend) {
     );
     // A file that is already gone is fine.
     assert_eq!(
-        t.driver
-            .layout()
-            .remove(Area::Invalid, &id("never-there"))
-            .unwrap(),
+        t.layout.remove(Area::Invalid, &id("never-there")).unwrap(),
         None
     );
     t.finish().await;
@@ -897,7 +878,7 @@ async fn two_nodes_share_a_database_without_seeing_each_other(b: Backend) {
     };
     let a = TestCache::on(db, "http://node-a:9292").await;
     let b = TestCache::on(a.db.shared(), "http://node-b:9292").await;
-    assert_ne!(a.driver.node(), b.driver.node());
+    assert_ne!(a.node_db.node(), b.node_db.node());
     cache(&a, "shared-id", b"on a").await;
     cache(&b, "shared-id", b"on b, longer").await;
     cache(&b, "only-b", b"b").await;
@@ -925,7 +906,7 @@ async fn two_nodes_share_a_database_without_seeing_each_other(b: Backend) {
     assert_eq!(b.driver.delete_all_cached_images().await.unwrap(), 2);
     assert!(a.driver.get_cached_images().await.unwrap().is_empty());
     assert!(b.driver.get_cached_images().await.unwrap().is_empty());
-    b.driver.db().close().await;
+    b.node_db.db().close().await;
     a.finish().await;
 }
 
@@ -942,10 +923,11 @@ mod claims {
         }
         // Two workers (separate pools, as two processes would have) claim as fast as
         // they can.
+        let second_db = t.db.connect().await;
         let second = glance_cached::cache::CacheDriver::configure(
-            t.driver.layout().clone(),
-            t.db.connect().await,
-            t.driver.node_url(),
+            t.layout.clone(),
+            second_db.clone(),
+            t.node_db.url(),
         )
         .await
         .unwrap();
@@ -1037,13 +1019,7 @@ mod claims {
         // A marker listed before the failure (queued time older than the failure) does
         // not revive the image; a request after it does.
         let before = DbTime::from_utc(Utc::now() - chrono::Duration::minutes(5));
-        assert!(
-            !t.driver
-                .db()
-                .enqueue(t.driver.node(), "claim-08", before)
-                .await
-                .unwrap()
-        );
+        assert!(!t.node_db.enqueue("claim-08", before).await.unwrap());
         assert!(!t.driver.is_queued(&id("claim-08")).await.unwrap());
         // Re-queueing a failed image revives it.
         assert!(t.driver.queue_image(&id("claim-08")).await.unwrap());
@@ -1058,11 +1034,11 @@ mod claims {
         assert_eq!((revived.state.as_str(), revived.attempts), ("queued", 0));
         // At start, a dead process's claims are released and their partial files moved
         // out of the way; a running process's (a `prefetch` command's) are left alone.
-        let claims = t.driver.db().claims(t.driver.node()).await.unwrap();
+        let claims = t.node_db.claims().await.unwrap();
         let holder_of = |image: &str| {
             claims
                 .iter()
-                .find(|(i, _)| i == image)
+                .find(|(i, _)| i.as_str() == image)
                 .map(|(_, h)| h.clone())
                 .unwrap()
         };
@@ -1084,7 +1060,7 @@ mod claims {
             t.path("incomplete/claim-09").exists() && !t.path("invalid/claim-09").exists(),
             "a running download's file stays"
         );
-        let left = t.driver.db().claims(t.driver.node()).await.unwrap();
+        let left = t.node_db.claims().await.unwrap();
         assert_eq!(left.len(), kept);
         assert!(left.iter().all(|(_, h)| *h == running), "{left:?}");
         assert!(
@@ -1094,7 +1070,7 @@ mod claims {
                 .unwrap()
                 .is_some()
         );
-        second.db().close().await;
+        second_db.close().await;
         t.finish().await;
     }
 
@@ -1167,7 +1143,7 @@ async fn large_image_spanning_writeback_windows_publishes_intact() {
     for chunk in data.chunks(1_000_003) {
         w.write(chunk).unwrap();
     }
-    let published = w.commit().await.unwrap();
+    let published = t.driver.publish(w).await.unwrap();
     assert_eq!(published.size, data.len() as u64);
     let on_disk = std::fs::read(t.path("large")).unwrap();
     assert!(

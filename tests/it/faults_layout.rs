@@ -291,12 +291,14 @@ fn a_prefetch_giving_up_through_a_swapped_queue_never_leaves_the_cache() {
         )
         .await
         .unwrap();
-        let node = db
-            .register_node(glance_cached::config::DEFAULT_NODE_URL)
-            .await
-            .unwrap();
+        let node = glance_cached::db::NodeDb::configure(
+            db.clone(),
+            glance_cached::config::DEFAULT_NODE_URL,
+        )
+        .await
+        .unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
-        assert!(db.enqueue(node, "victim", now).await.unwrap());
+        assert!(node.enqueue("victim", now).await.unwrap());
         db.close().await;
     });
     // The outcome is recorded; that the marker could not go is said, and is no reason

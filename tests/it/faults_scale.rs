@@ -192,7 +192,7 @@ async fn publish(driver: &CacheDriver, id: &str, data: &[u8]) {
         .await
         .unwrap();
     w.write(data).unwrap();
-    w.commit().await.unwrap();
+    driver.publish(w).await.unwrap();
 }
 
 const IMAGE: usize = 64 * 1024;
@@ -268,7 +268,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
     )
     .await
     .unwrap();
-    let driver = CacheDriver::configure(CacheLayout::open(s.cache("")).unwrap(), db, NODE)
+    let driver = CacheDriver::configure(CacheLayout::open(s.cache("")).unwrap(), db.clone(), NODE)
         .await
         .unwrap();
 
@@ -308,6 +308,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
             }
             let (driver, go, opened) = (driver.clone(), go.clone(), opened.clone());
             let expected = data[&id].clone();
+            let path = s.cache(&id);
             let (reads_ok, evicted) = (reads_ok.clone(), evicted_while_open.clone());
             readers.spawn(async move {
                 let image = ImageId::parse(&id).unwrap();
@@ -323,7 +324,6 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
                     Err(CacheError::NotCached(_)) if is_cold => return,
                     Err(e) => panic!("round {round}: {id} not readable: {e}"),
                 };
-                let path = driver.layout().root().join(&id);
                 let mut bytes = Vec::new();
                 let mut chunk = vec![0u8; 8192];
                 loop {
@@ -404,7 +404,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
     let files = files_on_disk(&s.cache(""));
     let row_ids: BTreeSet<String> = rows.iter().map(|r| r.image_id.to_string()).collect();
     assert_eq!(files.keys().cloned().collect::<BTreeSet<_>>(), row_ids);
-    driver.db().close().await;
+    db.close().await;
     d.stop();
 }
 

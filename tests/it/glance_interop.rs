@@ -65,11 +65,13 @@ impl Glance {
     }
 }
 
-async fn our_driver(cache_dir: &Path, db_url: &str) -> CacheDriver {
+/// Our driver on `db_url`, and the database it was given (to close it).
+async fn our_driver(cache_dir: &Path, db_url: &str) -> (CacheDriver, Db) {
     let db = Db::connect(db_url, &DbOptions::default()).await.unwrap();
-    CacheDriver::configure(CacheLayout::open(cache_dir).unwrap(), db, NODE)
+    let driver = CacheDriver::configure(CacheLayout::open(cache_dir).unwrap(), db.clone(), NODE)
         .await
-        .unwrap()
+        .unwrap();
+    (driver, db)
 }
 
 #[tokio::test]
@@ -82,7 +84,7 @@ async fn glance_schema_then_both_drivers_share_rows_files_and_queue() {
     };
     // Glance creates its whole schema first; we use its tables as they are.
     glance.run(&["db-sync"]);
-    let ours = our_driver(&cache_dir, &db_url).await;
+    let (ours, ours_db) = our_driver(&cache_dir, &db_url).await;
 
     // Glance caches an image: we see the file, the row, and can read it.
     let from_glance = test_bytes(200_000, 5);
@@ -110,7 +112,7 @@ async fn glance_schema_then_both_drivers_share_rows_files_and_queue() {
         .await
         .unwrap();
     w.write(&from_us).unwrap();
-    w.commit().await.unwrap();
+    ours.publish(w).await.unwrap();
     drop(ours.open_for_read(&id("img-ours")).await.unwrap());
     assert_eq!(
         glance.run(&["read", "img-ours"]),
@@ -196,7 +198,7 @@ async fn glance_schema_then_both_drivers_share_rows_files_and_queue() {
     glance.run(&["delete-cached", "img-ours"]);
     assert!(ours.get_cached_images().await.unwrap().is_empty());
     assert!(!ours.is_cached(&id("img-ours")));
-    ours.db().close().await;
+    ours_db.close().await;
 }
 
 #[tokio::test]
@@ -209,14 +211,14 @@ async fn glance_driver_works_on_tables_we_created() {
     };
     // We create Glance's two cache tables in our own SQLite file; Glance's driver uses
     // them without its migrations.
-    let ours = our_driver(&cache_dir, &db_url).await;
+    let (ours, ours_db) = our_driver(&cache_dir, &db_url).await;
     let data = test_bytes(64_000, 2);
     let mut w = ours
         .open_for_write(&id("ours-first"), Expectations::default())
         .await
         .unwrap();
     w.write(&data).unwrap();
-    w.commit().await.unwrap();
+    ours.publish(w).await.unwrap();
     let src = tmp.path().join("g.raw");
     std::fs::write(&src, b"glance bytes").unwrap();
     glance.run(&["write", "glance-second", src.to_str().unwrap()]);
@@ -252,7 +254,7 @@ async fn glance_driver_works_on_tables_we_created() {
         assert!(shape_ok, "stored time {s:?} is not SQLAlchemy's format");
     }
     db.close().await;
-    ours.db().close().await;
+    ours_db.close().await;
 }
 
 /// Glance keeps oslo lock files in the cache root (its driver sets oslo's lock_path to

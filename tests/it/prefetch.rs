@@ -4,9 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::config::DEFAULT_NODE_URL;
-use glance_cached::db::{Db, DbOptions, DbTime};
+use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
@@ -499,22 +498,10 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
         )
         .await
         .unwrap();
-        let driver = CacheDriver::configure(
-            CacheLayout::open(s.cache("")).unwrap(),
-            db,
-            DEFAULT_NODE_URL,
-        )
-        .await
-        .unwrap();
+        let db = NodeDb::configure(db, DEFAULT_NODE_URL).await.unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
-        assert!(
-            driver
-                .db()
-                .enqueue(driver.node(), "lost-row", now)
-                .await
-                .unwrap()
-        );
-        driver.db().close().await;
+        assert!(db.enqueue("lost-row", now).await.unwrap());
+        db.db().close().await;
     });
     eventually(SOON, "the queue entry is settled", || {
         queued_json(&s).is_empty()

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use glance_cached::cache::{CacheDriver, CacheLayout};
-use glance_cached::db::{Db, DbOptions};
+use glance_cached::db::{Db, DbOptions, NodeDb};
 use rustix::process::{Pid, Signal, kill_process};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +179,9 @@ pub async fn run_sql(url: &str, backend: Backend, statement: &str) -> Result<(),
 pub struct TestCache {
     pub dir: tempfile::TempDir,
     pub db: TestDb,
+    /// The database the driver was given, bound to its node.
+    pub node_db: NodeDb,
+    pub layout: CacheLayout,
     pub driver: CacheDriver,
 }
 
@@ -191,18 +194,22 @@ impl TestCache {
     /// A cache of node `node_url` on an existing test database.
     pub async fn on(db: TestDb, node_url: &str) -> TestCache {
         let dir = tempfile::tempdir().unwrap();
-        let driver = CacheDriver::configure(
-            CacheLayout::open(dir.path().join("cache")).unwrap(),
-            db.connect().await,
-            node_url,
-        )
-        .await
-        .unwrap();
-        TestCache { dir, db, driver }
+        let layout = CacheLayout::open(dir.path().join("cache")).unwrap();
+        let node_db = NodeDb::configure(db.connect().await, node_url)
+            .await
+            .unwrap();
+        let driver = CacheDriver::new(layout.clone(), node_db.clone());
+        TestCache {
+            dir,
+            db,
+            node_db,
+            layout,
+            driver,
+        }
     }
 
     pub fn root(&self) -> PathBuf {
-        self.driver.layout().root().to_path_buf()
+        self.layout.root().to_path_buf()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -210,7 +217,7 @@ impl TestCache {
     }
 
     pub async fn finish(self) {
-        self.driver.db().close().await;
+        self.node_db.db().close().await;
         self.db.drop_database().await;
     }
 }

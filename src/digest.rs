@@ -1,4 +1,5 @@
-//! Digests computed beside the write path: one thread per digest (MD5, and the upstream's
+//! `HashAlgo`, the SHA-2 algorithms Glance records as `os_hash_algo`, and the digests
+//! computed beside the write path: one thread per digest (MD5, and the upstream's
 //! SHA-2), fed the same reference-counted chunks through small bounded channels. Each
 //! digest is sequential over the stream, so one download is hashed no faster than one
 //! core runs the slower digest; in parallel, the slower one sets the pace rather than
@@ -17,7 +18,41 @@ use md5::{Digest, Md5};
 use openssl::hash::{Hasher, MessageDigest};
 use sha2::{Sha256, Sha384, Sha512};
 
-use super::writer::HashAlgo;
+/// A secure hash algorithm Glance records as `os_hash_algo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgo {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl HashAlgo {
+    pub fn parse(name: &str) -> Option<HashAlgo> {
+        match name.to_ascii_lowercase().as_str() {
+            "sha256" => Some(HashAlgo::Sha256),
+            "sha384" => Some(HashAlgo::Sha384),
+            "sha512" => Some(HashAlgo::Sha512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Sha256 => "sha256",
+            HashAlgo::Sha384 => "sha384",
+            HashAlgo::Sha512 => "sha512",
+        }
+    }
+
+    /// How many hex digits a digest of this algorithm has.
+    pub fn hex_len(self) -> usize {
+        match self {
+            HashAlgo::Sha256 => 64,
+            HashAlgo::Sha384 => 96,
+            HashAlgo::Sha512 => 128,
+        }
+    }
+}
 
 /// Chunks in flight per digest thread: enough to absorb jitter, small enough that
 /// memory does not grow with the image (8 x the largest chunk, 1 MiB from `import`).
@@ -214,6 +249,15 @@ mod tests {
                 assert_eq!(f.md5, md5, "{implementation:?}");
                 assert_eq!(f.os_hash.unwrap(), expected, "{algo:?} {implementation:?}");
             }
+        }
+    }
+
+    /// `hex_len` is the length of a digest as the threads give it.
+    #[test]
+    fn hex_len_is_the_length_of_a_digest() {
+        for algo in ALGOS {
+            let f = digest_all(b"x", algo, Implementation::PureRust);
+            assert_eq!(f.os_hash.unwrap().len(), algo.hex_len(), "{algo:?}");
         }
     }
 
