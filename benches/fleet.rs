@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{bench_dir, median};
+use common::{bench_dir, median, ops_per_second, rounds, smoke};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,6 @@ use glance_cached::cache::{Area, CacheDriver, CacheLayout, PrunePolicy};
 use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 use sqlx::Connection;
-
-fn smoke() -> bool {
-    std::env::var_os("BENCH_SMOKE").is_some()
-}
-
-fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if smoke() { 1 } else { 3 })
-}
 
 /// Nodes in the shared database, rows per node, point operations per figure, queued
 /// images per claiming node, claiming nodes.
@@ -244,8 +233,10 @@ async fn fill(db: &BenchDb, nodes: usize, per_node: usize) {
         ));
         i = end;
     }
+    // Statistics, and on PostgreSQL the visibility map autovacuum keeps (without it an
+    // index-only count visits every row's page).
     statements.push(match db.kind {
-        Kind::Postgres => "ANALYZE cached_images".into(),
+        Kind::Postgres => "VACUUM ANALYZE cached_images".into(),
         Kind::MariaDb => "ANALYZE TABLE cached_images".into(),
     });
     exec(&db.url, db.kind, &statements).await;
@@ -267,19 +258,6 @@ async fn node_driver(db: &BenchDb, tmp: &Path, node: usize, files: usize) -> Cac
     CacheDriver::configure(layout, pool, &node_url(node))
         .await
         .unwrap()
-}
-
-/// Runs `op` `count` times, one after the other; returns operations per second.
-async fn ops_per_second<F, Fut>(count: usize, mut op: F) -> f64
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let started = Instant::now();
-    for i in 0..count {
-        op(i).await;
-    }
-    count as f64 / started.elapsed().as_secs_f64()
 }
 
 /// One node's figures: list and count in ms, point operations per second, prune in ms,
@@ -482,23 +460,49 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
         s.nodes * s.per_node,
         started.elapsed().as_secs_f64()
     );
-    let plan_query = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum FROM cached_images \
-         WHERE node_reference_id = 1 ORDER BY last_accessed, id LIMIT 4096";
-    let plan = match kind {
-        Kind::Postgres => query_text(&fleet_db.url, kind, &format!("EXPLAIN {plan_query}")).await,
+    let select = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum FROM cached_images";
+    for (what, query) in [
+        (
+            "LRU batch",
+            format!("{select} WHERE node_reference_id = 1 ORDER BY last_accessed, id LIMIT 4096"),
+        ),
+        (
+            "listing",
+            format!("{select} WHERE node_reference_id = 1 ORDER BY image_id"),
+        ),
+        (
+            "count",
+            "SELECT COUNT(*) FROM cached_images WHERE node_reference_id = 1".to_string(),
+        ),
+    ] {
+        let explain = match kind {
+            Kind::Postgres => "EXPLAIN (ANALYZE, BUFFERS)",
+            Kind::MariaDb => "ANALYZE FORMAT=JSON",
+        };
+        let plan = query_text(&fleet_db.url, kind, &format!("{explain} {query}")).await;
+        eprintln!(
+            "{name}: plan of the {what} in the shared database:\n{}",
+            plan.join("\n")
+        );
+    }
+    let sizes = match kind {
+        Kind::Postgres => {
+            "SELECT pg_size_pretty(pg_table_size('cached_images')) || ' table, ' \
+             || pg_size_pretty(pg_indexes_size('cached_images')) || ' indexes; shared_buffers ' \
+             || current_setting('shared_buffers')"
+        }
         Kind::MariaDb => {
-            query_text(
-                &fleet_db.url,
-                kind,
-                &format!("EXPLAIN FORMAT=JSON {plan_query}"),
-            )
-            .await
+            "SELECT CONCAT(ROUND(data_length / 1048576), ' MiB table, ', \
+             ROUND(index_length / 1048576), ' MiB indexes; buffer pool ', \
+             ROUND(@@innodb_buffer_pool_size / 1048576), ' MiB') FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = 'cached_images'"
         }
     };
-    eprintln!(
-        "{name}: plan of the LRU batch in the shared database:\n{}",
-        plan.join("\n")
-    );
+    let sizes = query_text(&fleet_db.url, kind, sizes).await.join("");
+    eprintln!("{name}: shared database: {sizes}");
+    report
+        .json
+        .insert(format!("{name}_sizes"), serde_json::json!(sizes));
     let alone = measure(&alone_db, s, 1).await;
     let fleet = measure(&fleet_db, s, s.claimers).await;
     let k = format!("{}x{}k", s.nodes, s.per_node / 1000);
