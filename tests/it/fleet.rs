@@ -109,7 +109,8 @@ async fn schema_index_is_created_once_and_serves_per_node_queries(b: Backend) {
 /// Ten daemons of ten nodes on one PostgreSQL, each queueing the same 100 images from one
 /// origin: each node caches each image once (100 rows, 100 files, the right bytes; the
 /// origin serves each image ten times), every claim seen in the queue is held by the
-/// daemon of the row's node, and all ten stop cleanly on SIGTERM.
+/// daemon of the row's node, and all ten stop cleanly on SIGTERM. (That
+/// `GET /v2/cache/nodes/{id}` lists all ten waits for the HTTP API.)
 #[test]
 fn fleet_of_ten_daemons_on_one_postgres_caches_each_image_once_per_node() {
     const NODES: usize = 10;
