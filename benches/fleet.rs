@@ -1,6 +1,7 @@
 //! One database for a fleet: one node's operations on PostgreSQL and MariaDB filled with
 //! 1,000,000 `cached_images` rows over 100 nodes, beside the same node alone in a
-//! database of its own (the baseline, in the same run), and claims of 10 nodes at once.
+//! database of its own (the baseline, in the same run), and claims of 10 nodes at once;
+//! then the listing, count and prune in the same fleet without our index.
 //!
 //!   scripts/bench                          # everything, with the servers started
 //!   BENCH_SMOKE=1 cargo bench --bench fleet  # 10 nodes of 500 rows: proves it runs
@@ -327,12 +328,28 @@ async fn claims(
 }
 
 /// Every figure for node 0 of `db`, which holds `nodes` nodes of `per_node` rows.
-async fn measure(db: &BenchDb, s: &Sizes, claimers: usize) -> NodeFigures {
+/// `without_index`: our index is dropped once the driver is configured (its migration
+/// makes it), to measure what it buys.
+async fn measure(db: &BenchDb, s: &Sizes, claimers: usize, without_index: bool) -> NodeFigures {
     let tmp = tempfile::Builder::new()
         .prefix("gc-bench-fleet-")
         .tempdir_in(bench_dir())
         .unwrap();
     let driver = node_driver(db, tmp.path(), 0, s.per_node).await;
+    if without_index {
+        // InnoDB dropped the foreign key's own index on node_reference_id when ours came
+        // (ours serves the key) and refuses to drop ours without it: Glance's table as it was.
+        let statements: &[&str] = match db.kind {
+            Kind::Postgres => &["DROP INDEX ix_glance_cached_images_node_lru"],
+            Kind::MariaDb => &[
+                "CREATE INDEX node_reference_id ON cached_images (node_reference_id)",
+                "DROP INDEX ix_glance_cached_images_node_lru ON cached_images",
+                "ANALYZE TABLE cached_images",
+            ],
+        };
+        let statements: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
+        exec(&db.url, db.kind, &statements).await;
+    }
     let mut f = NodeFigures::default();
     for round in 0..rounds() {
         let pick = |i: usize| image_id(0, (i * 7919 + round) % s.per_node);
@@ -438,18 +455,22 @@ impl Report {
     }
 }
 
+/// The schema (ours included) before the fill, as a node's first start makes it.
+async fn migrate(db: &BenchDb) {
+    let options = DbOptions {
+        create_glance_tables: true,
+        ..DbOptions::default()
+    };
+    let pool = Db::connect(&db.url, &options).await.unwrap();
+    pool.migrate().await.unwrap();
+    pool.close().await;
+}
+
 async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &Sizes) {
     let alone_db = BenchDb::new(admin, kind, "alone").await;
     let fleet_db = BenchDb::new(admin, kind, "shared").await;
-    // The schema (ours included) before the fill, as a node's first start makes it.
     for db in [&alone_db, &fleet_db] {
-        let options = DbOptions {
-            create_glance_tables: true,
-            ..DbOptions::default()
-        };
-        let pool = Db::connect(&db.url, &options).await.unwrap();
-        pool.migrate().await.unwrap();
-        pool.close().await;
+        migrate(db).await;
     }
     let started = Instant::now();
     fill(&alone_db, 1, s.per_node).await;
@@ -503,8 +524,8 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
     report
         .json
         .insert(format!("{name}_sizes"), serde_json::json!(sizes));
-    let alone = measure(&alone_db, s, 1).await;
-    let fleet = measure(&fleet_db, s, s.claimers).await;
+    let alone = measure(&alone_db, s, 1, false).await;
+    let fleet = measure(&fleet_db, s, s.claimers, false).await;
     let k = format!("{}x{}k", s.nodes, s.per_node / 1000);
     let within = "fleet within 2x";
     let m = |v: &Vec<f64>| median(v.clone());
@@ -578,8 +599,40 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
         true,
         "fleet within 2x, < 2000 ms",
     );
-    alone_db.drop_database().await;
     fleet_db.drop_database().await;
+    // The same fleet without our index: what it buys. The point operations go through
+    // Glance's unique (image_id, node_reference_id) either way.
+    let bare_db = BenchDb::new(admin, kind, "bare").await;
+    migrate(&bare_db).await;
+    fill(&bare_db, s.nodes, s.per_node).await;
+    let bare = measure(&bare_db, s, 1, true).await;
+    let without = "(without our index)";
+    report.add(
+        &format!("{name}_{k}_list_ms_without_index"),
+        &format!("{name}: get_cached_images {without}"),
+        "ms",
+        (m(&alone.list_ms), m(&bare.list_ms)),
+        true,
+        "",
+    );
+    report.add(
+        &format!("{name}_{k}_count_ms_without_index"),
+        &format!("{name}: size (count_cached_images) {without}"),
+        "ms",
+        (m(&alone.count_ms), m(&bare.count_ms)),
+        true,
+        "",
+    );
+    report.add(
+        &format!("{name}_{k}_prune_half_ms_without_index"),
+        &format!("{name}: LRU prune of half the node {without}"),
+        "ms",
+        (m(&alone.prune_ms), m(&bare.prune_ms)),
+        true,
+        "",
+    );
+    bare_db.drop_database().await;
+    alone_db.drop_database().await;
 }
 
 fn main() {

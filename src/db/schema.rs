@@ -150,8 +150,10 @@ const MYSQL_DDL: &[&str] = &[
 
 /// Our one addition to Glance's schema: an index on its `cached_images` for the per-node
 /// statements (`WHERE node_reference_id = ?`, the LRU walk `ORDER BY last_accessed, id`,
-/// counts and listings). Glance's only index there leads with `image_id`, so on a
-/// database shared by a fleet each of those statements would read every node's rows.
+/// counts and listings). Glance's unique index there leads with `image_id`, so on a
+/// database shared by a fleet each of those statements would read every node's rows
+/// (MySQL's InnoDB also indexes `node_reference_id` for the foreign key, which finds the
+/// rows but not their order; it drops that index once ours can serve the key).
 /// Created when absent on every migration, under the migration lock, and never dropped:
 /// a Glance migration that rebuilds the table (SQLite's batch mode copies it) loses it
 /// until the next start. No text column is in it, so MySQL's index-length limit (767 or
