@@ -76,27 +76,22 @@ enum Kind {
 
 /// Runs `statements` one by one on one connection to `url`.
 async fn exec(url: &str, kind: Kind, statements: &[String]) {
+    /// The same body on each backend's own connection type.
+    macro_rules! run_on {
+        ($connection:ty) => {{
+            let mut c = <$connection>::connect(url).await.unwrap();
+            for s in statements {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(s.clone()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            c.close().await.unwrap();
+        }};
+    }
     match kind {
-        Kind::Postgres => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            for s in statements {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(s.clone()))
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-            }
-            c.close().await.unwrap();
-        }
-        Kind::MariaDb => {
-            let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
-            for s in statements {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(s.clone()))
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-            }
-            c.close().await.unwrap();
-        }
+        Kind::Postgres => run_on!(sqlx::PgConnection),
+        Kind::MariaDb => run_on!(sqlx::MySqlConnection),
     }
 }
 
