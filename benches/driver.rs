@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{bench_dir, median};
+use common::{bench_dir, median, ops_per_second, rounds, smoke};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,17 +24,6 @@ use std::time::{Duration, Instant, SystemTime};
 use glance_cached::cache::{Area, CacheDriver, CacheLayout, CleanPolicy, PrunePolicy};
 use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
 use glance_cached::image_id::ImageId;
-
-fn smoke() -> bool {
-    std::env::var_os("BENCH_SMOKE").is_some()
-}
-
-fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if smoke() { 1 } else { 3 })
-}
 
 fn image_id(n: usize) -> ImageId {
     ImageId::parse(&format!("{n:08x}-0000-4000-8000-000000000000")).unwrap()
@@ -61,19 +50,6 @@ async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> (CacheDri
     let db = NodeDb::configure(db, "http://bench:9292").await.unwrap();
     db.adopt_cached_images(&rows).await.unwrap();
     (CacheDriver::new(layout, db.clone()), db.db().clone())
-}
-
-/// Runs `op` `count` times, one after the other; returns operations per second.
-async fn ops_per_second<F, Fut>(count: usize, mut op: F) -> f64
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let started = Instant::now();
-    for i in 0..count {
-        op(i).await;
-    }
-    count as f64 / started.elapsed().as_secs_f64()
 }
 
 struct Figures {

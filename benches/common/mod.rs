@@ -1,5 +1,34 @@
 //! Helpers shared by the benchmarks (each bench includes this file as a module).
 
+/// `BENCH_SMOKE` set: tiny sizes, to prove a benchmark still runs.
+#[allow(dead_code)] // not every benchmark has a smoke size of its own
+pub fn smoke() -> bool {
+    std::env::var_os("BENCH_SMOKE").is_some()
+}
+
+/// Rounds per figure: `BENCH_ROUNDS`, else 1 in smoke mode and 3 otherwise.
+#[allow(dead_code)] // not every benchmark takes rounds
+pub fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke() { 1 } else { 3 })
+}
+
+/// Runs `op` `count` times, one after the other; returns operations per second.
+#[allow(dead_code)] // not every benchmark times single operations
+pub async fn ops_per_second<F, Fut>(count: usize, mut op: F) -> f64
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = std::time::Instant::now();
+    for i in 0..count {
+        op(i).await;
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
 /// The median of `v` (the mean of the two middle values for an even count).
 #[allow(dead_code)] // not every benchmark takes medians
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -2,7 +2,8 @@
 //!
 //! Glance's `node_reference` and `cached_images` are created exactly as Glance's
 //! migration `2024_1_expand01` creates them, and only when absent: when Glance made them,
-//! they are used as they are and never altered. Our own tables carry the `glance_cached_`
+//! they are used as they are, never altered, with one addition: our index on
+//! `cached_images` for the per-node statements (`NODE_LRU_INDEX`). Our own tables carry the `glance_cached_`
 //! prefix and a version row in `glance_cached_schema`. Concurrent nodes migrating one
 //! shared database are serialised with an advisory lock (PostgreSQL), `GET_LOCK` (MySQL)
 //! or an immediate transaction (SQLite).
@@ -147,6 +148,60 @@ const MYSQL_DDL: &[&str] = &[
     ) ENGINE=InnoDB CHARSET=utf8mb4",
 ];
 
+/// Our one addition to Glance's schema: an index on its `cached_images` for the per-node
+/// statements (`WHERE node_reference_id = ?`, the LRU walk `ORDER BY last_accessed, id`,
+/// counts and listings). Glance's unique index there leads with `image_id`, so on a
+/// database shared by a fleet each of those statements would read every node's rows
+/// (MySQL's InnoDB also indexes `node_reference_id` for the foreign key, which finds the
+/// rows but not their order; it drops that index once ours can serve the key).
+/// Created when absent on every migration, under the migration lock, and never dropped:
+/// a Glance migration that rebuilds the table (SQLite's batch mode copies it) loses it
+/// until the next start. No text column is in it, so MySQL's index-length limit (767 or
+/// 3072 bytes) does not apply whatever the table's charset.
+const NODE_LRU_INDEX: &str = "ix_glance_cached_images_node_lru";
+
+/// `NODE_LRU_INDEX` on SQLite and PostgreSQL.
+const CREATE_NODE_LRU_INDEX_IF_ABSENT: &str = "CREATE INDEX IF NOT EXISTS ix_glance_cached_images_node_lru \
+     ON cached_images (node_reference_id, last_accessed, id)";
+
+/// `NODE_LRU_INDEX` on MySQL and MariaDB (MySQL 8's `CREATE INDEX` has no `IF NOT
+/// EXISTS`, MariaDB's has): run after `MYSQL_HAS_NODE_LRU_INDEX` found none, under the
+/// migration lock.
+const CREATE_NODE_LRU_INDEX: &str = "CREATE INDEX ix_glance_cached_images_node_lru \
+     ON cached_images (node_reference_id, last_accessed, id)";
+
+const MYSQL_HAS_NODE_LRU_INDEX: &str = "SELECT COUNT(*) FROM information_schema.statistics \
+     WHERE table_schema = DATABASE() AND table_name = 'cached_images' \
+     AND index_name = 'ix_glance_cached_images_node_lru'";
+
+/// Creates `NODE_LRU_INDEX` when absent, on the migration's connection `$conn` (which
+/// holds the migration lock) of dialect `$d`. A macro, as the body is the same SQL on each
+/// backend's own connection type inside `on_pool!`.
+macro_rules! ensure_node_lru_index {
+    ($conn:expr, $d:expr) => {
+        async {
+            debug_assert!(CREATE_NODE_LRU_INDEX.contains(NODE_LRU_INDEX));
+            if $d == Dialect::MySql {
+                let present: i64 = sqlx::query(MYSQL_HAS_NODE_LRU_INDEX)
+                    .fetch_one(&mut *$conn)
+                    .await?
+                    .try_get(0)?;
+                if present == 0 {
+                    sqlx::query(CREATE_NODE_LRU_INDEX)
+                        .execute(&mut *$conn)
+                        .await?;
+                }
+            } else {
+                sqlx::query(CREATE_NODE_LRU_INDEX_IF_ABSENT)
+                    .execute(&mut *$conn)
+                    .await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }
+        .await
+    };
+}
+
 const CREATE_VERSION_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS glance_cached_schema (version BIGINT NOT NULL)";
 
@@ -257,6 +312,7 @@ impl Db {
                 for stmt in ddl {
                     sqlx::query(*stmt).execute(&mut *conn).await?;
                 }
+                ensure_node_lru_index!(conn, d)?;
                 if found != Some(SCHEMA_VERSION) {
                     sqlx::query("DELETE FROM glance_cached_schema")
                         .execute(&mut *conn)

@@ -13,6 +13,8 @@ use glance_cached::cache::{CacheDriver, CacheLayout, Expectations, PrunePolicy};
 use glance_cached::db::{Db, DbOptions};
 use serde_json::Value;
 
+use crate::kit::glance::{can_reach, glance_manage, glance_python};
+use crate::kit::servers::{Backend, TestDb, node_lru_index_columns};
 use crate::kit::{id, md5_hex, test_bytes};
 
 const NODE: &str = "http://interop-node:9292";
@@ -27,15 +29,13 @@ struct Glance {
 impl Glance {
     fn new(cache_dir: &Path, db_url: &str) -> Option<Glance> {
         let python = crate::kit::glance::glance_python()?;
-        // SQLAlchemy spells an absolute SQLite path with four slashes, sqlx with three.
-        let db_url = match db_url.strip_prefix("sqlite://") {
-            Some(path) => format!("sqlite:///{path}"),
-            None => db_url.to_owned(),
-        };
+        if !crate::kit::glance::can_reach(&python, db_url) {
+            return None;
+        }
         Some(Glance {
             python,
             cache_dir: cache_dir.to_path_buf(),
-            db_url,
+            db_url: crate::kit::glance::sqlalchemy_url(db_url),
         })
     }
 
@@ -342,4 +342,76 @@ fn glance_lock_files_taken_while_the_daemon_runs_are_never_images() {
     // Glance sees no rows for them either.
     assert_eq!(glance.run(&["list-cached"]), serde_json::json!([]));
     d.stop();
+}
+
+crate::kit::servers::on_every_backend!(our_index_survives_glance_migrations_run_after_it);
+
+/// Our one addition to Glance's schema, the per-node index on `cached_images`, is made
+/// on the table Glance's migrations made, and outlives the migrations Glance runs after
+/// it (a rolling upgrade's `db sync` after its expand, then `db upgrade`, `db sync` and
+/// `db check` again); Glance's driver works on the table that has it.
+async fn our_index_survives_glance_migrations_run_after_it(b: Backend) {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let Some(python) = glance_python() else {
+        return;
+    };
+    if !can_reach(&python, &db.url) {
+        return;
+    }
+    let manage = |args: &[&str]| {
+        let out = glance_manage(&python, &db.url, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "glance-manage {args:?}: {text}");
+        text
+    };
+    // Glance's cache tables and none of its later migrations, as after a rolling
+    // upgrade's expand: the oldest Glance schema we start on.
+    manage(&["db", "upgrade", "--version", "2024_1_expand01"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let ours = our_driver(&cache_dir, &db.url).await;
+    let columns = ["node_reference_id", "last_accessed", "id"];
+    assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
+
+    // The rest of Glance's migrations run after ours, and again.
+    manage(&["db", "sync"]);
+    let heads = crate::kit::servers::query_texts(
+        &db.url,
+        b,
+        "SELECT version_num FROM alembic_version",
+        "version_num",
+    )
+    .await;
+    assert!(
+        heads.contains(&Some("2024_1_contract01".into())),
+        "{heads:?}"
+    );
+    manage(&["db", "upgrade"]);
+    assert!(manage(&["db", "sync"]).contains("up to date"));
+    // `db check` refuses PostgreSQL (Glance's rolling upgrades are MySQL and SQLite only).
+    if b != Backend::Postgres {
+        assert!(manage(&["db", "check"]).contains("up to date"));
+    }
+    assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
+
+    // Glance's driver and ours on the table with the index; our next start finds it.
+    let glance = Glance::new(&cache_dir, &db.url).unwrap();
+    let src = tmp.path().join("g.raw");
+    std::fs::write(&src, test_bytes(10_000, 4)).unwrap();
+    glance.run(&["write", "img-glance", src.to_str().unwrap()]);
+    assert_eq!(glance.run(&["list-cached"]).as_array().unwrap().len(), 1);
+    let listed = ours.get_cached_images().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].image_id.as_str(), "img-glance");
+    ours.db().close().await;
+    let again = our_driver(&cache_dir, &db.url).await;
+    assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
+    again.db().close().await;
+    db.drop_database().await;
 }

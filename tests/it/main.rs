@@ -18,6 +18,7 @@ mod faults_input;
 mod faults_layout;
 mod faults_reactor;
 mod faults_scale;
+mod fleet;
 mod glance_interop;
 mod glance_shared;
 mod kit;

@@ -296,12 +296,7 @@ fn synced_database(bin: &Path) -> PathBuf {
         format!("[database]\nconnection = sqlite:///{}\n", db.display()),
     )
     .unwrap();
-    let out = Command::new(bin.join("glance-manage"))
-        .arg("--config-file")
-        .arg(&conf)
-        .args(["db", "sync"])
-        .output()
-        .unwrap();
+    let out = glance_manage_with(bin, &conf, &["db", "sync"]);
     assert!(
         out.status.success(),
         "glance-manage db sync: {}",
@@ -309,4 +304,68 @@ fn synced_database(bin: &Path) -> PathBuf {
     );
     std::fs::rename(&db, &template).unwrap();
     template
+}
+
+/// `glance-manage --config-file CONF ARGS` of the virtualenv whose `bin` is given.
+fn glance_manage_with(bin: &Path, conf: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin.join("glance-manage"))
+        .arg("--config-file")
+        .arg(conf)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The URL SQLAlchemy (Glance) needs for the database sqlx knows as `url`: four slashes
+/// before an absolute SQLite path, a named driver for the servers.
+pub fn sqlalchemy_url(url: &str) -> String {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        format!("sqlite:///{path}")
+    } else if let Some(rest) = url.strip_prefix("postgres://") {
+        format!("postgresql+psycopg2://{rest}")
+    } else if let Some(rest) = url.strip_prefix("mysql://") {
+        let sep = if rest.contains('?') { '&' } else { '?' };
+        format!("mysql+pymysql://{rest}{sep}charset=utf8")
+    } else {
+        panic!("no SQLAlchemy form for {url}")
+    }
+}
+
+/// Whether the Glance virtualenv can reach `url`'s backend: SQLite always, PostgreSQL
+/// and MariaDB with the drivers `scripts/glance-venv` installs (psycopg2, PyMySQL);
+/// without them a note, and under CI a failure.
+pub fn can_reach(python: &Path, url: &str) -> bool {
+    let module = match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("postgres") => "psycopg2",
+        Some("mysql") => "pymysql",
+        _ => return true,
+    };
+    let found = Command::new(python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "the Glance virtualenv lacks {module}: rerun scripts/glance-venv"
+    );
+    if !found {
+        eprintln!("SKIPPED: the Glance virtualenv lacks {module} (rerun scripts/glance-venv)");
+    }
+    found
+}
+
+/// `glance-manage ARGS` of the Glance virtualenv `python` belongs to, on the database
+/// sqlx knows as `url`; returns its output, whatever its status.
+pub fn glance_manage(python: &Path, url: &str, args: &[&str]) -> std::process::Output {
+    let bin = python.parent().expect("the venv's bin directory");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("glance-manage.conf");
+    std::fs::write(
+        &conf,
+        format!("[database]\nconnection = {}\n", sqlalchemy_url(url)),
+    )
+    .unwrap();
+    glance_manage_with(bin, &conf, args)
 }

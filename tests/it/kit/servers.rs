@@ -504,3 +504,84 @@ impl Drop for PrivateMariadb {
         }
     }
 }
+
+/// Runs one query on the database at `url` and returns `column` of every row as text
+/// (`None` for NULL), for the catalogue and `EXPLAIN` output tests read.
+pub async fn query_texts(
+    url: &str,
+    backend: Backend,
+    statement: &str,
+    column: &str,
+) -> Vec<Option<String>> {
+    use sqlx::{Connection, Row};
+    let statement = sqlx::AssertSqlSafe(statement.to_owned());
+    // MariaDB labels some catalogue and EXPLAIN columns as binary: bytes, then text.
+    fn text<R: Row>(row: &R, column: &str) -> Option<String>
+    where
+        for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'a> &'a str: sqlx::ColumnIndex<R>,
+    {
+        match row.try_get::<Option<String>, _>(column) {
+            Ok(v) => v,
+            Err(_) => row
+                .try_get::<Option<Vec<u8>>, _>(column)
+                .unwrap()
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+        }
+    }
+    match backend {
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            let rows = sqlx::query(statement).fetch_all(&mut c).await.unwrap();
+            let _ = c.close().await;
+            rows.iter().map(|r| text(r, column)).collect()
+        }
+        Backend::MySql => {
+            let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
+            let rows = sqlx::query(statement).fetch_all(&mut c).await.unwrap();
+            let _ = c.close().await;
+            rows.iter().map(|r| text(r, column)).collect()
+        }
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+            let rows = sqlx::query(statement).fetch_all(&mut c).await.unwrap();
+            let _ = c.close().await;
+            rows.iter().map(|r| text(r, column)).collect()
+        }
+    }
+}
+
+/// The name of our index on Glance's `cached_images` (`db::schema`).
+pub const NODE_LRU_INDEX: &str = "ix_glance_cached_images_node_lru";
+
+/// The columns of our index on `cached_images`, in order; empty when it is absent.
+pub async fn node_lru_index_columns(url: &str, backend: Backend) -> Vec<String> {
+    let statement = match backend {
+        Backend::Sqlite => {
+            format!("SELECT name FROM pragma_index_info('{NODE_LRU_INDEX}') ORDER BY seqno")
+        }
+        // indexdef: "CREATE INDEX ix ON public.cached_images USING btree (a, b, c)".
+        Backend::Postgres => format!(
+            "SELECT indexdef AS name FROM pg_indexes WHERE schemaname = current_schema() \
+             AND tablename = 'cached_images' AND indexname = '{NODE_LRU_INDEX}'"
+        ),
+        Backend::MySql => format!(
+            "SELECT column_name AS name FROM information_schema.statistics \
+             WHERE table_schema = DATABASE() AND table_name = 'cached_images' \
+             AND index_name = '{NODE_LRU_INDEX}' ORDER BY seq_in_index"
+        ),
+    };
+    let names: Vec<String> = query_texts(url, backend, &statement, "name")
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    match (backend, names.as_slice()) {
+        (Backend::Postgres, [def]) => {
+            let inner = def.rsplit_once('(').unwrap().1.trim_end_matches(')');
+            inner.split(',').map(|c| c.trim().to_owned()).collect()
+        }
+        _ => names,
+    }
+}
