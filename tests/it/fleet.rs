@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use glance_cached::cache::{CacheDriver, CacheLayout};
+use glance_cached::db::NodeDb;
 
 use crate::kit::daemon::{Daemon, Setup, queue};
 use crate::kit::origin::{Behaviour, Origin};
@@ -78,13 +78,9 @@ async fn schema_index_is_created_once_and_serves_per_node_queries(b: Backend) {
     let columns = ["node_reference_id", "last_accessed", "id"];
     assert_eq!(node_lru_index_columns(&t.db.url, b).await, columns);
     // Every start migrates again: still the one index, no error.
-    let again = CacheDriver::configure(
-        CacheLayout::open(t.dir.path().join("again")).unwrap(),
-        t.db.connect().await,
-        "http://node-b:9292",
-    )
-    .await
-    .unwrap();
+    let again = NodeDb::configure(t.db.connect().await, "http://node-b:9292")
+        .await
+        .unwrap();
     again.db().close().await;
     assert_eq!(node_lru_index_columns(&t.db.url, b).await, columns);
 

@@ -375,7 +375,7 @@ async fn our_index_survives_glance_migrations_run_after_it(b: Backend) {
     manage(&["db", "upgrade", "--version", "2024_1_expand01"]);
     let tmp = tempfile::tempdir().unwrap();
     let cache_dir = tmp.path().join("cache");
-    let ours = our_driver(&cache_dir, &db.url).await;
+    let (ours, ours_db) = our_driver(&cache_dir, &db.url).await;
     let columns = ["node_reference_id", "last_accessed", "id"];
     assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
 
@@ -409,9 +409,9 @@ async fn our_index_survives_glance_migrations_run_after_it(b: Backend) {
     let listed = ours.get_cached_images().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].image_id.as_str(), "img-glance");
-    ours.db().close().await;
-    let again = our_driver(&cache_dir, &db.url).await;
+    ours_db.close().await;
+    let (_again, again_db) = our_driver(&cache_dir, &db.url).await;
     assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
-    again.db().close().await;
+    again_db.close().await;
     db.drop_database().await;
 }
