@@ -62,7 +62,6 @@ pub enum DefaultValue {
     Size(u64),
     Duration(Duration),
     Integer(i128),
-    Bool(bool),
     /// Text, a path or a choice.
     Text(&'static str),
 }
@@ -75,7 +74,6 @@ impl DefaultValue {
             DefaultValue::Size(b) => Value::Size(b),
             DefaultValue::Duration(d) => Value::Duration(d),
             DefaultValue::Integer(n) => Value::Integer(n),
-            DefaultValue::Bool(b) => Value::Bool(b),
             DefaultValue::Text(s) if kind == Kind::Path => Value::Path(PathBuf::from(s)),
             DefaultValue::Text(s) => Value::Text(s.to_owned()),
         })
@@ -89,16 +87,6 @@ pub enum Reload {
     Yes,
     /// Logged as ignored; the running value stays until the next start.
     Restart,
-}
-
-impl Reload {
-    /// As the example config says it ("Reload: yes", "Reload: restart").
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reload::Yes => "yes",
-            Reload::Restart => "restart",
-        }
-    }
 }
 
 /// How the validator fills a key's place in `Config`.
@@ -749,6 +737,14 @@ mod tests {
     use super::*;
     use crate::config::validate::blank;
 
+    /// As the example config says it ("Reload: yes", "Reload: restart").
+    fn reload_word(reload: Reload) -> &'static str {
+        match reload {
+            Reload::Yes => "yes",
+            Reload::Restart => "restart",
+        }
+    }
+
     #[test]
     fn names_are_unique_and_sections_contiguous() {
         let names: BTreeSet<_> = KEYS.iter().map(|k| k.name).collect();
@@ -882,11 +878,11 @@ mod tests {
             if line.starts_with("#  ") {
                 continue;
             }
-            if reload != Some(key.reload.as_str()) {
+            if reload != Some(reload_word(key.reload)) {
                 problems.push(format!(
                     "line {n}: {name} is under \"Reload: {}\", the table says {}",
                     reload.unwrap_or("(nothing)"),
-                    key.reload.as_str()
+                    reload_word(key.reload)
                 ));
             }
             if let Some(default) = key.default.value(key.kind) {

@@ -119,11 +119,6 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
         }
     }
 
-    /// Downloads in progress.
-    pub fn running(&self) -> usize {
-        self.downloads.len()
-    }
-
     /// Whether `prefetcher.concurrency` downloads are in progress.
     pub fn is_full(&self, config: &Config) -> bool {
         self.downloads.len() >= config.prefetcher.concurrency
@@ -340,7 +335,7 @@ mod tests {
         loop {
             engine.tick(&config).await.unwrap();
             engine.fill(&config).await.unwrap();
-            assert!(engine.running() <= 1, "within prefetcher.concurrency");
+            assert!(engine.downloads.len() <= 1, "within prefetcher.concurrency");
             let Some(done) = engine.next_finished().await else {
                 break;
             };
