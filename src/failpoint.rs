@@ -28,7 +28,7 @@ fn armed() -> Option<&'static Armed> {
 }
 
 /// Blocks the calling thread forever when the failpoint `name` is armed (test only).
-pub fn hit(name: &str) {
+pub(crate) fn hit(name: &str) {
     let Some(armed) = armed() else { return };
     if armed.name != name {
         return;

@@ -22,7 +22,7 @@ use crate::upstream::Upstream;
 
 /// What a caller hears of each download from inside its task, as it happens (the
 /// daemon counts downloads in its STATUS and nudges loops).
-pub trait DownloadEvents: Send + Sync + 'static {
+pub(crate) trait DownloadEvents: Send + Sync + 'static {
     /// Held by the download's task from its start; dropped however the task ends (done,
     /// crashed, aborted).
     type Running: Send + 'static;
@@ -45,7 +45,7 @@ impl DownloadEvents for () {
 
 /// One download that ended.
 #[derive(Debug)]
-pub struct Finished {
+pub(crate) struct Finished {
     pub image_id: ImageId,
     pub outcome: PrefetchOutcome,
     /// The recording of the outcome in the queue. On an error the claim is still held:
@@ -55,7 +55,7 @@ pub struct Finished {
 
 /// Which of the engine's periodic duties failed; the text is the cause's alone.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub(crate) enum EngineError {
     /// Claiming queued images, or reading when the next one is due.
     #[error(transparent)]
     Queue(CacheError),
@@ -74,7 +74,7 @@ pub enum EngineError {
 /// it due even if the database's clock reads a little behind ours.
 const DUE_SLACK: Duration = Duration::from_millis(10);
 
-pub struct PrefetchEngine<E: DownloadEvents = ()> {
+pub(crate) struct PrefetchEngine<E: DownloadEvents = ()> {
     driver: CacheDriver,
     upstream: Arc<Upstream>,
     /// The name our claims are held under.
@@ -98,7 +98,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// An engine holding claims as `holder`; `cancel` stops its downloads at their next
     /// chunk. The first look for dead claims is due one `prefetcher.interval` from now
     /// (call [`PrefetchEngine::recover_dead_claims`] to look at once).
-    pub fn new(
+    pub(crate) fn new(
         driver: CacheDriver,
         upstream: Arc<Upstream>,
         holder: String,
@@ -120,14 +120,14 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     }
 
     /// Whether `prefetcher.concurrency` downloads are in progress.
-    pub fn is_full(&self, config: &Config) -> bool {
+    pub(crate) fn is_full(&self, config: &Config) -> bool {
         self.downloads.len() >= config.prefetcher.concurrency
     }
 
     /// Claims due queued images and starts their downloads, up to
     /// `prefetcher.concurrency` in progress; none once cancelled. Returns how many
     /// started.
-    pub async fn fill(&mut self, config: &Arc<Config>) -> Result<usize, EngineError> {
+    pub(crate) async fn fill(&mut self, config: &Arc<Config>) -> Result<usize, EngineError> {
         let mut started = 0;
         while !self.is_full(config) && !self.cancel.is_cancelled() {
             let claim_ttl = config.prefetcher.claim_ttl;
@@ -160,7 +160,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     }
 
     /// The downloads that ended since the last call, without waiting.
-    pub fn reap(&mut self) -> Vec<Result<Finished, JoinError>> {
+    pub(crate) fn reap(&mut self) -> Vec<Result<Finished, JoinError>> {
         let mut ended = Vec::new();
         while let Some(result) = self.downloads.try_join_next() {
             ended.push(self.note(result));
@@ -170,7 +170,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
 
     /// Waits for the next download to end; `None` when none is in progress.
     /// Cancel-safe: a download that ended is never lost.
-    pub async fn next_finished(&mut self) -> Option<Result<Finished, JoinError>> {
+    pub(crate) async fn next_finished(&mut self) -> Option<Result<Finished, JoinError>> {
         let result = self.downloads.join_next().await?;
         Some(self.note(result))
     }
@@ -189,7 +189,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// was lost, looks for dead processes' claims once per `prefetcher.interval`, renews
     /// the claims of the downloads in progress every `claim_ttl / 6`. Returns when the
     /// next duty is due. Stops at the first that fails; the next tick tries again.
-    pub async fn tick(&mut self, config: &Config) -> Result<Instant, EngineError> {
+    pub(crate) async fn tick(&mut self, config: &Config) -> Result<Instant, EngineError> {
         self.settle().await.map_err(EngineError::Settle)?;
         let every = config.prefetcher.interval;
         if self.dead_claims_checked.elapsed() >= every {
@@ -206,7 +206,11 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
 
     /// When a queued image not yet due becomes due, if any (and the engine has room for
     /// it), capped at `due`: the time to claim again.
-    pub async fn claim_due(&self, config: &Config, due: Instant) -> Result<Instant, EngineError> {
+    pub(crate) async fn claim_due(
+        &self,
+        config: &Config,
+        due: Instant,
+    ) -> Result<Instant, EngineError> {
         if self.is_full(config) {
             // Full: a finished download is what makes room.
             return Ok(due);
@@ -225,7 +229,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// (kill -9, a crash), and moves their partial files to `invalid/`, so their images
     /// are fetched now rather than when the claims run out. Our own claims, and those
     /// whose holder cannot be checked from here, stay. Returns how many were released.
-    pub async fn recover_dead_claims(&mut self) -> Result<u64, CacheError> {
+    pub(crate) async fn recover_dead_claims(&mut self) -> Result<u64, CacheError> {
         let own = &self.holder;
         let recovered = self
             .driver
@@ -273,7 +277,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// aborts at its next chunk, leaving nothing published and the image queued), hands
     /// each to `ended`, then releases what is left to settle, best effort: whatever is
     /// still claimed is released at the next start.
-    pub async fn finish(&mut self, mut ended: impl FnMut(Result<Finished, JoinError>)) {
+    pub(crate) async fn finish(&mut self, mut ended: impl FnMut(Result<Finished, JoinError>)) {
         while let Some(result) = self.next_finished().await {
             ended(result);
         }

@@ -20,11 +20,10 @@ use crate::clock;
 use crate::config::Config;
 use crate::upstream::{ErrorClass, Upstream};
 
-pub use budget::{
-    DownloadBudget, RateLimiter, Reservation, SpaceReservations, WaitTicket, unknown_size_step,
-};
-pub use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
-pub use fetch::{FetchError, FetchLimits, Fetched, fetch_into_cache};
+pub use budget::DownloadBudget;
+pub(crate) use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
+pub(crate) use fetch::FetchError;
+pub use fetch::{FetchLimits, Fetched, fetch_into_cache};
 
 /// What became of one claimed queued image, as recorded in the queue.
 #[derive(Debug)]

@@ -38,7 +38,7 @@ pub(super) struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread, which creates `incomplete/<id>`; fails as the creation does.
-    pub async fn open(
+    pub(super) async fn open(
         driver: &CacheDriver,
         id: &ImageId,
         expectations: Expectations,
@@ -78,12 +78,12 @@ impl WriterThread {
     }
 
     /// Bytes handed to the thread so far.
-    pub fn bytes_written(&self) -> u64 {
+    pub(super) fn bytes_written(&self) -> u64 {
         self.written
     }
 
     /// Queues `chunk`, waiting (asynchronously) while the disk is behind.
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+    pub(super) async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
         let len = chunk.len() as u64;
         if self.ops.send(Op::Chunk(chunk)).await.is_err() {
             // The thread stopped at a failed write: its error says why.
@@ -94,7 +94,7 @@ impl WriterThread {
     }
 
     /// Verifies and publishes (`CacheDriver::publish`) once every chunk is written.
-    pub async fn commit(mut self) -> Result<Published, CacheError> {
+    pub(super) async fn commit(mut self) -> Result<Published, CacheError> {
         if self.ops.send(Op::Commit).await.is_err() {
             return Err(self.failure().await);
         }
@@ -107,7 +107,7 @@ impl WriterThread {
 
     /// Gives up, and waits until the bytes are in `invalid/`, so a retry of the same
     /// image does not find them still in `incomplete/`.
-    pub async fn abort(mut self, reason: &str) {
+    pub(super) async fn abort(mut self, reason: &str) {
         if self.ops.send(Op::Abort(reason.to_owned())).await.is_ok() {
             let _ = (&mut self.ended).await;
         }
@@ -115,7 +115,7 @@ impl WriterThread {
 
     /// Gives up without waiting for a disk that may be stuck (shutdown): the thread
     /// aborts once it gets to it.
-    pub fn abandon(self, reason: &str) {
+    pub(super) fn abandon(self, reason: &str) {
         let _ = self.ops.try_send(Op::Abort(reason.to_owned()));
     }
 
