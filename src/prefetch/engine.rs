@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -129,9 +130,10 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// started.
     pub(crate) async fn fill(&mut self, config: &Arc<Config>) -> Result<usize, EngineError> {
         let mut started = 0;
+        let now = clock::now();
         while !self.is_full(config) && !self.cancel.is_cancelled() {
             let claim_ttl = config.prefetcher.claim_ttl;
-            let claimed = self.driver.claim_next(&self.holder, claim_ttl).await;
+            let claimed = self.driver.claim_next(&self.holder, now, claim_ttl).await;
             let Some(image) = claimed.map_err(EngineError::Queue)? else {
                 break;
             };
@@ -198,7 +200,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
                 .map_err(EngineError::Recover)?;
         }
         let renew_due = self
-            .renew_claims(config)
+            .renew_claims(config, clock::now())
             .await
             .map_err(EngineError::Renew)?;
         Ok(renew_due.min(self.dead_claims_checked + every))
@@ -248,14 +250,18 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// Renews our claims when due while downloads are in progress (a download may
     /// outlast `prefetcher.claim_ttl`: a large image under a bandwidth cap); returns when
     /// the next renewal is due.
-    async fn renew_claims(&mut self, config: &Config) -> Result<Instant, CacheError> {
+    async fn renew_claims(
+        &mut self,
+        config: &Config,
+        now: DateTime<Utc>,
+    ) -> Result<Instant, CacheError> {
         let every = config.prefetcher.claim_renew_every();
         if self.downloads.is_empty() {
             self.claims_renewed = Instant::now();
         } else if self.claims_renewed.elapsed() >= every {
             let renewed = self
                 .driver
-                .renew_claims(&self.holder, config.prefetcher.claim_ttl)
+                .renew_claims(&self.holder, now, config.prefetcher.claim_ttl)
                 .await?;
             debug!(renewed, "renewed the claims of downloads in progress");
             self.claims_renewed = Instant::now();

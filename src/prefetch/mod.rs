@@ -78,16 +78,17 @@ pub async fn prefetch_claimed(
         Err(error) => {
             // The queue keeps the text (`last_error`); the outcome keeps the error.
             let reason = error.to_string();
+            let now = clock::now();
             let max_attempts = u64::from(config.prefetcher.max_attempts);
             match error.class() {
                 ErrorClass::Verify if attempts >= max_attempts => {
                     warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
-                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    let recorded = driver.give_up(id, attempts, now, &reason).await;
                     (PrefetchOutcome::Dropped { error }, recorded)
                 }
                 ErrorClass::Permanent => {
                     warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
-                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    let recorded = driver.give_up(id, attempts, now, &reason).await;
                     (PrefetchOutcome::Dropped { error }, recorded)
                 }
                 ErrorClass::Retry | ErrorClass::Verify => {
@@ -96,7 +97,7 @@ pub async fn prefetch_claimed(
                         config.prefetcher.retry_delay,
                         config.prefetcher.max_retry_delay,
                     );
-                    let next = clock::after(clock::now(), delay);
+                    let next = clock::after(now, delay);
                     warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
                     let recorded = driver.retry_later(id, attempts, next, &reason).await;
                     (PrefetchOutcome::Retrying { error, delay }, recorded)

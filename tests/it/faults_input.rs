@@ -851,7 +851,7 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
     // The bad row fails its claim once; the next claim gets the good one.
     let mut claimed = None;
     for _ in 0..3 {
-        if let Ok(Some(image)) = t.driver.claim_next("test holder", claim).await {
+        if let Ok(Some(image)) = t.driver.claim_next("test holder", Utc::now(), claim).await {
             claimed = Some(image.image_id.to_string());
             break;
         }
