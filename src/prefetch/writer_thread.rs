@@ -4,10 +4,12 @@
 //! lease, the watchdog, signal handling, the watcher or the other loops.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::cache::{Area, CacheDriver, CacheError, Expectations, ImageWriter, Published};
 use crate::image_id::ImageId;
@@ -16,6 +18,11 @@ use crate::image_id::ImageId;
 /// delivers, few enough that a slow disk holds back the download instead of memory
 /// growing (8 x a chunk, as the digest threads' own queues).
 const CHUNKS_QUEUED: usize = 8;
+
+/// How long a shutdown waits for a writer thread to move its bytes to `invalid/`: ample
+/// for a rename, short beside a disk that does not answer (whose file the cleaner's
+/// stall rule removes later).
+const ABANDON_WAIT: Duration = Duration::from_secs(2);
 
 enum Op {
     Chunk(Bytes),
@@ -113,10 +120,23 @@ impl WriterThread {
         }
     }
 
-    /// Gives up without waiting for a disk that may be stuck (shutdown): the thread
-    /// aborts once it gets to it.
-    pub(super) fn abandon(self, reason: &str) {
-        let _ = self.ops.try_send(Op::Abort(reason.to_owned()));
+    /// Gives up at shutdown: the thread aborts at once (or, its queue full, once it has
+    /// written what is queued), and this waits until its bytes are in `invalid/`, so a
+    /// clean shutdown leaves nothing in `incomplete/`; a disk that does not answer is
+    /// waited for `ABANDON_WAIT` at most.
+    pub(super) async fn abandon(self, reason: &str) {
+        let WriterThread {
+            ops, ended, path, ..
+        } = self;
+        let _ = ops.try_send(Op::Abort(reason.to_owned()));
+        // Closed, the channel ends the thread's loop even when the abort did not fit.
+        drop(ops);
+        if tokio::time::timeout(ABANDON_WAIT, ended).await.is_err() {
+            warn!(
+                ?path,
+                "the writer did not finish in time at shutdown; its file stays in incomplete/ until found stalled"
+            );
+        }
     }
 
     async fn failure(&mut self) -> CacheError {
@@ -144,11 +164,14 @@ fn write_until_done(
             }
             Op::Commit => return runtime.block_on(driver.publish(writer)).map(Some),
             Op::Abort(reason) => {
+                crate::failpoint::hit("writer:abort");
                 writer.abort(&reason);
                 return Ok(None);
             }
         }
     }
+    // Dropped here, the writer moves its bytes to `invalid/`.
+    crate::failpoint::hit("writer:abort");
     Ok(None)
 }
 
