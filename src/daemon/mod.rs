@@ -6,7 +6,7 @@
 mod cleaner;
 mod context;
 mod error;
-pub(crate) mod lease;
+mod lease;
 mod prefetcher;
 mod pruner;
 mod queue;
