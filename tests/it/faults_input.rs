@@ -498,18 +498,7 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
         .unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         // Glance's old driver's database, for migrate-sqlite to read from the same place.
-        let legacy = dir.join("cache.db");
-        let opts = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&legacy)
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
-             last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
+        let pool = crate::kit::legacy_cache_db(&dir.join("cache.db")).await;
         sqlx::query("INSERT INTO cached_images VALUES ('old-a', 1.0, 1.0, 12, 3, NULL)")
             .execute(&pool)
             .await

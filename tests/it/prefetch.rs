@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use glance_cached::config::DEFAULT_NODE_URL;
-use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
+use glance_cached::db::{DbTime, NodeDb};
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
@@ -491,15 +491,7 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = Db::connect(
-            &format!(
-                "sqlite://{}",
-                s.cache(".glance-cached/glance-cached.db").display()
-            ),
-            &DbOptions::default(),
-        )
-        .await
-        .unwrap();
+        let db = s.db().await;
         let db = NodeDb::configure(db, DEFAULT_NODE_URL).await.unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
         assert!(db.enqueue("lost-row", now).await.unwrap());
