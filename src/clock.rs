@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 /// `d` after `t`, saturating at the latest time chrono can hold.
-pub fn after(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+pub(crate) fn after(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| t.checked_add_signed(d))
@@ -17,7 +17,7 @@ pub fn after(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
     clippy::disallowed_methods,
     reason = "the one wall-clock read, for chrono times"
 )]
-pub fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
@@ -26,6 +26,6 @@ pub fn now() -> DateTime<Utc> {
     clippy::disallowed_methods,
     reason = "the one wall-clock read, for file times"
 )]
-pub fn system_now() -> std::time::SystemTime {
+pub(crate) fn system_now() -> std::time::SystemTime {
     std::time::SystemTime::now()
 }

@@ -4,7 +4,9 @@
 //! `hit(name)` does nothing unless the environment variable `GLANCE_CACHED_TEST_FAILPOINT`
 //! equals `name`. Then it creates an empty file at the path in
 //! `GLANCE_CACHED_TEST_FAILPOINT_FILE` (if set), so the test knows the point is reached,
-//! and blocks the calling thread forever. It is never meant to be set in production. The
+//! and blocks the calling thread forever, or for `GLANCE_CACHED_TEST_FAILPOINT_PAUSE_MS`
+//! milliseconds when that is set (a slow step rather than a stuck one). It is never
+//! meant to be set in production. The
 //! environment is read once (cached in a `OnceLock`), so an unset failpoint costs a load
 //! and a compare.
 
@@ -14,6 +16,7 @@ use std::time::Duration;
 struct Armed {
     name: String,
     file: Option<std::path::PathBuf>,
+    pause: Option<Duration>,
 }
 
 fn armed() -> Option<&'static Armed> {
@@ -22,19 +25,28 @@ fn armed() -> Option<&'static Armed> {
         .get_or_init(|| {
             let name = std::env::var("GLANCE_CACHED_TEST_FAILPOINT").ok()?;
             let file = std::env::var_os("GLANCE_CACHED_TEST_FAILPOINT_FILE").map(Into::into);
-            Some(Armed { name, file })
+            let pause = std::env::var("GLANCE_CACHED_TEST_FAILPOINT_PAUSE_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis);
+            Some(Armed { name, file, pause })
         })
         .as_ref()
 }
 
-/// Blocks the calling thread forever when the failpoint `name` is armed (test only).
-pub fn hit(name: &str) {
+/// Blocks the calling thread forever (or for the armed pause) when the failpoint `name`
+/// is armed (test only).
+pub(crate) fn hit(name: &str) {
     let Some(armed) = armed() else { return };
     if armed.name != name {
         return;
     }
     if let Some(file) = &armed.file {
         let _ = std::fs::write(file, b"");
+    }
+    if let Some(pause) = armed.pause {
+        std::thread::sleep(pause);
+        return;
     }
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum GlanceConfigError {
+pub(crate) enum GlanceConfigError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -25,12 +25,12 @@ pub enum GlanceConfigError {
 /// Sections of an INI file: lower-cased section name -> key -> value. Later files and
 /// later lines win, as oslo.config does.
 #[derive(Debug, Default)]
-pub struct Ini {
+pub(crate) struct Ini {
     sections: HashMap<String, HashMap<String, String>>,
 }
 
 impl Ini {
-    pub fn read(&mut self, path: &Path) -> Result<(), GlanceConfigError> {
+    pub(crate) fn read(&mut self, path: &Path) -> Result<(), GlanceConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| GlanceConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -67,7 +67,7 @@ impl Ini {
         Ok(())
     }
 
-    pub fn get(&self, section: &str, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, section: &str, key: &str) -> Option<&str> {
         self.sections
             .get(section)?
             .get(key)
@@ -78,7 +78,7 @@ impl Ini {
 
 /// Turns an SQLAlchemy URL (`mysql+pymysql://u:p@h/glance?charset=utf8`) into the sqlx
 /// URL glance-cached uses (`mysql://u:p@h/glance`).
-pub fn sqlalchemy_to_sqlx(url: &str) -> Result<String, GlanceConfigError> {
+pub(crate) fn sqlalchemy_to_sqlx(url: &str) -> Result<String, GlanceConfigError> {
     let unsupported = || GlanceConfigError::UnsupportedDatabase(crate::db::mask_url(url));
     let (scheme, rest) = url.split_once("://").ok_or_else(unsupported)?;
     let dialect = scheme.split('+').next().unwrap_or_default();
@@ -96,7 +96,7 @@ pub fn sqlalchemy_to_sqlx(url: &str) -> Result<String, GlanceConfigError> {
 }
 
 /// The TOML equivalent of the Glance options found.
-pub fn to_toml(ini: &Ini, sources: &[&Path]) -> Result<String, GlanceConfigError> {
+pub(crate) fn to_toml(ini: &Ini, sources: &[&Path]) -> Result<String, GlanceConfigError> {
     let names: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
     let mut out = format!(
         "# glance-cached configuration imported from {}\n",

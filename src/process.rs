@@ -112,19 +112,19 @@ fn start_ticks(pid: &str) -> Option<u64> {
 }
 
 /// The name a daemon holds its lease and its queue claims under.
-pub fn holder_name() -> String {
+pub(crate) fn holder_name() -> String {
     this_process().name()
 }
 
 /// The name a `glance-cached prefetch` command holds its queue claims under.
-pub fn prefetch_command_holder_name() -> String {
+pub(crate) fn prefetch_command_holder_name() -> String {
     format!("{PREFETCH_COMMAND}{}", holder_name())
 }
 
 /// What this host can tell of the process a holder name (a daemon's or a `prefetch`
 /// command's) points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HolderState {
+pub(crate) enum HolderState {
     /// That very process is running (same boot, same PID namespace, same start time).
     Running,
     /// It ran in this PID namespace on this boot and no longer does (its pid is free or
@@ -137,7 +137,7 @@ pub enum HolderState {
 
 /// Judges a holder name. Names of older versions (`<host> pid N`, no bracket) carry no
 /// start time, so they are `Unknown`: such a lease expires by itself.
-pub fn holder_state(holder: &str) -> HolderState {
+pub(crate) fn holder_state(holder: &str) -> HolderState {
     let name = holder.strip_prefix(PREFETCH_COMMAND).unwrap_or(holder);
     let Some(theirs) = Identity::parse(name) else {
         return HolderState::Unknown;
@@ -162,7 +162,7 @@ pub fn holder_state(holder: &str) -> HolderState {
 /// Whether the lease holder may be a predecessor of this process that died where this
 /// host cannot look (a container restarted in a new PID namespace, under the same
 /// hostname and kernel): the only proof left is that it stops renewing.
-pub fn may_be_predecessor(holder: &str) -> bool {
+pub(crate) fn may_be_predecessor(holder: &str) -> bool {
     let Some(theirs) = Identity::parse(holder) else {
         return false;
     };
@@ -175,7 +175,7 @@ pub fn may_be_predecessor(holder: &str) -> bool {
 
 /// Whether a queue claim held by `holder` must stay while this process, holding claims
 /// as `own`, runs: ours, a running process's, or one this host cannot check.
-pub fn claim_may_be_live(own: &str, holder: &str) -> bool {
+pub(crate) fn claim_may_be_live(own: &str, holder: &str) -> bool {
     holder == own || holder_state(holder) != HolderState::Gone
 }
 

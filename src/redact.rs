@@ -28,7 +28,7 @@ fn is_secret_param(name: &str) -> bool {
 /// authority, or the parser refuses the text, only the user name and what follows the
 /// last `@` are shown, or nothing past the scheme when even that could be a query
 /// value. Text without `://` is returned as it is.
-pub fn mask_url(url: &str) -> String {
+pub(crate) fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -103,7 +103,7 @@ fn mask_query_text(text: &str) -> String {
 }
 
 /// `mask_url` for a parsed URL (reqwest's errors carry one).
-pub fn mask_parsed_url(url: &url::Url) -> Option<url::Url> {
+pub(crate) fn mask_parsed_url(url: &url::Url) -> Option<url::Url> {
     let masked = mask_url(url.as_str());
     if masked == url.as_str() {
         return None;

@@ -6,14 +6,14 @@ use signal_hook::iterator::Signals;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignalCommand {
+pub(crate) enum SignalCommand {
     Shutdown(&'static str),
     Reload,
 }
 
 /// Starts listening. Registering TERM and INT replaces their default action, so from
 /// here on the daemon exits only through its own teardown.
-pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<SignalCommand>> {
+pub(crate) fn listen() -> std::io::Result<mpsc::UnboundedReceiver<SignalCommand>> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()

@@ -13,7 +13,7 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Logging for one-shot CLI commands: warnings and errors on stderr, or the level named
 /// by `RUST_LOG` when set.
-pub fn init_cli() {
+pub(crate) fn init_cli() {
     // sqlx's "slow statement" warnings (a statement waiting on a lock) only repeat what
     // the command's own error says.
     let filter =
@@ -28,12 +28,12 @@ pub fn init_cli() {
 
 /// Changes the daemon's log level at run time (SIGHUP).
 #[derive(Clone)]
-pub struct LogLevelHandle {
+pub(crate) struct LogLevelHandle {
     filter: reload::Handle<EnvFilter, Registry>,
 }
 
 impl LogLevelHandle {
-    pub fn set_level(&self, level: &str) -> Result<(), String> {
+    pub(crate) fn set_level(&self, level: &str) -> Result<(), String> {
         let filter = EnvFilter::builder()
             .parse(level)
             .map_err(|e| e.to_string())?;
@@ -43,7 +43,7 @@ impl LogLevelHandle {
 
 /// Which output the daemon's logs went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogOutput {
+pub(crate) enum LogOutput {
     Journald,
     Text,
     Json,
@@ -66,7 +66,7 @@ fn stderr_is_journal() -> bool {
 
 /// Installs the daemon's subscriber. Journald is used when asked for or when stderr is
 /// the journal, and falls back to text when the journal socket is missing.
-pub fn init_daemon(config: &LogConfig) -> (LogLevelHandle, LogOutput) {
+pub(crate) fn init_daemon(config: &LogConfig) -> (LogLevelHandle, LogOutput) {
     let filter = EnvFilter::builder()
         .parse(&config.level)
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -15,13 +15,13 @@ use crate::db::DbTime;
 use crate::image_id::ImageId;
 
 impl CacheDriver {
-    /// Claims the next due queued image for `holder` for at most `claim_for`.
+    /// Claims the next queued image due at `now` for `holder`, for at most `claim_for`.
     pub async fn claim_next(
         &self,
         holder: &str,
+        now: DateTime<Utc>,
         claim_for: Duration,
     ) -> Result<Option<QueuedImage>, CacheError> {
-        let now = clock::now();
         let until = clock::after(now, claim_for);
         loop {
             let Some(row) = self
@@ -62,21 +62,18 @@ impl CacheDriver {
         Ok(())
     }
 
-    /// Drops `id` from the queue for good: the row is kept as `failed` with `error`
-    /// (shown by `list-queued`), and the marker is removed so Glance stops listing it.
+    /// Drops `id` from the queue for good, as failed at `now`: the row is kept as
+    /// `failed` with `error` (shown by `list-queued`), and the marker is removed so
+    /// Glance stops listing it.
     pub async fn give_up(
         &self,
         id: &ImageId,
         attempts: u64,
+        now: DateTime<Utc>,
         error: &str,
     ) -> Result<(), CacheError> {
         self.db()
-            .mark_failed(
-                id.as_str(),
-                attempts as i64,
-                DbTime::from_utc(clock::now()),
-                error,
-            )
+            .mark_failed(id.as_str(), attempts as i64, DbTime::from_utc(now), error)
             .await?;
         // The outcome is recorded; a marker that cannot go (its directory replaced, say)
         // is no reason to treat it as lost. A failure newer than the marker keeps it
@@ -87,10 +84,15 @@ impl CacheDriver {
         Ok(())
     }
 
-    /// Extends every claim of `holder` to `claim_for` from now: a download that lasts
+    /// Extends every claim of `holder` to `claim_for` from `now`: a download that lasts
     /// longer than a claim must not see its image claimed again beside it.
-    pub async fn renew_claims(&self, holder: &str, claim_for: Duration) -> Result<u64, CacheError> {
-        let until = clock::after(clock::now(), claim_for);
+    pub async fn renew_claims(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        claim_for: Duration,
+    ) -> Result<u64, CacheError> {
+        let until = clock::after(now, claim_for);
         Ok(self
             .db()
             .renew_claims(holder, DbTime::from_utc(until))

@@ -26,12 +26,12 @@ use crate::image_id::{GLANCE_LOCK_NAMES, ImageId};
 
 /// Directories are created 0750 and files 0640: readable by the service group (Glance
 /// runs as `glance`), never by other local users.
-pub const DIR_MODE: u32 = 0o750;
-pub const FILE_MODE: u32 = 0o640;
+pub(crate) const DIR_MODE: u32 = 0o750;
+pub(crate) const FILE_MODE: u32 = 0o640;
 /// Files being written are read-only for everyone: the creating descriptor still
 /// writes, but nobody can open one for writing later (Glance's `open_for_write` opens
 /// without O_EXCL and would truncate ours in place). Published, they get `FILE_MODE`.
-pub const WRITING_MODE: u32 = 0o440;
+pub(crate) const WRITING_MODE: u32 = 0o440;
 
 /// How many skipped names a listing keeps as examples: enough to find them, bounded so
 /// 20,000 planted entries cost one short log line, not 20,000.
@@ -210,7 +210,7 @@ impl HeldDir {
 /// `dir/<id>`: the one place an image id becomes a path (the cache's own paths, shown
 /// in messages, and the directory upstream's files). Safe by construction: an `ImageId`
 /// has no separators, so the path names an entry of `dir` itself.
-pub fn file_in(dir: &Path, id: &ImageId) -> PathBuf {
+pub(crate) fn file_in(dir: &Path, id: &ImageId) -> PathBuf {
     dir.join(id.as_str())
 }
 

@@ -4,7 +4,7 @@
 mod claims;
 mod clean;
 mod driver;
-pub mod layout;
+pub(crate) mod layout;
 mod prune;
 mod reconcile;
 mod writer;
@@ -12,12 +12,16 @@ mod writer;
 use std::io;
 use std::path::PathBuf;
 
-pub use clean::{CleanPolicy, CleanReport, RemovedFile};
-pub use driver::{CacheDriver, CachedImage, QueuedImage};
-pub use layout::{Area, CacheLayout, LayoutError};
-pub use prune::{PRUNE_STEP_ROWS, PrunePass, PrunePolicy, PruneReport};
-pub use reconcile::{MAX_MISSING_SHARE_PERCENT, ReconcileReport};
-pub use writer::{Expectations, ImageWriter, Published};
+pub use clean::CleanPolicy;
+pub(crate) use clean::CleanReport;
+pub(crate) use driver::CachedImage;
+pub use driver::{CacheDriver, QueuedImage};
+pub(crate) use layout::LayoutError;
+pub use layout::{Area, CacheLayout};
+pub use prune::PrunePolicy;
+pub(crate) use prune::{PRUNE_STEP_ROWS, PrunePass};
+pub use writer::Expectations;
+pub(crate) use writer::{ImageWriter, Published};
 
 use crate::db::DbError;
 use crate::image_id::ImageId;

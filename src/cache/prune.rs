@@ -17,7 +17,7 @@ use crate::image_id::ImageId;
 
 /// Rows visited per step: a step stays far shorter than the watchdog (at most this many
 /// unlinks and two or three statements, each bounded by the busy timeout).
-pub const PRUNE_STEP_ROWS: i64 = 512;
+pub(crate) const PRUNE_STEP_ROWS: i64 = 512;
 
 /// Rows fetched per LRU query, then evicted over several steps. Glance's table has no
 /// index on `last_accessed`, so each query scans the node's rows: fetching more per

@@ -44,7 +44,7 @@ fn mtime_as_db_time(id: &ImageId, modified: SystemTime) -> DbTime {
 /// rows (and of more than one row) are missing: an unmounted filesystem looks like an
 /// emptied cache, and dropping every row would have the prefetcher refill the root
 /// filesystem. One lost file, or a few among many, is an operator's `rm`.
-pub const MAX_MISSING_SHARE_PERCENT: usize = 50;
+pub(crate) const MAX_MISSING_SHARE_PERCENT: usize = 50;
 
 /// Whether `missing` rows without files out of `rows` is too many to drop unasked.
 fn too_many_missing(missing: usize, rows: usize) -> bool {

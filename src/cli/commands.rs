@@ -17,7 +17,7 @@ use crate::image_id::ImageId;
 /// Bytes per read when importing or streaming an image.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 
-pub async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
+pub(super) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     let config = &config;
     let access = if cli.command.reads_only() {
         Access::ReadOnly
@@ -322,7 +322,7 @@ async fn prefetch(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// `glance-cached man`: the man page, generated from the command definitions.
-pub fn man_page() -> anyhow::Result<ExitCode> {
+pub(super) fn man_page() -> anyhow::Result<ExitCode> {
     use clap::CommandFactory;
     let mut out = Vec::new();
     clap_mangen::Man::new(super::Cli::command())
@@ -333,7 +333,7 @@ pub fn man_page() -> anyhow::Result<ExitCode> {
 }
 
 /// `glance-cached completions SHELL`.
-pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+pub(super) fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     use clap::CommandFactory;
     clap_complete::generate(
         shell,
@@ -345,7 +345,7 @@ pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
 }
 
 /// `glance-cached import-glance-config`: Glance's INI options as our TOML.
-pub fn import_glance_config(
+pub(super) fn import_glance_config(
     api_conf: &std::path::Path,
     cache_conf: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
@@ -361,7 +361,7 @@ pub fn import_glance_config(
 }
 
 /// `glance-cached run`: the daemon, on a multi-threaded runtime with daemon logging.
-pub fn run_daemon(
+pub(super) fn run_daemon(
     config_arg: Option<std::path::PathBuf>,
     force: bool,
     force_reconcile: bool,
@@ -393,7 +393,7 @@ pub fn run_daemon(
 
 /// Whether a command may create and change things, or only look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub(super) enum Access {
     ReadWrite,
     ReadOnly,
 }
@@ -403,7 +403,7 @@ pub enum Access {
 /// does. A read-only command creates nothing: the cache directory and database must
 /// exist (the daemon or a first write makes them), and it never registers the node. No
 /// command creates the built-in default directory when nothing configured it.
-pub async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver> {
+pub(super) async fn open(config: &Config, access: Access) -> anyhow::Result<CacheDriver> {
     Ok(open_with_db(config, access).await?.0)
 }
 

@@ -7,12 +7,12 @@ use crate::cache::{CachedImage, QueuedImage};
 use crate::config::format_size;
 use crate::config::values::human_bytes;
 
-pub fn rfc3339(t: DateTime<Utc>) -> String {
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 /// A size for people: exact bytes plus a rounded binary unit, e.g. "1536 (1.5 KiB)".
-pub fn human_size(bytes: u64) -> String {
+pub(super) fn human_size(bytes: u64) -> String {
     if bytes < 1024 {
         format!("{bytes} B")
     } else {
@@ -20,7 +20,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-pub fn cached_json(images: &[CachedImage]) -> String {
+pub(super) fn cached_json(images: &[CachedImage]) -> String {
     let rows: Vec<_> = images
         .iter()
         .map(|i| {
@@ -39,7 +39,7 @@ pub fn cached_json(images: &[CachedImage]) -> String {
     serde_json::to_string_pretty(&rows).expect("json of plain values")
 }
 
-pub fn queued_json(images: &[QueuedImage]) -> String {
+pub(super) fn queued_json(images: &[QueuedImage]) -> String {
     let rows: Vec<_> = images
         .iter()
         .map(|i| {
@@ -60,7 +60,7 @@ pub fn queued_json(images: &[QueuedImage]) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     debug_assert!(
         rows.iter().all(|r| r.len() == header.len()),
         "every row has a cell per column"
@@ -91,7 +91,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-pub fn cached_table(images: &[CachedImage]) -> String {
+pub(super) fn cached_table(images: &[CachedImage]) -> String {
     let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
     table(
         &[
@@ -118,7 +118,7 @@ pub fn cached_table(images: &[CachedImage]) -> String {
     )
 }
 
-pub fn queued_table(images: &[QueuedImage]) -> String {
+pub(super) fn queued_table(images: &[QueuedImage]) -> String {
     let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
     table(
         &[
@@ -147,7 +147,7 @@ pub fn queued_table(images: &[QueuedImage]) -> String {
     )
 }
 
-pub fn size_line(size: u64, max: u64, images: usize) -> String {
+pub(super) fn size_line(size: u64, max: u64, images: usize) -> String {
     format!(
         "size {} of max {} ({}), {images} images",
         human_size(size),

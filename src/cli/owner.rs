@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum OwnerError {
+pub(super) enum OwnerError {
     #[error("cannot look up the owner of {path:?}: {source}")]
     Stat {
         path: PathBuf,
@@ -28,7 +28,7 @@ pub enum OwnerError {
 
 /// The user and group a root process switched to, if it switched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Switched {
+pub(super) struct Switched {
     pub uid: u32,
     pub gid: u32,
 }
@@ -37,7 +37,7 @@ pub struct Switched {
 /// not root, or a cache owned by root, stays as it is. Must run before the process
 /// starts threads: the switch is made for the calling thread's process through libc,
 /// which applies it to every thread, but threads started later simply inherit it.
-pub fn act_as_cache_owner(cache_dir: &Path) -> Result<Option<Switched>, OwnerError> {
+pub(super) fn act_as_cache_owner(cache_dir: &Path) -> Result<Option<Switched>, OwnerError> {
     if !rustix::process::geteuid().is_root() {
         return Ok(None);
     }

@@ -14,7 +14,7 @@ use crate::redact::mask_url;
 /// A key's value, parsed: what the validator stores, `to_toml` prints and the restart
 /// diff compares.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     Path(PathBuf),
     Size(u64),
     Duration(Duration),
@@ -25,7 +25,7 @@ pub enum Value {
 
 /// How a key's text is read and shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Absolute, or relative to the config file's directory (from the environment, to the
     /// working directory).
     Path,
@@ -54,7 +54,7 @@ pub enum Kind {
 
 /// A key's value when neither the file nor the environment sets it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DefaultValue {
+pub(crate) enum DefaultValue {
     /// No value: the feature is off or the key not needed.
     Unset,
     /// Follows from other keys, as the key's doc says (filled by its `Fill::Derive`).
@@ -62,20 +62,18 @@ pub enum DefaultValue {
     Size(u64),
     Duration(Duration),
     Integer(i128),
-    Bool(bool),
     /// Text, a path or a choice.
     Text(&'static str),
 }
 
 impl DefaultValue {
     /// The default as a value of `kind`; `None` when unset or derived.
-    pub fn value(self, kind: Kind) -> Option<Value> {
+    pub(crate) fn value(self, kind: Kind) -> Option<Value> {
         Some(match self {
             DefaultValue::Unset | DefaultValue::Derived => return None,
             DefaultValue::Size(b) => Value::Size(b),
             DefaultValue::Duration(d) => Value::Duration(d),
             DefaultValue::Integer(n) => Value::Integer(n),
-            DefaultValue::Bool(b) => Value::Bool(b),
             DefaultValue::Text(s) if kind == Kind::Path => Value::Path(PathBuf::from(s)),
             DefaultValue::Text(s) => Value::Text(s.to_owned()),
         })
@@ -84,21 +82,11 @@ impl DefaultValue {
 
 /// Whether a running daemon applies a changed key on SIGHUP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reload {
+pub(crate) enum Reload {
     /// Applied by the reload.
     Yes,
     /// Logged as ignored; the running value stays until the next start.
     Restart,
-}
-
-impl Reload {
-    /// As the example config says it ("Reload: yes", "Reload: restart").
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reload::Yes => "yes",
-            Reload::Restart => "restart",
-        }
-    }
 }
 
 /// How the validator fills a key's place in `Config`.
@@ -117,13 +105,19 @@ pub(super) enum Fill {
 pub(super) type Check = fn(&Value, &Config) -> Result<(), String>;
 
 /// One configuration key.
-pub struct Key {
+pub(crate) struct Key {
     /// `section.key`, as the file nests it and the environment spells it
     /// (`GLANCE_CACHED_SECTION__KEY`).
     pub name: &'static str,
     pub kind: Kind,
     pub default: DefaultValue,
     pub reload: Reload,
+    /// One line for the reader of this table (the operators' text is the example
+    /// config's); only its unit test reads it.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "documentation, checked by a unit test")
+    )]
     pub doc: &'static str,
     pub(super) fill: Fill,
     /// A rule beyond the kind, given the keys filled before this one; runs on the value
@@ -137,24 +131,24 @@ pub struct Key {
 
 impl Key {
     /// The table section, e.g. "upstream.keystone".
-    pub fn section(&self) -> &'static str {
+    pub(crate) fn section(&self) -> &'static str {
         self.name.rsplit_once('.').map_or("", |(s, _)| s)
     }
 
     /// The key within its section, e.g. "max_size".
-    pub fn leaf(&self) -> &'static str {
+    pub(crate) fn leaf(&self) -> &'static str {
         self.name.rsplit_once('.').map_or(self.name, |(_, k)| k)
     }
 
     /// `[upstream]` is one value, a union tagged by `upstream.kind`: its keys are
     /// compared, kept and reported as one ("upstream"), since the daemon builds its
     /// upstream once, and a key of another kind is absent rather than unset.
-    pub fn in_upstream(&self) -> bool {
+    pub(crate) fn in_upstream(&self) -> bool {
         self.name.starts_with("upstream.")
     }
 
     /// The name a restart diff reports a change of this key under.
-    pub fn applied_as(&self) -> &'static str {
+    pub(crate) fn applied_as(&self) -> &'static str {
         if self.in_upstream() {
             "upstream"
         } else {
@@ -174,7 +168,7 @@ impl Key {
 
 impl Kind {
     /// `value` as a TOML value, secrets masked.
-    pub fn show(self, value: &Value) -> String {
+    pub(crate) fn show(self, value: &Value) -> String {
         match (self, value) {
             (_, Value::Path(p)) => format!("{:?}", p.display().to_string()),
             (_, Value::Size(b)) => format!("{:?}", format_size(*b)),
@@ -318,7 +312,7 @@ pub(super) const LOG_FORMATS: &[&str] = &["auto", "text", "json", "journald"];
 pub(super) const UPSTREAM_KINDS: &[&str] = &["glance", "http", "directory"];
 
 /// Every key, section by section, in the order `check-config` prints them.
-pub static KEYS: &[Key] = &[
+pub(crate) static KEYS: &[Key] = &[
     key!(
         "cache.dir",
         Kind::Path,
@@ -697,7 +691,7 @@ pub static KEYS: &[Key] = &[
 ];
 
 /// The key named `name`.
-pub fn find(name: &str) -> Option<&'static Key> {
+pub(crate) fn find(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
@@ -748,6 +742,14 @@ mod tests {
 
     use super::*;
     use crate::config::validate::blank;
+
+    /// As the example config says it ("Reload: yes", "Reload: restart").
+    fn reload_word(reload: Reload) -> &'static str {
+        match reload {
+            Reload::Yes => "yes",
+            Reload::Restart => "restart",
+        }
+    }
 
     #[test]
     fn names_are_unique_and_sections_contiguous() {
@@ -882,11 +884,11 @@ mod tests {
             if line.starts_with("#  ") {
                 continue;
             }
-            if reload != Some(key.reload.as_str()) {
+            if reload != Some(reload_word(key.reload)) {
                 problems.push(format!(
                     "line {n}: {name} is under \"Reload: {}\", the table says {}",
                     reload.unwrap_or("(nothing)"),
-                    key.reload.as_str()
+                    reload_word(key.reload)
                 ));
             }
             if let Some(default) = key.default.value(key.kind) {

@@ -5,14 +5,15 @@
 //! bad value, cross-field conflict) is collected and reported together, each naming the
 //! key and where its value came from. Startup and SIGHUP reload share `Config::load`.
 
-pub mod keys;
+pub(crate) mod keys;
 #[cfg(test)]
 mod tests;
 mod upstream;
 mod validate;
-pub mod values;
+pub(crate) mod values;
 
-pub use upstream::{GlanceAuth, KeystoneMethod, UpstreamConfig, UpstreamKind};
+pub(crate) use upstream::KeystoneMethod;
+pub use upstream::{GlanceAuth, UpstreamConfig, UpstreamKind};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Profile, Provider};
 
 use validate::Validator;
-pub use values::{format_duration, format_size, parse_duration, parse_size};
+pub(crate) use values::{format_duration, format_size, parse_duration, parse_size};
 
 use crate::cache::{CleanPolicy, PrunePolicy};
 use crate::db::Dialect;

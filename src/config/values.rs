@@ -6,7 +6,7 @@ use std::time::Duration;
 /// Parses a byte size: a non-negative integer (bytes) or a number with a unit. Binary
 /// units (KiB, MiB, GiB, TiB, and K, M, G, T as systemd reads them) and decimal units
 /// (kB/KB, MB, GB, TB) are accepted.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -50,7 +50,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Parses a duration: a non-negative integer (seconds) or a sequence of numbers with
 /// units, e.g. "1d", "90s", "1h30m", "250ms".
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.is_empty() {
         return Err("invalid duration \"\": expected seconds or a value like \"10m\"".into());
@@ -113,7 +113,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// The shortest exact spelling of a size, e.g. "10GiB" or "1500".
-pub fn format_size(bytes: u64) -> String {
+pub(crate) fn format_size(bytes: u64) -> String {
     for (unit, m) in [
         ("TiB", 1u64 << 40),
         ("GiB", 1 << 30),
@@ -128,7 +128,7 @@ pub fn format_size(bytes: u64) -> String {
 }
 
 /// A rounded size for people, e.g. "1.5 GiB" or "512 B".
-pub fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -144,7 +144,7 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 /// The shortest exact spelling of a duration, e.g. "1d", "10m", "1h30m", "250ms".
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     if d.subsec_nanos() != 0 {
         return format!("{}ms", d.as_millis());
     }

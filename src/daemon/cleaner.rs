@@ -16,12 +16,12 @@ use crate::clock;
 /// Wake a little after a file becomes due, so its mtime is strictly past the cutoff.
 const DUE_SLACK: Duration = Duration::from_millis(20);
 
-pub struct CleanerWorker {
+pub(super) struct CleanerWorker {
     ctx: Context,
 }
 
 impl CleanerWorker {
-    pub fn new(ctx: Context) -> Self {
+    pub(super) fn new(ctx: Context) -> Self {
         CleanerWorker { ctx }
     }
 }

@@ -14,7 +14,7 @@ use crate::db::NodeDb;
 
 /// The background tasks, named in logs and the status table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Task {
+pub(crate) enum Task {
     Cleaner,
     Pruner,
     Queue,
@@ -38,7 +38,7 @@ impl fmt::Display for Task {
 
 /// How loops are woken early.
 #[derive(Clone, Default)]
-pub struct Nudges {
+pub(crate) struct Nudges {
     pub cleaner: Arc<Notify>,
     pub pruner: Arc<Notify>,
     pub queue: Arc<Notify>,
@@ -46,7 +46,7 @@ pub struct Nudges {
 }
 
 impl Nudges {
-    pub fn all(&self) {
+    pub(crate) fn all(&self) {
         self.cleaner.notify_one();
         self.pruner.notify_one();
         self.queue.notify_one();
@@ -56,7 +56,7 @@ impl Nudges {
 
 /// What every loop shares.
 #[derive(Clone)]
-pub struct Context {
+pub(crate) struct Context {
     pub driver: CacheDriver,
     /// This node's database, for what is not the cache's (the lease, the queue count).
     pub db: NodeDb,
@@ -69,12 +69,12 @@ pub struct Context {
 
 impl Context {
     /// The current configuration (swapped by a reload).
-    pub fn config(&self) -> Arc<Config> {
+    pub(crate) fn config(&self) -> Arc<Config> {
         self.config.borrow().clone()
     }
 
     /// Counts the queue for the status board; returns the count.
-    pub async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
+    pub(crate) async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
         let queued = self.db.count_queued().await?;
         let queued = queued.max(0) as usize;
         self.board.set_queued(queued);

@@ -9,7 +9,7 @@ use crate::db::DbError;
 use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
+pub(crate) enum DaemonError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]

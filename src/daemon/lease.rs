@@ -23,14 +23,14 @@ use super::worker::{Next, Worker};
 use crate::clock;
 use crate::db::{DbError, DbTime};
 
-pub fn expired_before(ttl: Duration) -> DbTime {
+pub(crate) fn expired_before(ttl: Duration) -> DbTime {
     let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
     DbTime::from_utc(clock::now() - ttl)
 }
 
 /// The SQLite file the daemon opened: its path, and the device and inode it had then.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbFile {
+pub(crate) struct DbFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -39,7 +39,7 @@ pub struct DbFile {
 impl DbFile {
     /// The identity of the file at `path` now (taken once the pool has opened it);
     /// `None` when it cannot be read (an in-memory database has no file).
-    pub fn identify(path: &Path) -> Option<DbFile> {
+    pub(crate) fn identify(path: &Path) -> Option<DbFile> {
         let meta = std::fs::metadata(path).ok()?;
         Some(DbFile {
             path: path.to_path_buf(),
@@ -67,7 +67,7 @@ impl DbFile {
     }
 }
 
-pub struct LeaseWorker {
+pub(crate) struct LeaseWorker {
     ctx: Context,
     holder: String,
     db_file: Option<DbFile>,
@@ -75,7 +75,7 @@ pub struct LeaseWorker {
 }
 
 impl LeaseWorker {
-    pub fn new(
+    pub(crate) fn new(
         ctx: Context,
         holder: String,
         db_file: Option<DbFile>,

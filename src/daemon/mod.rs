@@ -6,7 +6,7 @@
 mod cleaner;
 mod context;
 mod error;
-pub(crate) mod lease;
+mod lease;
 mod prefetcher;
 mod pruner;
 mod queue;
@@ -33,15 +33,15 @@ use crate::process;
 use crate::signals;
 use crate::telemetry::LogLevelHandle;
 
-pub use crate::signals::SignalCommand;
+pub(crate) use crate::signals::SignalCommand;
 use context::{Context, Nudges, Task};
-pub use error::DaemonError;
-pub use status::StatusBoard;
+pub(crate) use error::DaemonError;
+pub(crate) use status::StatusBoard;
 use supervisor::Supervisor;
 
 /// Options of `glance-cached run` beyond the configuration.
 #[derive(Debug, Clone, Default)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// The file to re-read on SIGHUP.
     pub config_path: Option<PathBuf>,
     /// Take the node's lease even if another daemon seems to hold it.
@@ -56,7 +56,7 @@ pub struct RunOptions {
 /// shutdown returns `Ok`, also when it came during start-up (each boot phase gives way
 /// to it: stopping mid-phase leaves what a crash there would, which the next start
 /// repairs).
-pub async fn run(
+pub(crate) async fn run(
     config: Config,
     options: RunOptions,
     log_level: Option<LogLevelHandle>,
@@ -155,7 +155,7 @@ async fn boot_and_serve(
 /// The connection settings for the configured database, with a SQLite file made ready
 /// to open (its directory; a database at the old default place moved in once no live
 /// daemon holds it) and named by path.
-pub async fn prepare_database(
+pub(crate) async fn prepare_database(
     config: &Config,
 ) -> Result<crate::db::DbOptions, crate::db::location::LocationError> {
     let mut options = config.database.db_options();

@@ -18,7 +18,7 @@ use super::worker::{Next, Worker};
 use crate::prefetch::{DownloadEvents, EngineError, Finished, PrefetchEngine, PrefetchOutcome};
 use crate::upstream::Upstream;
 
-pub struct PrefetcherWorker {
+pub(super) struct PrefetcherWorker {
     ctx: Context,
     engine: PrefetchEngine<Loops>,
 }
@@ -26,7 +26,7 @@ pub struct PrefetcherWorker {
 impl PrefetcherWorker {
     /// Start-up has just looked for dead claims when the prefetcher is made: the engine
     /// looks again one `prefetcher.interval` from now.
-    pub fn new(
+    pub(super) fn new(
         ctx: Context,
         upstream: Upstream,
         holder: String,

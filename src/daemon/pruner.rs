@@ -12,14 +12,14 @@ use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::{CacheError, PRUNE_STEP_ROWS, PrunePass, PrunePolicy};
 
-pub struct PrunerWorker {
+pub(super) struct PrunerWorker {
     ctx: Context,
     /// The prune in progress between steps, with its policy and start.
     pass: Option<(PrunePass, PrunePolicy, Instant)>,
 }
 
 impl PrunerWorker {
-    pub fn new(ctx: Context) -> Self {
+    pub(super) fn new(ctx: Context) -> Self {
         PrunerWorker { ctx, pass: None }
     }
 }

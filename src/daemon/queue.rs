@@ -10,12 +10,12 @@ use super::context::Task;
 use super::worker::{Next, Worker};
 use crate::cache::CacheError;
 
-pub struct QueueWorker {
+pub(super) struct QueueWorker {
     ctx: Context,
 }
 
 impl QueueWorker {
-    pub fn new(ctx: Context) -> Self {
+    pub(super) fn new(ctx: Context) -> Self {
         QueueWorker { ctx }
     }
 }

@@ -12,14 +12,14 @@ use super::systemd;
 use crate::config::Config;
 use crate::telemetry::LogLevelHandle;
 
-pub struct Reloader {
+pub(super) struct Reloader {
     pub config_path: Option<PathBuf>,
     pub config_tx: tokio::sync::watch::Sender<Arc<Config>>,
     pub log_level: Option<LogLevelHandle>,
 }
 
 impl Reloader {
-    pub fn reload(&self, ctx: &Context) {
+    pub(super) fn reload(&self, ctx: &Context) {
         systemd::reloading();
         let running = ctx.config();
         match Config::load(self.config_path.as_deref()) {

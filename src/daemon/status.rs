@@ -17,7 +17,7 @@ use super::systemd;
 use crate::config::values::human_bytes;
 
 #[derive(Debug, Default, Clone)]
-pub struct TaskState {
+pub(super) struct TaskState {
     /// When the current step started; `None` while idle.
     pub in_step_since: Option<Instant>,
     pub steps: u64,
@@ -47,13 +47,13 @@ struct Board {
 
 /// A STATUS line of its own while the board does not exist yet (a boot phase that
 /// waits).
-pub fn boot_phase(text: &str) {
+pub(super) fn boot_phase(text: &str) {
     systemd::status(text);
 }
 
 /// Shared state behind a mutex; every change can be published as the systemd STATUS.
 #[derive(Debug, Default)]
-pub struct StatusBoard {
+pub(crate) struct StatusBoard {
     inner: Mutex<Board>,
     /// Signalled by every change the STATUS line shows (one stored permit: changes
     /// coalesce until the publisher looks).
@@ -72,25 +72,25 @@ impl StatusBoard {
     }
 
     /// Resolves once the board changed since the last time it resolved.
-    pub async fn changed(&self) {
+    pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
 
     /// Sends the STATUS line to systemd when it differs from the last one sent.
-    pub fn publish(&self) {
+    pub(crate) fn publish(&self) {
         if let Some(line) = self.line_if_changed() {
             systemd::status(&line);
         }
     }
 
     /// Sends READY with the STATUS line (at start and after a reload).
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         let line = self.line();
         systemd::ready(&line);
         self.with(|b| b.published = line);
     }
 
-    pub fn task_started(&self, task: Task) {
+    pub(crate) fn task_started(&self, task: Task) {
         self.with(|b| {
             b.tasks.insert(
                 task,
@@ -102,13 +102,13 @@ impl StatusBoard {
         });
     }
 
-    pub fn step_started(&self, task: Task) {
+    pub(crate) fn step_started(&self, task: Task) {
         self.with(|b| b.tasks.entry(task).or_default().in_step_since = Some(Instant::now()));
     }
 
     /// Records the end of a step; returns true when the task had been failing and has
     /// now recovered.
-    pub fn step_finished(&self, task: Task, error: Option<String>) -> bool {
+    pub(crate) fn step_finished(&self, task: Task, error: Option<String>) -> bool {
         let (recovered, shown) = self.with(|b| {
             let t = b.tasks.entry(task).or_default();
             t.in_step_since = None;
@@ -133,16 +133,16 @@ impl StatusBoard {
         recovered
     }
 
-    pub fn task_ended(&self, task: Task) {
+    pub(crate) fn task_ended(&self, task: Task) {
         self.with(|b| b.tasks.entry(task).or_default().alive = false);
     }
 
-    pub fn consecutive_failures(&self, task: Task) -> u32 {
+    pub(crate) fn consecutive_failures(&self, task: Task) -> u32 {
         self.with(|b| b.tasks.get(&task).map_or(0, |t| t.consecutive_failures))
     }
 
     /// Tasks that are dead or stuck in one step for longer than `max_step`.
-    pub fn unhealthy(&self, max_step: Duration) -> Vec<Task> {
+    pub(crate) fn unhealthy(&self, max_step: Duration) -> Vec<Task> {
         self.with(|b| {
             b.tasks
                 .iter()
@@ -155,7 +155,7 @@ impl StatusBoard {
     }
 
     /// Tasks in the middle of a step (named in the log when shutdown has to abort).
-    pub fn busy(&self) -> Vec<Task> {
+    pub(crate) fn busy(&self) -> Vec<Task> {
         self.with(|b| {
             b.tasks
                 .iter()
@@ -165,7 +165,7 @@ impl StatusBoard {
         })
     }
 
-    pub fn set_cache(&self, size: u64, images: usize, max_size: u64) {
+    pub(crate) fn set_cache(&self, size: u64, images: usize, max_size: u64) {
         self.change(|b| {
             b.size = Some(size);
             b.images = Some(images);
@@ -173,35 +173,35 @@ impl StatusBoard {
         });
     }
 
-    pub fn set_max_size(&self, max_size: u64) {
+    pub(crate) fn set_max_size(&self, max_size: u64) {
         self.change(|b| b.max_size = max_size);
     }
 
-    pub fn set_queued(&self, queued: usize) {
+    pub(crate) fn set_queued(&self, queued: usize) {
         self.change(|b| b.queued = Some(queued));
     }
 
-    pub fn download_started(&self) {
+    pub(crate) fn download_started(&self) {
         self.change(|b| b.downloading += 1);
     }
 
-    pub fn download_finished(&self) {
+    pub(crate) fn download_finished(&self) {
         self.change(|b| b.downloading = b.downloading.saturating_sub(1));
     }
 
-    pub fn pruned(&self, files: usize, bytes: u64) {
+    pub(crate) fn pruned(&self, files: usize, bytes: u64) {
         self.change(|b| b.last_prune = Some((crate::clock::now(), files, bytes)));
     }
 
-    pub fn cleaned(&self, files: usize, bytes: u64) {
+    pub(crate) fn cleaned(&self, files: usize, bytes: u64) {
         self.change(|b| b.last_clean = Some((crate::clock::now(), files, bytes)));
     }
 
-    pub fn set_replaced_dirs(&self, dirs: Vec<std::path::PathBuf>) {
+    pub(crate) fn set_replaced_dirs(&self, dirs: Vec<std::path::PathBuf>) {
         self.change(|b| b.replaced_dirs = dirs);
     }
 
-    pub fn set_config_error(&self, error: Option<String>) {
+    pub(crate) fn set_config_error(&self, error: Option<String>) {
         self.change(|b| b.config_error = error);
     }
 
@@ -220,7 +220,7 @@ impl StatusBoard {
 
     /// One line for `systemctl status`: size / max, images, queue, downloads, last prune
     /// and clean, and any problem (database, config).
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         self.with(|b| {
             let mut parts = Vec::new();
             match (b.size, b.images) {

@@ -20,7 +20,7 @@ use super::systemd;
 use super::worker::{self, Worker};
 
 /// The running loops and what stops them.
-pub struct Supervisor {
+pub(super) struct Supervisor {
     tasks: JoinSet<Task>,
     board: Arc<StatusBoard>,
     shutdown: CancellationToken,
@@ -29,7 +29,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(board: Arc<StatusBoard>, shutdown: CancellationToken) -> Supervisor {
+    pub(super) fn new(board: Arc<StatusBoard>, shutdown: CancellationToken) -> Supervisor {
         let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
         Supervisor {
             tasks: JoinSet::new(),
@@ -41,12 +41,12 @@ impl Supervisor {
     }
 
     /// Where a loop reports a condition that must stop the daemon.
-    pub fn fatal_sender(&self) -> mpsc::UnboundedSender<DaemonError> {
+    pub(super) fn fatal_sender(&self) -> mpsc::UnboundedSender<DaemonError> {
         self.fatal_tx.clone()
     }
 
     /// Runs `worker` under the runner until shutdown, woken early by `nudge`.
-    pub fn spawn_worker<W: Worker>(&mut self, worker: W, nudge: Arc<Notify>) {
+    pub(super) fn spawn_worker<W: Worker>(&mut self, worker: W, nudge: Arc<Notify>) {
         let (shutdown, board) = (self.shutdown.clone(), self.board.clone());
         let task = worker.task();
         self.tasks.spawn(async move {
@@ -56,7 +56,7 @@ impl Supervisor {
     }
 
     /// Runs a task that is not a `Worker` (the watcher's actor).
-    pub fn spawn_task(
+    pub(super) fn spawn_task(
         &mut self,
         task: Task,
         run: impl std::future::Future<Output = ()> + Send + 'static,
@@ -73,7 +73,7 @@ impl Supervisor {
     /// Supervises until a shutdown signal (`Ok`) or a fatal condition (`Err`). `reload`
     /// runs for each SIGHUP. The board's changes are sent as STATUS from here, so
     /// nothing is sent after STOPPING.
-    pub async fn serve(
+    pub(super) async fn serve(
         &mut self,
         signals: &mut mpsc::UnboundedReceiver<SignalCommand>,
         watchdog: Option<Duration>,
@@ -116,7 +116,7 @@ impl Supervisor {
 
     /// Sends STOPPING, cancels the loops and waits for them at their step boundaries
     /// for at most `timeout`; aborts and names those still busy then, and returns them.
-    pub async fn teardown(mut self, timeout: Duration) -> Vec<Task> {
+    pub(super) async fn teardown(mut self, timeout: Duration) -> Vec<Task> {
         systemd::stopping();
         self.shutdown.cancel();
         let drained = tokio::time::timeout(timeout, async {

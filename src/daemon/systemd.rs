@@ -47,16 +47,16 @@ fn send_to(path: &std::ffi::OsStr, message: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-pub fn ready(status: &str) {
+pub(super) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-pub fn status(status: &str) {
+pub(super) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
 /// Tells systemd a reload started; `MONOTONIC_USEC` is required with `RELOADING=1`.
-pub fn reloading() {
+pub(super) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[
             NotifyState::Reloading,
@@ -70,15 +70,15 @@ pub fn reloading() {
     }
 }
 
-pub fn stopping() {
+pub(super) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-pub fn watchdog() {
+pub(super) fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
 /// The watchdog timeout systemd asked for (`WatchdogSec=`), if any.
-pub fn watchdog_timeout() -> Option<Duration> {
+pub(super) fn watchdog_timeout() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }

@@ -25,7 +25,7 @@ enum Wake {
 }
 
 /// Sets up the watches (errors surface at boot) and returns the actor to run.
-pub fn start(
+pub(super) fn start(
     layout: &CacheLayout,
     nudges: Nudges,
     shutdown: CancellationToken,

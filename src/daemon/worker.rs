@@ -22,7 +22,7 @@ use super::status::StatusBoard;
 /// A worker that could finish for good would need the supervisor to tell the two apart;
 /// add the variant with the first such worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
+pub(super) enum Next {
     /// Nothing to do until this instant, or until nudged.
     IdleUntil(Instant),
     /// More work is due: step again at once. Long work is cut into such steps, so each
@@ -35,12 +35,12 @@ pub enum Next {
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-pub fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
     BACKOFF_FIRST.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
-pub trait Worker: Send + 'static {
+pub(super) trait Worker: Send + 'static {
     type Error: std::fmt::Display + Send;
 
     fn task(&self) -> Task;
@@ -58,7 +58,7 @@ pub trait Worker: Send + 'static {
 /// Runs `worker` until `shutdown`, stepping when due or when `nudge` fires. Shutdown is
 /// observed at step boundaries: a step in progress finishes (the supervisor's deadline
 /// aborts one that does not).
-pub async fn run<W: Worker>(
+pub(super) async fn run<W: Worker>(
     mut worker: W,
     nudge: Arc<Notify>,
     shutdown: CancellationToken,

@@ -25,7 +25,7 @@ fn epoch(secs: f64) -> DateTime<Utc> {
 }
 
 /// Reads every row of a Glance SQLite cache database, opened read-only.
-pub async fn read_glance_sqlite(path: &Path) -> Result<Vec<LegacyRow>, DbError> {
+pub(crate) async fn read_glance_sqlite(path: &Path) -> Result<Vec<LegacyRow>, DbError> {
     // From the path itself: formatted into a URL, a `%41` or `?` in it would name another
     // file.
     let options = SqliteConnectOptions::new().filename(path).read_only(true);

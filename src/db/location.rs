@@ -17,14 +17,14 @@ use tracing::{info, warn};
 use super::DbTime;
 
 /// The database file at the old default place, at the top of the cache directory.
-pub const LEGACY_SQLITE_FILE: &str = "glance-cached.db";
+pub(crate) const LEGACY_SQLITE_FILE: &str = "glance-cached.db";
 
 /// Mode of a database directory we create: the service group may read it (0750, as
 /// the cache directory).
 const DIR_MODE: u32 = 0o750;
 
 #[derive(Debug, thiserror::Error)]
-pub enum LocationError {
+pub(crate) enum LocationError {
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -54,7 +54,7 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Locat
 }
 
 /// The file of a `sqlite://` url (`None` for other urls and in-memory databases).
-pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     if !url.starts_with("sqlite:") {
         return None;
     }
@@ -71,7 +71,7 @@ pub fn sqlite_path(url: &str) -> Option<PathBuf> {
 /// A database that Glance's API shares (it has Glance's `alembic_version`) is not
 /// moved: Glance would lose it. It is used where it is, with a warning. Returns the file
 /// to open (paths, never urls: a path made into a url has its `%41` decoded).
-pub async fn prepare_sqlite(
+pub(crate) async fn prepare_sqlite(
     path: &Path,
     cache_dir: &Path,
     holder_is_live: impl Fn(&str, DbTime) -> bool,

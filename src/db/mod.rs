@@ -8,8 +8,8 @@
 
 mod cached_images;
 mod lease;
-pub mod legacy;
-pub mod location;
+pub(crate) mod legacy;
+pub(crate) mod location;
 mod node;
 mod queue;
 mod schema;
@@ -24,10 +24,11 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
-pub use cached_images::{CachedImageRow, CachedImageRows, LruBatch, LruCursor, UnreadableRow};
-pub use lease::{LeaseHolder, LeaseOutcome};
-pub use node::{NodeDb, NodeId};
-pub use queue::{QueueRow, QueueState};
+pub(crate) use cached_images::{CachedImageRow, LruCursor};
+pub(crate) use lease::{LeaseHolder, LeaseOutcome};
+pub use node::NodeDb;
+pub(crate) use node::NodeId;
+pub(crate) use queue::{QueueRow, QueueState};
 pub use time::DbTime;
 
 /// How long a SQLite statement waits for another writer (Glance's API on the same node,
@@ -286,7 +287,7 @@ async fn probe_connect<C: sqlx::Connection>(
     }
 }
 
-pub use crate::redact::mask_url;
+pub(crate) use crate::redact::mask_url;
 
 #[cfg(test)]
 mod tests {

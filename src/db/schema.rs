@@ -13,7 +13,7 @@ use sqlx::{Connection, Row};
 use super::{Db, DbError, Dialect, on_pool};
 
 /// The version of our own tables this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 1;
 
 /// Advisory lock key for migrations on PostgreSQL ("gcached" in ASCII).
 const PG_MIGRATION_LOCK_KEY: i64 = 0x0067_6361_6368_6564;

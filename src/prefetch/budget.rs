@@ -106,7 +106,7 @@ impl Reservation<'_> {
 /// `size`) reserves at a time: a 64th of the cache, at least 1 MiB, at most the cache.
 /// Small enough not to evict much more than the image needs, large enough that a big
 /// image makes room a few dozen times, not at every chunk.
-pub fn unknown_size_step(max_size: u64) -> u64 {
+pub(crate) fn unknown_size_step(max_size: u64) -> u64 {
     (max_size / 64).max(1 << 20).min(max_size)
 }
 

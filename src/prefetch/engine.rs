@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,7 @@ use crate::upstream::Upstream;
 
 /// What a caller hears of each download from inside its task, as it happens (the
 /// daemon counts downloads in its STATUS and nudges loops).
-pub trait DownloadEvents: Send + Sync + 'static {
+pub(crate) trait DownloadEvents: Send + Sync + 'static {
     /// Held by the download's task from its start; dropped however the task ends (done,
     /// crashed, aborted).
     type Running: Send + 'static;
@@ -45,7 +46,7 @@ impl DownloadEvents for () {
 
 /// One download that ended.
 #[derive(Debug)]
-pub struct Finished {
+pub(crate) struct Finished {
     pub image_id: ImageId,
     pub outcome: PrefetchOutcome,
     /// The recording of the outcome in the queue. On an error the claim is still held:
@@ -55,7 +56,7 @@ pub struct Finished {
 
 /// Which of the engine's periodic duties failed; the text is the cause's alone.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub(crate) enum EngineError {
     /// Claiming queued images, or reading when the next one is due.
     #[error(transparent)]
     Queue(CacheError),
@@ -74,7 +75,7 @@ pub enum EngineError {
 /// it due even if the database's clock reads a little behind ours.
 const DUE_SLACK: Duration = Duration::from_millis(10);
 
-pub struct PrefetchEngine<E: DownloadEvents = ()> {
+pub(crate) struct PrefetchEngine<E: DownloadEvents = ()> {
     driver: CacheDriver,
     upstream: Arc<Upstream>,
     /// The name our claims are held under.
@@ -98,7 +99,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// An engine holding claims as `holder`; `cancel` stops its downloads at their next
     /// chunk. The first look for dead claims is due one `prefetcher.interval` from now
     /// (call [`PrefetchEngine::recover_dead_claims`] to look at once).
-    pub fn new(
+    pub(crate) fn new(
         driver: CacheDriver,
         upstream: Arc<Upstream>,
         holder: String,
@@ -119,24 +120,20 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
         }
     }
 
-    /// Downloads in progress.
-    pub fn running(&self) -> usize {
-        self.downloads.len()
-    }
-
     /// Whether `prefetcher.concurrency` downloads are in progress.
-    pub fn is_full(&self, config: &Config) -> bool {
+    pub(crate) fn is_full(&self, config: &Config) -> bool {
         self.downloads.len() >= config.prefetcher.concurrency
     }
 
     /// Claims due queued images and starts their downloads, up to
     /// `prefetcher.concurrency` in progress; none once cancelled. Returns how many
     /// started.
-    pub async fn fill(&mut self, config: &Arc<Config>) -> Result<usize, EngineError> {
+    pub(crate) async fn fill(&mut self, config: &Arc<Config>) -> Result<usize, EngineError> {
         let mut started = 0;
+        let now = clock::now();
         while !self.is_full(config) && !self.cancel.is_cancelled() {
             let claim_ttl = config.prefetcher.claim_ttl;
-            let claimed = self.driver.claim_next(&self.holder, claim_ttl).await;
+            let claimed = self.driver.claim_next(&self.holder, now, claim_ttl).await;
             let Some(image) = claimed.map_err(EngineError::Queue)? else {
                 break;
             };
@@ -165,7 +162,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     }
 
     /// The downloads that ended since the last call, without waiting.
-    pub fn reap(&mut self) -> Vec<Result<Finished, JoinError>> {
+    pub(crate) fn reap(&mut self) -> Vec<Result<Finished, JoinError>> {
         let mut ended = Vec::new();
         while let Some(result) = self.downloads.try_join_next() {
             ended.push(self.note(result));
@@ -175,7 +172,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
 
     /// Waits for the next download to end; `None` when none is in progress.
     /// Cancel-safe: a download that ended is never lost.
-    pub async fn next_finished(&mut self) -> Option<Result<Finished, JoinError>> {
+    pub(crate) async fn next_finished(&mut self) -> Option<Result<Finished, JoinError>> {
         let result = self.downloads.join_next().await?;
         Some(self.note(result))
     }
@@ -194,7 +191,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// was lost, looks for dead processes' claims once per `prefetcher.interval`, renews
     /// the claims of the downloads in progress every `claim_ttl / 6`. Returns when the
     /// next duty is due. Stops at the first that fails; the next tick tries again.
-    pub async fn tick(&mut self, config: &Config) -> Result<Instant, EngineError> {
+    pub(crate) async fn tick(&mut self, config: &Config) -> Result<Instant, EngineError> {
         self.settle().await.map_err(EngineError::Settle)?;
         let every = config.prefetcher.interval;
         if self.dead_claims_checked.elapsed() >= every {
@@ -203,7 +200,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
                 .map_err(EngineError::Recover)?;
         }
         let renew_due = self
-            .renew_claims(config)
+            .renew_claims(config, clock::now())
             .await
             .map_err(EngineError::Renew)?;
         Ok(renew_due.min(self.dead_claims_checked + every))
@@ -211,7 +208,11 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
 
     /// When a queued image not yet due becomes due, if any (and the engine has room for
     /// it), capped at `due`: the time to claim again.
-    pub async fn claim_due(&self, config: &Config, due: Instant) -> Result<Instant, EngineError> {
+    pub(crate) async fn claim_due(
+        &self,
+        config: &Config,
+        due: Instant,
+    ) -> Result<Instant, EngineError> {
         if self.is_full(config) {
             // Full: a finished download is what makes room.
             return Ok(due);
@@ -230,7 +231,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// (kill -9, a crash), and moves their partial files to `invalid/`, so their images
     /// are fetched now rather than when the claims run out. Our own claims, and those
     /// whose holder cannot be checked from here, stay. Returns how many were released.
-    pub async fn recover_dead_claims(&mut self) -> Result<u64, CacheError> {
+    pub(crate) async fn recover_dead_claims(&mut self) -> Result<u64, CacheError> {
         let own = &self.holder;
         let recovered = self
             .driver
@@ -249,14 +250,18 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// Renews our claims when due while downloads are in progress (a download may
     /// outlast `prefetcher.claim_ttl`: a large image under a bandwidth cap); returns when
     /// the next renewal is due.
-    async fn renew_claims(&mut self, config: &Config) -> Result<Instant, CacheError> {
+    async fn renew_claims(
+        &mut self,
+        config: &Config,
+        now: DateTime<Utc>,
+    ) -> Result<Instant, CacheError> {
         let every = config.prefetcher.claim_renew_every();
         if self.downloads.is_empty() {
             self.claims_renewed = Instant::now();
         } else if self.claims_renewed.elapsed() >= every {
             let renewed = self
                 .driver
-                .renew_claims(&self.holder, config.prefetcher.claim_ttl)
+                .renew_claims(&self.holder, now, config.prefetcher.claim_ttl)
                 .await?;
             debug!(renewed, "renewed the claims of downloads in progress");
             self.claims_renewed = Instant::now();
@@ -278,7 +283,7 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
     /// aborts at its next chunk, leaving nothing published and the image queued), hands
     /// each to `ended`, then releases what is left to settle, best effort: whatever is
     /// still claimed is released at the next start.
-    pub async fn finish(&mut self, mut ended: impl FnMut(Result<Finished, JoinError>)) {
+    pub(crate) async fn finish(&mut self, mut ended: impl FnMut(Result<Finished, JoinError>)) {
         while let Some(result) = self.next_finished().await {
             ended(result);
         }
@@ -340,7 +345,7 @@ mod tests {
         loop {
             engine.tick(&config).await.unwrap();
             engine.fill(&config).await.unwrap();
-            assert!(engine.running() <= 1, "within prefetcher.concurrency");
+            assert!(engine.downloads.len() <= 1, "within prefetcher.concurrency");
             let Some(done) = engine.next_finished().await else {
                 break;
             };

@@ -170,7 +170,7 @@ pub async fn fetch_into_cache(
         let chunk = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                writer.abandon("interrupted by shutdown");
+                writer.abandon("interrupted by shutdown").await;
                 return Err(FetchError::Cancelled);
             }
             c = async {
@@ -216,7 +216,7 @@ pub async fn fetch_into_cache(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                writer.abandon("interrupted by shutdown");
+                writer.abandon("interrupted by shutdown").await;
                 return Err(FetchError::Cancelled);
             }
             written = writer.write(chunk) => written?,

@@ -20,11 +20,10 @@ use crate::clock;
 use crate::config::Config;
 use crate::upstream::{ErrorClass, Upstream};
 
-pub use budget::{
-    DownloadBudget, RateLimiter, Reservation, SpaceReservations, WaitTicket, unknown_size_step,
-};
-pub use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
-pub use fetch::{FetchError, FetchLimits, Fetched, fetch_into_cache};
+pub use budget::DownloadBudget;
+pub(crate) use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
+pub(crate) use fetch::FetchError;
+pub use fetch::{FetchLimits, Fetched, fetch_into_cache};
 
 /// What became of one claimed queued image, as recorded in the queue.
 #[derive(Debug)]
@@ -79,16 +78,17 @@ pub async fn prefetch_claimed(
         Err(error) => {
             // The queue keeps the text (`last_error`); the outcome keeps the error.
             let reason = error.to_string();
+            let now = clock::now();
             let max_attempts = u64::from(config.prefetcher.max_attempts);
             match error.class() {
                 ErrorClass::Verify if attempts >= max_attempts => {
                     warn!(image_id = %id, attempts, error = %reason, "image failed verification too often; dropped from the queue");
-                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    let recorded = driver.give_up(id, attempts, now, &reason).await;
                     (PrefetchOutcome::Dropped { error }, recorded)
                 }
                 ErrorClass::Permanent => {
                     warn!(image_id = %id, attempts, error = %reason, "image cannot be prefetched; dropped from the queue");
-                    let recorded = driver.give_up(id, attempts, &reason).await;
+                    let recorded = driver.give_up(id, attempts, now, &reason).await;
                     (PrefetchOutcome::Dropped { error }, recorded)
                 }
                 ErrorClass::Retry | ErrorClass::Verify => {
@@ -97,7 +97,7 @@ pub async fn prefetch_claimed(
                         config.prefetcher.retry_delay,
                         config.prefetcher.max_retry_delay,
                     );
-                    let next = clock::after(clock::now(), delay);
+                    let next = clock::after(now, delay);
                     warn!(image_id = %id, attempts, retry_in_s = delay.as_secs(), error = %reason, "prefetch failed; will retry");
                     let recorded = driver.retry_later(id, attempts, next, &reason).await;
                     (PrefetchOutcome::Retrying { error, delay }, recorded)

@@ -4,10 +4,12 @@
 //! lease, the watchdog, signal handling, the watcher or the other loops.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::cache::{Area, CacheDriver, CacheError, Expectations, ImageWriter, Published};
 use crate::image_id::ImageId;
@@ -16,6 +18,11 @@ use crate::image_id::ImageId;
 /// delivers, few enough that a slow disk holds back the download instead of memory
 /// growing (8 x a chunk, as the digest threads' own queues).
 const CHUNKS_QUEUED: usize = 8;
+
+/// How long a shutdown waits for a writer thread to move its bytes to `invalid/`: ample
+/// for a rename, short beside a disk that does not answer (whose file the cleaner's
+/// stall rule removes later).
+const ABANDON_WAIT: Duration = Duration::from_secs(2);
 
 enum Op {
     Chunk(Bytes),
@@ -38,7 +45,7 @@ pub(super) struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread, which creates `incomplete/<id>`; fails as the creation does.
-    pub async fn open(
+    pub(super) async fn open(
         driver: &CacheDriver,
         id: &ImageId,
         expectations: Expectations,
@@ -78,12 +85,12 @@ impl WriterThread {
     }
 
     /// Bytes handed to the thread so far.
-    pub fn bytes_written(&self) -> u64 {
+    pub(super) fn bytes_written(&self) -> u64 {
         self.written
     }
 
     /// Queues `chunk`, waiting (asynchronously) while the disk is behind.
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+    pub(super) async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
         let len = chunk.len() as u64;
         if self.ops.send(Op::Chunk(chunk)).await.is_err() {
             // The thread stopped at a failed write: its error says why.
@@ -94,7 +101,7 @@ impl WriterThread {
     }
 
     /// Verifies and publishes (`CacheDriver::publish`) once every chunk is written.
-    pub async fn commit(mut self) -> Result<Published, CacheError> {
+    pub(super) async fn commit(mut self) -> Result<Published, CacheError> {
         if self.ops.send(Op::Commit).await.is_err() {
             return Err(self.failure().await);
         }
@@ -107,16 +114,29 @@ impl WriterThread {
 
     /// Gives up, and waits until the bytes are in `invalid/`, so a retry of the same
     /// image does not find them still in `incomplete/`.
-    pub async fn abort(mut self, reason: &str) {
+    pub(super) async fn abort(mut self, reason: &str) {
         if self.ops.send(Op::Abort(reason.to_owned())).await.is_ok() {
             let _ = (&mut self.ended).await;
         }
     }
 
-    /// Gives up without waiting for a disk that may be stuck (shutdown): the thread
-    /// aborts once it gets to it.
-    pub fn abandon(self, reason: &str) {
-        let _ = self.ops.try_send(Op::Abort(reason.to_owned()));
+    /// Gives up at shutdown: the thread aborts at once (or, its queue full, once it has
+    /// written what is queued), and this waits until its bytes are in `invalid/`, so a
+    /// clean shutdown leaves nothing in `incomplete/`; a disk that does not answer is
+    /// waited for `ABANDON_WAIT` at most.
+    pub(super) async fn abandon(self, reason: &str) {
+        let WriterThread {
+            ops, ended, path, ..
+        } = self;
+        let _ = ops.try_send(Op::Abort(reason.to_owned()));
+        // Closed, the channel ends the thread's loop even when the abort did not fit.
+        drop(ops);
+        if tokio::time::timeout(ABANDON_WAIT, ended).await.is_err() {
+            warn!(
+                ?path,
+                "the writer did not finish in time at shutdown; its file stays in incomplete/ until found stalled"
+            );
+        }
     }
 
     async fn failure(&mut self) -> CacheError {
@@ -144,11 +164,14 @@ fn write_until_done(
             }
             Op::Commit => return runtime.block_on(driver.publish(writer)).map(Some),
             Op::Abort(reason) => {
+                crate::failpoint::hit("writer:abort");
                 writer.abort(&reason);
                 return Ok(None);
             }
         }
     }
+    // Dropped here, the writer moves its bytes to `invalid/`.
+    crate::failpoint::hit("writer:abort");
     Ok(None)
 }
 

@@ -16,7 +16,7 @@ struct CachedToken {
     expires: Option<DateTime<Utc>>,
 }
 
-pub struct Keystone {
+pub(super) struct Keystone {
     client: reqwest::Client,
     tokens_url: String,
     body: serde_json::Value,
@@ -24,7 +24,11 @@ pub struct Keystone {
 }
 
 impl Keystone {
-    pub fn new(client: reqwest::Client, auth_url: &str, method: &KeystoneMethod) -> Keystone {
+    pub(super) fn new(
+        client: reqwest::Client,
+        auth_url: &str,
+        method: &KeystoneMethod,
+    ) -> Keystone {
         let base = auth_url.trim_end_matches('/');
         let base = base.strip_suffix("/v3").unwrap_or(base);
         let identity = match method {
@@ -61,7 +65,7 @@ impl Keystone {
     }
 
     /// A valid token, from the cache or freshly issued.
-    pub async fn token(&self) -> Result<String, UpstreamError> {
+    pub(super) async fn token(&self) -> Result<String, UpstreamError> {
         let mut cached = self.cached.lock().await;
         let now = clock::now();
         if let Some(c) = cached.as_ref() {
@@ -80,7 +84,7 @@ impl Keystone {
     }
 
     /// Forgets the cached token (Glance answered 401).
-    pub async fn invalidate(&self) {
+    pub(super) async fn invalidate(&self) {
         *self.cached.lock().await = None;
     }
 

@@ -29,7 +29,7 @@ pub struct ImageMeta {
     pub os_hash: Option<(HashAlgo, String)>,
 }
 
-pub use error::{ErrorClass, TokenFileProblem, UpstreamError};
+pub(crate) use error::{ErrorClass, TokenFileProblem, UpstreamError};
 pub(crate) use error::{http_error, status_error};
 
 /// The bytes of one image, read chunk by chunk (memory stays flat).

@@ -544,17 +544,7 @@ async fn migrate_sqlite_moves_glance_rows_once() {
     // Glance's old per-node SQLite driver's database, as its driver creates it.
     std::fs::create_dir_all(env.cache("")).unwrap();
     let legacy = env.cache("cache.db");
-    let opts = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&legacy)
-        .create_if_missing(true);
-    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-    sqlx::query(
-        "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
-         last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = crate::kit::legacy_cache_db(&legacy).await;
     for (id, accessed, hits) in [
         ("old-a", 1_700_000_000.25, 7),
         ("old-b", 1_600_000_000.5, 2),

@@ -41,8 +41,11 @@ fn sigint_also_stops_cleanly() {
 fn watcher_drives_cleaner_queue_and_pruner() {
     let s = Setup::new("max_size = 5000");
     let d = s.start();
-    // invalid/: removed at once (grace 0), logged with id and bytes.
-    std::fs::write(s.cache("invalid/broken-1"), b"12345").unwrap();
+    // invalid/: removed at once (grace 0), logged with id and bytes. Written aside and
+    // renamed in whole: created in place, it could be listed (and removed) still empty.
+    let broken = s.tmp.path().join("broken-1");
+    std::fs::write(&broken, b"12345").unwrap();
+    std::fs::rename(&broken, s.cache("invalid/broken-1")).unwrap();
     eventually(SOON, "the invalid file is removed", || {
         !s.cache("invalid/broken-1").exists()
     });

@@ -192,7 +192,12 @@ async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let ttl = Duration::from_secs(60);
-    let claimed = t.driver.claim_next("worker", ttl).await.unwrap().unwrap();
+    let claimed = t
+        .driver
+        .claim_next("worker", Utc::now(), ttl)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(claimed.image_id.as_str(), "m1");
     // Glance's DELETE /v2/cache/{id} on m1 (being downloaded) and m2.
     for image in ["m1", "m2"] {
@@ -208,11 +213,19 @@ async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
     );
     // Removed after the last pass: the prefetcher's claim skips it.
     std::fs::remove_file(t.path("queue/m3")).unwrap();
-    let next = t.driver.claim_next("worker", ttl).await.unwrap().unwrap();
+    let next = t
+        .driver
+        .claim_next("worker", Utc::now(), ttl)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next.image_id.as_str(), "m4");
     assert!(!t.driver.is_queued(&id("m3")).await.unwrap());
     // A failed row loses its marker on purpose and keeps its reason.
-    t.driver.give_up(&id("m4"), 1, "HTTP 404").await.unwrap();
+    t.driver
+        .give_up(&id("m4"), 1, Utc::now(), "HTTP 404")
+        .await
+        .unwrap();
     let rows = t.driver.get_queued_images().await.unwrap();
     assert!(
         rows.iter()
@@ -939,7 +952,7 @@ mod claims {
                     let mut got = Vec::new();
                     let holder = format!("worker-{n}-{k}");
                     while let Some(q) = d
-                        .claim_next(&holder, Duration::from_secs(600))
+                        .claim_next(&holder, Utc::now(), Duration::from_secs(600))
                         .await
                         .unwrap()
                     {
@@ -958,7 +971,7 @@ mod claims {
         // Claimed images are not claimable again until released.
         assert!(
             t.driver
-                .claim_next("late", Duration::from_secs(600))
+                .claim_next("late", Utc::now(), Duration::from_secs(600))
                 .await
                 .unwrap()
                 .is_none()
@@ -966,7 +979,7 @@ mod claims {
         t.driver.release_claim(&id("claim-07")).await.unwrap();
         let again = t
             .driver
-            .claim_next("late", Duration::from_secs(600))
+            .claim_next("late", Utc::now(), Duration::from_secs(600))
             .await
             .unwrap()
             .unwrap();
@@ -984,13 +997,13 @@ mod claims {
             .unwrap();
         assert!(
             t.driver
-                .claim_next("late", Duration::from_secs(600))
+                .claim_next("late", Utc::now(), Duration::from_secs(600))
                 .await
                 .unwrap()
                 .is_none()
         );
         t.driver
-            .give_up(&id("claim-08"), 3, "HTTP 404")
+            .give_up(&id("claim-08"), 3, Utc::now(), "HTTP 404")
             .await
             .unwrap();
         assert!(!t.path("queue/claim-08").exists());
@@ -1065,7 +1078,7 @@ mod claims {
         assert!(left.iter().all(|(_, h)| *h == running), "{left:?}");
         assert!(
             t.driver
-                .claim_next("fresh", Duration::from_secs(600))
+                .claim_next("fresh", Utc::now(), Duration::from_secs(600))
                 .await
                 .unwrap()
                 .is_some()
@@ -1088,7 +1101,7 @@ mod claims {
         let claim = |holder: &'static str| {
             let d = t.driver.clone();
             async move {
-                d.claim_next(holder, Duration::ZERO)
+                d.claim_next(holder, Utc::now(), Duration::ZERO)
                     .await
                     .unwrap()
                     .map(|q| q.image_id.to_string())
@@ -1100,7 +1113,7 @@ mod claims {
         assert_eq!(claim("downloader").await.as_deref(), Some("long-1"));
         let renewed = t
             .driver
-            .renew_claims("downloader", Duration::from_secs(3600))
+            .renew_claims("downloader", Utc::now(), Duration::from_secs(3600))
             .await
             .unwrap();
         assert_eq!(renewed, 1, "only the holder's claim");
@@ -1108,7 +1121,7 @@ mod claims {
         let mut next = Vec::new();
         while let Some(q) = t
             .driver
-            .claim_next("third", Duration::from_secs(3600))
+            .claim_next("third", Utc::now(), Duration::from_secs(3600))
             .await
             .unwrap()
         {

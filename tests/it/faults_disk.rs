@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::kit::daemon::{SOON, Setup, eventually};
+use crate::kit::daemon::{SOON, Setup, eventually, queued_json};
 use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::{md5_hex, test_bytes};
 
@@ -65,20 +65,6 @@ impl Drop for Tmpfs {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
     }
-}
-
-fn queue_json(s: &Setup) -> Vec<serde_json::Value> {
-    let out = s.cli(&["list-queued", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 #[test]
@@ -163,7 +149,7 @@ fn a_full_disk_aborts_the_download_frees_the_space_and_the_next_one_fits() {
     // Never cached; queued again for later, with the reason; the daemon runs on.
     assert!(!s.cache("too-big").exists());
     assert!(s.cached_ids().is_empty());
-    let rows = queue_json(&s);
+    let rows = queued_json(&s);
     let row = rows.iter().find(|r| r["image_id"] == "too-big").unwrap();
     assert_eq!(row["state"], "queued", "{row}");
     assert_eq!(row["attempts"], 1, "{row}");

@@ -498,18 +498,7 @@ async fn a_cache_dir_with_url_characters_opens_its_own_database() {
         .unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         // Glance's old driver's database, for migrate-sqlite to read from the same place.
-        let legacy = dir.join("cache.db");
-        let opts = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&legacy)
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
-             last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
+        let pool = crate::kit::legacy_cache_db(&dir.join("cache.db")).await;
         sqlx::query("INSERT INTO cached_images VALUES ('old-a', 1.0, 1.0, 12, 3, NULL)")
             .execute(&pool)
             .await
@@ -851,7 +840,7 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
     // The bad row fails its claim once; the next claim gets the good one.
     let mut claimed = None;
     for _ in 0..3 {
-        if let Ok(Some(image)) = t.driver.claim_next("test holder", claim).await {
+        if let Ok(Some(image)) = t.driver.claim_next("test holder", Utc::now(), claim).await {
             claimed = Some(image.image_id.to_string());
             break;
         }

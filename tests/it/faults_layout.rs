@@ -250,7 +250,7 @@ fn planted_entries_neither_flood_nor_forge_the_log() {
 /// link (where a canary file has the image's name).
 #[test]
 fn a_prefetch_giving_up_through_a_swapped_queue_never_leaves_the_cache() {
-    use glance_cached::db::{Db, DbOptions, DbTime};
+    use glance_cached::db::DbTime;
 
     let origin = Origin::start();
     // Not active in Glance: the prefetcher gives up at once.
@@ -282,15 +282,7 @@ fn a_prefetch_giving_up_through_a_swapped_queue_never_leaves_the_cache() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = Db::connect(
-            &format!(
-                "sqlite://{}",
-                s.cache(".glance-cached/glance-cached.db").display()
-            ),
-            &DbOptions::default(),
-        )
-        .await
-        .unwrap();
+        let db = s.db().await;
         let node = glance_cached::db::NodeDb::configure(
             db.clone(),
             glance_cached::config::DEFAULT_NODE_URL,

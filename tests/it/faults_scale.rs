@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use glance_cached::cache::{CacheDriver, CacheError, CacheLayout, Expectations};
-use glance_cached::db::{Db, DbOptions};
 use glance_cached::image_id::ImageId;
 
 use crate::kit::cli::run;
@@ -259,15 +258,7 @@ async fn concurrent_readers_race_the_pruner_and_every_hit_is_counted() {
     )
     .unwrap();
     let d = s.start();
-    let db = Db::connect(
-        &format!(
-            "sqlite://{}",
-            s.cache(".glance-cached/glance-cached.db").display()
-        ),
-        &DbOptions::default(),
-    )
-    .await
-    .unwrap();
+    let db = s.db().await;
     let driver = CacheDriver::configure(CacheLayout::open(s.cache("")).unwrap(), db.clone(), NODE)
         .await
         .unwrap();

@@ -3,6 +3,8 @@
 
 // Test and benchmark code: a panic here is a failed run, not a crashed daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A test or benchmark binary has no API: `pub` shares its kit between its files.
+#![allow(unreachable_pub)]
 // Measured and real times (timings, file ages, deadlines): the clock lint is for the
 // daemon's code.
 #![allow(clippy::disallowed_methods)]

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use glance_cached::config::DEFAULT_NODE_URL;
-use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
+use glance_cached::db::{DbTime, NodeDb};
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
@@ -32,10 +32,12 @@ fn wait_until_downloading(s: &Setup, id: &str) {
 
 /// `glance-cached prefetch` in the background, its output captured.
 fn spawn_prefetch_command(s: &Setup) -> std::process::Child {
-    crate::kit::cli::command()
-        .arg("--config")
-        .arg(&s.config)
-        .arg("prefetch")
+    spawn_prefetch_command_with(s, &[])
+}
+
+/// `spawn_prefetch_command` with `env` set on top of the scrubbed environment.
+fn spawn_prefetch_command_with(s: &Setup, env: &[(&str, &str)]) -> std::process::Child {
+    crate::kit::cli::on_config(&s.config, &["prefetch"], env)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -489,15 +491,7 @@ fn a_queued_image_found_cached_gets_its_row_before_leaving_the_queue() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = Db::connect(
-            &format!(
-                "sqlite://{}",
-                s.cache(".glance-cached/glance-cached.db").display()
-            ),
-            &DbOptions::default(),
-        )
-        .await
-        .unwrap();
+        let db = s.db().await;
         let db = NodeDb::configure(db, DEFAULT_NODE_URL).await.unwrap();
         let now = DbTime::from_utc(chrono::Utc::now());
         assert!(db.enqueue("lost-row", now).await.unwrap());
@@ -640,7 +634,9 @@ fn the_prefetch_command_drains_the_queue_once() {
 }
 
 /// SIGTERM to `glance-cached prefetch` mid-download: it stops at once, publishes
-/// nothing, leaves the image queued, and says so.
+/// nothing, leaves the image queued and nothing in `incomplete/`, and says so. The
+/// writer thread is made slow to move the bytes away (half a second at the
+/// `writer:abort` failpoint): the command waits for it before it exits.
 #[test]
 fn sigterm_stops_the_prefetch_command_cleanly() {
     let origin = Origin::start();
@@ -648,7 +644,13 @@ fn sigterm_stops_the_prefetch_command_cleanly() {
     origin.add("cli-slow", test_bytes(4 << 20, 6), slow);
     let s = glance_setup(&origin, "");
     queue(&s, &["cli-slow"]);
-    let child = spawn_prefetch_command(&s);
+    let child = spawn_prefetch_command_with(
+        &s,
+        &[
+            ("GLANCE_CACHED_TEST_FAILPOINT", "writer:abort"),
+            ("GLANCE_CACHED_TEST_FAILPOINT_PAUSE_MS", "500"),
+        ],
+    );
     wait_until_downloading(&s, "cli-slow");
     let stopping = Instant::now();
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();

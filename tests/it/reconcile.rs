@@ -2,22 +2,8 @@
 //! the refusal to drop most of a node's rows when their files are missing (an unmounted
 //! cache filesystem), unless the operator says they are gone.
 
-use crate::kit::daemon::{Daemon, SOON, Setup};
+use crate::kit::daemon::{Daemon, SOON, Setup, cached_json};
 use crate::kit::{md5_hex, test_bytes};
-
-fn cached_rows(s: &Setup) -> Vec<serde_json::Value> {
-    let out = s.cli(&["list-cached", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 fn import(s: &Setup, id: &str, data: &[u8]) {
     let src = s.tmp.path().join(format!("{id}.src"));
@@ -46,7 +32,7 @@ fn a_file_replaced_in_place_gets_its_size_refreshed_and_its_checksum_cleared() {
     );
     assert!(text.contains("refreshed row replaced"), "{text}");
     assert!(text.contains("1 rows refreshed"), "{text}");
-    let rows = cached_rows(&s);
+    let rows = cached_json(&s);
     let replaced = rows.iter().find(|r| r["image_id"] == "replaced").unwrap();
     assert_eq!(replaced["size"], 60_000, "{replaced}");
     assert!(replaced["checksum"].is_null(), "{replaced}");
@@ -63,7 +49,7 @@ fn a_file_replaced_in_place_gets_its_size_refreshed_and_its_checksum_cleared() {
         .unwrap();
     file.set_len(10).unwrap(); // a disk error's truncation
     let d = s.start();
-    let untouched = cached_rows(&s)
+    let untouched = cached_json(&s)
         .into_iter()
         .find(|r| r["image_id"] == "untouched")
         .unwrap();

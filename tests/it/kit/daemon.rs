@@ -259,18 +259,23 @@ impl Setup {
     }
 
     pub fn cached_ids(&self) -> Vec<String> {
-        let out = self.cli(&["list-cached", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
+        cached_json(self)
             .iter()
             .map(|r| r["image_id"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// The daemon's SQLite database (at its default place in the cache directory),
+    /// as another process reaches it.
+    pub async fn db(&self) -> glance_cached::db::Db {
+        let url = format!(
+            "sqlite://{}",
+            self.cache(glance_cached::config::DEFAULT_SQLITE_FILE)
+                .display()
+        );
+        glance_cached::db::Db::connect(&url, &Default::default())
+            .await
+            .unwrap()
     }
 }
 
@@ -290,9 +295,23 @@ pub fn queue(s: &Setup, ids: &[&str]) {
     );
 }
 
-/// The rows of `list-queued --json`.
+/// The rows of `list-queued --json`, which must succeed.
 pub fn queued_json(s: &Setup) -> Vec<serde_json::Value> {
-    let out = s.cli(&["list-queued", "--json"]);
+    json_rows(s, "list-queued")
+}
+
+/// The rows of `list-cached --json`, which must succeed.
+pub fn cached_json(s: &Setup) -> Vec<serde_json::Value> {
+    json_rows(s, "list-cached")
+}
+
+fn json_rows(s: &Setup, listing: &str) -> Vec<serde_json::Value> {
+    let out = s.cli(&[listing, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .unwrap()
         .as_array()

@@ -7,7 +7,7 @@
 //!   it and the Glance driver of `glance_interop` run on;
 //! - `origin`: an HTTP origin for failure injection;
 //! - `servers`: test databases on the three backends, private servers to stop and start;
-//! - here: deterministic bytes, digests, ids and file ages.
+//! - here: deterministic bytes, digests, ids, file ages and Glance's old SQLite database.
 
 use std::path::Path;
 
@@ -42,6 +42,23 @@ pub fn md5_hex(data: &[u8]) -> String {
 
 pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(<sha2::Sha512 as sha2::Digest>::digest(data))
+}
+
+/// Creates `path` as Glance's old per-node SQLite driver creates its `cache.db` (for
+/// `migrate-sqlite`), with no rows; the pool to fill it.
+pub async fn legacy_cache_db(path: &Path) -> sqlx::SqlitePool {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0, \
+         last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
 }
 
 /// A loopback TCP port that was free a moment ago, for a server the kit starts.
