@@ -24,11 +24,16 @@ fn cli(s: &Setup, args: &[&str]) -> std::process::Output {
 
 /// Two-hour-old regular files named by valid ids in `dir`, so that the stall and grace
 /// rules would remove them (and a cleaner that followed a link would find the canary's
-/// files just as due).
+/// files just as due). Each is written and aged beside the cache and renamed in whole:
+/// a running daemon's cleaner may remove it the moment it appears.
 fn plant_leftovers(dir: &Path, names: &[&str]) {
+    // `<tmp>/cache/<sub>`: `<tmp>` is on the same filesystem and outside the cache.
+    let outside = dir.parent().and_then(Path::parent).unwrap();
     for n in names {
-        std::fs::write(dir.join(n), b"leftover").unwrap();
-        make_old(&dir.join(n));
+        let staged = outside.join(format!("staged-{n}"));
+        std::fs::write(&staged, b"leftover").unwrap();
+        make_old(&staged);
+        std::fs::rename(&staged, dir.join(n)).unwrap();
     }
 }
 
