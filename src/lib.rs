@@ -11,6 +11,7 @@ pub mod digest;
 pub mod failpoint;
 pub mod glance_config;
 pub mod image_id;
+pub mod metrics;
 pub mod prefetch;
 pub mod process;
 pub mod redact;
