@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -376,4 +377,142 @@ fn a_real_prometheus_parser_reads_every_family_with_its_type() {
         .find(|s| s[0] == "glance_cached_download_duration_seconds_count")
         .unwrap();
     assert_eq!(count[2], 1.0);
+}
+
+/// Waits (up to a minute: the machine may be loaded) until `done` holds for the
+/// encoded metrics; returns the last text.
+async fn until(metrics: &Metrics, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = metrics.encode().unwrap();
+        if done(&text) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn at_least(text: &str, series: &str, n: f64) -> bool {
+    sample(text, series).is_some_and(|v| v >= n)
+}
+
+/// The daemon in process with a `Metrics` of the test's: each counter moves with the
+/// event it counts (reconcile's clean at boot, the cleaner's, the pruner's eviction,
+/// a queue marker through the watcher, the lease's heartbeats, reloads valid and not,
+/// loop steps, database operations), and a real parser reads the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_in_process_moves_each_metric_with_its_event() {
+    use crate::daemon::{RunOptions, SignalCommand};
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    for sub in ["incomplete", "invalid", "queue"] {
+        std::fs::create_dir_all(cache.join(sub)).unwrap();
+    }
+    // Two images of 1000 bytes under a max_size of 1500: one is evicted for size.
+    std::fs::write(cache.join("img-a"), [1u8; 1000]).unwrap();
+    std::fs::write(cache.join("img-b"), [2u8; 1000]).unwrap();
+    // Due at once (no grace): removed by the boot's reconcile.
+    std::fs::write(cache.join("invalid/bad-1"), [0u8; 10]).unwrap();
+    // The upstream has one of the two images that will be queued.
+    let store = tmp.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::write(store.join("img-q"), [3u8; 100]).unwrap();
+    let file = tmp.path().join("glance-cached.toml");
+    let text = format!(
+        "[cache]\ndir = \"{}\"\nmax_size = \"1500B\"\n\
+         [cleaner]\ninvalid_grace = \"0s\"\n\
+         [daemon]\nshutdown_timeout = \"5s\"\nlease_ttl = \"3s\"\n\
+         [upstream]\nkind = \"directory\"\npath = \"{}\"\n",
+        cache.display(),
+        store.display()
+    );
+    std::fs::write(&file, &text).unwrap();
+    let config = crate::config::Config::load(Some(&file)).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let options = RunOptions {
+        config_path: Some(file.clone()),
+        metrics: metrics.clone(),
+        ..RunOptions::default()
+    };
+    let (signals, rx) = tokio::sync::mpsc::unbounded_channel();
+    let daemon = tokio::spawn(crate::daemon::run(config, options, None, rx));
+
+    let m = &metrics;
+    until(m, "boot's clean, prune and lease", |t| {
+        at_least(
+            t,
+            r#"glance_cached_cleaner_removed_files_total{kind="invalid"}"#,
+            1.0,
+        ) && sample(t, r#"glance_cached_evicted_images_total{reason="size"}"#) == Some(1.0)
+            && sample(t, r#"glance_cached_evicted_bytes_total{reason="size"}"#) == Some(1000.0)
+            && sample(t, "glance_cached_cache_images") == Some(1.0)
+            && sample(t, "glance_cached_cache_bytes") == Some(1000.0)
+            && at_least(
+                t,
+                r#"glance_cached_lease_renewals_total{outcome="ok"}"#,
+                1.0,
+            )
+    })
+    .await;
+    // Files arriving while it runs: the watcher sees them, the cleaner removes the
+    // invalid one, the queue loop adopts the markers, the prefetcher fetches one image
+    // and gives up on the one the upstream does not have.
+    let before = sample(&m.encode().unwrap(), "glance_cached_watcher_events_total").unwrap();
+    // Renamed in whole: the cleaner (no grace) could remove a file being written at
+    // the size it had when listed.
+    std::fs::write(tmp.path().join("bad-2"), [0u8; 20]).unwrap();
+    std::fs::rename(tmp.path().join("bad-2"), cache.join("invalid/bad-2")).unwrap();
+    std::fs::write(cache.join("queue/img-q"), b"").unwrap();
+    std::fs::write(cache.join("queue/img-gone"), b"").unwrap();
+    until(m, "the cleaner's removal and the prefetches", |t| {
+        at_least(
+            t,
+            r#"glance_cached_cleaner_removed_bytes_total{kind="invalid"}"#,
+            30.0,
+        ) && at_least(t, "glance_cached_watcher_events_total", before + 3.0)
+            && sample(t, r#"glance_cached_prefetches_total{outcome="ok"}"#) == Some(1.0)
+            && sample(t, r#"glance_cached_prefetches_total{outcome="permanent"}"#) == Some(1.0)
+            && sample(t, "glance_cached_prefetched_bytes_total") == Some(100.0)
+            && sample(t, "glance_cached_download_duration_seconds_count") == Some(1.0)
+            && sample(t, "glance_cached_queued_images") == Some(0.0)
+            && sample(t, "glance_cached_failed_images") == Some(1.0)
+            && sample(t, "glance_cached_downloading_images") == Some(0.0)
+    })
+    .await;
+    signals.send(SignalCommand::Reload).unwrap();
+    until(m, "a valid reload", |t| {
+        sample(t, r#"glance_cached_reloads_total{outcome="ok"}"#) == Some(1.0)
+    })
+    .await;
+    std::fs::write(&file, "[cache]\nmax_size = \"not a size\"\n").unwrap();
+    signals.send(SignalCommand::Reload).unwrap();
+    let text = until(m, "an invalid reload", |t| {
+        sample(t, r#"glance_cached_reloads_total{outcome="invalid"}"#) == Some(1.0)
+    })
+    .await;
+    signals.send(SignalCommand::Shutdown("SIGTERM")).unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), daemon).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+
+    let get = |s: &str| sample(&text, s).unwrap();
+    assert_eq!(get("glance_cached_cache_max_bytes"), 1500.0);
+    assert!(
+        get("glance_cached_db_query_duration_seconds_count") > 0.0,
+        "{text}"
+    );
+    // The watcher is a task, not a stepped loop.
+    for name in LOOP_NAMES.iter().filter(|n| **n != "watcher") {
+        let series = format!(r#"glance_cached_loop_step_duration_seconds_count{{loop="{name}"}}"#);
+        assert!(get(&series) > 0.0, "{series}: {text}");
+    }
+    assert_eq!(
+        get(r#"glance_cached_loop_errors_total{loop="cleaner"}"#),
+        0.0
+    );
+    assert_eq!(get("glance_cached_watcher_overflows_total"), 0.0);
+    if let Some(python) = glance_python() {
+        let families = parse_with_prometheus_client(&python, &text);
+        assert_eq!(families["glance_cached_evicted_images"]["type"], "counter");
+    }
 }
