@@ -242,7 +242,7 @@ impl NodeDb {
 
     /// How many images this node has queued, and how many failed, in one query
     /// (`COUNT`: a `SUM` would come back as DECIMAL from MySQL).
-    pub(crate) async fn count_queue_states(&self) -> Result<(i64, i64), DbError> {
+    pub async fn count_queue_states(&self) -> Result<(i64, i64), DbError> {
         const Q: &str = "SELECT \
              COUNT(CASE WHEN state = 'queued' THEN 1 END), \
              COUNT(CASE WHEN state = 'failed' THEN 1 END) \
