@@ -5,7 +5,9 @@
 //! Every label is one of a few fixed values (a reason, a kind, an outcome, a loop
 //! name), never an image id, so the series stay as few as they are at boot whatever
 //! the cache holds. Encoding reads counters and gauges only: a scrape runs no query.
-//! The HTTP listener serves `/metrics` as `Metrics::encode`'s text with `CONTENT_TYPE`.
+//! The HTTP listener serves `/metrics` as `Metrics::encode`'s text with `CONTENT_TYPE`
+//! (from `Context::metrics`, or the `RunOptions::metrics` it was given), and the cache
+//! API records its deletions as `evicted(EvictReason::Manual, ..)`.
 
 use std::time::Duration;
 
