@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod digest;
 pub mod image_id;
+pub mod metrics;
 pub mod prefetch;
 pub mod upstream;
 

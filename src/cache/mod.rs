@@ -14,12 +14,16 @@ use std::path::PathBuf;
 
 pub use clean::CleanPolicy;
 pub(crate) use clean::CleanReport;
+#[cfg(test)]
+pub(crate) use clean::RemovedFile;
 pub(crate) use driver::CachedImage;
 pub use driver::{CacheDriver, QueuedImage};
 pub(crate) use layout::LayoutError;
 pub use layout::{Area, CacheLayout};
 pub use prune::PrunePolicy;
+pub use prune::PruneReport;
 pub(crate) use prune::{PRUNE_STEP_ROWS, PrunePass};
+pub(crate) use reconcile::ReconcileReport;
 pub use writer::Expectations;
 pub(crate) use writer::{ImageWriter, Published};
 

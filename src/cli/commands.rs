@@ -378,6 +378,7 @@ pub(super) fn run_daemon(
         config_path: path,
         force,
         force_reconcile,
+        ..Default::default()
     };
     let signals = crate::signals::listen().map_err(crate::daemon::DaemonError::Signals)?;
     runtime.block_on(crate::daemon::run(

@@ -58,6 +58,7 @@ impl Worker for CleanerWorker {
             );
         }
         self.ctx.board.cleaned(report.files(), report.bytes());
+        self.ctx.metrics.cleaned(&report);
         let mut wake = Instant::now() + config.cleaner.interval;
         if let Some(due) = report.next_due {
             // Never past the interval: a far-future mtime must not overflow `Instant`.

@@ -11,6 +11,7 @@ use super::status::StatusBoard;
 use crate::cache::{CacheDriver, CacheLayout};
 use crate::config::Config;
 use crate::db::NodeDb;
+use crate::metrics::Metrics;
 
 /// The background tasks, named in logs and the status table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -23,16 +24,23 @@ pub(crate) enum Task {
     Watcher,
 }
 
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Task {
+    /// The name in logs, STATUS and the metrics' `loop` label.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
             Task::Cleaner => "cleaner",
             Task::Pruner => "pruner",
             Task::Queue => "queue",
             Task::Lease => "lease",
             Task::Prefetcher => "prefetcher",
             Task::Watcher => "watcher",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -65,6 +73,8 @@ pub(crate) struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     pub board: Arc<StatusBoard>,
     pub nudges: Nudges,
+    /// The Prometheus metrics (the board mirrors its figures into them too).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -75,9 +85,10 @@ impl Context {
 
     /// Counts the queue for the status board; returns the count.
     pub(crate) async fn refresh_queued(&self) -> Result<usize, crate::cache::CacheError> {
-        let queued = self.db.count_queued().await?;
-        let queued = queued.max(0) as usize;
+        let (queued, failed) = self.db.count_queue_states().await?;
+        let (queued, failed) = (queued.max(0) as usize, failed.max(0) as usize);
         self.board.set_queued(queued);
+        self.metrics.set_queue(queued, failed);
         Ok(queued)
     }
 }

@@ -106,7 +106,9 @@ impl Worker for LeaseWorker {
         }
         let now = DbTime::from_utc(clock::now());
         let db = &self.ctx.db;
-        let held = db.db().renew_lease(db.node(), &self.holder, now).await?;
+        let held = db.db().renew_lease(db.node(), &self.holder, now).await;
+        self.ctx.metrics.lease_renewal(matches!(held, Ok(true)));
+        let held = held?;
         if !held {
             let fatal = DaemonError::LeaseLost {
                 node: self.ctx.db.url().to_owned(),

@@ -29,6 +29,7 @@ use crate::cache::{CacheDriver, CacheError, CacheLayout};
 use crate::clock;
 use crate::config::Config;
 use crate::db::{Db, DbTime, LeaseHolder, LeaseOutcome, NodeDb};
+use crate::metrics::Metrics;
 use crate::process;
 use crate::signals;
 use crate::telemetry::LogLevelHandle;
@@ -48,6 +49,9 @@ pub(crate) struct RunOptions {
     pub force: bool,
     /// Let the start-up reconcile drop the rows of missing files however many they are.
     pub force_reconcile: bool,
+    /// Where the daemon records its metrics (made by the caller, so a test in process,
+    /// or the HTTP listener, can encode them).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs the daemon until `signals` brings a shutdown (the binary feeds it from
@@ -99,7 +103,8 @@ async fn boot_and_serve(
     let db_options = boot.phase(prepare_database(&config)).await??;
     let db = boot
         .phase(Db::connect(&config.database.url, &db_options))
-        .await??;
+        .await??
+        .timed_by(options.metrics.db_queries());
     let db = boot
         .phase(NodeDb::configure(db, &config.node_reference_url))
         .await??;
@@ -339,6 +344,7 @@ async fn start_loops_and_serve(
         cleaned = report.cleaned.files(),
         "reconcile done"
     );
+    options.metrics.reconciled(&report);
     // Under the node lease any claim is a dead process's, unless a `prefetch` command
     // is downloading beside us: its claims stay.
     let recovered = boot
@@ -361,7 +367,7 @@ async fn start_loops_and_serve(
         }
     };
 
-    let board = Arc::new(StatusBoard::default());
+    let board = Arc::new(StatusBoard::with_metrics(options.metrics.clone()));
     board.set_max_size(config.cache.max_size);
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let ctx = Context {
@@ -371,6 +377,7 @@ async fn start_loops_and_serve(
         config: config_rx,
         board: board.clone(),
         nudges: Nudges::default(),
+        metrics: options.metrics.clone(),
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
@@ -401,7 +408,12 @@ async fn start_loops_and_serve(
             ctx.nudges.prefetcher.clone(),
         );
     }
-    let watch_actor = watcher::start(&ctx.layout, ctx.nudges.clone(), shutdown.clone())?;
+    let watch_actor = watcher::start(
+        &ctx.layout,
+        ctx.nudges.clone(),
+        ctx.metrics.clone(),
+        shutdown.clone(),
+    )?;
     loops.spawn_task(Task::Watcher, watch_actor);
 
     let reloader = reload::Reloader {

@@ -15,6 +15,7 @@ use tracing::error;
 
 use super::context::{Context, Nudges, Task};
 use super::worker::{Next, Worker};
+use crate::metrics::Metrics;
 use crate::prefetch::{DownloadEvents, EngineError, Finished, PrefetchEngine, PrefetchOutcome};
 use crate::upstream::Upstream;
 
@@ -35,6 +36,7 @@ impl PrefetcherWorker {
         let loops = Loops {
             board: ctx.board.clone(),
             nudges: ctx.nudges.clone(),
+            metrics: ctx.metrics.clone(),
         };
         let engine = PrefetchEngine::new(
             ctx.driver.clone(),
@@ -95,11 +97,12 @@ impl Worker for PrefetcherWorker {
 struct Loops {
     board: Arc<StatusBoard>,
     nudges: Nudges,
+    metrics: Arc<Metrics>,
 }
 
 /// One download in the STATUS count, from its start until dropped: however the task
-/// ends (done, crashed, aborted), it leaves the count.
-struct DownloadCounted(Arc<StatusBoard>);
+/// ends (done, crashed, aborted), it leaves the count. With its start, for its duration.
+struct DownloadCounted(Arc<StatusBoard>, Instant);
 
 impl Drop for DownloadCounted {
     fn drop(&mut self) {
@@ -112,10 +115,11 @@ impl DownloadEvents for Loops {
 
     fn started(&self) -> DownloadCounted {
         self.board.download_started();
-        DownloadCounted(self.board.clone())
+        DownloadCounted(self.board.clone(), Instant::now())
     }
 
     fn finished(&self, counted: DownloadCounted, outcome: &PrefetchOutcome) {
+        self.metrics.prefetch_finished(outcome, counted.1.elapsed());
         if let PrefetchOutcome::Published { .. } = outcome {
             self.nudges.pruner.notify_one();
         }

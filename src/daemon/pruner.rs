@@ -74,6 +74,7 @@ impl PrunerWorker {
             );
             self.ctx.board.pruned(report.files(), report.bytes());
         }
+        self.ctx.metrics.pruned(&report, &policy);
         self.ctx
             .board
             .set_cache(report.size_after, report.images_after, policy.max_size);

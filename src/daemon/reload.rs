@@ -32,6 +32,7 @@ impl Reloader {
                     problems = problems.len(),
                     "invalid configuration; still running on the previous one"
                 );
+                ctx.metrics.reload(false);
                 ctx.board.set_config_error(Some(format!(
                     "reload failed ({} problems), running previous config",
                     problems.len()
@@ -53,6 +54,7 @@ impl Reloader {
                 {
                     warn!(%error, "cannot apply log.level");
                 }
+                ctx.metrics.reload(true);
                 ctx.board.set_config_error(None);
                 ctx.board.set_max_size(effective.cache.max_size);
                 let _ = self.config_tx.send(Arc::new(effective));

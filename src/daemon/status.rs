@@ -4,7 +4,7 @@
 //! (`changed`, `publish`) and with READY.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use super::context::Task;
 use super::systemd;
 use crate::config::values::human_bytes;
+use crate::metrics::Metrics;
 
 #[derive(Debug, Default, Clone)]
 pub(super) struct TaskState {
@@ -58,9 +59,20 @@ pub(crate) struct StatusBoard {
     /// Signalled by every change the STATUS line shows (one stored permit: changes
     /// coalesce until the publisher looks).
     changed: Notify,
+    /// The Prometheus gauges that mirror the board's figures, and the steps' timings.
+    metrics: Arc<Metrics>,
 }
 
 impl StatusBoard {
+    /// A board whose figures and steps also go to `metrics`.
+    pub(crate) fn with_metrics(metrics: Arc<Metrics>) -> StatusBoard {
+        StatusBoard {
+            inner: Mutex::default(),
+            changed: Notify::new(),
+            metrics,
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Board) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -109,9 +121,10 @@ impl StatusBoard {
     /// Records the end of a step; returns true when the task had been failing and has
     /// now recovered.
     pub(crate) fn step_finished(&self, task: Task, error: Option<String>) -> bool {
-        let (recovered, shown) = self.with(|b| {
+        let failed = error.is_some();
+        let (recovered, shown, took) = self.with(|b| {
             let t = b.tasks.entry(task).or_default();
-            t.in_step_since = None;
+            let took = t.in_step_since.take().map(|s| s.elapsed());
             t.steps += 1;
             let recovered = error.is_none() && t.consecutive_failures > 0;
             let shown = error.is_some() || recovered;
@@ -125,8 +138,10 @@ impl StatusBoard {
                     t.last_error = None;
                 }
             }
-            (recovered, shown)
+            (recovered, shown, took)
         });
+        self.metrics
+            .loop_step(task.name(), took.unwrap_or_default(), failed);
         if shown {
             self.changed.notify_one();
         }
@@ -171,10 +186,13 @@ impl StatusBoard {
             b.images = Some(images);
             b.max_size = max_size;
         });
+        self.metrics.set_cache(size, images);
+        self.metrics.set_max_bytes(max_size);
     }
 
     pub(crate) fn set_max_size(&self, max_size: u64) {
         self.change(|b| b.max_size = max_size);
+        self.metrics.set_max_bytes(max_size);
     }
 
     pub(crate) fn set_queued(&self, queued: usize) {
@@ -183,10 +201,12 @@ impl StatusBoard {
 
     pub(crate) fn download_started(&self) {
         self.change(|b| b.downloading += 1);
+        self.metrics.set_downloading(self.with(|b| b.downloading));
     }
 
     pub(crate) fn download_finished(&self) {
         self.change(|b| b.downloading = b.downloading.saturating_sub(1));
+        self.metrics.set_downloading(self.with(|b| b.downloading));
     }
 
     pub(crate) fn pruned(&self, files: usize, bytes: u64) {

@@ -4,6 +4,7 @@
 //! watcher error nudges every loop into a full pass.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use notify::event::{EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -14,6 +15,7 @@ use tracing::{debug, warn};
 use super::context::Nudges;
 use crate::cache::{Area, CacheLayout};
 use crate::image_id::ImageId;
+use crate::metrics::Metrics;
 
 /// What a filesystem event means for the loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,7 @@ enum Wake {
 pub(super) fn start(
     layout: &CacheLayout,
     nudges: Nudges,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> notify::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -51,14 +54,17 @@ pub(super) fn start(
                 _ = shutdown.cancelled() => break,
                 e = rx.recv() => match e { Some(e) => e, None => break },
             };
+            metrics.watcher_event();
             let wakes = match event {
                 Ok(event) if event.need_rescan() => {
                     warn!("file watcher lost events; rescanning");
+                    metrics.watcher_overflow();
                     vec![Wake::All]
                 }
                 Ok(event) => dirs.classify(&event),
                 Err(error) => {
                     warn!(%error, "file watcher error; rescanning");
+                    metrics.watcher_overflow();
                     vec![Wake::All]
                 }
             };

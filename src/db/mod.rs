@@ -108,6 +108,8 @@ pub struct Db {
     pool: Pool,
     /// Whether `migrate` may create Glance's cache tables when the database has none.
     create_glance_tables: bool,
+    /// Where each operation's duration goes (the daemon's metrics), if anywhere.
+    query_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Connection settings beyond the URL.
@@ -143,7 +145,8 @@ impl Default for DbOptions {
 
 /// Runs `$body` with `$pool` bound to the backend's concrete pool and `$d` to its dialect.
 macro_rules! on_pool {
-    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {
+    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {{
+        let _timer = $crate::metrics::QueryTimer::start($db.query_seconds.as_ref());
         match &$db.pool {
             $crate::db::Pool::Sqlite($pool) => {
                 let $d = $crate::db::Dialect::Sqlite;
@@ -161,7 +164,7 @@ macro_rules! on_pool {
                 $body
             }
         }
-    };
+    }};
 }
 pub(crate) use on_pool;
 
@@ -249,7 +252,18 @@ impl Db {
         Ok(Db {
             pool,
             create_glance_tables: options.create_glance_tables,
+            query_seconds: None,
         })
+    }
+
+    /// Times every operation through this handle (and the clones made from it) into
+    /// `histogram`: the daemon's database latency metric.
+    pub(crate) fn timed_by(
+        mut self,
+        histogram: prometheus_client::metrics::histogram::Histogram,
+    ) -> Db {
+        self.query_seconds = Some(histogram);
+        self
     }
 
     /// The file of a SQLite database (`None` for a server database).

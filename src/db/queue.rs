@@ -240,6 +240,23 @@ impl NodeDb {
         Ok(n)
     }
 
+    /// How many images this node has queued, and how many failed, in one query
+    /// (`COUNT`: a `SUM` would come back as DECIMAL from MySQL).
+    pub async fn count_queue_states(&self) -> Result<(i64, i64), DbError> {
+        const Q: &str = "SELECT \
+             COUNT(CASE WHEN state = 'queued' THEN 1 END), \
+             COUNT(CASE WHEN state = 'failed' THEN 1 END) \
+             FROM glance_cached_queue WHERE node_reference_id = ?";
+        let counts = on_pool!(self.db, |pool, d| {
+            let row = sqlx::query(sql(d, Q))
+                .bind(self.node.0)
+                .fetch_one(pool)
+                .await?;
+            (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?)
+        });
+        Ok(counts)
+    }
+
     /// This node's queue rows, queued and failed, in order: queued time, then image id.
     pub async fn queued_images(&self) -> Result<Vec<QueueRow>, DbError> {
         const Q: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, state, \

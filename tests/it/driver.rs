@@ -35,6 +35,7 @@ crate::kit::servers::on_every_backend!(
     cached_being_cached_and_cacheable,
     queue_image_follows_glance_order_of_checks,
     queued_images_are_ordered_and_markers_adopted,
+    queue_states_are_counted_for_the_metrics,
     delete_queued_removes_rows_and_markers,
     a_marker_removed_through_glance_dequeues_its_row,
     open_for_write_publishes_verified_image,
@@ -159,6 +160,28 @@ async fn queued_images_are_ordered_and_markers_adopted(b: Backend) {
             .iter()
             .all(|q| q.attempts == 0 && q.last_error.is_none())
     );
+    t.finish().await;
+}
+
+/// The metrics' queued and failed gauges: one query, this node's rows only.
+async fn queue_states_are_counted_for_the_metrics(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (0, 0));
+    for image in ["s-a", "s-b", "s-c"] {
+        t.driver.queue_image(&id(image)).await.unwrap();
+    }
+    run_sql(
+        &t.db.url,
+        b,
+        "UPDATE glance_cached_queue SET state = 'failed' WHERE image_id = 's-b'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (2, 1));
+    let other = TestCache::on(t.db.shared(), "http://node-b:9292").await;
+    assert_eq!(other.node_db.count_queue_states().await.unwrap(), (0, 0));
     t.finish().await;
 }
 

@@ -1,0 +1,460 @@
+//! The daemon's Prometheus metrics: one `Metrics` per process, made at boot, shared by
+//! the loops through their `Context` (and the status board, which mirrors its figures
+//! into the gauges), encoded by `prometheus-client` in the OpenMetrics text format.
+//!
+//! Every label is one of a few fixed values (a reason, a kind, an outcome, a loop
+//! name), never an image id, so the series stay as few as they are at boot whatever
+//! the cache holds. Encoding reads counters and gauges only: a scrape runs no query.
+//! The HTTP listener serves `/metrics` as `Metrics::encode`'s text with `CONTENT_TYPE`
+//! (from `Context::metrics`, or the `RunOptions::metrics` it was given), and the cache
+//! API records its deletions as `evicted(EvictReason::Manual, ..)`.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::cache::{Area, CleanReport, PrunePolicy, PruneReport, ReconcileReport};
+use crate::prefetch::PrefetchOutcome;
+use crate::upstream::ErrorClass;
+
+/// The `Content-Type` of `encode`'s text (OpenMetrics 1.0, which Prometheus asks for
+/// first and parses natively).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Every metric's name starts with `glance_cached_`.
+const PREFIX: &str = "glance_cached";
+
+/// One label with one of a fixed set of values.
+type Label = [(&'static str, &'static str); 1];
+
+/// Why images left the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictReason {
+    /// The pruner, while the cache is over `cache.max_size`.
+    Size,
+    /// The pruner, while the disk is short of `pruner.min_free_disk`.
+    FreeDisk,
+    /// An operator's request (the cache API's delete and clear).
+    Manual,
+    /// Reconcile dropped rows whose file was gone.
+    Reconcile,
+}
+
+impl EvictReason {
+    const ALL: [EvictReason; 4] = [
+        EvictReason::Size,
+        EvictReason::FreeDisk,
+        EvictReason::Manual,
+        EvictReason::Reconcile,
+    ];
+
+    fn label(self) -> Label {
+        [(
+            "reason",
+            match self {
+                EvictReason::Size => "size",
+                EvictReason::FreeDisk => "free_disk",
+                EvictReason::Manual => "manual",
+                EvictReason::Reconcile => "reconcile",
+            },
+        )]
+    }
+}
+
+const CLEAN_KINDS: [&str; 2] = ["invalid", "stalled"];
+const PREFETCH_OUTCOMES: [&str; 4] = ["ok", "retry", "permanent", "verify_failure"];
+const RELOAD_OUTCOMES: [&str; 2] = ["ok", "invalid"];
+const LEASE_OUTCOMES: [&str; 2] = ["ok", "failed"];
+/// The loops' names as the daemon's `Task` shows them.
+pub(crate) const LOOP_NAMES: [&str; 6] = [
+    "cleaner",
+    "pruner",
+    "queue",
+    "lease",
+    "prefetcher",
+    "watcher",
+];
+
+/// Downloads: half a second to about an hour.
+fn download_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.5, 2.0, 14))
+}
+
+/// Loop steps: a millisecond to about four minutes (the watchdog's scale).
+fn step_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+}
+
+/// Database operations: half a millisecond to about two minutes.
+fn query_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 4.0, 10))
+}
+
+type StepFamily = Family<Label, Histogram, fn() -> Histogram>;
+
+/// The process's metrics. Cheap to update from any task (atomics, and a lock per
+/// histogram observation).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    cache_bytes: Gauge,
+    cache_max_bytes: Gauge,
+    cache_images: Gauge,
+    queued_images: Gauge,
+    failed_images: Gauge,
+    downloading_images: Gauge,
+    evicted_bytes: Family<Label, Counter>,
+    evicted_images: Family<Label, Counter>,
+    cleaner_removed_files: Family<Label, Counter>,
+    cleaner_removed_bytes: Family<Label, Counter>,
+    prefetches: Family<Label, Counter>,
+    prefetched_bytes: Counter,
+    download_duration: Histogram,
+    loop_step_duration: StepFamily,
+    loop_errors: Family<Label, Counter>,
+    db_query_duration: Histogram,
+    watcher_events: Counter,
+    watcher_overflows: Counter,
+    reloads: Family<Label, Counter>,
+    lease_renewals: Family<Label, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A family with a series for each of `values` from the start, so every series shows
+/// (at zero) before its first event.
+fn family(key: &'static str, values: &[&'static str]) -> Family<Label, Counter> {
+    let family = Family::<Label, Counter>::default();
+    for value in values {
+        let _ = family.get_or_create(&[(key, value)]);
+    }
+    family
+}
+
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let reasons: Vec<&'static str> = EvictReason::ALL.iter().map(|r| r.label()[0].1).collect();
+        let loop_step_duration = StepFamily::new_with_constructor(step_buckets as fn() -> _);
+        for name in LOOP_NAMES {
+            let _ = loop_step_duration.get_or_create(&[("loop", name)]);
+        }
+        let mut m = Metrics {
+            registry: Registry::with_prefix(PREFIX),
+            cache_bytes: Gauge::default(),
+            cache_max_bytes: Gauge::default(),
+            cache_images: Gauge::default(),
+            queued_images: Gauge::default(),
+            failed_images: Gauge::default(),
+            downloading_images: Gauge::default(),
+            evicted_bytes: family("reason", &reasons),
+            evicted_images: family("reason", &reasons),
+            cleaner_removed_files: family("kind", &CLEAN_KINDS),
+            cleaner_removed_bytes: family("kind", &CLEAN_KINDS),
+            prefetches: family("outcome", &PREFETCH_OUTCOMES),
+            prefetched_bytes: Counter::default(),
+            download_duration: download_buckets(),
+            loop_step_duration,
+            loop_errors: family("loop", &LOOP_NAMES),
+            db_query_duration: query_buckets(),
+            watcher_events: Counter::default(),
+            watcher_overflows: Counter::default(),
+            reloads: family("outcome", &RELOAD_OUTCOMES),
+            lease_renewals: family("outcome", &LEASE_OUTCOMES),
+        };
+        m.register();
+        m
+    }
+
+    /// Names every metric in the registry (the handles share their values with it).
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        r.register(
+            "build_info",
+            "Always 1, labelled with the version running",
+            build_info,
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes of complete images in the cache, as the last prune pass measured",
+            self.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_max_bytes",
+            "cache.max_size in force",
+            self.cache_max_bytes.clone(),
+        );
+        r.register(
+            "cache_images",
+            "Complete images in the cache, as the last prune pass counted",
+            self.cache_images.clone(),
+        );
+        r.register(
+            "queued_images",
+            "Images of this node queued for prefetching",
+            self.queued_images.clone(),
+        );
+        r.register(
+            "failed_images",
+            "Images of this node given up on (queue rows kept as failed)",
+            self.failed_images.clone(),
+        );
+        r.register(
+            "downloading_images",
+            "Prefetches in progress",
+            self.downloading_images.clone(),
+        );
+        r.register(
+            "evicted_bytes",
+            "Bytes of images evicted, by reason",
+            self.evicted_bytes.clone(),
+        );
+        r.register(
+            "evicted_images",
+            "Images evicted, by reason",
+            self.evicted_images.clone(),
+        );
+        r.register(
+            "cleaner_removed_files",
+            "Files the cleaner removed, by kind (invalid/, stalled incomplete/)",
+            self.cleaner_removed_files.clone(),
+        );
+        r.register(
+            "cleaner_removed_bytes",
+            "Bytes the cleaner removed, by kind",
+            self.cleaner_removed_bytes.clone(),
+        );
+        r.register(
+            "prefetches",
+            "Prefetches finished, by outcome",
+            self.prefetches.clone(),
+        );
+        r.register(
+            "prefetched_bytes",
+            "Bytes of images prefetched and published",
+            self.prefetched_bytes.clone(),
+        );
+        r.register(
+            "download_duration_seconds",
+            "Time from start to publish of each successful prefetch",
+            self.download_duration.clone(),
+        );
+        r.register(
+            "loop_step_duration_seconds",
+            "Duration of each step of a loop",
+            self.loop_step_duration.clone(),
+        );
+        r.register(
+            "loop_errors",
+            "Failed steps, by loop",
+            self.loop_errors.clone(),
+        );
+        r.register("db_query_duration_seconds", "Duration of each database operation (a statement, or a transaction with its statements)", self.db_query_duration.clone());
+        r.register(
+            "watcher_events",
+            "File system events the watcher received",
+            self.watcher_events.clone(),
+        );
+        r.register(
+            "watcher_overflows",
+            "Times the watcher lost events (queue overflow or error) and every loop rescanned",
+            self.watcher_overflows.clone(),
+        );
+        r.register(
+            "reloads",
+            "Configuration reloads, by outcome",
+            self.reloads.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "Node lease renewals, by outcome",
+            self.lease_renewals.clone(),
+        );
+    }
+
+    /// The metrics in the OpenMetrics text format (ending with `# EOF`), served with
+    /// `CONTENT_TYPE`. Reads only what the loops recorded.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    pub fn set_cache(&self, bytes: u64, images: usize) {
+        self.cache_bytes.set(clamp(bytes));
+        self.cache_images.set(clamp(images as u64));
+    }
+
+    pub fn set_max_bytes(&self, bytes: u64) {
+        self.cache_max_bytes.set(clamp(bytes));
+    }
+
+    pub fn set_queue(&self, queued: usize, failed: usize) {
+        self.queued_images.set(clamp(queued as u64));
+        self.failed_images.set(clamp(failed as u64));
+    }
+
+    pub fn set_downloading(&self, downloading: usize) {
+        self.downloading_images.set(clamp(downloading as u64));
+    }
+
+    /// `images` evicted for `reason`, freeing `bytes`.
+    pub fn evicted(&self, reason: EvictReason, images: u64, bytes: u64) {
+        let label = reason.label();
+        self.evicted_images.get_or_create(&label).inc_by(images);
+        self.evicted_bytes.get_or_create(&label).inc_by(bytes);
+    }
+
+    /// A finished prune pass. Evictions are taken in order as the size rule's until the
+    /// cache was down to its target, and as the free disk rule's after that.
+    pub fn pruned(&self, report: &PruneReport, policy: &PrunePolicy) {
+        let target = if report.size_before > policy.max_size {
+            policy
+                .low_watermark
+                .unwrap_or(policy.max_size)
+                .min(policy.max_size)
+        } else {
+            report.size_before
+        };
+        let mut size = report.size_before;
+        let (mut by_size, mut by_disk) = ((0, 0), (0, 0));
+        for (_, bytes) in &report.pruned {
+            let counted = if size > target {
+                &mut by_size
+            } else {
+                &mut by_disk
+            };
+            counted.0 += 1;
+            counted.1 += bytes;
+            size = size.saturating_sub(*bytes);
+        }
+        self.evicted(EvictReason::Size, by_size.0, by_size.1);
+        self.evicted(EvictReason::FreeDisk, by_disk.0, by_disk.1);
+    }
+
+    /// A clean pass: `invalid/` files and stalled `incomplete/` ones.
+    pub fn cleaned(&self, report: &CleanReport) {
+        for removed in &report.removed {
+            let kind = match removed.area {
+                Area::Invalid => "invalid",
+                _ => "stalled",
+            };
+            self.cleaner_removed_files
+                .get_or_create(&[("kind", kind)])
+                .inc();
+            self.cleaner_removed_bytes
+                .get_or_create(&[("kind", kind)])
+                .inc_by(removed.bytes);
+        }
+    }
+
+    /// The start-up reconcile: rows of missing files dropped (no bytes freed: the files
+    /// were gone) and what its clean removed.
+    pub fn reconciled(&self, report: &ReconcileReport) {
+        self.evicted(EvictReason::Reconcile, report.removed_rows.len() as u64, 0);
+        self.cleaned(&report.cleaned);
+    }
+
+    /// A download that ended with `outcome` after `took`. Verification failures count
+    /// as such whether retried or given up; one stopped by shutdown, or that found the
+    /// image cached already, counts as no prefetch.
+    pub fn prefetch_finished(&self, outcome: &PrefetchOutcome, took: Duration) {
+        let outcome = match outcome {
+            PrefetchOutcome::Published { bytes } => {
+                self.prefetched_bytes.inc_by(*bytes);
+                self.download_duration.observe(took.as_secs_f64());
+                "ok"
+            }
+            PrefetchOutcome::AlreadyCached | PrefetchOutcome::Interrupted => return,
+            PrefetchOutcome::Retrying { error, .. } | PrefetchOutcome::Dropped { error }
+                if error.class() == ErrorClass::Verify =>
+            {
+                "verify_failure"
+            }
+            PrefetchOutcome::Retrying { .. } => "retry",
+            PrefetchOutcome::Dropped { .. } => "permanent",
+        };
+        self.prefetches.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// One step of the loop named `name` (one of `LOOP_NAMES`).
+    pub fn loop_step(&self, name: &'static str, took: Duration, failed: bool) {
+        let label = [("loop", name)];
+        self.loop_step_duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if failed {
+            self.loop_errors.get_or_create(&label).inc();
+        }
+    }
+
+    pub fn watcher_event(&self) {
+        self.watcher_events.inc();
+    }
+
+    pub fn watcher_overflow(&self) {
+        self.watcher_overflows.inc();
+    }
+
+    /// A SIGHUP reload: applied, or refused for an invalid configuration.
+    pub fn reload(&self, applied: bool) {
+        let outcome = if applied { "ok" } else { "invalid" };
+        self.reloads.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// A heartbeat of the node lease: renewed, or failed (an error, or the lease lost).
+    pub fn lease_renewal(&self, renewed: bool) {
+        let outcome = if renewed { "ok" } else { "failed" };
+        self.lease_renewals
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// The histogram the database pool's operations are timed into (`Db::timed_by`).
+    pub(crate) fn db_queries(&self) -> Histogram {
+        self.db_query_duration.clone()
+    }
+}
+
+/// Times one database operation into its histogram when dropped, so an operation that
+/// returns early with an error is timed too.
+pub(crate) struct QueryTimer<'a> {
+    histogram: Option<&'a Histogram>,
+    started: Instant,
+}
+
+impl<'a> QueryTimer<'a> {
+    pub(crate) fn start(histogram: Option<&'a Histogram>) -> QueryTimer<'a> {
+        QueryTimer {
+            histogram,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for QueryTimer<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.histogram {
+            h.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
