@@ -10,6 +10,7 @@ pub mod db;
 pub mod digest;
 pub mod failpoint;
 pub mod glance_config;
+pub mod http;
 pub mod image_id;
 pub mod prefetch;
 pub mod process;

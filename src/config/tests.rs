@@ -69,6 +69,15 @@ fn literal(key: &Key) -> BoxedStrategy<String> {
         Kind::Path => "/[a-z]{1,8}(/[a-z0-9._-]{1,8}){0,3}"
             .prop_map(quoted)
             .boxed(),
+        Kind::List => proptest::sample::select(
+            &[
+                "[]",
+                "[\"127.0.0.1:9393\"]",
+                "[\"[::1]:80\", \"unix:/run/glance-cached/http.sock\"]",
+            ][..],
+        )
+        .prop_map(str::to_owned)
+        .boxed(),
         // log.level: a filter.
         Kind::Text | Kind::Url | Kind::Secret => proptest::sample::select(
             &[

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{Notify, watch};
 
 use super::status::StatusBoard;
@@ -21,6 +23,7 @@ pub enum Task {
     Lease,
     Prefetcher,
     Watcher,
+    Http,
 }
 
 impl fmt::Display for Task {
@@ -32,6 +35,7 @@ impl fmt::Display for Task {
             Task::Lease => "lease",
             Task::Prefetcher => "prefetcher",
             Task::Watcher => "watcher",
+            Task::Http => "http",
         })
     }
 }
@@ -54,6 +58,65 @@ impl Nudges {
     }
 }
 
+/// How a pass is asked of a loop from outside it (the cache API's prune and clean): the
+/// caller takes a ticket, nudges the loop and waits for the end of a pass that started
+/// after its ticket, so a request is served by the loop's own pass (holding its turn)
+/// and never runs beside it.
+#[derive(Debug)]
+pub(crate) struct PassRequests {
+    requested: AtomicU64,
+    done: watch::Sender<Option<PassDone>>,
+}
+
+/// The end of a pass: the highest ticket it serves, and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PassDone {
+    pub(crate) ticket: u64,
+    /// Files and bytes removed, or the error that ended the pass.
+    pub(crate) outcome: Result<(usize, u64), String>,
+}
+
+impl Default for PassRequests {
+    fn default() -> Self {
+        PassRequests {
+            requested: AtomicU64::new(0),
+            done: watch::Sender::new(None),
+        }
+    }
+}
+
+impl PassRequests {
+    /// The loop, as a pass starts: the ticket this pass will serve.
+    pub(crate) fn starting(&self) -> u64 {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// The loop, as a pass ends (or fails).
+    pub(crate) fn finished(&self, ticket: u64, outcome: Result<(usize, u64), String>) {
+        self.done.send_replace(Some(PassDone { ticket, outcome }));
+    }
+
+    /// A caller: asks for a pass, wakes the loop with `nudge` and waits for a pass that
+    /// started after the request; `None` if the loop is gone.
+    pub(crate) async fn request(&self, nudge: &Notify) -> Option<PassDone> {
+        let mut done = self.done.subscribe();
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        nudge.notify_one();
+        let seen = done
+            .wait_for(|d| d.as_ref().is_some_and(|d| d.ticket >= ticket))
+            .await
+            .ok()?;
+        seen.clone()
+    }
+}
+
+/// The loops that take pass requests.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Passes {
+    pub(crate) prune: Arc<PassRequests>,
+    pub(crate) clean: Arc<PassRequests>,
+}
+
 /// What every loop shares.
 #[derive(Clone)]
 pub struct Context {
@@ -65,6 +128,8 @@ pub struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     pub board: Arc<StatusBoard>,
     pub nudges: Nudges,
+    /// Passes asked of the pruner and the cleaner from outside (the cache API).
+    pub(crate) passes: Passes,
 }
 
 impl Context {

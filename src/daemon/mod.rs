@@ -34,7 +34,8 @@ use crate::signals;
 use crate::telemetry::LogLevelHandle;
 
 pub use crate::signals::SignalCommand;
-use context::{Context, Nudges, Task};
+pub(crate) use context::{Context, PassRequests};
+use context::{Nudges, Task};
 pub use error::DaemonError;
 pub use status::StatusBoard;
 use supervisor::Supervisor;
@@ -309,6 +310,10 @@ async fn take_lease(
     }
 }
 
+/// The longest step `/healthz` allows without a systemd watchdog: the unit's
+/// `WatchdogSec`.
+const HEALTH_MAX_STEP: Duration = Duration::from_secs(60);
+
 /// Reconcile, start the loops, send READY, and hand over to the supervisor until
 /// shutdown or a fatal condition; then tear down.
 #[allow(clippy::too_many_arguments)]
@@ -371,6 +376,7 @@ async fn start_loops_and_serve(
         config: config_rx,
         board: board.clone(),
         nudges: Nudges::default(),
+        passes: Default::default(),
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
@@ -403,13 +409,22 @@ async fn start_loops_and_serve(
     }
     let watch_actor = watcher::start(&ctx.layout, ctx.nudges.clone(), shutdown.clone())?;
     loops.spawn_task(Task::Watcher, watch_actor);
+    let watchdog = systemd::watchdog_timeout();
+    if ctx.config().http.enabled {
+        let listeners = crate::http::bind(&ctx.config().http)?;
+        let state = crate::http::HttpState {
+            ctx: ctx.clone(),
+            shutdown: shutdown.clone(),
+            max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
+        };
+        loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
+    }
 
     let reloader = reload::Reloader {
         config_path: options.config_path.clone(),
         config_tx,
         log_level,
     };
-    let watchdog = systemd::watchdog_timeout();
     info!(
         watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
         "ready"

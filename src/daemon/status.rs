@@ -25,6 +25,8 @@ pub struct TaskState {
     pub last_error: Option<String>,
     /// False once the task's loop has ended.
     pub alive: bool,
+    /// When a step last succeeded (the lease's: when the database last answered).
+    pub last_success: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +45,8 @@ struct Board {
     replaced_dirs: Vec<std::path::PathBuf>,
     /// The last line sent to systemd, so unchanged lines are not sent again.
     published: String,
+    /// READY was sent (the loops run).
+    ready: bool,
 }
 
 /// A STATUS line of its own while the board does not exist yet (a boot phase that
@@ -87,7 +91,10 @@ impl StatusBoard {
     pub fn ready(&self) {
         let line = self.line();
         systemd::ready(&line);
-        self.with(|b| b.published = line);
+        self.with(|b| {
+            b.published = line;
+            b.ready = true;
+        });
     }
 
     pub fn task_started(&self, task: Task) {
@@ -123,6 +130,7 @@ impl StatusBoard {
                 None => {
                     t.consecutive_failures = 0;
                     t.last_error = None;
+                    t.last_success = Some(Instant::now());
                 }
             }
             (recovered, shown)
@@ -152,6 +160,16 @@ impl StatusBoard {
                 .map(|(task, _)| *task)
                 .collect()
         })
+    }
+
+    /// Whether READY was sent.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.with(|b| b.ready)
+    }
+
+    /// Every task's state, for the health endpoint.
+    pub(crate) fn tasks(&self) -> Vec<(Task, TaskState)> {
+        self.with(|b| b.tasks.iter().map(|(t, s)| (*t, s.clone())).collect())
     }
 
     /// Tasks in the middle of a step (named in the log when shutdown has to abort).
