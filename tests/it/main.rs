@@ -20,6 +20,7 @@ mod faults_reactor;
 mod faults_scale;
 mod glance_interop;
 mod glance_shared;
+mod http;
 mod kit;
 mod prefetch;
 mod reconcile;

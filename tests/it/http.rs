@@ -1,0 +1,495 @@
+//! The HTTP listener against the built daemon: Glance's own client (`glance cache-*`)
+//! managing the cache, with each effect checked through our CLI; and the listener's
+//! defences (no or a wrong token, hostile ids, wrong methods, oversized bodies, slow
+//! headers), each leaving the cache unchanged and the daemon healthy.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
+use crate::kit::{free_port, glance::glance_python};
+
+const TOKEN: &str = "an-admin-token-of-some-length";
+const NODE: &str = "http://localhost:9292";
+const A: &str = "0c1d2e3f-0000-4000-8000-00000000000a";
+const B: &str = "0c1d2e3f-0000-4000-8000-00000000000b";
+const C: &str = "0c1d2e3f-0000-4000-8000-00000000000c";
+
+/// A setup whose daemon listens on a free loopback port, with the admin token file;
+/// `cache` and `http` are extra lines of those sections.
+fn setup(cache: &str, http: &str) -> (Setup, u16) {
+    let port = free_port();
+    let s = Setup::new("");
+    let token = s.tmp.path().join("admin-token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    s.write_config(&format!(
+        "{cache}\n[http]\nenabled = true\nlisten = [\"127.0.0.1:{port}\"]\nadmin_token_file = \"{}\"\n{http}\n",
+        token.display()
+    ));
+    (s, port)
+}
+
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// One request on its own connection, as raw bytes: the test controls every byte.
+fn raw(port: u16, request: &[u8]) -> Answer {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    Answer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn call(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    raw(port, request.as_bytes())
+}
+
+fn authed(port: u16, method: &str, path: &str) -> Answer {
+    call(port, method, path, &[("X-Auth-Token", TOKEN)])
+}
+
+fn queued_ids(s: &Setup) -> Vec<String> {
+    queued_json(s)
+        .iter()
+        .filter(|r| r["state"] == "queued")
+        .map(|r| r["image_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn assert_healthy(port: u16) {
+    let health = call(port, "GET", "/healthz", &[]);
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.json()["status"], "ok");
+}
+
+/// Glance's client from the suite's virtualenv, on our listener.
+fn glance(python: &Path, home: &Path, port: u16, args: &[&str]) -> Output {
+    let bin: PathBuf = python.parent().unwrap().join("glance");
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("HOME", home)
+        // The client's version discovery asks for image schemas this daemon does not
+        // serve; naming the version skips it (the cache commands still check
+        // /versions).
+        .args(["--os-image-api-version", "2"])
+        .args(["--os-image-url", &format!("http://127.0.0.1:{port}")])
+        .args(["--os-auth-token", TOKEN])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn http_glance_client_manages_the_cache() {
+    let Some(python) = glance_python() else {
+        return;
+    };
+    let (s, port) = setup("", "");
+    s.import(A, 4096);
+    s.import(B, 8192);
+    let d = s.start();
+    let home = s.tmp.path();
+
+    let listed = ok(&glance(&python, home, port, &["cache-list"]));
+    assert!(listed.contains(A) && listed.contains(B), "{listed}");
+
+    ok(&glance(&python, home, port, &["cache-queue", C]));
+    assert_eq!(queued_ids(&s), [C]);
+    let listed = ok(&glance(&python, home, port, &["cache-list"]));
+    assert!(listed.contains(C) && listed.contains("queued"), "{listed}");
+
+    let nodes = ok(&glance(&python, home, port, &["cache-nodes-list", A]));
+    assert!(nodes.contains(NODE), "{nodes}");
+
+    ok(&glance(
+        &python,
+        home,
+        port,
+        &["cache-clear", "--target", "queue"],
+    ));
+    assert!(queued_ids(&s).is_empty());
+    assert_eq!(s.cached_ids(), [A, B], "clearing the queue keeps the cache");
+
+    ok(&glance(&python, home, port, &["cache-delete", A]));
+    assert_eq!(s.cached_ids(), [B]);
+    assert!(!s.cache(A).exists());
+    // An image neither cached nor queued is unknown.
+    let out = glance(&python, home, port, &["cache-delete", A]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{out:?}"
+    );
+
+    let pruned = ok(&glance(&python, home, port, &["cache-prune"]));
+    assert!(pruned.contains("Pruned 0 file(s), 0 byte(s)"), "{pruned}");
+    ok(&glance(&python, home, port, &["cache-clean"]));
+
+    queue(&s, &[C]);
+    ok(&glance(
+        &python,
+        home,
+        port,
+        &["cache-clear", "--target", "cache"],
+    ));
+    assert!(s.cached_ids().is_empty());
+    assert!(!s.cache(B).exists());
+    assert_eq!(queued_ids(&s), [C], "clearing the cache keeps the queue");
+    assert_healthy(port);
+    d.stop();
+}
+
+/// `GET /v2/cache` is Glance's JSON: epoch-float times, the row id, the checksum, and
+/// the queue in order; prune answers with its pass's totals.
+#[test]
+fn http_cache_state_and_prune_are_glances_json() {
+    let (s, port) = setup("", "");
+    s.import(A, 4096);
+    let d = s.start();
+    queue(&s, &[C]);
+    queue(&s, &[B]);
+    let state = authed(port, "GET", "/v2/cache");
+    assert_eq!(state.status, 200, "{}", state.body);
+    let v = state.json();
+    let cached = v["cached_images"].as_array().unwrap();
+    assert_eq!(cached.len(), 1);
+    let row = &cached[0];
+    assert_eq!(row["image_id"], A);
+    assert_eq!(row["size"], 4096);
+    assert!(row["id"].is_i64(), "{row}");
+    assert!(
+        row["last_accessed"].is_f64() && row["last_modified"].is_f64(),
+        "{row}"
+    );
+    assert!(row["checksum"].is_string(), "{row}");
+    assert_eq!(v["queued_images"], serde_json::json!([C, B]));
+
+    let pruned = authed(port, "POST", "/v2/cache/prune");
+    assert_eq!(pruned.status, 200, "{}", pruned.body);
+    assert_eq!(
+        pruned.json(),
+        serde_json::json!({"total_files_pruned": 0, "total_bytes_pruned": 0})
+    );
+    let cleaned = authed(port, "POST", "/v2/cache/clean");
+    assert_eq!((cleaned.status, cleaned.body.as_str()), (200, ""));
+    let put = authed(port, "PUT", &format!("/v2/cache/{A}"));
+    assert_eq!(
+        put.status, 202,
+        "an image already cached is accepted, not queued"
+    );
+    assert_eq!(queued_ids(&s), [C, B]);
+    d.stop();
+}
+
+#[test]
+fn http_without_the_token_nothing_is_done() {
+    let (s, port) = setup("", "");
+    s.import(A, 4096);
+    let d = s.start();
+    let wrong = [("X-Auth-Token", "an-admin-token-of-some-lengtX")];
+    let short = [("X-Auth-Token", "an-admin-token")];
+    let requests = [
+        ("GET", "/v2/cache".to_owned()),
+        ("PUT", format!("/v2/cache/{C}")),
+        ("DELETE", format!("/v2/cache/{A}")),
+        ("DELETE", "/v2/cache".to_owned()),
+        ("POST", "/v2/cache/prune".to_owned()),
+        ("POST", "/v2/cache/clean".to_owned()),
+        ("GET", format!("/v2/cache/nodes/{A}")),
+        ("GET", "/v2/images".to_owned()),
+        ("PATCH", "/v2/cache".to_owned()),
+    ];
+    for (method, path) in &requests {
+        for headers in [&[][..], &wrong[..], &short[..]] {
+            let answer = call(port, method, path, headers);
+            assert_eq!(
+                answer.status, 401,
+                "{method} {path} {headers:?}: {}",
+                answer.body
+            );
+            assert!(!answer.body.contains(A), "{}", answer.body);
+        }
+    }
+    assert_eq!(s.cached_ids(), [A]);
+    assert!(s.cache(A).exists());
+    assert!(queued_ids(&s).is_empty());
+    // Health stays open.
+    assert_healthy(port);
+    assert_eq!(call(port, "GET", "/readyz", &[]).status, 200);
+    d.stop();
+}
+
+#[test]
+fn http_hostile_requests_get_clear_statuses_and_change_nothing() {
+    let (s, port) = setup("", "max_request_body = \"1KiB\"\n");
+    s.import(A, 4096);
+    let d = s.start();
+    let canary = s.tmp.path().join("canary");
+    std::fs::write(&canary, b"keep").unwrap();
+    for id in [
+        "..",
+        "..%2F..%2Fcanary",
+        "%2e%2e",
+        "glance-cache",
+        "a%00b",
+        &"x".repeat(37),
+        "%0d%0aX-Injected:%20yes",
+    ] {
+        for method in ["PUT", "DELETE"] {
+            let answer = authed(port, method, &format!("/v2/cache/{id}"));
+            assert_eq!(answer.status, 404, "{method} {id}: {}", answer.body);
+            assert!(answer.header("x-injected").is_none());
+        }
+        let nodes = authed(port, "GET", &format!("/v2/cache/nodes/{id}"));
+        assert_eq!(nodes.status, 404, "nodes {id}");
+    }
+    // Paths with more segments are no route.
+    assert_eq!(
+        authed(port, "DELETE", &format!("/v2/cache/../{A}")).status,
+        404
+    );
+    assert_eq!(
+        authed(port, "DELETE", &format!("/v2/cache/x/{A}")).status,
+        404
+    );
+
+    // Wrong methods: 405 with Glance's Allow.
+    for (method, path, allow) in [
+        ("POST", "/v2/cache".to_owned(), "GET, DELETE"),
+        ("GET", format!("/v2/cache/{A}"), "DELETE, PUT"),
+        ("GET", "/v2/cache/prune".to_owned(), "POST"),
+        ("PUT", "/v2/cache/clean".to_owned(), "POST"),
+        ("DELETE", format!("/v2/cache/nodes/{A}"), "GET"),
+        ("POST", "/healthz".to_owned(), "GET"),
+    ] {
+        let answer = authed(port, method, &path);
+        assert_eq!(answer.status, 405, "{method} {path}");
+        assert_eq!(
+            answer.header("allow").as_deref(),
+            Some(allow),
+            "{method} {path}"
+        );
+    }
+    // A clear target Glance does not know.
+    let bad = call(
+        port,
+        "DELETE",
+        "/v2/cache",
+        &[
+            ("X-Auth-Token", TOKEN),
+            ("x-image-cache-clear-target", "all"),
+        ],
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
+    // Oversized bodies, declared and chunked.
+    let declared = format!(
+        "PUT /v2/cache/{C} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw(port, declared.as_bytes()).status, 413);
+    let mut chunked = format!(
+        "PUT /v2/cache/{C} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&[b'x'; 0x200]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw(port, &chunked).status, 413);
+    // A GET with a body, as Glance's body_reject routes.
+    let with_body = format!(
+        "GET /v2/cache HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    assert_eq!(raw(port, with_body.as_bytes()).status, 400);
+    // Garbage is a 400 from the parser, not a crash.
+    assert_eq!(raw(port, b"\x16\x03\x01\x00\xa5\x01\r\n\r\n").status, 400);
+
+    assert_eq!(std::fs::read(&canary).unwrap(), b"keep");
+    assert_eq!(s.cached_ids(), [A]);
+    assert!(queued_ids(&s).is_empty(), "nothing queued");
+    assert_healthy(port);
+    d.stop();
+}
+
+/// A client that sends its request head a byte per second is dropped at
+/// `header_read_timeout`, while others are served.
+#[test]
+fn http_slow_headers_are_cut_at_the_header_timeout() {
+    let (s, port) = setup("", "header_read_timeout = \"2s\"\n");
+    let d = s.start();
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let started = Instant::now();
+    let head =
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut cut_after = None;
+    for byte in head {
+        if slow.write_all(&[*byte]).is_err() {
+            cut_after = Some(started.elapsed());
+            break;
+        }
+        // Served meanwhile: the slow client holds one connection, not the listener.
+        assert_healthy(port);
+        std::thread::sleep(Duration::from_secs(1));
+        if started.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+    }
+    // The server closed: a write fails (reset) or a read sees the end (or the 408 hyper
+    // may send first), well before the whole head was sent.
+    let elapsed = cut_after.unwrap_or_else(|| {
+        let mut rest = Vec::new();
+        slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let _ = slow.read_to_end(&mut rest);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("200 OK"),
+            "the slow request was served"
+        );
+        started.elapsed()
+    });
+    assert!(elapsed < Duration::from_secs(12), "cut after {elapsed:?}");
+    let mut rest = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let read = slow.read_to_end(&mut rest);
+    assert!(
+        read.is_err() || !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "the connection is closed without an answer"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not cut before the timeout"
+    );
+    assert_healthy(port);
+    d.stop();
+}
+
+/// `/healthz` turns 503 and names the loop when one is stuck in a step past the
+/// watchdog's timeout, as the watchdog judges it.
+#[test]
+fn http_health_names_a_stuck_loop() {
+    let (s, port) = setup("", "");
+    let mut d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[
+            ("WATCHDOG_USEC", "1000000"),
+            ("GLANCE_CACHED_TEST_FAILPOINT", "clean:mid"),
+        ],
+    );
+    d.notify.wait_for(0, SOON, |m| m.contains("READY=1"));
+    assert_healthy(port);
+    // The cleaner removes this file and then hangs in its step.
+    std::fs::write(s.cache("invalid/0c1d2e3f"), b"x").unwrap();
+    let mut last = None;
+    eventually(SOON, "/healthz reports the stuck cleaner", || {
+        let answer = call(port, "GET", "/healthz", &[]);
+        let stuck = answer.status == 503;
+        last = Some(answer.body);
+        stuck
+    });
+    let v: serde_json::Value = serde_json::from_str(last.as_deref().unwrap()).unwrap();
+    assert_eq!(v["status"], "unhealthy");
+    assert_eq!(v["loops"]["cleaner"], "stuck");
+    assert_eq!(v["loops"]["pruner"], "idle");
+    assert!(d.alive());
+}
+
+/// The listener on a unix socket; `readyz` ready; a changed `listen` is not applied by
+/// SIGHUP and says it needs a restart.
+#[test]
+fn http_unix_socket_ready_and_listen_needs_a_restart() {
+    use std::os::unix::net::UnixStream;
+    let (s, port) = setup("", "");
+    let sock = s.tmp.path().join("http.sock");
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        &format!(
+            "listen = [\"127.0.0.1:{port}\", \"unix:{}\"]",
+            sock.display()
+        ),
+    );
+    std::fs::write(&s.config, &text).unwrap();
+    let d = s.start();
+    let mut unix = UnixStream::connect(&sock).unwrap();
+    unix.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    unix.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("{\"ready\":true}"), "{out}");
+
+    let other = free_port();
+    std::fs::write(
+        &s.config,
+        text.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{other}")),
+    )
+    .unwrap();
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the reload names http.listen", || {
+        let log = d.log_text();
+        log.contains("needs a restart") && log.contains("http.listen")
+    });
+    assert_healthy(port);
+    assert!(TcpStream::connect(("127.0.0.1", other)).is_err());
+    d.stop();
+    assert!(!sock.exists(), "the socket file is removed at exit");
+}
