@@ -146,3 +146,54 @@ impl Context {
         Ok(queued)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A request made while a pass runs is not answered by that pass's end (it started
+    /// before the request, and may have passed what the caller wants removed), but by
+    /// the next pass, which the nudge starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_served_by_a_pass_that_started_after_it() {
+        let requests = Arc::new(PassRequests::default());
+        let nudge = Arc::new(Notify::new());
+        let running = requests.starting();
+        let caller = {
+            let (requests, nudge) = (requests.clone(), nudge.clone());
+            tokio::spawn(async move { requests.request(&nudge).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        requests.finished(running, Ok((1, 10)));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !caller.is_finished(),
+            "answered by a pass older than the request"
+        );
+        // The loop was nudged, so it starts the next pass at once.
+        tokio::time::timeout(Duration::from_secs(1), nudge.notified())
+            .await
+            .expect("the loop is nudged");
+        let next = requests.starting();
+        requests.finished(next, Ok((2, 20)));
+        let done = caller.await.unwrap().unwrap();
+        assert_eq!(done.outcome, Ok((2, 20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_pass_answers_with_its_error() {
+        let requests = Arc::new(PassRequests::default());
+        let nudge = Arc::new(Notify::new());
+        let caller = {
+            let (requests, nudge) = (requests.clone(), nudge.clone());
+            tokio::spawn(async move { requests.request(&nudge).await })
+        };
+        nudge.notified().await;
+        let ticket = requests.starting();
+        requests.finished(ticket, Err("disk on fire".into()));
+        let done = caller.await.unwrap().unwrap();
+        assert_eq!(done.outcome, Err("disk on fire".into()));
+    }
+}
