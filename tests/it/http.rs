@@ -493,3 +493,53 @@ fn http_unix_socket_ready_and_listen_needs_a_restart() {
     d.stop();
     assert!(!sock.exists(), "the socket file is removed at exit");
 }
+
+/// Under systemd socket activation the daemon serves the socket it is passed
+/// (`LISTEN_FDS`), not `http.listen`.
+#[test]
+fn http_socket_activation_serves_the_passed_socket() {
+    if Command::new("systemd-socket-activate")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    }
+    let (s, configured) = setup("", "");
+    let passed = free_port();
+    let address = format!("127.0.0.1:{passed}");
+    let d = Daemon::spawn_wrapped(
+        s.tmp.path(),
+        &s.config,
+        // It passes on only the variables named.
+        &[
+            "systemd-socket-activate",
+            "-l",
+            &address,
+            "-E",
+            "NOTIFY_SOCKET",
+            "-E",
+            "GLANCE_CACHED_LOG__FORMAT",
+        ],
+        &[],
+        &[],
+    );
+    // The socket is systemd's (here the wrapper's) from the start: the first request
+    // starts the daemon and waits in the backlog until it serves.
+    let mut answer = None;
+    eventually(SOON, "the passed socket accepts", || {
+        if TcpStream::connect(("127.0.0.1", passed)).is_err() {
+            return false;
+        }
+        answer = Some(call(passed, "GET", "/healthz", &[]));
+        true
+    });
+    assert_eq!(answer.unwrap().status, 200);
+    assert!(
+        TcpStream::connect(("127.0.0.1", configured)).is_err(),
+        "http.listen is not bound"
+    );
+    assert!(d.log_text().contains("using the sockets systemd passed"));
+    d.stop();
+}
