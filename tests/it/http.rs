@@ -543,3 +543,94 @@ fn http_socket_activation_serves_the_passed_socket() {
     assert!(d.log_text().contains("using the sockets systemd passed"));
     d.stop();
 }
+
+/// A request of the differential test: method, path, extra headers.
+type Probe<'a> = (&'a str, String, Vec<(&'a str, &'a str)>);
+
+/// The same requests to the real glance-api (its cache API on our directory and
+/// database, `worker_self_reference_url` our node) and to the daemon give the same
+/// statuses, `Allow` headers and JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_answers_as_glance_api_does() {
+    use crate::kit::glance::{GlanceApi, GlanceApiOptions};
+    let (s, port) = setup("", "");
+    std::fs::create_dir_all(s.cache("")).unwrap();
+    let database = s.tmp.path().join("state/glance-cached.db");
+    std::fs::create_dir_all(database.parent().unwrap()).unwrap();
+    let Some(api) = GlanceApi::start(&GlanceApiOptions {
+        cache_dir: Some(&s.cache("")),
+        database: &database,
+        node_url: NODE,
+    }) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n[node]\nreference_url = \"{NODE}\"\n{text}",
+            database.display()
+        ),
+    )
+    .unwrap();
+    // An image Glance knows, cached on this node (imported by our CLI under its id).
+    let known = api.create_image(&crate::kit::test_bytes(4096, 7)).await;
+    s.import(&known, 4096);
+    let d = s.start();
+    let glance_port: u16 = api.url.rsplit(':').next().unwrap().parse().unwrap();
+
+    let unknown = "0c1d2e3f-0000-4000-8000-0000000000ff";
+    let requests: Vec<Probe> = vec![
+        ("GET", "/v2/cache".into(), vec![]),
+        ("GET", format!("/v2/cache/nodes/{known}"), vec![]),
+        ("POST", "/v2/cache".into(), vec![]),
+        ("PATCH", "/v2/cache".into(), vec![]),
+        ("GET", format!("/v2/cache/{known}"), vec![]),
+        ("POST", format!("/v2/cache/{known}"), vec![]),
+        ("PUT", format!("/v2/cache/nodes/{known}"), vec![]),
+        ("GET", "/v2/cache/clean".into(), vec![]),
+        ("GET", "/v2/cache/prune".into(), vec![]),
+        (
+            "DELETE",
+            "/v2/cache".into(),
+            vec![("x-image-cache-clear-target", "all")],
+        ),
+        ("DELETE", format!("/v2/cache/{unknown}"), vec![]),
+        ("POST", "/v2/cache/prune".into(), vec![]),
+        ("POST", "/v2/cache/clean".into(), vec![]),
+        ("GET", "/v2/cache".into(), vec![]),
+        ("DELETE", format!("/v2/cache/{known}"), vec![]),
+        ("GET", "/v2/cache".into(), vec![]),
+    ];
+    let mut differences = Vec::new();
+    for (method, path, extra) in &requests {
+        let mut headers = vec![("X-Auth-Token", TOKEN)];
+        headers.extend(extra.iter().copied());
+        // Ours first: Glance answers 204 to the DELETE of an image it knows even when
+        // it is no longer cached (ours, without an upstream to ask, 404).
+        let ours = call(port, method, path, &headers);
+        let theirs = call(glance_port, method, path, &headers);
+        let json = |a: &Answer| {
+            a.header("content-type")
+                .is_some_and(|t| t.starts_with("application/json"))
+                .then(|| a.json())
+        };
+        let same = theirs.status == ours.status
+            && theirs.header("allow") == ours.header("allow")
+            && json(&theirs) == json(&ours);
+        if !same {
+            differences.push(format!(
+                "{method} {path}: glance {} {:?} {} / ours {} {:?} {}",
+                theirs.status,
+                theirs.header("allow"),
+                theirs.body.trim(),
+                ours.status,
+                ours.header("allow"),
+                ours.body.trim()
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    assert!(s.cached_ids().is_empty());
+    d.stop();
+}
