@@ -416,6 +416,13 @@ async fn start_loops_and_serve(
             ctx: ctx.clone(),
             shutdown: shutdown.clone(),
             max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
+            // Its own client: the prefetcher owns the loops' one.
+            upstream: match &ctx.config().upstream {
+                Some(u) => {
+                    Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?)
+                }
+                None => None,
+            },
         };
         loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
     }

@@ -72,8 +72,35 @@ pub(crate) async fn state(state: &Shared) -> Reply {
     )
 }
 
-/// `PUT /v2/cache/{id}`: 202, queued for the prefetcher.
+/// What the upstream says of an image: `Ok(None)` when it cannot tell (no upstream,
+/// or a kind without a catalogue), `Ok(Some(None))` when it does not know it.
+async fn upstream_status(state: &Shared, id: &ImageId) -> Result<Option<Option<String>>, Reply> {
+    let Some(upstream) = &state.upstream else {
+        return Ok(None);
+    };
+    upstream.image_status(id).await.map_err(|e| {
+        error!(error = %e, image_id = %id, "http: cannot ask the upstream about an image");
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("Cannot ask the upstream about image {id}: {e}"),
+        )
+    })
+}
+
+/// `PUT /v2/cache/{id}`: 202, queued for the prefetcher; with a Glance upstream, 404
+/// for an image it does not know and 400 for one that is not active, as Glance does.
 pub(crate) async fn queue(state: &Shared, id: &ImageId) -> Reply {
+    match upstream_status(state, id).await {
+        Err(refused) => return refused,
+        Ok(Some(None)) => return text(StatusCode::NOT_FOUND, &format!("Image {id} not found.")),
+        Ok(Some(Some(status))) if status != "active" => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Only images with status active can be targeted for queueing",
+            );
+        }
+        Ok(_) => {}
+    }
     match state.ctx.driver.queue_image(id).await {
         Ok(_) => {
             state.ctx.nudges.prefetcher.notify_one();
@@ -97,7 +124,12 @@ pub(crate) async fn delete(state: &Shared, id: &ImageId) -> Reply {
         Err(e) => return failed("looking the image up", &e),
     };
     if !(cached || row || queued) {
-        return text(StatusCode::NOT_FOUND, &format!("Image {id} not found."));
+        // Glance answers 204 for an image it knows, cached or not.
+        match upstream_status(state, id).await {
+            Err(refused) => return refused,
+            Ok(Some(Some(_))) => return empty(StatusCode::NO_CONTENT),
+            Ok(_) => return text(StatusCode::NOT_FOUND, &format!("Image {id} not found.")),
+        }
     }
     if let Err(e) = driver.delete_cached_image(id).await {
         return failed("deleting the cached image", &e);

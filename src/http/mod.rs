@@ -45,6 +45,9 @@ pub(crate) struct HttpState {
     pub(crate) ctx: Context,
     pub(crate) shutdown: CancellationToken,
     pub(crate) max_step: Duration,
+    /// The configured upstream, asked whether an image exists and is active (Glance's
+    /// checks on `PUT /v2/cache/{id}`); `None` without one.
+    pub(crate) upstream: Option<crate::upstream::Upstream>,
 }
 
 pub(crate) type Shared = Arc<HttpState>;

@@ -634,3 +634,69 @@ async fn http_answers_as_glance_api_does() {
     assert!(s.cached_ids().is_empty());
     d.stop();
 }
+
+/// With a Glance upstream, `PUT /v2/cache/{id}` asks it first, as Glance's API does:
+/// 404 for an image it does not know, 400 for one not active, 202 (and prefetched)
+/// for an active one; deleting an image Glance knows is 204 even when not cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_queueing_asks_the_glance_upstream() {
+    use crate::kit::glance::{GlanceApi, GlanceApiOptions};
+    let (s, port) = setup("", "");
+    let database = s.tmp.path().join("glance.db");
+    let Some(api) = GlanceApi::start(&GlanceApiOptions {
+        cache_dir: None,
+        database: &database,
+        node_url: "http://glance-node:9292",
+    }) else {
+        return;
+    };
+    let upstream_token = s.tmp.path().join("upstream-token");
+    std::fs::write(&upstream_token, "any\n").unwrap();
+    std::fs::set_permissions(&upstream_token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        format!(
+            "{text}[upstream]\nkind = \"glance\"\nurl = \"{}\"\ntoken_file = \"{}\"\n",
+            api.url,
+            upstream_token.display()
+        ),
+    )
+    .unwrap();
+    let data = crate::kit::test_bytes(4096, 9);
+    let active = api.create_image(&data).await;
+    // An image with no data yet: Glance's status "queued".
+    let created: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v2/images", api.url))
+        .json(
+            &serde_json::json!({"name": "empty", "disk_format": "raw", "container_format": "bare"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let empty = created["id"].as_str().unwrap().to_owned();
+    let d = s.start();
+
+    let unknown = authed(port, "PUT", &format!("/v2/cache/{C}"));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let not_active = authed(port, "PUT", &format!("/v2/cache/{empty}"));
+    assert_eq!(not_active.status, 400, "{}", not_active.body);
+    assert!(queued_ids(&s).is_empty(), "nothing queued");
+
+    let queued = authed(port, "PUT", &format!("/v2/cache/{active}"));
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    eventually(Duration::from_secs(30), "the image is prefetched", || {
+        s.cached_ids() == [active.clone()]
+    });
+    assert_eq!(std::fs::read(s.cache(&active)).unwrap(), data);
+
+    let known = authed(port, "DELETE", &format!("/v2/cache/{empty}"));
+    assert_eq!(known.status, 204, "{}", known.body);
+    let unknown = authed(port, "DELETE", &format!("/v2/cache/{C}"));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert_healthy(port);
+    d.stop();
+}
