@@ -35,6 +35,10 @@ enum Listener {
     Unix(UnixListener, Option<PathBuf>),
 }
 
+/// How long a draining connection with no request in progress is still polled, for a
+/// response being written.
+const DRAIN_WRITE_GRACE: Duration = Duration::from_millis(200);
+
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 
@@ -249,6 +253,13 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Resolves once no request is being answered (polled: only while draining).
+    async fn no_request(&self) {
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resolves once nothing moved for `idle` with no request in progress.
     async fn idle_for(&self, idle: Duration) {
         loop {
@@ -321,6 +332,15 @@ async fn connection(stream: Stream, state: Shared) {
             _ = state.shutdown.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            // Draining, hyper waits for a request head that may never come (a client
+            // halfway through one): only a request being answered is waited for.
+            _ = activity.no_request(), if draining => {
+                // A response just made may still be being written: hyper ends the
+                // connection once it is (graceful shutdown), a moment is enough.
+                let _ = tokio::time::timeout(DRAIN_WRITE_GRACE, conn.as_mut()).await;
+                debug!("http: closing a connection at shutdown");
+                return;
             }
             _ = activity.idle_for(config.http.idle_timeout) => {
                 debug!("http: closing an idle connection");

@@ -700,3 +700,36 @@ async fn http_queueing_asks_the_glance_upstream() {
     assert_healthy(port);
     d.stop();
 }
+
+/// At SIGTERM the listener drains: an idle keep-alive connection and one in the middle
+/// of its request head do not hold the exit.
+#[test]
+fn http_shutdown_drains_open_connections_at_once() {
+    let (s, port) = setup("", "header_read_timeout = \"1m\"\nidle_timeout = \"1h\"\n");
+    let mut d = s.start();
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut partial = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost:")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    d.signal(rustix::process::Signal::TERM);
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}: {}", d.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "exit took {:?} (shutdown_timeout is 5s)",
+        started.elapsed()
+    );
+    assert!(
+        !d.log_text().contains("did not stop in time"),
+        "{}",
+        d.log_text()
+    );
+}
