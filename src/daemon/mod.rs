@@ -378,6 +378,20 @@ async fn start_loops_and_serve(
         nudges: Nudges::default(),
         passes: Default::default(),
     };
+    // Bound before any loop runs, so a listener that cannot start fails the boot
+    // cleanly. The listener has an upstream of its own: the prefetcher owns the loops'.
+    let (listeners, http_upstream) = if ctx.config().http.enabled {
+        let listeners = crate::http::bind(&ctx.config().http)?;
+        let upstream = match &ctx.config().upstream {
+            Some(u) => {
+                Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?)
+            }
+            None => None,
+        };
+        (Some(listeners), upstream)
+    } else {
+        (None, None)
+    };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
         cleaner::CleanerWorker::new(ctx.clone()),
@@ -410,19 +424,12 @@ async fn start_loops_and_serve(
     let watch_actor = watcher::start(&ctx.layout, ctx.nudges.clone(), shutdown.clone())?;
     loops.spawn_task(Task::Watcher, watch_actor);
     let watchdog = systemd::watchdog_timeout();
-    if ctx.config().http.enabled {
-        let listeners = crate::http::bind(&ctx.config().http)?;
+    if let Some(listeners) = listeners {
         let state = crate::http::HttpState {
             ctx: ctx.clone(),
             shutdown: shutdown.clone(),
             max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
-            // Its own client: the prefetcher owns the loops' one.
-            upstream: match &ctx.config().upstream {
-                Some(u) => {
-                    Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?)
-                }
-                None => None,
-            },
+            upstream: http_upstream,
         };
         loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
     }

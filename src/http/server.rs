@@ -78,11 +78,18 @@ pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
     Ok(Listeners { sockets })
 }
 
-/// A socket file left by an earlier run is replaced; anything else at the path is not.
+/// A socket file left by an earlier run is replaced; one a live process still listens
+/// on, or anything else at the path, is not.
 fn remove_stale_socket(path: &std::path::Path) -> Result<(), HttpError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(HttpError::Bind {
+                    address: format!("unix:{}", path.display()),
+                    source: std::io::ErrorKind::AddrInUse.into(),
+                });
+            }
             std::fs::remove_file(path).map_err(|source| HttpError::StaleSocket {
                 path: path.to_path_buf(),
                 source,

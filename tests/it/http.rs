@@ -733,3 +733,33 @@ fn http_shutdown_drains_open_connections_at_once() {
         d.log_text()
     );
 }
+
+/// An address that cannot be bound fails the start with a clear error (exit 1), before
+/// any loop runs; a unix socket a live process listens on is not taken over.
+#[test]
+fn http_an_address_in_use_fails_the_start_clearly() {
+    let (s, port) = setup("", "");
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &[]);
+    let status = d.wait_exit(SOON);
+    assert_eq!(status.code(), Some(1), "{}", d.log_text());
+    assert!(
+        d.log_text().contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        d.log_text()
+    );
+    drop(held);
+
+    let sock = s.tmp.path().join("live.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        &format!("listen = [\"unix:{}\"]", sock.display()),
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &[]);
+    let status = d.wait_exit(SOON);
+    assert_eq!(status.code(), Some(1), "{}", d.log_text());
+    assert!(d.log_text().contains("cannot listen on unix:"), "{}", d.log_text());
+    assert!(sock.exists(), "the live socket stays");
+}
