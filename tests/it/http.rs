@@ -744,7 +744,8 @@ fn http_an_address_in_use_fails_the_start_clearly() {
     let status = d.wait_exit(SOON);
     assert_eq!(status.code(), Some(1), "{}", d.log_text());
     assert!(
-        d.log_text().contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        d.log_text()
+            .contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{}",
         d.log_text()
     );
@@ -760,6 +761,100 @@ fn http_an_address_in_use_fails_the_start_clearly() {
     let mut d = Daemon::spawn(s.tmp.path(), &s.config, &[], &[]);
     let status = d.wait_exit(SOON);
     assert_eq!(status.code(), Some(1), "{}", d.log_text());
-    assert!(d.log_text().contains("cannot listen on unix:"), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("cannot listen on unix:"),
+        "{}",
+        d.log_text()
+    );
     assert!(sock.exists(), "the live socket stays");
+}
+
+/// Reads one response from a keep-alive connection: its status, after its
+/// `Content-Length` body.
+fn read_response(stream: &mut TcpStream) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed mid-response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// 10,000 requests over 1,000 keep-alive connections, 100 at a time (with and without
+/// the token, health among them): each gets its clear status, nothing changes, and the
+/// daemon stays healthy.
+#[test]
+fn http_ten_thousand_requests_over_a_thousand_connections() {
+    let (s, port) = setup("", "max_connections = 64\n");
+    s.import(A, 4096);
+    let d = s.start();
+    let workers: Vec<_> = (0..100)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut statuses = std::collections::BTreeMap::new();
+                for _ in 0..10 {
+                    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .unwrap();
+                    for r in 0..10 {
+                        let (path, token) = match (w + r) % 4 {
+                            0 => ("/healthz", ""),
+                            1 => ("/v2/cache", TOKEN),
+                            2 => ("/v2/cache", "wrong"),
+                            _ => ("/v2/cache/prune", ""),
+                        };
+                        let method = if path.ends_with("prune") {
+                            "POST"
+                        } else {
+                            "GET"
+                        };
+                        let auth = if token.is_empty() {
+                            String::new()
+                        } else {
+                            format!("X-Auth-Token: {token}\r\n")
+                        };
+                        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+                        stream.write_all(request.as_bytes()).unwrap();
+                        let status = read_response(&mut stream);
+                        *statuses
+                            .entry((path, token.is_empty(), status))
+                            .or_insert(0) += 1;
+                    }
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut total = std::collections::BTreeMap::new();
+    for worker in workers {
+        for (key, n) in worker.join().unwrap() {
+            *total.entry(key).or_insert(0) += n;
+        }
+    }
+    let expected: std::collections::BTreeMap<_, _> = [
+        (("/healthz", true, 200), 2500),
+        (("/v2/cache", false, 200), 2500),
+        (("/v2/cache", false, 401), 2500),
+        (("/v2/cache/prune", true, 401), 2500),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(total, expected);
+    assert_eq!(s.cached_ids(), [A]);
+    assert!(queued_ids(&s).is_empty());
+    assert_healthy(port);
+    d.stop();
 }
