@@ -18,6 +18,7 @@ pub(crate) mod clock;
 pub(crate) mod daemon;
 pub(crate) mod failpoint;
 pub(crate) mod glance_config;
+pub(crate) mod http;
 pub(crate) mod process;
 pub(crate) mod redact;
 pub(crate) mod signals;

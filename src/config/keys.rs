@@ -21,6 +21,7 @@ pub(crate) enum Value {
     Integer(i128),
     Bool(bool),
     Text(String),
+    List(Vec<String>),
 }
 
 /// How a key's text is read and shown.
@@ -50,6 +51,8 @@ pub(crate) enum Kind {
         what: &'static str,
         words: &'static [&'static str],
     },
+    /// A list of strings (from the environment: comma-separated).
+    List,
 }
 
 /// A key's value when neither the file nor the environment sets it.
@@ -62,8 +65,10 @@ pub(crate) enum DefaultValue {
     Size(u64),
     Duration(Duration),
     Integer(i128),
+    Bool(bool),
     /// Text, a path or a choice.
     Text(&'static str),
+    List(&'static [&'static str]),
 }
 
 impl DefaultValue {
@@ -74,8 +79,12 @@ impl DefaultValue {
             DefaultValue::Size(b) => Value::Size(b),
             DefaultValue::Duration(d) => Value::Duration(d),
             DefaultValue::Integer(n) => Value::Integer(n),
+            DefaultValue::Bool(b) => Value::Bool(b),
             DefaultValue::Text(s) if kind == Kind::Path => Value::Path(PathBuf::from(s)),
             DefaultValue::Text(s) => Value::Text(s.to_owned()),
+            DefaultValue::List(items) => {
+                Value::List(items.iter().map(|s| (*s).to_owned()).collect())
+            }
         })
     }
 }
@@ -178,6 +187,10 @@ impl Kind {
             (Kind::Url, Value::Text(s)) => format!("{:?}", mask_url(s)),
             (Kind::Secret, Value::Text(_)) => "\"***\"".into(),
             (_, Value::Text(s)) => format!("{s:?}"),
+            (_, Value::List(items)) => {
+                let items: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+                format!("[{}]", items.join(", "))
+            }
         }
     }
 }
@@ -216,7 +229,21 @@ macro_rules! field_as {
     )+};
 }
 
-field_as!(u64 => Size, Duration => Duration, PathBuf => Path, String => Text, bool => Bool);
+field_as!(u64 => Size, Duration => Duration, PathBuf => Path, String => Text, bool => Bool,
+    Vec<String> => List);
+
+impl Field for Option<PathBuf> {
+    fn to_value(&self) -> Option<Value> {
+        self.clone().map(Value::Path)
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value {
+            None => Some(None),
+            Some(Value::Path(p)) => Some(Some(p)),
+            Some(_) => None,
+        }
+    }
+}
 
 impl Field for Option<u64> {
     fn to_value(&self) -> Option<Value> {
@@ -526,6 +553,55 @@ pub(crate) static KEYS: &[Key] = &[
         "The window of waiting over which min_bytes_per_second is measured",
         prefetcher.min_rate_window
     ),
+    key!(
+        "http.enabled",
+        Kind::Bool,
+        DefaultValue::Bool(false),
+        Restart,
+        "Serve health and Glance's cache API over HTTP on http.listen",
+        http.enabled
+    ),
+    key!("http.listen", Kind::List, DefaultValue::List(&["127.0.0.1:9393"]), Restart,
+        "Where to listen: \"address:port\" and \"unix:/path\" entries (ignored under systemd socket activation)",
+        http.listen, check: validate::listen_addresses),
+    key!(
+        "http.header_read_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(10)),
+        Yes,
+        "A connection that has not sent a whole request head this long after it became ready for one is closed",
+        http.header_read_timeout
+    ),
+    key!(
+        "http.idle_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(60)),
+        Yes,
+        "A connection on which no byte moves for this long is closed",
+        http.idle_timeout
+    ),
+    key!(
+        "http.max_connections",
+        Kind::Integer {
+            min: 1,
+            max: 100_000
+        },
+        DefaultValue::Integer(256),
+        Restart,
+        "Connections served at once; further ones wait in the listen backlog",
+        http.max_connections
+    ),
+    key!(
+        "http.max_request_body",
+        Kind::Size,
+        DefaultValue::Size(64 << 10),
+        Yes,
+        "A request whose body is larger is refused with 413",
+        http.max_request_body
+    ),
+    key!("http.admin_token_file", Kind::Path, Unset, Yes,
+        "The file holding the token the cache API requires in X-Auth-Token; unset: the cache API answers 401",
+        http.admin_token_file, check: validate::secret_file),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {
@@ -804,6 +880,7 @@ mod tests {
                 (Kind::Bool, Value::Bool(_)) => true,
                 (Kind::Text | Kind::Url | Kind::Secret, Value::Text(_)) => true,
                 (Kind::Choice { words, .. }, Value::Text(w)) => words.contains(&w.as_str()),
+                (Kind::List, Value::List(_)) => true,
                 _ => false,
             };
             assert!(

@@ -169,6 +169,23 @@ impl PrefetcherConfig {
     }
 }
 
+/// `[http]`: the optional listener (health and Glance's cache API).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// `address:port` and `unix:/path` entries.
+    pub listen: Vec<String>,
+    /// How long a connection may take to send a request head, counted from when it is
+    /// ready for one (so it also bounds a keep-alive connection's wait between requests).
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves for this long is closed.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_request_body: u64,
+    /// The static token the cache API requires; `None`: the cache API refuses all.
+    pub admin_token_file: Option<PathBuf>,
+}
+
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field
 /// checks done.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +200,7 @@ pub struct Config {
     pub pruner: PrunerConfig,
     pub daemon: DaemonConfig,
     pub prefetcher: PrefetcherConfig,
+    pub http: HttpConfig,
     /// Where prefetched images come from; `None`: queued images wait (Glance's API or an
     /// operator caches them).
     pub upstream: Option<UpstreamConfig>,

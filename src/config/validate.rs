@@ -13,7 +13,7 @@ use figment::{Figment, Source};
 use super::keys::{self, Field, Fill, KEYS, Key, Kind, Value};
 use super::{CacheConfig, CleanerConfig, Config, ConfigError, ConfigProblem, DaemonConfig};
 use super::{DEFAULT_NODE_URL, DEFAULT_SQLITE_FILE, DatabaseConfig, ENV_PREFIX, LogConfig};
-use super::{LogFormat, PrefetcherConfig, PrunerConfig, all_keys};
+use super::{HttpConfig, LogFormat, PrefetcherConfig, PrunerConfig, all_keys};
 use super::{format_duration, format_size, parse_duration, parse_size};
 use crate::db::{Dialect, mask_url};
 
@@ -76,6 +76,7 @@ impl<'a> Validator<'a> {
             Kind::Integer { min, max } => self.integer(name, min, max).map(Value::Integer),
             Kind::Bool => self.boolean(name).map(Value::Bool),
             Kind::Text | Kind::Url | Kind::Secret => self.string(name).map(Value::Text),
+            Kind::List => self.list(name).map(Value::List),
             Kind::Choice { what, words } => match self.string(name) {
                 Some(word) if words.contains(&word.as_str()) => Some(Value::Text(word)),
                 Some(word) => {
@@ -152,6 +153,37 @@ impl<'a> Validator<'a> {
             Raw::Num(tag, n) if !self.came_from_file(tag) => whole(n).map(|n| n.to_string()),
             _ => {
                 self.problem(key, "must be a string".into());
+                None
+            }
+        }
+    }
+
+    /// A list of strings; from the environment, which has no lists, comma-separated
+    /// text.
+    pub(super) fn list(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.value(key)? {
+            Raw::Array(_, items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item {
+                        Raw::String(_, s) => out.push(s),
+                        _ => {
+                            self.problem(key, "must be a list of strings".into());
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            }
+            Raw::String(tag, s) if !self.came_from_file(tag) => Some(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            _ => {
+                self.problem(key, "must be a list of strings".into());
                 None
             }
         }
@@ -320,7 +352,60 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             min_rate_window: Duration::ZERO,
             claim_ttl: Duration::ZERO,
         },
+        http: HttpConfig {
+            enabled: false,
+            listen: Vec::new(),
+            header_read_timeout: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            max_connections: 0,
+            max_request_body: 0,
+            admin_token_file: None,
+        },
         upstream: None,
+    }
+}
+
+/// `http.listen`: each entry an IP address with a port, or `unix:` and an absolute
+/// path (names are not resolved: the daemon binds before anything else could).
+pub(super) fn listen_addresses(v: &Value, _: &Config) -> Result<(), String> {
+    let Value::List(entries) = v else {
+        return Ok(());
+    };
+    for entry in entries {
+        match entry.strip_prefix("unix:") {
+            Some(path) if Path::new(path).is_absolute() => {}
+            Some(_) => return Err(format!("{entry:?}: a unix socket needs an absolute path")),
+            None if entry.parse::<std::net::SocketAddr>().is_ok() => {}
+            None => {
+                return Err(format!(
+                    "{entry:?} is neither \"address:port\" (e.g. \"127.0.0.1:9393\", \"[::1]:9393\") nor \"unix:/path\""
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file holding a credential: a regular file that others cannot read and only its
+/// owner can write (the checks `upstream.token_file` gets, and that every read of it
+/// repeats).
+pub(super) fn secret_file(v: &Value, _: &Config) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Value::Path(path) = v else {
+        return Ok(());
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+        Ok(m) if m.permissions().mode() & 0o004 != 0 => Err(format!(
+            "{} is world-readable: chmod o-r it (a token is a credential)",
+            path.display()
+        )),
+        Ok(m) if m.permissions().mode() & 0o022 != 0 => Err(format!(
+            "{} is writable by its group or others: chmod go-w it (whoever can write it chooses the token)",
+            path.display()
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 

@@ -42,7 +42,15 @@ impl Worker for CleanerWorker {
         // shows in STATUS until it is restored (the watcher wakes this loop for it).
         let replaced = self.ctx.layout.replaced_dirs();
         self.ctx.board.set_replaced_dirs(replaced);
-        let report = self.ctx.driver.clean(policy, now).await?;
+        let requests = &self.ctx.passes.clean;
+        let ticket = requests.starting();
+        let report = self
+            .ctx
+            .driver
+            .clean(policy, now)
+            .await
+            .inspect_err(|e| requests.finished(ticket, Err(e.to_string())))?;
+        requests.finished(ticket, Ok((report.files(), report.bytes())));
         if report.being_written > 0 {
             debug!(
                 files = report.being_written,

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{Notify, watch};
 
 use super::status::StatusBoard;
@@ -22,6 +24,7 @@ pub(crate) enum Task {
     Lease,
     Prefetcher,
     Watcher,
+    Http,
 }
 
 impl Task {
@@ -34,6 +37,7 @@ impl Task {
             Task::Lease => "lease",
             Task::Prefetcher => "prefetcher",
             Task::Watcher => "watcher",
+            Task::Http => "http",
         }
     }
 }
@@ -62,6 +66,65 @@ impl Nudges {
     }
 }
 
+/// How a pass is asked of a loop from outside it (the cache API's prune and clean): the
+/// caller takes a ticket, nudges the loop and waits for the end of a pass that started
+/// after its ticket, so a request is served by the loop's own pass (holding its turn)
+/// and never runs beside it.
+#[derive(Debug)]
+pub(crate) struct PassRequests {
+    requested: AtomicU64,
+    done: watch::Sender<Option<PassDone>>,
+}
+
+/// The end of a pass: the highest ticket it serves, and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PassDone {
+    pub(crate) ticket: u64,
+    /// Files and bytes removed, or the error that ended the pass.
+    pub(crate) outcome: Result<(usize, u64), String>,
+}
+
+impl Default for PassRequests {
+    fn default() -> Self {
+        PassRequests {
+            requested: AtomicU64::new(0),
+            done: watch::Sender::new(None),
+        }
+    }
+}
+
+impl PassRequests {
+    /// The loop, as a pass starts: the ticket this pass will serve.
+    pub(crate) fn starting(&self) -> u64 {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// The loop, as a pass ends (or fails).
+    pub(crate) fn finished(&self, ticket: u64, outcome: Result<(usize, u64), String>) {
+        self.done.send_replace(Some(PassDone { ticket, outcome }));
+    }
+
+    /// A caller: asks for a pass, wakes the loop with `nudge` and waits for a pass that
+    /// started after the request; `None` if the loop is gone.
+    pub(crate) async fn request(&self, nudge: &Notify) -> Option<PassDone> {
+        let mut done = self.done.subscribe();
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        nudge.notify_one();
+        let seen = done
+            .wait_for(|d| d.as_ref().is_some_and(|d| d.ticket >= ticket))
+            .await
+            .ok()?;
+        seen.clone()
+    }
+}
+
+/// The loops that take pass requests.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Passes {
+    pub(crate) prune: Arc<PassRequests>,
+    pub(crate) clean: Arc<PassRequests>,
+}
+
 /// What every loop shares.
 #[derive(Clone)]
 pub(crate) struct Context {
@@ -75,6 +138,8 @@ pub(crate) struct Context {
     pub nudges: Nudges,
     /// The Prometheus metrics (the board mirrors its figures into them too).
     pub metrics: Arc<Metrics>,
+    /// Passes asked of the pruner and the cleaner from outside (the cache API).
+    pub(crate) passes: Passes,
 }
 
 impl Context {
@@ -90,5 +155,56 @@ impl Context {
         self.board.set_queued(queued);
         self.metrics.set_queue(queued, failed);
         Ok(queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A request made while a pass runs is not answered by that pass's end (it started
+    /// before the request, and may have passed what the caller wants removed), but by
+    /// the next pass, which the nudge starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_served_by_a_pass_that_started_after_it() {
+        let requests = Arc::new(PassRequests::default());
+        let nudge = Arc::new(Notify::new());
+        let running = requests.starting();
+        let caller = {
+            let (requests, nudge) = (requests.clone(), nudge.clone());
+            tokio::spawn(async move { requests.request(&nudge).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        requests.finished(running, Ok((1, 10)));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !caller.is_finished(),
+            "answered by a pass older than the request"
+        );
+        // The loop was nudged, so it starts the next pass at once.
+        tokio::time::timeout(Duration::from_secs(1), nudge.notified())
+            .await
+            .expect("the loop is nudged");
+        let next = requests.starting();
+        requests.finished(next, Ok((2, 20)));
+        let done = caller.await.unwrap().unwrap();
+        assert_eq!(done.outcome, Ok((2, 20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_pass_answers_with_its_error() {
+        let requests = Arc::new(PassRequests::default());
+        let nudge = Arc::new(Notify::new());
+        let caller = {
+            let (requests, nudge) = (requests.clone(), nudge.clone());
+            tokio::spawn(async move { requests.request(&nudge).await })
+        };
+        nudge.notified().await;
+        let ticket = requests.starting();
+        requests.finished(ticket, Err("disk on fire".into()));
+        let done = caller.await.unwrap().unwrap();
+        assert_eq!(done.outcome, Err("disk on fire".into()));
     }
 }

@@ -14,6 +14,8 @@ pub(crate) enum DaemonError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     #[error(
         "node {node:?} is already served by another glance-cached ({holder}, last heartbeat {age}s ago); stop it, or start with --force if it is gone"
     )]

@@ -35,7 +35,8 @@ use crate::signals;
 use crate::telemetry::LogLevelHandle;
 
 pub(crate) use crate::signals::SignalCommand;
-use context::{Context, Nudges, Task};
+pub(crate) use context::{Context, PassRequests};
+use context::{Nudges, Task};
 pub(crate) use error::DaemonError;
 pub(crate) use status::StatusBoard;
 use supervisor::Supervisor;
@@ -314,6 +315,10 @@ async fn take_lease(
     }
 }
 
+/// The longest step `/healthz` allows without a systemd watchdog: the unit's
+/// `WatchdogSec`.
+const HEALTH_MAX_STEP: Duration = Duration::from_secs(60);
+
 /// Reconcile, start the loops, send READY, and hand over to the supervisor until
 /// shutdown or a fatal condition; then tear down.
 #[allow(clippy::too_many_arguments)]
@@ -378,6 +383,21 @@ async fn start_loops_and_serve(
         board: board.clone(),
         nudges: Nudges::default(),
         metrics: options.metrics.clone(),
+        passes: Default::default(),
+    };
+    // Bound before any loop runs, so a listener that cannot start fails the boot
+    // cleanly. The listener has an upstream of its own: the prefetcher owns the loops'.
+    let (listeners, http_upstream) = if ctx.config().http.enabled {
+        let listeners = crate::http::bind(&ctx.config().http)?;
+        let upstream = match &ctx.config().upstream {
+            Some(u) => {
+                Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?)
+            }
+            None => None,
+        };
+        (Some(listeners), upstream)
+    } else {
+        (None, None)
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
@@ -415,13 +435,22 @@ async fn start_loops_and_serve(
         shutdown.clone(),
     )?;
     loops.spawn_task(Task::Watcher, watch_actor);
+    let watchdog = systemd::watchdog_timeout();
+    if let Some(listeners) = listeners {
+        let state = crate::http::HttpState {
+            ctx: ctx.clone(),
+            shutdown: shutdown.clone(),
+            max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
+            upstream: http_upstream,
+        };
+        loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
+    }
 
     let reloader = reload::Reloader {
         config_path: options.config_path.clone(),
         config_tx,
         log_level,
     };
-    let watchdog = systemd::watchdog_timeout();
     info!(
         watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
         "ready"

@@ -14,8 +14,9 @@ use crate::cache::{CacheError, PRUNE_STEP_ROWS, PrunePass, PrunePolicy};
 
 pub(super) struct PrunerWorker {
     ctx: Context,
-    /// The prune in progress between steps, with its policy and start.
-    pass: Option<(PrunePass, PrunePolicy, Instant)>,
+    /// The prune in progress between steps, with its policy, start, and the pass
+    /// request ticket it serves (`Passes`).
+    pass: Option<(PrunePass, PrunePolicy, Instant, u64)>,
 }
 
 impl PrunerWorker {
@@ -33,24 +34,31 @@ impl Worker for PrunerWorker {
 
     async fn step(&mut self) -> Result<Next, CacheError> {
         let driver = &self.ctx.driver;
+        let requests = &self.ctx.passes.prune;
         match self.pass.take() {
             None => {
                 // Starting (listing, measuring) is one step; adopting and evicting the next.
                 let config = self.ctx.config();
                 let policy = config.prune_policy();
-                let pass = driver.start_prune(policy).await?;
-                self.pass = Some((pass, policy, Instant::now()));
+                let ticket = requests.starting();
+                let pass = driver
+                    .start_prune(policy)
+                    .await
+                    .inspect_err(|e| requests.finished(ticket, Err(e.to_string())))?;
+                self.pass = Some((pass, policy, Instant::now(), ticket));
                 Ok(Next::Again)
             }
-            Some((mut pass, policy, started)) if !pass.is_done() => {
+            Some((mut pass, policy, started, ticket)) if !pass.is_done() => {
                 // On an error the pass is dropped with its prune turn, so downloads can
                 // make room during the backoff; the next step starts a new pass.
-                pass.step(driver, PRUNE_STEP_ROWS).await?;
-                self.pass = Some((pass, policy, started));
+                pass.step(driver, PRUNE_STEP_ROWS)
+                    .await
+                    .inspect_err(|e| requests.finished(ticket, Err(e.to_string())))?;
+                self.pass = Some((pass, policy, started, ticket));
                 Ok(Next::Again)
             }
-            Some((pass, policy, started)) => {
-                self.report(pass, policy, started);
+            Some((pass, policy, started, ticket)) => {
+                self.report(pass, policy, started, ticket);
                 Ok(Next::IdleUntil(
                     Instant::now() + self.ctx.config().pruner.interval,
                 ))
@@ -60,8 +68,12 @@ impl Worker for PrunerWorker {
 }
 
 impl PrunerWorker {
-    fn report(&self, pass: PrunePass, policy: PrunePolicy, started: Instant) {
+    fn report(&self, pass: PrunePass, policy: PrunePolicy, started: Instant, ticket: u64) {
         let report = pass.into_report();
+        self.ctx
+            .passes
+            .prune
+            .finished(ticket, Ok((report.files(), report.bytes())));
         if report.files() > 0 || report.rows_without_file > 0 {
             info!(
                 files = report.files(),

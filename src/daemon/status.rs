@@ -18,14 +18,16 @@ use crate::config::values::human_bytes;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Default, Clone)]
-pub(super) struct TaskState {
+pub(crate) struct TaskState {
     /// When the current step started; `None` while idle.
-    pub in_step_since: Option<Instant>,
-    pub steps: u64,
-    pub consecutive_failures: u32,
-    pub last_error: Option<String>,
+    pub(crate) in_step_since: Option<Instant>,
+    pub(crate) steps: u64,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) last_error: Option<String>,
     /// False once the task's loop has ended.
-    pub alive: bool,
+    pub(crate) alive: bool,
+    /// When a step last succeeded (the lease's: when the database last answered).
+    pub(crate) last_success: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +46,8 @@ struct Board {
     replaced_dirs: Vec<std::path::PathBuf>,
     /// The last line sent to systemd, so unchanged lines are not sent again.
     published: String,
+    /// READY was sent (the loops run).
+    ready: bool,
 }
 
 /// A STATUS line of its own while the board does not exist yet (a boot phase that
@@ -99,7 +103,10 @@ impl StatusBoard {
     pub(crate) fn ready(&self) {
         let line = self.line();
         systemd::ready(&line);
-        self.with(|b| b.published = line);
+        self.with(|b| {
+            b.published = line;
+            b.ready = true;
+        });
     }
 
     pub(crate) fn task_started(&self, task: Task) {
@@ -136,6 +143,7 @@ impl StatusBoard {
                 None => {
                     t.consecutive_failures = 0;
                     t.last_error = None;
+                    t.last_success = Some(Instant::now());
                 }
             }
             (recovered, shown, took)
@@ -167,6 +175,16 @@ impl StatusBoard {
                 .map(|(task, _)| *task)
                 .collect()
         })
+    }
+
+    /// Whether READY was sent.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.with(|b| b.ready)
+    }
+
+    /// Every task's state, for the health endpoint.
+    pub(crate) fn tasks(&self) -> Vec<(Task, TaskState)> {
+        self.with(|b| b.tasks.iter().map(|(t, s)| (*t, s.clone())).collect())
     }
 
     /// Tasks in the middle of a step (named in the log when shutdown has to abort).

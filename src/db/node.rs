@@ -132,6 +132,21 @@ impl Db {
             .ok_or_else(|| wrap(sqlx::Error::RowNotFound))
     }
 
+    /// The reference URLs of the nodes whose `cached_images` hold `image_id`, ordered
+    /// (Glance's `get_cached_nodes`: every node of the shared database).
+    pub async fn cached_nodes(&self, image_id: &str) -> Result<Vec<String>, DbError> {
+        const Q: &str = "SELECT n.node_reference_url FROM node_reference n \
+             JOIN cached_images c ON c.node_reference_id = n.node_reference_id \
+             WHERE c.image_id = ? ORDER BY n.node_reference_url";
+        let urls = on_pool!(self, |pool, d| {
+            sqlx::query_scalar::<_, String>(sql(d, Q))
+                .bind(image_id)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(urls)
+    }
+
     /// The id of the node named `url`, if it has a row.
     pub async fn find_node(&self, url: &str) -> Result<Option<NodeId>, DbError> {
         let row = on_pool!(self, |pool, d| {

@@ -90,6 +90,25 @@ impl GlanceUpstream {
         ))
     }
 
+    /// The image's status as Glance has it (`active`, `queued`, ...); `None` when
+    /// Glance does not know it (404).
+    pub(crate) async fn image_status(&self, id: &ImageId) -> Result<Option<String>, UpstreamError> {
+        let url = format!("{}/v2/images/{id}", self.base);
+        let response = match self.get(&url, None).await {
+            Ok(response) => response,
+            Err(UpstreamError::Status { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let image = read_json_capped(response, &request_text("GET", &url)).await?;
+        Ok(Some(
+            image["status"].as_str().unwrap_or("unknown").to_owned(),
+        ))
+    }
+
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let url = format!("{}/v2/images/{id}", self.base);
         let image =

@@ -226,6 +226,19 @@ impl Upstream {
         })
     }
 
+    /// The image's status upstream, for the kinds that can tell (Glance): `Some(None)`
+    /// when the upstream does not know the image, `None` for a kind that has no
+    /// catalogue (an HTTP server, a directory).
+    pub(crate) async fn image_status(
+        &self,
+        id: &ImageId,
+    ) -> Result<Option<Option<String>>, UpstreamError> {
+        match self {
+            Upstream::Glance(g) => g.image_status(id).await.map(Some),
+            Upstream::Http(_) | Upstream::Directory(_) => Ok(None),
+        }
+    }
+
     /// Asks for the image: its expected size and checksums, and a stream of its bytes.
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         match self {

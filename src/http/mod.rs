@@ -1,0 +1,53 @@
+//! The optional HTTP listener (`[http]`): health for monitoring and Glance's own cache
+//! API for `glance cache-*`. One file per concern: `server` (sockets, connection
+//! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
+//! router has them), `health`, `cache_api` and `auth`. HTTP/1.1 without TLS: TLS and
+//! Keystone tokens are not supported yet.
+
+mod auth;
+mod cache_api;
+mod health;
+mod routes;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Context;
+
+pub(crate) use server::{bind, serve};
+
+/// Why the listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HttpError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot remove the stale unix socket {path:?}: {source}")]
+    StaleSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path:?} exists and is not a unix socket: refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("systemd socket activation: {0}")]
+    SocketActivation(String),
+}
+
+/// What the handlers reach: the loops' shared context, the shutdown token (readiness
+/// ends with it) and the longest step the watchdog allows (the health judgement).
+pub(crate) struct HttpState {
+    pub(crate) ctx: Context,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) max_step: Duration,
+    /// The configured upstream, asked whether an image exists and is active (Glance's
+    /// checks on `PUT /v2/cache/{id}`); `None` without one.
+    pub(crate) upstream: Option<crate::upstream::Upstream>,
+}
+
+pub(crate) type Shared = Arc<HttpState>;

@@ -1,0 +1,415 @@
+//! The sockets and connections: TCP and unix listeners (or the ones systemd passes),
+//! at most `http.max_connections` served at once (the rest wait in the backlog), a
+//! header read timeout (slowloris), an idle timeout, and a graceful drain at shutdown:
+//! no new connection is accepted, requests in progress finish, idle connections close.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{HttpError, Shared, routes};
+use crate::config::HttpConfig;
+
+/// The bound sockets.
+pub(crate) struct Listeners {
+    sockets: Vec<Listener>,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    /// With the path we created (removed at exit), `None` when systemd made it.
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+/// How long a draining connection with no request in progress is still polled, for a
+/// response being written.
+const DRAIN_WRITE_GRACE: Duration = Duration::from_millis(200);
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// Binds `config.listen`, or takes the sockets systemd passes (`LISTEN_FDS` for this
+/// process's `LISTEN_PID`), which then replace `listen`.
+pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
+    if let Some(sockets) = systemd_sockets()? {
+        info!(
+            sockets = sockets.len(),
+            "http: using the sockets systemd passed"
+        );
+        return Ok(Listeners { sockets });
+    }
+    let mut sockets = Vec::new();
+    for entry in &config.listen {
+        let failed = |source| HttpError::Bind {
+            address: entry.clone(),
+            source,
+        };
+        match entry.strip_prefix("unix:") {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                remove_stale_socket(&path)?;
+                let listener = UnixListener::bind(&path).map_err(failed)?;
+                info!(path = ?path, "http: listening");
+                sockets.push(Listener::Unix(listener, Some(path)));
+            }
+            None => {
+                let listener = std::net::TcpListener::bind(entry.as_str()).map_err(failed)?;
+                listener.set_nonblocking(true).map_err(failed)?;
+                let listener = TcpListener::from_std(listener).map_err(failed)?;
+                info!(address = %entry, "http: listening");
+                sockets.push(Listener::Tcp(listener));
+            }
+        }
+    }
+    Ok(Listeners { sockets })
+}
+
+/// A socket file left by an earlier run is replaced; one a live process still listens
+/// on, or anything else at the path, is not.
+fn remove_stale_socket(path: &std::path::Path) -> Result<(), HttpError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(HttpError::Bind {
+                    address: format!("unix:{}", path.display()),
+                    source: std::io::ErrorKind::AddrInUse.into(),
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| HttpError::StaleSocket {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(HttpError::NotASocket {
+            path: path.to_path_buf(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The sockets of systemd socket activation, when they are ours: `LISTEN_PID` names
+/// this process (a child started by us must not take them) and `LISTEN_FDS` counts them
+/// from descriptor 3. Each is a listening stream socket, TCP or unix.
+fn systemd_sockets() -> Result<Option<Vec<Listener>>, HttpError> {
+    let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let count: RawFd = fds
+        .trim()
+        .parse()
+        .map_err(|_| HttpError::SocketActivation(format!("LISTEN_FDS={fds:?}")))?;
+    let mut sockets = Vec::new();
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START.saturating_add(count) {
+        sockets.push(adopt_fd(fd)?);
+    }
+    Ok(Some(sockets))
+}
+
+fn adopt_fd(fd: RawFd) -> Result<Listener, HttpError> {
+    let failed = |what: &str, e: std::io::Error| {
+        HttpError::SocketActivation(format!("descriptor {fd}: {what}: {e}"))
+    };
+    // SAFETY: an all-zero sockaddr_storage is valid; getsockname writes at most `len`.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes; a bad descriptor is an error.
+    let rc =
+        unsafe { libc::getsockname(fd, (&raw mut addr).cast::<libc::sockaddr>(), &raw mut len) };
+    if rc != 0 {
+        return Err(failed("not a socket", std::io::Error::last_os_error()));
+    }
+    // SAFETY: systemd passed this descriptor to us and nothing else in the process
+    // owns it (LISTEN_PID named this process); it is a socket (getsockname above).
+    match i32::from(addr.ss_family) {
+        libc::AF_UNIX => {
+            let std = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            std.set_nonblocking(true)
+                .map_err(|e| failed("nonblocking", e))?;
+            let listener = UnixListener::from_std(std).map_err(|e| failed("register", e))?;
+            Ok(Listener::Unix(listener, None))
+        }
+        libc::AF_INET | libc::AF_INET6 => {
+            let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            std.set_nonblocking(true)
+                .map_err(|e| failed("nonblocking", e))?;
+            let listener = TcpListener::from_std(std).map_err(|e| failed("register", e))?;
+            Ok(Listener::Tcp(listener))
+        }
+        family => Err(HttpError::SocketActivation(format!(
+            "descriptor {fd}: address family {family} is neither unix nor IP"
+        ))),
+    }
+}
+
+/// Serves until the shutdown token, then drains: stops accepting, lets requests in
+/// progress finish and closes idle connections; returns when every connection is done
+/// (the supervisor's teardown bounds the wait with `daemon.shutdown_timeout`).
+pub(crate) async fn serve(listeners: Listeners, state: Shared) {
+    let max = state.ctx.config().http.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    let connections = TaskTracker::new();
+    let accepting = TaskTracker::new();
+    let mut paths = Vec::new();
+    for listener in listeners.sockets {
+        if let Listener::Unix(_, Some(path)) = &listener {
+            paths.push(path.clone());
+        }
+        accepting.spawn(accept_loop(
+            listener,
+            state.clone(),
+            permits.clone(),
+            connections.clone(),
+        ));
+    }
+    accepting.close();
+    accepting.wait().await;
+    for path in paths {
+        let _ = std::fs::remove_file(&path);
+    }
+    connections.close();
+    connections.wait().await;
+    debug!("http: drained");
+}
+
+async fn accept_loop(
+    listener: Listener,
+    state: Shared,
+    permits: Arc<Semaphore>,
+    connections: TaskTracker,
+) {
+    let shutdown = state.shutdown.clone();
+    loop {
+        // A permit first: past max_connections, clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                let state = state.clone();
+                connections.spawn(async move {
+                    connection(stream, state).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // Out of descriptors and the like: pause rather than spin.
+                warn!(%error, "http: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Stream> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+    }
+}
+
+/// When a byte last moved on a connection, and whether a request is being answered
+/// (a prune that takes a while is not idleness).
+pub(crate) struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no request is being answered (polled: only while draining).
+    async fn no_request(&self) {
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Resolves once nothing moved for `idle` with no request in progress.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline && self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            let wake = if Instant::now() >= deadline {
+                Instant::now() + idle
+            } else {
+                deadline
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+/// Counts a request in progress for as long as it lives.
+pub(crate) struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.touch();
+    }
+}
+
+async fn connection(stream: Stream, state: Shared) {
+    let config = state.ctx.config();
+    let activity = Arc::new(Activity::new());
+    let io = Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let service_state = state.clone();
+    let service_activity = activity.clone();
+    let service = service_fn(move |request| {
+        let state = service_state.clone();
+        let in_flight = InFlight::new(&service_activity);
+        async move {
+            let response = routes::handle(state, request).await;
+            drop(in_flight);
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.http.header_read_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => {
+                if let Err(error) = done {
+                    debug!(%error, "http: connection ended");
+                }
+                return;
+            }
+            _ = state.shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            // Draining, hyper waits for a request head that may never come (a client
+            // halfway through one): only a request being answered is waited for.
+            _ = activity.no_request(), if draining => {
+                // A response just made may still be being written: hyper ends the
+                // connection once it is (graceful shutdown), a moment is enough.
+                let _ = tokio::time::timeout(DRAIN_WRITE_GRACE, conn.as_mut()).await;
+                debug!("http: closing a connection at shutdown");
+                return;
+            }
+            _ = activity.idle_for(config.http.idle_timeout) => {
+                debug!("http: closing an idle connection");
+                return;
+            }
+        }
+    }
+}
+
+/// A stream that records each byte moved in its `Activity`.
+struct Tracked {
+    inner: Stream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.inner {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        };
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
