@@ -63,6 +63,7 @@ enum Route {
     },
     Healthz,
     Readyz,
+    Metrics,
     Cache,
     CacheClean,
     CachePrune,
@@ -76,6 +77,7 @@ fn route(path: &str) -> Option<Route> {
         "/versions" => Route::Versions { explicit: true },
         "/healthz" => Route::Healthz,
         "/readyz" => Route::Readyz,
+        "/metrics" => Route::Metrics,
         "/v2/cache" => Route::Cache,
         "/v2/cache/clean" => Route::CacheClean,
         "/v2/cache/prune" => Route::CachePrune,
@@ -128,7 +130,7 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     }
     if !matches!(
         route,
-        Route::Healthz | Route::Readyz | Route::Versions { .. }
+        Route::Healthz | Route::Readyz | Route::Metrics | Route::Versions { .. }
     ) && let Some(refused) = auth::refusal(&state, &parts.headers).await
     {
         return refused;
@@ -159,7 +161,8 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
         (Route::Versions { .. }, _) => not_allowed("GET"),
         (Route::Healthz, Method::GET) => health::healthz(&state),
         (Route::Readyz, Method::GET) => health::readyz(&state),
-        (Route::Healthz | Route::Readyz, _) => not_allowed("GET"),
+        (Route::Metrics, Method::GET) => metrics(&state),
+        (Route::Healthz | Route::Readyz | Route::Metrics, _) => not_allowed("GET"),
         (Route::Cache, Method::GET) if !body.is_empty() => no_body(empty(StatusCode::OK)),
         (Route::Cache, Method::GET) => cache_api::state(&state).await,
         (Route::Cache, Method::DELETE) => cache_api::clear(&state, &parts.headers).await,
@@ -183,6 +186,17 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
             Err(_) => not_found(),
         },
         (Route::CacheEntry(_), _) => not_allowed("DELETE, PUT"),
+    }
+}
+
+/// The Prometheus scrape: what the loops recorded, encoded; no query, no file.
+fn metrics(state: &Shared) -> Reply {
+    match state.ctx.metrics.encode() {
+        Ok(text) => reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The metrics could not be encoded.",
+        ),
     }
 }
 
@@ -238,6 +252,7 @@ mod tests {
         assert!(matches!(route("/v2/cache/abc"), Some(Route::CacheEntry(id)) if id == "abc"));
         assert!(route("/v2/cache/a/b").is_none());
         assert!(route("/v2/cache/nodes/a/b").is_none());
-        assert!(route("/metrics").is_none());
+        assert!(matches!(route("/metrics"), Some(Route::Metrics)));
+        assert!(route("/metrics/x").is_none());
     }
 }

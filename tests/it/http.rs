@@ -527,15 +527,13 @@ fn http_socket_activation_serves_the_passed_socket() {
     );
     // The socket is systemd's (here the wrapper's) from the start: the first request
     // starts the daemon and waits in the backlog until it serves.
-    let mut answer = None;
-    eventually(SOON, "the passed socket accepts", || {
+    // Until the loops have run once, health may still say 503: poll for the 200.
+    eventually(SOON, "the passed socket serves /healthz", || {
         if TcpStream::connect(("127.0.0.1", passed)).is_err() {
             return false;
         }
-        answer = Some(call(passed, "GET", "/healthz", &[]));
-        true
+        call(passed, "GET", "/healthz", &[]).status == 200
     });
-    assert_eq!(answer.unwrap().status, 200);
     assert!(
         TcpStream::connect(("127.0.0.1", configured)).is_err(),
         "http.listen is not bound"
@@ -855,6 +853,63 @@ fn http_ten_thousand_requests_over_a_thousand_connections() {
     assert_eq!(total, expected);
     assert_eq!(s.cached_ids(), [A]);
     assert!(queued_ids(&s).is_empty());
+    assert_healthy(port);
+    d.stop();
+}
+
+/// The value of the sample `name` (with its labels, as the text shows them) in a scrape.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `/metrics` is open (no token), in the OpenMetrics text format a real Prometheus
+/// parser reads, answers only GET, and moves with what the daemon does: here a reload.
+#[test]
+fn http_metrics_are_served_open_and_move_with_the_daemon() {
+    let (s, port) = setup("", "");
+    let d = s.start();
+    let scrape = call(port, "GET", "/metrics", &[]);
+    assert_eq!(scrape.status, 200, "{}", scrape.body);
+    assert!(
+        scrape
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{}",
+        scrape.head
+    );
+    assert!(scrape.body.ends_with("# EOF\n"), "{}", scrape.body);
+    let reloads = r#"glance_cached_reloads_total{outcome="ok"}"#;
+    let before = sample(&scrape.body, reloads).unwrap_or_else(|| panic!("{}", scrape.body));
+    if let Some(python) = glance_python() {
+        let mut parse = Command::new(python)
+            .args([
+                "-c",
+                "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as f\nprint(len(list(f(sys.stdin.read()))))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        parse
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(scrape.body.as_bytes())
+            .unwrap();
+        let families = ok(&parse.wait_with_output().unwrap());
+        assert!(families.trim().parse::<usize>().unwrap() > 20, "{families}");
+    }
+    assert_eq!(call(port, "POST", "/metrics", &[]).status, 405);
+
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the reload counted in /metrics", || {
+        let now = call(port, "GET", "/metrics", &[]);
+        sample(&now.body, reloads) == Some(before + 1.0)
+    });
     assert_healthy(port);
     d.stop();
 }
