@@ -17,6 +17,7 @@ use super::routes::{Reply, empty, json, text};
 use crate::daemon::PassRequests;
 use crate::db::QueueState;
 use crate::image_id::ImageId;
+use crate::metrics::EvictReason;
 
 /// How long a prune or clean request waits for the loop's pass before giving up (the
 /// pass goes on).
@@ -115,10 +116,15 @@ pub(crate) async fn queue(state: &Shared, id: &ImageId) -> Reply {
 pub(crate) async fn delete(state: &Shared, id: &ImageId) -> Reply {
     let driver = &state.ctx.driver;
     let cached = driver.cached(id).await;
-    let row = match state.ctx.db.cached_images().await {
-        Ok(rows) => rows.iter().any(|r| &r.image_id == id),
+    // The row's size is what the eviction counts (the file may be gone already).
+    let row_size = match state.ctx.db.cached_images().await {
+        Ok(rows) => rows
+            .iter()
+            .find(|r| &r.image_id == id)
+            .map(|r| u64::try_from(r.size).unwrap_or(0)),
         Err(e) => return failed("looking the image up", &e),
     };
+    let row = row_size.is_some();
     let queued = match driver.is_queued(id).await {
         Ok(q) => q,
         Err(e) => return failed("looking the image up", &e),
@@ -131,8 +137,13 @@ pub(crate) async fn delete(state: &Shared, id: &ImageId) -> Reply {
             Ok(_) => return text(StatusCode::NOT_FOUND, &format!("Image {id} not found.")),
         }
     }
-    if let Err(e) = driver.delete_cached_image(id).await {
-        return failed("deleting the cached image", &e);
+    match driver.delete_cached_image(id).await {
+        Ok(true) => state
+            .ctx
+            .metrics
+            .evicted(EvictReason::Manual, 1, row_size.unwrap_or(0)),
+        Ok(false) => {}
+        Err(e) => return failed("deleting the cached image", &e),
     }
     if let Err(e) = driver.delete_queued_image(id).await {
         return failed("dequeueing the image", &e);
@@ -159,8 +170,22 @@ pub(crate) async fn clear(state: &Shared, headers: &HeaderMap) -> Reply {
         }
     };
     let driver = &state.ctx.driver;
-    if cache && let Err(e) = driver.delete_all_cached_images().await {
-        return failed("clearing the cache", &e);
+    if cache {
+        // Counted by the rows' sizes, read just before: the listing the driver removes
+        // by is the directory's.
+        let bytes = match state.ctx.db.cached_images().await {
+            Ok(rows) => {
+                crate::cache::total_bytes(rows.iter().map(|r| u64::try_from(r.size).unwrap_or(0)))
+            }
+            Err(e) => return failed("clearing the cache", &e),
+        };
+        match driver.delete_all_cached_images().await {
+            Ok(images) => state
+                .ctx
+                .metrics
+                .evicted(EvictReason::Manual, images, bytes),
+            Err(e) => return failed("clearing the cache", &e),
+        }
     }
     if queue && let Err(e) = driver.delete_all_queued_images().await {
         return failed("clearing the queue", &e);

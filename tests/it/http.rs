@@ -866,10 +866,12 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 /// `/metrics` is open (no token), in the OpenMetrics text format a real Prometheus
-/// parser reads, answers only GET, and moves with what the daemon does: here a reload.
+/// parser reads, answers only GET, and moves with what the daemon does: here a reload
+/// and an image deleted through the cache API (a manual eviction).
 #[test]
 fn http_metrics_are_served_open_and_move_with_the_daemon() {
     let (s, port) = setup("", "");
+    s.import(A, 4096);
     let d = s.start();
     let scrape = call(port, "GET", "/metrics", &[]);
     assert_eq!(scrape.status, 200, "{}", scrape.body);
@@ -910,6 +912,18 @@ fn http_metrics_are_served_open_and_move_with_the_daemon() {
         let now = call(port, "GET", "/metrics", &[]);
         sample(&now.body, reloads) == Some(before + 1.0)
     });
+
+    let bytes = r#"glance_cached_evicted_bytes_total{reason="manual"}"#;
+    let images = r#"glance_cached_evicted_images_total{reason="manual"}"#;
+    let scrape = call(port, "GET", "/metrics", &[]).body;
+    let (bytes_before, images_before) = (sample(&scrape, bytes), sample(&scrape, images));
+    assert_eq!(
+        authed(port, "DELETE", &format!("/v2/cache/{A}")).status,
+        204
+    );
+    let scrape = call(port, "GET", "/metrics", &[]).body;
+    assert_eq!(sample(&scrape, bytes), bytes_before.map(|b| b + 4096.0));
+    assert_eq!(sample(&scrape, images), images_before.map(|n| n + 1.0));
     assert_healthy(port);
     d.stop();
 }
