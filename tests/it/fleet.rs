@@ -3,6 +3,9 @@
 //! PostgreSQL.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use glance_cached::db::NodeDb;
@@ -12,7 +15,27 @@ use crate::kit::origin::{Behaviour, Origin};
 use crate::kit::servers::{
     Backend, NODE_LRU_INDEX, TestCache, TestDb, node_lru_index_columns, query_texts, run_sql,
 };
-use crate::kit::test_bytes;
+use crate::kit::{free_port, test_bytes};
+
+const HTTP_TOKEN: &str = "a-fleet-admin-token";
+
+/// `GET /v2/cache/nodes/{id}` on the listener at `port`, as a set of node URLs.
+fn cache_nodes(port: u16, id: &str) -> BTreeSet<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET /v2/cache/nodes/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Auth-Token: {HTTP_TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    serde_json::from_str::<Vec<String>>(body)
+        .unwrap_or_else(|e| panic!("{e}: {body}"))
+        .into_iter()
+        .collect()
+}
 
 crate::kit::servers::on_every_backend!(schema_index_is_created_once_and_serves_per_node_queries);
 
@@ -105,8 +128,8 @@ async fn schema_index_is_created_once_and_serves_per_node_queries(b: Backend) {
 /// Ten daemons of ten nodes on one PostgreSQL, each queueing the same 100 images from one
 /// origin: each node caches each image once (100 rows, 100 files, the right bytes; the
 /// origin serves each image ten times), every claim seen in the queue is held by the
-/// daemon of the row's node, and all ten stop cleanly on SIGTERM. (That
-/// `GET /v2/cache/nodes/{id}` lists all ten waits for the HTTP API.)
+/// daemon of the row's node, Glance's `GET /v2/cache/nodes/{id}` on one node's listener
+/// lists all ten nodes, and all ten stop cleanly on SIGTERM.
 #[test]
 fn fleet_of_ten_daemons_on_one_postgres_caches_each_image_once_per_node() {
     const NODES: usize = 10;
@@ -128,16 +151,30 @@ fn fleet_of_ten_daemons_on_one_postgres_caches_each_image_once_per_node() {
         };
         origin.add(id, data.clone(), behaviour);
     }
+    let http_port = free_port();
     let setups: Vec<Setup> = (0..NODES)
         .map(|n| {
-            Setup::new(&format!(
+            let extra = format!(
                 "[prefetcher]\nconcurrency = 4\nretry_delay = \"100ms\"\nmax_retry_delay = \"200ms\"\ninterval = \"1h\"\n\
                  [upstream]\nkind = \"glance\"\nurl = \"{}\"\n\
                  [database]\nurl = \"{}\"\nmax_connections = 4\ncreate_glance_tables = true\n\
                  [node]\nreference_url = \"http://fleet-{n}:9292\"\n",
                 origin.url(),
                 db.url
-            ))
+            );
+            let s = Setup::new(&extra);
+            if n == 0 {
+                // Node 0 answers Glance's cache API, for the nodes listing.
+                let token = s.tmp.path().join("admin-token");
+                std::fs::write(&token, format!("{HTTP_TOKEN}\n")).unwrap();
+                std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+                s.write_config(&format!(
+                    "{extra}[http]\nenabled = true\nlisten = [\"127.0.0.1:{http_port}\"]\nadmin_token_file = \"{}\"\n",
+                    token.display()
+                ));
+            }
+            s
         })
         .collect();
     // All ten start at once: their migrations meet on the lock.
@@ -254,6 +291,12 @@ fn fleet_of_ten_daemons_on_one_postgres_caches_each_image_once_per_node() {
     for (id, _) in &images {
         assert_eq!(origin.file_requests(id), NODES as u32, "{id}");
     }
+    // Glance's listing of the nodes caching an image, from node 0's listener.
+    let listed = cache_nodes(http_port, &images[0].0);
+    let expected: BTreeSet<String> = (0..NODES)
+        .map(|n| format!("http://fleet-{n}:9292"))
+        .collect();
+    assert_eq!(listed, expected);
     rt.block_on(pool.close());
     for d in daemons {
         d.stop();
