@@ -1080,3 +1080,68 @@ fn http_tls_reload_swaps_the_certificate_and_keeps_it_on_a_broken_key() {
     assert_eq!(curl_https(&s, port, &new.ca), Ok(200));
     d.stop();
 }
+
+/// One keep-alive request on an open TLS connection: the status.
+fn tls_request(tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> u16 {
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no length: {head}"));
+            if body.len() >= length {
+                return head.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+    }
+}
+
+/// A connection opened before a certificate reload keeps the certificate it began
+/// with and goes on being served; new connections get the new one.
+#[test]
+fn http_tls_open_connection_keeps_its_certificate_across_a_reload() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (s, port, old) = tls_setup();
+    let d = s.start();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for ca in rustls::pki_types::CertificateDer::pem_slice_iter(old.ca.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(client), name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    assert_eq!(tls_request(&mut tls), 200);
+    let first = tls.conn.peer_certificates().unwrap()[0].clone();
+
+    let new = pki();
+    install_pair(&s, &new);
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the new certificate presented", || {
+        curl_https(&s, port, &new.ca) == Ok(200)
+    });
+    assert_eq!(
+        tls_request(&mut tls),
+        200,
+        "the open connection is still served"
+    );
+    assert_eq!(tls.conn.peer_certificates().unwrap()[0], first);
+    d.stop();
+}
