@@ -602,6 +602,27 @@ pub(crate) static KEYS: &[Key] = &[
     key!("http.admin_token_file", Kind::Path, Unset, Yes,
         "The file holding the token the cache API requires in X-Auth-Token; unset: the cache API answers 401",
         http.admin_token_file, check: validate::secret_file),
+    key!(
+        "http.tls_cert_file",
+        Kind::Path,
+        Unset,
+        Restart,
+        "PEM certificate chain for TLS on the TCP listeners, with tls_key_file; the files are re-read on SIGHUP, turning TLS on or off or moving them needs a restart",
+        http.tls_cert_file
+    ),
+    Key {
+        name: "http.tls_key_file",
+        kind: Kind::Path,
+        default: Unset,
+        // Restart: turning TLS on or off or moving the files; the pair itself is
+        // re-read by every reload.
+        reload: Reload::Restart,
+        doc: "PEM private key of tls_cert_file (not readable by others); re-read on SIGHUP",
+        fill: Fill::Derive(validate::tls_key_file),
+        check: None,
+        get: |c| Field::to_value(&c.http.tls_key_file),
+        keep: |new, running| new.http.tls_key_file = running.http.tls_key_file.clone(),
+    },
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

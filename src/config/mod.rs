@@ -184,6 +184,11 @@ pub struct HttpConfig {
     pub max_request_body: u64,
     /// The static token the cache API requires; `None`: the cache API refuses all.
     pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) for TLS on the TCP listeners; with
+    /// `tls_key_file`, or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

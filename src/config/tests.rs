@@ -281,3 +281,52 @@ fn http_listen_entries_and_the_admin_token_file_are_checked() {
         );
     }
 }
+
+/// `http.tls_cert_file` and `http.tls_key_file`: both or neither, the key not readable
+/// by others, and the pair loads and matches.
+#[test]
+fn http_tls_files_are_both_or_neither_and_must_load() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, other_key) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("other.pem"),
+    );
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&other_key, other.serialize_pem()).unwrap();
+    for f in [&key, &other_key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let config = |cert: Option<&std::path::Path>, key: Option<&std::path::Path>| {
+        let mut text = String::from("[http]\n");
+        if let Some(c) = cert {
+            text += &format!("tls_cert_file = \"{}\"\n", c.display());
+        }
+        if let Some(k) = key {
+            text += &format!("tls_key_file = \"{}\"\n", k.display());
+        }
+        parse(&text).map_err(|e| e.lines().join("\n"))
+    };
+    let ok = config(Some(&cert), Some(&key)).unwrap();
+    assert_eq!(ok.http.tls_key_file.as_deref(), Some(key.as_path()));
+    assert!(config(None, None).unwrap().http.tls_cert_file.is_none());
+    let alone = config(Some(&cert), None).unwrap_err();
+    assert!(
+        alone.contains("http.tls_cert_file") && alone.contains("both"),
+        "{alone}"
+    );
+    let alone = config(None, Some(&key)).unwrap_err();
+    assert!(
+        alone.contains("http.tls_key_file") && alone.contains("both"),
+        "{alone}"
+    );
+    let mismatch = config(Some(&cert), Some(&other_key)).unwrap_err();
+    assert!(mismatch.contains("does not belong"), "{mismatch}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let readable = config(Some(&cert), Some(&key)).unwrap_err();
+    assert!(readable.contains("world-readable"), "{readable}");
+}

@@ -360,6 +360,8 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             max_connections: 0,
             max_request_body: 0,
             admin_token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         },
         upstream: None,
     }
@@ -406,6 +408,33 @@ pub(super) fn secret_file(v: &Value, _: &Config) -> Result<(), String> {
         )),
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// `http.tls_key_file`: both TLS files or neither; the key a secret file; the pair
+/// loaded once (a reload with a pair that does not load is refused, the running one
+/// stays).
+pub(super) fn tls_key_file(v: &mut Validator<'_>, c: &mut Config) {
+    const KEY: &str = "http.tls_key_file";
+    let key = v.get::<PathBuf>(KEY);
+    c.http.tls_key_file = key.clone();
+    match (&c.http.tls_cert_file, key) {
+        (None, None) => {}
+        (None, Some(_)) => v.problem(
+            KEY,
+            "is set without http.tls_cert_file: set both or neither".into(),
+        ),
+        (Some(_), None) => v.problem(
+            "http.tls_cert_file",
+            "is set without http.tls_key_file: set both or neither".into(),
+        ),
+        (Some(cert), Some(key)) => {
+            if let Err(message) = secret_file(&Value::Path(key.clone()), c) {
+                v.problem(KEY, message);
+            } else if let Err(e) = crate::http::load_tls_pair(cert, &key) {
+                v.problem(KEY, e.to_string());
+            }
+        }
     }
 }
 

@@ -1,14 +1,15 @@
 //! The optional HTTP listener (`[http]`): health for monitoring and Glance's own cache
 //! API for `glance cache-*`. One file per concern: `server` (sockets, connection
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
-//! router has them), `health`, `cache_api` and `auth`. HTTP/1.1 without TLS: TLS and
-//! Keystone tokens are not supported yet.
+//! router has them), `health`, `cache_api`, `auth` and `tls` (optional TLS on the TCP listeners, the
+//! pair re-read on SIGHUP). HTTP/1.1; Keystone tokens are not supported yet.
 
 mod auth;
 mod cache_api;
 mod health;
 mod routes;
 mod server;
+mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::Context;
 
 pub(crate) use server::{bind, serve};
+pub(crate) use tls::{TlsError, load as load_tls_pair};
 
 /// Why the listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub(crate) enum HttpError {
     NotASocket { path: PathBuf },
     #[error("systemd socket activation: {0}")]
     SocketActivation(String),
+    #[error("http TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// What the handlers reach: the loops' shared context, the shutdown token (readiness

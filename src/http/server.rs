@@ -19,14 +19,17 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::tls::Tls;
 use super::{HttpError, Shared, routes};
 use crate::config::HttpConfig;
 
 /// The bound sockets.
 pub(crate) struct Listeners {
     sockets: Vec<Listener>,
+    /// TLS for the TCP sockets, when configured.
+    tls: Option<Arc<Tls>>,
 }
 
 enum Listener {
@@ -45,12 +48,17 @@ const LISTEN_FDS_START: RawFd = 3;
 /// Binds `config.listen`, or takes the sockets systemd passes (`LISTEN_FDS` for this
 /// process's `LISTEN_PID`), which then replace `listen`.
 pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
+    let tls = Tls::from_config(
+        config.tls_cert_file.as_deref(),
+        config.tls_key_file.as_deref(),
+    )?
+    .map(Arc::new);
     if let Some(sockets) = systemd_sockets()? {
         info!(
             sockets = sockets.len(),
             "http: using the sockets systemd passed"
         );
-        return Ok(Listeners { sockets });
+        return Ok(Listeners { sockets, tls });
     }
     let mut sockets = Vec::new();
     for entry in &config.listen {
@@ -70,12 +78,12 @@ pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
                 let listener = std::net::TcpListener::bind(entry.as_str()).map_err(failed)?;
                 listener.set_nonblocking(true).map_err(failed)?;
                 let listener = TcpListener::from_std(listener).map_err(failed)?;
-                info!(address = %entry, "http: listening");
+                info!(address = %entry, tls = tls.is_some(), "http: listening");
                 sockets.push(Listener::Tcp(listener));
             }
         }
     }
-    Ok(Listeners { sockets })
+    Ok(Listeners { sockets, tls })
 }
 
 /// A socket file left by an earlier run is replaced; one a live process still listens
@@ -168,12 +176,21 @@ pub(crate) async fn serve(listeners: Listeners, state: Shared) {
     let connections = TaskTracker::new();
     let accepting = TaskTracker::new();
     let mut paths = Vec::new();
+    if let Some(tls) = &listeners.tls {
+        accepting.spawn(reread_on_reload(tls.clone(), state.clone()));
+    }
     for listener in listeners.sockets {
         if let Listener::Unix(_, Some(path)) = &listener {
             paths.push(path.clone());
         }
+        // Unix sockets stay plain: TLS is for the TCP ones.
+        let tls = match &listener {
+            Listener::Tcp(_) => listeners.tls.clone(),
+            Listener::Unix(..) => None,
+        };
         accepting.spawn(accept_loop(
             listener,
+            tls,
             state.clone(),
             permits.clone(),
             connections.clone(),
@@ -189,8 +206,32 @@ pub(crate) async fn serve(listeners: Listeners, state: Shared) {
     debug!("http: drained");
 }
 
+/// Each accepted reload (a new config published to the loops) re-reads the TLS pair;
+/// a pair that does not load leaves the running one in place and is reported like a
+/// rejected reload (log and STATUS).
+async fn reread_on_reload(tls: Arc<Tls>, state: Shared) {
+    let mut config = state.ctx.config.clone();
+    config.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            changed = config.changed() => if changed.is_err() { return },
+        }
+        match tls.reread() {
+            Ok(()) => info!("http: TLS certificate and key re-read"),
+            Err(e) => {
+                error!(error = %e, "http: cannot re-read the TLS certificate and key; still serving the previous ones");
+                state.ctx.board.set_config_error(Some(format!(
+                    "reload: {e}; serving the previous TLS certificate"
+                )));
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: Listener,
+    tls: Option<Arc<Tls>>,
     state: Shared,
     permits: Arc<Semaphore>,
     connections: TaskTracker,
@@ -212,8 +253,9 @@ async fn accept_loop(
         match accepted {
             Ok(stream) => {
                 let state = state.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    connection(stream, state).await;
+                    connection(stream, tls, state).await;
                     drop(permit);
                 });
             }
@@ -229,6 +271,7 @@ async fn accept_loop(
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<Stream> {
@@ -302,8 +345,30 @@ impl Drop for InFlight {
     }
 }
 
-async fn connection(stream: Stream, state: Shared) {
+async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
     let config = state.ctx.config();
+    let stream = match (stream, tls) {
+        (Stream::Tcp(tcp), Some(tls)) => {
+            // The handshake is bounded like a request head (a slow one holds a permit).
+            let handshake =
+                tokio::time::timeout(config.http.header_read_timeout, tls.acceptor().accept(tcp));
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                done = handshake => match done {
+                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
+                    Ok(Err(error)) => {
+                        debug!(%error, "http: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("http: TLS handshake timed out");
+                        return;
+                    }
+                },
+            }
+        }
+        (stream, _) => stream,
+    };
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,
@@ -374,6 +439,7 @@ impl AsyncRead for Tracked {
         let polled = match &mut this.inner {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
         if buf.filled().len() > before {
             this.activity.touch();
@@ -392,6 +458,7 @@ impl AsyncWrite for Tracked {
         let polled = match &mut this.inner {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         };
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
@@ -403,6 +470,7 @@ impl AsyncWrite for Tracked {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -410,6 +478,7 @@ impl AsyncWrite for Tracked {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -927,3 +927,235 @@ fn http_metrics_are_served_open_and_move_with_the_daemon() {
     assert_healthy(port);
     d.stop();
 }
+
+/// A CA and a `localhost` server certificate it signed, as PEM.
+struct Pki {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Names of their own: with rcgen's one default name, OpenSSL (curl) would take the
+    // server's certificate for a self-signed one.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "a test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    Pki {
+        ca: ca_cert.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+/// A daemon with TLS from `tls/cert.pem` and `tls/key.pem`, given relative to the
+/// config file; returns the CA file of the pair it starts with.
+fn tls_setup() -> (Setup, u16, Pki) {
+    let (s, port) = setup(
+        "",
+        "tls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"tls/key.pem\"",
+    );
+    std::fs::create_dir(s.tmp.path().join("tls")).unwrap();
+    let pair = pki();
+    install_pair(&s, &pair);
+    (s, port, pair)
+}
+
+fn install_pair(s: &Setup, pair: &Pki) {
+    let dir = s.tmp.path().join("tls");
+    std::fs::write(dir.join("cert.pem"), &pair.cert).unwrap();
+    let key = dir.join("key.pem");
+    std::fs::write(&key, &pair.key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `curl --cacert` of `ca` on `/healthz` over a new connection: the status, or the
+/// failure curl reports.
+fn curl_https(s: &Setup, port: u16, ca: &str) -> Result<u16, String> {
+    let ca_file = s.tmp.path().join(format!("ca-{}.pem", free_port()));
+    std::fs::write(&ca_file, ca).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(&ca_file)
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/healthz"))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// With `tls_cert_file` and `tls_key_file` the TCP listener speaks TLS to a real
+/// client (curl, verifying against the CA), and plain HTTP on it gets no answer.
+#[test]
+fn http_tls_serves_https_and_refuses_plain_http() {
+    let (s, port, pair) = tls_setup();
+    let d = s.start();
+    assert_eq!(curl_https(&s, port, &pair.ca), Ok(200));
+    assert!(
+        curl_https(&s, port, &pki().ca).is_err(),
+        "another CA does not verify it"
+    );
+    let plain = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/healthz"))
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plain HTTP answered: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    assert_eq!(curl_https(&s, port, &pair.ca), Ok(200), "still serving");
+    d.stop();
+}
+
+/// SIGHUP re-reads the pair: new connections get the new certificate (its CA verifies
+/// it, the old one no longer does); a broken key is refused by the reload, which says
+/// so, and the running certificate stays.
+#[test]
+fn http_tls_reload_swaps_the_certificate_and_keeps_it_on_a_broken_key() {
+    let (s, port, old) = tls_setup();
+    let d = s.start();
+    assert_eq!(curl_https(&s, port, &old.ca), Ok(200));
+
+    let new = pki();
+    install_pair(&s, &new);
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the new certificate presented", || {
+        curl_https(&s, port, &new.ca) == Ok(200)
+    });
+    assert!(
+        curl_https(&s, port, &old.ca).is_err(),
+        "the old one is gone"
+    );
+
+    let key = s.tmp.path().join("tls/key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the reload refused, naming the key", || {
+        let log = d.log_text();
+        log.contains("configuration reload rejected") && log.contains("http.tls_key_file")
+    });
+    assert_eq!(
+        curl_https(&s, port, &new.ca),
+        Ok(200),
+        "the running pair stays"
+    );
+    assert!(curl_https(&s, port, &old.ca).is_err());
+
+    // A mismatched pair (the old key with the new certificate) is refused as well.
+    let mismatched = Pki {
+        ca: String::new(),
+        cert: new.cert.clone(),
+        key: old.key.clone(),
+    };
+    install_pair(&s, &mismatched);
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the mismatched pair refused", || {
+        d.log_text().contains("does not belong to the certificate")
+    });
+    assert_eq!(curl_https(&s, port, &new.ca), Ok(200));
+    d.stop();
+}
+
+/// One keep-alive request on an open TLS connection: the status.
+fn tls_request(tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> u16 {
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no length: {head}"));
+            if body.len() >= length {
+                return head.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+    }
+}
+
+/// A connection opened before a certificate reload keeps the certificate it began
+/// with and goes on being served; new connections get the new one.
+#[test]
+fn http_tls_open_connection_keeps_its_certificate_across_a_reload() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (s, port, old) = tls_setup();
+    let d = s.start();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for ca in rustls::pki_types::CertificateDer::pem_slice_iter(old.ca.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(client), name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    assert_eq!(tls_request(&mut tls), 200);
+    let first = tls.conn.peer_certificates().unwrap()[0].clone();
+
+    let new = pki();
+    install_pair(&s, &new);
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the new certificate presented", || {
+        curl_https(&s, port, &new.ca) == Ok(200)
+    });
+    assert_eq!(
+        tls_request(&mut tls),
+        200,
+        "the open connection is still served"
+    );
+    assert_eq!(tls.conn.peer_certificates().unwrap()[0], first);
+    d.stop();
+}
