@@ -464,6 +464,48 @@ fn strongest_caches_an_image_whose_sha512_matches_despite_a_wrong_md5() {
     d.stop();
 }
 
+/// `prefetcher.verify` is reloadable: an image refused under `all` for its wrong MD5 is
+/// cached once a SIGHUP has switched the daemon to `strongest` and it is queued again.
+#[test]
+fn a_reload_changes_the_verification_policy() {
+    let origin = Origin::start();
+    let data = test_bytes(200_000, 12);
+    origin.add(
+        "reverify",
+        data.clone(),
+        Behaviour {
+            wrong_md5: true,
+            ..Default::default()
+        },
+    );
+    let config = |policy: &str| {
+        format!(
+            "{FAST_RETRY}max_attempts = 1\nverify = \"{policy}\"\n\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+            origin.url()
+        )
+    };
+    let s = Setup::new(&config("all"));
+    let mut d = s.start();
+    queue(&s, &["reverify"]);
+    eventually(SOON, "refused under all", || {
+        queued_json(&s)
+            .iter()
+            .any(|q| q["image_id"] == "reverify" && q["state"] == "failed")
+    });
+    s.write_config(&config("strongest"));
+    let from = d.notify.mark();
+    d.signal(Signal::HUP);
+    let reloading = d.notify.wait_for(from, SOON, |m| m.contains("RELOADING=1"));
+    d.notify
+        .wait_for(reloading + 1, SOON, |m| m.contains("READY=1"));
+    queue(&s, &["reverify"]);
+    eventually(Duration::from_secs(20), "cached under strongest", || {
+        s.cached_ids().iter().any(|c| c == "reverify")
+    });
+    assert_eq!(std::fs::read(s.cache("reverify")).unwrap(), data);
+    d.stop();
+}
+
 #[test]
 fn concurrency_is_limited() {
     let origin = Origin::start();
