@@ -1,6 +1,6 @@
 //! `HashAlgo`, the SHA-2 algorithms Glance records as `os_hash_algo`, and the digests
-//! computed beside the write path: one thread per digest (MD5, and the upstream's
-//! SHA-2), fed the same reference-counted chunks through small bounded channels. Each
+//! computed beside the write path: one thread per digest computed (MD5, the upstream's
+//! SHA-2, or both: the writer picks them by `VerifyPolicy`), fed the same reference-counted chunks through small bounded channels. Each
 //! digest is sequential over the stream, so one download is hashed no faster than one
 //! core runs the slower digest; in parallel, the slower one sets the pace rather than
 //! their sum. Memory stays bounded by the channels.
@@ -51,6 +51,36 @@ impl HashAlgo {
             HashAlgo::Sha384 => 96,
             HashAlgo::Sha512 => 128,
         }
+    }
+}
+
+/// Which of the digests an upstream publishes a download computes and checks
+/// (`prefetcher.verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyPolicy {
+    /// The strongest published digest only (the SHA-2 when given, else the MD5), plus
+    /// the size: Glance computed both over the same upload, and the SHA-2 pins the
+    /// bytes, so the MD5 costs a core's time and proves nothing more.
+    Strongest,
+    /// Every published digest. The writer's default: a caller that hands it a digest
+    /// (`import --md5 --sha512`) means it to be checked.
+    #[default]
+    All,
+}
+
+impl VerifyPolicy {
+    /// The word `prefetcher.verify` takes for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyPolicy::Strongest => "strongest",
+            VerifyPolicy::All => "all",
+        }
+    }
+
+    pub fn from_word(word: &str) -> Option<VerifyPolicy> {
+        [VerifyPolicy::Strongest, VerifyPolicy::All]
+            .into_iter()
+            .find(|p| p.as_str() == word)
     }
 }
 
@@ -167,22 +197,24 @@ impl DigestThread {
 
 /// The digests of one image being written.
 pub struct Digests {
-    md5: DigestThread,
+    md5: Option<DigestThread>,
     os_hash: Option<DigestThread>,
 }
 
-/// The hex digests of everything fed.
+/// The hex digests of everything fed; `None` for a digest not computed.
 pub struct Finished {
-    pub md5: String,
+    pub md5: Option<String>,
     pub os_hash: Option<String>,
 }
 
 impl Digests {
-    pub fn start(os_hash: Option<HashAlgo>) -> std::io::Result<Digests> {
-        Digests::start_with(os_hash, Digester::new)
+    /// Starts a thread for the MD5 if `md5`, and one for `os_hash` if given.
+    pub fn start(md5: bool, os_hash: Option<HashAlgo>) -> std::io::Result<Digests> {
+        Digests::start_with(md5, os_hash, Digester::new)
     }
 
     fn start_with(
+        md5: bool,
         os_hash: Option<HashAlgo>,
         digester: impl Fn(Algorithm) -> Digester,
     ) -> std::io::Result<Digests> {
@@ -190,17 +222,17 @@ impl Digests {
             None => None,
             Some(algo) => Some(DigestThread::spawn(digester(Algorithm::Sha2(algo)))?),
         };
-        Ok(Digests {
-            md5: DigestThread::spawn(digester(Algorithm::Md5))?,
-            os_hash,
-        })
+        let md5 = match md5 {
+            false => None,
+            true => Some(DigestThread::spawn(digester(Algorithm::Md5))?),
+        };
+        Ok(Digests { md5, os_hash })
     }
 
     /// Hands `chunk` to every digest thread (blocks only while they are behind).
     pub fn feed(&self, chunk: &Bytes) -> std::io::Result<()> {
         let lost = || std::io::Error::other("a digest thread stopped");
-        self.md5.tx.send(chunk.clone()).map_err(|_| lost())?;
-        if let Some(t) = &self.os_hash {
+        for t in [&self.md5, &self.os_hash].into_iter().flatten() {
             t.tx.send(chunk.clone()).map_err(|_| lost())?;
         }
         Ok(())
@@ -209,7 +241,7 @@ impl Digests {
     /// Waits for the threads to finish. Blocking: call off the async runtime.
     pub fn finish(self) -> std::io::Result<Finished> {
         Ok(Finished {
-            md5: self.md5.finish()?,
+            md5: self.md5.map(DigestThread::finish).transpose()?,
             os_hash: self.os_hash.map(DigestThread::finish).transpose()?,
         })
     }
@@ -222,7 +254,7 @@ mod tests {
     const ALGOS: [HashAlgo; 3] = [HashAlgo::Sha256, HashAlgo::Sha384, HashAlgo::Sha512];
 
     fn digest_all(data: &[u8], algo: HashAlgo, implementation: Implementation) -> Finished {
-        let d = Digests::start_with(Some(algo), |a| {
+        let d = Digests::start_with(true, Some(algo), |a| {
             Digester::with(a, implementation).expect("the implementation offers it")
         })
         .unwrap();
@@ -246,7 +278,7 @@ mod tests {
             };
             for implementation in [Implementation::OpenSsl, Implementation::PureRust] {
                 let f = digest_all(&data, algo, implementation);
-                assert_eq!(f.md5, md5, "{implementation:?}");
+                assert_eq!(f.md5.unwrap(), md5, "{implementation:?}");
                 assert_eq!(f.os_hash.unwrap(), expected, "{algo:?} {implementation:?}");
             }
         }
@@ -259,6 +291,19 @@ mod tests {
             let f = digest_all(b"x", algo, Implementation::PureRust);
             assert_eq!(f.os_hash.unwrap().len(), algo.hex_len(), "{algo:?}");
         }
+    }
+
+    /// A digest not asked for is not computed (the point of `VerifyPolicy::Strongest`).
+    #[test]
+    fn only_the_digests_asked_for_are_computed() {
+        let d = Digests::start(false, Some(HashAlgo::Sha512)).unwrap();
+        d.feed(&Bytes::from_static(b"x")).unwrap();
+        let f = d.finish().unwrap();
+        assert!(f.md5.is_none());
+        assert_eq!(f.os_hash.unwrap(), hex::encode(Sha512::digest(b"x")));
+        let f = Digests::start(true, None).unwrap().finish().unwrap();
+        assert_eq!(f.md5.unwrap(), hex::encode(Md5::digest(b"")));
+        assert!(f.os_hash.is_none());
     }
 
     /// The default picks OpenSSL where it offers the digest.

@@ -2,8 +2,9 @@
 //!
 //! The file is created with O_EXCL so a second writer of the same id fails cleanly, and
 //! locked (flock) while open so no cleaner removes it during a pause. Every chunk is
-//! hashed as it is written (MD5 always, plus the upstream's `os_hash_algo`), and `finish`
-//! verifies size and every given checksum, fsyncs, moves the very inode it wrote into
+//! hashed as it is written (the digests `Expectations::plan` picks by the
+//! `VerifyPolicy`: the upstream's `os_hash_algo`, MD5, or both), and `finish` verifies
+//! the size and the checksums the plan checks, fsyncs, moves the very inode it wrote into
 //! place (never whatever else sits at the name) and fsyncs the directory; the driver's
 //! `publish` then records the row and removes the image from the queue. Anything else
 //! (an error, a failed verification, a dropped writer) moves the bytes to `invalid/`.
@@ -18,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::CacheError;
 use super::layout::{Area, CacheLayout};
-use crate::digest::{Digests, HashAlgo};
+use crate::digest::{Digests, HashAlgo, VerifyPolicy};
 use crate::image_id::ImageId;
 
 /// Dirty bytes after which writeback of the written range is started. Without it the
@@ -28,7 +29,8 @@ use crate::image_id::ImageId;
 /// network still delivers and the final fsync only waits for the tail.
 const WRITEBACK_WINDOW_BYTES: u64 = 32 << 20;
 
-/// What the bytes must turn out to be. Every field that is set is checked at commit.
+/// What the bytes must turn out to be. The size, when set, is always checked at commit;
+/// which of the digests are, `verify` decides (`plan`).
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     pub size: Option<u64>,
@@ -36,6 +38,32 @@ pub struct Expectations {
     pub md5: Option<String>,
     /// The image's `os_hash_algo` and lower-case hex `os_hash_value`.
     pub os_hash: Option<(HashAlgo, String)>,
+    /// Which of the given digests are computed and checked (default: all of them).
+    pub verify: VerifyPolicy,
+}
+
+/// Which digests a write computes, and so checks against the given ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestPlan {
+    /// The MD5 is computed: to check the given one, or, when none is given, because the
+    /// row's `checksum` needs it.
+    pub md5: bool,
+    /// The SHA-2 computed and checked.
+    pub os_hash: Option<HashAlgo>,
+}
+
+impl Expectations {
+    /// The digests to compute. Under `Strongest` with a SHA-2 given, the MD5 is computed
+    /// only when none is given (the row's `checksum` needs one); a given MD5 is then
+    /// recorded as it came, for the SHA-2 pins the bytes Glance computed both over.
+    pub fn plan(&self) -> DigestPlan {
+        let os_hash = self.os_hash.as_ref().map(|(algo, _)| *algo);
+        let md5 = match self.verify {
+            VerifyPolicy::All => true,
+            VerifyPolicy::Strongest => os_hash.is_none() || self.md5.is_none(),
+        };
+        DigestPlan { md5, os_hash }
+    }
 }
 
 /// What a successful publish published.
@@ -87,7 +115,8 @@ impl ImageWriter {
                 return Err(CacheError::io("lock", &path)(e));
             }
         }
-        let digests = Digests::start(expectations.os_hash.as_ref().map(|(a, _)| *a))
+        let plan = expectations.plan();
+        let digests = Digests::start(plan.md5, plan.os_hash)
             .map_err(CacheError::io("start hashing for", &path))?;
         debug!(image_id = %image_id, "writing image into incomplete/");
         Ok(ImageWriter {
@@ -178,13 +207,17 @@ impl ImageWriter {
             }
         };
         let (md5, os_hash) = (finished.md5, finished.os_hash);
-        if let Some(problem) = self.verification_problem(&md5, os_hash.as_deref()) {
+        if let Some(problem) = self.verification_problem(md5.as_deref(), os_hash.as_deref()) {
             self.abort(&problem);
             return Err(CacheError::Verification {
                 image_id: self.image_id.clone(),
                 problem,
             });
         }
+        // Not computed only when the upstream gave it (`plan`) and its SHA-2 matched.
+        let Some(md5) = md5.or_else(|| self.expectations.md5.clone()) else {
+            return Err(CacheError::WriterAborted(self.image_id.clone()));
+        };
         let layout = self.layout.clone();
         let incomplete = layout.path(Area::Incomplete, &self.image_id);
         let Some(file) = self.file.take() else {
@@ -242,13 +275,15 @@ impl ImageWriter {
         })
     }
 
-    fn verification_problem(&self, md5: &str, os_hash: Option<&str>) -> Option<String> {
+    /// What is wrong with the bytes: the size, then each digest computed (`None`: not
+    /// computed, so not checked) against the one given.
+    fn verification_problem(&self, md5: Option<&str>, os_hash: Option<&str>) -> Option<String> {
         if let Some(size) = self.expectations.size
             && size != self.written
         {
             return Some(format!("size {} bytes, expected {size}", self.written));
         }
-        if let Some(want) = &self.expectations.md5
+        if let (Some(want), Some(md5)) = (&self.expectations.md5, md5)
             && !want.eq_ignore_ascii_case(md5)
         {
             return Some(format!("md5 {md5}, expected {want}"));
@@ -294,5 +329,56 @@ impl Drop for ImageWriter {
             warn!(image_id = %self.image_id, bytes = self.written, "cache write abandoned before commit, moving it to invalid/");
             self.abort("writer dropped before commit");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expect(md5: bool, sha: Option<HashAlgo>, verify: VerifyPolicy) -> Expectations {
+        Expectations {
+            size: Some(1),
+            md5: md5.then(|| "0".repeat(32)),
+            os_hash: sha.map(|a| (a, "0".repeat(a.hex_len()))),
+            verify,
+        }
+    }
+
+    /// `All` computes every given digest (and the MD5 always); `Strongest` computes the
+    /// SHA-2 alone when the upstream gave it and an MD5, the MD5 alone when no SHA-2 is
+    /// given, and both only when the row would otherwise have no MD5.
+    #[test]
+    fn the_plan_computes_the_digests_the_policy_checks() {
+        use VerifyPolicy::{All, Strongest};
+        for algo in [HashAlgo::Sha256, HashAlgo::Sha384, HashAlgo::Sha512] {
+            let cases = [
+                (true, Some(algo), All, true, Some(algo)),
+                (true, Some(algo), Strongest, false, Some(algo)),
+                (false, Some(algo), All, true, Some(algo)),
+                (false, Some(algo), Strongest, true, Some(algo)),
+                (true, None, All, true, None),
+                (true, None, Strongest, true, None),
+                (false, None, All, true, None),
+                (false, None, Strongest, true, None),
+            ];
+            for (md5, sha, verify, want_md5, want_sha) in cases {
+                let plan = expect(md5, sha, verify).plan();
+                assert_eq!(
+                    plan,
+                    DigestPlan {
+                        md5: want_md5,
+                        os_hash: want_sha
+                    },
+                    "md5 given: {md5}, sha: {sha:?}, {verify:?}"
+                );
+            }
+        }
+    }
+
+    /// The default checks everything given: `import --md5 --sha512` means both.
+    #[test]
+    fn expectations_verify_all_by_default() {
+        assert_eq!(Expectations::default().verify, VerifyPolicy::All);
     }
 }

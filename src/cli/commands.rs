@@ -11,7 +11,7 @@ use super::{Cli, Command};
 use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations};
 use crate::config::{Config, resolve_config_path};
 use crate::db::{Db, Dialect, NodeDb};
-use crate::digest::HashAlgo;
+use crate::digest::{HashAlgo, VerifyPolicy};
 use crate::image_id::ImageId;
 
 /// Bytes per read when importing or streaming an image.
@@ -494,6 +494,9 @@ async fn import(
         size: Some(meta.len()),
         md5,
         os_hash: sha512.map(|h| (HashAlgo::Sha512, h)),
+        // The operator gave these digests to be checked: `prefetcher.verify` is about
+        // what an upstream publishes.
+        verify: VerifyPolicy::All,
     };
     let mut writer = driver.open_for_write(&id, expectations).await?;
     let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::validate::Validator;
 use super::{Config, DEFAULT_CACHE_DIR, GlanceAuth, KeystoneMethod, LogFormat, UpstreamConfig};
 use super::{UpstreamKind, format_duration, format_size, upstream, validate};
+use crate::digest::VerifyPolicy;
 use crate::redact::mask_url;
 
 /// A key's value, parsed: what the validator stores, `to_toml` prints and the restart
@@ -277,6 +278,18 @@ macro_rules! field_count {
 
 field_count!(u32, usize);
 
+impl Field for VerifyPolicy {
+    fn to_value(&self) -> Option<Value> {
+        Some(Value::Text(self.as_str().to_owned()))
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value? {
+            Value::Text(s) => VerifyPolicy::from_word(&s),
+            _ => None,
+        }
+    }
+}
+
 impl Field for LogFormat {
     fn to_value(&self) -> Option<Value> {
         Some(Value::Text(self.as_str().to_owned()))
@@ -335,6 +348,8 @@ use DefaultValue::{Derived, Unset};
 
 /// The words of `log.format`, in `LogFormat`'s order.
 pub(super) const LOG_FORMATS: &[&str] = &["auto", "text", "json", "journald"];
+/// The words of `prefetcher.verify`, in `VerifyPolicy`'s order.
+pub(super) const VERIFY_POLICIES: &[&str] = &["strongest", "all"];
 /// The words of `upstream.kind`.
 pub(super) const UPSTREAM_KINDS: &[&str] = &["glance", "http", "directory"];
 
@@ -552,6 +567,18 @@ pub(crate) static KEYS: &[Key] = &[
         Yes,
         "The window of waiting over which min_bytes_per_second is measured",
         prefetcher.min_rate_window
+    ),
+    // Read when each download starts (`FetchLimits`), so a reload applies it to the next.
+    key!(
+        "prefetcher.verify",
+        Kind::Choice {
+            what: "verification policy",
+            words: VERIFY_POLICIES
+        },
+        DefaultValue::Text("strongest"),
+        Yes,
+        "strongest: check only the strongest digest the upstream publishes (its SHA-2, else its MD5) and the size; all: every published digest",
+        prefetcher.verify
     ),
     key!(
         "http.enabled",
@@ -930,6 +957,15 @@ mod tests {
             (key.keep)(&mut other, &config);
             assert_eq!((key.get)(&other), (key.get)(&config), "{}", key.name);
         }
+    }
+
+    #[test]
+    fn verify_policies_are_the_words_of_prefetcher_verify() {
+        for word in VERIFY_POLICIES {
+            let policy = VerifyPolicy::from_word(word).expect(word);
+            assert_eq!(policy.as_str(), *word);
+        }
+        assert_eq!(VerifyPolicy::from_word("md5"), None);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub(crate) use values::{format_duration, format_size, parse_duration, parse_size
 
 use crate::cache::{CleanPolicy, PrunePolicy};
 use crate::db::Dialect;
+use crate::digest::VerifyPolicy;
 use keys::{KEYS, Reload};
 
 /// The file read when neither `--config` nor `GLANCE_CACHED_CONFIG` names one.
@@ -156,6 +157,8 @@ pub struct PrefetcherConfig {
     /// upstream must not hold a download slot forever. `None`: no floor.
     pub min_bytes_per_second: Option<u64>,
     pub min_rate_window: Duration,
+    /// Which of the upstream's digests a download computes and checks.
+    pub verify: VerifyPolicy,
     /// How long a claim on a queued image lasts unless renewed: bounds how long the
     /// image of a download whose process vanished without trace waits.
     pub claim_ttl: Duration,

@@ -16,6 +16,7 @@ use super::{DEFAULT_NODE_URL, DEFAULT_SQLITE_FILE, DatabaseConfig, ENV_PREFIX, L
 use super::{HttpConfig, LogFormat, PrefetcherConfig, PrunerConfig, all_keys};
 use super::{format_duration, format_size, parse_duration, parse_size};
 use crate::db::{Dialect, mask_url};
+use crate::digest::VerifyPolicy;
 
 /// A whole number of any width and sign (figment parses "1000" as unsigned).
 fn whole(n: Num) -> Option<i128> {
@@ -350,6 +351,7 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             max_bytes_per_second: None,
             min_bytes_per_second: None,
             min_rate_window: Duration::ZERO,
+            verify: VerifyPolicy::All,
             claim_ttl: Duration::ZERO,
         },
         http: HttpConfig {

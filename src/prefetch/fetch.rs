@@ -13,6 +13,7 @@ use super::budget::{DownloadBudget, WaitTicket, unknown_size_step};
 use super::writer_thread::WriterThread;
 use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy};
 use crate::config::Config;
+use crate::digest::VerifyPolicy;
 use crate::image_id::ImageId;
 use crate::upstream::{ErrorClass, TransferFloor, Upstream, UpstreamError};
 
@@ -74,6 +75,8 @@ pub struct FetchLimits {
     /// The upstream's transfer floor: bytes per second over a window of waiting.
     pub min_bytes_per_second: Option<u64>,
     pub min_rate_window: Duration,
+    /// Which of the upstream's digests are computed and checked (`prefetcher.verify`).
+    pub verify: VerifyPolicy,
 }
 
 /// Here rather than a `Config` method: `prefetch` stands above `config`.
@@ -85,6 +88,7 @@ impl From<&Config> for FetchLimits {
             max_bytes_per_second: config.prefetcher.max_bytes_per_second,
             min_bytes_per_second: config.prefetcher.min_bytes_per_second,
             min_rate_window: config.prefetcher.min_rate_window,
+            verify: config.prefetcher.verify,
         }
     }
 }
@@ -162,6 +166,7 @@ pub async fn fetch_into_cache(
         size: meta.size,
         md5: meta.md5,
         os_hash: meta.os_hash,
+        verify: limits.verify,
     };
     // Every file operation of the write happens on the writer's own thread.
     let mut writer = WriterThread::open(driver, id, expectations).await?;

@@ -333,6 +333,7 @@ async fn open_for_write_publishes_verified_image(b: Backend) {
         size: Some(data.len() as u64),
         md5: Some(md5_hex(&data)),
         os_hash: Some((HashAlgo::Sha512, sha512_hex(&data))),
+        ..Default::default()
     };
     let mut w = t.driver.open_for_write(&id("pub"), expect).await.unwrap();
     for chunk in data.chunks(65_536) {
@@ -1173,6 +1174,7 @@ async fn large_image_spanning_writeback_windows_publishes_intact() {
         size: Some(data.len() as u64),
         md5: Some(md5_hex(&data)),
         os_hash: None,
+        ..Default::default()
     };
     let mut w = t.driver.open_for_write(&id("large"), expect).await.unwrap();
     // Uneven chunks, so window boundaries fall inside them.

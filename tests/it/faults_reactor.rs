@@ -65,6 +65,7 @@ async fn concurrent_prunes_and_downloads_stop_at_the_target(backend: Backend) {
         max_bytes_per_second: None,
         min_bytes_per_second: None,
         min_rate_window: Duration::from_secs(60),
+        verify: glance_cached::digest::VerifyPolicy::All,
     };
     let budget = Arc::new(DownloadBudget::default());
     let mut tasks = tokio::task::JoinSet::new();

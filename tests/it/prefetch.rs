@@ -9,7 +9,7 @@ use glance_cached::db::{DbTime, NodeDb};
 use rustix::process::Signal;
 
 use crate::kit::daemon::{Daemon, SOON, Setup, eventually, queue, queued_json};
-use crate::kit::{md5_hex, test_bytes};
+use crate::kit::{md5_hex, sha512_hex, test_bytes};
 
 use crate::kit::origin::{Behaviour, Origin};
 
@@ -316,7 +316,9 @@ fn bad_bytes_are_never_cached() {
             ..Default::default()
         },
     );
-    let s = glance_setup(&origin, "max_attempts = 2\n");
+    // Under `all` the MD5 is checked beside the correct SHA-512 (under the default,
+    // `strongest`, see `strongest_caches_an_image_whose_sha512_matches_despite_a_wrong_md5`).
+    let s = glance_setup(&origin, "max_attempts = 2\nverify = \"all\"\n");
     let d = s.start();
     queue(&s, &["bad-md5", "truncated", "oversized"]);
     eventually(
@@ -350,6 +352,157 @@ fn bad_bytes_are_never_cached() {
     for id in ["bad-md5", "truncated", "oversized"] {
         assert!(!s.cache(id).exists());
     }
+    d.stop();
+}
+
+/// Waits until `id` has been dropped as failed after `max_attempts = 2`, and checks that
+/// its last error names `digest`, that it was fetched twice and that nothing was cached.
+fn assert_refused(s: &Setup, origin: &Origin, id: &str, digest: &str) {
+    eventually(SOON, &format!("{id} is dropped after max_attempts"), || {
+        queued_json(s)
+            .iter()
+            .any(|q| q["image_id"] == id && q["state"] == "failed")
+    });
+    let rows = queued_json(s);
+    let row = rows.iter().find(|q| q["image_id"] == id).unwrap();
+    assert_eq!(row["attempts"], 2, "{id}");
+    let error = row["last_error"].as_str().unwrap();
+    assert!(error.contains(digest), "{id}: {error}");
+    assert_eq!(origin.file_requests(id), 2, "{id}");
+    assert!(s.cached_ids().is_empty(), "{id}: nothing was published");
+    assert!(!s.cache(id).exists(), "{id}");
+}
+
+/// The SHA-512 is what pins the bytes: a wrong one is refused (retried, then dropped,
+/// nothing cached) whichever `prefetcher.verify` is set, the MD5 being right.
+#[test]
+fn a_wrong_sha512_is_refused_under_both_policies() {
+    let origin = Origin::start();
+    for policy in ["strongest", "all"] {
+        let id = format!("bad-sha-{policy}");
+        origin.add(
+            &id,
+            test_bytes(300_000, 9),
+            Behaviour {
+                sha512_text: Some(sha512_hex(b"other bytes")),
+                ..Default::default()
+            },
+        );
+        let s = glance_setup(
+            &origin,
+            &format!("max_attempts = 2\nverify = \"{policy}\"\n"),
+        );
+        let d = s.start();
+        queue(&s, &[&id]);
+        assert_refused(&s, &origin, &id, "sha512");
+        d.stop();
+    }
+}
+
+/// With no stronger digest published (an HTTP upstream giving only the MD5 header), the
+/// default `strongest` checks the MD5: a wrong one is refused.
+#[test]
+fn a_wrong_md5_is_refused_under_strongest_when_nothing_stronger_is_published() {
+    let origin = Origin::start();
+    let data = test_bytes(300_000, 10);
+    origin.add(
+        "md5-only",
+        data,
+        Behaviour {
+            wrong_md5: true,
+            ..Default::default()
+        },
+    );
+    let s = Setup::new(&format!(
+        "{FAST_RETRY}max_attempts = 2\n\n[upstream]\nkind = \"http\"\nurl_template = \"{}/plain/{{image_id}}\"\nmd5_header = \"X-Checksum-Md5\"\n",
+        origin.url()
+    ));
+    let d = s.start();
+    queue(&s, &["md5-only"]);
+    assert_refused(&s, &origin, "md5-only", "md5");
+    d.stop();
+}
+
+/// The point of the default `prefetcher.verify = "strongest"`: with a SHA-512 published
+/// the MD5 is neither computed nor checked, so an image whose SHA-512 matches is cached
+/// even though its advertised MD5 is wrong, and its row's `checksum` is the MD5 the
+/// upstream gave (Glance computed both over one upload; the SHA-512 pins the bytes).
+/// Under `all` the same image is refused (`bad_bytes_are_never_cached`).
+#[test]
+fn strongest_caches_an_image_whose_sha512_matches_despite_a_wrong_md5() {
+    let origin = Origin::start();
+    let data = test_bytes(300_000, 11);
+    origin.add(
+        "sha-pins",
+        data.clone(),
+        Behaviour {
+            wrong_md5: true,
+            ..Default::default()
+        },
+    );
+    let s = glance_setup(&origin, "max_attempts = 2\n");
+    let d = s.start();
+    queue(&s, &["sha-pins"]);
+    eventually(Duration::from_secs(20), "sha-pins is cached", || {
+        s.cached_ids().iter().any(|c| c == "sha-pins")
+    });
+    assert_eq!(std::fs::read(s.cache("sha-pins")).unwrap(), data);
+    let out = s.cli(&["list-cached", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["image_id"] == "sha-pins")
+        .unwrap();
+    assert_eq!(
+        row["checksum"],
+        "0".repeat(32).as_str(),
+        "the row holds the upstream's MD5"
+    );
+    assert_eq!(origin.file_requests("sha-pins"), 1, "fetched once");
+    d.stop();
+}
+
+/// `prefetcher.verify` is reloadable: an image refused under `all` for its wrong MD5 is
+/// cached once a SIGHUP has switched the daemon to `strongest` and it is queued again.
+#[test]
+fn a_reload_changes_the_verification_policy() {
+    let origin = Origin::start();
+    let data = test_bytes(200_000, 12);
+    origin.add(
+        "reverify",
+        data.clone(),
+        Behaviour {
+            wrong_md5: true,
+            ..Default::default()
+        },
+    );
+    let config = |policy: &str| {
+        format!(
+            "{FAST_RETRY}max_attempts = 1\nverify = \"{policy}\"\n\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+            origin.url()
+        )
+    };
+    let s = Setup::new(&config("all"));
+    let mut d = s.start();
+    queue(&s, &["reverify"]);
+    eventually(SOON, "refused under all", || {
+        queued_json(&s)
+            .iter()
+            .any(|q| q["image_id"] == "reverify" && q["state"] == "failed")
+    });
+    s.write_config(&config("strongest"));
+    let from = d.notify.mark();
+    d.signal(Signal::HUP);
+    let reloading = d.notify.wait_for(from, SOON, |m| m.contains("RELOADING=1"));
+    d.notify
+        .wait_for(reloading + 1, SOON, |m| m.contains("READY=1"));
+    queue(&s, &["reverify"]);
+    eventually(Duration::from_secs(20), "cached under strongest", || {
+        s.cached_ids().iter().any(|c| c == "reverify")
+    });
+    assert_eq!(std::fs::read(s.cache("reverify")).unwrap(), data);
     d.stop();
 }
 
