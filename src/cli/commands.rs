@@ -133,7 +133,7 @@ fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
 async fn list_cached(config: &Config, access: Access, json: bool) -> anyhow::Result<ExitCode> {
     let images = open(config, access).await?.get_cached_images().await?;
     if json {
-        println!("{}", output::cached_json(&images));
+        println!("{}", output::cached_json(&images)?);
     } else {
         print!("{}", output::cached_table(&images));
     }
@@ -144,7 +144,7 @@ async fn list_cached(config: &Config, access: Access, json: bool) -> anyhow::Res
 async fn list_queued(config: &Config, access: Access, json: bool) -> anyhow::Result<ExitCode> {
     let images = open(config, access).await?.get_queued_images().await?;
     if json {
-        println!("{}", output::queued_json(&images));
+        println!("{}", output::queued_json(&images)?);
     } else {
         print!("{}", output::queued_table(&images));
     }
@@ -223,11 +223,7 @@ async fn size(config: &Config, access: Access, json: bool) -> anyhow::Result<Exi
     if json {
         println!(
             "{}",
-            serde_json::json!({
-                "size": size,
-                "max_size": config.cache.max_size,
-                "images": listing.files.len(),
-            })
+            output::size_json(size, config.cache.max_size, listing.files.len())?
         );
     } else {
         println!(
