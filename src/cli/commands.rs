@@ -24,7 +24,6 @@ pub(super) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
     } else {
         Access::ReadWrite
     };
-    let open = || open(config, access);
     match cli.command {
         Command::Run { .. }
         | Command::Man
@@ -36,188 +35,248 @@ pub(super) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
                 "internal error: this command is handled before the configuration is read"
             )
         }
-        Command::MigrateSqlite { path } => {
-            let path = path.unwrap_or_else(|| config.cache.dir.join("cache.db"));
-            if !path.is_file() {
-                bail!(
-                    "{} is not a file (Glance's image_cache_sqlite_db)",
-                    path.display()
-                );
-            }
-            let rows = crate::db::legacy::read_glance_sqlite(&path).await?;
-            let (_driver, db) = open_with_db(config, access).await?;
-            let (mut imported, mut present, mut invalid) = (0, 0, 0);
-            for row in &rows {
-                if ImageId::parse(&row.image_id).is_err() {
-                    invalid += 1;
-                    continue;
-                }
-                if db.import_cached_image(row).await? {
-                    imported += 1;
-                } else {
-                    present += 1;
-                }
-            }
-            println!(
-                "migrated {imported} rows from {} ({present} already present, {invalid} with invalid ids skipped)",
-                path.display()
-            );
-        }
-        Command::Reconcile { force } => {
-            let driver = open().await?;
-            let policy = config.clean_policy();
-            let report = driver
-                .reconcile(policy, crate::clock::system_now(), force)
-                .await?;
-            for id in &report.adopted {
-                println!("adopted {id}: file without a row");
-            }
-            for id in &report.removed_rows {
-                println!("removed row {id}: file is gone");
-            }
-            for id in &report.resized {
-                println!("refreshed row {id}: file changed size, checksum cleared");
-            }
-            println!(
-                "reconciled: {} adopted, {} rows removed, {} rows refreshed, {} leftover files cleaned",
-                report.adopted.len(),
-                report.removed_rows.len(),
-                report.resized.len(),
-                report.cleaned.files()
-            );
-        }
-        Command::CheckConfig => {
-            match &config.file {
-                Some(f) => println!("# configuration from {} and the environment", f.display()),
-                None => println!("# no configuration file: built-in defaults and the environment"),
-            }
-            print!("{}", config.to_toml());
-        }
-        Command::ListCached { json } => {
-            let images = open().await?.get_cached_images().await?;
-            if json {
-                println!("{}", output::cached_json(&images));
-            } else {
-                print!("{}", output::cached_table(&images));
-            }
-        }
-        Command::ListQueued { json } => {
-            let images = open().await?.get_queued_images().await?;
-            if json {
-                println!("{}", output::queued_json(&images));
-            } else {
-                print!("{}", output::queued_table(&images));
-            }
-        }
-        Command::Queue { ids } => {
-            let driver = open().await?;
-            for id in ids {
-                if driver.queue_image(&id).await? {
-                    println!("queued {id}");
-                } else {
-                    println!("not queued {id}: already cached, being cached or queued");
-                }
-            }
-        }
-        Command::DeleteCached { ids, all } => {
-            let driver = open().await?;
-            if all {
-                let n = driver.delete_all_cached_images().await?;
-                println!("deleted {n} cached images");
-            }
-            for id in ids {
-                if driver.delete_cached_image(&id).await? {
-                    println!("deleted {id}");
-                } else {
-                    println!("{id} was not cached");
-                }
-            }
-        }
-        Command::DeleteQueued { ids, all } => {
-            let driver = open().await?;
-            if all {
-                let n = driver.delete_all_queued_images().await?;
-                println!("removed {n} images from the queue");
-            }
-            for id in ids {
-                if driver.delete_queued_image(&id).await? > 0 {
-                    println!("removed {id} from the queue");
-                } else {
-                    println!("{id} was not queued");
-                }
-            }
-        }
+        Command::MigrateSqlite { path } => migrate_sqlite(config, access, path).await,
+        Command::Reconcile { force } => reconcile(config, access, force).await,
+        Command::CheckConfig => check_config(config),
+        Command::ListCached { json } => list_cached(config, access, json).await,
+        Command::ListQueued { json } => list_queued(config, access, json).await,
+        Command::Queue { ids } => queue(config, access, ids).await,
+        Command::DeleteCached { ids, all } => delete_cached(config, access, ids, all).await,
+        Command::DeleteQueued { ids, all } => delete_queued(config, access, ids, all).await,
         Command::Import {
             id,
             file,
             md5,
             sha512,
-        } => {
-            import(config, id, file, md5, sha512).await?;
+        } => import(config, id, file, md5, sha512).await,
+        Command::Cat { id } => cat(config, id).await,
+        Command::Hits { id } => hits(config, access, id).await,
+        Command::Size { json } => size(config, access, json).await,
+        Command::Clean { stall_time } => clean(config, access, stall_time).await,
+        Command::Prefetch => prefetch(config).await,
+        Command::Prune => prune(config, access).await,
+    }
+}
+
+/// `glance-cached migrate-sqlite [PATH]`: rows of Glance's own SQLite cache database
+/// into ours; rows already present and rows with invalid ids are skipped.
+async fn migrate_sqlite(
+    config: &Config,
+    access: Access,
+    path: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let path = path.unwrap_or_else(|| config.cache.dir.join("cache.db"));
+    if !path.is_file() {
+        bail!(
+            "{} is not a file (Glance's image_cache_sqlite_db)",
+            path.display()
+        );
+    }
+    let rows = crate::db::legacy::read_glance_sqlite(&path).await?;
+    let (_driver, db) = open_with_db(config, access).await?;
+    let (mut imported, mut present, mut invalid) = (0, 0, 0);
+    for row in &rows {
+        if ImageId::parse(&row.image_id).is_err() {
+            invalid += 1;
+            continue;
         }
-        Command::Cat { id } => return cat(config, id).await,
-        Command::Hits { id } => {
-            let hits = open().await?.get_hit_count(&id).await?;
-            println!("{hits}");
-        }
-        Command::Size { json } => {
-            let driver = open().await?;
-            let listing = driver.list(crate::cache::Area::Cached).await?;
-            let size = crate::cache::total_bytes(listing.files.iter().map(|f| f.size));
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "size": size,
-                        "max_size": config.cache.max_size,
-                        "images": listing.files.len(),
-                    })
-                );
-            } else {
-                println!(
-                    "{}",
-                    output::size_line(size, config.cache.max_size, listing.files.len())
-                );
-            }
-        }
-        Command::Clean { stall_time } => {
-            let driver = open().await?;
-            let policy = CleanPolicy {
-                stall_time: stall_time.unwrap_or(config.cache.stall_time),
-                ..config.clean_policy()
-            };
-            let report = driver.clean(policy, crate::clock::system_now()).await?;
-            let invalid = report
-                .removed
-                .iter()
-                .filter(|r| r.area == crate::cache::Area::Invalid)
-                .count();
-            println!(
-                "removed {} files, {} bytes ({invalid} invalid, {} stalled)",
-                report.files(),
-                report.bytes(),
-                report.files() - invalid
-            );
-            if !report.failed.is_empty() {
-                bail!(
-                    "{} files could not be removed (see the warnings above)",
-                    report.failed.len()
-                );
-            }
-        }
-        Command::Prefetch => return prefetch(config).await,
-        Command::Prune => {
-            let driver = open().await?;
-            let report = driver.prune(config.prune_policy()).await?;
-            println!(
-                "pruned {} files, {} bytes; size now {} bytes (max {})",
-                report.files(),
-                report.bytes(),
-                report.size_after,
-                config.cache.max_size
-            );
+        if db.import_cached_image(row).await? {
+            imported += 1;
+        } else {
+            present += 1;
         }
     }
+    println!(
+        "migrated {imported} rows from {} ({present} already present, {invalid} with invalid ids skipped)",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached reconcile [--force]`: rows and files made to agree.
+async fn reconcile(config: &Config, access: Access, force: bool) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    let policy = config.clean_policy();
+    let report = driver
+        .reconcile(policy, crate::clock::system_now(), force)
+        .await?;
+    for id in &report.adopted {
+        println!("adopted {id}: file without a row");
+    }
+    for id in &report.removed_rows {
+        println!("removed row {id}: file is gone");
+    }
+    for id in &report.resized {
+        println!("refreshed row {id}: file changed size, checksum cleared");
+    }
+    println!(
+        "reconciled: {} adopted, {} rows removed, {} rows refreshed, {} leftover files cleaned",
+        report.adopted.len(),
+        report.removed_rows.len(),
+        report.resized.len(),
+        report.cleaned.files()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached check-config`: the effective configuration as TOML.
+fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+    match &config.file {
+        Some(f) => println!("# configuration from {} and the environment", f.display()),
+        None => println!("# no configuration file: built-in defaults and the environment"),
+    }
+    print!("{}", config.to_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached list-cached [--json]`.
+async fn list_cached(config: &Config, access: Access, json: bool) -> anyhow::Result<ExitCode> {
+    let images = open(config, access).await?.get_cached_images().await?;
+    if json {
+        println!("{}", output::cached_json(&images)?);
+    } else {
+        print!("{}", output::cached_table(&images));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached list-queued [--json]`.
+async fn list_queued(config: &Config, access: Access, json: bool) -> anyhow::Result<ExitCode> {
+    let images = open(config, access).await?.get_queued_images().await?;
+    if json {
+        println!("{}", output::queued_json(&images)?);
+    } else {
+        print!("{}", output::queued_table(&images));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached queue ID...`.
+async fn queue(config: &Config, access: Access, ids: Vec<ImageId>) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    for id in ids {
+        if driver.queue_image(&id).await? {
+            println!("queued {id}");
+        } else {
+            println!("not queued {id}: already cached, being cached or queued");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached delete-cached [--all] [ID...]`.
+async fn delete_cached(
+    config: &Config,
+    access: Access,
+    ids: Vec<ImageId>,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    if all {
+        let n = driver.delete_all_cached_images().await?;
+        println!("deleted {n} cached images");
+    }
+    for id in ids {
+        if driver.delete_cached_image(&id).await? {
+            println!("deleted {id}");
+        } else {
+            println!("{id} was not cached");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached delete-queued [--all] [ID...]`.
+async fn delete_queued(
+    config: &Config,
+    access: Access,
+    ids: Vec<ImageId>,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    if all {
+        let n = driver.delete_all_queued_images().await?;
+        println!("removed {n} images from the queue");
+    }
+    for id in ids {
+        if driver.delete_queued_image(&id).await? > 0 {
+            println!("removed {id} from the queue");
+        } else {
+            println!("{id} was not queued");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached hits ID`.
+async fn hits(config: &Config, access: Access, id: ImageId) -> anyhow::Result<ExitCode> {
+    let hits = open(config, access).await?.get_hit_count(&id).await?;
+    println!("{hits}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached size [--json]`: the bytes in the cache, its maximum, the images.
+async fn size(config: &Config, access: Access, json: bool) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    let listing = driver.list(crate::cache::Area::Cached).await?;
+    let size = crate::cache::total_bytes(listing.files.iter().map(|f| f.size));
+    if json {
+        println!(
+            "{}",
+            output::size_json(size, config.cache.max_size, listing.files.len())?
+        );
+    } else {
+        println!(
+            "{}",
+            output::size_line(size, config.cache.max_size, listing.files.len())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached clean [--stall-time D]`: stalled and invalid files removed.
+async fn clean(
+    config: &Config,
+    access: Access,
+    stall_time: Option<std::time::Duration>,
+) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    let policy = CleanPolicy {
+        stall_time: stall_time.unwrap_or(config.cache.stall_time),
+        ..config.clean_policy()
+    };
+    let report = driver.clean(policy, crate::clock::system_now()).await?;
+    let invalid = report
+        .removed
+        .iter()
+        .filter(|r| r.area == crate::cache::Area::Invalid)
+        .count();
+    println!(
+        "removed {} files, {} bytes ({invalid} invalid, {} stalled)",
+        report.files(),
+        report.bytes(),
+        report.files() - invalid
+    );
+    if !report.failed.is_empty() {
+        bail!(
+            "{} files could not be removed (see the warnings above)",
+            report.failed.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `glance-cached prune`: the least recently used images removed down to the maximum.
+async fn prune(config: &Config, access: Access) -> anyhow::Result<ExitCode> {
+    let driver = open(config, access).await?;
+    let report = driver.prune(config.prune_policy()).await?;
+    println!(
+        "pruned {} files, {} bytes; size now {} bytes (max {})",
+        report.files(),
+        report.bytes(),
+        report.size_after,
+        config.cache.max_size
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -474,13 +533,15 @@ fn parse_hex(name: &str, value: Option<String>, len: usize) -> anyhow::Result<Op
     Ok(Some(v))
 }
 
+/// `glance-cached import ID FILE [--md5 H] [--sha512 H]`: a local file into the cache,
+/// checked against the checksums given.
 async fn import(
     config: &Config,
     id: ImageId,
     file: std::path::PathBuf,
     md5: Option<String>,
     sha512: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     let md5 = parse_hex("md5", md5, 32)?;
     let sha512 = parse_hex("sha512", sha512, HashAlgo::Sha512.hex_len())?;
     let mut source =
@@ -520,9 +581,10 @@ async fn import(
         "cached {} ({} bytes, md5 {})",
         published.image_id, published.size, published.md5
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
+/// `glance-cached cat ID`: a cached image to stdout.
 async fn cat(config: &Config, id: ImageId) -> anyhow::Result<ExitCode> {
     let driver = open(config, Access::ReadWrite).await?;
     let mut file = driver.open_for_read(&id).await?;

@@ -1,7 +1,7 @@
 //! How the CLI prints listings: aligned text tables for people, JSON for scripts.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::cache::{CachedImage, QueuedImage};
 use crate::config::format_size;
@@ -20,43 +20,76 @@ pub(super) fn human_size(bytes: u64) -> String {
     }
 }
 
-pub(super) fn cached_json(images: &[CachedImage]) -> String {
-    let rows: Vec<_> = images
-        .iter()
-        .map(|i| {
-            json!({
-                "image_id": i.image_id.as_str(),
-                "size": i.size,
-                "hits": i.hits,
-                "last_accessed": rfc3339(i.last_accessed),
-                "last_modified": rfc3339(i.last_modified),
-                "checksum": i.checksum,
-            })
-        })
-        .collect();
-    // Serialising a `Value` cannot fail (its map keys are strings).
-    #[allow(clippy::expect_used)]
-    serde_json::to_string_pretty(&rows).expect("json of plain values")
+/// One row of `list-cached --json`. The fields are in alphabetical order: the JSON's
+/// keys were sorted when it was built as a map, and scripts may diff it.
+#[derive(Serialize)]
+struct CachedRow<'a> {
+    checksum: Option<&'a str>,
+    hits: u64,
+    image_id: &'a str,
+    last_accessed: String,
+    last_modified: String,
+    size: u64,
 }
 
-pub(super) fn queued_json(images: &[QueuedImage]) -> String {
+/// One row of `list-queued --json`; fields alphabetical, as `CachedRow`'s.
+#[derive(Serialize)]
+struct QueuedRow<'a> {
+    attempts: u64,
+    downloading_by: Option<&'a str>,
+    image_id: &'a str,
+    last_error: Option<&'a str>,
+    next_attempt_at: String,
+    queued_at: String,
+    state: &'a str,
+}
+
+/// `size --json`; fields alphabetical, as `CachedRow`'s.
+#[derive(Serialize)]
+struct SizeReport {
+    images: usize,
+    max_size: u64,
+    size: u64,
+}
+
+pub(super) fn cached_json(images: &[CachedImage]) -> serde_json::Result<String> {
     let rows: Vec<_> = images
         .iter()
-        .map(|i| {
-            json!({
-                "image_id": i.image_id.as_str(),
-                "queued_at": rfc3339(i.queued_at),
-                "attempts": i.attempts,
-                "next_attempt_at": rfc3339(i.next_attempt_at),
-                "last_error": i.last_error,
-                "state": i.state.as_str(),
-                "downloading_by": i.downloading_by,
-            })
+        .map(|i| CachedRow {
+            checksum: i.checksum.as_deref(),
+            hits: i.hits,
+            image_id: i.image_id.as_str(),
+            last_accessed: rfc3339(i.last_accessed),
+            last_modified: rfc3339(i.last_modified),
+            size: i.size,
         })
         .collect();
-    // Serialising a `Value` cannot fail (its map keys are strings).
-    #[allow(clippy::expect_used)]
-    serde_json::to_string_pretty(&rows).expect("json of plain values")
+    serde_json::to_string_pretty(&rows)
+}
+
+pub(super) fn queued_json(images: &[QueuedImage]) -> serde_json::Result<String> {
+    let rows: Vec<_> = images
+        .iter()
+        .map(|i| QueuedRow {
+            attempts: i.attempts,
+            downloading_by: i.downloading_by.as_deref(),
+            image_id: i.image_id.as_str(),
+            last_error: i.last_error.as_deref(),
+            next_attempt_at: rfc3339(i.next_attempt_at),
+            queued_at: rfc3339(i.queued_at),
+            state: i.state.as_str(),
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows)
+}
+
+/// `size --json`: one line.
+pub(super) fn size_json(size: u64, max_size: u64, images: usize) -> serde_json::Result<String> {
+    serde_json::to_string(&SizeReport {
+        images,
+        max_size,
+        size,
+    })
 }
 
 /// Left-aligned columns separated by two spaces.
