@@ -196,6 +196,12 @@ pub(crate) async fn clear(state: &Shared, headers: &HeaderMap) -> Reply {
 /// `GET /v2/cache/nodes/{id}`: the reference URLs of the nodes whose `cached_images`
 /// hold the image, in the shared database.
 pub(crate) async fn nodes(state: &Shared, id: &ImageId) -> Reply {
+    // Glance looks the image up first: 404 for one it does not know, cached or not.
+    match upstream_status(state, id).await {
+        Err(refused) => return refused,
+        Ok(Some(None)) => return text(StatusCode::NOT_FOUND, &format!("Image {id} not found.")),
+        Ok(_) => {}
+    }
     match state.ctx.db.db().cached_nodes(id.as_str()).await {
         Ok(urls) => json(StatusCode::OK, &json!(urls)),
         Err(e) => failed("listing the nodes", &e),

@@ -635,7 +635,8 @@ async fn http_answers_as_glance_api_does() {
 
 /// With a Glance upstream, `PUT /v2/cache/{id}` asks it first, as Glance's API does:
 /// 404 for an image it does not know, 400 for one not active, 202 (and prefetched)
-/// for an active one; deleting an image Glance knows is 204 even when not cached.
+/// for an active one; deleting an image Glance knows is 204 even when not cached; the
+/// nodes listing of an image it does not know is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_queueing_asks_the_glance_upstream() {
     use crate::kit::glance::{GlanceApi, GlanceApiOptions};
@@ -695,6 +696,17 @@ async fn http_queueing_asks_the_glance_upstream() {
     assert_eq!(known.status, 204, "{}", known.body);
     let unknown = authed(port, "DELETE", &format!("/v2/cache/{C}"));
     assert_eq!(unknown.status, 404, "{}", unknown.body);
+    // The nodes listing looks the image up first, as Glance's does.
+    let unknown = authed(port, "GET", &format!("/v2/cache/nodes/{C}"));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let listed = authed(port, "GET", &format!("/v2/cache/nodes/{active}"));
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(
+        listed.json().as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        listed.body
+    );
     assert_healthy(port);
     d.stop();
 }
