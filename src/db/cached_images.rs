@@ -122,7 +122,7 @@ where
             row.try_get::<DbTime, _>("last_accessed")?,
             row.try_get::<DbTime, _>("last_modified")?,
             row.try_get::<i64, _>("size")?,
-            decode_hits(row, "hits")?,
+            decode_integer(row, "hits")?,
             row.try_get::<Option<String>, _>("checksum")?,
         ))
     };
@@ -194,9 +194,10 @@ fn among_ids(verb: &str, d: Dialect, ids: usize) -> sqlx::AssertSqlSafe<String> 
     ))
 }
 
-/// `hits` is INTEGER: 32 bits on PostgreSQL and MySQL, but SQLite stores any 64-bit
-/// value there (Glance's `hits = hits + 1` never stops at 2^31).
-fn decode_hits<R: Row>(row: &R, column: &str) -> Result<i64, sqlx::Error>
+/// An integer column as i64, whatever width the backend gives it: `hits` is INTEGER, 32
+/// bits on PostgreSQL and MySQL, but SQLite stores any 64-bit value there (Glance's
+/// `hits = hits + 1` never stops at 2^31); `size` is BIGINT.
+fn decode_integer<R: Row>(row: &R, column: &str) -> Result<i64, sqlx::Error>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -243,10 +244,26 @@ impl NodeDb {
                 .bind(image_id)
                 .fetch_optional(pool)
                 .await?
-                .map(|r| decode_hits(&r, "hits"))
+                .map(|r| decode_integer(&r, "hits"))
                 .transpose()?
         });
         Ok(hits.unwrap_or(0))
+    }
+
+    /// The row's size, `None` when there is no row.
+    pub async fn cached_size(&self, image_id: &str) -> Result<Option<i64>, DbError> {
+        const Q: &str =
+            "SELECT size FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        let size = on_pool!(self.db, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(self.node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| decode_integer(&r, "size"))
+                .transpose()?
+        });
+        Ok(size)
     }
 
     /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns

@@ -117,11 +117,8 @@ pub(crate) async fn delete(state: &Shared, id: &ImageId) -> Reply {
     let driver = &state.ctx.driver;
     let cached = driver.cached(id).await;
     // The row's size is what the eviction counts (the file may be gone already).
-    let row_size = match state.ctx.db.cached_images().await {
-        Ok(rows) => rows
-            .iter()
-            .find(|r| &r.image_id == id)
-            .map(|r| u64::try_from(r.size).unwrap_or(0)),
+    let row_size = match state.ctx.db.cached_size(id.as_str()).await {
+        Ok(size) => size.map(|n| u64::try_from(n).unwrap_or(0)),
         Err(e) => return failed("looking the image up", &e),
     };
     let row = row_size.is_some();
