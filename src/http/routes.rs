@@ -5,6 +5,7 @@
 //! looks an unknown id up and does not find it).
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -14,11 +15,24 @@ use tracing::debug;
 use super::{Shared, auth, cache_api, health};
 use crate::image_id::ImageId;
 
-pub(crate) type Reply = Response<Full<Bytes>>;
+/// A response body: whole (`Full`, most replies) or streamed (an image file, a
+/// forwarded upstream body), boxed so every route answers with one type. Its error is
+/// I/O: a streamed body that fails midway aborts the connection, so the client never
+/// takes a cut body for a whole one.
+pub(crate) type ReplyBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+pub(crate) type Reply = Response<ReplyBody>;
+
+/// A whole body, boxed.
+pub(crate) fn whole(bytes: impl Into<Bytes>) -> ReplyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// A reply with a body of `content_type`.
 pub(crate) fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(whole(body));
     *response.status_mut() = status;
     if let Ok(value) = content_type.parse() {
         response.headers_mut().insert(CONTENT_TYPE, value);
@@ -32,7 +46,7 @@ pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
 
 /// A status without a body (204, 202, Glance's 200 of clean).
 pub(crate) fn empty(status: StatusCode) -> Reply {
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(whole(Bytes::new()));
     *response.status_mut() = status;
     response
 }
