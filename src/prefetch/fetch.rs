@@ -17,6 +17,10 @@ use crate::digest::VerifyPolicy;
 use crate::image_id::ImageId;
 use crate::upstream::{ErrorClass, TransferFloor, Upstream, UpstreamError};
 
+/// How long a shutdown waits for a commit the writer thread has taken: ample for a
+/// rename, an fsync and a row on a loaded node, short beside `daemon.shutdown_timeout`.
+const PUBLISH_WAIT_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
     Published { bytes: u64 },
@@ -236,13 +240,32 @@ pub async fn fetch_into_cache(
             budget.bandwidth.pace(len, rate).await;
         }
     }
-    // The thread may still be writing queued chunks: a shutdown need not wait for them.
-    // Dropped before it took the commit, the thread moves the bytes to invalid/; after,
-    // it publishes a verified image, as a commit under way always could.
-    let published = tokio::select! {
+    // The thread may still be writing queued chunks: a shutdown need not wait for them
+    // (dropped before it took the commit, the thread moves the bytes to invalid/).
+    let mut committing = tokio::select! {
         biased;
         _ = cancel.cancelled() => return Err(FetchError::Cancelled),
-        published = writer.commit() => published?,
+        committing = writer.start_commit() => committing?,
+    };
+    // Once the thread takes the commit it publishes a verified image whatever happens
+    // here. A shutdown withdraws a commit not yet taken (a disk behind its queued
+    // chunks is not waited for); one taken is waited for (a rename, an fsync and a
+    // row), so a clean stop never leaves a published file without its row or with its
+    // queue entry. Only a disk that stops answering mid-publish is given up on after
+    // `PUBLISH_WAIT_AT_SHUTDOWN`, leaving what a crash would, which the next start's
+    // reconcile repairs.
+    let published = tokio::select! {
+        biased;
+        published = committing.published() => published?,
+        _ = cancel.cancelled() => {
+            if committing.withdraw() {
+                return Err(FetchError::Cancelled);
+            }
+            match tokio::time::timeout(PUBLISH_WAIT_AT_SHUTDOWN, committing.published()).await {
+                Ok(published) => published?,
+                Err(_) => return Err(FetchError::Cancelled),
+            }
+        }
     };
     // Published, the image counts in the cache's size: its reservation can go.
     drop(reservation);

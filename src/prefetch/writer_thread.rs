@@ -4,6 +4,8 @@
 //! lease, the watchdog, signal handling, the watcher or the other loops.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +32,14 @@ enum Op {
     Abort(String),
 }
 
+/// Where a commit stands, shared by both sides: queued behind chunks, taken by the
+/// thread (it publishes whatever happens), or withdrawn by a shutdown before the thread
+/// took it (it then aborts). One compare-and-swap each side decides which, so a
+/// shutdown either waits for a publish under way or is sure none will start.
+const COMMIT_QUEUED: u8 = 0;
+const COMMIT_TAKEN: u8 = 1;
+const COMMIT_WITHDRAWN: u8 = 2;
+
 /// What the writer thread ended with: published, aborted (`None`), or the error.
 type Ended = Result<Option<Published>, CacheError>;
 
@@ -38,6 +48,7 @@ type Ended = Result<Option<Published>, CacheError>;
 pub(super) struct WriterThread {
     ops: mpsc::Sender<Op>,
     ended: oneshot::Receiver<Ended>,
+    commit: Arc<AtomicU8>,
     written: u64,
     /// `incomplete/<id>`, named when the thread is lost.
     path: PathBuf,
@@ -53,6 +64,8 @@ impl WriterThread {
         let (ops, ops_rx) = mpsc::channel(CHUNKS_QUEUED);
         let (opened_tx, opened) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
+        let commit = Arc::new(AtomicU8::new(COMMIT_QUEUED));
+        let thread_commit = Arc::clone(&commit);
         let path = driver.get_image_filepath(id, Area::Incomplete);
         let (runtime, thread_driver, thread_id) = (Handle::current(), driver.clone(), id.clone());
         std::thread::Builder::new()
@@ -63,7 +76,13 @@ impl WriterThread {
                 match opened {
                     Ok(writer) => {
                         let _ = opened_tx.send(Ok(()));
-                        let ended = write_until_done(&runtime, &thread_driver, writer, ops_rx);
+                        let ended = write_until_done(
+                            &runtime,
+                            &thread_driver,
+                            writer,
+                            ops_rx,
+                            &thread_commit,
+                        );
                         let _ = ended_tx.send(ended);
                     }
                     Err(e) => {
@@ -76,6 +95,7 @@ impl WriterThread {
             Ok(Ok(())) => Ok(WriterThread {
                 ops,
                 ended,
+                commit,
                 written: 0,
                 path,
             }),
@@ -100,16 +120,18 @@ impl WriterThread {
         Ok(())
     }
 
-    /// Verifies and publishes (`CacheDriver::publish`) once every chunk is written.
-    pub(super) async fn commit(mut self) -> Result<Published, CacheError> {
+    /// Queues the commit behind the chunks queued before it. Once the thread takes it,
+    /// it verifies and publishes (`CacheDriver::publish`: file, row, dequeue) whatever
+    /// the async side does; until then a shutdown may withdraw it (see `Committing`).
+    pub(super) async fn start_commit(mut self) -> Result<Committing, CacheError> {
         if self.ops.send(Op::Commit).await.is_err() {
             return Err(self.failure().await);
         }
-        match self.ended.await {
-            Ok(Ok(Some(published))) => Ok(published),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) | Err(_) => Err(lost(self.path)),
-        }
+        Ok(Committing {
+            ended: self.ended,
+            commit: self.commit,
+            path: self.path,
+        })
     }
 
     /// Gives up, and waits until the bytes are in `invalid/`, so a retry of the same
@@ -147,6 +169,39 @@ impl WriterThread {
     }
 }
 
+/// A commit queued for the thread.
+pub(super) struct Committing {
+    ended: oneshot::Receiver<Ended>,
+    commit: Arc<AtomicU8>,
+    path: PathBuf,
+}
+
+impl Committing {
+    /// At shutdown: withdraws the commit if the thread has not taken it yet (it then
+    /// aborts, its bytes go to `invalid/`) and returns true; false when the thread took
+    /// it and is publishing, which the caller should then wait for.
+    pub(super) fn withdraw(&self) -> bool {
+        self.commit
+            .compare_exchange(
+                COMMIT_QUEUED,
+                COMMIT_WITHDRAWN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Waits until the thread has published (file, row and dequeue) or failed.
+    /// Cancel-safe: dropped, it can be called again.
+    pub(super) async fn published(&mut self) -> Result<Published, CacheError> {
+        match (&mut self.ended).await {
+            Ok(Ok(Some(published))) => Ok(published),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) | Err(_) => Err(lost(self.path.clone())),
+        }
+    }
+}
+
 /// The thread's loop: writes chunks until told to commit or abort. When the async side
 /// is gone without either, the writer is dropped, which moves its bytes to `invalid/`.
 fn write_until_done(
@@ -154,6 +209,7 @@ fn write_until_done(
     driver: &CacheDriver,
     mut writer: ImageWriter,
     mut ops: mpsc::Receiver<Op>,
+    commit: &AtomicU8,
 ) -> Ended {
     while let Some(op) = ops.blocking_recv() {
         match op {
@@ -162,7 +218,19 @@ fn write_until_done(
                 // A failed write has aborted the writer already.
                 writer.write_bytes(chunk)?;
             }
-            Op::Commit => return runtime.block_on(driver.publish(writer)).map(Some),
+            Op::Commit => {
+                let taken = commit.compare_exchange(
+                    COMMIT_QUEUED,
+                    COMMIT_TAKEN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if taken.is_err() {
+                    writer.abort("the download was interrupted by shutdown");
+                    return Ok(None);
+                }
+                return runtime.block_on(driver.publish(writer)).map(Some);
+            }
             Op::Abort(reason) => {
                 crate::failpoint::hit("writer:abort");
                 writer.abort(&reason);

@@ -190,6 +190,43 @@ fn crash_after_rename_before_the_row() {
     prefetch_crash("writer:before-row", true);
 }
 
+/// A SIGTERM while the writer thread publishes (its file renamed into place, the row
+/// not yet written: the failpoint pauses it there): the shutdown waits for the
+/// publish, so the clean stop leaves the image with its row and off the queue, not a
+/// file without a row for the next start to repair.
+#[test]
+fn a_clean_stop_during_a_publish_leaves_the_row_and_no_queue_entry() {
+    let origin = Origin::start();
+    let data = test_bytes(1 << 20, 22);
+    origin.add("stop-img", data.clone(), Behaviour::default());
+    let s = Setup::new(&format!(
+        "{FAST_RETRY}\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
+        origin.url()
+    ));
+    queue(&s, &["stop-img"]);
+    let marker = s.tmp.path().join("reached-before-row");
+    let d = Daemon::spawn(
+        s.tmp.path(),
+        &s.config,
+        &[],
+        &[
+            ("GLANCE_CACHED_TEST_FAILPOINT", "writer:before-row"),
+            (
+                "GLANCE_CACHED_TEST_FAILPOINT_FILE",
+                marker.to_str().unwrap(),
+            ),
+            ("GLANCE_CACHED_TEST_FAILPOINT_PAUSE_MS", "1500"),
+        ],
+    );
+    eventually(SOON, "the publish is under way", || marker.exists());
+    d.stop();
+    // Straight after the stop, before anything repairs: the row is there, the queue
+    // is empty and the file is the image.
+    assert_eq!(s.cached_ids(), vec!["stop-img".to_owned()]);
+    assert!(queued_json(&s).is_empty(), "{:?}", queued_json(&s));
+    assert_eq!(std::fs::read(s.cache("stop-img")).unwrap(), data);
+}
+
 #[test]
 fn crash_in_the_middle_of_a_prune() {
     let s = Setup::new("max_size = 100000");
