@@ -470,12 +470,12 @@ async fn start_loops_and_serve(
         .await;
     // Read now, not at start: the timeout is reloadable.
     loops.teardown(ctx.config().daemon.shutdown_timeout).await;
-    // The hits of the last requests, counted after the flusher's own last flush.
-    if let Err(error) = tokio::time::timeout(RELEASE_TIMEOUT, ctx.driver.flush_hits())
-        .await
-        .unwrap_or(Ok(0))
-    {
-        warn!(%error, "could not write the last hits at shutdown; they are lost");
+    // The hits of the last requests, counted after the flusher's own last flush (the
+    // listener and the loops stop together), before the database closes.
+    match tokio::time::timeout(RELEASE_TIMEOUT, ctx.driver.flush_hits()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => warn!(%error, "could not write the last hits at shutdown; they are lost"),
+        Err(_) => warn!("the database did not take the last hits in time; they are lost"),
     }
     outcome
 }
