@@ -6,13 +6,15 @@
 //! Holding the inode open makes the unlink quick (no blocks are freed by it). Then:
 //! - readers of ours hold it: nothing more; they keep reading their open file (unlink
 //!   semantics), and its bytes count as open-but-evicted until the last one closes;
-//! - nobody of ours holds it: a file larger than `TRUNCATE_STEP` is truncated in
-//!   steps of that much with a pause between them, so the filesystem frees its blocks a
-//!   step at a time (freeing hundreds of GiB at once can hold the journal, and every
-//!   other I/O of the disk, for seconds); the last step's blocks go when it closes.
+//! - nobody holds it (no reader of ours, and no descriptor anywhere: `open_elsewhere`):
+//!   a file larger than `TRUNCATE_STEP` is truncated in steps of that much with a
+//!   pause between them, so the filesystem frees its blocks a step at a time (freeing
+//!   hundreds of GiB at once can hold the journal, and every other I/O of the disk, for
+//!   seconds).
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tracing::warn;
@@ -68,18 +70,34 @@ pub(crate) fn evict_file(
     if !removed {
         return Ok(None);
     }
-    if !held && writable {
+    if !held && writable && bytes > TRUNCATE_STEP && !open_elsewhere(&file) {
         truncate_paced(&file, bytes, readers);
     }
     Ok(Some(Evicted { bytes, held }))
 }
 
-/// Frees an unlinked file's blocks `TRUNCATE_STEP` at a time (nothing for a file of
-/// one step or less: closing it frees its blocks at once, quickly enough).
-fn truncate_paced(file: &File, bytes: u64, readers: &Readers) {
-    if bytes <= TRUNCATE_STEP {
-        return;
+/// Whether any other descriptor, of any process, has `file`'s inode open: the kernel
+/// grants a write lease (`F_SETLEASE`, `F_WRLCK`) only when there is none. Readers
+/// outside our table (Glance's API serving from the cache, a `cat` command) must keep
+/// their bytes as a plain unlink keeps them. Where the lease cannot be had (not the
+/// file's owner without CAP_LEASE, a filesystem without leases), the answer is yes:
+/// the file is then freed at once when it closes, unpaced but never under a reader.
+/// The lease is given back at once: after the unlink nobody can open the file anew.
+fn open_elsewhere(file: &File) -> bool {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl with F_SETLEASE only reads its integer arguments; the descriptor
+    // is owned by `file`, which outlives both calls.
+    let taken = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) } == 0;
+    if taken {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
     }
+    !taken
+}
+
+/// Frees an unlinked file's blocks `TRUNCATE_STEP` at a time (callers leave a file of
+/// one step or less to its close, which frees it quickly enough).
+fn truncate_paced(file: &File, bytes: u64, readers: &Readers) {
     let mut len = bytes;
     while len > 0 {
         len = len.saturating_sub(TRUNCATE_STEP);

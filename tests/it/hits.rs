@@ -153,14 +153,15 @@ fn deleted_fds(root: &Path) -> usize {
 }
 
 /// A multi-GiB sparse image deleted while nobody reads it is truncated a GiB per step;
-/// one a reader holds is only unlinked, and the reader still sees all of it.
+/// one a reader holds, ours or another process's (Glance's API serving from the cache),
+/// is only unlinked, and the reader still sees all of it.
 #[tokio::test]
 async fn a_large_file_is_deleted_in_paced_steps_unless_a_reader_holds_it() {
     let Some(t) = TestCache::new(Backend::Sqlite).await else {
         return;
     };
     let size = 5 * GIB + 1;
-    for image in ["big-idle", "big-read"] {
+    for image in ["big-idle", "big-read", "big-elsewhere"] {
         let file = std::fs::File::create(t.path(image)).unwrap();
         file.set_len(size).unwrap();
     }
@@ -192,7 +193,43 @@ async fn a_large_file_is_deleted_in_paced_steps_unless_a_reader_holds_it() {
     assert!(!t.path("big-read").exists());
     drop((file, guard));
     assert_eq!(t.driver.reader_stats().evicted_bytes, 0);
+
+    // Another process reads it: not in our table, and still never truncated.
+    let other = Command::new("sh")
+        .arg("-c")
+        .arg("exec sleep 120 < \"$0\"")
+        .arg(t.path("big-elsewhere"))
+        .spawn()
+        .unwrap();
+    let other = KillOnDrop(other);
+    let held = PathBuf::from(format!("/proc/{}/fd/0", other.0.id()));
+    crate::kit::daemon::eventually(Duration::from_secs(10), "the reader has it open", || {
+        std::fs::metadata(&held).is_ok_and(|m| m.len() == size)
+    });
+    assert!(
+        t.driver
+            .delete_cached_image(&id("big-elsewhere"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        t.driver.reader_stats().truncate_steps - before,
+        steps,
+        "not truncated"
+    );
+    assert_eq!(std::fs::metadata(&held).unwrap().len(), size);
+    drop(other);
     t.finish().await;
+}
+
+/// A child process killed when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// `n` concurrent opens of `image`, each served (from disk, without the row's checksum
