@@ -91,7 +91,14 @@ struct BatchOutcome {
     gone_rows: Vec<ImageId>,
     /// The prune reached its goal inside this batch.
     satisfied: bool,
+    /// Ids not visited: the step's time ran out (paced deletions of large files).
+    unvisited: Vec<ImageId>,
 }
+
+/// How long one step may spend evicting: paced deletions of large files sleep between
+/// their truncation steps, and a batch of many huge files must still end well within
+/// the watchdog; the rest of the batch waits for the next step.
+const PRUNE_STEP_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl CacheDriver {
     /// Evicts until the cache fits `policy`, waiting for any prune in progress first.
@@ -208,6 +215,9 @@ impl PrunePass {
         self.report.pruned.extend(outcome.pruned);
         self.report.rows_without_file += outcome.rows_without_file;
         self.done = outcome.satisfied;
+        for id in outcome.unvisited.into_iter().rev() {
+            self.fetched.push_front(id);
+        }
         Ok(())
     }
 
@@ -249,10 +259,16 @@ fn evict_batch(
         rows_without_file: 0,
         gone_rows: Vec::with_capacity(ids.len()),
         satisfied: false,
+        unvisited: Vec::new(),
     };
-    for id in ids {
+    let started = tokio::time::Instant::now();
+    for (n, id) in ids.iter().enumerate() {
         if !needs_pruning(size) {
             out.satisfied = true;
+            break;
+        }
+        if started.elapsed() > PRUNE_STEP_TIME {
+            out.unvisited = ids[n..].to_vec();
             break;
         }
         match evict_file(layout, readers, Area::Cached, id) {
