@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -329,11 +329,26 @@ impl FileBody {
         self.offset += len;
         self.remaining -= len;
         self.reading = Some(tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
+            read_chunk(&file, offset, len)
         }));
     }
+}
+
+/// `len` bytes of `file` from `offset`, read into fresh (unzeroed) memory: zeroing a
+/// buffer only to overwrite it cost a pass over every byte served.
+fn read_chunk(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The spare capacity may have held more than asked for.
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 impl Body for FileBody {
