@@ -25,6 +25,8 @@ mod glance_interop;
 mod glance_shared;
 mod hits;
 mod http;
+mod http_keystone;
+mod http_serve;
 mod kit;
 mod prefetch;
 mod reconcile;
