@@ -5,6 +5,7 @@
 //! - `daemon`: the daemon binary run with a notify socket, and a daemon's setup on disk;
 //! - `glance`: the real glance-api on loopback, and the Glance virtualenv's python that
 //!   it and the Glance driver of `glance_interop` run on;
+//! - `keystone`: the real Keystone on loopback, its projects, users and tokens;
 //! - `origin`: an HTTP origin for failure injection;
 //! - `servers`: test databases on the three backends, private servers to stop and start;
 //! - here: deterministic bytes, digests, ids, file ages and Glance's old SQLite database.
@@ -15,6 +16,7 @@ pub mod canary;
 pub mod cli;
 pub mod daemon;
 pub mod glance;
+pub mod keystone;
 pub mod origin;
 pub mod servers;
 
