@@ -650,6 +650,14 @@ pub(crate) static KEYS: &[Key] = &[
         get: |c| Field::to_value(&c.http.tls_key_file),
         keep: |new, running| new.http.tls_key_file = running.http.tls_key_file.clone(),
     },
+    key!(
+        "http.admin_roles",
+        Kind::List,
+        DefaultValue::List(&["admin"]),
+        Yes,
+        "With [upstream.keystone]: the Keystone roles of which a token needs one for the cache API (Glance's default policy: admin); without one it is 403",
+        http.admin_roles
+    ),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

@@ -192,6 +192,9 @@ pub struct HttpConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// Keystone roles of which a token needs one for the cache API (any, compared as
+    /// oslo.policy compares roles: ignoring case).
+    pub admin_roles: Vec<String>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

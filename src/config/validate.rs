@@ -364,6 +364,7 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             admin_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            admin_roles: Vec::new(),
         },
         upstream: None,
     }

@@ -2,7 +2,7 @@
 //! API for `glance cache-*`. One file per concern: `server` (sockets, connection
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
 //! router has them), `health`, `cache_api`, `auth` and `tls` (optional TLS on the TCP listeners, the
-//! pair re-read on SIGHUP). HTTP/1.1; Keystone tokens are not supported yet.
+//! pair re-read on SIGHUP). HTTP/1.1.
 
 mod auth;
 mod cache_api;
@@ -52,6 +52,8 @@ pub(crate) struct HttpState {
     /// The configured upstream, asked whether an image exists and is active (Glance's
     /// checks on `PUT /v2/cache/{id}`); `None` without one.
     pub(crate) upstream: Option<crate::upstream::Upstream>,
+    /// Validated Keystone tokens and the refusal log's pace.
+    pub(crate) auth: auth::AuthState,
 }
 
 pub(crate) type Shared = Arc<HttpState>;
