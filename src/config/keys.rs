@@ -658,6 +658,9 @@ pub(crate) static KEYS: &[Key] = &[
         "With [upstream.keystone]: the Keystone roles of which a token needs one for the cache API (Glance's default policy: admin); without one it is 403",
         http.admin_roles
     ),
+    key!("http.metrics_listen", Kind::List, DefaultValue::List(&[]), Restart,
+        "Where to serve /metrics (and /healthz, /readyz) instead of on http.listen, which then answers /metrics with 404; empty: on http.listen",
+        http.metrics_listen, check: validate::listen_addresses),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

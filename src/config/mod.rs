@@ -195,6 +195,9 @@ pub struct HttpConfig {
     /// Keystone roles of which a token needs one for the cache API (any, compared as
     /// oslo.policy compares roles: ignoring case).
     pub admin_roles: Vec<String>,
+    /// Where `/metrics` (and health) are served instead of on `listen`; empty: on
+    /// `listen`.
+    pub metrics_listen: Vec<String>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

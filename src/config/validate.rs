@@ -365,6 +365,7 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             tls_cert_file: None,
             tls_key_file: None,
             admin_roles: Vec::new(),
+            metrics_listen: Vec::new(),
         },
         upstream: None,
     }

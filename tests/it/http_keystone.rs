@@ -307,3 +307,44 @@ async fn http_keystone_down_is_503_but_validated_tokens_keep_working() {
     assert_eq!(call(port, "GET", "/healthz", None).0, 200);
     d.stop();
 }
+
+/// `http.metrics_listen`: `/metrics` answers there and is 404 on `http.listen`; health
+/// answers on both; the metrics address serves nothing else.
+#[test]
+fn http_metrics_listen_takes_metrics_off_the_api_port() {
+    let port = free_port();
+    let metrics = free_port();
+    let s = Setup::new("");
+    s.write_config(&format!(
+        "[http]\nenabled = true\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = [\"127.0.0.1:{metrics}\"]\n"
+    ));
+    let d = s.start();
+    let (status, body) = call(metrics, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("glance_cached_"), "{body}");
+    assert_eq!(call(port, "GET", "/metrics", None).0, 404);
+    for p in [port, metrics] {
+        assert_eq!(call(p, "GET", "/healthz", None).0, 200);
+        assert_eq!(call(p, "GET", "/readyz", None).0, 200);
+    }
+    assert_eq!(call(metrics, "GET", "/v2/cache", None).0, 404);
+    assert_eq!(call(metrics, "GET", "/versions", None).0, 404);
+    assert_eq!(call(port, "GET", "/v2/cache", None).0, 401);
+
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace(
+            &format!("127.0.0.1:{metrics}"),
+            &format!("127.0.0.1:{}", free_port()),
+        ),
+    )
+    .unwrap();
+    d.signal(rustix::process::Signal::HUP);
+    eventually(SOON, "the reload names http.metrics_listen", || {
+        let log = d.log_text();
+        log.contains("needs a restart") && log.contains("http.metrics_listen")
+    });
+    assert_eq!(call(metrics, "GET", "/metrics", None).0, 200);
+    d.stop();
+}
