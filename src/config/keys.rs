@@ -707,6 +707,17 @@ pub(crate) static KEYS: &[Key] = &[
     key!("http.serve_token_file", Kind::Path, Unset, Yes,
         "With serve_auth = \"token\": the file holding the token image downloads require in X-Auth-Token",
         http.serve_token_file, check: validate::secret_file),
+    key!(
+        "http.admin_roles",
+        Kind::List,
+        DefaultValue::List(&["admin"]),
+        Yes,
+        "With [upstream.keystone]: the Keystone roles of which a token needs one for the cache API (Glance's default policy: admin); without one it is 403",
+        http.admin_roles
+    ),
+    key!("http.metrics_listen", Kind::List, DefaultValue::List(&[]), Restart,
+        "Where to serve /metrics (and /healthz, /readyz) instead of on http.listen, which then answers /metrics with 404; empty: on http.listen",
+        http.metrics_listen, check: validate::listen_addresses),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

@@ -208,6 +208,12 @@ pub struct HttpConfig {
     pub serve_allow: Vec<String>,
     /// The static token `serve_auth = "token"` requires in `X-Auth-Token`.
     pub serve_token_file: Option<PathBuf>,
+    /// Keystone roles of which a token needs one for the cache API (any, compared as
+    /// oslo.policy compares roles: ignoring case).
+    pub admin_roles: Vec<String>,
+    /// Where `/metrics` (and health) are served instead of on `listen`; empty: on
+    /// `listen`.
+    pub metrics_listen: Vec<String>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

@@ -370,6 +370,8 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             serve_auth: None,
             serve_allow: Vec::new(),
             serve_token_file: None,
+            admin_roles: Vec::new(),
+            metrics_listen: Vec::new(),
         },
         upstream: None,
     }

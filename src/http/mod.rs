@@ -3,7 +3,7 @@
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
 //! router has them), `health`, `cache_api`, `auth` and `tls` (optional TLS on the TCP listeners, the
 //! pair re-read on SIGHUP), `serve` (image downloads) and `serve_auth` (who may download).
-//! HTTP/1.1; Keystone tokens are not supported yet.
+//! HTTP/1.1.
 
 mod auth;
 mod cache_api;
@@ -58,6 +58,8 @@ pub(crate) struct HttpState {
     pub(crate) upstream: Option<crate::upstream::Upstream>,
     /// Glance's remembered permissions to download (see `serve_auth`).
     pub(crate) auth_cache: AuthCache,
+    /// Validated Keystone tokens and the refusal log's pace.
+    pub(crate) auth: auth::AuthState,
 }
 
 pub(crate) type Shared = Arc<HttpState>;

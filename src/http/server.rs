@@ -2,6 +2,11 @@
 //! at most `http.max_connections` served at once (the rest wait in the backlog), a
 //! header read timeout (slowloris), an idle timeout, and a graceful drain at shutdown:
 //! no new connection is accepted, requests in progress finish, idle connections close.
+//!
+//! With `http.metrics_listen`, its sockets serve `/metrics` and health only, and the
+//! main ones answer `/metrics` with 404 (a public API port shows no metrics). They are
+//! served the same way (TLS, timeouts, drain), with `max_connections` of their own, so
+//! a flood on the API port does not starve the scrapes.
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
@@ -11,6 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
+use hyper::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,9 +34,28 @@ use crate::config::HttpConfig;
 
 /// The bound sockets.
 pub(crate) struct Listeners {
-    sockets: Vec<Listener>,
+    sockets: Vec<(Listener, Face)>,
     /// TLS for the TCP sockets, when configured.
     tls: Option<Arc<Tls>>,
+}
+
+/// What a socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Face {
+    /// Everything (`http.listen`), but `/metrics` when `metrics_listen` has it.
+    Api { metrics: bool },
+    /// `/metrics`, `/healthz` and `/readyz` (`http.metrics_listen`).
+    Metrics,
+}
+
+impl Face {
+    /// Whether `path` is answered on this face; the others are 404.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Face::Api { metrics } => metrics || path != "/metrics",
+            Face::Metrics => matches!(path, "/metrics" | "/healthz" | "/readyz"),
+        }
+    }
 }
 
 enum Listener {
@@ -47,22 +72,43 @@ const DRAIN_WRITE_GRACE: Duration = Duration::from_millis(200);
 const LISTEN_FDS_START: RawFd = 3;
 
 /// Binds `config.listen`, or takes the sockets systemd passes (`LISTEN_FDS` for this
-/// process's `LISTEN_PID`), which then replace `listen`.
+/// process's `LISTEN_PID`), which then replace `listen`; and binds
+/// `config.metrics_listen` (systemd passes the API's sockets only).
 pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
     let tls = Tls::from_config(
         config.tls_cert_file.as_deref(),
         config.tls_key_file.as_deref(),
     )?
     .map(Arc::new);
-    if let Some(sockets) = systemd_sockets()? {
-        info!(
-            sockets = sockets.len(),
-            "http: using the sockets systemd passed"
-        );
-        return Ok(Listeners { sockets, tls });
-    }
+    let api = Face::Api {
+        metrics: config.metrics_listen.is_empty(),
+    };
+    let mut sockets = match systemd_sockets()? {
+        Some(sockets) => {
+            info!(
+                sockets = sockets.len(),
+                "http: using the sockets systemd passed"
+            );
+            sockets.into_iter().map(|s| (s, api)).collect()
+        }
+        None => bind_entries(&config.listen, api, tls.is_some())?,
+    };
+    sockets.extend(bind_entries(
+        &config.metrics_listen,
+        Face::Metrics,
+        tls.is_some(),
+    )?);
+    Ok(Listeners { sockets, tls })
+}
+
+/// Binds `listen`-style entries (`address:port`, `unix:/path`) for `face`.
+fn bind_entries(
+    entries: &[String],
+    face: Face,
+    tls: bool,
+) -> Result<Vec<(Listener, Face)>, HttpError> {
     let mut sockets = Vec::new();
-    for entry in &config.listen {
+    for entry in entries {
         let failed = |source| HttpError::Bind {
             address: entry.clone(),
             source,
@@ -72,19 +118,19 @@ pub(crate) fn bind(config: &HttpConfig) -> Result<Listeners, HttpError> {
                 let path = PathBuf::from(path);
                 remove_stale_socket(&path)?;
                 let listener = UnixListener::bind(&path).map_err(failed)?;
-                info!(path = ?path, "http: listening");
-                sockets.push(Listener::Unix(listener, Some(path)));
+                info!(path = ?path, ?face, "http: listening");
+                sockets.push((Listener::Unix(listener, Some(path)), face));
             }
             None => {
                 let listener = std::net::TcpListener::bind(entry.as_str()).map_err(failed)?;
                 listener.set_nonblocking(true).map_err(failed)?;
                 let listener = TcpListener::from_std(listener).map_err(failed)?;
-                info!(address = %entry, tls = tls.is_some(), "http: listening");
-                sockets.push(Listener::Tcp(listener));
+                info!(address = %entry, tls, ?face, "http: listening");
+                sockets.push((Listener::Tcp(listener), face));
             }
         }
     }
-    Ok(Listeners { sockets, tls })
+    Ok(sockets)
 }
 
 /// A socket file left by an earlier run is replaced; one a live process still listens
@@ -174,13 +220,14 @@ fn adopt_fd(fd: RawFd) -> Result<Listener, HttpError> {
 pub(crate) async fn serve(listeners: Listeners, state: Shared) {
     let max = state.ctx.config().http.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
+    let metrics_permits = Arc::new(Semaphore::new(max));
     let connections = TaskTracker::new();
     let accepting = TaskTracker::new();
     let mut paths = Vec::new();
     if let Some(tls) = &listeners.tls {
         accepting.spawn(reread_on_reload(tls.clone(), state.clone()));
     }
-    for listener in listeners.sockets {
+    for (listener, face) in listeners.sockets {
         if let Listener::Unix(_, Some(path)) = &listener {
             paths.push(path.clone());
         }
@@ -189,11 +236,15 @@ pub(crate) async fn serve(listeners: Listeners, state: Shared) {
             Listener::Tcp(_) => listeners.tls.clone(),
             Listener::Unix(..) => None,
         };
+        let permits = match face {
+            Face::Api { .. } => permits.clone(),
+            Face::Metrics => metrics_permits.clone(),
+        };
         accepting.spawn(accept_loop(
-            listener,
+            (listener, face),
             tls,
             state.clone(),
-            permits.clone(),
+            permits,
             connections.clone(),
         ));
     }
@@ -231,7 +282,7 @@ async fn reread_on_reload(tls: Arc<Tls>, state: Shared) {
 }
 
 async fn accept_loop(
-    listener: Listener,
+    (listener, face): (Listener, Face),
     tls: Option<Arc<Tls>>,
     state: Shared,
     permits: Arc<Semaphore>,
@@ -256,7 +307,7 @@ async fn accept_loop(
                 let state = state.clone();
                 let tls = tls.clone();
                 connections.spawn(async move {
-                    connection(stream, peer, tls, state).await;
+                    connection(stream, peer, tls, face, state).await;
                     drop(permit);
                 });
             }
@@ -349,7 +400,13 @@ impl Drop for InFlight {
     }
 }
 
-async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, state: Shared) {
+async fn connection(
+    stream: Stream,
+    peer: Peer,
+    tls: Option<Arc<Tls>>,
+    face: Face,
+    state: Shared,
+) {
     let config = state.ctx.config();
     let stream = match (stream, tls) {
         (Stream::Tcp(tcp), Some(tls)) => {
@@ -388,7 +445,11 @@ async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, state: Sh
         let state = service_state.clone();
         let in_flight = InFlight::new(&service_activity);
         async move {
-            let response = routes::handle(state, request).await;
+            let response = if face.serves(request.uri().path()) {
+                routes::handle(state, request).await
+            } else {
+                routes::text(StatusCode::NOT_FOUND, "The resource could not be found.")
+            };
             drop(in_flight);
             Ok::<_, std::convert::Infallible>(response)
         }
@@ -519,6 +580,30 @@ impl AsyncWrite for Tracked {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_separate_metrics_listener_takes_metrics_off_the_api() {
+        let shared = Face::Api { metrics: true };
+        let api = Face::Api { metrics: false };
+        for path in ["/metrics", "/healthz", "/readyz", "/v2/cache"] {
+            assert!(shared.serves(path), "{path}");
+        }
+        assert!(!api.serves("/metrics"));
+        for path in ["/healthz", "/readyz", "/v2/cache", "/"] {
+            assert!(api.serves(path), "{path}");
+        }
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert!(Face::Metrics.serves(path), "{path}");
+        }
+        for path in ["/v2/cache", "/", "/versions", "/metrics/"] {
+            assert!(!Face::Metrics.serves(path), "{path}");
         }
     }
 }

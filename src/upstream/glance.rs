@@ -46,6 +46,17 @@ impl GlanceUpstream {
         }
     }
 
+    /// Validates a client's Keystone token with our own; `None` without Keystone.
+    pub(crate) async fn validate_token(
+        &self,
+        subject: &str,
+    ) -> Option<Result<super::keystone::Validation, UpstreamError>> {
+        match &self.auth {
+            Auth::Keystone(k) => Some(k.validate(subject).await),
+            Auth::None | Auth::TokenFile(_) => None,
+        }
+    }
+
     async fn token(&self) -> Result<Option<String>, UpstreamError> {
         match &self.auth {
             Auth::None => Ok(None),

@@ -31,6 +31,7 @@ pub struct ImageMeta {
 
 pub(crate) use error::{ErrorClass, TokenFileProblem, UpstreamError};
 pub(crate) use error::{http_error, status_error};
+pub(crate) use keystone::Validation;
 
 /// The bytes of one image, read chunk by chunk (memory stays flat).
 pub enum ImageStream {
@@ -253,6 +254,18 @@ impl Upstream {
     ) -> Option<Result<reqwest::StatusCode, UpstreamError>> {
         match self {
             Upstream::Glance(g) => Some(g.download_status(id, token).await),
+            Upstream::Http(_) | Upstream::Directory(_) => None,
+        }
+    }
+
+    /// Validates a client's Keystone token with the upstream's own service token:
+    /// `None` when the upstream does not authenticate with Keystone.
+    pub(crate) async fn validate_token(
+        &self,
+        subject: &str,
+    ) -> Option<Result<Validation, UpstreamError>> {
+        match self {
+            Upstream::Glance(g) => g.validate_token(subject).await,
             Upstream::Http(_) | Upstream::Directory(_) => None,
         }
     }
