@@ -192,6 +192,10 @@ pub struct HttpConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// Requests no route of ours answers go to the Glance upstream (`http::proxy`).
+    pub forward: bool,
+    /// The URL clients reach the listener by, put into forwarded version documents.
+    pub public_url: Option<String>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

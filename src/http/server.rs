@@ -369,6 +369,15 @@ async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
         }
         (stream, _) => stream,
     };
+    // Who is asking, for the X-Forwarded-* headers of forwarded requests.
+    let peer = super::proxy::Peer {
+        ip: match &stream {
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Stream::Tls(s) => s.get_ref().0.peer_addr().ok().map(|a| a.ip()),
+            Stream::Unix(_) => None,
+        },
+        tls: matches!(stream, Stream::Tls(_)),
+    };
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,
@@ -376,7 +385,8 @@ async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
     };
     let service_state = state.clone();
     let service_activity = activity.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(peer);
         let state = service_state.clone();
         let in_flight = InFlight::new(&service_activity);
         async move {
