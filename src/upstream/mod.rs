@@ -210,7 +210,10 @@ impl Upstream {
         Ok(match &config.kind {
             UpstreamKind::Glance { urls, auth } => Upstream::Glance(glance::GlanceUpstream::new(
                 http_client(config, same_origin_redirects())?,
-                http_client(config, reqwest::redirect::Policy::none())?,
+                // No read timeout of reqwest's, which runs from the request's start to
+                // its answer's head and so would cut an upload longer than it:
+                // `http::proxy` times the answer from the end of the request body.
+                http_client_with(config, reqwest::redirect::Policy::none(), None)?,
                 urls,
                 config.down_for,
                 auth,
@@ -304,12 +307,22 @@ fn http_client(
     config: &UpstreamConfig,
     redirect: reqwest::redirect::Policy,
 ) -> Result<reqwest::Client, UpstreamError> {
+    http_client_with(config, redirect, Some(config.read_timeout))
+}
+
+fn http_client_with(
+    config: &UpstreamConfig,
+    redirect: reqwest::redirect::Policy,
+    read_timeout: Option<Duration>,
+) -> Result<reqwest::Client, UpstreamError> {
     // reqwest is built without a default crypto provider (ring is far cheaper to build
     // than aws-lc); install ring once for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .read_timeout(config.read_timeout)
+    let mut builder = reqwest::Client::builder().connect_timeout(config.connect_timeout);
+    if let Some(read_timeout) = read_timeout {
+        builder = builder.read_timeout(read_timeout);
+    }
+    builder = builder
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("glance-cached/", env!("CARGO_PKG_VERSION")))
         .redirect(redirect);

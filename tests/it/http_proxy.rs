@@ -486,3 +486,35 @@ async fn http_proxy_fails_over_to_the_endpoint_that_is_up() {
     );
     d.stop();
 }
+
+/// A forwarded upload is not bounded by `http.max_request_body` but stalls out after
+/// `http.idle_timeout` without a byte (408), and the daemon stays healthy.
+#[test]
+fn http_proxy_a_stalled_upload_is_cut_at_the_idle_timeout() {
+    let origin = Origin::start();
+    let (s, port) = setup(
+        &[origin.url()],
+        "idle_timeout = \"1s\"\nmax_request_body = \"1KiB\"",
+        "",
+    );
+    let d = s.start();
+    let id = "0c1d2e3f-0000-4000-8000-000000000002";
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // 1 MiB announced, 4 KiB sent (more than max_request_body), then nothing.
+    write!(
+        stream,
+        "PUT /v2/images/{id}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {USER_TOKEN}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\n"
+    )
+    .unwrap();
+    stream.write_all(&[7u8; 4096]).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head[9..12], b"408", "{}", String::from_utf8_lossy(&head));
+    let health = get(port, "/healthz", "");
+    assert_eq!(health.status, 200, "{}", health.body);
+    d.stop();
+}
