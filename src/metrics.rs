@@ -70,8 +70,8 @@ const CLEAN_KINDS: [&str; 2] = ["invalid", "stalled"];
 const PREFETCH_OUTCOMES: [&str; 4] = ["ok", "retry", "permanent", "verify_failure"];
 const RELOAD_OUTCOMES: [&str; 2] = ["ok", "invalid"];
 const LEASE_OUTCOMES: [&str; 2] = ["ok", "failed"];
-/// Forwarded requests by the upstream's status class; `error` when no endpoint
-/// answered (the client got our 502 or 504).
+/// Forwarded requests by the upstream's status class; `error` when no answer came
+/// (the client got our 502 or 504, or 408 for a body that stalled).
 pub(crate) const FORWARD_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 /// The loops' names as the daemon's `Task` shows them.
 pub(crate) const LOOP_NAMES: [&str; 6] = [
@@ -296,7 +296,7 @@ impl Metrics {
         );
         r.register(
             "http_forwarded_requests",
-            "Requests forwarded to the Glance upstream, by the status class of its answer (error: no endpoint answered)",
+            "Requests forwarded to the Glance upstream, by the status class of its answer (error: none came)",
             self.forwarded.clone(),
         );
         r.register(

@@ -436,6 +436,19 @@ async fn http_proxy_fails_over_to_the_endpoint_that_is_up() {
     let data = test_bytes(16384, 8);
     let id = api.create_image(&data).await;
     let d = s.start();
+    // First the cache API's lookup and the prefetch, which find the closed port
+    // themselves; then forwarded requests.
+    let queued = raw(
+        port,
+        &format!(
+            "PUT /v2/cache/{id} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    eventually(Duration::from_secs(30), "the image is prefetched", || {
+        s.cached_ids() == [id.clone()]
+    });
+    assert_eq!(std::fs::read(s.cache(&id)).unwrap(), data);
     for _ in 0..3 {
         let listed = get(port, "/v2/images", USER_TOKEN);
         assert_eq!(listed.status, 200, "{}", listed.body);
@@ -454,18 +467,6 @@ async fn http_proxy_fails_over_to_the_endpoint_that_is_up() {
     assert_eq!(created.status, 201, "{}", created.body);
     let new_id = json(&created)["id"].as_str().unwrap().to_owned();
     assert!(direct(&api, &new_id).await.is_some());
-    // The cache API's lookup and the prefetch.
-    let queued = raw(
-        port,
-        &format!(
-            "PUT /v2/cache/{id} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        ),
-    );
-    assert_eq!(queued.status, 202, "{}", queued.body);
-    eventually(Duration::from_secs(30), "the image is prefetched", || {
-        s.cached_ids() == [id.clone()]
-    });
-    assert_eq!(std::fs::read(s.cache(&id)).unwrap(), data);
     let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .unwrap()
@@ -516,5 +517,68 @@ fn http_proxy_a_stalled_upload_is_cut_at_the_idle_timeout() {
     assert_eq!(&head[9..12], b"408", "{}", String::from_utf8_lossy(&head));
     let health = get(port, "/healthz", "");
     assert_eq!(health.status, 200, "{}", health.body);
+    d.stop();
+}
+
+/// Two glance-apis on one database, the first stopped mid-test: forwarded requests,
+/// the cache API's lookups and prefetching carry on through the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_carries_on_when_a_glance_api_stops_mid_test() {
+    let s0 = Setup::new("");
+    let database = s0.tmp.path().join("glance.db");
+    let options = GlanceApiOptions {
+        cache_dir: None,
+        database: &database,
+        node_url: "http://glance-node:9292",
+    };
+    let Some(first) = GlanceApi::start(&options) else {
+        return;
+    };
+    let second = GlanceApi::start(&options).unwrap();
+    let (s, port) = setup(
+        &[first.url.clone(), second.url.clone()],
+        "",
+        "down_for = \"10m\"",
+    );
+    let d = s.start();
+    let before = first.create_image(&test_bytes(4096, 1)).await;
+    let listed = get(port, "/v2/images", USER_TOKEN);
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert!(listed.body.contains(&before), "{}", listed.body);
+
+    drop(first);
+    // The image's bytes are in the stopped one's store; its record is in both.
+    let data = test_bytes(8192, 2);
+    let after = second.create_image(&data).await;
+    for _ in 0..3 {
+        let listed = get(port, "/v2/images", USER_TOKEN);
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert!(
+            listed.body.contains(&before) && listed.body.contains(&after),
+            "{}",
+            listed.body
+        );
+    }
+    let queued = raw(
+        port,
+        &format!(
+            "PUT /v2/cache/{after} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    eventually(Duration::from_secs(30), "the image is prefetched", || {
+        s.cached_ids() == [after.clone()]
+    });
+    assert_eq!(std::fs::read(s.cache(&after)).unwrap(), data);
+    let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scrape.contains("glance_cached_upstream_endpoint_up{endpoint=\"0\"} 0"),
+        "{scrape}"
+    );
     d.stop();
 }
