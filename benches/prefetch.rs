@@ -231,12 +231,13 @@ fn main() {
     });
     let upstream = Upstream::from_config(&UpstreamConfig {
         kind: UpstreamKind::Glance {
-            url: format!("http://127.0.0.1:{port}"),
+            urls: vec![format!("http://127.0.0.1:{port}")],
             auth: GlanceAuth::None,
         },
         ca_file: None,
         connect_timeout: Duration::from_secs(10),
         read_timeout: Duration::from_secs(60),
+        down_for: Duration::from_secs(30),
     })
     .unwrap();
     let image = ImageId::parse(id).unwrap();

@@ -70,6 +70,9 @@ const CLEAN_KINDS: [&str; 2] = ["invalid", "stalled"];
 const PREFETCH_OUTCOMES: [&str; 4] = ["ok", "retry", "permanent", "verify_failure"];
 const RELOAD_OUTCOMES: [&str; 2] = ["ok", "invalid"];
 const LEASE_OUTCOMES: [&str; 2] = ["ok", "failed"];
+/// Forwarded requests by the upstream's status class; `error` when no answer came
+/// (the client got our 502 or 504, or 408 for a body that stalled).
+pub(crate) const FORWARD_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 /// The loops' names as the daemon's `Task` shows them.
 pub(crate) const LOOP_NAMES: [&str; 7] = [
     "cleaner",
@@ -129,6 +132,9 @@ pub struct Metrics {
     pending_hit_images: Gauge,
     pending_hits: Gauge,
     truncate_steps: Counter,
+    forwarded: Family<Label, Counter>,
+    /// By the endpoint's index in `upstream.url` (a URL may carry a secret).
+    upstream_endpoint_up: Family<[(&'static str, String); 1], Gauge>,
 }
 
 impl Default for Metrics {
@@ -186,6 +192,8 @@ impl Metrics {
             pending_hit_images: Gauge::default(),
             pending_hits: Gauge::default(),
             truncate_steps: Counter::default(),
+            forwarded: family("class", &FORWARD_CLASSES),
+            upstream_endpoint_up: Family::default(),
         };
         m.register();
         m
@@ -328,6 +336,16 @@ impl Metrics {
             "truncate_steps",
             "Steps of paced deletions of large evicted images (one per 1 GiB freed)",
             self.truncate_steps.clone(),
+        );
+        r.register(
+            "http_forwarded_requests",
+            "Requests forwarded to the Glance upstream, by the status class of its answer (error: none came)",
+            self.forwarded.clone(),
+        );
+        r.register(
+            "upstream_endpoint_up",
+            "1 while the Glance upstream endpoint (by its index in upstream.url) is up, 0 while it is passed over after a failure",
+            self.upstream_endpoint_up.clone(),
         );
     }
 
@@ -489,6 +507,27 @@ impl Metrics {
     }
 
     /// The histogram the database pool's operations are timed into (`Db::timed_by`).
+    /// A forwarded request's answer: `status` from the upstream, `None` when none came.
+    pub(crate) fn forwarded(&self, status: Option<u16>) {
+        let class = match status {
+            Some(100..=199) => "1xx",
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(_) => "5xx",
+            None => "error",
+        };
+        self.forwarded.get_or_create(&[("class", class)]).inc();
+    }
+
+    /// The up/down gauge of the upstream endpoint at `index` (shares its value with
+    /// the registry).
+    pub(crate) fn upstream_endpoint(&self, index: usize) -> Gauge {
+        self.upstream_endpoint_up
+            .get_or_create(&[("endpoint", index.to_string())])
+            .clone()
+    }
+
     pub(crate) fn db_queries(&self) -> Histogram {
         self.db_query_duration.clone()
     }

@@ -54,6 +54,9 @@ pub(crate) enum Kind {
     },
     /// A list of strings (from the environment: comma-separated).
     List,
+    /// One URL or a list of them (from the environment: comma-separated), shown with
+    /// their passwords masked.
+    UrlList,
 }
 
 /// A key's value when neither the file nor the environment sets it.
@@ -187,6 +190,14 @@ impl Kind {
             (_, Value::Bool(b)) => b.to_string(),
             (Kind::Url, Value::Text(s)) => format!("{:?}", mask_url(s)),
             (Kind::Secret, Value::Text(_)) => "\"***\"".into(),
+            (Kind::UrlList, Value::List(items)) if items.len() == 1 => {
+                format!("{:?}", mask_url(&items[0]))
+            }
+            (Kind::UrlList, Value::List(items)) => {
+                let items: Vec<String> =
+                    items.iter().map(|s| format!("{:?}", mask_url(s))).collect();
+                format!("[{}]", items.join(", "))
+            }
             (_, Value::Text(s)) => format!("{s:?}"),
             (_, Value::List(items)) => {
                 let items: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
@@ -232,6 +243,19 @@ macro_rules! field_as {
 
 field_as!(u64 => Size, Duration => Duration, PathBuf => Path, String => Text, bool => Bool,
     Vec<String> => List);
+
+impl Field for Option<String> {
+    fn to_value(&self) -> Option<Value> {
+        self.clone().map(Value::Text)
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value {
+            None => Some(None),
+            Some(Value::Text(s)) => Some(Some(s)),
+            Some(_) => None,
+        }
+    }
+}
 
 impl Field for Option<PathBuf> {
     fn to_value(&self) -> Option<Value> {
@@ -718,6 +742,17 @@ pub(crate) static KEYS: &[Key] = &[
     key!("http.metrics_listen", Kind::List, DefaultValue::List(&[]), Restart,
         "Where to serve /metrics (and /healthz, /readyz) instead of on http.listen, which then answers /metrics with 404; empty: on http.listen",
         http.metrics_listen, check: validate::listen_addresses),
+    key!(
+        "http.forward",
+        Kind::Bool,
+        DefaultValue::Bool(false),
+        Yes,
+        "Forward every request no route of ours answers to the Glance upstream (upstream.kind = \"glance\" only)",
+        http.forward
+    ),
+    key!("http.public_url", Kind::Url, Unset, Yes,
+        "The URL clients reach this listener by: forwarded version documents link to it; unset: links pass as the upstream wrote them",
+        http.public_url, check: validate::public_url),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {
@@ -741,10 +776,10 @@ pub(crate) static KEYS: &[Key] = &[
     },
     upstream_key!(
         "upstream.url",
-        Kind::Url,
+        Kind::UrlList,
         Unset,
-        "glance: the Glance API endpoint, e.g. https://glance.example.org:9292",
-        |u| glance(u).map(|(url, _)| Value::Text(url.clone()))
+        "glance: the Glance API endpoint, e.g. https://glance.example.org:9292, or a list of them (failover)",
+        |u| glance(u).map(|(urls, _)| Value::List(urls.clone()))
     ),
     upstream_key!(
         "upstream.token_file",
@@ -816,6 +851,13 @@ pub(crate) static KEYS: &[Key] = &[
         DefaultValue::Duration(Duration::from_secs(60)),
         "A read that stalls this long fails the attempt (it is retried)",
         |u| Some(Value::Duration(u.read_timeout))
+    ),
+    upstream_key!(
+        "upstream.down_for",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(30)),
+        "glance: how long an endpoint that failed (no connection, a 5xx) is passed over",
+        |u| Some(Value::Duration(u.down_for))
     ),
     upstream_key!(
         "upstream.keystone.auth_url",
@@ -891,9 +933,9 @@ fn keep_upstream(new: &mut Config, running: &Config) {
     new.upstream = running.upstream.clone();
 }
 
-fn glance(u: &UpstreamConfig) -> Option<(&String, &GlanceAuth)> {
+fn glance(u: &UpstreamConfig) -> Option<(&Vec<String>, &GlanceAuth)> {
     match &u.kind {
-        UpstreamKind::Glance { url, auth } => Some((url, auth)),
+        UpstreamKind::Glance { urls, auth } => Some((urls, auth)),
         _ => None,
     }
 }
@@ -996,7 +1038,7 @@ mod tests {
                 (Kind::Bool, Value::Bool(_)) => true,
                 (Kind::Text | Kind::Url | Kind::Secret, Value::Text(_)) => true,
                 (Kind::Choice { words, .. }, Value::Text(w)) => words.contains(&w.as_str()),
-                (Kind::List, Value::List(_)) => true,
+                (Kind::List | Kind::UrlList, Value::List(_)) => true,
                 _ => false,
             };
             assert!(

@@ -214,6 +214,10 @@ pub struct HttpConfig {
     /// Where `/metrics` (and health) are served instead of on `listen`; empty: on
     /// `listen`.
     pub metrics_listen: Vec<String>,
+    /// Requests no route of ours answers go to the Glance upstream (`http::proxy`).
+    pub forward: bool,
+    /// The URL clients reach the listener by, put into forwarded version documents.
+    pub public_url: Option<String>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

@@ -78,8 +78,13 @@ fn literal(key: &Key) -> BoxedStrategy<String> {
         )
         .prop_map(str::to_owned)
         .boxed(),
+        Kind::Url if key.name == "http.public_url" => {
+            proptest::sample::select(&["https://edge.example.org:9393", "http://[::1]:9393/"][..])
+                .prop_map(move |w| quoted(w.to_owned()))
+                .boxed()
+        }
         // log.level: a filter.
-        Kind::Text | Kind::Url | Kind::Secret => proptest::sample::select(
+        Kind::Text | Kind::Url | Kind::UrlList | Kind::Secret => proptest::sample::select(
             &[
                 "info",
                 "debug",
@@ -149,9 +154,16 @@ fn derived_lines() -> impl Strategy<Value = Vec<(String, Option<String>)>> {
                 }
                 lines
             }),
-        ("[a-z]{1,8}", "[a-z]{1,8}").prop_map(|(host, user)| vec![
+        ("[a-z]{1,8}", "[a-z]{1,8}", any::<bool>()).prop_map(|(host, user, two)| vec![
             ("upstream.kind", "\"glance\"".to_owned()),
-            ("upstream.url", format!("\"https://{host}:9292\"")),
+            (
+                "upstream.url",
+                if two {
+                    format!("[\"https://{host}:9292\", \"https://{host}2:9292/\"]")
+                } else {
+                    format!("\"https://{host}:9292\"")
+                }
+            ),
             (
                 "upstream.keystone.auth_url",
                 format!("\"https://{host}:5000/v3\"")

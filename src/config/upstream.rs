@@ -39,7 +39,8 @@ pub enum GlanceAuth {
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamKind {
     Glance {
-        url: String,
+        /// One endpoint or several (tried by health, then in this order).
+        urls: Vec<String>,
         auth: GlanceAuth,
     },
     Http {
@@ -58,12 +59,26 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long a Glance endpoint that failed is passed over.
+    pub down_for: Duration,
 }
 
 /// Fills `[upstream]`, a union tagged by `upstream.kind`: which keys apply depends on
 /// the kind, so this section is assembled here rather than key by key.
 pub(super) fn fill(v: &mut Validator<'_>, c: &mut Config) {
     c.upstream = v.upstream();
+    // Only Glance's API can answer what a Glance client sends (`[http]` is filled
+    // before `[upstream]`, so the rule is checked here).
+    let glance = matches!(
+        c.upstream.as_ref().map(|u| &u.kind),
+        Some(UpstreamKind::Glance { .. })
+    );
+    if c.http.forward && !glance {
+        v.problem(
+            "http.forward",
+            "needs upstream.kind = \"glance\" (requests are forwarded to Glance's API)".into(),
+        );
+    }
 }
 
 impl Validator<'_> {
@@ -72,6 +87,7 @@ impl Validator<'_> {
         // A default of the right kind is the table's to keep (tested there).
         let connect_timeout = self.get("upstream.connect_timeout").unwrap_or_default();
         let read_timeout = self.get("upstream.read_timeout").unwrap_or_default();
+        let down_for = self.get("upstream.down_for").unwrap_or_default();
         // Like every path in the file: relative to the file's directory.
         let ca_file: Option<PathBuf> = self.get("upstream.ca_file");
         if let Some(ca) = &ca_file
@@ -84,9 +100,9 @@ impl Validator<'_> {
         }
         let kind = match kind.as_str() {
             "glance" => UpstreamKind::Glance {
-                url: self.required_url(
+                urls: self.required_urls(
                     "upstream.url",
-                    "the Glance API endpoint, e.g. https://glance.example.org:9292",
+                    "the Glance API endpoint, e.g. https://glance.example.org:9292, or a list of them",
                 ),
                 auth: self.glance_auth(),
             },
@@ -130,7 +146,23 @@ impl Validator<'_> {
             ca_file,
             connect_timeout,
             read_timeout,
+            down_for,
         })
+    }
+
+    /// One URL or a list of them, each http:// or https://, at least one.
+    fn required_urls(&mut self, key: &str, what: &str) -> Vec<String> {
+        let urls = self.url_list(key).unwrap_or_default();
+        if urls.is_empty() {
+            self.problem(key, format!("is required: {what}"));
+        }
+        for u in &urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                let shown = crate::redact::mask_url(u);
+                self.problem(key, format!("{shown:?} is not an http:// or https:// URL"));
+            }
+        }
+        urls
     }
 
     fn required_url(&mut self, key: &str, what: &str) -> String {

@@ -78,6 +78,7 @@ impl<'a> Validator<'a> {
             Kind::Bool => self.boolean(name).map(Value::Bool),
             Kind::Text | Kind::Url | Kind::Secret => self.string(name).map(Value::Text),
             Kind::List => self.list(name).map(Value::List),
+            Kind::UrlList => self.url_list(name).map(Value::List),
             Kind::Choice { what, words } => match self.string(name) {
                 Some(word) if words.contains(&word.as_str()) => Some(Value::Text(word)),
                 Some(word) => {
@@ -187,6 +188,14 @@ impl<'a> Validator<'a> {
                 self.problem(key, "must be a list of strings".into());
                 None
             }
+        }
+    }
+
+    /// One URL (a string) or a list of them; from the environment, comma-separated.
+    pub(super) fn url_list(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.value(key)? {
+            Raw::String(tag, s) if self.came_from_file(tag) => Some(vec![s]),
+            _ => self.list(key),
         }
     }
 
@@ -372,6 +381,8 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             serve_token_file: None,
             admin_roles: Vec::new(),
             metrics_listen: Vec::new(),
+            forward: false,
+            public_url: None,
         },
         upstream: None,
     }
@@ -396,6 +407,18 @@ pub(super) fn listen_addresses(v: &Value, _: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `http.public_url`: an http:// or https:// URL (version documents link to it).
+pub(super) fn public_url(v: &Value, _: &Config) -> Result<(), String> {
+    match v {
+        Value::Text(u) if u.starts_with("http://") || u.starts_with("https://") => Ok(()),
+        Value::Text(u) => Err(format!(
+            "{:?} is not an http:// or https:// URL",
+            crate::redact::mask_url(u)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A file holding a credential: a regular file that others cannot read and only its

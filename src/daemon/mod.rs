@@ -365,8 +365,11 @@ async fn start_loops_and_serve(
     if recovered > 0 {
         info!(recovered, "released the claims of interrupted downloads");
     }
+    // One upstream for the prefetcher and the listener, so both see one endpoint health.
     let upstream = match &config.upstream {
-        Some(u) => Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?),
+        Some(u) => Some(Arc::new(
+            crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?,
+        )),
         None => {
             info!("no [upstream] configured: queued images are not prefetched");
             None
@@ -387,16 +390,13 @@ async fn start_loops_and_serve(
         passes: Default::default(),
     };
     // Bound before any loop runs, so a listener that cannot start fails the boot
-    // cleanly. The listener has an upstream of its own: the prefetcher owns the loops'.
+    // cleanly. The listener shares the prefetcher's upstream.
+    if let Some(u) = &upstream {
+        u.report_to(&ctx.metrics);
+    }
     let (listeners, http_upstream) = if ctx.config().http.enabled {
         let listeners = crate::http::bind(&ctx.config().http)?;
-        let upstream = match &ctx.config().upstream {
-            Some(u) => {
-                Some(crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?)
-            }
-            None => None,
-        };
-        (Some(listeners), upstream)
+        (Some(listeners), upstream.clone())
     } else {
         (None, None)
     };

@@ -29,7 +29,7 @@ impl PrefetcherWorker {
     /// looks again one `prefetcher.interval` from now.
     pub(super) fn new(
         ctx: Context,
-        upstream: Upstream,
+        upstream: Arc<Upstream>,
         holder: String,
         cancel: CancellationToken,
     ) -> Self {
@@ -38,13 +38,7 @@ impl PrefetcherWorker {
             nudges: ctx.nudges.clone(),
             metrics: ctx.metrics.clone(),
         };
-        let engine = PrefetchEngine::new(
-            ctx.driver.clone(),
-            Arc::new(upstream),
-            holder,
-            cancel,
-            loops,
-        );
+        let engine = PrefetchEngine::new(ctx.driver.clone(), upstream, holder, cancel, loops);
         PrefetcherWorker { ctx, engine }
     }
 }

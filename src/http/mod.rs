@@ -1,13 +1,15 @@
 //! The optional HTTP listener (`[http]`): health for monitoring and Glance's own cache
 //! API for `glance cache-*`. One file per concern: `server` (sockets, connection
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
-//! router has them), `health`, `cache_api`, `auth` and `tls` (optional TLS on the TCP listeners, the
+//! router has them), `health`, `cache_api`, `auth`, `proxy` (every other request forwarded
+//! to the Glance upstream, `http.forward`), `tls` (optional TLS on the TCP listeners, the
 //! pair re-read on SIGHUP), `serve` (image downloads) and `serve_auth` (who may download).
 //! HTTP/1.1.
 
 mod auth;
 mod cache_api;
 mod health;
+mod proxy;
 mod routes;
 mod serve;
 mod serve_auth;
@@ -55,7 +57,7 @@ pub(crate) struct HttpState {
     pub(crate) max_step: Duration,
     /// The configured upstream, asked whether an image exists and is active (Glance's
     /// checks on `PUT /v2/cache/{id}`); `None` without one.
-    pub(crate) upstream: Option<crate::upstream::Upstream>,
+    pub(crate) upstream: Option<Arc<crate::upstream::Upstream>>,
     /// Glance's remembered permissions to download (see `serve_auth`).
     pub(crate) auth_cache: AuthCache,
     /// Validated Keystone tokens and the refusal log's pace.

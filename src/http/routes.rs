@@ -12,7 +12,7 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
-use super::{Shared, auth, cache_api, health, serve};
+use super::{Shared, auth, cache_api, health, proxy, serve};
 use crate::image_id::ImageId;
 
 /// A response body: whole (`Full`, most replies) or streamed (an image file, a
@@ -120,6 +120,13 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     if let Some(id) = serve::file_route(&path) {
         let peer = parts.extensions.get().copied();
         return serve::handle(&state, &method, &parts.headers, peer, id).await;
+    }
+    // Forwarding: what no route of ours answers, and the version document (the
+    // upstream's is the one that lists its API), go to the upstream before any body is
+    // read here (an upload is streamed through, never collected).
+    let ours = route(&path).filter(|r| !matches!(r, Route::Versions { .. }));
+    if ours.is_none() && proxy::enabled(&state) {
+        return proxy::forward(&state, Request::from_parts(parts, body)).await;
     }
     let Some(route) = route(&path) else {
         // Anything under /v2 is behind Glance's auth middleware, known or not.

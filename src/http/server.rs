@@ -430,6 +430,15 @@ async fn connection(
         }
         (stream, _) => stream,
     };
+    // Who is asking, for the X-Forwarded-* headers of forwarded requests.
+    let peer = super::proxy::Peer {
+        ip: match &stream {
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Stream::Tls(s) => s.get_ref().0.peer_addr().ok().map(|a| a.ip()),
+            Stream::Unix(_) => None,
+        },
+        tls: matches!(stream, Stream::Tls(_)),
+    };
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,

@@ -42,6 +42,8 @@ fn every_series_is_there_at_zero_before_any_event() {
         r#"glance_cached_loop_step_duration_seconds_count{loop="lease"}"#,
         r#"glance_cached_reloads_total{outcome="invalid"}"#,
         r#"glance_cached_lease_renewals_total{outcome="failed"}"#,
+        r#"glance_cached_http_forwarded_requests_total{class="5xx"}"#,
+        r#"glance_cached_http_forwarded_requests_total{class="error"}"#,
         "glance_cached_prefetched_bytes_total",
         "glance_cached_download_duration_seconds_count",
         "glance_cached_db_query_duration_seconds_count",
@@ -329,6 +331,8 @@ fn a_real_prometheus_parser_reads_every_family_with_its_type() {
         &PrefetchOutcome::Published { bytes: 1 },
         Duration::from_secs(2),
     );
+    // The endpoint gauges exist once the daemon reports its upstream's endpoints.
+    m.upstream_endpoint(0).set(1);
     let families = parse_with_prometheus_client(&python, &m.encode().unwrap());
     let expected = [
         ("glance_cached_build_info", "gauge"),
@@ -352,6 +356,8 @@ fn a_real_prometheus_parser_reads_every_family_with_its_type() {
         ("glance_cached_watcher_overflows", "counter"),
         ("glance_cached_reloads", "counter"),
         ("glance_cached_lease_renewals", "counter"),
+        ("glance_cached_http_forwarded_requests", "counter"),
+        ("glance_cached_upstream_endpoint_up", "gauge"),
     ];
     let names: Vec<&str> = families.keys().map(String::as_str).collect();
     let mut wanted: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
@@ -361,7 +367,9 @@ fn a_real_prometheus_parser_reads_every_family_with_its_type() {
         assert_eq!(families[name]["type"], kind, "{name}: {:?}", families[name]);
     }
     // No label anywhere takes an image id: every label is one of the fixed few.
-    let allowed = ["reason", "kind", "outcome", "loop", "version", "le"];
+    let allowed = [
+        "reason", "kind", "outcome", "loop", "version", "le", "class", "endpoint",
+    ];
     for (name, family) in &families {
         for s in family["samples"].as_array().unwrap() {
             for label in s[1].as_object().unwrap().keys() {

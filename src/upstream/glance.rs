@@ -8,7 +8,9 @@
 //! served by, the cache of the node it asks.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use super::endpoints::{self, Endpoints};
 use super::keystone::Keystone;
 use super::{
     ImageMeta, ImageStream, UpstreamError, hex_digest, http_error, read_json_capped, request_text,
@@ -26,12 +28,22 @@ enum Auth {
 
 pub struct GlanceUpstream {
     client: reqwest::Client,
-    base: String,
+    /// For forwarded requests: follows no redirect (the client gets the upstream's
+    /// answer as it was sent).
+    forward_client: reqwest::Client,
+    /// `upstream.url`: every request goes to one that is up (`endpoints`).
+    endpoints: Endpoints,
     auth: Auth,
 }
 
 impl GlanceUpstream {
-    pub fn new(client: reqwest::Client, url: &str, auth: &GlanceAuth) -> GlanceUpstream {
+    pub fn new(
+        client: reqwest::Client,
+        forward_client: reqwest::Client,
+        urls: &[String],
+        down_for: Duration,
+        auth: &GlanceAuth,
+    ) -> GlanceUpstream {
         let auth = match auth {
             GlanceAuth::None => Auth::None,
             GlanceAuth::TokenFile(p) => Auth::TokenFile(p.clone()),
@@ -41,7 +53,8 @@ impl GlanceUpstream {
         };
         GlanceUpstream {
             client,
-            base: url.trim_end_matches('/').to_owned(),
+            forward_client,
+            endpoints: Endpoints::new(urls, down_for),
             auth,
         }
     }
@@ -57,6 +70,16 @@ impl GlanceUpstream {
         }
     }
 
+    /// The endpoint set and its health (shared by every request of this upstream).
+    pub(crate) fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The client for forwarded requests (no redirect followed).
+    pub(crate) fn forward_client(&self) -> &reqwest::Client {
+        &self.forward_client
+    }
+
     async fn token(&self) -> Result<Option<String>, UpstreamError> {
         match &self.auth {
             Auth::None => Ok(None),
@@ -66,22 +89,72 @@ impl GlanceUpstream {
         }
     }
 
-    /// GET with the token (and `range`, if given); on 401 a Keystone token is renewed
-    /// and the request retried once.
+    /// Sends the request `build` makes for an endpoint's base URL to the endpoints in
+    /// health order (`Endpoints::order`) until one answers below 500; an endpoint that
+    /// cannot be reached or answers 5xx is marked down and the next one tried. The last
+    /// endpoint's answer (or error) is what the caller gets when none does better.
+    /// Generic in the request, so every lookup of this upstream fails over the same way.
+    pub(crate) async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let order = self.endpoints.order();
+        let mut last = None;
+        for (n, i) in order.iter().copied().enumerate() {
+            let Some(endpoint) = self.endpoints.get(i) else {
+                continue;
+            };
+            let more = n + 1 < order.len();
+            match build(endpoint.base()).send().await {
+                Ok(response) if response.status().is_server_error() => {
+                    self.endpoints.record(i, false);
+                    if !more {
+                        return Ok(response);
+                    }
+                }
+                Ok(response) => {
+                    self.endpoints.record(i, true);
+                    return Ok(response);
+                }
+                Err(e) => {
+                    self.endpoints.record(i, !endpoints::unreachable(&e));
+                    if !more || !endpoints::unreachable(&e) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            // No endpoint (the config requires one): what a request to none would say.
+            None => self.client.get("http://").send().await,
+        }
+    }
+
+    /// GET `path` (from the endpoint's base) with the token (and `range`, if given);
+    /// on 401 a Keystone token is renewed and the request retried once.
     async fn get(
         &self,
-        url: &str,
+        path: &str,
         range: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
         for attempt in 0..2 {
-            let mut request = self.client.get(url);
-            if let Some(range) = range {
-                request = request.header(reqwest::header::RANGE, range);
-            }
-            if let Some(token) = self.token().await? {
-                request = request.header("X-Auth-Token", token);
-            }
-            let response = request.send().await.map_err(http_error)?;
+            let token = self.token().await?;
+            let response = self
+                .send(|base| {
+                    let mut request = self.client.get(format!("{base}{path}"));
+                    if let Some(range) = range {
+                        request = request.header(reqwest::header::RANGE, range);
+                    }
+                    if let Some(token) = &token {
+                        request = request.header("X-Auth-Token", token);
+                    }
+                    request
+                })
+                .await
+                .map_err(http_error)?;
+            let url = response.url().to_string();
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
                 && attempt == 0
                 && let Auth::Keystone(k) = &self.auth
@@ -90,22 +163,22 @@ impl GlanceUpstream {
                 continue;
             }
             if !response.status().is_success() {
-                return Err(status_error(response.status(), &request_text("GET", url)));
+                return Err(status_error(response.status(), &request_text("GET", &url)));
             }
             return Ok(response);
         }
         // The second attempt always returns above; a 401 is what it would have said.
         Err(status_error(
             reqwest::StatusCode::UNAUTHORIZED,
-            &request_text("GET", url),
+            &request_text("GET", path),
         ))
     }
 
     /// The image's status as Glance has it (`active`, `queued`, ...); `None` when
     /// Glance does not know it (404).
     pub(crate) async fn image_status(&self, id: &ImageId) -> Result<Option<String>, UpstreamError> {
-        let url = format!("{}/v2/images/{id}", self.base);
-        let response = match self.get(&url, None).await {
+        let path = format!("/v2/images/{id}");
+        let response = match self.get(&path, None).await {
             Ok(response) => response,
             Err(UpstreamError::Status { status, .. })
                 if status == reqwest::StatusCode::NOT_FOUND =>
@@ -114,6 +187,7 @@ impl GlanceUpstream {
             }
             Err(e) => return Err(e),
         };
+        let url = response.url().to_string();
         let image = read_json_capped(response, &request_text("GET", &url)).await?;
         Ok(Some(
             image["status"].as_str().unwrap_or("unknown").to_owned(),
@@ -130,13 +204,14 @@ impl GlanceUpstream {
         id: &ImageId,
         token: &str,
     ) -> Result<reqwest::StatusCode, UpstreamError> {
-        let url = format!("{}/v2/images/{id}/file", self.base);
+        let path = format!("/v2/images/{id}/file");
         let mut response = self
-            .client
-            .get(&url)
-            .header(reqwest::header::RANGE, "bytes=0-0")
-            .header("X-Auth-Token", token)
-            .send()
+            .send(|base| {
+                self.client
+                    .get(format!("{base}{path}"))
+                    .header(reqwest::header::RANGE, "bytes=0-0")
+                    .header("X-Auth-Token", token)
+            })
             .await
             .map_err(http_error)?;
         let status = response.status();
@@ -152,9 +227,10 @@ impl GlanceUpstream {
     }
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
-        let url = format!("{}/v2/images/{id}", self.base);
-        let image =
-            read_json_capped(self.get(&url, None).await?, &request_text("GET", &url)).await?;
+        let path = format!("/v2/images/{id}");
+        let response = self.get(&path, None).await?;
+        let url = response.url().to_string();
+        let image = read_json_capped(response, &request_text("GET", &url)).await?;
         let status = image["status"].as_str().unwrap_or("unknown");
         if status != "active" {
             return Err(UpstreamError::NotActive {
@@ -189,8 +265,8 @@ impl GlanceUpstream {
         if meta.size == Some(0) {
             return Ok((meta, ImageStream::Empty));
         }
-        let file_url = format!("{url}/file");
-        let response = self.get(&file_url, Some(WHOLE_IMAGE)).await?;
+        let response = self.get(&format!("{path}/file"), Some(WHOLE_IMAGE)).await?;
+        let file_url = response.url().to_string();
         whole_body(&response, meta.size, &file_url)?;
         Ok((meta, ImageStream::Http(response)))
     }

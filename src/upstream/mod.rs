@@ -7,6 +7,7 @@
 //! is not a regular file) or verify, so the prefetcher never has to guess.
 
 mod directory;
+mod endpoints;
 mod error;
 mod glance;
 mod http;
@@ -208,15 +209,22 @@ pub enum Upstream {
 impl Upstream {
     pub fn from_config(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
         Ok(match &config.kind {
-            UpstreamKind::Glance { url, auth } => {
-                Upstream::Glance(glance::GlanceUpstream::new(http_client(config)?, url, auth))
-            }
+            UpstreamKind::Glance { urls, auth } => Upstream::Glance(glance::GlanceUpstream::new(
+                http_client(config, same_origin_redirects())?,
+                // No read timeout of reqwest's, which runs from the request's start to
+                // its answer's head and so would cut an upload longer than it:
+                // `http::proxy` times the answer from the end of the request body.
+                http_client_with(config, reqwest::redirect::Policy::none(), None)?,
+                urls,
+                config.down_for,
+                auth,
+            )),
             UpstreamKind::Http {
                 url_template,
                 md5_header,
                 sha512_header,
             } => Upstream::Http(http::HttpUpstream {
-                client: http_client(config)?,
+                client: http_client(config, same_origin_redirects())?,
                 url_template: url_template.clone(),
                 md5_header: md5_header.clone(),
                 sha512_header: sha512_header.clone(),
@@ -225,6 +233,21 @@ impl Upstream {
                 Upstream::Directory(directory::DirectoryUpstream { path: path.clone() })
             }
         })
+    }
+
+    /// The Glance upstream, for what only Glance's API can answer (forwarding).
+    pub(crate) fn glance(&self) -> Option<&glance::GlanceUpstream> {
+        match self {
+            Upstream::Glance(g) => Some(g),
+            Upstream::Http(_) | Upstream::Directory(_) => None,
+        }
+    }
+
+    /// Keeps `metrics` up to date with the health of each Glance endpoint.
+    pub fn report_to(&self, metrics: &crate::metrics::Metrics) {
+        if let Some(g) = self.glance() {
+            g.endpoints().report_to(metrics);
+        }
     }
 
     /// The image's status upstream, for the kinds that can tell (Glance): `Some(None)`
@@ -284,38 +307,56 @@ impl Upstream {
 /// not send our credentials, or us, somewhere else.
 const MAX_REDIRECTS: usize = 5;
 
-fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, UpstreamError> {
+/// Redirects within the same scheme, host and port, at most `MAX_REDIRECTS`.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let origin = attempt.previous().first().map(|u| {
+            (
+                u.scheme().to_owned(),
+                u.host_str().map(str::to_owned),
+                u.port_or_known_default(),
+            )
+        });
+        let target = (
+            attempt.url().scheme().to_owned(),
+            attempt.url().host_str().map(str::to_owned),
+            attempt.url().port_or_known_default(),
+        );
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else if origin.as_ref() != Some(&target) {
+            let target = crate::redact::mask_url(attempt.url().as_str());
+            let refused = format!("redirect to another host ({target}) refused");
+            attempt.error(refused)
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+fn http_client(
+    config: &UpstreamConfig,
+    redirect: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, UpstreamError> {
+    http_client_with(config, redirect, Some(config.read_timeout))
+}
+
+fn http_client_with(
+    config: &UpstreamConfig,
+    redirect: reqwest::redirect::Policy,
+    read_timeout: Option<Duration>,
+) -> Result<reqwest::Client, UpstreamError> {
     // reqwest is built without a default crypto provider (ring is far cheaper to build
     // than aws-lc); install ring once for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .read_timeout(config.read_timeout)
+    let mut builder = reqwest::Client::builder().connect_timeout(config.connect_timeout);
+    if let Some(read_timeout) = read_timeout {
+        builder = builder.read_timeout(read_timeout);
+    }
+    builder = builder
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("glance-cached/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let origin = attempt.previous().first().map(|u| {
-                (
-                    u.scheme().to_owned(),
-                    u.host_str().map(str::to_owned),
-                    u.port_or_known_default(),
-                )
-            });
-            let target = (
-                attempt.url().scheme().to_owned(),
-                attempt.url().host_str().map(str::to_owned),
-                attempt.url().port_or_known_default(),
-            );
-            if attempt.previous().len() > MAX_REDIRECTS {
-                attempt.error("too many redirects")
-            } else if origin.as_ref() != Some(&target) {
-                let target = crate::redact::mask_url(attempt.url().as_str());
-                let refused = format!("redirect to another host ({target}) refused");
-                attempt.error(refused)
-            } else {
-                attempt.follow()
-            }
-        }));
+        .redirect(redirect);
     if let Some(ca) = &config.ca_file {
         let pem = std::fs::read(ca).map_err(|source| UpstreamError::ReadCaFile {
             path: ca.clone(),

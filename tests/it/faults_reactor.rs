@@ -55,6 +55,7 @@ async fn concurrent_prunes_and_downloads_stop_at_the_target(backend: Backend) {
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
+            down_for: Duration::from_secs(30),
         })
         .unwrap(),
     );

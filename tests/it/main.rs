@@ -27,6 +27,7 @@ mod hits;
 mod http;
 mod http_keystone;
 mod http_serve;
+mod http_proxy;
 mod kit;
 mod prefetch;
 mod reconcile;

@@ -71,6 +71,8 @@ pub struct Stats {
     pub tokens_issued: u32,
     /// The bodies of the Keystone token requests, as received.
     pub keystone_requests: Vec<String>,
+    /// Each request's path and headers (names lower-cased), as received.
+    pub requests: Vec<(String, HashMap<String, String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -226,6 +228,12 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut conn = conn;
     let req = read_request(&mut reader)?;
+    state
+        .lock()
+        .unwrap()
+        .stats
+        .requests
+        .push((req.path.clone(), req.headers.clone()));
     if req.method == "POST" && req.path == "/v3/auth/tokens" {
         let mut s = state.lock().unwrap();
         s.stats.tokens_issued += 1;
@@ -249,7 +257,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             &body,
         );
     }
-    let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let route = req.path.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = route.trim_start_matches('/').split('/').collect();
     let (id, kind) = match segments.as_slice() {
         ["v2", "images", id] => (id.to_string(), "meta"),
         ["v2", "images", id, "file"] => (id.to_string(), "file"),
