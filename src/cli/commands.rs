@@ -126,6 +126,15 @@ fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
         None => println!("# no configuration file: built-in defaults and the environment"),
     }
     print!("{}", config.to_toml());
+    let glance = config
+        .upstream
+        .as_ref()
+        .is_some_and(|u| matches!(u.kind, crate::config::UpstreamKind::Glance { .. }));
+    if config.http.enabled && !glance && config.http.serve_auth.is_none() {
+        eprintln!(
+            "warning: neither a Glance upstream nor http.serve_auth is configured: every image download (GET /v2/images/{{id}}/file) is refused with 403"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

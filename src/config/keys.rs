@@ -246,6 +246,19 @@ impl Field for Option<PathBuf> {
     }
 }
 
+impl Field for Option<String> {
+    fn to_value(&self) -> Option<Value> {
+        self.clone().map(Value::Text)
+    }
+    fn from_value(value: Option<Value>) -> Option<Self> {
+        match value {
+            None => Some(None),
+            Some(Value::Text(s)) => Some(Some(s)),
+            Some(_) => None,
+        }
+    }
+}
+
 impl Field for Option<u64> {
     fn to_value(&self) -> Option<Value> {
         self.map(Value::Size)
@@ -352,6 +365,9 @@ pub(super) const LOG_FORMATS: &[&str] = &["auto", "text", "json", "journald"];
 pub(super) const VERIFY_POLICIES: &[&str] = &["strongest", "all"];
 /// The words of `upstream.kind`.
 pub(super) const UPSTREAM_KINDS: &[&str] = &["glance", "http", "directory"];
+
+/// `http.serve_auth`: who may download images from a cache whose upstream is not Glance.
+pub(super) const SERVE_AUTHS: &[&str] = &["none", "token"];
 
 /// Every key, section by section, in the order `check-config` prints them.
 pub(crate) static KEYS: &[Key] = &[
@@ -650,6 +666,39 @@ pub(crate) static KEYS: &[Key] = &[
         get: |c| Field::to_value(&c.http.tls_key_file),
         keep: |new, running| new.http.tls_key_file = running.http.tls_key_file.clone(),
     },
+    key!(
+        "http.send_timeout",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(60)),
+        Yes,
+        "A connection whose response cannot be written for this long (its client reads nothing) is dropped",
+        http.send_timeout
+    ),
+    key!(
+        "http.auth_cache_ttl",
+        Kind::Duration,
+        DefaultValue::Duration(Duration::from_secs(60)),
+        Yes,
+        "How long the upstream Glance's permission for a token to download an image is remembered; 0: asked every time",
+        http.auth_cache_ttl
+    ),
+    key!(
+        "http.serve_auth",
+        Kind::Choice {
+            what: "serve_auth",
+            words: SERVE_AUTHS
+        },
+        Unset,
+        Yes,
+        "Who may download images when the upstream is not Glance: none (the networks of serve_allow) or token (serve_token_file); unset: nobody",
+        http.serve_auth
+    ),
+    key!("http.serve_allow", Kind::List, DefaultValue::List(&[]), Yes,
+        "With serve_auth = \"none\": the client networks (CIDRs, \"unix\" for unix-socket clients) that may download images",
+        http.serve_allow, check: validate::serve_networks),
+    key!("http.serve_token_file", Kind::Path, Unset, Yes,
+        "With serve_auth = \"token\": the file holding the token image downloads require in X-Auth-Token",
+        http.serve_token_file, check: validate::secret_file),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

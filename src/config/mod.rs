@@ -192,6 +192,20 @@ pub struct HttpConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// A response body that cannot be written for this long (the client reads nothing)
+    /// ends its connection.
+    pub send_timeout: Duration,
+    /// How long an upstream Glance's yes to (token, image) is remembered by the image
+    /// download route; zero: asked every time.
+    pub auth_cache_ttl: Duration,
+    /// Who may download images when the upstream is not Glance: `"none"` (the networks
+    /// in `serve_allow`) or `"token"` (`serve_token_file`); `None`: nobody.
+    pub serve_auth: Option<String>,
+    /// The client networks (CIDRs; `"unix"` for unix-socket clients) `serve_auth =
+    /// "none"` lets download.
+    pub serve_allow: Vec<String>,
+    /// The static token `serve_auth = "token"` requires in `X-Auth-Token`.
+    pub serve_token_file: Option<PathBuf>,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

@@ -364,6 +364,11 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             admin_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            send_timeout: Duration::ZERO,
+            auth_cache_ttl: Duration::ZERO,
+            serve_auth: None,
+            serve_allow: Vec::new(),
+            serve_token_file: None,
         },
         upstream: None,
     }
@@ -411,6 +416,22 @@ pub(super) fn secret_file(v: &Value, _: &Config) -> Result<(), String> {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+/// `http.serve_allow`: each entry an IP network (`10.0.0.0/8`, `::1/128`, an address
+/// alone for one host) or `unix` (clients on the unix sockets).
+pub(super) fn serve_networks(v: &Value, _: &Config) -> Result<(), String> {
+    let Value::List(entries) = v else {
+        return Ok(());
+    };
+    for entry in entries {
+        if entry != "unix" && crate::http::Network::parse(entry).is_none() {
+            return Err(format!(
+                "{entry:?} is neither a network (\"10.0.0.0/8\", \"::1/128\", an address alone) nor \"unix\""
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `http.tls_key_file`: both TLS files or neither; the key a secret file; the pair

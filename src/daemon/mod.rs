@@ -442,6 +442,7 @@ async fn start_loops_and_serve(
             shutdown: shutdown.clone(),
             max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
             upstream: http_upstream,
+            auth_cache: Default::default(),
         };
         loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
     }

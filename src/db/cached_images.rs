@@ -266,6 +266,31 @@ impl NodeDb {
         Ok(size)
     }
 
+    /// The row's size and checksum, `None` when there is no row (the image download
+    /// route's headers).
+    pub async fn cached_entry(
+        &self,
+        image_id: &str,
+    ) -> Result<Option<(i64, Option<String>)>, DbError> {
+        const Q: &str = "SELECT size, checksum FROM cached_images \
+             WHERE node_reference_id = ? AND image_id = ?";
+        let entry = on_pool!(self.db, |pool, d| {
+            match sqlx::query(sql(d, Q))
+                .bind(self.node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+            {
+                Some(r) => Some((
+                    decode_integer(&r, "size")?,
+                    r.try_get::<Option<String>, _>("checksum")?,
+                )),
+                None => None,
+            }
+        });
+        Ok(entry)
+    }
+
     /// Adds one hit and sets `last_accessed` (Glance's `update_hit_count`). Returns
     /// whether a row was there to update.
     pub async fn record_hit(&self, image_id: &str, now: DbTime) -> Result<bool, DbError> {

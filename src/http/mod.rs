@@ -2,12 +2,15 @@
 //! API for `glance cache-*`. One file per concern: `server` (sockets, connection
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
 //! router has them), `health`, `cache_api`, `auth` and `tls` (optional TLS on the TCP listeners, the
-//! pair re-read on SIGHUP). HTTP/1.1; Keystone tokens are not supported yet.
+//! pair re-read on SIGHUP), `serve` (image downloads) and `serve_auth` (who may download).
+//! HTTP/1.1; Keystone tokens are not supported yet.
 
 mod auth;
 mod cache_api;
 mod health;
 mod routes;
+mod serve;
+mod serve_auth;
 mod server;
 mod tls;
 
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Context;
 
+pub(crate) use serve_auth::{AuthCache, Network};
 pub(crate) use server::{bind, serve};
 pub(crate) use tls::{TlsError, load as load_tls_pair};
 
@@ -52,6 +56,8 @@ pub(crate) struct HttpState {
     /// The configured upstream, asked whether an image exists and is active (Glance's
     /// checks on `PUT /v2/cache/{id}`); `None` without one.
     pub(crate) upstream: Option<crate::upstream::Upstream>,
+    /// Glance's remembered permissions to download (see `serve_auth`).
+    pub(crate) auth_cache: AuthCache,
 }
 
 pub(crate) type Shared = Arc<HttpState>;

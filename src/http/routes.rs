@@ -12,7 +12,7 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
-use super::{Shared, auth, cache_api, health};
+use super::{Shared, auth, cache_api, health, serve};
 use crate::image_id::ImageId;
 
 /// A response body: whole (`Full`, most replies) or streamed (an image file, a
@@ -117,6 +117,10 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     let path = parts.uri.path().to_owned();
     let method = parts.method.clone();
     debug!(%method, path = %path.escape_debug(), "http request");
+    if let Some(id) = serve::file_route(&path) {
+        let peer = parts.extensions.get().copied();
+        return serve::handle(&state, &method, &parts.headers, peer, id).await;
+    }
     let Some(route) = route(&path) else {
         // Anything under /v2 is behind Glance's auth middleware, known or not.
         if (path.starts_with("/v2/") || path == "/v2")

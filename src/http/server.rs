@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::serve_auth::Peer;
 use super::tls::Tls;
 use super::{HttpError, Shared, routes};
 use crate::config::HttpConfig;
@@ -251,11 +252,11 @@ async fn accept_loop(
             accepted = accept(&listener) => accepted,
         };
         match accepted {
-            Ok(stream) => {
+            Ok((stream, peer)) => {
                 let state = state.clone();
                 let tls = tls.clone();
                 connections.spawn(async move {
-                    connection(stream, tls, state).await;
+                    connection(stream, peer, tls, state).await;
                     drop(permit);
                 });
             }
@@ -274,10 +275,13 @@ enum Stream {
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<Stream> {
+async fn accept(listener: &Listener) -> std::io::Result<(Stream, Peer)> {
     match listener {
-        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        Listener::Tcp(l) => l
+            .accept()
+            .await
+            .map(|(s, a)| (Stream::Tcp(s), Peer::Tcp(a))),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Stream::Unix(s), Peer::Unix)),
     }
 }
 
@@ -345,7 +349,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
+async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, state: Shared) {
     let config = state.ctx.config();
     let stream = match (stream, tls) {
         (Stream::Tcp(tcp), Some(tls)) => {
@@ -373,10 +377,14 @@ async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
     let io = Tracked {
         inner: stream,
         activity: activity.clone(),
+        send_timeout: config.http.send_timeout,
+        stalled: None,
     };
     let service_state = state.clone();
     let service_activity = activity.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        // Who asks, for the routes that decide by it (image downloads).
+        request.extensions_mut().insert(peer);
         let state = service_state.clone();
         let in_flight = InFlight::new(&service_activity);
         async move {
@@ -422,10 +430,40 @@ async fn connection(stream: Stream, tls: Option<Arc<Tls>>, state: Shared) {
     }
 }
 
-/// A stream that records each byte moved in its `Activity`.
+/// A stream that records each byte moved in its `Activity`, and fails a write (or
+/// flush) that has not gone through for `send_timeout`: a client that reads nothing is
+/// dropped, whatever is being sent to it.
 struct Tracked {
     inner: Stream,
     activity: Arc<Activity>,
+    send_timeout: Duration,
+    /// Since when a write has been waiting for the client, as the deadline's timer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Tracked {
+    /// Passes `polled` on, unless the write has been pending for `send_timeout`.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for http.send_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for Tracked {
@@ -463,15 +501,17 @@ impl AsyncWrite for Tracked {
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
         }
-        polled
+        this.bounded(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        };
+        this.bounded(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {

@@ -109,6 +109,37 @@ impl GlanceUpstream {
         ))
     }
 
+    /// Whether Glance lets the holder of `token` download `id`, asked as a download of
+    /// its first byte (`Range: bytes=0-0`: a ranged request is neither served from nor
+    /// written to glance-api's cache), so every rule of Glance's own download applies
+    /// (policy, status, visibility, membership). The upstream's status, as it answered;
+    /// not retried (the client's token is the client's to renew).
+    pub(crate) async fn download_status(
+        &self,
+        id: &ImageId,
+        token: &str,
+    ) -> Result<reqwest::StatusCode, UpstreamError> {
+        let url = format!("{}/v2/images/{id}/file", self.base);
+        let mut response = self
+            .client
+            .get(&url)
+            .header(reqwest::header::RANGE, "bytes=0-0")
+            .header("X-Auth-Token", token)
+            .send()
+            .await
+            .map_err(http_error)?;
+        let status = response.status();
+        // A short body is read so the connection goes back to the pool; a long one (an
+        // upstream that ignored the range) is dropped with its connection, unread.
+        if response
+            .content_length()
+            .is_some_and(|n| n <= MAX_PROBE_BODY_BYTES)
+        {
+            while let Ok(Some(_)) = response.chunk().await {}
+        }
+        Ok(status)
+    }
+
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let url = format!("{}/v2/images/{id}", self.base);
         let image =
@@ -153,6 +184,10 @@ impl GlanceUpstream {
         Ok((meta, ImageStream::Http(response)))
     }
 }
+
+/// The longest answer to a download probe read to its end (Glance's error pages are a
+/// few hundred bytes; the byte asked for is one).
+const MAX_PROBE_BODY_BYTES: u64 = 16 * 1024;
 
 /// The range that is the whole image: ranged, so no cache middleware tees or serves it.
 const WHOLE_IMAGE: &str = "bytes=0-";

@@ -239,6 +239,24 @@ impl Upstream {
         }
     }
 
+    /// Whether this is Glance, which decides who may download its images.
+    pub(crate) fn is_glance(&self) -> bool {
+        matches!(self, Upstream::Glance(_))
+    }
+
+    /// Glance's status to a download of `id`'s first byte with the client's `token`
+    /// (see `GlanceUpstream::download_status`); `None` for a kind that has no say.
+    pub(crate) async fn download_status(
+        &self,
+        id: &ImageId,
+        token: &str,
+    ) -> Option<Result<reqwest::StatusCode, UpstreamError>> {
+        match self {
+            Upstream::Glance(g) => Some(g.download_status(id, token).await),
+            Upstream::Http(_) | Upstream::Directory(_) => None,
+        }
+    }
+
     /// Asks for the image: its expected size and checksums, and a stream of its bytes.
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         match self {

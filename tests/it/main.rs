@@ -24,6 +24,7 @@ mod fleet;
 mod glance_interop;
 mod glance_shared;
 mod http;
+mod http_serve;
 mod kit;
 mod prefetch;
 mod reconcile;

@@ -1,0 +1,419 @@
+//! `GET` and `HEAD /v2/images/{image_id}/file` for cached images, with glance-api's
+//! headers (`Content-Type`, `Content-Length`, `Content-MD5` as hex), plus what glance-api
+//! lacks: an `ETag`, one `Range` (206, or 416), `If-None-Match` and `If-Range`. Several
+//! ranges are answered with the whole image, as nginx does. Who may download is
+//! `serve_auth`'s decision, made before the file is opened. The body streams the file
+//! in bounded chunks read on the blocking pool (see `FileBody`); the path comes only
+//! from the `ImageId`, through the cache's directory handles.
+
+use std::fs::File;
+use std::future::Future;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::{
+    ACCEPT_RANGES, ALLOW, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HeaderValue,
+    IF_NONE_MATCH, IF_RANGE, RANGE,
+};
+use hyper::{HeaderMap, Method, Response, StatusCode};
+use tokio::task::JoinHandle;
+use tracing::{debug, error};
+
+use super::Shared;
+use super::routes::{Reply, ReplyBody, text, whole};
+use super::serve_auth::{self, Peer};
+use crate::cache::CacheError;
+use crate::image_id::ImageId;
+
+/// Bytes per read of an image file. Large enough that a read and a socket write per
+/// chunk cost little next to copying it (1 GiB is 1024 of them), small enough that one
+/// connection holds at most two (the one being written, the next being read) and that
+/// a huge image yields the runtime to other connections between chunks.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// The image id of Glance's download path, `/v2/images/{image_id}/file`, as written
+/// (not yet validated).
+pub(crate) fn file_route(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v2/images/")?.strip_suffix("/file")?;
+    (!id.contains('/')).then_some(id)
+}
+
+/// A cached image opened for serving: the file, and what its row says.
+pub(crate) struct Opened {
+    pub(crate) file: File,
+    /// The size of the open file (what is served).
+    pub(crate) size: u64,
+    /// The row's MD5, when the row has one and its size is the file's (else it is not
+    /// the checksum of these bytes).
+    pub(crate) checksum: Option<String>,
+    /// See `etag`.
+    pub(crate) etag: String,
+}
+
+/// Why an image could not be opened (other than not being cached).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot read the cached image's row: {0}")]
+    Db(#[from] crate::db::DbError),
+    #[error("cannot stat the open cached image: {0}")]
+    Stat(#[source] std::io::Error),
+}
+
+/// Opens `id` from the cache (the one place that does, for this route): the file
+/// through the driver (which refuses what is not a regular file, and counts the hit
+/// as Glance's `open_for_read` does), then its row. `None` when it is not cached.
+pub(crate) async fn open_cached(
+    state: &Shared,
+    id: &ImageId,
+) -> Result<Option<Opened>, ServeError> {
+    let file = match state.ctx.driver.open_for_read(id).await {
+        Ok(file) => file,
+        Err(CacheError::NotCached(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let meta = file.metadata().map_err(ServeError::Stat)?;
+    let row = state.ctx.db.cached_entry(id.as_str()).await?;
+    let size = meta.len();
+    let checksum = row
+        .filter(|(row_size, _)| u64::try_from(*row_size).ok() == Some(size))
+        .and_then(|(_, checksum)| checksum);
+    Ok(Some(Opened {
+        file,
+        size,
+        checksum,
+        etag: etag(&meta),
+    }))
+}
+
+/// The file's identity as an entity tag: inode, modification time (ns) and size of the
+/// descriptor being served. A cached file is never rewritten in place: a new copy is
+/// written aside and renamed over it (a new inode), and a write in place would move the
+/// mtime; so other bytes always mean another tag. It describes the bytes actually sent,
+/// which the row's checksum may not (the row is written after the file).
+fn etag(meta: &std::fs::Metadata) -> String {
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    format!("\"{:x}-{:x}-{:x}\"", meta.ino(), mtime_ns, meta.len())
+}
+
+/// The route: authorization first (before the cache is even looked at, as Glance's
+/// middleware runs before its router), then the file, then the headers.
+pub(crate) async fn handle(
+    state: &Shared,
+    method: &Method,
+    headers: &HeaderMap,
+    peer: Option<Peer>,
+    raw_id: &str,
+) -> Reply {
+    if method != Method::GET && method != Method::HEAD {
+        let mut reply = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "The method specified is not allowed for this resource.",
+        );
+        reply
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return reply;
+    }
+    let Ok(id) = ImageId::parse(raw_id) else {
+        // Glance's auth comes before its lookup: a client without a token learns
+        // nothing, not even that the id is malformed.
+        if headers.get("x-auth-token").is_none()
+            && state.upstream.as_ref().is_some_and(|u| u.is_glance())
+        {
+            return serve_auth::unauthorized();
+        }
+        return text(StatusCode::NOT_FOUND, "Image not found.");
+    };
+    if let Some(refused) = serve_auth::refusal(state, headers, peer, &id).await {
+        return refused;
+    }
+    let opened = match open_cached(state, &id).await {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return text(StatusCode::NOT_FOUND, "Image not found."),
+        Err(e) => {
+            error!(image_id = %id, error = %e, "http: cannot open a cached image");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The cached image cannot be read now.",
+            );
+        }
+    };
+    debug!(image_id = %id, bytes = opened.size, "http: serving a cached image");
+    answer(method, headers, opened)
+}
+
+/// What a `Range` header asks of an image of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Wanted {
+    Whole,
+    /// Bytes `first..=last`.
+    Part {
+        first: u64,
+        last: u64,
+    },
+    Unsatisfiable,
+}
+
+/// One range (`bytes=a-b`, `a-`, `-n`); several, or anything unparsable, is the whole
+/// image (a server may ignore a `Range` it does not take, RFC 9110 14.2).
+fn wanted(range: Option<&str>, size: u64) -> Wanted {
+    let Some(spec) = range.and_then(|r| r.trim().strip_prefix("bytes=")) else {
+        return Wanted::Whole;
+    };
+    if spec.contains(',') {
+        return Wanted::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Wanted::Whole;
+    };
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (first.trim().is_empty(), number(first), number(last)) {
+        // -n: the last n bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || size == 0 {
+                Wanted::Unsatisfiable
+            } else {
+                Wanted::Part {
+                    first: size.saturating_sub(n),
+                    last: size - 1,
+                }
+            }
+        }
+        (false, Some(first), None) if last.trim().is_empty() => {
+            if first >= size {
+                Wanted::Unsatisfiable
+            } else {
+                Wanted::Part {
+                    first,
+                    last: size - 1,
+                }
+            }
+        }
+        (false, Some(first), Some(last)) if first <= last => {
+            if first >= size {
+                Wanted::Unsatisfiable
+            } else {
+                Wanted::Part {
+                    first,
+                    last: last.min(size - 1),
+                }
+            }
+        }
+        _ => Wanted::Whole,
+    }
+}
+
+/// Whether an `If-None-Match` list names `etag` (weak comparison, RFC 9110 13.1.2).
+fn none_match(header: &str, etag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    header.trim() == "*" || header.split(',').any(|t| bare(t) == bare(etag))
+}
+
+/// The reply for an opened image.
+fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Reply {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let etag = opened.etag.clone();
+    let mut response = Response::new(whole(Bytes::new()));
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(ETAG, v);
+    }
+    if header(IF_NONE_MATCH).is_some_and(|inm| none_match(inm, &etag)) {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        return response;
+    }
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(md5) = opened
+        .checksum
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        h.insert("content-md5", md5);
+    }
+    // If-Range: the range holds only for this very file (a strong match of its tag; a
+    // date cannot be matched, as no Last-Modified is sent), else the whole image.
+    let range = match header(IF_RANGE) {
+        Some(tag) if tag.trim() != etag => None,
+        _ => header(RANGE),
+    };
+    let size = opened.size;
+    let (first, len) = match wanted(range, size) {
+        Wanted::Whole => {
+            *response.status_mut() = StatusCode::OK;
+            (0, size)
+        }
+        Wanted::Part { first, last } => {
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{size}")) {
+                response.headers_mut().insert(CONTENT_RANGE, v);
+            }
+            (first, last - first + 1)
+        }
+        Wanted::Unsatisfiable => {
+            let mut refused = text(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "Requested range not satisfiable",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                refused.headers_mut().insert(CONTENT_RANGE, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                refused.headers_mut().insert(ETAG, v);
+            }
+            return refused;
+        }
+    };
+    response
+        .headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    if method == Method::GET && len > 0 {
+        *response.body_mut() = FileBody::reply_body(opened.file, first, len);
+    }
+    response
+}
+
+/// A body of `remaining` bytes of `file` from `offset`, read `CHUNK_BYTES` at a time
+/// with `pread` on the blocking pool (a slow disk never holds a runtime thread), the
+/// next chunk read while the last is written. A file that ends early (truncated under
+/// us) fails the body, so hyper cuts the connection rather than send a short image.
+struct FileBody {
+    file: Arc<File>,
+    offset: u64,
+    /// Bytes not yet asked for.
+    remaining: u64,
+    /// Bytes not yet handed to hyper (the chunk being read included).
+    unsent: u64,
+    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+}
+
+impl FileBody {
+    fn reply_body(file: File, offset: u64, len: u64) -> ReplyBody {
+        let mut body = FileBody {
+            file: Arc::new(file),
+            offset,
+            remaining: len,
+            unsent: len,
+            reading: None,
+        };
+        body.read_next();
+        body.boxed_unsync()
+    }
+
+    /// Starts reading the next chunk, if any is left and none is being read.
+    fn read_next(&mut self) {
+        if self.reading.is_some() || self.remaining == 0 {
+            return;
+        }
+        let len = self.remaining.min(CHUNK_BYTES);
+        let (file, offset) = (self.file.clone(), self.offset);
+        self.offset += len;
+        self.remaining -= len;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        }));
+    }
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        let Some(reading) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = match Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(read) => read,
+        };
+        this.reading = None;
+        match read {
+            Ok(Ok(chunk)) => {
+                this.unsent -= chunk.len() as u64;
+                this.read_next();
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Ok(Err(e)) => Poll::Ready(Some(Err(e))),
+            Err(joined) => Poll::Ready(Some(Err(std::io::Error::other(joined)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.is_none() && self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.unsent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_download_path_is_glances() {
+        assert_eq!(file_route("/v2/images/abc/file"), Some("abc"));
+        assert_eq!(file_route("/v2/images/a/b/file"), None);
+        assert_eq!(file_route("/v2/images/abc"), None);
+        assert_eq!(file_route("/v2/images/abc/file/x"), None);
+    }
+
+    #[test]
+    fn ranges_are_read_as_rfc_9110_has_them() {
+        use Wanted::*;
+        let part = |first, last| Part { first, last };
+        assert_eq!(wanted(None, 10), Whole);
+        assert_eq!(wanted(Some("bytes=0-0"), 10), part(0, 0));
+        assert_eq!(wanted(Some("bytes=2-5"), 10), part(2, 5));
+        assert_eq!(wanted(Some("bytes=2-50"), 10), part(2, 9));
+        assert_eq!(wanted(Some("bytes=7-"), 10), part(7, 9));
+        assert_eq!(wanted(Some("bytes=-3"), 10), part(7, 9));
+        assert_eq!(wanted(Some("bytes=-30"), 10), part(0, 9));
+        assert_eq!(wanted(Some("bytes=10-"), 10), Unsatisfiable);
+        assert_eq!(wanted(Some("bytes=10-20"), 10), Unsatisfiable);
+        assert_eq!(wanted(Some("bytes=-0"), 10), Unsatisfiable);
+        assert_eq!(wanted(Some("bytes=0-"), 0), Unsatisfiable);
+        assert_eq!(wanted(Some("bytes=0-1,3-4"), 10), Whole);
+        assert_eq!(wanted(Some("bytes=5-2"), 10), Whole);
+        assert_eq!(wanted(Some("bytes=x-2"), 10), Whole);
+        assert_eq!(wanted(Some("bytes=+1-2"), 10), Whole);
+        assert_eq!(wanted(Some("items=0-1"), 10), Whole);
+        assert_eq!(wanted(Some("bytes=-"), 10), Whole);
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        assert!(none_match("\"a\"", "\"a\""));
+        assert!(none_match("W/\"a\"", "\"a\""));
+        assert!(none_match("\"b\", \"a\"", "\"a\""));
+        assert!(none_match("*", "\"a\""));
+        assert!(!none_match("\"b\"", "\"a\""));
+    }
+}
