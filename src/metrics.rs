@@ -71,13 +71,14 @@ const PREFETCH_OUTCOMES: [&str; 4] = ["ok", "retry", "permanent", "verify_failur
 const RELOAD_OUTCOMES: [&str; 2] = ["ok", "invalid"];
 const LEASE_OUTCOMES: [&str; 2] = ["ok", "failed"];
 /// The loops' names as the daemon's `Task` shows them.
-pub(crate) const LOOP_NAMES: [&str; 6] = [
+pub(crate) const LOOP_NAMES: [&str; 7] = [
     "cleaner",
     "pruner",
     "queue",
     "lease",
     "prefetcher",
     "watcher",
+    "hits",
 ];
 
 /// Downloads: half a second to about an hour.
@@ -122,6 +123,12 @@ pub struct Metrics {
     watcher_overflows: Counter,
     reloads: Family<Label, Counter>,
     lease_renewals: Family<Label, Counter>,
+    open_readers: Gauge,
+    evicted_open_images: Gauge,
+    evicted_open_bytes: Gauge,
+    pending_hit_images: Gauge,
+    pending_hits: Gauge,
+    truncate_steps: Counter,
 }
 
 impl Default for Metrics {
@@ -173,6 +180,12 @@ impl Metrics {
             watcher_overflows: Counter::default(),
             reloads: family("outcome", &RELOAD_OUTCOMES),
             lease_renewals: family("outcome", &LEASE_OUTCOMES),
+            open_readers: Gauge::default(),
+            evicted_open_images: Gauge::default(),
+            evicted_open_bytes: Gauge::default(),
+            pending_hit_images: Gauge::default(),
+            pending_hits: Gauge::default(),
+            truncate_steps: Counter::default(),
         };
         m.register();
         m
@@ -286,6 +299,36 @@ impl Metrics {
             "Node lease renewals, by outcome",
             self.lease_renewals.clone(),
         );
+        r.register(
+            "open_readers",
+            "Cached images open for serving (readers), evicted or not",
+            self.open_readers.clone(),
+        );
+        r.register(
+            "evicted_open_images",
+            "Evicted images that readers still hold open",
+            self.evicted_open_images.clone(),
+        );
+        r.register(
+            "evicted_open_bytes",
+            "Bytes of evicted images still held open by readers: on disk until they close, counted in the pruner's size",
+            self.evicted_open_bytes.clone(),
+        );
+        r.register(
+            "pending_hit_images",
+            "Images whose hits are counted in memory and not yet written to the database",
+            self.pending_hit_images.clone(),
+        );
+        r.register(
+            "pending_hits",
+            "Hits counted in memory and not yet written to the database",
+            self.pending_hits.clone(),
+        );
+        r.register(
+            "truncate_steps",
+            "Steps of paced deletions of large evicted images (one per 1 GiB freed)",
+            self.truncate_steps.clone(),
+        );
     }
 
     /// The metrics in the OpenMetrics text format (ending with `# EOF`), served with
@@ -294,6 +337,25 @@ impl Metrics {
         let mut text = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+
+    /// The readers table and the hit book, as the hit flusher sees them at each step.
+    pub(crate) fn set_readers(
+        &self,
+        stats: &crate::cache::ReaderStats,
+        pending_images: usize,
+        pending_hits: u64,
+    ) {
+        self.open_readers.set(clamp(stats.open_readers));
+        self.evicted_open_images.set(clamp(stats.evicted_images));
+        self.evicted_open_bytes.set(clamp(stats.evicted_bytes));
+        self.pending_hit_images.set(clamp(pending_images as u64));
+        self.pending_hits.set(clamp(pending_hits));
+        // The table counts steps since start; the counter catches up with it.
+        let seen = self.truncate_steps.get();
+        if stats.truncate_steps > seen {
+            self.truncate_steps.inc_by(stats.truncate_steps - seen);
+        }
     }
 
     pub fn set_cache(&self, bytes: u64, images: usize) {

@@ -67,6 +67,10 @@ struct Inner {
     db: NodeDb,
     /// Held by the one prune pass of this process (see `PrunePass`).
     prune_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Hits counted in memory until a flush writes them (`hits`).
+    hits: super::hits::HitBook,
+    /// The images open for reading, and those evicted while read (`readers`).
+    readers: Arc<super::readers::Readers>,
 }
 
 impl CacheDriver {
@@ -88,6 +92,8 @@ impl CacheDriver {
                 layout,
                 db,
                 prune_turn: Arc::default(),
+                hits: Default::default(),
+                readers: Arc::default(),
             }),
         }
     }
@@ -102,6 +108,37 @@ impl CacheDriver {
     /// the `NodeDb` it opened.
     pub(super) fn db(&self) -> &NodeDb {
         &self.inner.db
+    }
+
+    /// The hits not yet written, for the cache's own submodules.
+    pub(super) fn hit_book(&self) -> &super::hits::HitBook {
+        &self.inner.hits
+    }
+
+    /// The table of open images, for the cache's own submodules.
+    pub(super) fn readers(&self) -> &Arc<super::readers::Readers> {
+        &self.inner.readers
+    }
+
+    /// Open readers and open-but-evicted images and bytes, now.
+    pub fn reader_stats(&self) -> super::readers::ReaderStats {
+        self.inner.readers.stats()
+    }
+
+    /// Evicts `id`'s cached file on a blocking thread (`evict::evict_file`: never
+    /// breaking a reader, paced for a large file); `None` when there was none.
+    pub(super) async fn evict(
+        &self,
+        id: &ImageId,
+    ) -> Result<Option<super::evict::Evicted>, CacheError> {
+        let (layout, readers, file_id) =
+            (self.layout().clone(), self.readers().clone(), id.clone());
+        blocking(move || super::evict::evict_file(&layout, &readers, Area::Cached, &file_id))
+            .await
+            .map_err(CacheError::io(
+                "delete cached image",
+                self.layout().path(Area::Cached, id),
+            ))
     }
 
     /// Glance's `get_image_filepath`: where `id`'s entry in `area` is, to be shown in
@@ -428,11 +465,9 @@ impl CacheDriver {
     }
 
     /// Deletes the file (if present) and this node's row. Returns whether a file was
-    /// removed.
+    /// removed. Readers of ours keep reading a file deleted under them (`evict`).
     pub async fn delete_cached_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        let removed = self
-            .remove_file(Area::Cached, id, "delete cached image")
-            .await?;
+        let removed = self.evict(id).await?;
         self.db().delete_cached_image(id.as_str()).await?;
         Ok(removed.is_some())
     }
@@ -443,11 +478,7 @@ impl CacheDriver {
         let listing = self.list(Area::Cached).await?;
         let mut deleted = 0;
         for file in &listing.files {
-            if self
-                .remove_file(Area::Cached, &file.image_id, "delete cached image")
-                .await?
-                .is_some()
-            {
+            if self.evict(&file.image_id).await?.is_some() {
                 deleted += 1;
             }
         }

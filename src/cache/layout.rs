@@ -621,6 +621,38 @@ impl CacheLayout {
         Ok(File::from(fd))
     }
 
+    /// Opens `id` in `area` for an eviction: for writing when we may (so its blocks can
+    /// be freed in paced steps), else for reading (so the unlink stays quick: the blocks
+    /// go when this descriptor closes). Never follows a symlink or blocks on a FIFO.
+    pub fn open_to_evict(&self, area: Area, id: &ImageId) -> io::Result<(File, bool)> {
+        let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let dir = self.fd(area)?;
+        match rustix::fs::openat(dir, id.as_str(), OFlags::WRONLY | flags, Mode::empty()) {
+            Ok(fd) => Ok((File::from(fd), true)),
+            Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => {
+                let fd =
+                    rustix::fs::openat(dir, id.as_str(), OFlags::RDONLY | flags, Mode::empty())?;
+                Ok((File::from(fd), false))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Unlinks `area/<id>` if that name still holds the open `file`'s inode; returns
+    /// whether it did.
+    pub fn unlink_own(&self, file: &File, area: Area, id: &ImageId) -> io::Result<bool> {
+        let ours = rustix::fs::fstat(file)?;
+        match self.stat(area, id)? {
+            Some(st) if st.st_dev == ours.st_dev && st.st_ino == ours.st_ino => {}
+            _ => return Ok(false),
+        }
+        match rustix::fs::unlinkat(self.fd(area)?, id.as_str(), AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Creates the zero-byte queue marker for `id` (kept for Glance's `GET /v2/cache`).
     pub fn touch_marker(&self, id: &ImageId) -> io::Result<()> {
         rustix::fs::openat(

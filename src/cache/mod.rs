@@ -4,9 +4,13 @@
 mod claims;
 mod clean;
 mod driver;
+mod evict;
+mod hits;
 pub(crate) mod layout;
 mod prune;
+mod readers;
 mod reconcile;
+mod served;
 mod writer;
 
 use std::io;
@@ -18,12 +22,15 @@ pub(crate) use clean::CleanReport;
 pub(crate) use clean::RemovedFile;
 pub(crate) use driver::CachedImage;
 pub use driver::{CacheDriver, QueuedImage};
+pub use hits::{HitBook, PendingHits};
 pub(crate) use layout::LayoutError;
 pub use layout::{Area, CacheLayout};
 pub use prune::PrunePolicy;
 pub use prune::PruneReport;
 pub(crate) use prune::{PRUNE_STEP_ROWS, PrunePass};
+pub use readers::{ReaderGuard, ReaderStats};
 pub(crate) use reconcile::ReconcileReport;
+pub use served::ServedImage;
 pub use writer::Expectations;
 pub(crate) use writer::{ImageWriter, Published};
 

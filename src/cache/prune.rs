@@ -10,7 +10,9 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
 use super::driver::blocking;
+use super::evict::{Evicted, evict_file};
 use super::layout::{Area, CacheFile, CacheLayout};
+use super::readers::Readers;
 use super::{CacheDriver, CacheError};
 use crate::db::LruCursor;
 use crate::image_id::ImageId;
@@ -106,7 +108,11 @@ impl CacheDriver {
     pub async fn start_prune(&self, policy: PrunePolicy) -> Result<PrunePass, CacheError> {
         let turn = self.prune_turn().await;
         let listing = self.list(Area::Cached).await?;
-        let size = super::total_bytes(listing.files.iter().map(|f| f.size));
+        // The disk holds the listed files and the evicted ones readers still hold
+        // open: counting only the first would let the cache fill the disk behind its
+        // own accounting while images are served.
+        let held = self.reader_stats().evicted_bytes;
+        let size = super::total_bytes(listing.files.iter().map(|f| f.size).chain([held]));
         let target = if size > policy.max_size {
             policy
                 .low_watermark
@@ -188,13 +194,15 @@ impl PrunePass {
         }
         let take = self.fetched.len().min(rows.max(1) as usize);
         let ids: Vec<ImageId> = self.fetched.drain(..take).collect();
-        let (layout, size, target, min) = (
+        let (layout, readers, size, target, min) = (
             driver.layout().clone(),
+            driver.readers().clone(),
             self.size,
             self.target,
             self.min_free_disk,
         );
-        let outcome = blocking(move || evict_batch(&layout, &ids, size, target, min)).await;
+        let outcome =
+            blocking(move || evict_batch(&layout, &readers, &ids, size, target, min)).await;
         driver.db().delete_cached_images(&outcome.gone_rows).await?;
         self.size = outcome.size;
         self.report.pruned.extend(outcome.pruned);
@@ -222,9 +230,12 @@ impl PrunePass {
     }
 }
 
-/// Removes the files of `ids` in order while the cache needs pruning.
+/// Removes the files of `ids` in order while the cache needs pruning. A file readers
+/// hold is unlinked and its bytes still count (they stay on disk until the readers
+/// close): the prune goes on to the next image.
 fn evict_batch(
     layout: &CacheLayout,
+    readers: &Readers,
     ids: &[ImageId],
     mut size: u64,
     target: u64,
@@ -244,10 +255,12 @@ fn evict_batch(
             out.satisfied = true;
             break;
         }
-        match layout.remove(Area::Cached, id) {
-            Ok(Some(bytes)) => {
-                info!(image_id = %id, bytes, "pruned cached image");
-                size = size.saturating_sub(bytes);
+        match evict_file(layout, readers, Area::Cached, id) {
+            Ok(Some(Evicted { bytes, held })) => {
+                info!(image_id = %id, bytes, held_by_readers = held, "pruned cached image");
+                if !held {
+                    size = size.saturating_sub(bytes);
+                }
                 out.pruned.push((id.clone(), bytes));
                 if out.gone_rows.is_empty() {
                     crate::failpoint::hit("prune:mid");

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 use super::output;
 use super::{Cli, Command};
-use crate::cache::{CacheDriver, CacheLayout, CleanPolicy, Expectations};
+use crate::cache::{CacheDriver, CacheError, CacheLayout, CleanPolicy, Expectations};
 use crate::config::{Config, resolve_config_path};
 use crate::db::{Db, Dialect, NodeDb};
 use crate::digest::{HashAlgo, VerifyPolicy};
@@ -596,8 +596,13 @@ async fn import(
 /// `glance-cached cat ID`: a cached image to stdout.
 async fn cat(config: &Config, id: ImageId) -> anyhow::Result<ExitCode> {
     let driver = open(config, Access::ReadWrite).await?;
-    let mut file = driver.open_for_read(&id).await?;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
+    // Counted in the driver's hit book, as the daemon's serving counts, and written once
+    // at the end: the command is one process, so one flush.
+    let Some(served) = driver.open_to_serve(&id).await? else {
+        return Err(CacheError::NotCached(id).into());
+    };
+    let (mut file, reader) = served.into_parts();
+    let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
@@ -624,5 +629,11 @@ async fn cat(config: &Config, id: ImageId) -> anyhow::Result<ExitCode> {
             _ => Ok(ExitCode::SUCCESS),
         }
     })
-    .await?
+    .await?;
+    drop(reader);
+    driver
+        .flush_hits()
+        .await
+        .context("the image was written out, but its hit could not be recorded")?;
+    copied
 }

@@ -642,6 +642,14 @@ pub(crate) static KEYS: &[Key] = &[
         "A request whose body is larger is refused with 413",
         http.max_request_body
     ),
+    key!(
+        "http.hit_flush_interval",
+        Kind::PositiveDuration,
+        DefaultValue::Duration(Duration::from_secs(1)),
+        Yes,
+        "Hits of served images are counted in memory and written to cached_images once per this interval (and at shutdown)",
+        http.hit_flush_interval
+    ),
     key!("http.admin_token_file", Kind::Path, Unset, Yes,
         "The file holding the token the cache API requires in X-Auth-Token; unset: the cache API answers 401",
         http.admin_token_file, check: validate::secret_file),

@@ -185,6 +185,8 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_request_body: u64,
+    /// How often the hits counted in memory are written to the database.
+    pub hit_flush_interval: Duration,
     /// The static token the cache API requires; `None`: the cache API refuses all.
     pub admin_token_file: Option<PathBuf>,
     /// PEM certificate chain (leaf first) for TLS on the TCP listeners; with

@@ -361,6 +361,7 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             idle_timeout: Duration::ZERO,
             max_connections: 0,
             max_request_body: 0,
+            hit_flush_interval: Duration::ZERO,
             admin_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,

@@ -25,6 +25,7 @@ pub(crate) enum Task {
     Prefetcher,
     Watcher,
     Http,
+    HitFlusher,
 }
 
 impl Task {
@@ -38,6 +39,7 @@ impl Task {
             Task::Prefetcher => "prefetcher",
             Task::Watcher => "watcher",
             Task::Http => "http",
+            Task::HitFlusher => "hits",
         }
     }
 }

@@ -6,6 +6,7 @@
 mod cleaner;
 mod context;
 mod error;
+mod hits;
 mod lease;
 mod prefetcher;
 mod pruner;
@@ -412,6 +413,10 @@ async fn start_loops_and_serve(
         queue::QueueWorker::new(ctx.clone()),
         ctx.nudges.queue.clone(),
     );
+    loops.spawn_worker(
+        hits::HitFlusherWorker::new(ctx.clone()),
+        Arc::new(Notify::new()),
+    );
     let fatal = loops.fatal_sender();
     loops.spawn_worker(
         lease::LeaseWorker::new(ctx.clone(), holder.to_owned(), db_file, fatal),
@@ -466,6 +471,13 @@ async fn start_loops_and_serve(
         .await;
     // Read now, not at start: the timeout is reloadable.
     loops.teardown(ctx.config().daemon.shutdown_timeout).await;
+    // The hits of the last requests, counted after the flusher's own last flush.
+    if let Err(error) = tokio::time::timeout(RELEASE_TIMEOUT, ctx.driver.flush_hits())
+        .await
+        .unwrap_or(Ok(0))
+    {
+        warn!(%error, "could not write the last hits at shutdown; they are lost");
+    }
     outcome
 }
 

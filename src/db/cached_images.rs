@@ -299,6 +299,58 @@ impl NodeDb {
         Ok(self.execute_setting(Q, Some(now), &[image_id]).await? > 0)
     }
 
+    /// Adds hits counted in memory, `(image id, hits, latest access)` per image, in one
+    /// transaction: each row's `hits` grows by its count (never set: Glance's
+    /// `update_hit_count` and other nodes' writers may have added meanwhile) and its
+    /// `last_accessed` becomes the later of the row's and ours. Returns how many rows
+    /// were there to update (an image whose row went meanwhile loses its hits, as
+    /// Glance's update of a missing row does).
+    pub async fn add_hits(&self, hits: &[(&str, i64, DbTime)]) -> Result<u64, DbError> {
+        const Q: &str = "UPDATE cached_images SET hits = hits + ?, \
+             last_accessed = CASE WHEN last_accessed IS NULL OR last_accessed < ? THEN ? \
+             ELSE last_accessed END \
+             WHERE node_reference_id = ? AND image_id = ?";
+        if hits.is_empty() {
+            return Ok(0);
+        }
+        let n = on_pool!(self.db, |pool, d| {
+            let mut tx = pool.begin().await?;
+            let mut n = 0;
+            for (image_id, count, at) in hits {
+                n += sqlx::query(sql(d, Q))
+                    .bind(*count)
+                    .bind(*at)
+                    .bind(*at)
+                    .bind(self.node.0)
+                    .bind(*image_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            n
+        });
+        Ok(n)
+    }
+
+    /// This node's row of `image_id`, if it has one that can be read.
+    pub async fn cached_image(&self, image_id: &str) -> Result<Option<CachedImageRow>, DbError> {
+        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? AND image_id = ?";
+        let row = on_pool!(self.db, |pool, d| {
+            sqlx::query(sql(d, Q))
+                .bind(self.node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| decode(&r))
+        });
+        Ok(match row {
+            Some(Decoded::Row(row)) if row.image_id.as_str() == image_id => Some(row),
+            _ => None,
+        })
+    }
+
     /// Records a freshly published image: a new row with 0 hits, or, when the image was
     /// cached before, the same row with refreshed size, checksum and times.
     pub async fn upsert_cached_image(

@@ -23,6 +23,7 @@ mod faults_scale;
 mod fleet;
 mod glance_interop;
 mod glance_shared;
+mod hits;
 mod http;
 mod http_serve;
 mod kit;

@@ -1,0 +1,133 @@
+//! The open for serving: a cached image's open file with what a response needs (size,
+//! checksum, an ETag), registered as a reader so that an eviction never breaks its
+//! body (`readers`), and its hit counted in memory (`hits`) rather than written.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, warn};
+
+use super::driver::blocking;
+use super::layout::Area;
+use super::readers::ReaderGuard;
+use super::{CacheDriver, CacheError};
+use crate::image_id::ImageId;
+
+/// How long an open waits for the row's checksum: a database that does not answer
+/// must not hold a response the disk can give (the image is served without it).
+const ROW_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Opens for one image racing its eviction and re-caching before giving up.
+const OPEN_ATTEMPTS: usize = 3;
+
+/// A cached image open for serving. The serving side keeps `guard` with the body (it
+/// may `into_parts` the file and the guard into the stream) until the last byte is
+/// sent or the client is gone: dropping it unregisters the reader.
+#[derive(Debug)]
+pub struct ServedImage {
+    /// Opened through the layout's handle of the cache directory, by the validated id.
+    pub file: File,
+    /// The open file's size (what the kernel has: the body's length).
+    pub size: u64,
+    /// The row's MD5 (Glance's `Content-MD5`), only when the row's size is the file's.
+    pub checksum: Option<String>,
+    /// The row's `last_modified` (when the image was cached), when it could be read.
+    pub cached_at: Option<DateTime<Utc>>,
+    /// The open file's mtime.
+    pub modified: SystemTime,
+    /// The open file's inode number (with size and mtime, what tells two files of one
+    /// image apart when the row has no checksum).
+    pub inode: u64,
+    pub guard: ReaderGuard,
+}
+
+impl ServedImage {
+    /// A strong ETag: the checksum when the row has one (the same on every node), else
+    /// the file's inode, size and mtime in hex.
+    pub fn etag(&self) -> String {
+        match &self.checksum {
+            Some(md5) => format!("\"{md5}\""),
+            None => {
+                let nanos = self
+                    .modified
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                format!("\"{:x}-{:x}-{nanos:x}\"", self.inode, self.size)
+            }
+        }
+    }
+
+    /// The file and the reader's guard, for a body stream that holds both.
+    pub fn into_parts(self) -> (File, ReaderGuard) {
+        (self.file, self.guard)
+    }
+}
+
+impl CacheDriver {
+    /// Opens `id` for serving: `None` when it is not cached (absent, or not a regular
+    /// file). The open registers a reader (see `ServedImage`) and counts a hit in the
+    /// hit book, written by the next flush; no database write happens here. The row is
+    /// read for the checksum; without a database the image is served without it.
+    pub async fn open_to_serve(&self, id: &ImageId) -> Result<Option<ServedImage>, CacheError> {
+        for _ in 0..OPEN_ATTEMPTS {
+            let guard = self.readers().register(id);
+            let (layout, read_id) = (self.layout().clone(), id.clone());
+            let opened = blocking(move || {
+                // O_NONBLOCK (in `open_read`) so a planted FIFO cannot hang us.
+                let file = layout.open_read(Area::Cached, &read_id)?;
+                let meta = file.metadata()?;
+                Ok::<_, std::io::Error>((file, meta))
+            })
+            .await;
+            let (file, meta) = match opened {
+                Ok(opened) => opened,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    let path = self.layout().path(Area::Cached, id);
+                    return Err(CacheError::io("open cached image", path)(e));
+                }
+            };
+            if !meta.file_type().is_file() {
+                warn!(image_id = %id, "refusing to serve a cache entry that is not a regular file");
+                return Ok(None);
+            }
+            // Evicted (and perhaps cached again) between the registration and the open:
+            // this registration may not be the opened file's. Open again.
+            if !self.readers().is_current(&guard) {
+                debug!(image_id = %id, "image evicted while being opened; opening again");
+                continue;
+            }
+            let row = match tokio::time::timeout(ROW_TIMEOUT, self.db().cached_image(id.as_str()))
+                .await
+            {
+                Ok(Ok(row)) => row,
+                Ok(Err(error)) => {
+                    debug!(image_id = %id, %error, "serving without the row: the database failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(image_id = %id, "serving without the row: the database did not answer in time");
+                    None
+                }
+            };
+            self.record_hit(id);
+            let size = meta.len();
+            let checksum = row
+                .as_ref()
+                .filter(|r| r.size == size as i64)
+                .and_then(|r| r.checksum.clone());
+            return Ok(Some(ServedImage {
+                file,
+                size,
+                checksum,
+                cached_at: row.map(|r| r.last_modified.to_utc()),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                inode: meta.ino(),
+                guard,
+            }));
+        }
+        Ok(None)
+    }
+}
