@@ -707,6 +707,22 @@ pub(crate) static KEYS: &[Key] = &[
     key!("http.serve_token_file", Kind::Path, Unset, Yes,
         "With serve_auth = \"token\": the file holding the token image downloads require in X-Auth-Token",
         http.serve_token_file, check: validate::secret_file),
+    key!(
+        "http.fill_on_miss",
+        Kind::Bool,
+        DefaultValue::Bool(true),
+        Yes,
+        "A download of an image not cached fills the cache from the upstream once, however many clients ask; false: streamed through without caching",
+        http.fill_on_miss
+    ),
+    key!(
+        "http.fill_on_range",
+        Kind::Bool,
+        DefaultValue::Bool(true),
+        Yes,
+        "A Range request for an image not cached (passed to the upstream as a range) also starts filling the cache in the background",
+        http.fill_on_range
+    ),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

@@ -208,6 +208,11 @@ pub struct HttpConfig {
     pub serve_allow: Vec<String>,
     /// The static token `serve_auth = "token"` requires in `X-Auth-Token`.
     pub serve_token_file: Option<PathBuf>,
+    /// A download of an image not cached fills the cache (once per image); false:
+    /// streamed through from the upstream without caching.
+    pub fill_on_miss: bool,
+    /// A `Range` request on a miss (streamed through as a range) also starts a fill.
+    pub fill_on_range: bool,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

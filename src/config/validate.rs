@@ -370,6 +370,8 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             serve_auth: None,
             serve_allow: Vec::new(),
             serve_token_file: None,
+            fill_on_miss: false,
+            fill_on_range: false,
         },
         upstream: None,
     }

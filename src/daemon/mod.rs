@@ -388,7 +388,7 @@ async fn start_loops_and_serve(
     };
     // Bound before any loop runs, so a listener that cannot start fails the boot
     // cleanly. The listener has an upstream of its own: the prefetcher owns the loops'.
-    let (listeners, http_upstream) = if ctx.config().http.enabled {
+    let (listeners, http_upstream, fill_upstream) = if ctx.config().http.enabled {
         let listeners = crate::http::bind(&ctx.config().http)?;
         let upstream = match &ctx.config().upstream {
             Some(u) => {
@@ -396,9 +396,16 @@ async fn start_loops_and_serve(
             }
             None => None,
         };
-        (Some(listeners), upstream)
+        // Read-through fills download with a client of their own.
+        let fill_upstream = match &ctx.config().upstream {
+            Some(u) => Some(Arc::new(
+                crate::upstream::Upstream::from_config(u).map_err(DaemonError::Config)?,
+            )),
+            None => None,
+        };
+        (Some(listeners), upstream, fill_upstream)
     } else {
-        (None, None)
+        (None, None, None)
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
@@ -448,6 +455,12 @@ async fn start_loops_and_serve(
             max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
             upstream: http_upstream,
             auth_cache: Default::default(),
+            read_through: crate::prefetch::ReadThrough::new(
+                ctx.driver.clone(),
+                fill_upstream,
+                holder.to_owned(),
+                shutdown.clone(),
+            ),
         };
         loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
     }

@@ -11,6 +11,7 @@ mod health;
 mod routes;
 mod serve;
 mod serve_auth;
+mod serve_miss;
 mod server;
 mod tls;
 
@@ -58,6 +59,8 @@ pub(crate) struct HttpState {
     pub(crate) upstream: Option<crate::upstream::Upstream>,
     /// Glance's remembered permissions to download (see `serve_auth`).
     pub(crate) auth_cache: AuthCache,
+    /// Downloads of images not cached (see `serve_miss`).
+    pub(crate) read_through: crate::prefetch::ReadThrough,
 }
 
 pub(crate) type Shared = Arc<HttpState>;
