@@ -25,6 +25,7 @@ mod glance_interop;
 mod glance_shared;
 mod hits;
 mod http;
+mod http_fill;
 mod http_serve;
 mod kit;
 mod prefetch;
