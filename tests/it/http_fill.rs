@@ -154,10 +154,12 @@ fn http_fill_a_hundred_clients_of_a_cold_image_cause_one_upstream_transfer() {
 
 #[test]
 fn http_fill_completes_when_its_client_goes_away_at_ten_percent() {
-    let size = 8 << 20;
+    // Larger than the socket buffers between the daemon and its client, so that the
+    // daemon sees the client go long before the fill ends.
+    let size = 32 << 20;
     let origin = Origin::start();
     let data = test_bytes(size, 6);
-    origin.add(B, data.clone(), slow(size, 2.0));
+    origin.add(B, data.clone(), slow(size, 3.0));
     let (s, port) = setup(&origin.url(), "");
     let d = s.start();
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -340,6 +342,25 @@ fn http_fill_glanceclient_reads_an_image_through_from_glance_api() {
         );
         std::fs::read(&out).unwrap()
     };
+    // A range of an image not cached: glance-api's answer to the range, passed on,
+    // and (http.fill_on_range) a fill in the background.
+    let other = test_bytes(3 << 20, 12);
+    let other_id = runtime.block_on(glance.create_image(&other));
+    let range = Command::new("curl")
+        .args(["-s", "-f", "-H", "Range: bytes=10-19", "-H"])
+        .arg(format!("X-Auth-Token: {TOKEN}"))
+        .arg(format!("http://127.0.0.1:{port}/v2/images/{other_id}/file"))
+        .output()
+        .unwrap();
+    assert!(range.status.success(), "{range:?}");
+    assert!(range.stdout == other[10..20], "the range's bytes");
+    eventually(SOON, "the range started a fill", || {
+        s.cached_ids() == [other_id.clone()]
+    });
+    assert!(std::fs::read(s.cache(&other_id)).unwrap() == other);
+    let forget = s.cli(&["delete-cached", &other_id]);
+    assert!(forget.status.success(), "{forget:?}");
+
     assert!(nova("first.img") == data, "images.data() of a miss");
     eventually(SOON, "the image is cached", || {
         s.cached_ids() == [id.clone()]
