@@ -43,6 +43,29 @@ impl CacheDriver {
         }
     }
 
+    /// Claims the queued `id` for `holder` for at most `claim_for` from `now`, due or
+    /// not (a read-through fill: a client asks for it now); `Err` names the holder of a
+    /// live claim on it (`None`: it is not queued).
+    pub async fn claim_image(
+        &self,
+        id: &ImageId,
+        holder: &str,
+        now: DateTime<Utc>,
+        claim_for: Duration,
+    ) -> Result<Result<QueuedImage, Option<String>>, CacheError> {
+        let until = clock::after(now, claim_for);
+        let claimed = self
+            .db()
+            .claim_image(
+                id.as_str(),
+                holder,
+                DbTime::from_utc(now),
+                DbTime::from_utc(until),
+            )
+            .await?;
+        Ok(claimed.map(|row| queued_image(row, now)))
+    }
+
     /// Records a failed attempt; the image stays queued until `next_attempt`.
     pub async fn retry_later(
         &self,

@@ -71,6 +71,8 @@ struct Inner {
     hits: super::hits::HitBook,
     /// The images open for reading, and those evicted while read (`readers`).
     readers: Arc<super::readers::Readers>,
+    /// The writes into the cache in progress in this process (`filling`).
+    fills: Arc<super::filling::Fills>,
 }
 
 impl CacheDriver {
@@ -94,8 +96,15 @@ impl CacheDriver {
                 prune_turn: Arc::default(),
                 hits: Default::default(),
                 readers: Arc::default(),
+                fills: Arc::default(),
             }),
         }
+    }
+
+    /// The writes into the cache in progress in this process: every download registers
+    /// there while it runs, and readers of an image not yet cached follow it.
+    pub(crate) fn fills(&self) -> &Arc<super::filling::Fills> {
+        &self.inner.fills
     }
 
     /// The held directories, for the cache's own submodules: whoever else needs them

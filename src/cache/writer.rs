@@ -130,6 +130,17 @@ impl ImageWriter {
         })
     }
 
+    /// `incomplete/<id>` opened for reading through the layout, for the readers of a
+    /// fill in progress (`filling`); `None` unless it is this writer's own inode.
+    pub(crate) fn open_reader(&self) -> std::io::Result<Option<File>> {
+        let Some(own) = self.file.as_ref() else {
+            return Ok(None);
+        };
+        let reader = self.layout.open_read(Area::Incomplete, &self.image_id)?;
+        let (a, b) = (rustix::fs::fstat(own)?, rustix::fs::fstat(&reader)?);
+        Ok((a.st_dev == b.st_dev && a.st_ino == b.st_ino).then_some(reader))
+    }
+
     /// Appends `data`, hashing it. See `write_bytes`, which avoids a copy.
     pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
         self.write_bytes(Bytes::copy_from_slice(data))

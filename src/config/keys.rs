@@ -753,6 +753,22 @@ pub(crate) static KEYS: &[Key] = &[
     key!("http.public_url", Kind::Url, Unset, Yes,
         "The URL clients reach this listener by: forwarded version documents link to it; unset: links pass as the upstream wrote them",
         http.public_url, check: validate::public_url),
+    key!(
+        "http.fill_on_miss",
+        Kind::Bool,
+        DefaultValue::Bool(true),
+        Yes,
+        "A download of an image not cached fills the cache from the upstream once, however many clients ask; false: streamed through without caching",
+        http.fill_on_miss
+    ),
+    key!(
+        "http.fill_on_range",
+        Kind::Bool,
+        DefaultValue::Bool(true),
+        Yes,
+        "A Range request for an image not cached (passed to the upstream as a range) also starts filling the cache in the background",
+        http.fill_on_range
+    ),
     Key {
         name: "upstream.kind",
         kind: Kind::Choice {

@@ -218,6 +218,11 @@ pub struct HttpConfig {
     pub forward: bool,
     /// The URL clients reach the listener by, put into forwarded version documents.
     pub public_url: Option<String>,
+    /// A download of an image not cached fills the cache (once per image); false:
+    /// streamed through from the upstream without caching.
+    pub fill_on_miss: bool,
+    /// A `Range` request on a miss (streamed through as a range) also starts a fill.
+    pub fill_on_range: bool,
 }
 
 /// A validated configuration: absolute paths, parsed sizes and durations, cross-field

@@ -383,6 +383,8 @@ pub(super) fn blank(file: Option<PathBuf>) -> Config {
             metrics_listen: Vec::new(),
             forward: false,
             public_url: None,
+            fill_on_miss: false,
+            fill_on_range: false,
         },
         upstream: None,
     }

@@ -390,15 +390,16 @@ async fn start_loops_and_serve(
         passes: Default::default(),
     };
     // Bound before any loop runs, so a listener that cannot start fails the boot
-    // cleanly. The listener shares the prefetcher's upstream.
+    // cleanly. The listener and its read-through fills share the prefetcher's upstream
+    // (one view of the endpoints' health).
     if let Some(u) = &upstream {
         u.report_to(&ctx.metrics);
     }
-    let (listeners, http_upstream) = if ctx.config().http.enabled {
+    let (listeners, http_upstream, fill_upstream) = if ctx.config().http.enabled {
         let listeners = crate::http::bind(&ctx.config().http)?;
-        (Some(listeners), upstream.clone())
+        (Some(listeners), upstream.clone(), upstream.clone())
     } else {
-        (None, None)
+        (None, None, None)
     };
     let mut loops = Supervisor::new(board.clone(), shutdown.clone());
     loops.spawn_worker(
@@ -449,6 +450,12 @@ async fn start_loops_and_serve(
             upstream: http_upstream,
             auth_cache: Default::default(),
             auth: Default::default(),
+            read_through: crate::prefetch::ReadThrough::new(
+                ctx.driver.clone(),
+                fill_upstream,
+                holder.to_owned(),
+                shutdown.clone(),
+            ),
         };
         loops.spawn_task(Task::Http, crate::http::serve(listeners, Arc::new(state)));
     }

@@ -423,6 +423,57 @@ impl NodeDb {
             .collect())
     }
 
+    /// Claims the queued row of `image_id` for `holder` until `claim_until`, whatever
+    /// its next attempt time (a client is asking for it now), unless a claim that has not
+    /// run out by `now` holds it. The row as claimed, or `Err` with who holds it
+    /// (`None`: no queued row).
+    pub async fn claim_image(
+        &self,
+        image_id: &str,
+        holder: &str,
+        now: DbTime,
+        claim_until: DbTime,
+    ) -> Result<Result<QueueRow, Option<String>>, DbError> {
+        // One statement: atomic on its row on every backend, so of two claimants one
+        // changes the row and the other finds it held.
+        const MARK: &str = "UPDATE glance_cached_queue SET claimed_by = ?, claimed_until = ? \
+             WHERE node_reference_id = ? AND image_id = ? AND state = 'queued' \
+             AND (claimed_until IS NULL OR claimed_until < ?)";
+        const READ: &str = "SELECT image_id, queued_at, attempts, next_attempt_at, last_error, \
+             state, claimed_by, claimed_until FROM glance_cached_queue \
+             WHERE node_reference_id = ? AND image_id = ?";
+        let (marked, row) = on_pool!(self.db, |pool, d| {
+            let marked = sqlx::query(sql(d, MARK))
+                .bind(holder)
+                .bind(claim_until)
+                .bind(self.node.0)
+                .bind(image_id)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            let row = sqlx::query(sql(d, READ))
+                .bind(self.node.0)
+                .bind(image_id)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode)
+                .transpose()?;
+            (marked, row)
+        });
+        Ok(match row {
+            Some(Decoded::Row(row)) if row.state == QueueState::Queued => {
+                if marked > 0 && row.claimed_by.as_deref() == Some(holder) {
+                    Ok(row)
+                } else {
+                    Err(row.claimed_by)
+                }
+            }
+            _ => Err(None),
+        })
+    }
+
     /// Moves every claim `holder` has on this node's rows to `claim_until`, so downloads
     /// that outlast a claim keep it. Returns how many claims were renewed.
     pub async fn renew_claims(&self, holder: &str, claim_until: DbTime) -> Result<u64, DbError> {

@@ -13,6 +13,7 @@ mod proxy;
 mod routes;
 mod serve;
 mod serve_auth;
+mod serve_miss;
 mod server;
 mod tls;
 
@@ -62,6 +63,8 @@ pub(crate) struct HttpState {
     pub(crate) auth_cache: AuthCache,
     /// Validated Keystone tokens and the refusal log's pace.
     pub(crate) auth: auth::AuthState,
+    /// Downloads of images not cached (see `serve_miss`).
+    pub(crate) read_through: crate::prefetch::ReadThrough,
 }
 
 pub(crate) type Shared = Arc<HttpState>;

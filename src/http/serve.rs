@@ -136,7 +136,7 @@ pub(crate) async fn handle(
     }
     let opened = match open_cached(state, &id).await {
         Ok(Some(opened)) => opened,
-        Ok(None) => return text(StatusCode::NOT_FOUND, "Image not found."),
+        Ok(None) => return super::serve_miss::answer(state, method, headers, &id).await,
         Err(e) => {
             error!(image_id = %id, error = %e, "http: cannot open a cached image");
             return text(
@@ -222,7 +222,7 @@ fn none_match(header: &str, etag: &str) -> bool {
 }
 
 /// The reply for an opened image.
-fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Reply {
+pub(crate) fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Reply {
     let header = |name| {
         headers
             .get(name)

@@ -255,6 +255,7 @@ pub(crate) async fn serve(listeners: Listeners, state: Shared) {
     }
     connections.close();
     connections.wait().await;
+    state.read_through.drain().await;
     debug!("http: drained");
 }
 

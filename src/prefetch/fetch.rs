@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::budget::{DownloadBudget, WaitTicket, unknown_size_step};
 use super::writer_thread::WriterThread;
-use crate::cache::{CacheDriver, CacheError, Expectations, PrunePolicy};
+use crate::cache::{CacheDriver, CacheError, Expectations, Filling, PrunePolicy};
 use crate::config::Config;
 use crate::digest::VerifyPolicy;
 use crate::image_id::ImageId;
@@ -97,7 +97,9 @@ impl From<&Config> for FetchLimits {
     }
 }
 
-/// Downloads `id` from `upstream` into the cache.
+/// Downloads `id` from `upstream` into the cache, registered in the driver's fills
+/// while it runs (readers of the image follow it); a download of `id` already
+/// registered in this process is not started beside it (`AlreadyBeingWritten`).
 pub async fn fetch_into_cache(
     driver: &CacheDriver,
     upstream: &Upstream,
@@ -105,6 +107,41 @@ pub async fn fetch_into_cache(
     limits: FetchLimits,
     cancel: &CancellationToken,
     budget: &DownloadBudget,
+) -> Result<Fetched, FetchError> {
+    let Ok(filling) = driver.fills().register(id) else {
+        return Err(CacheError::AlreadyBeingWritten(id.clone()).into());
+    };
+    fetch_registered(driver, upstream, id, limits, cancel, budget, filling).await
+}
+
+/// `fetch_into_cache` for a download registered already (a read-through fill, which
+/// registers before it claims): its readers hear of its progress and of its end.
+pub(crate) async fn fetch_registered(
+    driver: &CacheDriver,
+    upstream: &Upstream,
+    id: &ImageId,
+    limits: FetchLimits,
+    cancel: &CancellationToken,
+    budget: &DownloadBudget,
+    filling: Filling,
+) -> Result<Fetched, FetchError> {
+    let fetched = download(driver, upstream, id, limits, cancel, budget, &filling).await;
+    filling.finish(match &fetched {
+        Ok(Fetched::Published { bytes }) => Ok(*bytes),
+        Ok(Fetched::AlreadyCached) => Err("already cached".to_owned()),
+        Err(e) => Err(e.to_string()),
+    });
+    fetched
+}
+
+async fn download(
+    driver: &CacheDriver,
+    upstream: &Upstream,
+    id: &ImageId,
+    limits: FetchLimits,
+    cancel: &CancellationToken,
+    budget: &DownloadBudget,
+    filling: &Filling,
 ) -> Result<Fetched, FetchError> {
     // Taken on the first wait for room, kept until room is granted; with the size the
     // upstream gave then.
@@ -133,6 +170,7 @@ pub async fn fetch_into_cache(
             r = upstream.fetch(id) => r?,
         };
         crate::failpoint::hit("download:connected");
+        filling.described(meta.size, meta.md5.as_deref());
         // An unknown size is reserved a step at a time as the bytes arrive.
         let size = meta
             .size
@@ -173,7 +211,7 @@ pub async fn fetch_into_cache(
         verify: limits.verify,
     };
     // Every file operation of the write happens on the writer's own thread.
-    let mut writer = WriterThread::open(driver, id, expectations).await?;
+    let mut writer = WriterThread::open(driver, id, expectations, Some(filling.progress())).await?;
     let mut floor = TransferFloor::new(limits.min_bytes_per_second, limits.min_rate_window);
     loop {
         let chunk = tokio::select! {

@@ -7,6 +7,7 @@
 mod budget;
 mod engine;
 mod fetch;
+mod fill;
 mod writer_thread;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub use budget::DownloadBudget;
 pub(crate) use engine::{DownloadEvents, EngineError, Finished, PrefetchEngine};
 pub(crate) use fetch::FetchError;
 pub use fetch::{FetchLimits, Fetched, fetch_into_cache};
+pub(crate) use fill::{Miss, ReadThrough};
 
 /// What became of one claimed queued image, as recorded in the queue.
 #[derive(Debug)]
@@ -53,10 +55,23 @@ pub async fn prefetch_claimed(
     cancel: &CancellationToken,
     budget: &DownloadBudget,
 ) -> (PrefetchOutcome, Result<(), CacheError>) {
-    let id = &image.image_id;
     let started = Instant::now();
     let limits = FetchLimits::from(config);
+    let id = &image.image_id;
     let fetched = fetch_into_cache(driver, upstream, id, limits, cancel, budget).await;
+    record_outcome(driver, image, config, fetched, started).await
+}
+
+/// Records what became of the download of the claimed `image` that began at `started`
+/// (see `prefetch_claimed`; a read-through fill records its own the same way).
+pub(crate) async fn record_outcome(
+    driver: &CacheDriver,
+    image: &QueuedImage,
+    config: &Config,
+    fetched: Result<Fetched, FetchError>,
+    started: Instant,
+) -> (PrefetchOutcome, Result<(), CacheError>) {
+    let id = &image.image_id;
     let attempts = image.attempts + 1;
     match fetched {
         Ok(Fetched::Published { bytes }) => {

@@ -13,13 +13,19 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::cache::{Area, CacheDriver, CacheError, Expectations, ImageWriter, Published};
+use crate::cache::{
+    Area, CacheDriver, CacheError, Expectations, FillProgress, ImageWriter, Published,
+};
 use crate::image_id::ImageId;
 
 /// Chunks queued for the writer thread: enough to keep the disk busy while the network
 /// delivers, few enough that a slow disk holds back the download instead of memory
 /// growing (8 x a chunk, as the digest threads' own queues).
 const CHUNKS_QUEUED: usize = 8;
+
+/// Bytes written between two reports to a fill's readers: each report wakes every
+/// reader, so one per network chunk (16 KiB) would cost more than the reads.
+const PROGRESS_STEP_BYTES: u64 = 256 << 10;
 
 /// How long a shutdown waits for a writer thread to move its bytes to `invalid/`: ample
 /// for a rename, short beside a disk that does not answer (whose file the cleaner's
@@ -56,10 +62,12 @@ pub(super) struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread, which creates `incomplete/<id>`; fails as the creation does.
+    /// With `progress`, the file's readers hear of it and of each write (`filling`).
     pub(super) async fn open(
         driver: &CacheDriver,
         id: &ImageId,
         expectations: Expectations,
+        progress: Option<FillProgress>,
     ) -> Result<Self, CacheError> {
         let (ops, ops_rx) = mpsc::channel(CHUNKS_QUEUED);
         let (opened_tx, opened) = oneshot::channel();
@@ -75,6 +83,12 @@ impl WriterThread {
                     runtime.block_on(thread_driver.open_for_write(&thread_id, expectations));
                 match opened {
                     Ok(writer) => {
+                        // Opened before any byte is written: readers follow this inode.
+                        if let Some(progress) = &progress
+                            && let Ok(Some(reader)) = writer.open_reader()
+                        {
+                            progress.opened(reader);
+                        }
                         let _ = opened_tx.send(Ok(()));
                         let ended = write_until_done(
                             &runtime,
@@ -82,6 +96,7 @@ impl WriterThread {
                             writer,
                             ops_rx,
                             &thread_commit,
+                            progress.as_ref(),
                         );
                         let _ = ended_tx.send(ended);
                     }
@@ -210,15 +225,27 @@ fn write_until_done(
     mut writer: ImageWriter,
     mut ops: mpsc::Receiver<Op>,
     commit: &AtomicU8,
+    progress: Option<&FillProgress>,
 ) -> Ended {
+    let (mut written, mut reported) = (0, 0);
     while let Some(op) = ops.blocking_recv() {
         match op {
             Op::Chunk(chunk) => {
                 crate::failpoint::hit("download:write");
                 // A failed write has aborted the writer already.
+                written += chunk.len() as u64;
                 writer.write_bytes(chunk)?;
+                if let Some(progress) = progress
+                    && (reported == 0 || written - reported >= PROGRESS_STEP_BYTES)
+                {
+                    progress.advanced(written);
+                    reported = written;
+                }
             }
             Op::Commit => {
+                if let Some(progress) = progress {
+                    progress.advanced(written);
+                }
                 let taken = commit.compare_exchange(
                     COMMIT_QUEUED,
                     COMMIT_TAKEN,

@@ -226,6 +226,18 @@ impl GlanceUpstream {
         Ok(status)
     }
 
+    /// The bytes `range` (a client's `Range` header) of `id`, as the upstream answers
+    /// them (206 with its `Content-Range`, or 200 when it ignores the range): a ranged
+    /// request on a miss is streamed through, never cached from.
+    pub(crate) async fn fetch_range(
+        &self,
+        id: &ImageId,
+        range: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = format!("{}/v2/images/{id}/file", self.base);
+        self.get(&url, Some(range)).await
+    }
+
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
         let path = format!("/v2/images/{id}");
         let response = self.get(&path, None).await?;

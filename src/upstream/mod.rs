@@ -263,6 +263,19 @@ impl Upstream {
         }
     }
 
+    /// A client's `range` of `id` from the upstream (see `GlanceUpstream::fetch_range`);
+    /// `None` for a kind that is not asked for ranges here.
+    pub(crate) async fn fetch_range(
+        &self,
+        id: &ImageId,
+        range: &str,
+    ) -> Option<Result<reqwest::Response, UpstreamError>> {
+        match self {
+            Upstream::Glance(g) => Some(g.fetch_range(id, range).await),
+            Upstream::Http(_) | Upstream::Directory(_) => None,
+        }
+    }
+
     /// Whether this is Glance, which decides who may download its images.
     pub(crate) fn is_glance(&self) -> bool {
         matches!(self, Upstream::Glance(_))

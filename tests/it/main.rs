@@ -26,6 +26,7 @@ mod glance_shared;
 mod hits;
 mod http;
 mod http_keystone;
+mod http_fill;
 mod http_serve;
 mod http_proxy;
 mod kit;

@@ -66,6 +66,8 @@ pub struct Image {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub file_requests: HashMap<String, u32>,
+    /// Body bytes written for each image's file requests (one-byte probes left out).
+    pub bytes_sent: HashMap<String, u64>,
     pub in_flight: u32,
     pub max_in_flight: u32,
     pub tokens_issued: u32,
@@ -155,6 +157,10 @@ impl Origin {
 
     pub fn file_requests(&self, id: &str) -> u32 {
         self.with_stats(|s| s.file_requests.get(id).copied().unwrap_or(0))
+    }
+
+    pub fn bytes_sent(&self, id: &str) -> u64 {
+        self.with_stats(|s| s.bytes_sent.get(id).copied().unwrap_or(0))
     }
 }
 
@@ -331,6 +337,17 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         s.stats.in_flight += 1;
         s.stats.max_in_flight = s.stats.max_in_flight.max(s.stats.in_flight);
     }
+    // Glance's answer to a download probe (`Range: bytes=0-0`, how glance-cached asks
+    // whether a token may download): the first byte.
+    if req.headers.get("range").map(String::as_str) == Some("bytes=0-0") && !image.data.is_empty() {
+        state.lock().unwrap().stats.in_flight -= 1;
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nConnection: close\r\nContent-Range: bytes 0-0/{}\r\nContent-Length: 1\r\n\r\n",
+            image.data.len()
+        );
+        conn.write_all(head.as_bytes())?;
+        return conn.write_all(&image.data[..1]);
+    }
     if let Some((first, last)) = b.partial {
         let body = &image.data[first..=last.min(image.data.len() - 1)];
         let range = format!("bytes {first}-{last}/{}", image.data.len());
@@ -365,6 +382,13 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
                 std::thread::sleep(d);
             }
             conn.write_all(chunk)?;
+            *state
+                .lock()
+                .unwrap()
+                .stats
+                .bytes_sent
+                .entry(id.clone())
+                .or_default() += chunk.len() as u64;
         }
         conn.flush()
     })();

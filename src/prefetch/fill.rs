@@ -1,0 +1,196 @@
+//! Read-through fills: a download of an image that is not cached fetches it from the
+//! upstream once per node, however many clients ask. A request joins the download of
+//! the image this process is running (a queue prefetch or another request's fill, both
+//! registered in the driver's fills), or starts one: the image is queued and claimed
+//! through the queue's claim, the one the prefetch engine takes, so neither this
+//! daemon's prefetcher nor another process of the node (a `prefetch` command) fetches
+//! it beside the fill; a claim another process holds means that process is fetching
+//! it, and the request is streamed through without caching instead. The fill runs as a
+//! task of its own, through `fetch_registered` (the prefetch's writer, verification and
+//! publish), so a client that goes away does not stop it; a shutdown does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info};
+
+use super::fetch::fetch_registered;
+use super::{DownloadBudget, FetchLimits, PrefetchOutcome, record_outcome};
+use crate::cache::{CacheDriver, CacheError, FillState, Filling, QueuedImage};
+use crate::clock;
+use crate::config::Config;
+use crate::image_id::ImageId;
+use crate::upstream::Upstream;
+
+/// How long a request waits for a download this process has claimed to register, per
+/// round: the engine registers right after its claim, so a round is short.
+const OWN_CLAIM_WAIT: Duration = Duration::from_millis(100);
+
+/// Rounds before a request whose image this process has claimed but never registers
+/// (a claim left by an outcome that could not be recorded) is streamed through.
+const OWN_CLAIM_ROUNDS: usize = 50;
+
+/// What a request for an image that was not cached gets.
+#[derive(Debug)]
+pub(crate) enum Miss {
+    /// Cached meanwhile: serve it from the cache.
+    Cached,
+    /// A download of this process: follow it.
+    Fill(watch::Receiver<FillState>),
+    /// Not filled here (`http.fill_on_miss = false`, or another process downloads it):
+    /// stream it through from the upstream without caching.
+    StreamThrough,
+}
+
+/// The read-through side of a daemon: its fills and what they need.
+pub(crate) struct ReadThrough {
+    driver: CacheDriver,
+    upstream: Option<Arc<Upstream>>,
+    /// The name this daemon's queue claims are held under (its prefetcher's too).
+    holder: String,
+    cancel: CancellationToken,
+    budget: Arc<DownloadBudget>,
+    fills: TaskTracker,
+}
+
+impl ReadThrough {
+    pub(crate) fn new(
+        driver: CacheDriver,
+        upstream: Option<Arc<Upstream>>,
+        holder: String,
+        cancel: CancellationToken,
+    ) -> Self {
+        ReadThrough {
+            driver,
+            upstream,
+            holder,
+            cancel,
+            budget: Arc::default(),
+            fills: TaskTracker::new(),
+        }
+    }
+
+    pub(crate) fn upstream(&self) -> Option<&Arc<Upstream>> {
+        self.upstream.as_ref()
+    }
+
+    /// Joins the download of `id` in progress here, or starts a fill of it, or says
+    /// to stream it through.
+    pub(crate) async fn miss(
+        &self,
+        id: &ImageId,
+        config: &Arc<Config>,
+    ) -> Result<Miss, CacheError> {
+        let Some(upstream) = &self.upstream else {
+            return Ok(Miss::StreamThrough);
+        };
+        for _ in 0..OWN_CLAIM_ROUNDS {
+            if let Some(following) = self.driver.fills().join(id) {
+                return Ok(Miss::Fill(following));
+            }
+            if self.driver.cached(id).await {
+                return Ok(Miss::Cached);
+            }
+            if !config.http.fill_on_miss || self.cancel.is_cancelled() {
+                return Ok(Miss::StreamThrough);
+            }
+            // The claim lives on the queue row: queued first (nothing when it is queued
+            // already; refused when a writer's file is in incomplete/, whose claim
+            // then decides).
+            self.driver.queue_image(id).await?;
+            let ttl = config.prefetcher.claim_ttl;
+            match self
+                .driver
+                .claim_image(id, &self.holder, clock::now(), ttl)
+                .await?
+            {
+                Ok(image) => match self.driver.fills().register(id) {
+                    Ok(filling) => {
+                        let following = filling.subscribe();
+                        self.spawn(upstream.clone(), image, filling, config.clone());
+                        return Ok(Miss::Fill(following));
+                    }
+                    // Registered between our look and our claim: follow it (its claim
+                    // is ours too, the same holder).
+                    Err(following) => return Ok(Miss::Fill(following)),
+                },
+                // This process holds the claim: its prefetcher (or another request)
+                // claimed the image and is about to register its download.
+                Err(Some(holder)) if holder == self.holder => {
+                    self.driver.fills().changed_within(OWN_CLAIM_WAIT).await;
+                }
+                Err(Some(holder)) => {
+                    debug!(image_id = %id, %holder, "another process is fetching the image; streaming it through");
+                    return Ok(Miss::StreamThrough);
+                }
+                // Not queued: published meanwhile (cached), or a writer outside the
+                // queue (glance-api's own cache) has its file in incomplete/.
+                Err(None) => {
+                    if self.driver.cached(id).await {
+                        return Ok(Miss::Cached);
+                    }
+                    return Ok(Miss::StreamThrough);
+                }
+            }
+        }
+        Ok(Miss::StreamThrough)
+    }
+
+    /// Runs the fill of the claimed `image` as a task of its own, renewing its claim
+    /// while it runs and recording its outcome in the queue as a prefetch's is.
+    fn spawn(
+        &self,
+        upstream: Arc<Upstream>,
+        image: QueuedImage,
+        filling: Filling,
+        config: Arc<Config>,
+    ) {
+        let (driver, cancel, budget, holder) = (
+            self.driver.clone(),
+            self.cancel.clone(),
+            self.budget.clone(),
+            self.holder.clone(),
+        );
+        self.fills.spawn(async move {
+            let started = Instant::now();
+            let id = image.image_id.clone();
+            info!(image_id = %id, "read-through: filling the cache from the upstream");
+            let limits = FetchLimits::from(&*config);
+            let fetch = fetch_registered(&driver, &upstream, &id, limits, &cancel, &budget, filling);
+            tokio::pin!(fetch);
+            let every = config.prefetcher.claim_renew_every().max(Duration::from_secs(1));
+            let fetched = loop {
+                tokio::select! {
+                    fetched = &mut fetch => break fetched,
+                    () = tokio::time::sleep(every) => {
+                        let ttl = config.prefetcher.claim_ttl;
+                        if let Err(e) = driver.renew_claims(&holder, clock::now(), ttl).await {
+                            error!(image_id = %id, error = %e, "read-through: cannot renew the fill's claim");
+                        }
+                    }
+                }
+            };
+            let (outcome, recorded) = record_outcome(&driver, &image, &config, fetched, started).await;
+            if let Err(e) = recorded {
+                error!(image_id = %id, error = %e, "read-through: cannot record the fill's outcome; releasing its claim");
+                let _ = driver.release_claim(&id).await;
+            }
+            if let PrefetchOutcome::Dropped { error } | PrefetchOutcome::Retrying { error, .. } =
+                &outcome
+            {
+                info!(image_id = %id, %error, "read-through: the fill failed; nothing was cached");
+            }
+        });
+    }
+
+    /// At shutdown (the cancel token cancelled): waits for the fills, which stop at
+    /// their next chunk and release their claims.
+    pub(crate) async fn drain(&self) {
+        self.fills.close();
+        self.fills.wait().await;
+    }
+}
