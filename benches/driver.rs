@@ -7,6 +7,13 @@
 //!
 //! Figures are medians of `BENCH_ROUNDS` rounds (default 3). Results: a table on stdout
 //! and JSON in target/bench/driver.json.
+//!
+//! With `GLANCE_CACHED_TEST_GLANCE_PYTHON` set (the Glance 33.0.0 virtualenv's python, as
+//! `scripts/bench` sets it), the real Glance `centralized_db` driver is measured first
+//! on the same population (same image count, file size, disk and SQLite file layout,
+//! through `benches/glance_driver.py`), then ours, and a second table gives the ratio per
+//! operation; the prune of 100k images to half runs as Glance's `glance-cache-pruner`
+//! command against `glance-cached prune`.
 
 // Test and benchmark code: a panic here is a failed run, not a crashed daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -19,7 +26,7 @@
 mod common;
 
 use common::{bench_dir, median, ops_per_second, rounds, smoke};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,6 +64,9 @@ async fn populated(dir: &Path, db_url: &str, n: usize, size: usize) -> (CacheDri
 struct Figures {
     rows: Vec<(String, String, String)>,
     json: serde_json::Map<String, serde_json::Value>,
+    /// Glance's figure beside ours: label, Glance, ours, unit ("/s": more is better;
+    /// "ms", "us": less is better).
+    versus: Vec<(String, f64, f64, &'static str)>,
 }
 
 impl Figures {
@@ -65,10 +75,145 @@ impl Figures {
             .push((label, format!("{value:.0} {unit}"), target.into()));
         self.json.insert(key.into(), serde_json::json!(value));
     }
+
+    /// Glance's figure `key` beside ours (`ours_key`, already added), when Glance ran.
+    fn versus(&mut self, label: String, glance: f64, ours_key: &str, unit: &'static str) {
+        let ours = self.json[ours_key].as_f64().unwrap();
+        self.json
+            .insert(format!("glance_{ours_key}"), serde_json::json!(glance));
+        self.versus.push((label, glance, ours, unit));
+    }
 }
 
-async fn driver_ops(figures: &mut Figures, backend: &str, db_url: &str, n: usize) {
+/// The node both drivers are.
+const NODE: &str = "http://bench:9292";
+
+/// The real Glance 33.0.0 driver (`benches/glance_driver.py` in the Glance virtualenv)
+/// and a database its `db sync` made, copied for each population.
+struct Glance {
+    python: PathBuf,
+    template: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Glance {
+    /// `None` (with a note) when `GLANCE_CACHED_TEST_GLANCE_PYTHON` is not set.
+    fn find() -> Option<Glance> {
+        let python: PathBuf = match std::env::var("GLANCE_CACHED_TEST_GLANCE_PYTHON") {
+            Ok(p) if !p.is_empty() => p.into(),
+            _ => {
+                eprintln!(
+                    "glance: GLANCE_CACHED_TEST_GLANCE_PYTHON not set, Glance's figures skipped (scripts/bench sets it)"
+                );
+                return None;
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("gc-bench-glance-")
+            .tempdir_in(bench_dir())
+            .unwrap();
+        let template = dir.path().join("synced.db");
+        let mut glance = Glance {
+            python,
+            template: template.clone(),
+            _dir: dir,
+        };
+        glance.run(&template.with_extension("cache"), &template, &["db-sync"]);
+        assert!(template.is_file(), "Glance's db sync made no {template:?}");
+        glance.template = template;
+        Some(glance)
+    }
+
+    /// A fresh copy of the synced database at `db`.
+    fn database(&self, db: &Path) {
+        std::fs::copy(&self.template, db).unwrap();
+    }
+
+    fn run(&self, cache: &Path, db: &Path, args: &[&str]) -> serde_json::Value {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/glance_driver.py");
+        let out = Command::new(&self.python)
+            .arg(script)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--db-url")
+            .arg(format!("sqlite:///{}", db.display()))
+            .args(["--node-url", NODE])
+            .args(args)
+            // Glance turns naive UTC into epoch seconds as local time.
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "glance_driver.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap()
+    }
+
+    /// A Glance-synced database in `dir` with `n` cached images of `size` bytes, filled
+    /// as our own populations are; returns (cache dir, database file).
+    async fn populated(&self, dir: &Path, n: usize, size: usize) -> (PathBuf, PathBuf) {
+        let (cache, db) = (dir.join("cache"), dir.join("glance.db"));
+        std::fs::create_dir_all(dir).unwrap();
+        self.database(&db);
+        let (driver, db_handle) =
+            populated(&cache, &format!("sqlite://{}", db.display()), n, size).await;
+        drop(driver);
+        db_handle.close().await;
+        (cache, db)
+    }
+
+    /// The venv's `bin/NAME`.
+    fn command(&self, name: &str) -> PathBuf {
+        self.python.parent().unwrap().join(name)
+    }
+}
+
+/// Glance's driver on a population of `n` images: its per-operation rates, medians of
+/// `rounds()` (the JSON of `glance_driver.py ops`).
+/// `BENCH_GLANCE_OPS` calls per figure (default 1,000, 100 in smoke mode, at most
+/// ours): Glance commits a SQLite transaction per hit, some 20 ms each on this disk.
+async fn glance_ops(glance: &Glance, n: usize, ops: usize) -> serde_json::Value {
+    let ops = std::env::var("BENCH_GLANCE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke() { 100 } else { 1_000 })
+        .min(ops);
+    let tmp = tempfile::Builder::new()
+        .prefix("gc-bench-glance-")
+        .tempdir_in(bench_dir())
+        .unwrap();
+    let (cache, db) = glance.populated(tmp.path(), n, 64).await;
+    glance.run(
+        &cache,
+        &db,
+        &[
+            "ops",
+            "--count",
+            &n.to_string(),
+            "--ops",
+            &ops.to_string(),
+            "--rounds",
+            &rounds().to_string(),
+        ],
+    )
+}
+
+async fn driver_ops(
+    figures: &mut Figures,
+    backend: &str,
+    db_url: &str,
+    n: usize,
+    glance: Option<&Glance>,
+) {
     let ops = if smoke() { 500 } else { 10_000.min(n) };
+    // Glance first, right before ours, on the same population.
+    let glance = match glance {
+        Some(g) if backend == "sqlite" => Some(glance_ops(g, n, ops).await),
+        _ => None,
+    };
     let tmp = tempfile::Builder::new()
         .prefix("gc-bench-")
         .tempdir_in(bench_dir())
@@ -197,10 +342,187 @@ async fn driver_ops(figures: &mut Figures, backend: &str, db_url: &str, n: usize
         "",
     );
     db.close().await;
+    if let Some(g) = glance {
+        for (label, glance_key, ours, unit) in [
+            ("is_cached", "is_cached", "is_cached_per_s", "/s"),
+            (
+                "open_for_read + hit",
+                "open_for_read",
+                "open_for_read_per_s",
+                "/s",
+            ),
+            (
+                "get_hit_count",
+                "get_hit_count",
+                "get_hit_count_per_s",
+                "/s",
+            ),
+            ("queue_image", "queue_image", "queue_image_per_s", "/s"),
+            (
+                "get_cached_images (all rows)",
+                "list_ms",
+                "get_cached_images_ms",
+                "ms",
+            ),
+        ] {
+            figures.versus(
+                format!("sqlite, {k} images: {label}"),
+                g[glance_key].as_f64().unwrap(),
+                &format!("{backend}_{k}_{ours}"),
+                unit,
+            );
+        }
+    }
 }
 
-async fn prune_and_clean(figures: &mut Figures) {
+/// `n` stalled `incomplete/` and `n` `invalid/` files a week old under each of `roots`.
+fn stale_files(roots: &[&Path], n: usize) {
+    let old = SystemTime::now() - Duration::from_secs(7 * 86_400);
+    for root in roots {
+        std::fs::create_dir_all(root.join("incomplete")).unwrap();
+        std::fs::create_dir_all(root.join("invalid")).unwrap();
+    }
+    for i in 0..n {
+        let id = image_id(i).to_string();
+        for root in roots {
+            for sub in ["incomplete", "invalid"] {
+                let p = root.join(sub).join(&id);
+                std::fs::write(&p, b"x").unwrap();
+                filetime::set_file_mtime(&p, filetime::FileTime::from_system_time(old)).unwrap();
+            }
+        }
+    }
+}
+
+/// Glance's driver cleaning `n` stalled and `n` invalid files beside a cache of `n`
+/// images of 1 KiB: seconds, timed inside its process.
+async fn glance_clean(glance: &Glance, n: usize) -> f64 {
+    let tmp = tempfile::Builder::new()
+        .prefix("gc-bench-glance-")
+        .tempdir_in(bench_dir())
+        .unwrap();
+    let (cache, db) = glance.populated(tmp.path(), n, 1024).await;
+    stale_files(&[&cache], n);
+    let cleaned = glance.run(&cache, &db, &["clean", "--stall-time", "86400"]);
+    assert_eq!(cleaned["files"].as_u64(), Some(2 * n as u64), "{cleaned}");
+    cleaned["seconds"].as_f64().unwrap()
+}
+
+/// The prune of `n` images to half through the commands operators run: Glance's
+/// `glance-cache-pruner` (its cron job) and `glance-cached prune`, each on its own
+/// fresh population of the same shape (1 KiB files), wall time of the whole command.
+/// `BENCH_GLANCE_PRUNE_IMAGES` sets `n` (default 100,000; 200 in smoke mode): Glance
+/// commits one SQLite transaction per file removed, some 20 ms each on this disk, so
+/// its half of 100,000 images takes many minutes.
+async fn prune_commands(figures: &mut Figures, glance: &Glance) {
+    let n = std::env::var("BENCH_GLANCE_PRUNE_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke() { 200 } else { 100_000 });
+    let max = (n as u64 * 1024) / 2;
+    let tmp = tempfile::Builder::new()
+        .prefix("gc-bench-glance-")
+        .tempdir_in(bench_dir())
+        .unwrap();
+    let (cache, db) = glance.populated(&tmp.path().join("glance"), n, 1024).await;
+    let conf = tmp.path().join("glance-cache.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[DEFAULT]\nimage_cache_dir = {}\nimage_cache_driver = centralized_db\nimage_cache_max_size = {max}\nworker_self_reference_url = {NODE}\n[database]\nconnection = sqlite:///{}\n",
+            cache.display(),
+            db.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new(glance.command("glance-cache-pruner"))
+        .arg("--config-file")
+        .arg(&conf)
+        .env("TZ", "UTC")
+        .output()
+        .unwrap();
+    let glance_secs = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "glance-cache-pruner: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+        .count();
+    assert_eq!(left, n / 2, "glance-cache-pruner left {left} files");
+
+    let ours_dir = tmp.path().join("ours");
+    let ours_cache = ours_dir.join("cache");
+    let ours_db = ours_dir.join("bench.db");
+    let url = format!("sqlite://{}", ours_db.display());
+    let (driver, db_handle) = populated(&ours_cache, &url, n, 1024).await;
+    drop(driver);
+    db_handle.close().await;
+    let config = tmp.path().join("glance-cached.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\nmax_size = {max}\n[database]\nurl = \"{url}\"\n[node]\nreference_url = \"{NODE}\"\n",
+            ours_cache.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        .arg("--config")
+        .arg(&config)
+        .arg("prune")
+        .output()
+        .unwrap();
+    let ours_secs = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "glance-cached prune: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = std::fs::read_dir(&ours_cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+        .count();
+    assert_eq!(left, n / 2, "glance-cached prune left {left} files");
+    figures.add(
+        "prune_command_ms",
+        format!("`glance-cached prune` of {n} images to half (whole command)"),
+        ours_secs * 1000.0,
+        "ms",
+        "",
+    );
+    figures.add(
+        "prune_command_per_file_us",
+        format!("`glance-cached prune` of {n} images to half, per file removed"),
+        ours_secs * 1e6 / (n / 2) as f64,
+        "us",
+        "",
+    );
+    figures.versus(
+        format!("prune {n} images to half: `glance-cache-pruner` vs `glance-cached prune`"),
+        glance_secs * 1000.0,
+        "prune_command_ms",
+        "ms",
+    );
+    figures.versus(
+        "prune, per file removed (the same commands)".to_string(),
+        glance_secs * 1e6 / (n / 2) as f64,
+        "prune_command_per_file_us",
+        "us",
+    );
+}
+
+async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
     let n = if smoke() { 2_000 } else { 100_000 };
+    // Glance first, once, on the same shape (its prune: `prune_commands`).
+    let glance = match glance {
+        Some(g) => Some(glance_clean(g, n).await),
+        None => None,
+    };
     let (mut prune_secs, mut clean_secs, mut rm_secs) = (vec![], vec![], vec![]);
     for _ in 0..rounds() {
         let tmp = tempfile::Builder::new()
@@ -222,21 +544,8 @@ async fn prune_and_clean(figures: &mut Figures) {
         assert_eq!(report.files(), n / 2);
 
         // n stalled incomplete/ files and n invalid/ files, and the same tree for rm -rf.
-        let old = SystemTime::now() - Duration::from_secs(7 * 86_400);
         let twin = tmp.path().join("twin");
-        std::fs::create_dir_all(twin.join("incomplete")).unwrap();
-        std::fs::create_dir_all(twin.join("invalid")).unwrap();
-        for i in 0..n {
-            let id = image_id(i).to_string();
-            for root in [&dir, &twin] {
-                for sub in ["incomplete", "invalid"] {
-                    let p = root.join(sub).join(&id);
-                    std::fs::write(&p, b"x").unwrap();
-                    filetime::set_file_mtime(&p, filetime::FileTime::from_system_time(old))
-                        .unwrap();
-                }
-            }
-        }
+        stale_files(&[&dir, &twin], n);
         let started = Instant::now();
         let report = driver
             .clean(
@@ -266,7 +575,7 @@ async fn prune_and_clean(figures: &mut Figures) {
     figures.add(
         "prune_100k_to_half_ms",
         format!("prune {k} small images to half the size"),
-        median(prune_secs) * 1000.0,
+        median(prune_secs.clone()) * 1000.0,
         "ms",
         "< 3000 ms",
     );
@@ -284,6 +593,28 @@ async fn prune_and_clean(figures: &mut Figures) {
         "ms",
         "baseline",
     );
+    figures.add(
+        "prune_per_file_us",
+        "prune, per file removed".into(),
+        median(prune_secs.clone()) * 1e6 / (n / 2) as f64,
+        "us",
+        "",
+    );
+    figures.add(
+        "clean_per_file_us",
+        "clean, per file removed".into(),
+        median(clean_secs.clone()) * 1e6 / (2 * n) as f64,
+        "us",
+        "",
+    );
+    if let Some(clean) = glance {
+        figures.versus(
+            format!("clean {k} stalled + {k} invalid, per file (driver)"),
+            clean * 1e6 / (2 * n) as f64,
+            "clean_per_file_us",
+            "us",
+        );
+    }
     let ratio = median(clean_secs) / median(rm_secs);
     figures.rows.push((
         "clean / rm -rf".into(),
@@ -303,8 +634,10 @@ fn main() {
     let mut figures = Figures {
         rows: vec![],
         json: serde_json::Map::new(),
+        versus: vec![],
     };
     runtime.block_on(async {
+        let glance = Glance::find();
         // BENCH_SIZES=10000 (a comma list) picks the SQLite populations.
         let sizes: Vec<usize> = match std::env::var("BENCH_SIZES") {
             Ok(list) => list.split(',').map(|n| n.trim().parse().unwrap()).collect(),
@@ -317,7 +650,7 @@ fn main() {
                 .tempdir_in(bench_dir())
                 .unwrap();
             let url = format!("sqlite://{}/bench.db", tmp.path().display());
-            driver_ops(&mut figures, "sqlite", &url, n).await;
+            driver_ops(&mut figures, "sqlite", &url, n, glance.as_ref()).await;
         }
         for (backend, var) in [
             ("postgresql", "GLANCE_CACHED_TEST_POSTGRES_URL"),
@@ -326,13 +659,16 @@ fn main() {
             match std::env::var(var) {
                 Ok(url) if !url.is_empty() => {
                     let n = if smoke() { 2_000 } else { 10_000 };
-                    driver_ops(&mut figures, backend, &url, n).await;
+                    driver_ops(&mut figures, backend, &url, n, None).await;
                     cleanup_node(&url).await;
                 }
                 _ => eprintln!("{backend}: {var} not set, skipped (scripts/bench sets it)"),
             }
         }
-        prune_and_clean(&mut figures).await;
+        prune_and_clean(&mut figures, glance.as_ref()).await;
+        if let Some(g) = &glance {
+            prune_commands(&mut figures, g).await;
+        }
     });
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -354,6 +690,32 @@ fn main() {
     println!("| figure | value | target |\n|---|---|---|");
     for (label, value, target) in figures.rows {
         println!("| {label} | {value} | {target} |");
+    }
+    if !figures.versus.is_empty() {
+        println!();
+        println!(
+            "Glance 33.0.0's `centralized_db` driver, measured right before ours on the same population and disk:"
+        );
+        println!();
+        println!(
+            "| figure | Glance | glance-cached | glance-cached / Glance (speed) | not slower |"
+        );
+        println!("|---|---|---|---|---|");
+        for (label, glance, ours, unit) in figures.versus {
+            // As speeds: a rate over a rate, or a time under a time.
+            let speedup = if unit == "/s" {
+                ours / glance
+            } else {
+                glance / ours
+            };
+            let (g, o) = if unit == "us" {
+                (format!("{glance:.1} {unit}"), format!("{ours:.1} {unit}"))
+            } else {
+                (format!("{glance:.0} {unit}"), format!("{ours:.0} {unit}"))
+            };
+            let met = if speedup >= 1.0 { "met" } else { "**missed**" };
+            println!("| {label} | {g} | {o} | {speedup:.2} | {met} |");
+        }
     }
 }
 

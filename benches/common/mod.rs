@@ -58,3 +58,42 @@ pub fn terminate(child: &mut std::process::Child) {
     }
     let _ = child.wait();
 }
+
+/// What one child process cost: wall seconds, user + system CPU seconds (its own and its
+/// waited-for children's, from `wait4`), peak RSS (`ru_maxrss`), and whether it
+/// succeeded.
+#[allow(dead_code)] // not every benchmark runs measured commands
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub wall: f64,
+    pub cpu: f64,
+    pub max_rss_kib: u64,
+    pub success: bool,
+}
+
+/// Runs `command` to its end and reads its cost from the kernel (`wait4`), so the
+/// figure is that process's alone, not the benchmark's.
+#[allow(dead_code)]
+// not every benchmark runs measured commands
+// Reaped by wait4 below, which std's `Child` does not know of.
+#[allow(clippy::zombie_processes)]
+pub fn run_measured(command: &mut std::process::Command) -> Measured {
+    let started = std::time::Instant::now();
+    let child = command.spawn().expect("spawning a measured command");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: wait4 fills the status and the rusage it is given, for our own child.
+    let usage = unsafe {
+        assert_eq!(libc::wait4(pid, &mut status, 0, usage.as_mut_ptr()), pid);
+        usage.assume_init()
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Measured {
+        wall,
+        cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    }
+}

@@ -195,28 +195,33 @@ impl CacheDriver {
     /// queued row always had its marker first, so one found without it was dequeued
     /// through Glance (see `adopt_queue_markers`).
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        if self.cached(id).await {
-            debug!(image_id = %id, "not queueing: already cached");
-            return Ok(false);
-        }
-        if self.in_area(Area::Incomplete, id).await {
-            debug!(image_id = %id, "not queueing: being written to the cache");
-            return Ok(false);
-        }
-        // A marker alone (Glance's PUT /v2/cache/{id}) means queued.
-        if self.in_area(Area::Queue, id).await {
-            debug!(image_id = %id, "not queueing: already queued");
-            return Ok(false);
-        }
         // The request's time, taken before the marker exists: a daemon may adopt the
         // marker, try the image and give up on it before the insert below, which must
         // then not revive the failure (it is newer than the request).
         let requested = DbTime::from_utc(clock::now());
         let marker = self.layout().path(Area::Queue, id);
         let (layout, marker_id) = (self.layout().clone(), id.clone());
-        blocking(move || layout.touch_marker(&marker_id))
-            .await
-            .map_err(CacheError::io("create queue marker", marker))?;
+        // The three checks and the marker in one trip to a blocking thread: each trip
+        // costs more than the stat it makes (BENCHMARKS.md, Glance side by side).
+        let refused = blocking(move || {
+            if layout.exists(Area::Cached, &marker_id) {
+                return Ok(Some("already cached"));
+            }
+            if layout.exists(Area::Incomplete, &marker_id) {
+                return Ok(Some("being written to the cache"));
+            }
+            // A marker alone (Glance's PUT /v2/cache/{id}) means queued.
+            if layout.exists(Area::Queue, &marker_id) {
+                return Ok(Some("already queued"));
+            }
+            layout.touch_marker(&marker_id).map(|()| None)
+        })
+        .await
+        .map_err(CacheError::io("create queue marker", marker))?;
+        if let Some(reason) = refused {
+            debug!(image_id = %id, "not queueing: {reason}");
+            return Ok(false);
+        }
         // The insert adds nothing when a row is queued already (the queue loop may have
         // adopted the marker just made): queued either way.
         self.db().enqueue(id.as_str(), requested).await?;
