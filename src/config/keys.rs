@@ -270,19 +270,6 @@ impl Field for Option<PathBuf> {
     }
 }
 
-impl Field for Option<String> {
-    fn to_value(&self) -> Option<Value> {
-        self.clone().map(Value::Text)
-    }
-    fn from_value(value: Option<Value>) -> Option<Self> {
-        match value {
-            None => Some(None),
-            Some(Value::Text(s)) => Some(Some(s)),
-            Some(_) => None,
-        }
-    }
-}
-
 impl Field for Option<u64> {
     fn to_value(&self) -> Option<Value> {
         self.map(Value::Size)

@@ -49,7 +49,7 @@ use crate::upstream::MAX_METADATA_BYTES;
 
 /// How the client reached us (a request extension the server sets per connection).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer {
+pub(crate) struct ClientSide {
     /// `None` on a unix socket.
     pub(crate) ip: Option<IpAddr>,
     pub(crate) tls: bool,
@@ -94,7 +94,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The request's headers as the upstream gets them.
-fn forwarded_headers(mut headers: HeaderMap, peer: Option<Peer>) -> HeaderMap {
+fn forwarded_headers(mut headers: HeaderMap, peer: Option<ClientSide>) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let host = headers.remove(HOST);
     let mut chain: Vec<String> = headers
@@ -132,7 +132,7 @@ pub(crate) async fn forward(state: &Shared, request: Request<Incoming>) -> Reply
     };
     let config = state.ctx.config();
     let (parts, body) = request.into_parts();
-    let peer = parts.extensions.get::<Peer>().copied();
+    let peer = parts.extensions.get::<ClientSide>().copied();
     let target = parts
         .uri
         .path_and_query()
@@ -475,7 +475,7 @@ mod tests {
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        let peer = Peer {
+        let peer = ClientSide {
             ip: Some("127.0.0.2".parse().unwrap()),
             tls: false,
         };

@@ -8,10 +8,10 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::os::unix::fs::MetadataExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -27,7 +27,7 @@ use tracing::{debug, error};
 use super::Shared;
 use super::routes::{Reply, ReplyBody, text, whole};
 use super::serve_auth::{self, Peer};
-use crate::cache::CacheError;
+use crate::cache::{CacheError, ReaderGuard};
 use crate::image_id::ImageId;
 
 /// Bytes per read of an image file. Large enough that a read and a socket write per
@@ -53,6 +53,9 @@ pub(crate) struct Opened {
     pub(crate) checksum: Option<String>,
     /// See `etag`.
     pub(crate) etag: String,
+    /// This response's registration as a reader of the image, held by the body until
+    /// its last byte is sent or the client is gone.
+    pub(crate) reader: ReaderGuard,
 }
 
 /// Why an image could not be opened (other than not being cached).
@@ -60,35 +63,29 @@ pub(crate) struct Opened {
 pub(crate) enum ServeError {
     #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("cannot read the cached image's row: {0}")]
-    Db(#[from] crate::db::DbError),
-    #[error("cannot stat the open cached image: {0}")]
-    Stat(#[source] std::io::Error),
 }
 
-/// Opens `id` from the cache (the one place that does, for this route): the file
-/// through the driver (which refuses what is not a regular file, and counts the hit
-/// as Glance's `open_for_read` does), then its row. `None` when it is not cached.
+/// Opens `id` from the cache (the one place that does, for this route): through the
+/// driver's `open_to_serve`, which opens by the layout's handles, refuses what is not a
+/// regular file, registers a reader (so an eviction meanwhile unlinks and lets the
+/// body finish) and counts the hit in memory (the hit flusher writes it). `None` when
+/// it is not cached.
 pub(crate) async fn open_cached(
     state: &Shared,
     id: &ImageId,
 ) -> Result<Option<Opened>, ServeError> {
-    let file = match state.ctx.driver.open_for_read(id).await {
-        Ok(file) => file,
-        Err(CacheError::NotCached(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(served) = state.ctx.driver.open_to_serve(id).await? else {
+        return Ok(None);
     };
-    let meta = file.metadata().map_err(ServeError::Stat)?;
-    let row = state.ctx.db.cached_entry(id.as_str()).await?;
-    let size = meta.len();
-    let checksum = row
-        .filter(|(row_size, _)| u64::try_from(*row_size).ok() == Some(size))
-        .and_then(|(_, checksum)| checksum);
+    let etag = etag(served.inode, served.modified, served.size);
+    let (size, checksum) = (served.size, served.checksum.clone());
+    let (file, reader) = served.into_parts();
     Ok(Some(Opened {
         file,
         size,
         checksum,
-        etag: etag(&meta),
+        etag,
+        reader,
     }))
 }
 
@@ -97,9 +94,12 @@ pub(crate) async fn open_cached(
 /// written aside and renamed over it (a new inode), and a write in place would move the
 /// mtime; so other bytes always mean another tag. It describes the bytes actually sent,
 /// which the row's checksum may not (the row is written after the file).
-fn etag(meta: &std::fs::Metadata) -> String {
-    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-    format!("\"{:x}-{:x}-{:x}\"", meta.ino(), mtime_ns, meta.len())
+fn etag(inode: u64, modified: SystemTime, size: u64) -> String {
+    let mtime_ns = match modified.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => -i128::try_from(before.duration().as_nanos()).unwrap_or(i128::MAX),
+    };
+    format!("\"{inode:x}-{mtime_ns:x}-{size:x}\"")
 }
 
 /// The route: authorization first (before the cache is even looked at, as Glance's
@@ -287,7 +287,7 @@ pub(crate) fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Re
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
     if method == Method::GET && len > 0 {
-        *response.body_mut() = FileBody::reply_body(opened.file, first, len);
+        *response.body_mut() = FileBody::reply_body(opened.file, opened.reader, first, len);
     }
     response
 }
@@ -304,16 +304,19 @@ struct FileBody {
     /// Bytes not yet handed to hyper (the chunk being read included).
     unsent: u64,
     reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    /// Unregisters the reader when the body is dropped (sent, or the client gone).
+    _reader: ReaderGuard,
 }
 
 impl FileBody {
-    fn reply_body(file: File, offset: u64, len: u64) -> ReplyBody {
+    fn reply_body(file: File, reader: ReaderGuard, offset: u64, len: u64) -> ReplyBody {
         let mut body = FileBody {
             file: Arc::new(file),
             offset,
             remaining: len,
             unsent: len,
             reading: None,
+            _reader: reader,
         };
         body.read_next();
         body.boxed_unsync()

@@ -401,13 +401,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn connection(
-    stream: Stream,
-    peer: Peer,
-    tls: Option<Arc<Tls>>,
-    face: Face,
-    state: Shared,
-) {
+async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, face: Face, state: Shared) {
     let config = state.ctx.config();
     let stream = match (stream, tls) {
         (Stream::Tcp(tcp), Some(tls)) => {
@@ -432,7 +426,7 @@ async fn connection(
         (stream, _) => stream,
     };
     // Who is asking, for the X-Forwarded-* headers of forwarded requests.
-    let peer = super::proxy::Peer {
+    let client_side = super::proxy::ClientSide {
         ip: match &stream {
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
             Stream::Tls(s) => s.get_ref().0.peer_addr().ok().map(|a| a.ip()),
@@ -450,8 +444,10 @@ async fn connection(
     let service_state = state.clone();
     let service_activity = activity.clone();
     let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        // Who asks, for the routes that decide by it (image downloads).
+        // Who asks, for the routes that decide by it (image downloads) and for the
+        // X-Forwarded-* headers of forwarded requests.
         request.extensions_mut().insert(peer);
+        request.extensions_mut().insert(client_side);
         let state = service_state.clone();
         let in_flight = InFlight::new(&service_activity);
         async move {

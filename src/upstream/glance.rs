@@ -234,8 +234,8 @@ impl GlanceUpstream {
         id: &ImageId,
         range: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}/v2/images/{id}/file", self.base);
-        self.get(&url, Some(range)).await
+        self.get(&format!("/v2/images/{id}/file"), Some(range))
+            .await
     }
 
     pub async fn fetch(&self, id: &ImageId) -> Result<(ImageMeta, ImageStream), UpstreamError> {
