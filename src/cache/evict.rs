@@ -7,14 +7,15 @@
 //! - readers of ours hold it: nothing more; they keep reading their open file (unlink
 //!   semantics), and its bytes count as open-but-evicted until the last one closes;
 //! - nobody holds it (no reader of ours, and no descriptor anywhere: `open_elsewhere`):
-//!   a file larger than `TRUNCATE_STEP` is truncated in steps of that much with a
-//!   pause between them, so the filesystem frees its blocks a step at a time (freeing
+//!   a file holding more than `TRUNCATE_STEP` of blocks is truncated in steps of
+//!   about that much with a pause between them, so the filesystem frees its blocks a step at a time (freeing
 //!   hundreds of GiB at once can hold the journal, and every other I/O of the disk, for
 //!   seconds).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use tracing::warn;
@@ -70,8 +71,12 @@ pub(crate) fn evict_file(
     if !removed {
         return Ok(None);
     }
-    if !held && writable && bytes > TRUNCATE_STEP && !open_elsewhere(&file) {
-        truncate_paced(&file, bytes, readers);
+    // Paced by the blocks the file holds, not its length: a sparse file claiming
+    // exabytes holds nothing to free, and stepping down its length a GiB at a time
+    // would take billions of steps.
+    let allocated = meta.blocks().saturating_mul(512);
+    if !held && writable && allocated > TRUNCATE_STEP && !open_elsewhere(&file) {
+        truncate_paced(&file, bytes, allocated, readers);
     }
     Ok(Some(Evicted { bytes, held }))
 }
@@ -95,12 +100,16 @@ fn open_elsewhere(file: &File) -> bool {
     !taken
 }
 
-/// Frees an unlinked file's blocks `TRUNCATE_STEP` at a time (callers leave a file of
-/// one step or less to its close, which frees it quickly enough).
-fn truncate_paced(file: &File, bytes: u64, readers: &Readers) {
+/// Frees an unlinked file's blocks about `TRUNCATE_STEP` at a time (callers leave a
+/// file of one step or less to its close, which frees it quickly enough): as many
+/// steps as `allocated` bytes take, each cutting an equal share of the length `bytes`
+/// (the same as a step per GiB for a file without holes).
+fn truncate_paced(file: &File, bytes: u64, allocated: u64, readers: &Readers) {
+    let steps = allocated.div_ceil(TRUNCATE_STEP).max(1);
+    let step = bytes.div_ceil(steps).max(1);
     let mut len = bytes;
     while len > 0 {
-        len = len.saturating_sub(TRUNCATE_STEP);
+        len = len.saturating_sub(step);
         if let Err(error) = file.set_len(len) {
             // The rest goes when the descriptor closes, unpaced.
             warn!(%error, "cannot truncate an evicted image; its blocks are freed at once");

@@ -152,7 +152,8 @@ fn deleted_fds(root: &Path) -> usize {
         .count()
 }
 
-/// A multi-GiB sparse image deleted while nobody reads it is truncated a GiB per step;
+/// A multi-GiB image (its blocks allocated, not written) deleted while nobody reads it
+/// is truncated a GiB per step, and a sparse one of the same length at once;
 /// one a reader holds, ours or another process's (Glance's API serving from the cache),
 /// is only unlinked, and the reader still sees all of it.
 #[tokio::test]
@@ -160,16 +161,30 @@ async fn a_large_file_is_deleted_in_paced_steps_unless_a_reader_holds_it() {
     let Some(t) = TestCache::new(Backend::Sqlite).await else {
         return;
     };
-    let size = 5 * GIB + 1;
-    for image in ["big-idle", "big-read", "big-elsewhere"] {
+    let size = 3 * GIB + 1;
+    for image in ["big-idle", "big-read", "big-elsewhere", "big-sparse"] {
         let file = std::fs::File::create(t.path(image)).unwrap();
         file.set_len(size).unwrap();
+        if image == "big-idle" {
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size).unwrap();
+        }
     }
 
     let before = t.driver.reader_stats().truncate_steps;
     assert!(t.driver.delete_cached_image(&id("big-idle")).await.unwrap());
     let steps = t.driver.reader_stats().truncate_steps - before;
-    assert_eq!(steps, 6, "one step per GiB, the last partial");
+    assert_eq!(steps, 4, "one step per GiB, the last partial");
+    assert!(
+        t.driver
+            .delete_cached_image(&id("big-sparse"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        t.driver.reader_stats().truncate_steps - before,
+        steps,
+        "a sparse file holds nothing to pace"
+    );
 
     let served = t
         .driver
