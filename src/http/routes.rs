@@ -117,7 +117,11 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     let path = parts.uri.path().to_owned();
     let method = parts.method.clone();
     debug!(%method, path = %path.escape_debug(), "http request");
-    if let Some(id) = serve::file_route(&path) {
+    // Downloads are ours; an upload to the same path (`PUT .../file`) is Glance's, so
+    // with forwarding on it goes there (without, `serve` answers it 405).
+    if let Some(id) = serve::file_route(&path)
+        && (method == Method::GET || method == Method::HEAD || !proxy::enabled(&state))
+    {
         let peer = parts.extensions.get().copied();
         return serve::handle(&state, &method, &parts.headers, peer, id).await;
     }

@@ -367,12 +367,14 @@ fn http_fill_glanceclient_reads_an_image_through_from_glance_api() {
     });
     assert_cached_once(&s, &id, &data);
     assert!(nova("second.img") == data, "images.data() of a hit");
-    let rows = cached_json(&s);
-    assert_eq!(
-        rows[0]["hits"].as_u64(),
-        Some(1),
-        "the second came from the cache"
-    );
+    // The second is a hit (flushed within http.hit_flush_interval); the first is one
+    // too when the fill had ended before the request followed it. That the second did
+    // not download again is the upstream's log below.
+    eventually(SOON, "the second came from the cache", || {
+        cached_json(&s)[0]["hits"]
+            .as_u64()
+            .is_some_and(|h| (1..=2).contains(&h))
+    });
     let whole: Vec<String> = upstream_log
         .lock()
         .unwrap()
