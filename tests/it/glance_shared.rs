@@ -54,6 +54,7 @@ impl Shared {
             cache_dir: Some(&s.cache("")),
             database: &database,
             node_url: NODE,
+            keystone: None,
         })?;
         let token = s.tmp.path().join("token");
         std::fs::write(&token, "any-token\n").unwrap();

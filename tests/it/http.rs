@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -106,33 +106,11 @@ fn assert_healthy(port: u16) {
 
 /// Glance's client from the suite's virtualenv, on our listener.
 fn glance(python: &Path, home: &Path, port: u16, args: &[&str]) -> Output {
-    let bin: PathBuf = python.parent().unwrap().join("glance");
-    let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("HOME", home)
-        // The client's version discovery asks for image schemas this daemon does not
-        // serve; naming the version skips it (the cache commands still check
-        // /versions).
-        .args(["--os-image-api-version", "2"])
-        .args(["--os-image-url", &format!("http://127.0.0.1:{port}")])
-        .args(["--os-auth-token", TOKEN])
-        .args(args)
-        .output()
-        .unwrap()
+    crate::kit::glance::glance_cli(python, home, port, TOKEN, args)
 }
 
 fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    crate::kit::glance::succeeded(out)
 }
 
 #[test]
@@ -559,6 +537,7 @@ async fn http_answers_as_glance_api_does() {
         cache_dir: Some(&s.cache("")),
         database: &database,
         node_url: NODE,
+        keystone: None,
     }) else {
         return;
     };
@@ -646,6 +625,7 @@ async fn http_queueing_asks_the_glance_upstream() {
         cache_dir: None,
         database: &database,
         node_url: "http://glance-node:9292",
+        keystone: None,
     }) else {
         return;
     };

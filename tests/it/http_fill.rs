@@ -302,6 +302,7 @@ fn http_fill_glanceclient_reads_an_image_through_from_glance_api() {
         cache_dir: None,
         database: &tmp.path().join("glance.sqlite"),
         node_url: "http://localhost:9292",
+        keystone: None,
     })
     .unwrap();
     let data = test_bytes((5 << 20) + 321, 11);

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use crate::kit::daemon::{SOON, Setup, eventually};
@@ -113,29 +113,11 @@ fn call(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, Strin
 
 /// Glance's client from the suite's virtualenv, on our listener, with `token`.
 fn glance(python: &Path, home: &Path, port: u16, token: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(python.parent().unwrap().join("glance"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("HOME", home)
-        .args(["--os-image-api-version", "2"])
-        .args(["--os-image-url", &format!("http://127.0.0.1:{port}")])
-        .args(["--os-auth-token", token])
-        .args(args)
-        .output()
-        .unwrap()
+    crate::kit::glance::glance_cli(python, home, port, token, args)
 }
 
 fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    crate::kit::glance::succeeded(out)
 }
 
 /// Refused with `status`: glanceclient prints the body it was given, or for

@@ -8,8 +8,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -47,6 +46,7 @@ fn glance_api(s: &Setup) -> Option<GlanceApi> {
         cache_dir: None,
         database: &database,
         node_url: "http://glance-node:9292",
+        keystone: None,
     })
 }
 
@@ -95,39 +95,11 @@ fn json(a: &Answer) -> serde_json::Value {
 
 /// Glance's client from the suite's virtualenv, on our listener, with a user's token.
 fn glance(python: &Path, home: &Path, port: u16, args: &[&str]) -> Output {
-    let bin: PathBuf = python.parent().unwrap().join("glance");
-    let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OS_") {
-            cmd.env_remove(k);
-        }
-    }
-    // With stdin open and not a terminal, `image-create` uploads it as the image's
-    // data: closed, the client creates the record alone (`glance ... <&-`).
-    // SAFETY: close(2) is async-signal-safe; the child closes its own descriptor.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::close(0);
-            Ok(())
-        });
-    }
-    cmd.env("HOME", home)
-        .args(["--os-image-api-version", "2"])
-        .args(["--os-image-url", &format!("http://127.0.0.1:{port}")])
-        .args(["--os-auth-token", USER_TOKEN])
-        .args(args)
-        .output()
-        .unwrap()
+    crate::kit::glance::glance_cli(python, home, port, USER_TOKEN, args)
 }
 
 fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    crate::kit::glance::succeeded(out)
 }
 
 /// The value of `field` in the client's `| field | value |` table.
@@ -530,6 +502,7 @@ async fn http_proxy_carries_on_when_a_glance_api_stops_mid_test() {
         cache_dir: None,
         database: &database,
         node_url: "http://glance-node:9292",
+        keystone: None,
     };
     let Some(first) = GlanceApi::start(&options) else {
         return;

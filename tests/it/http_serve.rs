@@ -446,6 +446,7 @@ fn http_serve_glance_clients_download_from_the_cache() {
         cache_dir: None,
         database: &tmp.path().join("glance.sqlite"),
         node_url: "http://localhost:9292",
+        keystone: None,
     })
     .unwrap();
     let data = crate::kit::test_bytes((3 << 20) + 777, 9);
@@ -521,176 +522,28 @@ fn no_token_leak(log: &str) -> bool {
     !log.contains("any-token") && !log.contains(TOKEN)
 }
 
-/// glance-api with Keystone (`flavor = keystone`: keystonemiddleware's `authtoken`
-/// validating tokens against the kit's Keystone, Glance's default policy), on the
-/// database `database` (made by the kit's glance-api first). Killed on drop.
-struct KeystoneGlance {
-    child: std::process::Child,
-    url: String,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl KeystoneGlance {
-    fn start(
-        python: &std::path::Path,
-        database: &std::path::Path,
-        keystone: &crate::kit::keystone::Keystone,
-    ) -> KeystoneGlance {
-        use std::os::unix::process::CommandExt;
-        let bin = python.parent().unwrap();
-        let venv = bin.parent().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for sub in ["conf", "staging", "store", "locks"] {
-            std::fs::create_dir(d.join(sub)).unwrap();
-        }
-        let port = free_port();
-        let conf = format!(
-            "[DEFAULT]\nworker_self_reference_url = http://localhost:9292\nnode_staging_uri = file://{d}/staging\n\
-             enabled_import_methods = [glance-direct]\n\
-             [database]\nconnection = sqlite:///{db}\n\
-             [glance_store]\nstores = file\ndefault_store = file\nfilesystem_store_datadir = {d}/store\n\
-             [oslo_concurrency]\nlock_path = {d}/locks\n\
-             [paste_deploy]\nconfig_file = {venv}/etc/glance/glance-api-paste.ini\nflavor = keystone\n\
-             [keystone_authtoken]\nwww_authenticate_uri = {ks}\nauth_url = {ks}\nauth_type = password\n\
-             username = admin\npassword = {pw}\nproject_name = admin\nuser_domain_id = default\n\
-             project_domain_id = default\n",
-            d = d.display(),
-            db = database.display(),
-            venv = venv.display(),
-            ks = keystone.url,
-            pw = crate::kit::keystone::ADMIN_PASSWORD,
-        );
-        std::fs::write(d.join("conf/glance-api.conf"), conf).unwrap();
-        let log = d.join("glance-api.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin.join("gunicorn"))
-            .args([
-                "--workers",
-                "1",
-                "--worker-class",
-                "gthread",
-                "--threads",
-                "4",
-            ])
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .args(["--graceful-timeout", "1", "glance.wsgi.api:application"])
-            .env("OS_GLANCE_CONFIG_DIR", d.join("conf"))
-            .env("TZ", "UTC")
-            .stdin(std::process::Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut g = KeystoneGlance {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(status) = g.child.try_wait().unwrap() {
-                panic!("glance-api exited ({status}):\n{}", g.log_text());
-            }
-            let up = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-                .arg(format!("{}/versions", g.url))
-                .output()
-                .unwrap();
-            if up.stdout == b"200" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "glance-api did not start:\n{}",
-                g.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        g
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// An image of `data` made (and owned) by the holder of `token`; its id.
-    async fn create_image(&self, token: &str, data: &[u8]) -> String {
-        let client = reqwest::Client::new();
-        let created: serde_json::Value = client
-            .post(format!("{}/v2/images", self.url))
-            .header("X-Auth-Token", token)
-            .json(
-                &serde_json::json!({"name": "t", "disk_format": "raw", "container_format": "bare"}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()))
-            .json()
-            .await
-            .unwrap();
-        let id = created["id"].as_str().unwrap().to_owned();
-        let status = client
-            .put(format!("{}/v2/images/{id}/file", self.url))
-            .header("X-Auth-Token", token)
-            .header("Content-Type", "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 204, "upload:\n{}", self.log_text());
-        id
-    }
-
-    async fn deactivate(&self, admin: &str, id: &str) {
-        let status = reqwest::Client::new()
-            .post(format!("{}/v2/images/{id}/actions/deactivate", self.url))
-            .header("X-Auth-Token", admin)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 204, "deactivate:\n{}", self.log_text());
-    }
-}
-
-impl Drop for KeystoneGlance {
-    fn drop(&mut self) {
-        if let Some(group) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// Real RBAC: glance-api behind Keystone decides, with each client's own token. The
 /// owner's member downloads; another project's member gets glance-api's 404, an
 /// invalid token its 401, and no byte; once the image is deactivated the owner (not an
 /// admin) gets its 403 while an admin still downloads, as glance-api answers them.
 #[test]
 fn http_serve_keystone_rbac_decides_as_glance_api() {
-    let Some(python) = glance_python() else {
+    if glance_python().is_none() {
         return;
-    };
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let Some(keystone) = crate::kit::keystone::Keystone::start() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let database = tmp.path().join("glance.sqlite");
-    // The kit's glance-api makes the synced database; this one shares it.
-    drop(GlanceApi::start(&GlanceApiOptions {
+    let glance = GlanceApi::start(&GlanceApiOptions {
         cache_dir: None,
         database: &database,
         node_url: "http://localhost:9292",
-    }));
-    let glance = KeystoneGlance::start(&python, &database, &keystone);
+        keystone: Some(&keystone),
+    })
+    .unwrap();
     let (owner, other, admin) = runtime.block_on(async {
         let p = keystone.create_project("serve-owner").await;
         let q = keystone.create_project("serve-other").await;
@@ -713,7 +566,7 @@ fn http_serve_keystone_rbac_decides_as_glance_api() {
     // The bytes `Setup::import` caches for this length.
     let len = 90_000;
     let data = crate::kit::test_bytes(len, len as u8);
-    let id = runtime.block_on(glance.create_image(&owner, &data));
+    let id = runtime.block_on(glance.create_image_as(Some(&owner), &data));
     let (s, port) = setup(&format!(
         "auth_cache_ttl = \"0s\"\n[upstream]\nkind = \"glance\"\nurl = \"{}\"\n",
         glance.url

@@ -43,6 +43,10 @@ pub struct GlanceApiOptions<'a> {
     pub database: &'a Path,
     /// Its `worker_self_reference_url`: glance-cached's `node.reference_url`.
     pub node_url: &'a str,
+    /// `Some`: tokens are validated by this Keystone (keystonemiddleware's `authtoken`,
+    /// the kit's admin as the service user) and Glance's default policy decides;
+    /// `None`: Glance's noauth flavor, every caller an admin.
+    pub keystone: Option<&'a crate::kit::keystone::Keystone>,
 }
 
 pub struct GlanceApi {
@@ -69,11 +73,20 @@ impl GlanceApi {
         }
         let port = crate::kit::free_port();
         let url = format!("http://127.0.0.1:{port}");
-        std::fs::write(
-            d.join("conf/policy.yaml"),
-            "\"context_is_admin\": \"@\"\n\"service_api\": \"@\"\n",
-        )
-        .unwrap();
+        // Without Keystone everyone is an admin; with it, Glance's default policy.
+        let policy = if options.keystone.is_none() {
+            std::fs::write(
+                d.join("conf/policy.yaml"),
+                "\"context_is_admin\": \"@\"\n\"service_api\": \"@\"\n",
+            )
+            .unwrap();
+            format!(
+                "[oslo_policy]\npolicy_file = {}/conf/policy.yaml\n",
+                d.display()
+            )
+        } else {
+            String::new()
+        };
         let cache = match options.cache_dir {
             Some(dir) => format!(
                 "image_cache_dir = {}\nimage_cache_driver = centralized_db\n",
@@ -81,18 +94,28 @@ impl GlanceApi {
             ),
             None => String::new(),
         };
-        let flavor = if options.cache_dir.is_some() {
-            "flavor = caching\n"
-        } else {
-            ""
+        let flavor = match (options.keystone, options.cache_dir.is_some()) {
+            (None, false) => String::new(),
+            (None, true) => "flavor = caching\n".to_owned(),
+            (Some(keystone), cached) => format!(
+                "flavor = {}\n[keystone_authtoken]\nwww_authenticate_uri = {ks}\nauth_url = {ks}\n\
+                 auth_type = password\nusername = admin\npassword = {pw}\nproject_name = admin\n\
+                 user_domain_id = default\nproject_domain_id = default\n",
+                if cached {
+                    "keystone+caching"
+                } else {
+                    "keystone"
+                },
+                ks = keystone.url,
+                pw = crate::kit::keystone::ADMIN_PASSWORD,
+            ),
         };
         let conf = format!(
             "[DEFAULT]\nworker_self_reference_url = {node}\nnode_staging_uri = file://{d}/staging\n\
              enabled_import_methods = [glance-direct]\n{cache}\
              [database]\nconnection = sqlite:///{db}\n\
              [glance_store]\nstores = file\ndefault_store = file\nfilesystem_store_datadir = {d}/store\n\
-             [oslo_concurrency]\nlock_path = {d}/locks\n\
-             [oslo_policy]\npolicy_file = {d}/conf/policy.yaml\n\
+             [oslo_concurrency]\nlock_path = {d}/locks\n{policy}\
              [paste_deploy]\nconfig_file = {venv}/etc/glance/glance-api-paste.ini\n{flavor}",
             node = options.node_url,
             d = d.display(),
@@ -163,14 +186,23 @@ impl GlanceApi {
 
     /// Uploads `data` as a new raw image; returns its id once it is `active`.
     pub async fn create_image(&self, data: &[u8]) -> String {
-        let created = json_answer(self.client.post(format!("{}/v2/images", self.url)).json(
-            &serde_json::json!({"name": "t", "disk_format": "raw", "container_format": "bare"}),
-        ))
+        self.create_image_as(None, data).await
+    }
+
+    /// `create_image` by the holder of `token` (its owner, with Keystone).
+    pub async fn create_image_as(&self, token: Option<&str>, data: &[u8]) -> String {
+        let with_token = |r: reqwest::RequestBuilder| match token {
+            Some(t) => r.header("X-Auth-Token", t),
+            None => r,
+        };
+        let created = json_answer(
+            with_token(self.client.post(format!("{}/v2/images", self.url))).json(
+                &serde_json::json!({"name": "t", "disk_format": "raw", "container_format": "bare"}),
+            ),
+        )
         .await;
         let id = created["id"].as_str().unwrap().to_owned();
-        let status = self
-            .client
-            .put(format!("{}/v2/images/{id}/file", self.url))
+        let status = with_token(self.client.put(format!("{}/v2/images/{id}/file", self.url)))
             .header("Content-Type", "application/octet-stream")
             .body(data.to_vec())
             .send()
@@ -179,6 +211,19 @@ impl GlanceApi {
             .status();
         assert_eq!(status, 204, "upload of {id}:\n{}", self.log_text());
         id
+    }
+
+    /// Deactivates `id` with an admin's `token`.
+    pub async fn deactivate(&self, token: &str, id: &str) {
+        let status = self
+            .client
+            .post(format!("{}/v2/images/{id}/actions/deactivate", self.url))
+            .header("X-Auth-Token", token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 204, "deactivate {id}:\n{}", self.log_text());
     }
 
     pub async fn delete_image(&self, id: &str) {
@@ -368,4 +413,51 @@ pub fn glance_manage(python: &Path, url: &str, args: &[&str]) -> std::process::O
     )
     .unwrap();
     glance_manage_with(bin, &conf, args)
+}
+
+/// Glance's command-line client (`glance`, python-glanceclient) from the virtualenv of
+/// `python`, pointed at `http://127.0.0.1:port` with `token`, run with `args`. No
+/// `OS_*` variable of ours reaches it, its home is `home`, and its stdin is closed:
+/// with stdin open and not a terminal (even `/dev/null`), `image-create` would upload
+/// it as the image's data. Naming the API version skips the client's version discovery, which asks for
+/// image schemas a daemon without forwarding does not serve (the cache commands still
+/// check `/versions`).
+pub fn glance_cli(
+    python: &Path,
+    home: &Path,
+    port: u16,
+    token: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let mut cmd = Command::new(python.parent().unwrap().join("glance"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OS_") {
+            cmd.env_remove(k);
+        }
+    }
+    // SAFETY: close(2) is async-signal-safe; the child closes its own descriptor.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close(0);
+            Ok(())
+        });
+    }
+    cmd.env("HOME", home)
+        .args(["--os-image-api-version", "2"])
+        .args(["--os-image-url", &format!("http://127.0.0.1:{port}")])
+        .args(["--os-auth-token", token])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The stdout of a command that must have succeeded (else its output, in the panic).
+pub fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
