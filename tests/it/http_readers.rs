@@ -373,7 +373,11 @@ impl Load {
 ///
 /// The held images are large (6 MiB) because a small body is all taken by hyper's and
 /// the socket's buffers at once, its reader closed at once; the stall holds them open
-/// for as long as the test needs, with no timing.
+/// for as long as the test needs, with no timing. The thousand downloads read images
+/// the pass does not reach: under this load each of them has a reader at almost any
+/// moment, and the pass takes an evicted image's bytes as still on disk while a reader
+/// holds it (they are), so a pass reaching them would evict them all and later
+/// downloads would find nothing (404, no upstream here).
 #[test]
 fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
     const HOT: usize = 24;
