@@ -307,7 +307,8 @@ fn sampler(
 }
 
 /// The thousand downloads, released in waves: request `n` starts once `limit` is over
-/// `n`. Each task is one connection's worth of requests in sequence.
+/// `n`. Each of the `CONNECTIONS` tasks sends its requests in sequence on the client's
+/// keep-alive pool, so up to that many connections are open at once.
 struct Load {
     next: AtomicUsize,
     limit: tokio::sync::watch::Sender<usize>,
