@@ -20,7 +20,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use glance_cached::cache::{PrunePolicy, PruneReport};
+use glance_cached::cache::PruneReport;
 use glance_cached::image_id::ImageId;
 use glance_cached::metrics::Metrics;
 use glance_cached::prefetch::PrefetchOutcome;
@@ -48,14 +48,11 @@ fn fed(images: usize) -> (Metrics, Duration) {
     m.set_downloading(4);
     let report = PruneReport {
         size_before: 2 * images as u64 * IMAGE_BYTES,
+        evicted_for_size: ids.len(),
         pruned: ids,
         ..Default::default()
     };
-    let policy = PrunePolicy {
-        max_size: images as u64 * IMAGE_BYTES,
-        ..Default::default()
-    };
-    m.pruned(&report, &policy);
+    m.pruned(&report);
     for i in 0..images {
         let took = Duration::from_micros(i as u64 % 5_000);
         m.prefetch_finished(

@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-use crate::cache::{Area, CleanReport, PrunePolicy, PruneReport, ReconcileReport};
+use crate::cache::{Area, CleanReport, PruneReport, ReconcileReport};
 use crate::prefetch::PrefetchOutcome;
 use crate::upstream::ErrorClass;
 
@@ -401,31 +401,18 @@ impl Metrics {
         self.evicted_bytes.get_or_create(&label).inc_by(bytes);
     }
 
-    /// A finished prune pass. Evictions are taken in order as the size rule's until the
-    /// cache was down to its target, and as the free disk rule's after that.
-    pub fn pruned(&self, report: &PruneReport, policy: &PrunePolicy) {
-        let target = if report.size_before > policy.max_size {
-            policy
-                .low_watermark
-                .unwrap_or(policy.max_size)
-                .min(policy.max_size)
-        } else {
-            report.size_before
-        };
-        let mut size = report.size_before;
-        let (mut by_size, mut by_disk) = ((0, 0), (0, 0));
-        for (_, bytes) in &report.pruned {
-            let counted = if size > target {
-                &mut by_size
-            } else {
-                &mut by_disk
-            };
-            counted.0 += 1;
-            counted.1 += bytes;
-            size = size.saturating_sub(*bytes);
+    /// A finished prune pass: its first evictions are the size rule's (as many as the
+    /// pass counted while over its target), the rest the free disk rule's.
+    pub fn pruned(&self, report: &PruneReport) {
+        let for_size = report.evicted_for_size.min(report.pruned.len());
+        let (by_size, by_disk) = report.pruned.split_at(for_size);
+        for (reason, evicted) in [
+            (EvictReason::Size, by_size),
+            (EvictReason::FreeDisk, by_disk),
+        ] {
+            let bytes = evicted.iter().fold(0u64, |n, (_, b)| n.saturating_add(*b));
+            self.evicted(reason, evicted.len() as u64, bytes);
         }
-        self.evicted(EvictReason::Size, by_size.0, by_size.1);
-        self.evicted(EvictReason::FreeDisk, by_disk.0, by_disk.1);
     }
 
     /// A clean pass: `invalid/` files and stalled `incomplete/` ones.

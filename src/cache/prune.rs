@@ -42,6 +42,11 @@ pub struct PruneReport {
     pub size_after: u64,
     /// Images evicted, in eviction order, with the bytes each freed.
     pub pruned: Vec<(ImageId, u64)>,
+    /// How many of `pruned`, the first ones, were evicted while the cache was over its
+    /// target (the size rule); the rest, for `min_free_disk`. Decided as they were
+    /// evicted: an image readers hold leaves the size as it was (its bytes stay on
+    /// disk), so the sizes in `pruned` cannot tell.
+    pub evicted_for_size: usize,
     /// Rows whose file was already gone (freed 0 bytes).
     pub rows_without_file: u64,
     /// Files that had no row and were given one before choosing victims.
@@ -86,6 +91,8 @@ pub struct PrunePass {
 struct BatchOutcome {
     size: u64,
     pruned: Vec<(ImageId, u64)>,
+    /// Of `pruned`, those evicted while the size was over the target.
+    for_size: usize,
     rows_without_file: u64,
     /// Rows whose file is gone now (evicted, or already missing).
     gone_rows: Vec<ImageId>,
@@ -213,6 +220,7 @@ impl PrunePass {
         driver.db().delete_cached_images(&outcome.gone_rows).await?;
         self.size = outcome.size;
         self.report.pruned.extend(outcome.pruned);
+        self.report.evicted_for_size += outcome.for_size;
         self.report.rows_without_file += outcome.rows_without_file;
         self.done = outcome.satisfied;
         for id in outcome.unvisited.into_iter().rev() {
@@ -256,6 +264,7 @@ fn evict_batch(
     let mut out = BatchOutcome {
         size,
         pruned: Vec::new(),
+        for_size: 0,
         rows_without_file: 0,
         gone_rows: Vec::with_capacity(ids.len()),
         satisfied: false,
@@ -271,9 +280,13 @@ fn evict_batch(
             out.unvisited = ids[n..].to_vec();
             break;
         }
+        let for_size = size > target;
         match evict_file(layout, readers, Area::Cached, id) {
             Ok(Some(Evicted { bytes, held })) => {
                 info!(image_id = %id, bytes, held_by_readers = held, "pruned cached image");
+                if for_size {
+                    out.for_size += 1;
+                }
                 if !held {
                     size = size.saturating_sub(bytes);
                 }

@@ -86,7 +86,7 @@ impl PrunerWorker {
             );
             self.ctx.board.pruned(report.files(), report.bytes());
         }
-        self.ctx.metrics.pruned(&report, &policy);
+        self.ctx.metrics.pruned(&report);
         self.ctx
             .board
             .set_cache(report.size_after, report.images_after, policy.max_size);

@@ -64,18 +64,14 @@ fn every_series_is_there_at_zero_before_any_event() {
 #[test]
 fn evictions_are_the_size_rules_down_to_the_target_then_the_free_disk_rules() {
     let m = Metrics::new();
+    // The pass counted two evictions while over its target; the third was the disk's.
     let report = PruneReport {
         size_before: 1000,
         pruned: vec![(id("a"), 300), (id("b"), 300), (id("c"), 100)],
+        evicted_for_size: 2,
         ..Default::default()
     };
-    let policy = PrunePolicy {
-        max_size: 800,
-        low_watermark: Some(500),
-        min_free_disk: Some(1),
-    };
-    // 1000 -> 700 -> 400 reach the watermark (500); the third eviction is the disk's.
-    m.pruned(&report, &policy);
+    m.pruned(&report);
     let text = m.encode().unwrap();
     let get = |s: &str| sample(&text, s).unwrap();
     assert_eq!(
@@ -95,14 +91,11 @@ fn evictions_are_the_size_rules_down_to_the_target_then_the_free_disk_rules() {
         100.0
     );
     // Under max_size, every eviction is the disk's.
-    m.pruned(
-        &PruneReport {
-            size_before: 100,
-            pruned: vec![(id("d"), 50)],
-            ..Default::default()
-        },
-        &policy,
-    );
+    m.pruned(&PruneReport {
+        size_before: 100,
+        pruned: vec![(id("d"), 50)],
+        ..Default::default()
+    });
     let text = m.encode().unwrap();
     assert_eq!(
         sample(

@@ -28,6 +28,7 @@ mod http;
 mod http_fill;
 mod http_keystone;
 mod http_proxy;
+mod http_readers;
 mod http_serve;
 mod kit;
 mod prefetch;
