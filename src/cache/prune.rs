@@ -83,6 +83,11 @@ pub struct PrunePass {
     fetched: std::collections::VecDeque<ImageId>,
     /// Whether the rows that cannot be read are still to be looked for.
     unreadable_pending: bool,
+    /// Images readers held when the first walk reached them, in LRU order: evicted
+    /// only by the second walk, when the first could not bring the cache to its target.
+    held: Vec<ImageId>,
+    /// The walk over `held` has begun.
+    second_walk: bool,
     done: bool,
     report: PruneReport,
 }
@@ -100,6 +105,8 @@ struct BatchOutcome {
     satisfied: bool,
     /// Ids not visited: the step's time ran out (paced deletions of large files).
     unvisited: Vec<ImageId>,
+    /// Ids passed over because readers held them (first walk only).
+    held: Vec<ImageId>,
 }
 
 /// How long one step may spend evicting: paced deletions of large files sleep between
@@ -146,6 +153,8 @@ impl CacheDriver {
             cursor: None,
             fetched: Default::default(),
             unreadable_pending: true,
+            held: Vec::new(),
+            second_walk: false,
             done: false,
             report: PruneReport {
                 size_before: size,
@@ -200,6 +209,14 @@ impl PrunePass {
                 .least_recently_accessed(self.cursor, PRUNE_FETCH_ROWS)
                 .await?;
             let Some(next) = batch.next else {
+                // The first walk is over and the cache is still above its target: the
+                // images it passed over because they were being read go now, oldest
+                // first (their bytes are freed when their readers close).
+                if !self.second_walk && !self.held.is_empty() {
+                    self.second_walk = true;
+                    self.fetched = std::mem::take(&mut self.held).into();
+                    return Ok(());
+                }
                 self.done = true;
                 return Ok(());
             };
@@ -208,21 +225,24 @@ impl PrunePass {
         }
         let take = self.fetched.len().min(rows.max(1) as usize);
         let ids: Vec<ImageId> = self.fetched.drain(..take).collect();
-        let (layout, readers, size, target, min) = (
-            driver.layout().clone(),
-            driver.readers().clone(),
-            self.size,
-            self.target,
-            self.min_free_disk,
-        );
-        let outcome =
-            blocking(move || evict_batch(&layout, &readers, &ids, size, target, min)).await;
+        let walk = Walk {
+            size: self.size,
+            target: self.target,
+            min_free_disk: self.min_free_disk,
+            evict_held: self.second_walk,
+        };
+        let (layout, readers) = (driver.layout().clone(), driver.readers().clone());
+        let outcome = blocking(move || evict_batch(&layout, &readers, &ids, walk)).await;
         driver.db().delete_cached_images(&outcome.gone_rows).await?;
         self.size = outcome.size;
         self.report.pruned.extend(outcome.pruned);
         self.report.evicted_for_size += outcome.for_size;
         self.report.rows_without_file += outcome.rows_without_file;
+        self.held.extend(outcome.held);
         self.done = outcome.satisfied;
+        if self.second_walk && self.fetched.is_empty() && outcome.unvisited.is_empty() {
+            self.done = true;
+        }
         for id in outcome.unvisited.into_iter().rev() {
             self.fetched.push_front(id);
         }
@@ -248,19 +268,41 @@ impl PrunePass {
     }
 }
 
-/// Removes the files of `ids` in order while the cache needs pruning. A file readers
-/// hold is unlinked and its bytes still count (they stay on disk until the readers
-/// close): the prune goes on to the next image.
+/// Where a batch's walk starts and what it may evict.
+#[derive(Debug, Clone, Copy)]
+struct Walk {
+    size: u64,
+    target: u64,
+    min_free_disk: Option<u64>,
+    /// The second walk: images readers hold are evicted too.
+    evict_held: bool,
+}
+
+/// Removes the files of `ids` in order while the cache needs pruning.
+///
+/// The first walk passes over images readers hold: evicting one frees nothing now (its
+/// bytes stay on disk, and in the size, until the readers close), so under load it
+/// would only make the walk go on through every image being read, emptying a busy
+/// cache. An image being read is also the most recently used, whatever its row says
+/// before the next hit flush. The second walk evicts those held images, oldest first,
+/// counting each one's bytes as gone (they will be once its readers close), while the
+/// size is over the target; the free-disk rule does not drive it, since evicting a
+/// held image gives no disk back now.
 fn evict_batch(
     layout: &CacheLayout,
     readers: &Readers,
     ids: &[ImageId],
-    mut size: u64,
-    target: u64,
-    min_free_disk: Option<u64>,
+    walk: Walk,
 ) -> BatchOutcome {
-    let needs_pruning =
-        |size: u64| size > target || min_free_disk.is_some_and(|min| free_disk(layout) < min);
+    let Walk {
+        mut size,
+        target,
+        min_free_disk,
+        evict_held,
+    } = walk;
+    let needs_pruning = |size: u64| {
+        size > target || (!evict_held && min_free_disk.is_some_and(|min| free_disk(layout) < min))
+    };
     let mut out = BatchOutcome {
         size,
         pruned: Vec::new(),
@@ -269,6 +311,7 @@ fn evict_batch(
         gone_rows: Vec::with_capacity(ids.len()),
         satisfied: false,
         unvisited: Vec::new(),
+        held: Vec::new(),
     };
     let started = tokio::time::Instant::now();
     for (n, id) in ids.iter().enumerate() {
@@ -280,6 +323,10 @@ fn evict_batch(
             out.unvisited = ids[n..].to_vec();
             break;
         }
+        if !evict_held && readers.holds(id) {
+            out.held.push(id.clone());
+            continue;
+        }
         let for_size = size > target;
         match evict_file(layout, readers, Area::Cached, id) {
             Ok(Some(Evicted { bytes, held })) => {
@@ -287,7 +334,7 @@ fn evict_batch(
                 if for_size {
                     out.for_size += 1;
                 }
-                if !held {
+                if !held || evict_held {
                     size = size.saturating_sub(bytes);
                 }
                 out.pruned.push((id.clone(), bytes));

@@ -113,6 +113,11 @@ impl Readers {
         }
     }
 
+    /// Whether readers are registered for `id`'s current file.
+    pub(super) fn holds(&self, id: &ImageId) -> bool {
+        self.lock().current.get(id).is_some_and(|c| c.readers > 0)
+    }
+
     /// Whether `guard` still registers a reader of its image's current file (no
     /// eviction came between its registration and now).
     pub(super) fn is_current(&self, guard: &ReaderGuard) -> bool {

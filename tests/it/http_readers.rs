@@ -365,20 +365,20 @@ impl Load {
 
 /// A thousand downloads (two in five whole, the rest `Range`s) of 24 small images over
 /// 250 connections at once, while a SIGHUP lowers `cache.max_size` and the pruner
-/// evicts: first two larger images that stalled downloads (whole and ranged) hold open,
-/// then cold images, as LRU order has them. Every download is whole and byte-correct,
-/// the stalled ones too after their images were evicted; each GET counts one hit,
-/// exactly, once flushed; the disk (listed files and the daemon's descriptors of
-/// unlinked ones) never holds more than `max_size` plus the open-but-evicted bytes
-/// `/metrics` reports; and those gauges go back to 0 when the readers finish.
+/// evicts: the cold images, in LRU order, and not two older, larger images that stalled
+/// downloads (whole and ranged) hold open, since evicting an image being read frees
+/// nothing now. Once the downloads are done, a second SIGHUP lowers `max_size` below
+/// what the held images alone take: everything else goes, then the held images too,
+/// unlinked under their readers. Every download is whole and byte-correct, the stalled
+/// ones too after their images were evicted; each GET counts one hit, exactly, once
+/// flushed; the disk (listed files and the daemon's descriptors of unlinked ones)
+/// never holds more than `max_size` plus the open-but-evicted bytes `/metrics`
+/// reports; and those gauges go back to 0 when the readers finish.
 ///
 /// The held images are large (8 MiB) because a small body is all taken by hyper's and
-/// the socket's buffers (up to 4 MiB with Linux's default `tcp_wmem`) at once, its reader closed at once; the stall holds them open
-/// for as long as the test needs, with no timing. The thousand downloads read images
-/// the pass does not reach: under this load each of them has a reader at almost any
-/// moment, and the pass takes an evicted image's bytes as still on disk while a reader
-/// holds it (they are), so a pass reaching them would evict them all and later
-/// downloads would find nothing (404, no upstream here).
+/// the socket's buffers (up to 4 MiB with Linux's default `tcp_wmem`) at once, its
+/// reader closed at once; the stall holds them open for as long as the test needs,
+/// with no timing.
 #[test]
 fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
     const HOT: usize = 24;
@@ -386,10 +386,12 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
     const COLD: usize = 16;
     const COLD_SIZE: usize = 256 * KIB;
     const HELD_SIZE: usize = 8 * MIB;
-    // 16 MiB held + 3 MiB hot + 4 MiB cold: 23 MiB. Lowered to 20 MiB, the pruner
-    // evicts the two held images (LRU first: their bytes stay on disk, and count) and
-    // then 12 cold ones (3 MiB freed), and stops before any hot one.
-    let (max_before, max_after) = (32 * MIB as u64, 20 * MIB as u64);
+    // 16 MiB held + 3 MiB hot + 4 MiB cold: 23 MiB. Lowered to 20 MiB during the
+    // downloads, the pruner passes over the two held images (the oldest, but being
+    // read), evicts 12 cold ones (3 MiB freed) and stops before any hot one. Lowered to
+    // 6 MiB after them, it evicts the rest of the cold and the hot images (4 MiB), and
+    // then both held ones (their 16 MiB freed once the stalled downloads end).
+    let (max_before, max_during, max_after) = (32 * MIB as u64, 20 * MIB as u64, 6 * MIB as u64);
     let port = free_port();
     let s = Setup::new("");
     let config = |max: u64| {
@@ -491,13 +493,45 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
 
     // Wave 2 runs through the reload and the prune it starts.
     load.release_until(700);
-    config(max_after);
+    config(max_during);
     let from = d.notify.mark();
     d.signal(Signal::HUP);
     let ready = d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
     assert!(!d.notify.messages[ready].contains("reload failed"));
     eventually(SOON, "the prune pass ends", || {
         d.log_text().contains("prune pass evicted images")
+    });
+    let passes = d.log_text().matches("prune pass evicted images").count();
+
+    // Wave 3, and every hit written: each download counted one, exactly.
+    load.release_until(REQUESTS);
+    load.wait_done(REQUESTS);
+    for task in tasks {
+        runtime.block_on(task).unwrap();
+    }
+    eventually(SOON, "every download's hit is written", || {
+        hot_hits(&s) == served(&load)
+    });
+    assert_eq!(served(&load).iter().sum::<u64>(), REQUESTS as u64);
+    // The pass took the cold images in LRU order and passed over the held ones.
+    let kept = rows(&s);
+    for (id, _) in &held {
+        assert!(kept.contains_key(id) && s.cache(id).exists(), "{id} kept");
+    }
+    for (n, (id, _)) in cold.iter().enumerate() {
+        let evicted = n < 12;
+        assert_eq!(!kept.contains_key(id), evicted, "{id}");
+        assert_eq!(!s.cache(id).exists(), evicted, "{id}");
+    }
+
+    // Below what the held images take: everything goes, they too.
+    config(max_after);
+    let from = d.notify.mark();
+    d.signal(Signal::HUP);
+    let ready = d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
+    assert!(!d.notify.messages[ready].contains("reload failed"));
+    eventually(SOON, "the second prune pass ends", || {
+        d.log_text().matches("prune pass evicted images").count() > passes
     });
     // Gauges set after the pass ended.
     let after_pass = sample(&scrape(port), HIT_STEPS);
@@ -506,10 +540,6 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
         sample(&scrape(port), HIT_STEPS) >= fresh_from
     });
     let held_window = samples.lock().unwrap().len();
-
-    // Wave 3 runs while the evicted images are held open.
-    load.release_until(REQUESTS);
-    load.wait_done(REQUESTS);
     eventually(SOON, "samples while the held images are open", || {
         samples.lock().unwrap().len() >= held_window + 20
     });
@@ -526,13 +556,9 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
         "the held images are open and evicted"
     );
     assert_eq!(
-        (open.deleted_files, open.deleted),
-        (2, 2 * HELD_SIZE as u64),
-        "their bytes are still on disk"
-    );
-    assert!(
-        open.listed + open.deleted <= max_after,
-        "the pruner counted them: {open:?}"
+        (open.listed, open.deleted_files, open.deleted),
+        (0, 2, 2 * HELD_SIZE as u64),
+        "nothing listed; their bytes still on disk"
     );
 
     // The stalled downloads end: every byte of their evicted images.
@@ -542,9 +568,6 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
             finish_get(response, &id, want, data).await;
         }
     });
-    for task in tasks {
-        runtime.block_on(task).unwrap();
-    }
     eventually(SOON, "the readers' gauges are back to 0", || {
         let text = scrape(port);
         [
@@ -582,22 +605,10 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
         while_held >= 20,
         "{while_held} samples with evicted images open"
     );
-    assert!(checked.len() > while_held, "samples before the reload too");
+    assert!(checked.len() > while_held, "samples before the reloads too");
 
-    // Each download counted one hit, exactly; the evicted images are gone with their
-    // rows, the LRU ones: the held, then the first cold ones.
-    let rows = rows(&s);
-    assert_eq!(hot_hits(&s), served(&load));
-    assert_eq!(served(&load).iter().sum::<u64>(), REQUESTS as u64);
-    for (id, _) in &held {
-        assert!(!rows.contains_key(id) && !s.cache(id).exists(), "{id}");
-    }
-    for (n, (id, _)) in cold.iter().enumerate() {
-        let evicted = n < 12;
-        assert_eq!(!rows.contains_key(id), evicted, "{id}");
-        assert_eq!(!s.cache(id).exists(), evicted, "{id}");
-    }
-    // All for the size rule (no min_free_disk), held or not.
+    // Nothing left; all for the size rule (no min_free_disk), held or not.
+    assert!(rows(&s).is_empty(), "every row evicted");
     let text = scrape(port);
     let evicted = |reason: &str| {
         (
@@ -613,7 +624,10 @@ fn http_readers_a_thousand_downloads_while_the_pruner_evicts_held_images() {
     };
     assert_eq!(
         evicted("size"),
-        (14, 2 * HELD_SIZE as u64 + 12 * COLD_SIZE as u64)
+        (
+            (2 + HOT + COLD) as u64,
+            (2 * HELD_SIZE + HOT * HOT_SIZE + COLD * COLD_SIZE) as u64
+        )
     );
     assert_eq!(evicted("free_disk"), (0, 0));
     assert!(d.alive(), "the daemon runs; log:\n{}", d.log_text());
