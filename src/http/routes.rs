@@ -119,7 +119,8 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     debug!(%method, path = %path.escape_debug(), "http request");
     if let Some(id) = serve::file_route(&path) {
         let peer = parts.extensions.get().copied();
-        return serve::handle(&state, &method, &parts.headers, peer, id).await;
+        let lane = parts.extensions.get();
+        return serve::handle(&state, &method, &parts.headers, peer, lane, id).await;
     }
     // Forwarding: what no route of ours answers, and the version document (the
     // upstream's is the one that lists its API), go to the upstream before any body is

@@ -45,6 +45,7 @@ fn every_series_is_there_at_zero_before_any_event() {
         r#"glance_cached_http_forwarded_requests_total{class="5xx"}"#,
         r#"glance_cached_http_forwarded_requests_total{class="error"}"#,
         "glance_cached_prefetched_bytes_total",
+        "glance_cached_http_sendfile_bytes_total",
         "glance_cached_download_duration_seconds_count",
         "glance_cached_db_query_duration_seconds_count",
         "glance_cached_watcher_events_total",
@@ -357,6 +358,13 @@ fn a_real_prometheus_parser_reads_every_family_with_its_type() {
         ("glance_cached_reloads", "counter"),
         ("glance_cached_lease_renewals", "counter"),
         ("glance_cached_http_forwarded_requests", "counter"),
+        ("glance_cached_http_sendfile_bytes", "counter"),
+        ("glance_cached_open_readers", "gauge"),
+        ("glance_cached_evicted_open_images", "gauge"),
+        ("glance_cached_evicted_open_bytes", "gauge"),
+        ("glance_cached_pending_hit_images", "gauge"),
+        ("glance_cached_pending_hits", "gauge"),
+        ("glance_cached_truncate_steps", "counter"),
         ("glance_cached_upstream_endpoint_up", "gauge"),
     ];
     let names: Vec<&str> = families.keys().map(String::as_str).collect();
