@@ -9,18 +9,21 @@
 //! says what it stands for (no allocation, no read). When hyper writes the placeholder,
 //! `Tracked::poll_write_vectored` sends the queued file range instead.
 //!
-//! Why the placeholder reaches the IO as the same memory, in hyper 1.x (read in
-//! `proto/h1/io.rs` and `encode.rs` of the version in Cargo.lock): with an IO whose
-//! `is_write_vectored` is true, or `http1::Builder::writev(true)`, which `server` sets
-//! for the connections with a lane, hyper's `WriteBuf` uses its `Queue` strategy: a
-//! body chunk is pushed onto a `BufList` as the `Bytes` it is, wrapped by the encoder
-//! (`Exact`, or `Limited` when it holds more than the `Content-Length` owes, or a
-//! `Chain` of size line, chunk and CRLF for chunked bodies), and flushed with
-//! `poll_write_vectored` of `chunks_vectored`, which yields the `Bytes`' own slice
-//! (advanced past what was written). Only the `Flatten` strategy copies chunks into
-//! hyper's head buffer, and it writes with `poll_write`: `Tracked` fails a `poll_write`
-//! on a connection with a lane, and any `poll_write` of a placeholder, so a flattening
-//! hyper cuts the connection instead of sending zeros.
+//! Why the placeholder reaches the IO as the same memory (read in `proto/h1/io.rs`,
+//! `encode.rs` and `conn.rs` of hyper 1.12.0, the version in Cargo.lock; recheck them
+//! when it moves): with an IO whose `is_write_vectored` is true, or
+//! `http1::Builder::writev(true)`, which `server` sets for the connections with a lane,
+//! hyper's `WriteBuf` uses its `Queue` strategy. A body chunk is pushed onto a
+//! `BufList` as the `Bytes` it is, wrapped by the encoder (`Exact`; `Limited` when it
+//! holds more than the `Content-Length` owes; a `Chain` of size line, chunk and CRLF for
+//! chunked bodies), and flushed with `poll_write_vectored` of `chunks_vectored`, which
+//! yields the `Bytes`' own slice; hyper advances it by the count the IO returns, so a
+//! partly sent placeholder comes back as its rest. Chunks are written in the order the
+//! body yields them, one response at a time, so the lane's order is the write order.
+//! Only the `Flatten` strategy copies chunks (into hyper's head buffer), and it writes
+//! with `poll_write`: `Tracked` fails a `poll_write` on a connection with a lane, and
+//! any `poll_write` of a placeholder, so a flattening hyper cuts the connection instead
+//! of sending zeros.
 //!
 //! Whatever does not add up fails the write, and hyper then drops the connection (a
 //! client never takes a short or wrong body for a whole one): a placeholder with no
