@@ -133,6 +133,7 @@ pub struct Metrics {
     pending_hits: Gauge,
     truncate_steps: Counter,
     forwarded: Family<Label, Counter>,
+    http_sendfile_bytes: Counter,
     /// By the endpoint's index in `upstream.url` (a URL may carry a secret).
     upstream_endpoint_up: Family<[(&'static str, String); 1], Gauge>,
 }
@@ -193,6 +194,7 @@ impl Metrics {
             pending_hits: Gauge::default(),
             truncate_steps: Counter::default(),
             forwarded: family("class", &FORWARD_CLASSES),
+            http_sendfile_bytes: Counter::default(),
             upstream_endpoint_up: Family::default(),
         };
         m.register();
@@ -341,6 +343,11 @@ impl Metrics {
             "http_forwarded_requests",
             "Requests forwarded to the Glance upstream, by the status class of its answer (error: none came)",
             self.forwarded.clone(),
+        );
+        r.register(
+            "http_sendfile_bytes",
+            "Bytes of image bodies sent with sendfile (plain TCP; TLS and unix sockets send from buffers)",
+            self.http_sendfile_bytes.clone(),
         );
         r.register(
             "upstream_endpoint_up",
@@ -494,6 +501,12 @@ impl Metrics {
     }
 
     /// The histogram the database pool's operations are timed into (`Db::timed_by`).
+    /// The counter of bytes sent with sendfile, for the connections to add to (a
+    /// clone is the same counter).
+    pub(crate) fn sendfile_bytes(&self) -> Counter {
+        self.http_sendfile_bytes.clone()
+    }
+
     /// A forwarded request's answer: `status` from the upstream, `None` when none came.
     pub(crate) fn forwarded(&self, status: Option<u16>) {
         let class = match status {

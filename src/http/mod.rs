@@ -3,7 +3,8 @@
 //! limits and timeouts, graceful drain), `routes` (paths and methods, as Glance's
 //! router has them), `health`, `cache_api`, `auth`, `proxy` (every other request forwarded
 //! to the Glance upstream, `http.forward`), `tls` (optional TLS on the TCP listeners, the
-//! pair re-read on SIGHUP), `serve` (image downloads) and `serve_auth` (who may download).
+//! pair re-read on SIGHUP), `serve` (image downloads), `sendfile` (their bodies on plain
+//! TCP) and `serve_auth` (who may download).
 //! HTTP/1.1.
 
 mod auth;
@@ -11,6 +12,7 @@ mod cache_api;
 mod health;
 mod proxy;
 mod routes;
+mod sendfile;
 mod serve;
 mod serve_auth;
 mod serve_miss;

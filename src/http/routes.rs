@@ -123,7 +123,8 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
         && (method == Method::GET || method == Method::HEAD || !proxy::enabled(&state))
     {
         let peer = parts.extensions.get().copied();
-        return serve::handle(&state, &method, &parts.headers, peer, id).await;
+        let lane = parts.extensions.get();
+        return serve::handle(&state, &method, &parts.headers, peer, lane, id).await;
     }
     // Forwarding: what no route of ours answers, and the version document (the
     // upstream's is the one that lists its API), go to the upstream before any body is

@@ -3,8 +3,9 @@
 //! lacks: an `ETag`, one `Range` (206, or 416), `If-None-Match` and `If-Range`. Several
 //! ranges are answered with the whole image, as nginx does. Who may download is
 //! `serve_auth`'s decision, made before the file is opened. The body streams the file
-//! in bounded chunks read on the blocking pool (see `FileBody`); the path comes only
-//! from the `ImageId`, through the cache's directory handles.
+//! in bounded chunks: on plain TCP sent by `sendfile` from the page cache (see
+//! `super::sendfile`), else read on the blocking pool (see `FileBody`); the path comes
+//! only from the `ImageId`, through the cache's directory handles.
 
 use std::fs::File;
 use std::future::Future;
@@ -26,15 +27,18 @@ use tracing::{debug, error};
 
 use super::Shared;
 use super::routes::{Reply, ReplyBody, text, whole};
+use super::sendfile::{self, SendfileLane};
 use super::serve_auth::{self, Peer};
 use crate::cache::{CacheError, ReaderGuard};
 use crate::image_id::ImageId;
 
-/// Bytes per read of an image file. Large enough that a read and a socket write per
-/// chunk cost little next to copying it (1 GiB is 1024 of them), small enough that one
-/// connection holds at most two (the one being written, the next being read) and that
-/// a huge image yields the runtime to other connections between chunks.
-const CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes per chunk of an image body (a read, or one sendfile placeholder). Large enough
+/// that a read and a socket write per chunk cost little next to copying it (1 GiB is
+/// 1024 of them), small enough that one connection holds at most two (the one being
+/// written, the next being read) and that a huge image yields the runtime to other
+/// connections between chunks: hyper polls the body once per chunk written, and a
+/// `sendfile` sends at most what the socket takes, returning `WouldBlock` after.
+const CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
 
 /// The image id of Glance's download path, `/v2/images/{image_id}/file`, as written
 /// (not yet validated).
@@ -109,6 +113,7 @@ pub(crate) async fn handle(
     method: &Method,
     headers: &HeaderMap,
     peer: Option<Peer>,
+    lane: Option<&SendfileLane>,
     raw_id: &str,
 ) -> Reply {
     if method != Method::GET && method != Method::HEAD {
@@ -136,7 +141,9 @@ pub(crate) async fn handle(
     }
     let opened = match open_cached(state, &id).await {
         Ok(Some(opened)) => opened,
-        Ok(None) => return super::serve_miss::answer(state, method, headers, &id).await,
+        Ok(None) => {
+            return super::serve_miss::answer(state, method, headers, lane, &id).await;
+        }
         Err(e) => {
             error!(image_id = %id, error = %e, "http: cannot open a cached image");
             return text(
@@ -146,7 +153,7 @@ pub(crate) async fn handle(
         }
     };
     debug!(image_id = %id, bytes = opened.size, "http: serving a cached image");
-    answer(method, headers, opened)
+    answer(method, headers, opened, lane)
 }
 
 /// What a `Range` header asks of an image of `size` bytes.
@@ -221,8 +228,13 @@ fn none_match(header: &str, etag: &str) -> bool {
     header.trim() == "*" || header.split(',').any(|t| bare(t) == bare(etag))
 }
 
-/// The reply for an opened image.
-pub(crate) fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Reply {
+/// The reply for an opened image; its body is sent by `lane` when there is one.
+pub(crate) fn answer(
+    method: &Method,
+    headers: &HeaderMap,
+    opened: Opened,
+    lane: Option<&SendfileLane>,
+) -> Reply {
     let header = |name| {
         headers
             .get(name)
@@ -287,15 +299,24 @@ pub(crate) fn answer(method: &Method, headers: &HeaderMap, opened: Opened) -> Re
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
     if method == Method::GET && len > 0 {
-        *response.body_mut() = FileBody::reply_body(opened.file, opened.reader, first, len);
+        *response.body_mut() =
+            FileBody::reply_body(opened.file, opened.reader, first, len, lane.cloned());
     }
     response
 }
 
-/// A body of `remaining` bytes of `file` from `offset`, read `CHUNK_BYTES` at a time
-/// with `pread` on the blocking pool (a slow disk never holds a runtime thread), the
-/// next chunk read while the last is written. A file that ends early (truncated under
-/// us) fails the body, so hyper cuts the connection rather than send a short image.
+/// A body of `remaining` bytes of `file` from `offset`, `CHUNK_BYTES` at a time.
+///
+/// With a `SendfileLane` (plain TCP), each chunk is queued on the lane and yielded as
+/// its placeholder: the connection's IO sends it from the page cache with `sendfile`,
+/// on the runtime thread (a page not in the cache is read there, as nginx without
+/// `aio` does; the kernel's readahead keeps ahead of a sequential send).
+///
+/// Without (TLS, unix sockets), each chunk is read with `pread` on the blocking pool (a
+/// slow disk never holds a runtime thread), the next while the last is written.
+///
+/// Either way, a file that ends early (truncated under us) fails the write or the
+/// body, so hyper cuts the connection rather than send a short image.
 struct FileBody {
     file: Arc<File>,
     offset: u64,
@@ -304,27 +325,37 @@ struct FileBody {
     /// Bytes not yet handed to hyper (the chunk being read included).
     unsent: u64,
     reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    /// Where the chunks are queued for sendfile, when they are.
+    lane: Option<SendfileLane>,
     /// Unregisters the reader when the body is dropped (sent, or the client gone).
     _reader: ReaderGuard,
 }
 
 impl FileBody {
-    fn reply_body(file: File, reader: ReaderGuard, offset: u64, len: u64) -> ReplyBody {
+    fn reply_body(
+        file: File,
+        reader: ReaderGuard,
+        offset: u64,
+        len: u64,
+        lane: Option<SendfileLane>,
+    ) -> ReplyBody {
         let mut body = FileBody {
             file: Arc::new(file),
             offset,
             remaining: len,
             unsent: len,
             reading: None,
+            lane,
             _reader: reader,
         };
         body.read_next();
         body.boxed_unsync()
     }
 
-    /// Starts reading the next chunk, if any is left and none is being read.
+    /// Starts reading the next chunk, if any is left and none is being read (never
+    /// with a lane: sendfile reads).
     fn read_next(&mut self) {
-        if self.reading.is_some() || self.remaining == 0 {
+        if self.reading.is_some() || self.remaining == 0 || self.lane.is_some() {
             return;
         }
         let len = self.remaining.min(CHUNK_BYTES);
@@ -363,6 +394,21 @@ impl Body for FileBody {
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
+        if let Some(lane) = &this.lane {
+            if this.remaining == 0 {
+                return Poll::Ready(None);
+            }
+            let len = this.remaining.min(CHUNK_BYTES);
+            // CHUNK_BYTES fits in a usize.
+            let placeholder = match lane.chunk(&this.file, this.offset, len as usize) {
+                Ok(placeholder) => placeholder,
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            };
+            this.offset += len;
+            this.remaining -= len;
+            this.unsent -= len;
+            return Poll::Ready(Some(Ok(Frame::data(placeholder))));
+        }
         let Some(reading) = this.reading.as_mut() else {
             return Poll::Ready(None);
         };

@@ -24,6 +24,7 @@ use tracing::{debug, error};
 
 use super::Shared;
 use super::routes::{Reply, ReplyBody, text, whole};
+use super::sendfile::SendfileLane;
 use crate::cache::{FillOutcome, FillState};
 use crate::image_id::ImageId;
 use crate::prefetch::Miss;
@@ -45,6 +46,7 @@ pub(crate) async fn answer(
     state: &Shared,
     method: &Method,
     headers: &HeaderMap,
+    lane: Option<&SendfileLane>,
     id: &ImageId,
 ) -> Reply {
     let Some(upstream) = state.read_through.upstream().cloned() else {
@@ -68,13 +70,13 @@ pub(crate) async fn answer(
         return stream_through(&upstream, method, id).await;
     }
     match state.read_through.miss(id, &config).await {
-        Ok(Miss::Cached) => from_cache(state, method, headers, id).await,
+        Ok(Miss::Cached) => from_cache(state, method, headers, lane, id).await,
         Ok(Miss::Fill(following)) => match follow(following).await {
             Some(reply) => reply,
             // The fill ended before its file existed (too large for the cache, another
             // writer's file, cached meanwhile, an upstream error): served otherwise.
             None if state.ctx.driver.cached(id).await => {
-                from_cache(state, method, headers, id).await
+                from_cache(state, method, headers, lane, id).await
             }
             None => stream_through(&upstream, method, id).await,
         },
@@ -87,9 +89,15 @@ pub(crate) async fn answer(
 }
 
 /// Serves `id` from the cache, where it has just arrived.
-async fn from_cache(state: &Shared, method: &Method, headers: &HeaderMap, id: &ImageId) -> Reply {
+async fn from_cache(
+    state: &Shared,
+    method: &Method,
+    headers: &HeaderMap,
+    lane: Option<&SendfileLane>,
+    id: &ImageId,
+) -> Reply {
     match super::serve::open_cached(state, id).await {
-        Ok(Some(opened)) => super::serve::answer(method, headers, opened),
+        Ok(Some(opened)) => super::serve::answer(method, headers, opened, lane),
         Ok(None) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "The image cannot be read now.",

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::sendfile::{self, SendfileLane};
 use super::serve_auth::Peer;
 use super::tls::Tls;
 use super::{HttpError, Shared, routes};
@@ -434,13 +435,21 @@ async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, face: Fac
         },
         tls: matches!(stream, Stream::Tls(_)),
     };
+    // Plain TCP sends image bodies with sendfile; TLS (rustls encrypts from a buffer)
+    // and unix sockets keep the buffered path.
+    let lane = match &stream {
+        Stream::Tcp(_) => Some(SendfileLane::new(state.ctx.metrics.sendfile_bytes())),
+        Stream::Unix(_) | Stream::Tls(_) => None,
+    };
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,
+        lane: lane.clone(),
         activity: activity.clone(),
         send_timeout: config.http.send_timeout,
         stalled: None,
     };
+    let io_has_lane = io.lane.is_some();
     let service_state = state.clone();
     let service_activity = activity.clone();
     let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -448,6 +457,9 @@ async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, face: Fac
         // X-Forwarded-* headers of forwarded requests.
         request.extensions_mut().insert(peer);
         request.extensions_mut().insert(client_side);
+        if let Some(lane) = &lane {
+            request.extensions_mut().insert(lane.clone());
+        }
         let state = service_state.clone();
         let in_flight = InFlight::new(&service_activity);
         async move {
@@ -465,6 +477,11 @@ async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, face: Fac
         .timer(TokioTimer::new())
         .header_read_timeout(config.http.header_read_timeout)
         .keep_alive(true);
+    if io_has_lane {
+        // Body chunks reach `Tracked` as the memory they are (see `sendfile`): pinned
+        // here, not left to hyper's guess from `is_write_vectored`.
+        builder.writev(true);
+    }
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut draining = false;
@@ -499,9 +516,13 @@ async fn connection(stream: Stream, peer: Peer, tls: Option<Arc<Tls>>, face: Fac
 
 /// A stream that records each byte moved in its `Activity`, and fails a write (or
 /// flush) that has not gone through for `send_timeout`: a client that reads nothing is
-/// dropped, whatever is being sent to it.
+/// dropped, whatever is being sent to it. On plain TCP it sends the file ranges of its
+/// `SendfileLane` where hyper writes their placeholders (see `sendfile`), counted and
+/// bounded like any other write.
 struct Tracked {
     inner: Stream,
+    /// Plain TCP only.
+    lane: Option<SendfileLane>,
     activity: Arc<Activity>,
     send_timeout: Duration,
     /// Since when a write has been waiting for the client, as the deadline's timer.
@@ -553,6 +574,45 @@ impl AsyncRead for Tracked {
     }
 }
 
+impl Tracked {
+    /// One vectored write: the slices up to the first placeholder, or, when a
+    /// placeholder comes first, its file range by sendfile.
+    fn write_vectored(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let start = bufs
+            .iter()
+            .position(|b| !b.is_empty())
+            .unwrap_or(bufs.len());
+        let bufs = &bufs[start..];
+        let end = bufs
+            .iter()
+            .position(|b| sendfile::is_placeholder(b))
+            .unwrap_or(bufs.len());
+        if end == 0
+            && let Some(first) = bufs.first()
+        {
+            return match (&self.inner, &self.lane) {
+                (Stream::Tcp(tcp), Some(lane)) => lane.poll_send(tcp, cx, first),
+                _ => Poll::Ready(Err(placeholder_without_lane())),
+            };
+        }
+        let bufs = &bufs[..end];
+        match &mut self.inner {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+/// A placeholder where no file range can be sent for it: its zeros are never sent.
+fn placeholder_without_lane() -> std::io::Error {
+    std::io::Error::other("a sendfile placeholder was to be written without sendfile")
+}
+
 impl AsyncWrite for Tracked {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -560,6 +620,18 @@ impl AsyncWrite for Tracked {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        // hyper writes with poll_write only when it flattens body chunks into its own
+        // buffer, where a placeholder can no longer be told from image bytes: with a
+        // lane that must not happen (`writev(true)`), and it fails rather than send
+        // zeros.
+        if this.lane.is_some() {
+            return Poll::Ready(Err(std::io::Error::other(
+                "hyper copied body chunks on a connection that sends files with sendfile",
+            )));
+        }
+        if sendfile::is_placeholder(buf) {
+            return Poll::Ready(Err(placeholder_without_lane()));
+        }
         let polled = match &mut this.inner {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -569,6 +641,27 @@ impl AsyncWrite for Tracked {
             this.activity.touch();
         }
         this.bounded(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = this.write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        this.bounded(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.inner {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {

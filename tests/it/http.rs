@@ -954,9 +954,14 @@ fn pki() -> Pki {
 /// A daemon with TLS from `tls/cert.pem` and `tls/key.pem`, given relative to the
 /// config file; returns the CA file of the pair it starts with.
 fn tls_setup() -> (Setup, u16, Pki) {
+    tls_setup_with("")
+}
+
+/// `tls_setup` with more `[http]` lines.
+fn tls_setup_with(http: &str) -> (Setup, u16, Pki) {
     let (s, port) = setup(
         "",
-        "tls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"tls/key.pem\"",
+        &format!("tls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"tls/key.pem\"\n{http}"),
     );
     std::fs::create_dir(s.tmp.path().join("tls")).unwrap();
     let pair = pki();
@@ -1031,6 +1036,37 @@ fn http_tls_serves_https_and_refuses_plain_http() {
         String::from_utf8_lossy(&plain.stdout)
     );
     assert_eq!(curl_https(&s, port, &pair.ca), Ok(200), "still serving");
+    d.stop();
+}
+
+/// Over TLS an image is served from buffers (rustls encrypts them): the body is the
+/// file, and the sendfile counter does not move.
+#[test]
+fn http_tls_serves_images_without_sendfile() {
+    let (s, port, pair) = tls_setup_with("serve_auth = \"none\"\nserve_allow = [\"127.0.0.0/8\"]");
+    let size = (2 << 20) + 777;
+    s.import(A, size);
+    let file = std::fs::read(s.cache(A)).unwrap();
+    let d = s.start();
+    let ca = s.tmp.path().join("ca.pem");
+    std::fs::write(&ca, &pair.ca).unwrap();
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(&ca)
+            .arg("--resolve")
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let counter =
+        |scrape: Vec<u8>| crate::http_serve::sendfile_bytes(&String::from_utf8(scrape).unwrap());
+    let before = counter(get("/metrics"));
+    assert!(get(&format!("/v2/images/{A}/file")) == file, "the image");
+    assert_eq!(counter(get("/metrics")), before, "no sendfile under TLS");
     d.stop();
 }
 

@@ -228,6 +228,119 @@ fn http_serve_curl_whole_ranges_head_and_conditionals() {
     d.stop();
 }
 
+/// `glance_cached_http_sendfile_bytes_total` from the daemon's `/metrics`.
+pub(crate) fn sendfile_bytes(scrape: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("glance_cached_http_sendfile_bytes_total "))
+        .unwrap_or_else(|| panic!("no sendfile counter in {scrape}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn scrape(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// On plain TCP the bodies go out with `sendfile` (the counter moves by exactly the
+/// bytes of the bodies), right, on one keep-alive connection carrying whole images,
+/// ranges across chunk boundaries and answers without a body in between (curl's
+/// `--next` reuses the connection: one connect in all).
+#[test]
+fn http_serve_sendfile_carries_bodies_over_one_keep_alive_connection() {
+    let (s, port) = setup("serve_auth = \"none\"\nserve_allow = [\"127.0.0.0/8\"]");
+    s.import(A, SIZE);
+    let file = std::fs::read(s.cache(A)).unwrap();
+    let d = s.start();
+    let before = sendfile_bytes(&scrape(port));
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{port}/v2/images/{A}/file");
+    let (first, last) = (1_000_000, 2_100_000);
+    let requests: [(&[&str], u16); 7] = [
+        (&[], 200),
+        (&["-I"], 200),
+        (&["-H", "Range: bytes=1000000-2100000"], 206),
+        (&["-H", "Range: bytes=99999999-"], 416),
+        (&["-H", "If-None-Match: *"], 304),
+        (&[], 200),
+        (&["-H", "Range: bytes=-5"], 206),
+    ];
+    let mut cmd = Command::new("curl");
+    for (i, (args, _)) in requests.iter().enumerate() {
+        if i > 0 {
+            cmd.arg("--next");
+        }
+        cmd.args(["-s", "-w", "%{http_code} %{num_connects}\\n", "-o"])
+            .arg(dir.path().join(i.to_string()))
+            .args(*args)
+            .arg(&url);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "curl: {out:?}");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let wanted: Vec<String> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (_, status))| format!("{status} {}", u8::from(i == 0)))
+        .collect();
+    assert_eq!(lines, wanted, "statuses, and one connection for all");
+    let body = |i: usize| std::fs::read(dir.path().join(i.to_string())).unwrap();
+    assert!(body(0) == file, "the whole image");
+    assert!(body(2) == file[first..=last], "the range");
+    assert!(body(5) == file, "the whole image again");
+    assert!(body(6) == file[SIZE - 5..], "the last bytes");
+
+    let sent = sendfile_bytes(&scrape(port)) - before;
+    let bodies = 2 * SIZE + (last - first + 1) + 5;
+    assert_eq!(sent, bodies as u64, "sendfile carried every body byte");
+    assert_healthy(port);
+    d.stop();
+}
+
+/// A file cut shorter on disk while a slow client downloads it ends the transfer with
+/// an error (curl's 18, a partial file), never a clean short body; the daemon serves on.
+#[test]
+fn http_serve_cuts_the_connection_when_the_file_shrinks_mid_transfer() {
+    let (s, port) = setup("serve_auth = \"none\"\nserve_allow = [\"127.0.0.0/8\"]");
+    // More than the socket buffers of both ends hold: the daemon is still sending.
+    let size = 64 << 20;
+    s.import(A, size);
+    let d = s.start();
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    let mut slow = Command::new("curl")
+        .args(["-s", "--limit-rate", "2M", "-o"])
+        .arg(&body)
+        .arg(format!("http://127.0.0.1:{port}/v2/images/{A}/file"))
+        .spawn()
+        .unwrap();
+    eventually(SOON, "the download started", || {
+        std::fs::metadata(&body).is_ok_and(|m| m.len() > 1 << 20)
+    });
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.cache(A))
+        .unwrap()
+        .set_len(size as u64 / 8)
+        .unwrap();
+    let status = slow.wait().unwrap();
+    assert_eq!(status.code(), Some(18), "curl saw a partial file");
+    let got = std::fs::metadata(&body).unwrap().len();
+    assert!(got < size as u64, "{got} of {size} bytes");
+    assert_healthy(port);
+    d.stop();
+}
+
 /// Without a Glance upstream: nobody downloads until `serve_auth` says who (fail
 /// closed); `token` wants the static token; `none` the client's network.
 #[test]
