@@ -309,8 +309,11 @@ pub(crate) fn answer(
 ///
 /// With a `SendfileLane` (plain TCP), each chunk is queued on the lane and yielded as
 /// its placeholder: the connection's IO sends it from the page cache with `sendfile`,
-/// on the runtime thread (a page not in the cache is read there, as nginx without
-/// `aio` does; the kernel's readahead keeps ahead of a sequential send).
+/// on the runtime thread. So that a cold file's reads are not waited for there, each
+/// chunk's pages are asked for (`POSIX_FADV_WILLNEED`, on the blocking pool: it
+/// submits the reads, which may wait on the disk's queue) one chunk ahead of its send;
+/// a page still not read when its chunk is sent is waited for on the runtime thread,
+/// for the rest of a read already under way.
 ///
 /// Without (TLS, unix sockets), each chunk is read with `pread` on the blocking pool (a
 /// slow disk never holds a runtime thread), the next while the last is written.
@@ -349,7 +352,25 @@ impl FileBody {
             _reader: reader,
         };
         body.read_next();
+        body.advise(body.offset);
         body.boxed_unsync()
+    }
+
+    /// With a lane: asks the kernel to read the chunk at `offset` into the page cache
+    /// (fire and forget: advice that fails only costs the wait it would have saved).
+    fn advise(&self, offset: u64) {
+        let end = self.offset.saturating_add(self.remaining);
+        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(CHUNK_BYTES))
+        else {
+            return;
+        };
+        if self.lane.is_none() {
+            return;
+        }
+        let file = self.file.clone();
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = rustix::fs::fadvise(&*file, offset, Some(len), rustix::fs::Advice::WillNeed);
+        }));
     }
 
     /// Starts reading the next chunk, if any is left and none is being read (never
@@ -407,6 +428,8 @@ impl Body for FileBody {
             this.offset += len;
             this.remaining -= len;
             this.unsent -= len;
+            // The chunk after the one hyper sends next.
+            this.advise(this.offset);
             return Poll::Ready(Some(Ok(Frame::data(placeholder))));
         }
         let Some(reading) = this.reading.as_mut() else {
