@@ -330,10 +330,16 @@ enum Stream {
 
 async fn accept(listener: &Listener) -> std::io::Result<(Stream, Peer)> {
     match listener {
-        Listener::Tcp(l) => l
-            .accept()
-            .await
-            .map(|(s, a)| (Stream::Tcp(s), Peer::Tcp(a))),
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
+            // Without TCP_NODELAY a small reply's last segment can wait for the client's
+            // delayed ACK (Nagle) on keep-alive connections (BENCHMARKS.md, small
+            // requests). Bodies go out in large writes or by sendfile, so nothing is
+            // lost by sending at once.
+            if let Err(error) = s.set_nodelay(true) {
+                debug!(%error, "http: cannot set TCP_NODELAY");
+            }
+            (Stream::Tcp(s), Peer::Tcp(a))
+        }),
         Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Stream::Unix(s), Peer::Unix)),
     }
 }
