@@ -115,15 +115,15 @@ fn sent_since(log: &Path, offset: u64) -> Sent {
     let text = String::from_utf8_lossy(&text[offset as usize..]).into_owned();
     let mut sent = Sent::default();
     for line in text.lines() {
-        // ACCESS_LOG_FORMAT: method uri status "range" body_bytes_sent bytes_sent
+        // ACCESS_LOG_FORMAT: msec method uri status "range" body_bytes_sent bytes_sent
         let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(f.len() >= 6, "an access log line: {line}");
+        assert!(f.len() >= 7, "an access log line: {line}");
         let (body, all) = (
             f[f.len() - 2].parse::<u64>().unwrap(),
             f[f.len() - 1].parse::<u64>().unwrap(),
         );
         sent.all_bytes += all;
-        if f[1].ends_with("/file") {
+        if f[2].ends_with("/file") {
             sent.file_requests += 1;
             sent.file_body_bytes += body;
             if line.contains("\"bytes=0-0\"") {
@@ -162,7 +162,10 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+        // `BENCH_GLANCE_CACHED`: another build of the daemon, for an A/B of two versions.
+        let bin = std::env::var_os("BENCH_GLANCE_CACHED")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_glance-cached").into());
+        let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
             .arg("run")
@@ -255,6 +258,18 @@ fn cold(dir: &Path, nginx_port: u16, log: &Path, size: u64, clients: usize) -> C
     let cpu = daemon.cpu_seconds() - cpu_before;
     drop(daemon);
     let sent = sent_since(log, offset);
+    // More than the image and its probes from the upstream: the daemon's log says why.
+    if sent.file_body_bytes > size + sent.probes {
+        let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/fill-daemon.err");
+        std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+        std::fs::copy(dir.join("daemon.err"), &kept).unwrap();
+        let text = std::fs::read(log).unwrap();
+        std::fs::write(kept.with_extension("access.log"), &text[offset as usize..]).unwrap();
+        eprintln!(
+            "the upstream sent more than the image: the daemon's log is in {}",
+            kept.display()
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
     Cold {
         timings,

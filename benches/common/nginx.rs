@@ -93,7 +93,7 @@ pub struct Nginx {
 /// The access log's line (`Nginx::start_logging`): what a request asked and what
 /// nginx sent for it, body and all.
 pub const ACCESS_LOG_FORMAT: &str =
-    "$request_method $uri $status \"$http_range\" $body_bytes_sent $bytes_sent";
+    "$msec $request_method $uri $status \"$http_range\" $body_bytes_sent $bytes_sent";
 
 impl Nginx {
     /// No access log.
