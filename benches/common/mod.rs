@@ -1,5 +1,8 @@
 //! Helpers shared by the benchmarks (each bench includes this file as a module).
 
+#[allow(dead_code)] // only the benchmarks with an nginx origin use it
+pub mod nginx;
+
 /// `BENCH_SMOKE` set: tiny sizes, to prove a benchmark still runs.
 #[allow(dead_code)] // not every benchmark has a smoke size of its own
 pub fn smoke() -> bool {

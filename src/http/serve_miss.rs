@@ -9,7 +9,6 @@
 //! `http.fill_on_range` a fill starts beside them).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -183,11 +182,22 @@ async fn read_fill(
     }
 }
 
-/// `len` bytes of `file` at `offset`, read on the blocking pool.
+/// `len` bytes of `file` at `offset`, read on the blocking pool into fresh (unzeroed)
+/// memory: every follower of a fill reads every byte, so zeroing a buffer only to
+/// overwrite it would be one more pass over each byte sent, per client.
 async fn read_at(file: Arc<File>, offset: u64, len: u64) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            let n = rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), at)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        // The spare capacity may have held more than asked for.
+        buf.truncate(len);
         Ok(Bytes::from(buf))
     })
     .await

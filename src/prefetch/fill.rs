@@ -88,6 +88,8 @@ impl ReadThrough {
         let Some(upstream) = &self.upstream else {
             return Ok(Miss::StreamThrough);
         };
+        // Queue markers adopted once already: a second miss of the row streams.
+        let mut adopted = false;
         for _ in 0..OWN_CLAIM_ROUNDS {
             if let Some(following) = self.driver.fills().join(id) {
                 return Ok(Miss::Fill(following));
@@ -127,13 +129,27 @@ impl ReadThrough {
                     debug!(image_id = %id, %holder, "another process is fetching the image; streaming it through");
                     return Ok(Miss::StreamThrough);
                 }
-                // Not queued: published meanwhile (cached), or a writer outside the
-                // queue (glance-api's own cache) has its file in incomplete/.
+                // No queued row: published meanwhile (cached); or a writer outside the
+                // queue (glance-api's own cache) has its file in incomplete/; or the
+                // image's queue marker is there without its row yet (another request
+                // between the two steps of its `queue_image`, whose marker made ours
+                // add nothing, or a marker of Glance's not adopted yet). That last is
+                // no reason to fetch the image a second time beside the fill about to
+                // start: the marker is adopted here (its row added, as the queue loop
+                // would), and the next round claims or joins.
                 Err(None) => {
                     if self.driver.cached(id).await {
                         return Ok(Miss::Cached);
                     }
-                    return Ok(Miss::StreamThrough);
+                    if self.driver.is_being_cached(id) || adopted {
+                        // Our own fill's file, just made, is seen by the next join.
+                        if self.driver.fills().join(id).is_none() {
+                            return Ok(Miss::StreamThrough);
+                        }
+                        continue;
+                    }
+                    self.driver.adopt_queue_markers().await?;
+                    adopted = true;
                 }
             }
         }
