@@ -100,3 +100,10 @@ pub fn run_measured(command: &mut std::process::Command) -> Measured {
         success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
     }
 }
+
+/// glance-api 33 from the Glance virtualenv, for baselines.
+#[allow(dead_code)] // not every benchmark runs glance-api
+pub mod glance;
+/// wrk runs and their reports.
+#[allow(dead_code)] // not every benchmark runs wrk
+pub mod wrk;

@@ -73,6 +73,8 @@ struct Inner {
     readers: Arc<super::readers::Readers>,
     /// The writes into the cache in progress in this process (`filling`).
     fills: Arc<super::filling::Fills>,
+    /// The rows of files opened for serving, by the file's identity (`served`).
+    rows: super::served::RememberedRows,
 }
 
 impl CacheDriver {
@@ -97,6 +99,7 @@ impl CacheDriver {
                 hits: Default::default(),
                 readers: Arc::default(),
                 fills: Arc::default(),
+                rows: Default::default(),
             }),
         }
     }
@@ -127,6 +130,10 @@ impl CacheDriver {
     /// The table of open images, for the cache's own submodules.
     pub(super) fn readers(&self) -> &Arc<super::readers::Readers> {
         &self.inner.readers
+    }
+
+    pub(super) fn remembered_rows(&self) -> &super::served::RememberedRows {
+        &self.inner.rows
     }
 
     /// Open readers and open-but-evicted images and bytes, now.

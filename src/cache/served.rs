@@ -1,9 +1,12 @@
 //! The open for serving: a cached image's open file with what a response needs (size,
 //! checksum, an ETag), registered as a reader so that an eviction never breaks its
-//! body (`readers`), and its hit counted in memory (`hits`) rather than written.
+//! body (`readers`), its hit counted in memory (`hits`) rather than written, and its
+//! row remembered per file (`RememberedRows`) rather than read again.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -21,6 +24,60 @@ const ROW_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Opens for one image racing its eviction and re-caching before giving up.
 const OPEN_ATTEMPTS: usize = 3;
+
+/// The most files whose rows are remembered: past it, all are forgotten (a row is one
+/// query away; the bound keeps a cache of many images from growing this without end).
+const MAX_REMEMBERED_ROWS: usize = 4096;
+
+/// The row each served file was opened with, by the file's identity (inode, mtime,
+/// size). A cached file is never rewritten in place (a new copy is renamed over it) and
+/// an image's bytes never change in Glance, so the same file has the same checksum: an
+/// open of a remembered file asks the database nothing. That saves a database round
+/// trip per request (the largest of a small image's costs) and keeps serving at full
+/// speed, checksum included, while the database is slow or away. Only rows with a
+/// checksum that matches the file's size are remembered.
+#[derive(Debug, Default)]
+pub(super) struct RememberedRows {
+    rows: Mutex<HashMap<ImageId, Remembered>>,
+}
+
+#[derive(Debug, Clone)]
+struct Remembered {
+    inode: u64,
+    modified: SystemTime,
+    size: u64,
+    checksum: String,
+    cached_at: DateTime<Utc>,
+}
+
+impl RememberedRows {
+    fn lookup(
+        &self,
+        id: &ImageId,
+        inode: u64,
+        modified: SystemTime,
+        size: u64,
+    ) -> Option<Remembered> {
+        let rows = self
+            .rows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        rows.get(id)
+            .filter(|r| r.inode == inode && r.modified == modified && r.size == size)
+            .cloned()
+    }
+
+    fn remember(&self, id: &ImageId, row: Remembered) {
+        let mut rows = self
+            .rows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if rows.len() >= MAX_REMEMBERED_ROWS && !rows.contains_key(id) {
+            rows.clear();
+        }
+        rows.insert(id.clone(), row);
+    }
+}
 
 /// A cached image open for serving. The serving side keeps `guard` with the body (it
 /// may `into_parts` the file and the guard into the stream) until the last byte is
@@ -99,6 +156,23 @@ impl CacheDriver {
                 debug!(image_id = %id, "image evicted while being opened; opening again");
                 continue;
             }
+            let size = meta.len();
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if let Some(known) = self
+                .remembered_rows()
+                .lookup(id, meta.ino(), modified, size)
+            {
+                self.record_hit(id);
+                return Ok(Some(ServedImage {
+                    file,
+                    size,
+                    checksum: Some(known.checksum),
+                    cached_at: Some(known.cached_at),
+                    modified,
+                    inode: meta.ino(),
+                    guard,
+                }));
+            }
             let row = match tokio::time::timeout(ROW_TIMEOUT, self.db().cached_image(id.as_str()))
                 .await
             {
@@ -113,17 +187,27 @@ impl CacheDriver {
                 }
             };
             self.record_hit(id);
-            let size = meta.len();
             let checksum = row
                 .as_ref()
                 .filter(|r| r.size == size as i64)
                 .and_then(|r| r.checksum.clone());
+            let cached_at = row.map(|r| r.last_modified.to_utc());
+            if let (Some(checksum), Some(cached_at)) = (&checksum, cached_at) {
+                let known = Remembered {
+                    inode: meta.ino(),
+                    modified,
+                    size,
+                    checksum: checksum.clone(),
+                    cached_at,
+                };
+                self.remembered_rows().remember(id, known);
+            }
             return Ok(Some(ServedImage {
                 file,
                 size,
                 checksum,
-                cached_at: row.map(|r| r.last_modified.to_utc()),
-                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                cached_at,
+                modified,
                 inode: meta.ino(),
                 guard,
             }));

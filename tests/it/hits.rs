@@ -435,3 +435,43 @@ async fn glance_reads_the_flushed_hit_count() {
     );
     db.close().await;
 }
+
+/// An open remembers the row of the file it opened: a later open of the same file
+/// needs no database (the checksum is there with the database closed), and a new file
+/// under the same id is never given the old file's checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_files_row_is_remembered_for_that_file_only() {
+    let Some(t) = TestCache::new(Backend::Sqlite).await else {
+        return;
+    };
+    // Sizes apart: a reused inode within one clock tick, same size, would look like
+    // the same file (Glance never changes an image's bytes, so only tests do that).
+    let (first, second) = (test_bytes(4096, 1), test_bytes(8192, 2));
+    cache(&t.driver, "img", &first).await;
+    let opened = t.driver.open_to_serve(&id("img")).await.unwrap().unwrap();
+    assert_eq!(opened.checksum, Some(crate::kit::md5_hex(&first)));
+    drop(opened);
+    assert!(t.driver.delete_cached_image(&id("img")).await.unwrap());
+    cache(&t.driver, "img", &second).await;
+    let opened = t.driver.open_to_serve(&id("img")).await.unwrap().unwrap();
+    assert_eq!(
+        opened.checksum,
+        Some(crate::kit::md5_hex(&second)),
+        "the new file's row, not the remembered one"
+    );
+    drop(opened);
+    t.finish().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let (driver, db) = private_driver(dir.path(), &url).await;
+    cache(&driver, "img", &first).await;
+    drop(driver.open_to_serve(&id("img")).await.unwrap().unwrap());
+    db.close().await;
+    let opened = driver.open_to_serve(&id("img")).await.unwrap().unwrap();
+    assert_eq!(
+        opened.checksum,
+        Some(crate::kit::md5_hex(&first)),
+        "a remembered file's checksum, without the database"
+    );
+}
