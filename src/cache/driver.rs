@@ -208,8 +208,8 @@ impl CacheDriver {
         let requested = DbTime::from_utc(clock::now());
         let marker = self.layout().path(Area::Queue, id);
         let (layout, marker_id) = (self.layout().clone(), id.clone());
-        // The three checks and the marker in one trip to a blocking thread: each trip
-        // costs more than the stat it makes (BENCHMARKS.md, Glance side by side).
+        // The checks and the marker in one trip to a blocking thread: each trip costs
+        // more than the stat it makes (BENCHMARKS.md, Glance side by side).
         let refused = blocking(move || {
             if layout.exists(Area::Cached, &marker_id) {
                 return Ok(Some("already cached"));
@@ -217,11 +217,13 @@ impl CacheDriver {
             if layout.exists(Area::Incomplete, &marker_id) {
                 return Ok(Some("being written to the cache"));
             }
-            // A marker alone (Glance's PUT /v2/cache/{id}) means queued.
-            if layout.exists(Area::Queue, &marker_id) {
-                return Ok(Some("already queued"));
+            // A marker alone (Glance's PUT /v2/cache/{id}) means queued: the exclusive
+            // create is that check and the marker at once.
+            if layout.create_marker(&marker_id)? {
+                Ok(None)
+            } else {
+                Ok(Some("already queued"))
             }
-            layout.touch_marker(&marker_id).map(|()| None)
         })
         .await
         .map_err(CacheError::io("create queue marker", marker))?;
@@ -233,8 +235,10 @@ impl CacheDriver {
         // adopted the marker just made): queued either way.
         self.db().enqueue(id.as_str(), requested).await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
-        // then the marker is stale and goes.
-        if self.cached(id).await {
+        // then the marker is stale and goes. One stat on the held root handle, made here
+        // rather than on a blocking thread: the trip there and back costs more than the
+        // stat (BENCHMARKS.md, "Glance 33's driver in the same run").
+        if self.is_cached(id) {
             self.dequeue_cached(id).await?;
         }
         Ok(true)

@@ -654,15 +654,25 @@ impl CacheLayout {
     }
 
     /// Creates the zero-byte queue marker for `id` (kept for Glance's `GET /v2/cache`).
-    pub fn touch_marker(&self, id: &ImageId) -> io::Result<()> {
-        rustix::fs::openat(
+    /// Returns `false`, creating nothing, when anything already has its name (O_EXCL:
+    /// a marker, or a symlink, never followed): the queued check and the marker in one
+    /// call, and two callers racing for one image cannot both make it.
+    pub fn create_marker(&self, id: &ImageId) -> io::Result<bool> {
+        match rustix::fs::openat(
             self.fd(Area::Queue)?,
             id.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            OFlags::WRONLY
+                | OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NOFOLLOW
+                | OFlags::NONBLOCK
+                | OFlags::CLOEXEC,
             Mode::from_raw_mode(FILE_MODE),
-        )
-        .map(drop)
-        .map_err(Into::into)
+        ) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::EXIST) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Moves whatever is at `id` from one area to another (same filesystem). Only for
