@@ -123,81 +123,6 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// glance-api 33 on `port` without Keystone, its database synced once per target dir.
-fn start_glance(python: &Path, dir: &Path, port: u16) -> Group {
-    let bin = python.parent().unwrap();
-    let venv = bin.parent().unwrap();
-    for sub in ["conf", "staging", "store", "locks"] {
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-    }
-    std::fs::write(
-        dir.join("conf/policy.yaml"),
-        "\"context_is_admin\": \"@\"\n\"service_api\": \"@\"\n",
-    )
-    .unwrap();
-    let db = dir.join("glance.sqlite");
-    let template = Path::new(env!("CARGO_TARGET_TMPDIR")).join("glance-33.0.0-synced.sqlite");
-    if !template.exists() {
-        let conf = dir.join("manage.conf");
-        std::fs::write(
-            &conf,
-            format!("[database]\nconnection = sqlite:///{}\n", db.display()),
-        )
-        .unwrap();
-        let out = Command::new(bin.join("glance-manage"))
-            .arg("--config-file")
-            .arg(&conf)
-            .args(["db", "sync"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "glance-manage db sync failed");
-        std::fs::copy(&db, &template).unwrap();
-    } else {
-        std::fs::copy(&template, &db).unwrap();
-    }
-    let d = dir.display();
-    std::fs::write(
-        dir.join("conf/glance-api.conf"),
-        format!(
-            "[DEFAULT]\nnode_staging_uri = file://{d}/staging\nenabled_import_methods = [glance-direct]\n\
-             [database]\nconnection = sqlite:///{}\n\
-             [glance_store]\nstores = file\ndefault_store = file\nfilesystem_store_datadir = {d}/store\n\
-             [oslo_concurrency]\nlock_path = {d}/locks\n[oslo_policy]\npolicy_file = {d}/conf/policy.yaml\n\
-             [paste_deploy]\nconfig_file = {}/etc/glance/glance-api-paste.ini\n",
-            db.display(),
-            venv.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("glance-api.log")).unwrap();
-    let child = Command::new(bin.join("gunicorn"))
-        .args([
-            "--workers",
-            "1",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "4",
-        ])
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .args(["glance.wsgi.api:application"])
-        .env("OS_GLANCE_CONFIG_DIR", dir.join("conf"))
-        .env("TZ", "UTC")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let group = Group(child);
-    wait_until("glance-api", Duration::from_secs(60), || {
-        Conn::open(port)
-            .and_then(|mut c| c.request("GET", "/versions", ""))
-            .is_some_and(|(s, _)| s == 200)
-    });
-    group
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -214,7 +139,8 @@ fn main() {
     let warmup = if common::smoke() { 10 } else { 200 };
     let work = tempfile::tempdir_in(common::bench_dir()).unwrap();
     let glance_port = free_port();
-    let _glance = start_glance(&python, &work.path().join("glance"), glance_port);
+    let _glance =
+        common::glance::GlanceApi::start(&python, &work.path().join("glance"), glance_port, false);
 
     let port = free_port();
     let cache = work.path().join("cache");
