@@ -57,6 +57,9 @@ pub(crate) struct Nudges {
     pub pruner: Arc<Notify>,
     pub queue: Arc<Notify>,
     pub prefetcher: Arc<Notify>,
+    /// The hit flusher: nudged by a reload, so a new `http.hit_flush_interval` applies
+    /// at once rather than after the wait of the old one.
+    pub hits: Arc<Notify>,
 }
 
 impl Nudges {
@@ -65,6 +68,7 @@ impl Nudges {
         self.pruner.notify_one();
         self.queue.notify_one();
         self.prefetcher.notify_one();
+        self.hits.notify_one();
     }
 }
 

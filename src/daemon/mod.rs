@@ -416,7 +416,7 @@ async fn start_loops_and_serve(
     );
     loops.spawn_worker(
         hits::HitFlusherWorker::new(ctx.clone()),
-        Arc::new(Notify::new()),
+        ctx.nudges.hits.clone(),
     );
     let fatal = loops.fatal_sender();
     loops.spawn_worker(

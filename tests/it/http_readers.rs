@@ -733,6 +733,36 @@ fn http_readers_kill_9_loses_only_the_hits_not_yet_flushed() {
     assert_eq!(each(&rows(&s)), [14, 14, 14]);
 }
 
+/// A reload that shortens `http.hit_flush_interval` applies at once: the hits counted
+/// under a ten-minute interval are written soon after the SIGHUP, not ten minutes on.
+#[test]
+fn http_readers_a_reloaded_flush_interval_applies_at_once() {
+    let port = free_port();
+    let s = Setup::new("");
+    write_config(&s, port, "", "hit_flush_interval = \"10m\"", "");
+    let images = small_images(&s, 0x9c, 2);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut d = s.start();
+    eventually(SOON, "the hit flusher's first step", || {
+        sample(&scrape(port), HIT_STEPS) >= 1
+    });
+    serve(&runtime, port, &images, 20);
+    assert!(
+        images.iter().all(|(id, _)| hits(&rows(&s), id) == 0),
+        "nothing written under the long interval yet"
+    );
+    write_config(&s, port, "", "hit_flush_interval = \"200ms\"", "");
+    let from = d.notify.mark();
+    d.signal(Signal::HUP);
+    let ready = d.notify.wait_for(from, SOON, |m| m.contains("READY=1"));
+    assert!(!d.notify.messages[ready].contains("reload failed"));
+    eventually(SOON, "the hits written after the reload", || {
+        let rows = rows(&s);
+        images.iter().all(|(id, _)| hits(&rows, id) == 10)
+    });
+    d.stop();
+}
+
 /// The complement: once the hit flusher has stepped after the downloads (within two
 /// intervals), a `kill -9` loses none of their hits.
 #[test]
