@@ -46,14 +46,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What curl's `-w` said of one download.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
@@ -150,7 +142,7 @@ struct Daemon {
 impl Daemon {
     fn start(dir: &Path, upstream_port: u16, max_mib: u64) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
+        let port = common::free_port();
         let config = dir.join("glance-cached.toml");
         std::fs::write(
             &config,

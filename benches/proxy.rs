@@ -24,26 +24,9 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("GLANCE_CACHED_TEST_GLANCE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/glance-venv/bin/python")
-        });
-    p.exists().then_some(p)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A process group killed on drop (gunicorn's arbiter and worker, or the daemon).
 struct Group(Child);
@@ -129,7 +112,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let Some(python) = python() else {
+    let Some(python) = common::glance::python() else {
         println!(
             "SKIPPED: no Glance virtualenv (GLANCE_CACHED_TEST_GLANCE_PYTHON, scripts/glance-venv)"
         );
@@ -138,11 +121,11 @@ fn main() {
     let requests = if common::smoke() { 50 } else { 2000 };
     let warmup = if common::smoke() { 10 } else { 200 };
     let work = tempfile::tempdir_in(common::bench_dir()).unwrap();
-    let glance_port = free_port();
+    let glance_port = common::free_port();
     let _glance =
         common::glance::GlanceApi::start(&python, &work.path().join("glance"), glance_port, false);
 
-    let port = free_port();
+    let port = common::free_port();
     let cache = work.path().join("cache");
     let config = work.path().join("glance-cached.toml");
     std::fs::write(

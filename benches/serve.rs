@@ -81,14 +81,6 @@ fn wrk_seconds() -> u64 {
         .unwrap_or(if common::smoke() { 1 } else { 10 })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -271,7 +263,7 @@ fn nginx() -> Option<PathBuf> {
 /// (a stand-in for ours, so neither skips the header), connections kept alive for as
 /// many requests as a run makes, and room for the crowded runs' connections.
 fn start_nginx(bin: &Path, dir: &Path, cache: &Path) -> Server {
-    let port = free_port();
+    let port = common::free_port();
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
     let conf = prefix.join("nginx.conf");
@@ -326,7 +318,7 @@ fn start_glance(dir: &Path, sources: &[(&Path, u64); 3]) -> Option<Server> {
         );
         return None;
     };
-    let port = free_port();
+    let port = common::free_port();
     let api = GlanceApi::start(&python, &dir.join("glance"), port, true);
     let ids: Vec<String> = sources
         .iter()
@@ -541,7 +533,7 @@ fn main() {
     let work = tempfile::tempdir_in(common::bench_dir()).unwrap();
     let dir = work.path();
     let cache = dir.join("cache");
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(dir, &cache, port);
     let (big, small) = (big_mib() << 20, bulk_mib() << 20);
     let sources = [

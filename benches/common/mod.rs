@@ -3,6 +3,16 @@
 #[allow(dead_code)] // only the benchmarks with an nginx origin use it
 pub mod nginx;
 
+/// A loopback port free now (the kernel's pick), for a server a benchmark starts.
+#[allow(dead_code)] // not every benchmark starts a server
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `BENCH_SMOKE` set: tiny sizes, to prove a benchmark still runs.
 #[allow(dead_code)] // not every benchmark has a smoke size of its own
 pub fn smoke() -> bool {
