@@ -11,9 +11,8 @@
 //! at the 256 MiB.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use md5::{Digest, Md5};
@@ -237,57 +236,6 @@ fn http_fill_joins_the_queues_prefetch_of_the_same_image() {
     d.stop();
 }
 
-/// A proxy on loopback, one request per connection (`Connection: close` added): each
-/// request's `METHOD PATH RANGE` line is logged, then it goes to the port `route`
-/// chooses by its path.
-fn proxy(route: impl Fn(&str) -> u16 + Send + Sync + 'static) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (route, requests) = (Arc::new(route), log.clone());
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            let (route, requests) = (route.clone(), requests.clone());
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let mut words = text.split_whitespace();
-                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-                let range = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Range: ").or(l.strip_prefix("range: ")))
-                    .unwrap_or("-");
-                requests
-                    .lock()
-                    .unwrap()
-                    .push(format!("{method} {path} {}", range.trim()));
-                let to = route(path);
-                let mut lines: Vec<&str> = text
-                    .trim_end()
-                    .lines()
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                    .collect();
-                lines.push("Connection: close");
-                let head = format!("{}\r\n\r\n", lines.join("\r\n"));
-                let Ok(mut server) = TcpStream::connect(("127.0.0.1", to)) else {
-                    return;
-                };
-                let _ = server.write_all(head.as_bytes());
-                let _ = std::io::copy(&mut server, &mut client);
-            });
-        }
-    });
-    (port, log)
-}
-
 /// Nova's download, `images.data()`, pointed at glance-cached for an image it does not
 /// have, the real glance-api upstream: the image's bytes (glanceclient checks them
 /// against the Content-MD5 it is sent), then cached (row and verified file) and served
@@ -310,12 +258,12 @@ fn http_fill_glanceclient_reads_an_image_through_from_glance_api() {
     let id = runtime.block_on(glance.create_image(&data));
     let glance_port: u16 = glance.url.rsplit(':').next().unwrap().parse().unwrap();
     // The daemon's upstream: glance-api behind a proxy that logs what it is asked.
-    let (upstream_port, upstream_log) = proxy(move |_| glance_port);
+    let (upstream_port, upstream_log) = crate::kit::routing_proxy(move |_| glance_port);
     let (s, port) = setup(&format!("http://127.0.0.1:{upstream_port}"), "");
     let d = s.start();
     // Nova's endpoint: downloads to glance-cached, the rest to glance-api (until the
     // daemon forwards it itself).
-    let (endpoint, _) = proxy(move |path| {
+    let (endpoint, _) = crate::kit::routing_proxy(move |path| {
         if path.ends_with("/file") {
             port
         } else {

@@ -6,7 +6,7 @@
 //! and a client that stops reading, dropped after the send timeout.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
@@ -507,43 +507,14 @@ fn http_serve_drops_a_client_that_stops_reading() {
 /// `/v2/images/{id}/file` goes to glance-cached, everything else to glance-api, one
 /// request per connection (`Connection: close` is added on the way).
 fn split_proxy(cached: u16, glance: u16) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let path = text.split_whitespace().nth(1).unwrap_or("").to_owned();
-                let to = if path.ends_with("/file") {
-                    cached
-                } else {
-                    glance
-                };
-                let mut lines: Vec<&str> = text
-                    .trim_end()
-                    .lines()
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                    .collect();
-                lines.push("Connection: close");
-                let head = format!("{}\r\n\r\n", lines.join("\r\n"));
-                let Ok(mut server) = TcpStream::connect(("127.0.0.1", to)) else {
-                    return;
-                };
-                let _ = server.write_all(head.as_bytes());
-                let _ = std::io::copy(&mut server, &mut client);
-            });
+    crate::kit::routing_proxy(move |path| {
+        if path.ends_with("/file") {
+            cached
+        } else {
+            glance
         }
-    });
-    port
+    })
+    .0
 }
 
 /// Nova's download (`images.data()`) and `glance image-download`, pointed at

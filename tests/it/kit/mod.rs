@@ -71,3 +71,57 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A loopback HTTP proxy of one request per connection (`Connection: close` is put in
+/// the head on the way): each request goes to the port `route` gives for its path, and
+/// is logged as `METHOD PATH RANGE` (`-` without a `Range`). Its port and the log.
+pub fn routing_proxy(
+    route: impl Fn(&str) -> u16 + Send + Sync + 'static,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (route, requests) = (std::sync::Arc::new(route), log.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let (route, requests) = (route.clone(), requests.clone());
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut words = text.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let range = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Range: ").or(l.strip_prefix("range: ")))
+                    .unwrap_or("-");
+                requests
+                    .lock()
+                    .unwrap()
+                    .push(format!("{method} {path} {}", range.trim()));
+                let to = route(path);
+                let mut lines: Vec<&str> = text
+                    .trim_end()
+                    .lines()
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .collect();
+                lines.push("Connection: close");
+                let head = format!("{}\r\n\r\n", lines.join("\r\n"));
+                let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                let _ = server.write_all(head.as_bytes());
+                let _ = std::io::copy(&mut server, &mut client);
+            });
+        }
+    });
+    (port, log)
+}
