@@ -81,8 +81,9 @@ pub struct PrunePass {
     /// Image ids fetched in LRU order and not visited yet (first those of rows whose
     /// times cannot be read).
     fetched: std::collections::VecDeque<ImageId>,
-    /// Whether the rows that cannot be read are still to be looked for.
-    unreadable_pending: bool,
+    /// Where the search for rows that cannot be read goes on (a row id, paged in row-id
+    /// order), `None` once it is over.
+    unreadable_after: Option<i64>,
     /// Images readers held when the first walk reached them, in LRU order: evicted
     /// only by the second walk, when the first could not bring the cache to its target.
     held: Vec<ImageId>,
@@ -152,7 +153,7 @@ impl CacheDriver {
             unchecked: listing.files,
             cursor: None,
             fetched: Default::default(),
-            unreadable_pending: true,
+            unreadable_after: Some(i64::MIN),
             held: Vec::new(),
             second_walk: false,
             done: false,
@@ -190,13 +191,16 @@ impl PrunePass {
         if !self.unchecked.is_empty() {
             return self.adopt_some(driver, rows).await;
         }
-        if self.unreadable_pending {
-            // A row whose time cannot be read counts as the oldest: evicted first. A
-            // step of its own: it reads every row of the node once.
-            self.unreadable_pending = false;
-            let all = driver.db().cached_images_and_unreadable().await?;
-            all.warn_unreadable();
-            self.fetched = all
+        if self.fetched.is_empty()
+            && let Some(after) = self.unreadable_after
+        {
+            // A row whose time cannot be read counts as the oldest: evicted first. Found
+            // a page per step (each page's finds evicted before the next is read), so no
+            // step reads every row of a large node.
+            let (page, next) = driver.db().rows_by_id(after, PRUNE_FETCH_ROWS).await?;
+            page.warn_unreadable();
+            self.unreadable_after = next;
+            self.fetched = page
                 .unreadable
                 .into_iter()
                 .filter_map(|u| u.image_id)

@@ -234,6 +234,40 @@ impl NodeDb {
         Ok(split_rows(rows.into_iter()).0)
     }
 
+    /// Up to `limit` of this node's rows in row-id order, after row id `after`, split
+    /// as `cached_images_and_unreadable` splits them, and the row id to continue after
+    /// (`None` when this page was the last). The pruner pages through the node this
+    /// way to find the rows that do not decode, a bounded statement per step instead
+    /// of one that reads every row.
+    pub async fn rows_by_id(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<(CachedImageRows, Option<i64>), DbError> {
+        const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
+             FROM cached_images WHERE node_reference_id = ? AND id > ? ORDER BY id LIMIT ?";
+        debug_assert!(Q.contains(SELECT_COLUMNS));
+        let (rows, last_id, read) = on_pool!(self.db, |pool, d| {
+            let found = sqlx::query(sql(d, Q))
+                .bind(self.node.0)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            // The row id is the primary key, an integer on every backend: a row whose id
+            // does not read ends the scan rather than looping on it.
+            let last_id = found.last().and_then(|r| r.try_get::<i64, _>("id").ok());
+            let read = found.len();
+            (found.iter().map(decode).collect::<Vec<_>>(), last_id, read)
+        });
+        let next = if i64::try_from(read).unwrap_or(i64::MAX) < limit {
+            None
+        } else {
+            last_id
+        };
+        Ok((split_rows(rows.into_iter()).0, next))
+    }
+
     /// The row's hit count, 0 when there is no row.
     pub async fn hit_count(&self, image_id: &str) -> Result<i64, DbError> {
         const Q: &str =

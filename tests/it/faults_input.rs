@@ -219,6 +219,20 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
             && report.cleaned.files() == 0,
         "{report:?}"
     );
+    // The pruner's paged search finds it on any page: one row per page here.
+    let (mut after, mut readable, mut unreadable) = (i64::MIN, vec![], vec![]);
+    loop {
+        let (page, next) = t.node_db.rows_by_id(after, 1).await.unwrap();
+        readable.extend(page.rows.into_iter().map(|r| r.image_id.to_string()));
+        unreadable.extend(page.unreadable.into_iter().map(|u| u.image_id));
+        match next {
+            Some(id) => after = id,
+            None => break,
+        }
+    }
+    readable.sort();
+    assert_eq!(readable, ["good-new", "good-old", "many-hits"]);
+    assert_eq!(unreadable, [Some(id("bad-time"))]);
     // Over max_size by one image: the unreadable row goes first, as the oldest.
     let report = t
         .driver
