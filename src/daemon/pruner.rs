@@ -89,6 +89,6 @@ impl PrunerWorker {
         self.ctx.metrics.pruned(&report);
         self.ctx
             .board
-            .set_cache(report.size_after, report.images_after, policy.max_size);
+            .set_cache(report.size_after, report.images_after);
     }
 }

@@ -198,14 +198,15 @@ impl StatusBoard {
         })
     }
 
-    pub(crate) fn set_cache(&self, size: u64, images: usize, max_size: u64) {
+    /// The cache's size as a pass measured it. The limit is not taken from the pass:
+    /// one that started before a reload would put the old `max_size` back; the boot and
+    /// each reload set it (`set_max_size`).
+    pub(crate) fn set_cache(&self, size: u64, images: usize) {
         self.change(|b| {
             b.size = Some(size);
             b.images = Some(images);
-            b.max_size = max_size;
         });
         self.metrics.set_cache(size, images);
-        self.metrics.set_max_bytes(max_size);
     }
 
     pub(crate) fn set_max_size(&self, max_size: u64) {
@@ -302,5 +303,28 @@ impl StatusBoard {
             }
             parts.join("; ")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prune pass started before a reload ends after it: its report must not put the
+    /// old limit back on the board or in `glance_cached_cache_max_bytes`.
+    #[test]
+    fn a_pass_reporting_its_size_keeps_the_reloaded_limit() {
+        let metrics = Arc::new(Metrics::new());
+        let board = StatusBoard::with_metrics(metrics.clone());
+        board.set_max_size(1000);
+        board.set_max_size(500);
+        board.set_cache(700, 3);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l == "glance_cached_cache_max_bytes 500"),
+            "{text}"
+        );
+        assert!(board.line().contains("700"), "{}", board.line());
     }
 }
