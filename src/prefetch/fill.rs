@@ -210,3 +210,99 @@ impl ReadThrough {
         self.fills.wait().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Area, CacheLayout, FillOutcome};
+    use crate::db::{Db, DbOptions};
+
+    /// The window of issue 17, held open: the image's queue marker is there without its
+    /// queue row (the state between the two steps of another request's `queue_image`,
+    /// or a marker Glance's `PUT /v2/cache/{id}` wrote that the queue loop has not
+    /// adopted; no queue loop runs here, so nothing closes it). A miss then must fill
+    /// the cache, the one download of the image, and not stream the image through from
+    /// the upstream beside it; a second miss follows that fill (or finds it published).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_that_finds_the_queue_marker_without_its_row_fills_instead_of_streaming() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("origin");
+        std::fs::create_dir(&origin).unwrap();
+        let image: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(origin.join("racing"), &image).unwrap();
+        let file = dir.path().join("glance-cached.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[http]\nfill_on_miss = true\n[upstream]\nkind = \"directory\"\npath = \"{}\"\n",
+                dir.path().join("cache").display(),
+                dir.path().join("test.db").display(),
+                origin.display()
+            ),
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(Some(&file)).unwrap());
+        let db = Db::connect(&config.database.url, &DbOptions::default())
+            .await
+            .unwrap();
+        let layout = CacheLayout::open(&config.cache.dir).unwrap();
+        let driver = CacheDriver::configure(layout, db, "http://node-a:9292")
+            .await
+            .unwrap();
+        let upstream = Upstream::from_config(config.upstream.as_ref().unwrap()).unwrap();
+        let id = ImageId::parse("racing").unwrap();
+
+        std::fs::write(driver.get_image_filepath(&id, Area::Queue), b"").unwrap();
+        // The window as a request meets it: queueing adds nothing (the marker says
+        // queued), and there is no row to claim.
+        assert!(!driver.queue_image(&id).await.unwrap());
+        let ttl = config.prefetcher.claim_ttl;
+        assert_eq!(
+            driver
+                .claim_image(&id, "someone else", clock::now(), ttl)
+                .await
+                .unwrap()
+                .map(|_| ()),
+            Err(None),
+            "the marker has no queue row"
+        );
+
+        let read_through = ReadThrough::new(
+            driver.clone(),
+            Some(Arc::new(upstream)),
+            "node-a pid 1".into(),
+            CancellationToken::new(),
+        );
+        let miss = read_through.miss(&id, &config).await.unwrap();
+        let Miss::Fill(mut following) = miss else {
+            panic!("a marker without its row streamed the image through beside the fill: {miss:?}");
+        };
+        let second = read_through.miss(&id, &config).await.unwrap();
+        assert!(
+            matches!(second, Miss::Fill(_) | Miss::Cached),
+            "a second miss during the fill: {second:?}"
+        );
+        let outcome = following
+            .wait_for(|s| s.outcome.is_some())
+            .await
+            .unwrap()
+            .outcome
+            .clone();
+        assert_eq!(
+            outcome,
+            Some(FillOutcome::Published {
+                size: image.len() as u64
+            })
+        );
+        read_through.drain().await;
+        assert!(driver.cached(&id).await);
+        assert_eq!(
+            std::fs::read(driver.get_image_filepath(&id, Area::Cached)).unwrap(),
+            image
+        );
+        // The fill settled the adopted row as a prefetch does: off the queue, marker
+        // and all.
+        assert_eq!(driver.get_queued_images().await.unwrap(), Vec::new());
+        assert!(!driver.get_image_filepath(&id, Area::Queue).exists());
+    }
+}
