@@ -14,7 +14,7 @@ use glance_cached::db::{Db, DbOptions};
 use serde_json::Value;
 
 use crate::kit::glance::{can_reach, glance_manage, glance_python};
-use crate::kit::servers::{Backend, TestDb, node_lru_index_columns};
+use crate::kit::servers::{Backend, NODE_LRU_INDEX_COLUMNS, TestDb, node_lru_index_columns};
 use crate::kit::{id, md5_hex, test_bytes};
 
 const NODE: &str = "http://interop-node:9292";
@@ -376,7 +376,7 @@ async fn our_index_survives_glance_migrations_run_after_it(b: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let cache_dir = tmp.path().join("cache");
     let (ours, ours_db) = our_driver(&cache_dir, &db.url).await;
-    let columns = ["node_reference_id", "last_accessed", "id"];
+    let columns = NODE_LRU_INDEX_COLUMNS;
     assert_eq!(node_lru_index_columns(&db.url, b).await, columns);
 
     // The rest of Glance's migrations run after ours, and again.

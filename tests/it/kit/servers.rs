@@ -555,7 +555,21 @@ pub async fn query_texts(
 /// The name of our index on Glance's `cached_images` (`db::schema`).
 pub const NODE_LRU_INDEX: &str = "ix_glance_cached_images_node_lru";
 
-/// The columns of our index on `cached_images`, in order; empty when it is absent.
+/// What `node_lru_index_columns` reads of it on every backend: the LRU order's key, then
+/// every other column the per-node statements read (the index covers them).
+pub const NODE_LRU_INDEX_COLUMNS: [&str; 8] = [
+    "node_reference_id",
+    "last_accessed",
+    "id",
+    "image_id",
+    "last_modified",
+    "size",
+    "hits",
+    "checksum",
+];
+
+/// The columns of our index on `cached_images`, in order (on PostgreSQL the key columns
+/// then the `INCLUDE`d ones); empty when it is absent.
 pub async fn node_lru_index_columns(url: &str, backend: Backend) -> Vec<String> {
     let statement = match backend {
         Backend::Sqlite => {
@@ -578,9 +592,20 @@ pub async fn node_lru_index_columns(url: &str, backend: Backend) -> Vec<String> 
         .flatten()
         .collect();
     match (backend, names.as_slice()) {
+        // "... USING btree (a, b, c) INCLUDE (d, e)": the key columns, then the
+        // included ones.
         (Backend::Postgres, [def]) => {
-            let inner = def.rsplit_once('(').unwrap().1.trim_end_matches(')');
-            inner.split(',').map(|c| c.trim().to_owned()).collect()
+            let (_, lists) = def.split_once(" USING btree ").unwrap();
+            lists
+                .split(" INCLUDE ")
+                .flat_map(|list| {
+                    list.trim()
+                        .trim_start_matches('(')
+                        .trim_end_matches(')')
+                        .split(',')
+                })
+                .map(|c| c.trim().to_owned())
+                .collect()
         }
         _ => names,
     }
