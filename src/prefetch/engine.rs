@@ -294,8 +294,6 @@ impl<E: DownloadEvents> PrefetchEngine<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CacheLayout;
-    use crate::db::{Db, DbOptions};
     use crate::upstream::ErrorClass;
 
     /// The engine in process, as its callers drive it: two images queued, one the
@@ -304,35 +302,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_engine_drains_the_queue_and_records_every_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        let origin = dir.path().join("origin");
-        std::fs::create_dir(&origin).unwrap();
-        std::fs::write(origin.join("present"), vec![7u8; 100_000]).unwrap();
-        let file = dir.path().join("glance-cached.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[prefetcher]\nconcurrency = 1\n[upstream]\nkind = \"directory\"\npath = \"{}\"\n",
-                dir.path().join("cache").display(),
-                dir.path().join("test.db").display(),
-                origin.display()
-            ),
+        let (config, driver, upstream) = crate::prefetch::test_support::directory_cache(
+            dir.path(),
+            &[("present", &[7u8; 100_000])],
+            "[prefetcher]\nconcurrency = 1\n",
         )
-        .unwrap();
-        let config = Arc::new(Config::load(Some(&file)).unwrap());
-        let db = Db::connect(&config.database.url, &DbOptions::default())
-            .await
-            .unwrap();
-        let layout = CacheLayout::open(&config.cache.dir).unwrap();
-        let driver = CacheDriver::configure(layout, db, "http://node-a:9292")
-            .await
-            .unwrap();
+        .await;
         let (present, missing) = (
             ImageId::parse("present").unwrap(),
             ImageId::parse("missing").unwrap(),
         );
         assert!(driver.queue_image(&present).await.unwrap());
         assert!(driver.queue_image(&missing).await.unwrap());
-        let upstream = Upstream::from_config(config.upstream.as_ref().unwrap()).unwrap();
         let cancel = CancellationToken::new();
         let mut engine = PrefetchEngine::new(
             driver.clone(),

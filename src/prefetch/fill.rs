@@ -214,8 +214,7 @@ impl ReadThrough {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{Area, CacheLayout, FillOutcome};
-    use crate::db::{Db, DbOptions};
+    use crate::cache::{Area, FillOutcome};
 
     /// The window of issue 17, held open: the image's queue marker is there without its
     /// queue row (the state between the two steps of another request's `queue_image`,
@@ -226,30 +225,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_miss_that_finds_the_queue_marker_without_its_row_fills_instead_of_streaming() {
         let dir = tempfile::tempdir().unwrap();
-        let origin = dir.path().join("origin");
-        std::fs::create_dir(&origin).unwrap();
         let image: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(origin.join("racing"), &image).unwrap();
-        let file = dir.path().join("glance-cached.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "[cache]\ndir = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[http]\nfill_on_miss = true\n[upstream]\nkind = \"directory\"\npath = \"{}\"\n",
-                dir.path().join("cache").display(),
-                dir.path().join("test.db").display(),
-                origin.display()
-            ),
+        let (config, driver, upstream) = crate::prefetch::test_support::directory_cache(
+            dir.path(),
+            &[("racing", &image)],
+            "[http]\nfill_on_miss = true\n",
         )
-        .unwrap();
-        let config = Arc::new(Config::load(Some(&file)).unwrap());
-        let db = Db::connect(&config.database.url, &DbOptions::default())
-            .await
-            .unwrap();
-        let layout = CacheLayout::open(&config.cache.dir).unwrap();
-        let driver = CacheDriver::configure(layout, db, "http://node-a:9292")
-            .await
-            .unwrap();
-        let upstream = Upstream::from_config(config.upstream.as_ref().unwrap()).unwrap();
+        .await;
         let id = ImageId::parse("racing").unwrap();
 
         std::fs::write(driver.get_image_filepath(&id, Area::Queue), b"").unwrap();

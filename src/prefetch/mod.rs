@@ -8,6 +8,8 @@ mod budget;
 mod engine;
 mod fetch;
 mod fill;
+#[cfg(test)]
+mod test_support;
 mod writer_thread;
 
 use std::time::Duration;
