@@ -20,6 +20,11 @@
 //!   cargo bench --bench serve
 //!   BENCH_SMOKE=1 cargo bench --bench serve       # 64 MiB, 1 s wrk runs, one round
 //!   BENCH_SERVE_MIB=4096 BENCH_WRK_SECONDS=30 cargo bench --bench serve
+//!   BENCH_SERVE_PARTS=small cargo bench --bench serve   # only the 4 KiB runs
+//!   BENCH_SERVE_PARTS=small BENCH_SERVE_SMALL_BYTES=65536 cargo bench --bench serve
+//!
+//! `BENCH_SERVE_PARTS` (a comma-separated list of `bulk`, `small`, `ranges`; all by
+//! default) picks the runs, for an A/B of one part; the tables of the others show NaN.
 //!
 //! nginx (`apt-get install nginx-light`) and wrk (`apt-get install wrk`) are required
 //! (scripts/bench installs them as root): without them the benchmark says so and stops.
@@ -50,8 +55,14 @@ const BULK: &str = "5e7e0000-0000-4000-8000-00000000b064";
 const SMALL: &str = "5e7e0000-0000-4000-8000-00000000b004";
 /// Concurrent clients of the bulk figure.
 const CLIENTS: usize = 16;
-/// The small image: a 4 KiB file, where per-request costs are all there is.
-const SMALL_BYTES: u64 = 4096;
+/// The small image: a 4 KiB file, where per-request costs are all there is
+/// (`BENCH_SERVE_SMALL_BYTES` sets another size, to place the in-memory limit).
+fn small_bytes() -> u64 {
+    std::env::var("BENCH_SERVE_SMALL_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096)
+}
 /// The range run's request size and alignment.
 const RANGE_BYTES: u64 = 1 << 20;
 /// Connections of the first small run, and of the crowded small run and the range run.
@@ -79,6 +90,13 @@ fn wrk_seconds() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if common::smoke() { 1 } else { 10 })
+}
+
+/// Whether `BENCH_SERVE_PARTS` (all when unset) names `part`.
+fn runs(part: &str) -> bool {
+    std::env::var("BENCH_SERVE_PARTS")
+        .map(|parts| parts.split(',').any(|p| p.trim() == part))
+        .unwrap_or(true)
 }
 
 fn load_average() -> String {
@@ -539,7 +557,7 @@ fn main() {
     let sources = [
         (dir.join("src-big"), big),
         (dir.join("src-bulk"), small),
-        (dir.join("src-small"), SMALL_BYTES),
+        (dir.join("src-small"), small_bytes()),
     ];
     for ((src, bytes), id) in sources.iter().zip([BIG, BULK, SMALL]) {
         write_image(src, *bytes);
@@ -552,7 +570,7 @@ fn main() {
     let glance_sources = [
         (sources[0].0.as_path(), big),
         (sources[1].0.as_path(), small),
-        (sources[2].0.as_path(), SMALL_BYTES),
+        (sources[2].0.as_path(), small_bytes()),
     ];
     servers.extend(start_glance(dir, &glance_sources));
     for (src, _) in &sources {
@@ -562,7 +580,7 @@ fn main() {
     for s in &servers {
         curl_speed(&s.url(&s.ids.big), big);
         curl_speed(&s.url(&s.ids.bulk), small);
-        curl_speed(&s.url(&s.ids.small), SMALL_BYTES);
+        curl_speed(&s.url(&s.ids.small), small_bytes());
     }
     let script = range_script(dir, big / RANGE_BYTES);
     let rounds = common::rounds().max(1);
@@ -570,11 +588,15 @@ fn main() {
     for _ in 0..rounds {
         // Interleaved, so a noisy moment hits every server alike.
         for (s, r) in servers.iter().zip(results.iter_mut()) {
-            r.one.push(one_big(s, big));
-            r.many.push(bulk(s, small));
-            r.small_few.push(loaded(s, &wrk, FEW, None, &s.ids.small));
-            r.small_many.push(loaded(s, &wrk, MANY, None, &s.ids.small));
-            if !matches!(s.process, Process::Glance(_)) {
+            if runs("bulk") {
+                r.one.push(one_big(s, big));
+                r.many.push(bulk(s, small));
+            }
+            if runs("small") {
+                r.small_few.push(loaded(s, &wrk, FEW, None, &s.ids.small));
+                r.small_many.push(loaded(s, &wrk, MANY, None, &s.ids.small));
+            }
+            if runs("ranges") && !matches!(s.process, Process::Glance(_)) {
                 r.ranges
                     .push(loaded(s, &wrk, MANY, Some(&script), &s.ids.big));
             }
@@ -611,12 +633,14 @@ fn report(servers: &[Server], results: &[Rounds], rounds: usize, started: &str, 
             "single_cpu_s_per_gib": med(&r.one, |f| f.cpu_per_gib),
             "bulk_clients": CLIENTS, "bulk_mib": bulk_mib(), "bulk_gbps": med(&r.many, |f| f.gbps),
             "bulk_cpu_s_per_gib": med(&r.many, |f| f.cpu_per_gib),
-            "small_bytes": SMALL_BYTES, "wrk_seconds": wrk_seconds(),
+            "small_bytes": small_bytes(), "wrk_seconds": wrk_seconds(),
             "small_few": load_json(&r.small_few), "small_many": load_json(&r.small_many),
             "range_bytes": RANGE_BYTES, "ranges": load_json(&r.ranges),
         }));
     }
-    let ratio = |k: &str| json[0][k].as_f64().unwrap() / json[1][k].as_f64().unwrap();
+    // A part not run is null in the JSON (NaN has no JSON form): NaN in the tables.
+    let ratio =
+        |k: &str| json[0][k].as_f64().unwrap_or(f64::NAN) / json[1][k].as_f64().unwrap_or(f64::NAN);
     println!(
         "| ours / nginx | {:.2} | {:.2} | {:.2} | {:.2} |",
         ratio("single_gbps"),
@@ -627,7 +651,8 @@ fn report(servers: &[Server], results: &[Rounds], rounds: usize, started: &str, 
     println!();
     let secs = wrk_seconds();
     println!(
-        "| `wrk -t{WRK_THREADS} -d{secs}s --latency`, {SMALL_BYTES} B image | -c{FEW} req/s | p50 ms | p99 ms | CPU us/req | -c{MANY} req/s | p50 ms | p99 ms | CPU us/req | non-2xx, errors, timeouts |"
+        "| `wrk -t{WRK_THREADS} -d{secs}s --latency`, {} B image | -c{FEW} req/s | p50 ms | p99 ms | CPU us/req | -c{MANY} req/s | p50 ms | p99 ms | CPU us/req | non-2xx, errors, timeouts |",
+        small_bytes()
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let row = |j: &serde_json::Value| {

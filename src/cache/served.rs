@@ -1,7 +1,8 @@
 //! The open for serving: a cached image's open file with what a response needs (size,
 //! checksum, an ETag), registered as a reader so that an eviction never breaks its
 //! body (`readers`), its hit counted in memory (`hits`) rather than written, and its
-//! row remembered per file (`RememberedRows`) rather than read again.
+//! row remembered per file (`RememberedRows`) rather than read again. A small file's
+//! bytes may be read in the open's own trip to the blocking pool (`open_to_serve_reading`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,6 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
 
@@ -97,6 +99,10 @@ pub struct ServedImage {
     /// The open file's inode number (with size and mtime, what tells two files of one
     /// image apart when the row has no checksum).
     pub inode: u64,
+    /// The whole file, read in the open's trip to the blocking pool, when that was asked
+    /// for (`open_to_serve_reading`), the file was no larger than asked and it read whole
+    /// (`size` bytes); else `None`, and the bytes are the file's to read.
+    pub contents: Option<Bytes>,
     pub guard: ReaderGuard,
 }
 
@@ -128,6 +134,18 @@ impl CacheDriver {
     /// hit book, written by the next flush; no database write happens here. The row is
     /// read for the checksum; without a database the image is served without it.
     pub async fn open_to_serve(&self, id: &ImageId) -> Result<Option<ServedImage>, CacheError> {
+        self.open_to_serve_reading(id, 0).await
+    }
+
+    /// `open_to_serve`, and when the file has at most `read_up_to` bytes, its contents
+    /// read in the same trip to the blocking pool (`ServedImage::contents`): for a small
+    /// image the trips to the blocking pool, not the bytes, are most of the cost of a
+    /// response (BENCHMARKS.md), and this makes it one.
+    pub async fn open_to_serve_reading(
+        &self,
+        id: &ImageId,
+        read_up_to: u64,
+    ) -> Result<Option<ServedImage>, CacheError> {
         for _ in 0..OPEN_ATTEMPTS {
             let guard = self.readers().register(id);
             let (layout, read_id) = (self.layout().clone(), id.clone());
@@ -135,10 +153,13 @@ impl CacheDriver {
                 // O_NONBLOCK (in `open_read`) so a planted FIFO cannot hang us.
                 let file = layout.open_read(Area::Cached, &read_id)?;
                 let meta = file.metadata()?;
-                Ok::<_, std::io::Error>((file, meta))
+                let contents = (meta.is_file() && meta.len() > 0 && meta.len() <= read_up_to)
+                    .then(|| read_whole(&file, meta.len()))
+                    .flatten();
+                Ok::<_, std::io::Error>((file, meta, contents))
             })
             .await;
-            let (file, meta) = match opened {
+            let (file, meta, contents) = match opened {
                 Ok(opened) => opened,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => {
@@ -170,6 +191,7 @@ impl CacheDriver {
                     cached_at: Some(known.cached_at),
                     modified,
                     inode: meta.ino(),
+                    contents,
                     guard,
                 }));
             }
@@ -209,9 +231,29 @@ impl CacheDriver {
                 cached_at,
                 modified,
                 inode: meta.ino(),
+                contents,
                 guard,
             }));
         }
         Ok(None)
     }
+}
+
+/// The `len` bytes of `file`, read into fresh (unzeroed) memory; `None` when they cannot
+/// all be read (an error, or a file shorter than its `fstat` said: truncated under us).
+/// Then the caller reads from the file itself, and meets what made this fail there
+/// (the body of a file cut short fails, and the connection with it).
+fn read_whole(file: &File, len: u64) -> Option<Bytes> {
+    let len = usize::try_from(len).ok()?;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    // The spare capacity may have held more than asked for.
+    buf.truncate(len);
+    Some(Bytes::from(buf))
 }

@@ -449,6 +449,7 @@ async fn start_loops_and_serve(
             max_step: watchdog.unwrap_or(HEALTH_MAX_STEP),
             upstream: http_upstream,
             auth_cache: Default::default(),
+            static_token: Default::default(),
             auth: Default::default(),
             read_through: crate::prefetch::ReadThrough::new(
                 ctx.driver.clone(),

@@ -63,6 +63,8 @@ pub(crate) struct HttpState {
     pub(crate) upstream: Option<Arc<crate::upstream::Upstream>>,
     /// Glance's remembered permissions to download (see `serve_auth`).
     pub(crate) auth_cache: AuthCache,
+    /// The last read of `http.serve_token_file` (see `serve_auth::StaticToken`).
+    pub(crate) static_token: serve_auth::StaticToken,
     /// Validated Keystone tokens and the refusal log's pace.
     pub(crate) auth: auth::AuthState,
     /// Downloads of images not cached (see `serve_miss`).

@@ -4,8 +4,10 @@
 //! ranges are answered with the whole image, as nginx does. Who may download is
 //! `serve_auth`'s decision, made before the file is opened. The body streams the file
 //! in bounded chunks: on plain TCP sent by `sendfile` from the page cache (see
-//! `super::sendfile`), else read on the blocking pool (see `FileBody`); the path comes
-//! only from the `ImageId`, through the cache's directory handles.
+//! `super::sendfile`), else read on the blocking pool (see `FileBody`); an image of at
+//! most `IN_MEMORY_BYTES` is read whole in the open's own trip to the blocking pool and
+//! sent from memory with the headers (see `MemoryBody`). The path comes only from the
+//! `ImageId`, through the cache's directory handles.
 
 use std::fs::File;
 use std::future::Future;
@@ -40,6 +42,12 @@ use crate::image_id::ImageId;
 /// `sendfile` sends at most what the socket takes, returning `WouldBlock` after.
 const CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
 
+/// The largest image a `GET` reads whole when it opens it (one trip to the blocking pool
+/// for the open, the `fstat` and the bytes) and sends from memory, headers and body in
+/// one write. Past it, the body streams from the file (`FileBody`): a chunk's advice or
+/// read is another trip, which only costs little next to sending that many bytes.
+const IN_MEMORY_BYTES: u64 = 64 << 10;
+
 /// The image id of Glance's download path, `/v2/images/{image_id}/file`, as written
 /// (not yet validated).
 pub(crate) fn file_route(path: &str) -> Option<&str> {
@@ -57,6 +65,8 @@ pub(crate) struct Opened {
     pub(crate) checksum: Option<String>,
     /// See `etag`.
     pub(crate) etag: String,
+    /// The whole file, read with the open (images up to `IN_MEMORY_BYTES`, `GET` only).
+    pub(crate) contents: Option<Bytes>,
     /// This response's registration as a reader of the image, held by the body until
     /// its last byte is sent or the client is gone.
     pub(crate) reader: ReaderGuard,
@@ -72,23 +82,32 @@ pub(crate) enum ServeError {
 /// Opens `id` from the cache (the one place that does, for this route): through the
 /// driver's `open_to_serve`, which opens by the layout's handles, refuses what is not a
 /// regular file, registers a reader (so an eviction meanwhile unlinks and lets the
-/// body finish) and counts the hit in memory (the hit flusher writes it). `None` when
-/// it is not cached.
+/// body finish) and counts the hit in memory (the hit flusher writes it); for a `GET`
+/// of a small image it reads the bytes too (`IN_MEMORY_BYTES`). `None` when it is not
+/// cached.
 pub(crate) async fn open_cached(
     state: &Shared,
+    method: &Method,
     id: &ImageId,
 ) -> Result<Option<Opened>, ServeError> {
-    let Some(served) = state.ctx.driver.open_to_serve(id).await? else {
+    let read_up_to = if method == Method::GET {
+        IN_MEMORY_BYTES
+    } else {
+        0
+    };
+    let driver = &state.ctx.driver;
+    let Some(mut served) = driver.open_to_serve_reading(id, read_up_to).await? else {
         return Ok(None);
     };
     let etag = etag(served.inode, served.modified, served.size);
-    let (size, checksum) = (served.size, served.checksum.clone());
+    let (size, checksum, contents) = (served.size, served.checksum.take(), served.contents.take());
     let (file, reader) = served.into_parts();
     Ok(Some(Opened {
         file,
         size,
         checksum,
         etag,
+        contents,
         reader,
     }))
 }
@@ -139,7 +158,7 @@ pub(crate) async fn handle(
     if let Some(refused) = serve_auth::refusal(state, headers, peer, &id).await {
         return refused;
     }
-    let opened = match open_cached(state, &id).await {
+    let opened = match open_cached(state, method, &id).await {
         Ok(Some(opened)) => opened,
         Ok(None) => {
             return super::serve_miss::answer(state, method, headers, lane, &id).await;
@@ -299,10 +318,61 @@ pub(crate) fn answer(
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
     if method == Method::GET && len > 0 {
-        *response.body_mut() =
-            FileBody::reply_body(opened.file, opened.reader, first, len, lane.cloned());
+        *response.body_mut() = match opened.contents {
+            // `first + len` is at most `size`, the contents' length.
+            Some(contents) => MemoryBody::reply_body(
+                contents.slice(first as usize..(first + len) as usize),
+                opened.file,
+                opened.reader,
+            ),
+            None => FileBody::reply_body(opened.file, opened.reader, first, len, lane.cloned()),
+        };
     }
     response
+}
+
+/// The body of a small image read whole at its open (`IN_MEMORY_BYTES`): one frame,
+/// which hyper writes with the headers. It keeps the file and the reader's
+/// registration until it ends (sent, or the client gone), as `FileBody` does: an
+/// image evicted meanwhile counts as open-but-evicted while a response holds it.
+struct MemoryBody {
+    data: Option<Bytes>,
+    /// The bytes' length, for the size hint once they are handed over.
+    len: u64,
+    _file: File,
+    _reader: ReaderGuard,
+}
+
+impl MemoryBody {
+    fn reply_body(data: Bytes, file: File, reader: ReaderGuard) -> ReplyBody {
+        MemoryBody {
+            len: data.len() as u64,
+            data: Some(data),
+            _file: file,
+            _reader: reader,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl Body for MemoryBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(self.get_mut().data.take().map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(if self.data.is_some() { self.len } else { 0 })
+    }
 }
 
 /// A body of `remaining` bytes of `file` from `offset`, `CHUNK_BYTES` at a time.

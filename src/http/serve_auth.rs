@@ -3,12 +3,15 @@
 //! tried on a one-byte download of the image there, and the upstream's 401, 403 or 404
 //! is the answer here too; its yes is remembered per (SHA-256 of the token, image) for
 //! `http.auth_cache_ttl`. Otherwise `http.serve_auth` decides: `none` (the client
-//! networks of `http.serve_allow`) or `token` (`http.serve_token_file`). Anything else
-//! refuses: no upstream and no `serve_auth` is 403 (fail closed).
+//! networks of `http.serve_allow`) or `token` (`http.serve_token_file`, read again at
+//! most once per `TOKEN_FILE_REREAD`). Anything else refuses: no upstream and no
+//! `serve_auth` is 403 (fail closed).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use hyper::header::HeaderValue;
 use hyper::{HeaderMap, StatusCode};
@@ -121,6 +124,67 @@ impl AuthCache {
     }
 }
 
+/// How long a read of `http.serve_token_file` stands before the file is read again. A
+/// rotated token (the file rewritten, no reload) is taken within this, and the old one
+/// refused from then on; meanwhile a busy server reads the file once per this rather
+/// than once per download (a trip to a blocking thread each: about a third of a small
+/// image's serving cost, BENCHMARKS.md).
+pub(crate) const TOKEN_FILE_REREAD: Duration = Duration::from_secs(1);
+
+/// The last good read of `http.serve_token_file`: which file, the SHA-256 of its token
+/// (what requests are compared with; the token itself is not kept), and when the read
+/// began (so a change made after that is seen within `TOKEN_FILE_REREAD` of it). A
+/// failed read is not remembered: the next request reads again (and is refused 500 as
+/// long as the file cannot be read).
+#[derive(Default)]
+pub(crate) struct StaticToken {
+    read: Mutex<Option<TokenRead>>,
+}
+
+struct TokenRead {
+    path: PathBuf,
+    digest: [u8; 32],
+    began: Instant,
+}
+
+impl StaticToken {
+    /// The remembered digest of `path`'s token, while it stands.
+    fn remembered(&self, path: &Path) -> Option<[u8; 32]> {
+        let read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        read.as_ref()
+            .filter(|r| r.path == path && r.began.elapsed() < TOKEN_FILE_REREAD)
+            .map(|r| r.digest)
+    }
+
+    fn remember(&self, path: PathBuf, digest: [u8; 32], began: Instant) {
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        // Of reads racing each other, the one begun last stands.
+        if read
+            .as_ref()
+            .is_none_or(|r| r.path != path || r.began <= began)
+        {
+            *read = Some(TokenRead {
+                path,
+                digest,
+                began,
+            });
+        }
+    }
+
+    /// The digest of the token in `path`: remembered, or read on the blocking pool.
+    async fn digest(&self, path: PathBuf) -> Result<[u8; 32], crate::upstream::UpstreamError> {
+        if let Some(digest) = self.remembered(&path) {
+            return Ok(digest);
+        }
+        let began = Instant::now();
+        let read = path.clone();
+        let token = crate::blocking(move || crate::upstream::read_token_file(&read)).await?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.remember(path, digest, began);
+        Ok(digest)
+    }
+}
+
 pub(crate) fn unauthorized() -> Reply {
     let mut reply = text(
         StatusCode::UNAUTHORIZED,
@@ -184,7 +248,12 @@ pub(crate) async fn refusal(
             let Some(given) = token else {
                 return Some(unauthorized());
             };
-            static_token_refusal(config.http.serve_token_file.clone(), given.as_bytes()).await
+            static_token_refusal(
+                &state.static_token,
+                config.http.serve_token_file.clone(),
+                given.as_bytes(),
+            )
+            .await
         }
         _ => {
             warn!(
@@ -243,16 +312,20 @@ fn unavailable() -> Reply {
     )
 }
 
-/// Compares `given` with the token in `path`, as the cache API's token is compared
-/// (SHA-256 digests in constant time, the file re-read each time).
-async fn static_token_refusal(path: Option<std::path::PathBuf>, given: &[u8]) -> Option<Reply> {
+/// Compares `given` with the token in `path` as the cache API's token is compared
+/// (SHA-256 digests in constant time), the file read again at most once per
+/// `TOKEN_FILE_REREAD` (see `StaticToken`).
+async fn static_token_refusal(
+    known: &StaticToken,
+    path: Option<PathBuf>,
+    given: &[u8],
+) -> Option<Reply> {
     let Some(path) = path else {
         warn!("http: image download refused: http.serve_token_file is not set");
         return Some(unauthorized());
     };
-    let token = crate::blocking(move || crate::upstream::read_token_file(&path)).await;
-    let token = match token {
-        Ok(token) => token,
+    let expected = match known.digest(path).await {
+        Ok(digest) => digest,
         Err(e) => {
             error!(error = %e, "http: cannot read http.serve_token_file");
             return Some(text(
@@ -261,9 +334,8 @@ async fn static_token_refusal(path: Option<std::path::PathBuf>, given: &[u8]) ->
             ));
         }
     };
-    let expected = Sha256::digest(token.as_bytes());
     let offered = Sha256::digest(given);
-    if bool::from(expected.ct_eq(&offered)) {
+    if bool::from(expected.as_slice().ct_eq(offered.as_slice())) {
         None
     } else {
         warn!("http: image download with a wrong token refused");
@@ -274,7 +346,7 @@ async fn static_token_refusal(path: Option<std::path::PathBuf>, given: &[u8]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn networks_contain_their_addresses_only() {
@@ -321,5 +393,44 @@ mod tests {
         assert!(!cache.granted(b"t", &id, ttl));
         cache.grant(b"t", &id, Duration::ZERO);
         assert!(!cache.granted(b"t", &id, ttl));
+    }
+
+    fn write_token(path: &Path, token: &str) {
+        std::fs::write(path, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    async fn allowed(known: &StaticToken, path: &Path, token: &str) -> bool {
+        static_token_refusal(known, Some(path.to_path_buf()), token.as_bytes())
+            .await
+            .is_none()
+    }
+
+    /// A rotated token file applies without a reload once the last read is
+    /// `TOKEN_FILE_REREAD` old, and the old token is refused from then on; until then
+    /// the file is not read again.
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_token_file_applies_within_the_reread_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve-token");
+        write_token(&path, "first");
+        let known = StaticToken::default();
+        assert!(allowed(&known, &path, "first").await);
+        assert!(!allowed(&known, &path, "second").await);
+        write_token(&path, "second");
+        // Within the interval the read stands: the file is not read per request.
+        assert!(allowed(&known, &path, "first").await);
+        tokio::time::advance(TOKEN_FILE_REREAD).await;
+        assert!(allowed(&known, &path, "second").await);
+        assert!(!allowed(&known, &path, "first").await);
+        // Another file (a reload) is read at once.
+        let other = dir.path().join("other-token");
+        write_token(&other, "third");
+        assert!(allowed(&known, &other, "third").await);
+        assert!(!allowed(&known, &other, "second").await);
+        // A file that cannot be read is refused at once, not served from memory.
+        std::fs::remove_file(&other).unwrap();
+        tokio::time::advance(TOKEN_FILE_REREAD).await;
+        assert!(!allowed(&known, &other, "third").await);
     }
 }

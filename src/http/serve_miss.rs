@@ -95,7 +95,7 @@ async fn from_cache(
     lane: Option<&SendfileLane>,
     id: &ImageId,
 ) -> Reply {
-    match super::serve::open_cached(state, id).await {
+    match super::serve::open_cached(state, method, id).await {
         Ok(Some(opened)) => super::serve::answer(method, headers, opened, lane),
         Ok(None) => text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -228,6 +228,91 @@ fn http_serve_curl_whole_ranges_head_and_conditionals() {
     d.stop();
 }
 
+/// Images up to 64 KiB are read whole at their open and sent from memory (no
+/// `sendfile`): the same bytes, ranges, `ETag`, `If-Range` and 304 as a streamed body.
+/// One byte more and the body streams again (`sendfile` on plain TCP).
+#[test]
+fn http_serve_small_images_from_memory_answer_as_streamed_ones() {
+    let (s, port) = setup("serve_auth = \"none\"\nserve_allow = [\"127.0.0.0/8\"]");
+    let (small, limit, over) = (5000, 64 << 10, (64 << 10) + 1);
+    s.import(A, small);
+    s.import(B, limit);
+    s.import(C, over);
+    let d = s.start();
+    let before = sendfile_bytes(&scrape(port));
+    for (id, size) in [(A, small), (B, limit)] {
+        let file = std::fs::read(s.cache(id)).unwrap();
+        let whole = curl(port, id, &[]);
+        assert_eq!(whole.status, 200, "{}", whole.head);
+        assert!(whole.body == file, "{size}: the whole body is the file");
+        assert_eq!(whole.header("content-length"), Some(size.to_string()));
+        assert_eq!(whole.header("content-md5"), Some(md5_hex(&file)));
+        let etag = whole.header("etag").expect("an ETag");
+        let size = size as u64;
+        for (range, first, last) in [
+            ("0-0", 0, 0),
+            ("100-199", 100, 199),
+            ("-100", size - 100, size - 1),
+            ("4990-", 4990, size - 1),
+            ("10-99999999", 10, size - 1),
+        ] {
+            let part = curl(port, id, &["-H", &format!("Range: bytes={range}")]);
+            assert_eq!(part.status, 206, "{size} {range}: {}", part.head);
+            assert_eq!(
+                part.header("content-range"),
+                Some(format!("bytes {first}-{last}/{size}"))
+            );
+            assert!(
+                part.body == file[first as usize..=last as usize],
+                "{size} {range}: the bytes of the range"
+            );
+        }
+        let refused = curl(port, id, &["-H", &format!("Range: bytes={size}-")]);
+        assert_eq!(refused.status, 416);
+        let same = curl(
+            port,
+            id,
+            &["-H", "Range: bytes=5-9", "-H", &format!("If-Range: {etag}")],
+        );
+        assert_eq!(same.status, 206);
+        assert!(same.body == file[5..=9]);
+        let changed = curl(
+            port,
+            id,
+            &[
+                "-H",
+                "Range: bytes=5-9",
+                "-H",
+                "If-Range: \"an-older-copy\"",
+            ],
+        );
+        assert_eq!(changed.status, 200);
+        assert!(changed.body == file);
+        let not_modified = curl(port, id, &["-H", &format!("If-None-Match: {etag}")]);
+        assert_eq!(not_modified.status, 304);
+        assert!(not_modified.body.is_empty());
+        let head = curl(port, id, &["-I"]);
+        assert_eq!(head.header("content-length"), Some(size.to_string()));
+        assert_eq!(head.body, head.head.as_bytes());
+    }
+    assert_eq!(
+        sendfile_bytes(&scrape(port)),
+        before,
+        "bodies up to 64 KiB go from memory, not by sendfile"
+    );
+    let file = std::fs::read(s.cache(C)).unwrap();
+    let streamed = curl(port, C, &[]);
+    assert_eq!(streamed.status, 200);
+    assert!(streamed.body == file);
+    assert_eq!(
+        sendfile_bytes(&scrape(port)) - before,
+        over as u64,
+        "past 64 KiB the body streams by sendfile"
+    );
+    assert_healthy(port);
+    d.stop();
+}
+
 /// `glance_cached_http_sendfile_bytes_total` from the daemon's `/metrics`.
 pub(crate) fn sendfile_bytes(scrape: &str) -> u64 {
     scrape
