@@ -206,27 +206,27 @@ impl CacheDriver {
         // marker, try the image and give up on it before the insert below, which must
         // then not revive the failure (it is newer than the request).
         let requested = DbTime::from_utc(clock::now());
-        let marker = self.layout().path(Area::Queue, id);
-        let (layout, marker_id) = (self.layout().clone(), id.clone());
-        // The checks and the marker in one trip to a blocking thread: each trip costs
-        // more than the stat it makes (BENCHMARKS.md, Glance side by side).
-        let refused = blocking(move || {
-            if layout.exists(Area::Cached, &marker_id) {
-                return Ok(Some("already cached"));
-            }
-            if layout.exists(Area::Incomplete, &marker_id) {
-                return Ok(Some("being written to the cache"));
-            }
+        // The checks and the marker (two stats and one create, some microseconds each)
+        // on this thread: a trip to a blocking thread and back costs several times more,
+        // most of all on a loaded machine (BENCHMARKS.md, Glance side by side).
+        let refused = if self.is_cached(id) {
+            Some("already cached")
+        } else if self.is_being_cached(id) {
+            Some("being written to the cache")
+        } else {
             // A marker alone (Glance's PUT /v2/cache/{id}) means queued: the exclusive
             // create is that check and the marker at once.
-            if layout.create_marker(&marker_id)? {
-                Ok(None)
-            } else {
-                Ok(Some("already queued"))
+            match self.layout().create_marker(id) {
+                Ok(true) => None,
+                Ok(false) => Some("already queued"),
+                Err(e) => {
+                    return Err(CacheError::io(
+                        "create queue marker",
+                        self.layout().path(Area::Queue, id),
+                    )(e));
+                }
             }
-        })
-        .await
-        .map_err(CacheError::io("create queue marker", marker))?;
+        };
         if let Some(reason) = refused {
             debug!(image_id = %id, "not queueing: {reason}");
             return Ok(false);
@@ -235,9 +235,7 @@ impl CacheDriver {
         // adopted the marker just made): queued either way.
         self.db().enqueue(id.as_str(), requested).await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
-        // then the marker is stale and goes. One stat on the held root handle, made here
-        // rather than on a blocking thread: the trip there and back costs more than the
-        // stat (BENCHMARKS.md, "Glance 33's driver in the same run").
+        // then the marker is stale and goes (one stat, on this thread as above).
         if self.is_cached(id) {
             self.dequeue_cached(id).await?;
         }
