@@ -17,6 +17,7 @@ pub(crate) mod time;
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -36,10 +37,15 @@ pub use time::DbTime;
 /// a CLI call) before failing with "database is locked".
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often our background checkpointer copies the SQLite WAL back into the database
-/// (`PRAGMA wal_checkpoint(PASSIVE)`): a commit then only appends to the WAL, and the
-/// checkpoint's two fsyncs are off the request path.
-const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Statements after which our background checkpointer copies the SQLite WAL back into
+/// the database (`PRAGMA wal_checkpoint(PASSIVE)`): a commit then only appends to the
+/// WAL, and the checkpoint's two fsyncs are off the request path. Counted, not timed,
+/// so an idle daemon (a lease renewal every 20 s) wakes for none.
+const SQLITE_CHECKPOINT_AFTER: u64 = 64;
+
+/// The least time between two background checkpoints: a burst of writes is copied back
+/// some ten times a second, not after every 64th statement.
+const SQLITE_CHECKPOINT_SPACING: Duration = Duration::from_millis(100);
 
 /// WAL pages after which a commit of ours still checkpoints inline (SQLite's
 /// `wal_autocheckpoint`, 1,000 by default): a bound on the WAL (some 40 MB) should the
@@ -166,7 +172,9 @@ macro_rules! on_pool {
             $crate::db::Pool::Sqlite($pool) => {
                 let $d = $crate::db::Dialect::Sqlite;
                 let _ = $d;
-                $body
+                let value = $body;
+                $db.count_sqlite_statement();
+                value
             }
             $crate::db::Pool::Postgres($pool) => {
                 let $d = $crate::db::Dialect::Postgres;
@@ -242,9 +250,18 @@ impl Db {
                     .await
                     .map_err(connect_err)?;
                 if !options.read_only {
+                    let due = Arc::new(tokio::sync::Notify::new());
+                    let statements = Arc::new(AtomicU64::new(0));
+                    let checkpointer = tokio::spawn(checkpoint_when_due(
+                        pool.clone(),
+                        due.clone(),
+                        statements.clone(),
+                    ));
                     sqlite = Some(Arc::new(SqliteExtras {
                         writer: tokio::sync::Mutex::new(None),
-                        checkpointer: tokio::spawn(checkpoint_every(pool.clone())),
+                        statements,
+                        due,
+                        checkpointer,
                     }));
                 }
                 Pool::Sqlite(pool)
@@ -320,6 +337,19 @@ impl Db {
         on_pool!(self, |pool, _d| pool.close().await)
     }
 
+    /// Counts one SQLite statement run to its end (after its commit, so a checkpoint
+    /// that follows the count finds its pages), waking the checkpointer every
+    /// `SQLITE_CHECKPOINT_AFTER` (reads count too: a checkpoint with nothing to copy is
+    /// one read of the WAL index).
+    pub(crate) fn count_sqlite_statement(&self) {
+        if let Some(extras) = &self.sqlite {
+            let n = extras.statements.fetch_add(1, AtomicOrdering::Relaxed);
+            if n % SQLITE_CHECKPOINT_AFTER == SQLITE_CHECKPOINT_AFTER - 1 {
+                extras.due.notify_one();
+            }
+        }
+    }
+
     /// SQLite, read-write: the connection for one-statement writes, held until the
     /// returned guard drops (`None` for other databases and read-only handles). One
     /// connection, not the pool's: a pool connection is pinged on its way back (a second
@@ -343,6 +373,10 @@ impl Db {
 /// What a read-write SQLite `Db` has besides its pool.
 struct SqliteExtras {
     writer: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
+    /// Statements run to their end, for `SQLITE_CHECKPOINT_AFTER`.
+    statements: Arc<AtomicU64>,
+    /// Wakes the checkpointer.
+    due: Arc<tokio::sync::Notify>,
     checkpointer: tokio::task::JoinHandle<()>,
 }
 
@@ -383,20 +417,31 @@ impl Drop for SqliteWriter<'_> {
     }
 }
 
-/// Checkpoints the pool's database every `SQLITE_CHECKPOINT_EVERY` until the pool
-/// closes (or the task is aborted with the last `Db` handle). A failed checkpoint (the
-/// database busy with another process's) is tried again at the next tick.
-async fn checkpoint_every(pool: SqlitePool) {
-    let mut ticks = tokio::time::interval(SQLITE_CHECKPOINT_EVERY);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is at once
+/// Checkpoints the pool's database when `due` is notified (every
+/// `SQLITE_CHECKPOINT_AFTER` statements), then every `SQLITE_CHECKPOINT_SPACING` for as
+/// long as statements keep coming and once after the last, so a burst's tail is copied
+/// back too; until the pool closes (or the task is aborted with the last `Db` handle).
+/// A failed checkpoint (the database busy with another process's) is tried again the
+/// next time.
+async fn checkpoint_when_due(
+    pool: SqlitePool,
+    due: Arc<tokio::sync::Notify>,
+    statements: Arc<AtomicU64>,
+) {
     loop {
-        ticks.tick().await;
-        if pool.is_closed() {
-            return;
-        }
-        if let Err(error) = checkpoint(&pool).await {
-            debug!(%error, "SQLite background checkpoint");
+        due.notified().await;
+        loop {
+            if pool.is_closed() {
+                return;
+            }
+            let before = statements.load(AtomicOrdering::Relaxed);
+            if let Err(error) = checkpoint(&pool).await {
+                debug!(%error, "SQLite background checkpoint");
+            }
+            tokio::time::sleep(SQLITE_CHECKPOINT_SPACING).await;
+            if statements.load(AtomicOrdering::Relaxed) == before {
+                break;
+            }
         }
     }
 }

@@ -146,6 +146,7 @@ impl NodeDb {
                     .await?
                     .rows_affected();
                 writer.finish();
+                self.db.count_sqlite_statement();
                 inserted
             }
             None => on_pool!(self.db, |pool, d| {

@@ -1225,8 +1225,8 @@ mod sqlite_wal {
         }
     }
 
-    /// Far fewer pages than `wal_autocheckpoint` are written, so no commit checkpoints:
-    /// the background checkpointer copies the WAL back.
+    /// Far fewer pages than our `wal_autocheckpoint` (10,000) are written, so no commit
+    /// checkpoints: the background checkpointer copies the WAL back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_is_checkpointed_in_the_background() {
         let t = TestCache::new(Backend::Sqlite).await.unwrap();
@@ -1235,7 +1235,9 @@ mod sqlite_wal {
         let other = CacheDriver::configure(t.layout.clone(), other_db.clone(), t.node_db.url())
             .await
             .unwrap();
-        queue_and_claim(&t, &other, "bg", 20).await;
+        // More statements than the checkpointer's trigger, far fewer pages than any
+        // bound that would make a commit checkpoint.
+        queue_and_claim(&t, &other, "bg", 100).await;
         let db = database_file(&t);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
