@@ -359,6 +359,10 @@ impl Db {
             return Ok(None);
         };
         let mut held = extras.writer.lock().await;
+        // After `close`, no new connection: the pool's statements fail alike.
+        if pool.is_closed() {
+            return Err(sqlx::Error::PoolClosed);
+        }
         if held.is_none() {
             let conn = sqlx::ConnectOptions::connect(&*pool.connect_options()).await?;
             *held = Some(conn);
