@@ -14,6 +14,13 @@
 //! through `benches/glance_driver.py`), then ours, and a second table gives the ratio per
 //! operation; the prune of 100k images to half runs as Glance's `glance-cache-pruner`
 //! command against `glance-cached prune`.
+//!
+//! `BENCH_ONLY` (a comma list of `ops`, `servers`, `prune_clean`, `prune_commands`) runs
+//! only those parts: the driver operations on SQLite, on PostgreSQL / MariaDB, the prune
+//! and clean of 100k (2k in smoke mode) files, and the prune through the two commands.
+//! The last alone, at 100,000 images, is
+//!
+//!   BENCH_ONLY=prune_commands GLANCE_CACHED_TEST_GLANCE_PYTHON=... cargo bench --bench driver
 
 // Test and benchmark code: a panic here is a failed run, not a crashed daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -471,7 +478,12 @@ async fn prune_commands(figures: &mut Figures, glance: &Glance) {
     )
     .unwrap();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_glance-cached"))
+    // BENCH_GLANCE_CACHED_BIN: a copy of the binary, so that a long run measures the
+    // build it started with even when target/ is rebuilt meanwhile.
+    let bin = std::env::var_os("BENCH_GLANCE_CACHED_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_glance-cached").into());
+    let out = Command::new(bin)
         .arg("--config")
         .arg(&config)
         .arg("prune")
@@ -532,20 +544,10 @@ async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
         let dir = tmp.path().join("cache");
         let url = format!("sqlite://{}/bench.db", tmp.path().display());
         let (driver, db) = populated(&dir, &url, n, 1024).await;
-        let started = Instant::now();
-        let report = driver
-            .prune(PrunePolicy {
-                max_size: (n as u64 * 1024) / 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        prune_secs.push(started.elapsed().as_secs_f64());
-        assert_eq!(report.files(), n / 2);
-
-        // n stalled incomplete/ files and n invalid/ files, and the same tree for rm -rf.
-        let twin = tmp.path().join("twin");
-        stale_files(&[&dir, &twin], n);
+        // The clean first, in the sequence Glance's (`glance_clean`) runs: the population,
+        // then n stalled incomplete/ files and n invalid/ files, then the clean; so both
+        // remove files made the same way on a tree in the same state.
+        stale_files(&[&dir], n);
         let started = Instant::now();
         let report = driver
             .clean(
@@ -559,6 +561,9 @@ async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
             .unwrap();
         clean_secs.push(started.elapsed().as_secs_f64());
         assert_eq!(report.files(), 2 * n);
+        // The same files again, for rm -rf.
+        let twin = tmp.path().join("twin");
+        stale_files(&[&twin], n);
         let started = Instant::now();
         assert!(
             Command::new("rm")
@@ -569,6 +574,17 @@ async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
                 .success()
         );
         rm_secs.push(started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let report = driver
+            .prune(PrunePolicy {
+                max_size: (n as u64 * 1024) / 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        prune_secs.push(started.elapsed().as_secs_f64());
+        assert_eq!(report.files(), n / 2);
         db.close().await;
     }
     let k = format!("{}k", n / 1000);
@@ -626,6 +642,14 @@ async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
         .insert("clean_over_rm_rf".into(), serde_json::json!(ratio));
 }
 
+/// Whether the part `name` runs: every part unless `BENCH_ONLY` lists some.
+fn part(name: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|p| p.trim() == name),
+        _ => true,
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -644,7 +668,7 @@ fn main() {
             Err(_) if smoke() => vec![2_000],
             Err(_) => vec![10_000, 100_000],
         };
-        for n in sizes {
+        for n in sizes.into_iter().filter(|_| part("ops")) {
             let tmp = tempfile::Builder::new()
                 .prefix("gc-bench-db-")
                 .tempdir_in(bench_dir())
@@ -657,6 +681,7 @@ fn main() {
             ("mariadb", "GLANCE_CACHED_TEST_MYSQL_URL"),
         ] {
             match std::env::var(var) {
+                _ if !part("servers") => {}
                 Ok(url) if !url.is_empty() => {
                     let n = if smoke() { 2_000 } else { 10_000 };
                     driver_ops(&mut figures, backend, &url, n, None).await;
@@ -665,9 +690,12 @@ fn main() {
                 _ => eprintln!("{backend}: {var} not set, skipped (scripts/bench sets it)"),
             }
         }
-        prune_and_clean(&mut figures, glance.as_ref()).await;
-        if let Some(g) = &glance {
-            prune_commands(&mut figures, g).await;
+        if part("prune_clean") {
+            prune_and_clean(&mut figures, glance.as_ref()).await;
+        }
+        match &glance {
+            Some(g) if part("prune_commands") => prune_commands(&mut figures, g).await,
+            _ => {}
         }
     });
     let cores = std::thread::available_parallelism()

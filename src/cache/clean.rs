@@ -2,8 +2,9 @@
 //!
 //! Glance's rule, with our decisions: one failed delete never aborts the rest, files that
 //! vanish meanwhile are fine, symlinks and other non-regular entries are skipped (never
-//! followed, and counted in one warning per pass), a file a writer still holds is never
-//! removed however long it pauses, a replaced subdirectory is refused (the other area is
+//! followed, and counted in one warning per pass), a file a writer still holds in
+//! `incomplete/` is never removed however long it pauses (nothing is written in
+//! `invalid/`, so no lock is asked for there), a replaced subdirectory is refused (the other area is
 //! still cleaned), and the report says what was removed and when the next file can stall.
 
 use std::path::PathBuf;
@@ -14,9 +15,6 @@ use tracing::{info, warn};
 use super::layout::{Area, CacheLayout, Removal, Skipped};
 use super::{CacheDriver, CacheError};
 use crate::image_id::ImageId;
-
-/// When an `invalid/` file whose writer still held it is looked at again.
-const INVALID_LOCKED_RETRY: Duration = Duration::from_secs(1);
 
 /// When files count as leftovers.
 #[derive(Debug, Clone, Copy)]
@@ -120,14 +118,9 @@ fn clean_blocking(
             match layout.remove_due(area, &file, is_due) {
                 Ok(Removal::BeingWritten) => {
                     report.being_written += 1;
-                    // A failed write moves its file here and closes it a moment later:
-                    // look again soon. A paused download is looked at again when it
-                    // could next stall.
-                    let again = match area {
-                        Area::Invalid => INVALID_LOCKED_RETRY,
-                        _ => age_limit,
-                    };
-                    let due_at = now.checked_add(again).unwrap_or(now);
+                    // A paused download (only `incomplete/` files have writers) is looked
+                    // at again when it could next stall.
+                    let due_at = now.checked_add(age_limit).unwrap_or(now);
                     report.next_due = Some(report.next_due.map_or(due_at, |t| t.min(due_at)));
                 }
                 Ok(Removal::Changed) => {} // vanished or replaced meanwhile

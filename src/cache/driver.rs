@@ -206,10 +206,9 @@ impl CacheDriver {
         // marker, try the image and give up on it before the insert below, which must
         // then not revive the failure (it is newer than the request).
         let requested = DbTime::from_utc(clock::now());
-        let marker = self.layout().path(Area::Queue, id);
+        // The checks and the marker in one trip to a blocking thread: the create writes
+        // a directory, and a slow disk must not hold a runtime thread (ARCHITECTURE.md).
         let (layout, marker_id) = (self.layout().clone(), id.clone());
-        // The checks and the marker in one trip to a blocking thread: each trip costs
-        // more than the stat it makes (BENCHMARKS.md, Glance side by side).
         let refused = blocking(move || {
             if layout.exists(Area::Cached, &marker_id) {
                 return Ok(Some("already cached"));
@@ -219,14 +218,15 @@ impl CacheDriver {
             }
             // A marker alone (Glance's PUT /v2/cache/{id}) means queued: the exclusive
             // create is that check and the marker at once.
-            if layout.create_marker(&marker_id)? {
-                Ok(None)
-            } else {
-                Ok(Some("already queued"))
-            }
+            Ok(match layout.create_marker(&marker_id)? {
+                true => None,
+                false => Some("already queued"),
+            })
         })
         .await
-        .map_err(CacheError::io("create queue marker", marker))?;
+        .map_err(|e: std::io::Error| {
+            CacheError::io("create queue marker", self.layout().path(Area::Queue, id))(e)
+        })?;
         if let Some(reason) = refused {
             debug!(image_id = %id, "not queueing: {reason}");
             return Ok(false);
@@ -235,9 +235,8 @@ impl CacheDriver {
         // adopted the marker just made): queued either way.
         self.db().enqueue(id.as_str(), requested).await?;
         // A prefetcher may have claimed, published and dequeued the image meanwhile:
-        // then the marker is stale and goes. One stat on the held root handle, made here
-        // rather than on a blocking thread: the trip there and back costs more than the
-        // stat (BENCHMARKS.md, "Glance 33's driver in the same run").
+        // then the marker is stale and goes. One stat on the held root handle, made here:
+        // it reads no directory the marker's create did not just bring into memory.
         if self.is_cached(id) {
             self.dequeue_cached(id).await?;
         }

@@ -496,8 +496,8 @@ impl CacheLayout {
     }
 
     /// The cleaner's removal of a listed leftover: only the very file that was listed,
-    /// only while `still_due` holds for its mtime now, and never while a writer holds
-    /// its lock (`lock_for_writing`), whatever its age.
+    /// only while `still_due` holds for its mtime now, and in `incomplete/` never while a
+    /// writer holds its lock (`lock_for_writing`), whatever its age.
     pub fn remove_due(
         &self,
         area: Area,
@@ -506,6 +506,35 @@ impl CacheLayout {
     ) -> io::Result<Removal> {
         let dir = self.fd(area)?;
         let name = file.image_id.as_str();
+        if area == Area::Invalid {
+            // No write goes on in `invalid/`: writers create and write in `incomplete/`,
+            // and only one that gave up moves its own file here (`move_own`), done with
+            // it: it publishes nothing from here, and its close follows. So there is no
+            // lock to honour, and no descriptor to open for one: the name's stat just
+            // before the unlink tells the listed file, still due, from anything else.
+            let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
+                Err(e) => return Err(e.into()),
+            };
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+                || (st.st_dev, st.st_ino) != file.identity
+            {
+                return Ok(Removal::Changed);
+            }
+            if !still_due(mtime(&st)) {
+                return Ok(Removal::Rewritten {
+                    modified: mtime(&st),
+                });
+            }
+            return match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                Ok(()) => Ok(Removal::Removed {
+                    bytes: st.st_size.max(0) as u64,
+                }),
+                Err(rustix::io::Errno::NOENT) => Ok(Removal::Changed),
+                Err(e) => Err(e.into()),
+            };
+        }
         // O_NONBLOCK: a FIFO swapped in meanwhile cannot block us; O_NOFOLLOW: nor can
         // a symlink lead us out.
         let fd = match rustix::fs::openat(
@@ -900,5 +929,46 @@ mod tests {
                 .unwrap(),
             Removal::Removed { bytes: 0 }
         );
+    }
+
+    /// In `invalid/` no lock is taken (no writer writes there): a file a failed writer
+    /// moved there and still holds goes, but only the listed file, and only while due.
+    #[test]
+    fn an_invalid_file_goes_without_its_lock_but_only_as_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let id = ImageId::parse("w").unwrap();
+        let file = layout.create_new(Area::Incomplete, &id).unwrap();
+        assert!(layout.lock_for_writing(&file).unwrap());
+        assert!(
+            layout
+                .move_own(&file, Area::Incomplete, Area::Invalid, &id)
+                .unwrap()
+        );
+        let listed = layout.list(Area::Invalid).unwrap().files.remove(0);
+        // Written since the listing: not due now.
+        assert!(matches!(
+            layout
+                .remove_due(Area::Invalid, &listed, |_| false)
+                .unwrap(),
+            Removal::Rewritten { .. }
+        ));
+        // Another file swapped in at the name after the listing stays.
+        let invalid = layout.dir(Area::Invalid);
+        fs::rename(invalid.join("w"), invalid.join("aside")).unwrap();
+        fs::write(invalid.join("w"), b"other").unwrap();
+        assert_eq!(
+            layout.remove_due(Area::Invalid, &listed, |_| true).unwrap(),
+            Removal::Changed
+        );
+        assert_eq!(fs::read(invalid.join("w")).unwrap(), b"other");
+        // The listed file, back at its name and still held by its writer, goes.
+        fs::rename(invalid.join("aside"), invalid.join("w")).unwrap();
+        assert_eq!(
+            layout.remove_due(Area::Invalid, &listed, |_| true).unwrap(),
+            Removal::Removed { bytes: 0 }
+        );
+        assert!(!invalid.join("w").exists());
+        drop(file);
     }
 }

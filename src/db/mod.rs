@@ -17,12 +17,14 @@ pub(crate) mod time;
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
+use tracing::debug;
 
 pub(crate) use cached_images::{CachedImageRow, LruCursor};
 pub(crate) use lease::{LeaseHolder, LeaseOutcome};
@@ -34,6 +36,22 @@ pub use time::DbTime;
 /// How long a SQLite statement waits for another writer (Glance's API on the same node,
 /// a CLI call) before failing with "database is locked".
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Statements after which our background checkpointer copies the SQLite WAL back into
+/// the database (`PRAGMA wal_checkpoint(PASSIVE)`): a commit then only appends to the
+/// WAL, and the checkpoint's two fsyncs are off the request path. Counted, not timed,
+/// so an idle daemon (a lease renewal every 20 s) wakes for none.
+const SQLITE_CHECKPOINT_AFTER: u64 = 64;
+
+/// The least time between two background checkpoints: a burst of writes is copied back
+/// some ten times a second, not after every 64th statement.
+const SQLITE_CHECKPOINT_SPACING: Duration = Duration::from_millis(100);
+
+/// WAL pages after which a commit of ours still checkpoints inline (SQLite's
+/// `wal_autocheckpoint`, 1,000 by default): a bound on the WAL (some 40 MB) should the
+/// background checkpointer fall behind, never reached at its pace otherwise. Glance's own
+/// connections keep SQLite's default.
+const SQLITE_WAL_BOUND_PAGES: u32 = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -106,6 +124,9 @@ pub(crate) enum Pool {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// SQLite, read-write: the connection kept aside for the hot one-statement writes
+    /// (`enqueue`), and the background checkpointer. `None` otherwise.
+    sqlite: Option<Arc<SqliteExtras>>,
     /// Whether `migrate` may create Glance's cache tables when the database has none.
     create_glance_tables: bool,
     /// Where each operation's duration goes (the daemon's metrics), if anywhere.
@@ -151,7 +172,9 @@ macro_rules! on_pool {
             $crate::db::Pool::Sqlite($pool) => {
                 let $d = $crate::db::Dialect::Sqlite;
                 let _ = $d;
-                $body
+                let value = $body;
+                $db.count_sqlite_statement();
+                value
             }
             $crate::db::Pool::Postgres($pool) => {
                 let $d = $crate::db::Dialect::Postgres;
@@ -204,22 +227,43 @@ impl Db {
             backend: dialect.name(),
             source,
         };
+        let mut sqlite = None;
         let pool = match dialect {
             Dialect::Sqlite => {
                 let opts = match &options.sqlite_file {
                     Some(path) => SqliteConnectOptions::new().filename(path),
                     None => SqliteConnectOptions::from_str(url).map_err(connect_err)?,
                 };
-                let opts = opts
+                // NORMAL in WAL mode: a commit survives a crash of the process (the WAL
+                // is written before the commit returns) and is fsynced at checkpoints.
+                let mut opts = opts
                     .create_if_missing(!options.read_only)
                     .read_only(options.read_only)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT);
+                if !options.read_only {
+                    opts = opts.pragma("wal_autocheckpoint", SQLITE_WAL_BOUND_PAGES.to_string());
+                }
                 let pool = pool_options::<sqlx::Sqlite>(options)
                     .connect_with(opts)
                     .await
                     .map_err(connect_err)?;
+                if !options.read_only {
+                    let due = Arc::new(tokio::sync::Notify::new());
+                    let statements = Arc::new(AtomicU64::new(0));
+                    let checkpointer = tokio::spawn(checkpoint_when_due(
+                        pool.clone(),
+                        due.clone(),
+                        statements.clone(),
+                    ));
+                    sqlite = Some(Arc::new(SqliteExtras {
+                        writer: tokio::sync::Mutex::new(None),
+                        statements,
+                        due,
+                        checkpointer,
+                    }));
+                }
                 Pool::Sqlite(pool)
             }
             Dialect::Postgres => {
@@ -251,6 +295,7 @@ impl Db {
         };
         Ok(Db {
             pool,
+            sqlite,
             create_glance_tables: options.create_glance_tables,
             query_seconds: None,
         })
@@ -274,10 +319,144 @@ impl Db {
         }
     }
 
-    /// Closes every connection, waiting for the ones in use to be returned.
+    /// Closes every connection, waiting for the ones in use to be returned. A SQLite
+    /// database is checkpointed first (as far as other processes' readers allow), so a
+    /// short-lived command leaves no WAL behind for others to replay.
     pub async fn close(&self) {
+        if let (Pool::Sqlite(pool), Some(extras)) = (&self.pool, &self.sqlite) {
+            extras.checkpointer.abort();
+            if let Some(writer) = extras.writer.lock().await.take()
+                && let Err(error) = sqlx::Connection::close(writer).await
+            {
+                debug!(%error, "closing the SQLite writer connection");
+            }
+            if let Err(error) = checkpoint(pool).await {
+                debug!(%error, "SQLite checkpoint at close");
+            }
+        }
         on_pool!(self, |pool, _d| pool.close().await)
     }
+
+    /// Counts one SQLite statement run to its end (after its commit, so a checkpoint
+    /// that follows the count finds its pages), waking the checkpointer every
+    /// `SQLITE_CHECKPOINT_AFTER` (reads count too: a checkpoint with nothing to copy is
+    /// one read of the WAL index).
+    pub(crate) fn count_sqlite_statement(&self) {
+        if let Some(extras) = &self.sqlite {
+            let n = extras.statements.fetch_add(1, AtomicOrdering::Relaxed);
+            if n % SQLITE_CHECKPOINT_AFTER == SQLITE_CHECKPOINT_AFTER - 1 {
+                extras.due.notify_one();
+            }
+        }
+    }
+
+    /// SQLite, read-write: the connection for one-statement writes, held until the
+    /// returned guard drops (`None` for other databases and read-only handles). One
+    /// connection, not the pool's: a pool connection is pinged on its way back (a second
+    /// trip to its thread per statement), and SQLite takes one writer at a time anyway.
+    pub(crate) async fn sqlite_writer(&self) -> Result<Option<SqliteWriter<'_>>, sqlx::Error> {
+        let (Pool::Sqlite(pool), Some(extras)) = (&self.pool, &self.sqlite) else {
+            return Ok(None);
+        };
+        let mut held = extras.writer.lock().await;
+        // After `close`, no new connection: the pool's statements fail alike.
+        if pool.is_closed() {
+            return Err(sqlx::Error::PoolClosed);
+        }
+        if held.is_none() {
+            let conn = sqlx::ConnectOptions::connect(&*pool.connect_options()).await?;
+            *held = Some(conn);
+        }
+        Ok(Some(SqliteWriter {
+            held,
+            finished: false,
+        }))
+    }
+}
+
+/// What a read-write SQLite `Db` has besides its pool.
+struct SqliteExtras {
+    writer: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
+    /// Statements run to their end, for `SQLITE_CHECKPOINT_AFTER`.
+    statements: Arc<AtomicU64>,
+    /// Wakes the checkpointer.
+    due: Arc<tokio::sync::Notify>,
+    checkpointer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SqliteExtras {
+    fn drop(&mut self) {
+        // The last handle is gone: so is the checkpointer's reason to run (it holds the
+        // pool, which would otherwise outlive every handle).
+        self.checkpointer.abort();
+    }
+}
+
+/// The SQLite writer connection while one statement runs on it (`Db::sqlite_writer`).
+/// Unless `finished` says the statement ran to its end, the connection is dropped with
+/// the guard: a statement cancelled half-way or failed leaves no doubtful state behind
+/// for the next caller, who opens a fresh one.
+pub(crate) struct SqliteWriter<'a> {
+    held: tokio::sync::MutexGuard<'a, Option<sqlx::SqliteConnection>>,
+    finished: bool,
+}
+
+impl SqliteWriter<'_> {
+    /// The connection. `None` only after `finish`, which consumes the guard.
+    pub(crate) fn conn(&mut self) -> Option<&mut sqlx::SqliteConnection> {
+        self.held.as_mut()
+    }
+
+    /// The statement ran to its end: the connection stays for the next one.
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SqliteWriter<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.held.take();
+        }
+    }
+}
+
+/// Checkpoints the pool's database when `due` is notified (every
+/// `SQLITE_CHECKPOINT_AFTER` statements), then every `SQLITE_CHECKPOINT_SPACING` for as
+/// long as statements keep coming and once after the last, so a burst's tail is copied
+/// back too; until the pool closes (or the task is aborted with the last `Db` handle).
+/// A failed checkpoint (the database busy with another process's) is tried again the
+/// next time.
+async fn checkpoint_when_due(
+    pool: SqlitePool,
+    due: Arc<tokio::sync::Notify>,
+    statements: Arc<AtomicU64>,
+) {
+    loop {
+        due.notified().await;
+        loop {
+            if pool.is_closed() {
+                return;
+            }
+            let before = statements.load(AtomicOrdering::Relaxed);
+            if let Err(error) = checkpoint(&pool).await {
+                debug!(%error, "SQLite background checkpoint");
+            }
+            tokio::time::sleep(SQLITE_CHECKPOINT_SPACING).await;
+            if statements.load(AtomicOrdering::Relaxed) == before {
+                break;
+            }
+        }
+    }
+}
+
+/// A passive checkpoint: copies back what no reader still needs, waits for no one (a
+/// WAL already copied back costs a read of its index, no write, no fsync).
+async fn checkpoint(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        .execute(pool)
+        .await
+        .map(drop)
 }
 
 /// The pool settings every backend shares.

@@ -126,28 +126,48 @@ impl NodeDb {
              queued_at = ?, next_attempt_at = ?, last_error = NULL, claimed_by = NULL, \
              claimed_until = NULL WHERE node_reference_id = ? AND image_id = ? \
              AND state = 'failed' AND next_attempt_at < ?";
-        let inserted = on_pool!(self.db, |pool, d| {
-            let q = match d {
-                Dialect::MySql => {
-                    "INSERT IGNORE INTO glance_cached_queue \
-                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-                     VALUES (?, ?, ?, 0, ?, 'queued')"
-                }
-                _ => {
-                    "INSERT INTO glance_cached_queue \
-                     (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-                     VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) DO NOTHING"
-                }
-            };
-            sqlx::query(sql(d, q))
-                .bind(self.node.0)
-                .bind(image_id)
-                .bind(queued_at)
-                .bind(queued_at)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
+        // PostgreSQL's and SQLite's (MySQL has no ON CONFLICT).
+        const INSERT: &str = "INSERT INTO glance_cached_queue \
+             (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
+             VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) DO NOTHING";
+        // SQLite: on the connection kept for such writes, one trip to its thread.
+        let inserted = match self.db.sqlite_writer().await? {
+            Some(mut writer) => {
+                let _timer = crate::metrics::QueryTimer::start(self.db.query_seconds.as_ref());
+                let Some(conn) = writer.conn() else {
+                    return Err(sqlx::Error::PoolClosed.into());
+                };
+                let inserted = sqlx::query(INSERT)
+                    .bind(self.node.0)
+                    .bind(image_id)
+                    .bind(queued_at)
+                    .bind(queued_at)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                writer.finish();
+                self.db.count_sqlite_statement();
+                inserted
+            }
+            None => on_pool!(self.db, |pool, d| {
+                let q = match d {
+                    Dialect::MySql => {
+                        "INSERT IGNORE INTO glance_cached_queue \
+                         (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
+                         VALUES (?, ?, ?, 0, ?, 'queued')"
+                    }
+                    _ => INSERT,
+                };
+                sqlx::query(sql(d, q))
+                    .bind(self.node.0)
+                    .bind(image_id)
+                    .bind(queued_at)
+                    .bind(queued_at)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }),
+        };
         if inserted > 0 {
             return Ok(true);
         }

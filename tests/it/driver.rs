@@ -1190,3 +1190,105 @@ async fn large_image_spanning_writeback_windows_publishes_intact() {
     );
     t.finish().await;
 }
+
+/// SQLite's WAL as glance-cached leaves it: checkpointed off the request path, and at
+/// close, with a queued image claimable at once by another process's pool.
+mod sqlite_wal {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// The database file of a SQLite `TestDb`.
+    fn database_file(t: &TestCache) -> PathBuf {
+        PathBuf::from(t.db.url.strip_prefix("sqlite://").unwrap())
+    }
+
+    /// The WAL's last frame and how many frames are copied back into the database, from
+    /// the `-shm` wal-index (`mxFrame` at byte 16 of its header, `nBackfill` at 96).
+    fn wal_frames(db: &Path) -> (u32, u32) {
+        let shm = std::fs::read(format!("{}-shm", db.display())).unwrap();
+        let word = |at: usize| u32::from_ne_bytes(shm[at..at + 4].try_into().unwrap());
+        (word(16), word(96))
+    }
+
+    /// Queues `n` images through the driver, each claimed at once through `other`.
+    async fn queue_and_claim(t: &TestCache, other: &CacheDriver, prefix: &str, n: usize) {
+        for i in 0..n {
+            let image = format!("{prefix}-{i}");
+            assert!(t.driver.queue_image(&id(&image)).await.unwrap());
+            assert!(t.path(&format!("queue/{image}")).is_file());
+            let claimed = other
+                .claim_next("other", Utc::now(), Duration::from_secs(60))
+                .await
+                .unwrap()
+                .expect("a queued image is claimable at once");
+            assert_eq!(claimed.image_id.as_str(), image);
+        }
+    }
+
+    /// Far fewer pages than our `wal_autocheckpoint` (10,000) are written, so no commit
+    /// checkpoints: the background checkpointer copies the WAL back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_checkpointed_in_the_background() {
+        let t = TestCache::new(Backend::Sqlite).await.unwrap();
+        // Another process's pool: it claims, so it writes (and checkpoints) too.
+        let other_db = t.db.connect().await;
+        let other = CacheDriver::configure(t.layout.clone(), other_db.clone(), t.node_db.url())
+            .await
+            .unwrap();
+        // More statements than the checkpointer's trigger, far fewer pages than any
+        // bound that would make a commit checkpoint.
+        queue_and_claim(&t, &other, "bg", 100).await;
+        let db = database_file(&t);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (last, copied) = wal_frames(&db);
+            if last > 0 && copied == last {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL stays unchecked: {copied} of {last} frames copied back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        other_db.close().await;
+        t.finish().await;
+    }
+
+    /// Closing leaves the WAL copied back even while another process keeps the database
+    /// open (so SQLite's own checkpoint at the last close does not run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_checkpoints_beside_another_process() {
+        let t = TestCache::new(Backend::Sqlite).await.unwrap();
+        // A reader only: it never checkpoints.
+        let reader = Db::connect(
+            &t.db.url,
+            &DbOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let reader_node = NodeDb::open_read_only(reader.clone(), t.node_db.url())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            assert!(
+                t.driver
+                    .queue_image(&id(&format!("close-{i}")))
+                    .await
+                    .unwrap()
+            );
+        }
+        let db = database_file(&t);
+        t.node_db.db().close().await;
+        let (last, copied) = wal_frames(&db);
+        assert!(last > 0, "the reader keeps the WAL");
+        assert_eq!(copied, last, "frames left in the WAL after close");
+        // The reader still reads everything.
+        assert_eq!(reader_node.count_queued().await.unwrap(), 5);
+        reader.close().await;
+        t.db.drop_database().await;
+    }
+}
