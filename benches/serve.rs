@@ -20,7 +20,11 @@
 //!   cargo bench --bench serve
 //!   BENCH_SMOKE=1 cargo bench --bench serve       # 64 MiB, 1 s wrk runs, one round
 //!   BENCH_SERVE_MIB=4096 BENCH_WRK_SECONDS=30 cargo bench --bench serve
+//!   BENCH_SERVE_PARTS=bulk,ranges BENCH_SERVE_GLANCE=0 cargo bench --bench serve
 //!
+//! `BENCH_SERVE_PARTS` (a comma list of `bulk`, `small`, `ranges`; all by default)
+//! selects the figures measured, for A/B runs of one part; `BENCH_SERVE_GLANCE=0` leaves
+//! glance-api out (its import and its slow small-file runs take most of a run's time).
 //! nginx (`apt-get install nginx-light`) and wrk (`apt-get install wrk`) are required
 //! (scripts/bench installs them as root): without them the benchmark says so and stops.
 //! Without the Glance virtualenv (`GLANCE_CACHED_TEST_GLANCE_PYTHON`) glance-api's rows
@@ -79,6 +83,13 @@ fn wrk_seconds() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if common::smoke() { 1 } else { 10 })
+}
+
+/// Whether `part` (`bulk`, `small`, `ranges`) is to be measured: `BENCH_SERVE_PARTS`.
+fn measures(part: &str) -> bool {
+    std::env::var("BENCH_SERVE_PARTS")
+        .map(|parts| parts.split(',').any(|p| p.trim() == part))
+        .unwrap_or(true)
 }
 
 fn load_average() -> String {
@@ -554,7 +565,11 @@ fn main() {
         (sources[1].0.as_path(), small),
         (sources[2].0.as_path(), SMALL_BYTES),
     ];
-    servers.extend(start_glance(dir, &glance_sources));
+    if std::env::var("BENCH_SERVE_GLANCE").as_deref() == Ok("0") {
+        println!("glance-api: not measured (BENCH_SERVE_GLANCE=0)");
+    } else {
+        servers.extend(start_glance(dir, &glance_sources));
+    }
     for (src, _) in &sources {
         std::fs::remove_file(src).unwrap();
     }
@@ -570,11 +585,15 @@ fn main() {
     for _ in 0..rounds {
         // Interleaved, so a noisy moment hits every server alike.
         for (s, r) in servers.iter().zip(results.iter_mut()) {
-            r.one.push(one_big(s, big));
-            r.many.push(bulk(s, small));
-            r.small_few.push(loaded(s, &wrk, FEW, None, &s.ids.small));
-            r.small_many.push(loaded(s, &wrk, MANY, None, &s.ids.small));
-            if !matches!(s.process, Process::Glance(_)) {
+            if measures("bulk") {
+                r.one.push(one_big(s, big));
+                r.many.push(bulk(s, small));
+            }
+            if measures("small") {
+                r.small_few.push(loaded(s, &wrk, FEW, None, &s.ids.small));
+                r.small_many.push(loaded(s, &wrk, MANY, None, &s.ids.small));
+            }
+            if measures("ranges") && !matches!(s.process, Process::Glance(_)) {
                 r.ranges
                     .push(loaded(s, &wrk, MANY, Some(&script), &s.ids.big));
             }
@@ -616,7 +635,8 @@ fn report(servers: &[Server], results: &[Rounds], rounds: usize, started: &str, 
             "range_bytes": RANGE_BYTES, "ranges": load_json(&r.ranges),
         }));
     }
-    let ratio = |k: &str| json[0][k].as_f64().unwrap() / json[1][k].as_f64().unwrap();
+    let ratio =
+        |k: &str| json[0][k].as_f64().unwrap_or(f64::NAN) / json[1][k].as_f64().unwrap_or(f64::NAN);
     println!(
         "| ours / nginx | {:.2} | {:.2} | {:.2} | {:.2} |",
         ratio("single_gbps"),

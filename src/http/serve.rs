@@ -32,13 +32,16 @@ use super::serve_auth::{self, Peer};
 use crate::cache::{CacheError, ReaderGuard};
 use crate::image_id::ImageId;
 
-/// Bytes per chunk of an image body (a read, or one sendfile placeholder). Large enough
+/// Bytes per chunk of an image body read into memory (TLS, unix sockets). Large enough
 /// that a read and a socket write per chunk cost little next to copying it (1 GiB is
 /// 1024 of them), small enough that one connection holds at most two (the one being
 /// written, the next being read) and that a huge image yields the runtime to other
-/// connections between chunks: hyper polls the body once per chunk written, and a
+/// connections between chunks: hyper polls the body once per chunk written.
+const CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes per chunk of an image body sent with `sendfile` (one placeholder): larger, as
+/// nginx's `sendfile_max_chunk`, since it holds no memory (see `sendfile`); a
 /// `sendfile` sends at most what the socket takes, returning `WouldBlock` after.
-const CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
+const LANE_CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
 
 /// The image id of Glance's download path, `/v2/images/{image_id}/file`, as written
 /// (not yet validated).
@@ -310,7 +313,7 @@ pub(crate) fn answer(
 /// With a `SendfileLane` (plain TCP), each chunk is queued on the lane and yielded as
 /// its placeholder: the connection's IO sends it from the page cache with `sendfile`,
 /// on the runtime thread. So that a cold file's reads are not waited for there, each
-/// chunk's pages are asked for (`POSIX_FADV_WILLNEED`, on the blocking pool: it
+/// chunk's pages, unless cached, are asked for (`POSIX_FADV_WILLNEED`, on the blocking pool: it
 /// submits the reads, which may wait on the disk's queue) one chunk ahead of its send;
 /// a page still not read when its chunk is sent is waited for on the runtime thread,
 /// for the rest of a read already under way.
@@ -357,14 +360,15 @@ impl FileBody {
     }
 
     /// With a lane: asks the kernel to read the chunk at `offset` into the page cache
-    /// (fire and forget: advice that fails only costs the wait it would have saved).
+    /// (fire and forget: advice that fails only costs the wait it would have saved),
+    /// unless it is there already (`sendfile::in_page_cache`: no trip to the pool).
     fn advise(&self, offset: u64) {
         let end = self.offset.saturating_add(self.remaining);
-        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(CHUNK_BYTES))
+        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(LANE_CHUNK_BYTES))
         else {
             return;
         };
-        if self.lane.is_none() {
+        if self.lane.is_none() || sendfile::in_page_cache(&self.file, offset, len.get()) {
             return;
         }
         let file = self.file.clone();
@@ -419,8 +423,8 @@ impl Body for FileBody {
             if this.remaining == 0 {
                 return Poll::Ready(None);
             }
-            let len = this.remaining.min(CHUNK_BYTES);
-            // CHUNK_BYTES fits in a usize.
+            let len = this.remaining.min(LANE_CHUNK_BYTES);
+            // LANE_CHUNK_BYTES fits in a usize.
             let placeholder = match lane.chunk(&this.file, this.offset, len as usize) {
                 Ok(placeholder) => placeholder,
                 Err(e) => return Poll::Ready(Some(Err(e))),
