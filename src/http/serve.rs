@@ -313,7 +313,7 @@ pub(crate) fn answer(
 /// With a `SendfileLane` (plain TCP), each chunk is queued on the lane and yielded as
 /// its placeholder: the connection's IO sends it from the page cache with `sendfile`,
 /// on the runtime thread. So that a cold file's reads are not waited for there, each
-/// chunk's pages, unless cached, are asked for (`POSIX_FADV_WILLNEED`, on the blocking pool: it
+/// chunk's pages are asked for (`POSIX_FADV_WILLNEED`, on the blocking pool: it
 /// submits the reads, which may wait on the disk's queue) one chunk ahead of its send;
 /// a page still not read when its chunk is sent is waited for on the runtime thread,
 /// for the rest of a read already under way.
@@ -360,15 +360,14 @@ impl FileBody {
     }
 
     /// With a lane: asks the kernel to read the chunk at `offset` into the page cache
-    /// (fire and forget: advice that fails only costs the wait it would have saved),
-    /// unless it is there already (`sendfile::in_page_cache`: no trip to the pool).
+    /// (fire and forget: advice that fails only costs the wait it would have saved).
     fn advise(&self, offset: u64) {
         let end = self.offset.saturating_add(self.remaining);
         let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(LANE_CHUNK_BYTES))
         else {
             return;
         };
-        if self.lane.is_none() || sendfile::in_page_cache(&self.file, offset, len.get()) {
+        if self.lane.is_none() {
             return;
         }
         let file = self.file.clone();
