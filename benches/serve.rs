@@ -22,10 +22,12 @@
 //!   BENCH_SERVE_MIB=4096 BENCH_WRK_SECONDS=30 cargo bench --bench serve
 //!   BENCH_SERVE_PARTS=small cargo bench --bench serve   # only the 4 KiB runs
 //!   BENCH_SERVE_PARTS=small BENCH_SERVE_SMALL_BYTES=65536 cargo bench --bench serve
+//!   BENCH_SERVE_PARTS=bulk,ranges BENCH_SERVE_GLANCE=0 cargo bench --bench serve
 //!
 //! `BENCH_SERVE_PARTS` (a comma-separated list of `bulk`, `small`, `ranges`; all by
 //! default) picks the runs, for an A/B of one part; the tables of the others show NaN.
-//!
+//! `BENCH_SERVE_GLANCE=0` leaves glance-api out (its import and its slow small-file
+//! runs take most of a run's time).
 //! nginx (`apt-get install nginx-light`) and wrk (`apt-get install wrk`) are required
 //! (scripts/bench installs them as root): without them the benchmark says so and stops.
 //! Without the Glance virtualenv (`GLANCE_CACHED_TEST_GLANCE_PYTHON`) glance-api's rows
@@ -572,7 +574,11 @@ fn main() {
         (sources[1].0.as_path(), small),
         (sources[2].0.as_path(), small_bytes()),
     ];
-    servers.extend(start_glance(dir, &glance_sources));
+    if std::env::var("BENCH_SERVE_GLANCE").as_deref() == Ok("0") {
+        println!("glance-api: not measured (BENCH_SERVE_GLANCE=0)");
+    } else {
+        servers.extend(start_glance(dir, &glance_sources));
+    }
     for (src, _) in &sources {
         std::fs::remove_file(src).unwrap();
     }

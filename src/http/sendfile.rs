@@ -43,8 +43,11 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// The largest placeholder, so the largest chunk a body may queue (`serve`'s chunk).
-pub(crate) const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// The largest placeholder, so the largest chunk a body may queue (`serve`'s chunk):
+/// nginx's `sendfile_max_chunk` (2m by default since 1.21.4), so that one call moves
+/// as much as nginx's and one huge image still yields to other connections between
+/// chunks. 1 MiB cost twice the `sendfile` calls and hyper round trips (BENCHMARKS.md).
+pub(crate) const MAX_CHUNK_BYTES: usize = 2 << 20;
 
 /// Successive placeholders of a lane start `SLOT_STRIDE` bytes apart, over `SLOTS`
 /// places, so a placeholder names its queued range by where it points: one left

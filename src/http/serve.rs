@@ -34,13 +34,16 @@ use super::serve_auth::{self, Peer};
 use crate::cache::{CacheError, ReaderGuard};
 use crate::image_id::ImageId;
 
-/// Bytes per chunk of an image body (a read, or one sendfile placeholder). Large enough
+/// Bytes per chunk of an image body read into memory (TLS, unix sockets). Large enough
 /// that a read and a socket write per chunk cost little next to copying it (1 GiB is
 /// 1024 of them), small enough that one connection holds at most two (the one being
 /// written, the next being read) and that a huge image yields the runtime to other
-/// connections between chunks: hyper polls the body once per chunk written, and a
+/// connections between chunks: hyper polls the body once per chunk written.
+const CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes per chunk of an image body sent with `sendfile` (one placeholder): larger, as
+/// nginx's `sendfile_max_chunk`, since it holds no memory (see `sendfile`); a
 /// `sendfile` sends at most what the socket takes, returning `WouldBlock` after.
-const CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
+const LANE_CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
 
 /// The largest image a `GET` reads whole when it opens it (one trip to the blocking pool
 /// for the open, the `fstat` and the bytes) and sends from memory, headers and body in
@@ -430,7 +433,7 @@ impl FileBody {
     /// (fire and forget: advice that fails only costs the wait it would have saved).
     fn advise(&self, offset: u64) {
         let end = self.offset.saturating_add(self.remaining);
-        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(CHUNK_BYTES))
+        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(offset).min(LANE_CHUNK_BYTES))
         else {
             return;
         };
@@ -489,8 +492,8 @@ impl Body for FileBody {
             if this.remaining == 0 {
                 return Poll::Ready(None);
             }
-            let len = this.remaining.min(CHUNK_BYTES);
-            // CHUNK_BYTES fits in a usize.
+            let len = this.remaining.min(LANE_CHUNK_BYTES);
+            // LANE_CHUNK_BYTES fits in a usize.
             let placeholder = match lane.chunk(&this.file, this.offset, len as usize) {
                 Ok(placeholder) => placeholder,
                 Err(e) => return Poll::Ready(Some(Err(e))),
