@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, ResolveFlags, Stat};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -106,6 +106,23 @@ pub struct FileStat {
     pub size: u64,
     pub modified: SystemTime,
 }
+
+/// What `CacheLayout::try_open_read_cached` did.
+#[derive(Debug)]
+pub enum CachedOpen {
+    /// Opened from memory: the descriptor `open_read` would give.
+    Opened(File),
+    /// Not done: the kernel would have had to wait on the disk (a name not in the
+    /// dentry cache), or cannot open from memory only (no `openat2`, no
+    /// `RESOLVE_CACHED`), or the error is best told by `open_read`. Open with
+    /// `open_read`, on the blocking pool.
+    Fallback,
+}
+
+/// Set when `openat2` with `RESOLVE_CACHED` is refused as unknown (`ENOSYS`: a kernel
+/// before 5.6 or a seccomp filter; `EINVAL`: before 5.12), so that every later open
+/// goes straight to the blocking pool instead of failing one more syscall first.
+static OPENAT2_CACHED_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// Entries of a listing that are not regular files named by valid ids: how many, and
 /// the first few as examples, so a flood of them is one log line per pass.
@@ -650,6 +667,33 @@ impl CacheLayout {
         Ok(File::from(fd))
     }
 
+    /// `open_read`, but only when the kernel can do it without waiting on the disk, so
+    /// that an async caller may call it on a runtime thread: `openat2` with
+    /// `RESOLVE_CACHED` fails with `EAGAIN` instead of reading a directory block or an
+    /// inode (every component must be in the dentry cache; io_uring opens inline the
+    /// same way). Then, or when the kernel has no such open, `CachedOpen::Fallback`.
+    /// Only `Area::Cached`: its handle is the root's, returned by `fd` with no syscall,
+    /// while a subdirectory's handle is checked with a `statat` that could wait.
+    /// Not found and a symlink (`ELOOP`) are answered here, as `open_read` would (the
+    /// dentry cache knows a name is absent only when it has a negative entry for it).
+    /// A FIFO opens at once (`O_NONBLOCK`), as with `open_read`; callers refuse what
+    /// is not a regular file.
+    pub fn try_open_read_cached(&self, area: Area, id: &ImageId) -> io::Result<CachedOpen> {
+        if area.subdir().is_some() || OPENAT2_CACHED_UNAVAILABLE.load(Ordering::Relaxed) {
+            return Ok(CachedOpen::Fallback);
+        }
+        let opened = rustix::fs::openat2(
+            self.fd(area)?,
+            id.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+            // The id is one validated name: BENEATH and NO_SYMLINKS hold anyway, and
+            // say so to the kernel too.
+            ResolveFlags::CACHED | ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        );
+        cached_open_outcome(opened, &OPENAT2_CACHED_UNAVAILABLE)
+    }
+
     /// Opens `id` in `area` for an eviction: for writing when we may (so its blocks can
     /// be freed in paced steps), else for reading (so the unlink stays quick: the blocks
     /// go when this descriptor closes). Never follows a symlink or blocks on a FIFO.
@@ -749,6 +793,26 @@ impl CacheLayout {
 
 /// A stat's mtime as a `SystemTime`, clamped to the epoch on either side of the range
 /// `SystemTime` can hold (never a panic on a hostile timestamp).
+/// What an `openat2(RESOLVE_CACHED)` result means for `try_open_read_cached` (apart, so
+/// that the errors a test cannot provoke on a shared machine, such as a name out of the
+/// dentry cache, are tested): `EAGAIN` falls back; `ENOSYS` and `EINVAL` fall back and
+/// set `unavailable`; not found and a symlink are `open_read`'s errors; any other error
+/// falls back, so that callers see the error the ordinary open gives.
+fn cached_open_outcome(
+    opened: rustix::io::Result<OwnedFd>,
+    unavailable: &AtomicBool,
+) -> io::Result<CachedOpen> {
+    match opened {
+        Ok(fd) => Ok(CachedOpen::Opened(File::from(fd))),
+        Err(e @ (rustix::io::Errno::NOENT | rustix::io::Errno::LOOP)) => Err(e.into()),
+        Err(rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+            unavailable.store(true, Ordering::Relaxed);
+            Ok(CachedOpen::Fallback)
+        }
+        Err(_) => Ok(CachedOpen::Fallback),
+    }
+}
+
 fn mtime(st: &Stat) -> SystemTime {
     let nanos = u32::try_from(st.st_mtime_nsec)
         .unwrap_or(0)
@@ -784,6 +848,96 @@ fn is_own_entry(name: &OsStr) -> bool {
 mod tests {
     use super::*;
     use std::fs;
+
+    fn opened(outcome: io::Result<CachedOpen>) -> File {
+        match outcome {
+            Ok(CachedOpen::Opened(file)) => file,
+            other => panic!("expected an open from memory, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cached_open_finds_a_new_file_and_refuses_what_open_read_refuses() {
+        use std::io::Read;
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let root = layout.root().to_path_buf();
+        // Just created: its dentry and inode are in memory.
+        fs::write(root.join("img1"), b"the image's bytes").unwrap();
+        let id = ImageId::parse("img1").unwrap();
+        let mut bytes = Vec::new();
+        opened(layout.try_open_read_cached(Area::Cached, &id))
+            .read_to_end(&mut bytes)
+            .unwrap();
+        assert_eq!(bytes, b"the image's bytes");
+
+        // A symlink is refused, not followed, as by `open_read`.
+        fs::write(tmp.path().join("secret"), b"outside").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret"), root.join("link1")).unwrap();
+        let link = ImageId::parse("link1").unwrap();
+        let e = layout
+            .try_open_read_cached(Area::Cached, &link)
+            .unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
+        assert!(layout.open_read(Area::Cached, &link).is_err());
+
+        // A FIFO opens at once (O_NONBLOCK) and is no regular file, as with `open_read`.
+        rustix::fs::mkfifoat(&layout.inner.root, "fifo1", Mode::from_raw_mode(0o600)).unwrap();
+        let fifo = ImageId::parse("fifo1").unwrap();
+        let file = opened(layout.try_open_read_cached(Area::Cached, &fifo));
+        assert!(!file.metadata().unwrap().is_file());
+
+        // Absent (a negative dentry after the failed lookup): not found, as `open_read`.
+        let absent = ImageId::parse("absent1").unwrap();
+        let e = layout.open_read(Area::Cached, &absent).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let e = layout
+            .try_open_read_cached(Area::Cached, &absent)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+
+        // The subdirectories' handles are checked with a syscall that may wait: never
+        // opened this way.
+        fs::write(root.join("incomplete/img1"), b"x").unwrap();
+        assert!(matches!(
+            layout.try_open_read_cached(Area::Incomplete, &id),
+            Ok(CachedOpen::Fallback)
+        ));
+    }
+
+    #[test]
+    fn a_name_the_kernel_cannot_open_from_memory_falls_back_and_an_old_kernel_is_remembered() {
+        use rustix::io::Errno;
+        let unavailable = AtomicBool::new(false);
+        // EAGAIN: not in the dentry cache; fall back, try from memory again next time.
+        assert!(matches!(
+            cached_open_outcome(Err(Errno::AGAIN), &unavailable),
+            Ok(CachedOpen::Fallback)
+        ));
+        assert!(!unavailable.load(Ordering::Relaxed));
+        // Other errors are left to `open_read` to tell.
+        assert!(matches!(
+            cached_open_outcome(Err(Errno::ACCESS), &unavailable),
+            Ok(CachedOpen::Fallback)
+        ));
+        assert!(!unavailable.load(Ordering::Relaxed));
+        // Not found and a symlink are answered as `open_read` answers them.
+        let e = cached_open_outcome(Err(Errno::NOENT), &unavailable).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(cached_open_outcome(Err(Errno::LOOP), &unavailable).is_err());
+        // No openat2 (ENOSYS) or no RESOLVE_CACHED (EINVAL): fall back, and remember.
+        for errno in [Errno::NOSYS, Errno::INVAL] {
+            let unavailable = AtomicBool::new(false);
+            assert!(matches!(
+                cached_open_outcome(Err(errno), &unavailable),
+                Ok(CachedOpen::Fallback)
+            ));
+            assert!(unavailable.load(Ordering::Relaxed), "{errno:?}");
+        }
+    }
 
     #[test]
     fn paths_stay_inside_the_cache_dir() {

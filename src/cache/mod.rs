@@ -26,7 +26,7 @@ pub use driver::{CacheDriver, QueuedImage};
 pub(crate) use filling::{FillOutcome, FillProgress, FillState, Filling};
 pub use hits::{HitBook, PendingHits};
 pub(crate) use layout::LayoutError;
-pub use layout::{Area, CacheLayout};
+pub use layout::{Area, CacheLayout, CachedOpen};
 pub use prune::PrunePolicy;
 pub use prune::PruneReport;
 pub(crate) use prune::{PRUNE_STEP_ROWS, PrunePass};

@@ -2,12 +2,16 @@
 //! checksum, an ETag), registered as a reader so that an eviction never breaks its
 //! body (`readers`), its hit counted in memory (`hits`) rather than written, and its
 //! row remembered per file (`RememberedRows`) rather than read again. A small file's
-//! bytes may be read in the open's own trip to the blocking pool (`open_to_serve_reading`).
+//! bytes may be read with the open (`open_to_serve_reading`). The open, its `fstat` and
+//! that read are done on the calling thread when the kernel can do them from memory
+//! (`CacheLayout::try_open_read_cached`, `RWF_NOWAIT`) and refuses instead of waiting on
+//! the disk; otherwise in one trip to the blocking pool (`open_for_serving`).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -15,7 +19,7 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
 
 use super::driver::blocking;
-use super::layout::Area;
+use super::layout::{Area, CacheLayout, CachedOpen};
 use super::readers::ReaderGuard;
 use super::{CacheDriver, CacheError};
 use crate::image_id::ImageId;
@@ -148,17 +152,7 @@ impl CacheDriver {
     ) -> Result<Option<ServedImage>, CacheError> {
         for _ in 0..OPEN_ATTEMPTS {
             let guard = self.readers().register(id);
-            let (layout, read_id) = (self.layout().clone(), id.clone());
-            let opened = blocking(move || {
-                // O_NONBLOCK (in `open_read`) so a planted FIFO cannot hang us.
-                let file = layout.open_read(Area::Cached, &read_id)?;
-                let meta = file.metadata()?;
-                let contents = (meta.is_file() && meta.len() > 0 && meta.len() <= read_up_to)
-                    .then(|| read_whole(&file, meta.len()))
-                    .flatten();
-                Ok::<_, std::io::Error>((file, meta, contents))
-            })
-            .await;
+            let opened = open_for_serving(self.layout(), id, read_up_to).await;
             let (file, meta, contents) = match opened {
                 Ok(opened) => opened,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -239,13 +233,123 @@ impl CacheDriver {
     }
 }
 
+/// Set when the cache's file system refuses `RWF_NOWAIT` reads (`EOPNOTSUPP`): the small
+/// reads then go to the blocking pool without trying first (one file system holds the
+/// cache).
+static NOWAIT_READ_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// What one open for serving found: the file, its metadata and, when asked for, its
+/// bytes (see `ServedImage::contents`).
+type Opened = (File, std::fs::Metadata, Option<Bytes>);
+
+/// Opens `id` in the cache, `fstat`s it and, when it is a regular file of 1 to
+/// `read_up_to` bytes, reads it whole. On this (a runtime) thread as far as the kernel can
+/// go from memory: the open from the dentry cache (`try_open_read_cached`), the `fstat`
+/// of the inode the open just used, the read from the page cache (`read_cached`); each
+/// refuses rather than waits on the disk, and what is left goes to the blocking pool in
+/// one trip (the open and all, or just the rest of the read with the file kept open).
+/// A slow disk therefore still slows only what waits on it, never a runtime thread.
+async fn open_for_serving(
+    layout: &CacheLayout,
+    id: &ImageId,
+    read_up_to: u64,
+) -> std::io::Result<Opened> {
+    let wanted = move |meta: &std::fs::Metadata| {
+        (meta.is_file() && meta.len() > 0 && meta.len() <= read_up_to).then_some(meta.len())
+    };
+    let file = match layout.try_open_read_cached(Area::Cached, id)? {
+        CachedOpen::Opened(file) => file,
+        CachedOpen::Fallback => {
+            let (layout, id) = (layout.clone(), id.clone());
+            return blocking(move || {
+                // O_NONBLOCK (in `open_read`) so a planted FIFO cannot hang us.
+                let file = layout.open_read(Area::Cached, &id)?;
+                let meta = file.metadata()?;
+                let contents = wanted(&meta).and_then(|len| read_whole(&file, len));
+                Ok((file, meta, contents))
+            })
+            .await;
+        }
+    };
+    let meta = file.metadata()?;
+    let Some(len) = wanted(&meta) else {
+        return Ok((file, meta, None));
+    };
+    match read_cached(&file, len) {
+        CachedRead::Whole(bytes) => Ok((file, meta, Some(bytes))),
+        CachedRead::Failed => Ok((file, meta, None)),
+        CachedRead::Partial(start) => {
+            blocking(move || {
+                let contents = read_rest(&file, start, len);
+                Ok((file, meta, contents))
+            })
+            .await
+        }
+    }
+}
+
+/// What `read_cached` read.
+#[derive(Debug)]
+enum CachedRead {
+    /// All of the file.
+    Whole(Bytes),
+    /// The bytes from the page cache up to the first page that is not in memory (or all
+    /// of none, when the file system cannot tell): the rest is `read_rest`'s, on the
+    /// blocking pool.
+    Partial(Vec<u8>),
+    /// An error, or the file ended early: as `read_whole`'s `None`.
+    Failed,
+}
+
+/// The `len` bytes of `file` from the page cache only (`preadv2` with `RWF_NOWAIT`, which
+/// returns `EAGAIN` or a short count rather than start a read from the disk).
+fn read_cached(file: &File, len: u64) -> CachedRead {
+    let Ok(len) = usize::try_from(len) else {
+        return CachedRead::Failed;
+    };
+    if NOWAIT_READ_UNSUPPORTED.load(Ordering::Relaxed) {
+        return CachedRead::Partial(Vec::with_capacity(len));
+    }
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let slice = &mut [std::io::IoSliceMut::new(&mut buf[filled..])];
+        match rustix::io::preadv2(
+            file,
+            slice,
+            filled as u64,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => return CachedRead::Failed,
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                NOWAIT_READ_UNSUPPORTED.store(true, Ordering::Relaxed);
+                break;
+            }
+            Err(_) => return CachedRead::Failed,
+        }
+    }
+    if filled == len {
+        return CachedRead::Whole(Bytes::from(buf));
+    }
+    buf.truncate(filled);
+    CachedRead::Partial(buf)
+}
+
 /// The `len` bytes of `file`, read into fresh (unzeroed) memory; `None` when they cannot
 /// all be read (an error, or a file shorter than its `fstat` said: truncated under us).
 /// Then the caller reads from the file itself, and meets what made this fail there
 /// (the body of a file cut short fails, and the connection with it).
 fn read_whole(file: &File, len: u64) -> Option<Bytes> {
+    read_rest(file, Vec::new(), len)
+}
+
+/// `read_whole` after the first `start.len()` bytes, already read into `start`.
+fn read_rest(file: &File, start: Vec<u8>, len: u64) -> Option<Bytes> {
     let len = usize::try_from(len).ok()?;
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = start;
+    buf.reserve_exact(len.saturating_sub(buf.len()));
     while buf.len() < len {
         let at = buf.len() as u64;
         match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
@@ -256,4 +360,38 @@ fn read_whole(file: &File, len: u64) -> Option<Bytes> {
     // The spare capacity may have held more than asked for.
     buf.truncate(len);
     Some(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_just_written_reads_whole_from_the_page_cache() {
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&data).unwrap();
+        match read_cached(&file, data.len() as u64) {
+            CachedRead::Whole(bytes) => assert_eq!(&bytes[..], &data[..]),
+            other => panic!("expected the whole file from memory, got {other:?}"),
+        }
+        // Truncated under us: as `read_whole`, no contents (the body meets the end).
+        assert!(matches!(
+            read_cached(&file, data.len() as u64 + 1),
+            CachedRead::Failed
+        ));
+    }
+
+    #[test]
+    fn a_partial_read_is_finished_from_where_it_stopped() {
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        file.write_all(&data).unwrap();
+        // As `read_cached` leaves it when a page past the first 4 KiB is not in memory.
+        let start = data[..4096].to_vec();
+        let whole = read_rest(&file, start, data.len() as u64).unwrap();
+        assert_eq!(&whole[..], &data[..]);
+        assert_eq!(read_rest(&file, Vec::new(), data.len() as u64 + 1), None);
+    }
 }
