@@ -32,16 +32,19 @@ const ROW_TIMEOUT: Duration = Duration::from_secs(1);
 const OPEN_ATTEMPTS: usize = 3;
 
 /// The most files whose rows are remembered: past it, all are forgotten (a row is one
-/// query away; the bound keeps a cache of many images from growing this without end).
-const MAX_REMEMBERED_ROWS: usize = 4096;
+/// query away; the bound, some 4 MiB at most, keeps a cache of many images from growing
+/// this without end, and holds a node's hot set of 10,000 images).
+const MAX_REMEMBERED_ROWS: usize = 16_384;
 
 /// The row each served file was opened with, by the file's identity (inode, mtime,
 /// size). A cached file is never rewritten in place (a new copy is renamed over it) and
 /// an image's bytes never change in Glance, so the same file has the same checksum: an
 /// open of a remembered file asks the database nothing. That saves a database round
 /// trip per request (the largest of a small image's costs) and keeps serving at full
-/// speed, checksum included, while the database is slow or away. Only rows with a
-/// checksum that matches the file's size are remembered.
+/// speed, checksum included, while the database is slow or away. A row is remembered
+/// when there is one (a file without a row yet is asked about again), with its checksum
+/// when that matches the file's size, else without one (a row adopted from a file has
+/// none, and the same file never gains one).
 #[derive(Debug, Default)]
 pub(super) struct RememberedRows {
     rows: Mutex<HashMap<ImageId, Remembered>>,
@@ -52,7 +55,7 @@ struct Remembered {
     inode: u64,
     modified: SystemTime,
     size: u64,
-    checksum: String,
+    checksum: Option<String>,
     cached_at: DateTime<Utc>,
 }
 
@@ -181,7 +184,7 @@ impl CacheDriver {
                 return Ok(Some(ServedImage {
                     file,
                     size,
-                    checksum: Some(known.checksum),
+                    checksum: known.checksum,
                     cached_at: Some(known.cached_at),
                     modified,
                     inode: meta.ino(),
@@ -208,7 +211,7 @@ impl CacheDriver {
                 .filter(|r| r.size == size as i64)
                 .and_then(|r| r.checksum.clone());
             let cached_at = row.map(|r| r.last_modified.to_utc());
-            if let (Some(checksum), Some(cached_at)) = (&checksum, cached_at) {
+            if let Some(cached_at) = cached_at {
                 let known = Remembered {
                     inode: meta.ino(),
                     modified,

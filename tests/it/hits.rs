@@ -467,11 +467,26 @@ async fn an_opened_files_row_is_remembered_for_that_file_only() {
     let (driver, db) = private_driver(dir.path(), &url).await;
     cache(&driver, "img", &first).await;
     drop(driver.open_to_serve(&id("img")).await.unwrap().unwrap());
+    // A row without a checksum (as one adopted from a file has) is remembered too.
+    cache(&driver, "bare", &second).await;
+    let q = "UPDATE cached_images SET checksum = NULL WHERE image_id = 'bare'";
+    crate::kit::servers::run_sql(&url, Backend::Sqlite, q)
+        .await
+        .unwrap();
+    let bare = driver.open_to_serve(&id("bare")).await.unwrap().unwrap();
+    assert_eq!(bare.checksum, None);
+    assert!(bare.cached_at.is_some());
+    drop(bare);
     db.close().await;
     let opened = driver.open_to_serve(&id("img")).await.unwrap().unwrap();
     assert_eq!(
         opened.checksum,
         Some(crate::kit::md5_hex(&first)),
         "a remembered file's checksum, without the database"
+    );
+    let bare = driver.open_to_serve(&id("bare")).await.unwrap().unwrap();
+    assert!(
+        bare.cached_at.is_some() && bare.checksum.is_none(),
+        "a remembered row without a checksum, without the database"
     );
 }
