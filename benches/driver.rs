@@ -654,10 +654,7 @@ async fn prune_and_clean(figures: &mut Figures, glance: Option<&Glance>) {
 
 /// Whether the part `name` runs: every part unless `BENCH_ONLY` lists some.
 fn part(name: &str) -> bool {
-    match std::env::var("BENCH_ONLY") {
-        Ok(list) if !list.trim().is_empty() => list.split(',').any(|p| p.trim() == name),
-        _ => true,
-    }
+    common::part_selected("BENCH_ONLY", name)
 }
 
 fn main() {

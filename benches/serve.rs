@@ -96,9 +96,7 @@ fn wrk_seconds() -> u64 {
 
 /// Whether `BENCH_SERVE_PARTS` (all when unset) names `part`.
 fn runs(part: &str) -> bool {
-    std::env::var("BENCH_SERVE_PARTS")
-        .map(|parts| parts.split(',').any(|p| p.trim() == part))
-        .unwrap_or(true)
+    common::part_selected("BENCH_SERVE_PARTS", part)
 }
 
 fn load_average() -> String {

@@ -13,6 +13,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether the part `name` of a benchmark runs: every part unless the environment
+/// variable `var` lists some (comma-separated), for an A/B of one part.
+#[allow(dead_code)] // not every benchmark has parts
+pub fn part_selected(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|p| p.trim() == name),
+        _ => true,
+    }
+}
+
 /// `BENCH_SMOKE` set: tiny sizes, to prove a benchmark still runs.
 #[allow(dead_code)] // not every benchmark has a smoke size of its own
 pub fn smoke() -> bool {

@@ -523,49 +523,34 @@ impl CacheLayout {
     ) -> io::Result<Removal> {
         let dir = self.fd(area)?;
         let name = file.image_id.as_str();
-        if area == Area::Invalid {
-            // No write goes on in `invalid/`: writers create and write in `incomplete/`,
-            // and only one that gave up moves its own file here (`move_own`), done with
-            // it: it publishes nothing from here, and its close follows. So there is no
-            // lock to honour, and no descriptor to open for one: the name's stat just
-            // before the unlink tells the listed file, still due, from anything else.
-            let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
+        // No write goes on in `invalid/`: writers create and write in `incomplete/`, and
+        // only one that gave up moves its own file here (`move_own`), done with it: it
+        // publishes nothing from here, and its close follows. So there is no lock to
+        // honour there, and no descriptor to open for one.
+        let fd = if area == Area::Invalid {
+            None
+        } else {
+            // O_NONBLOCK: a FIFO swapped in meanwhile cannot block us; O_NOFOLLOW: nor
+            // can a symlink lead us out.
+            match rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::NONBLOCK
+                    | OFlags::NOCTTY
+                    | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Some(fd),
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => {
+                    return Ok(Removal::Changed);
+                }
+                // A file we may not read cannot be one of our writers' (they create 0640
+                // files as this user): it cannot hold a lock we would honour.
+                Err(rustix::io::Errno::ACCESS) => None,
                 Err(e) => return Err(e.into()),
-            };
-            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-                || (st.st_dev, st.st_ino) != file.identity
-            {
-                return Ok(Removal::Changed);
             }
-            if !still_due(mtime(&st)) {
-                return Ok(Removal::Rewritten {
-                    modified: mtime(&st),
-                });
-            }
-            return match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-                Ok(()) => Ok(Removal::Removed {
-                    bytes: st.st_size.max(0) as u64,
-                }),
-                Err(rustix::io::Errno::NOENT) => Ok(Removal::Changed),
-                Err(e) => Err(e.into()),
-            };
-        }
-        // O_NONBLOCK: a FIFO swapped in meanwhile cannot block us; O_NOFOLLOW: nor can
-        // a symlink lead us out.
-        let fd = match rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => Some(fd),
-            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(Removal::Changed),
-            // A file we may not read cannot be one of our writers' (they create 0640
-            // files as this user): it cannot hold a lock we would honour.
-            Err(rustix::io::Errno::ACCESS) => None,
-            Err(e) => return Err(e.into()),
         };
         let st = match &fd {
             Some(fd) => rustix::fs::fstat(fd)?,
@@ -591,12 +576,13 @@ impl CacheLayout {
                 Err(rustix::io::Errno::WOULDBLOCK) => return Ok(Removal::BeingWritten),
                 Err(e) => return Err(e.into()),
             }
-        }
-        // Still the same file at the name, just before it goes.
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(now) if (now.st_dev, now.st_ino) == file.identity => {}
-            Ok(_) | Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
-            Err(e) => return Err(e.into()),
+            // Still the same file at the name, just before it goes (without a
+            // descriptor, the name's stat above was that check).
+            match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(now) if (now.st_dev, now.st_ino) == file.identity => {}
+                Ok(_) | Err(rustix::io::Errno::NOENT) => return Ok(Removal::Changed),
+                Err(e) => return Err(e.into()),
+            }
         }
         match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
             Ok(()) => Ok(Removal::Removed {
@@ -791,8 +777,6 @@ impl CacheLayout {
     }
 }
 
-/// A stat's mtime as a `SystemTime`, clamped to the epoch on either side of the range
-/// `SystemTime` can hold (never a panic on a hostile timestamp).
 /// What an `openat2(RESOLVE_CACHED)` result means for `try_open_read_cached` (apart, so
 /// that the errors a test cannot provoke on a shared machine, such as a name out of the
 /// dentry cache, are tested): `EAGAIN` falls back; `ENOSYS` and `EINVAL` fall back and
@@ -813,6 +797,8 @@ fn cached_open_outcome(
     }
 }
 
+/// A stat's mtime as a `SystemTime`, clamped to the epoch on either side of the range
+/// `SystemTime` can hold (never a panic on a hostile timestamp).
 fn mtime(st: &Stat) -> SystemTime {
     let nanos = u32::try_from(st.st_mtime_nsec)
         .unwrap_or(0)

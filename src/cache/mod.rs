@@ -33,6 +33,7 @@ pub(crate) use prune::{PRUNE_STEP_ROWS, PrunePass};
 pub use readers::{ReaderGuard, ReaderStats};
 pub(crate) use reconcile::ReconcileReport;
 pub use served::ServedImage;
+pub(crate) use served::read_exact_at;
 pub use writer::Expectations;
 pub(crate) use writer::{ImageWriter, Published};
 

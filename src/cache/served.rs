@@ -106,7 +106,7 @@ pub struct ServedImage {
     /// The open file's inode number (with size and mtime, what tells two files of one
     /// image apart when the row has no checksum).
     pub inode: u64,
-    /// The whole file, read in the open's trip to the blocking pool, when that was asked
+    /// The whole file, read with the open (see `open_for_serving`), when that was asked
     /// for (`open_to_serve_reading`), the file was no larger than asked and it read whole
     /// (`size` bytes); else `None`, and the bytes are the file's to read.
     pub contents: Option<Bytes>,
@@ -145,9 +145,9 @@ impl CacheDriver {
     }
 
     /// `open_to_serve`, and when the file has at most `read_up_to` bytes, its contents
-    /// read in the same trip to the blocking pool (`ServedImage::contents`): for a small
-    /// image the trips to the blocking pool, not the bytes, are most of the cost of a
-    /// response (BENCHMARKS.md), and this makes it one.
+    /// read with the open (`ServedImage::contents`, `open_for_serving`): for a small image
+    /// the trips to the blocking pool, not the bytes, are most of the cost of a response
+    /// (BENCHMARKS.md), and this makes it one at most.
     pub async fn open_to_serve_reading(
         &self,
         id: &ImageId,
@@ -350,19 +350,30 @@ fn read_whole(file: &File, len: u64) -> Option<Bytes> {
 
 /// `read_whole` after the first `start.len()` bytes, already read into `start`.
 fn read_rest(file: &File, start: Vec<u8>, len: u64) -> Option<Bytes> {
-    let len = usize::try_from(len).ok()?;
-    let mut buf = start;
+    read_exact_at(file, start, 0, usize::try_from(len).ok()?).ok()
+}
+
+/// The `len` bytes of `file` from `offset`, of which `buf` holds the first ones already,
+/// the rest read into its fresh (unzeroed) capacity: zeroing a buffer only to overwrite
+/// it costs a pass over every byte served. A file that ends before them is
+/// `UnexpectedEof`. The serving body's chunks are read with it too.
+pub(crate) fn read_exact_at(
+    file: &File,
+    mut buf: Vec<u8>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Bytes> {
     buf.reserve_exact(len.saturating_sub(buf.len()));
     while buf.len() < len {
-        let at = buf.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
     // The spare capacity may have held more than asked for.
     buf.truncate(len);
-    Some(Bytes::from(buf))
+    Ok(Bytes::from(buf))
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! `serve_auth`'s decision, made before the file is opened. The body streams the file
 //! in bounded chunks: on plain TCP sent by `sendfile` from the page cache (see
 //! `super::sendfile`), else read on the blocking pool (see `FileBody`); an image of at
-//! most `IN_MEMORY_BYTES` is read whole in the open's own trip to the blocking pool and
-//! sent from memory with the headers (see `MemoryBody`). The path comes only from the
+//! most `IN_MEMORY_BYTES` is read whole with its open (from the kernel's caches on the
+//! runtime thread, else in the open's one trip to the blocking pool) and sent from
+//! memory with the headers (see `MemoryBody`). The path comes only from the
 //! `ImageId`, through the cache's directory handles.
 
 use std::fs::File;
@@ -45,9 +46,9 @@ const CHUNK_BYTES: u64 = 1 << 20;
 /// `sendfile` sends at most what the socket takes, returning `WouldBlock` after.
 const LANE_CHUNK_BYTES: u64 = sendfile::MAX_CHUNK_BYTES as u64;
 
-/// The largest image a `GET` reads whole when it opens it (one trip to the blocking pool
-/// for the open, the `fstat` and the bytes) and sends from memory, headers and body in
-/// one write. Past it, the body streams from the file (`FileBody`): a chunk's advice or
+/// The largest image a `GET` reads whole when it opens it (the open, the `fstat` and the
+/// bytes from the kernel's caches, or in one trip to the blocking pool: see
+/// `cache::served`) and sends from memory, headers and body in one write. Past it, the body streams from the file (`FileBody`): a chunk's advice or
 /// read is another trip, which only costs little next to sending that many bytes.
 const IN_MEMORY_BYTES: u64 = 64 << 10;
 
@@ -378,7 +379,8 @@ impl Body for MemoryBody {
     }
 }
 
-/// A body of `remaining` bytes of `file` from `offset`, `CHUNK_BYTES` at a time.
+/// A body of `remaining` bytes of `file` from `offset`, `LANE_CHUNK_BYTES` at a time
+/// with a lane, `CHUNK_BYTES` without.
 ///
 /// With a `SendfileLane` (plain TCP), each chunk is queued on the lane and yielded as
 /// its placeholder: the connection's IO sends it from the page cache with `sendfile`,
@@ -457,26 +459,10 @@ impl FileBody {
         self.offset += len;
         self.remaining -= len;
         self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_chunk(&file, offset, len)
+            let len = usize::try_from(len).map_err(std::io::Error::other)?;
+            crate::cache::read_exact_at(&file, Vec::new(), offset, len)
         }));
     }
-}
-
-/// `len` bytes of `file` from `offset`, read into fresh (unzeroed) memory: zeroing a
-/// buffer only to overwrite it cost a pass over every byte served.
-fn read_chunk(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
-    let len = usize::try_from(len).map_err(std::io::Error::other)?;
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = offset + buf.len() as u64;
-        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    // The spare capacity may have held more than asked for.
-    buf.truncate(len);
-    Ok(Bytes::from(buf))
 }
 
 impl Body for FileBody {
