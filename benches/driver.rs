@@ -230,6 +230,7 @@ async fn driver_ops(
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut served = vec![];
     let mut served_opens = vec![];
+    let mut create = vec![];
     for round in 0..rounds() {
         let pick = |i: usize| image_id((i * 7919 + round) % n);
         cached.push(
@@ -285,6 +286,7 @@ async fn driver_ops(
             })
             .await,
         );
+        create.push(bare_creates(&tmp.path().join("cache/queue"), ops, round));
         let started = Instant::now();
         let listed = driver.get_cached_images().await.unwrap();
         assert_eq!(listed.len(), n);
@@ -345,6 +347,13 @@ async fn driver_ops(
         target,
     );
     figures.add(
+        &format!("{backend}_{k}_queue_dir_create_per_s"),
+        format!("{backend}, {k} images: a bare exclusive create in queue/ (the marker alone)"),
+        median(create),
+        "/s",
+        "",
+    );
+    figures.add(
         &format!("{backend}_{k}_queue_pass_ms"),
         format!("{backend}, {k} images: queue loop pass over {ops} queued markers"),
         median(pass),
@@ -376,6 +385,12 @@ async fn driver_ops(
             ),
             ("queue_image", "queue_image", "queue_image_per_s", "/s"),
             (
+                "a bare create in its queue/ (baseline)",
+                "queue_dir_create",
+                "queue_dir_create_per_s",
+                "/s",
+            ),
+            (
                 "get_cached_images (all rows)",
                 "list_ms",
                 "get_cached_images_ms",
@@ -392,7 +407,37 @@ async fn driver_ops(
     }
 }
 
-/// `n` stalled `incomplete/` and `n` `invalid/` files a week old under each of `roots`.
+/// Exclusive creates of `count` empty files in `queue` (names no image has), timed, then
+/// removed untimed: what a marker alone costs in that directory. ext4's create cost
+/// differs by up to 20x between directories of one disk (the inode allocator's state
+/// where each lies), so `queue_image` is read against its own directory's figure, and
+/// Glance's against Glance's (`glance_driver.py` measures its queue/ the same way).
+fn bare_creates(queue: &Path, count: usize, round: usize) -> f64 {
+    let names: Vec<PathBuf> = (0..count)
+        .map(|i| queue.join(format!("zz{round}-{i}")))
+        .collect();
+    let started = Instant::now();
+    for name in &names {
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(name)
+                .unwrap(),
+        );
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    for name in &names {
+        std::fs::remove_file(name).unwrap();
+    }
+    rate
+}
+
+/// `n` stalled `incomplete/` and `n` `invalid/` files a week old under each of `roots`,
+/// written back to the disk before returning (`sync`): leftovers are old, so a cleaner
+/// meets them on disk. A removal of a file not yet written back costs a tenth (delayed
+/// allocation: no blocks to free yet), so a tree timed before its writeback, or timed
+/// while some of it is written back, would measure the writeback's timing instead.
 fn stale_files(roots: &[&Path], n: usize) {
     let old = SystemTime::now() - Duration::from_secs(7 * 86_400);
     for root in roots {
@@ -409,6 +454,7 @@ fn stale_files(roots: &[&Path], n: usize) {
             }
         }
     }
+    rustix::fs::sync();
 }
 
 /// Glance's driver cleaning `n` stalled and `n` invalid files beside a cache of `n`

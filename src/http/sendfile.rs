@@ -43,6 +43,27 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+/// Whether the first and the last byte of `len` bytes of `file` from `offset` are in
+/// the page cache: a read that may not wait for the disk (`RWF_NOWAIT`) gets them.
+/// `serve` asks it of a body's first chunk before it hands that chunk's
+/// `POSIX_FADV_WILLNEED` to the blocking pool: for a body of one chunk (a 1 MiB range)
+/// of a cached image that trip was the one trip to the pool of the whole response. A
+/// file system without `RWF_NOWAIT`, or a file shorter than the range, answers `false`,
+/// so the advice is given as before.
+pub(crate) fn in_page_cache(file: &File, offset: u64, len: u64) -> bool {
+    let Some(last) = len.checked_sub(1).and_then(|l| offset.checked_add(l)) else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    [offset, last].into_iter().all(|at| {
+        let mut bufs = [io::IoSliceMut::new(&mut byte)];
+        matches!(
+            rustix::io::preadv2(file, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT),
+            Ok(1)
+        )
+    })
+}
+
 /// The largest placeholder, so the largest chunk a body may queue (`serve`'s chunk):
 /// nginx's `sendfile_max_chunk` (2m by default since 1.21.4), so that one call moves
 /// as much as nginx's and one huge image still yields to other connections between
@@ -255,5 +276,29 @@ mod tests {
         assert_eq!(send(beyond.clone()).await.unwrap(), 2, "what there is");
         let short = send(beyond.slice(2..)).await.unwrap_err();
         assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof, "{short}");
+    }
+
+    #[test]
+    fn what_the_page_cache_holds_is_told_without_a_read_from_disk() {
+        use std::io::Write;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 8192]).unwrap();
+        // Just written: its pages are in the page cache.
+        assert!(in_page_cache(&file, 0, 8192));
+        assert!(in_page_cache(&file, 4096, 1));
+        assert!(!in_page_cache(&file, 0, 0), "an empty range");
+        assert!(
+            !in_page_cache(&file, 4096, 8192),
+            "past the end of the file"
+        );
+        assert!(!in_page_cache(&file, u64::MAX, 2), "no such offset");
+        // Written back and dropped from the page cache, where the file system can drop
+        // pages (tmpfs keeps them: they are the file).
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        if rustix::fs::fstatfs(&file).unwrap().f_type as i64 != TMPFS_MAGIC {
+            file.sync_all().unwrap();
+            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            assert!(!in_page_cache(&file, 0, 8192), "on disk only");
+        }
     }
 }

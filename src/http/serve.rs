@@ -427,7 +427,16 @@ impl FileBody {
             _reader: reader,
         };
         body.read_next();
-        body.advise(body.offset);
+        // The first chunk's advice cannot run ahead of its send (hyper writes it right
+        // after the head), so it is given only when that chunk is not in memory: a body
+        // of one chunk of a cached image (a 1 MiB range) then makes no trip to the
+        // blocking pool. The later chunks' advice is given one chunk ahead, always (an
+        // advice only where a probe found no page cost the 16-client throughput,
+        // BENCHMARKS.md).
+        let first = body.remaining.min(LANE_CHUNK_BYTES);
+        if body.lane.is_some() && !sendfile::in_page_cache(&body.file, body.offset, first) {
+            body.advise(body.offset);
+        }
         body.boxed_unsync()
     }
 
