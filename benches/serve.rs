@@ -167,6 +167,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     total
 }
 
+/// Waits until `server` is idle (under 2% of a core over half a second; at most two
+/// minutes) before the next server's runs: glance-api works through the requests
+/// queued by `wrk -c1000` for tens of seconds after wrk has stopped (one worker, some
+/// 40 ms of CPU each), and on two cores that took a core from the server measured next,
+/// ours in the next round (its range ratio 0.54-0.57 in full runs against 0.88-0.94 in
+/// runs without glance-api, BENCHMARKS.md).
+fn settle(server: &Server) {
+    let started = Instant::now();
+    let mut before = cpu_seconds(server.pid());
+    while started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cpu_seconds(server.pid());
+        if now - before < 0.01 {
+            break;
+        }
+        before = now;
+    }
+    let waited = started.elapsed().as_secs_f64();
+    if waited > 2.0 {
+        eprintln!("{}: still busy {waited:.0} s after its runs", server.name);
+    }
+}
+
 /// The image ids one server knows the benchmark's images by (glance-api chose its own).
 #[derive(Clone)]
 struct Ids {
@@ -604,6 +627,7 @@ fn main() {
                 r.ranges
                     .push(loaded(s, &wrk, MANY, Some(&script), &s.ids.big));
             }
+            settle(s);
         }
     }
     let ended_load = load_average();
