@@ -53,7 +53,7 @@ const SQLITE_CHECKPOINT_SPACING: Duration = Duration::from_millis(100);
 /// connections keep SQLite's default.
 const SQLITE_WAL_BOUND_PAGES: u32 = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dialect {
     Sqlite,
     Postgres,

@@ -24,7 +24,56 @@ crate::kit::servers::on_every_backend!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     a_thousand_concurrent_opens_with_flushes_between_them_count_a_thousand_hits,
     readers_of_images_the_pruner_evicts_read_every_byte_and_their_bytes_count,
+    a_flush_of_hundreds_of_images_adds_each_ones_count_and_keeps_the_later_access,
 );
+
+/// A flush of more images than one statement takes (`add_hits` batches them on SQLite
+/// and PostgreSQL): each row gains its own count, its `last_accessed` becomes the later
+/// of its own and the hit's, and an image without a row is not counted.
+async fn a_flush_of_hundreds_of_images_adds_each_ones_count_and_keeps_the_later_access(b: Backend) {
+    use chrono::{TimeZone, Utc};
+    use glance_cached::db::DbTime;
+    const IMAGES: usize = 600;
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    let row_time = Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap();
+    let (earlier, later) = (
+        row_time - chrono::Duration::hours(1),
+        row_time + chrono::Duration::hours(1),
+    );
+    let ids: Vec<String> = (0..IMAGES).map(|i| format!("img{i:04}")).collect();
+    for image in &ids {
+        t.node_db
+            .upsert_cached_image(image, 64, None, DbTime::from_utc(row_time))
+            .await
+            .unwrap();
+    }
+    let mut hits: Vec<(&str, i64, DbTime)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let at = if i % 2 == 0 { earlier } else { later };
+            (image.as_str(), (i % 7) as i64 + 1, DbTime::from_utc(at))
+        })
+        .collect();
+    hits.push(("no-row", 5, DbTime::from_utc(later)));
+    assert_eq!(t.node_db.add_hits(&hits).await.unwrap(), IMAGES as u64);
+    let listed = t.driver.get_cached_images().await.unwrap();
+    assert_eq!(listed.len(), IMAGES, "{b:?}");
+    for (i, image) in listed.iter().enumerate() {
+        assert_eq!(image.image_id.as_str(), ids[i], "{b:?}");
+        assert_eq!(image.hits, (i % 7) as u64 + 1, "{b:?}: {}", ids[i]);
+        let kept = if i % 2 == 0 { row_time } else { later };
+        assert_eq!(image.last_accessed, kept, "{b:?}: {}", ids[i]);
+    }
+    // A second flush adds to what the first wrote.
+    assert_eq!(t.node_db.add_hits(&hits[..300]).await.unwrap(), 300);
+    let listed = t.driver.get_cached_images().await.unwrap();
+    assert_eq!(listed[299].hits, 2 * ((299 % 7) as u64 + 1), "{b:?}");
+    assert_eq!(listed[300].hits, (300 % 7) as u64 + 1, "{b:?}");
+    t.finish().await;
+}
 
 /// Caches `data` as `image` through the driver's write path.
 async fn cache(driver: &CacheDriver, image: &str, data: &[u8]) {
