@@ -292,13 +292,10 @@ mod tests {
             "past the end of the file"
         );
         assert!(!in_page_cache(&file, u64::MAX, 2), "no such offset");
-        // Written back and dropped from the page cache, where the file system can drop
-        // pages (tmpfs keeps them: they are the file).
-        const TMPFS_MAGIC: i64 = 0x0102_1994;
-        if rustix::fs::fstatfs(&file).unwrap().f_type as i64 != TMPFS_MAGIC {
-            file.sync_all().unwrap();
-            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-            assert!(!in_page_cache(&file, 0, 8192), "on disk only");
-        }
+        // Bytes not in memory cannot be made on demand here: `POSIX_FADV_DONTNEED` leaves
+        // pages another core still has queued for its LRU (it failed so in CI), and a hole
+        // is filled with zeros by the very readahead the probe's read starts. Either
+        // answer is safe for the caller: a miss costs one advice trip, a wrong hit leaves
+        // the first chunk to `sendfile`, which read it on the runtime thread before too.
     }
 }
