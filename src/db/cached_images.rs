@@ -1,12 +1,9 @@
 //! `cached_images`: one row per cached image per node (Glance's table).
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
-
 use sqlx::Row;
 use tracing::{debug, warn};
 
-use super::{DbError, DbTime, Dialect, NodeDb, on_pool, sql};
+use super::{DbError, DbTime, Dialect, NodeDb, on_pool, rows_statement, sql};
 use crate::image_id::ImageId;
 
 /// A row of `cached_images` for this node whose image id is valid (validated as it is
@@ -217,27 +214,16 @@ where
 /// PostgreSQL's 65,535.
 const HITS_PER_STATEMENT: usize = 256;
 
-/// The hit flush's statement for `rows` images (`add_hits`): the rows' ids, counts and
-/// times as a `VALUES` list (its columns are `column1`.. on both backends), each row of
-/// the node with one of those ids updated as the one-row statement updates it. Made
-/// once per dialect and row count (at most `HITS_PER_STATEMENT` texts each).
-fn add_hits_statement(d: Dialect, rows: usize) -> &'static str {
-    static TEXTS: LazyLock<Mutex<HashMap<(Dialect, usize), &'static str>>> =
-        LazyLock::new(Default::default);
-    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
-    texts.entry((d, rows)).or_insert_with(|| {
-        let values = vec!["(?, ?, ?)"; rows].join(", ");
-        let text = format!(
-            "UPDATE cached_images SET hits = cached_images.hits + v.column2, \
-             last_accessed = CASE WHEN cached_images.last_accessed IS NULL \
-             OR cached_images.last_accessed < v.column3 THEN v.column3 \
-             ELSE cached_images.last_accessed END \
-             FROM (VALUES {values}) AS v \
-             WHERE cached_images.node_reference_id = ? AND cached_images.image_id = v.column1"
-        );
-        sql(d, Box::leak(text.into_boxed_str()))
-    })
-}
+/// The hit flush's statement (`add_hits`, through `rows_statement`): the rows' ids,
+/// counts and times as a `VALUES` list (its columns are `column1`.. on both backends),
+/// each row of the node with one of those ids updated as the one-row statement updates
+/// it.
+const ADD_HITS_ROWS: &str = "UPDATE cached_images SET hits = cached_images.hits + v.column2, \
+     last_accessed = CASE WHEN cached_images.last_accessed IS NULL \
+     OR cached_images.last_accessed < v.column3 THEN v.column3 \
+     ELSE cached_images.last_accessed END \
+     FROM (VALUES {rows}) AS v \
+     WHERE cached_images.node_reference_id = ? AND cached_images.image_id = v.column1";
 
 impl NodeDb {
     /// This node's readable rows, ordered by image id; unreadable ones are skipped with
@@ -372,7 +358,7 @@ impl NodeDb {
     /// were there to update (an image whose row went meanwhile loses its hits, as
     /// Glance's update of a missing row does).
     /// On SQLite and PostgreSQL the rows go `HITS_PER_STATEMENT` to a statement (see
-    /// `add_hits_statement`); MySQL, whose `VALUES` rows have other column names in
+    /// `ADD_HITS_ROWS`); MySQL, whose `VALUES` rows have other column names in
     /// MySQL and MariaDB, takes one statement per row.
     pub async fn add_hits(&self, hits: &[(&str, i64, DbTime)]) -> Result<u64, DbError> {
         const Q: &str = "UPDATE cached_images SET hits = hits + ?, \
@@ -399,7 +385,8 @@ impl NodeDb {
                 }
             } else {
                 for batch in hits.chunks(HITS_PER_STATEMENT) {
-                    let mut q = sqlx::query(add_hits_statement(d, batch.len()));
+                    let text = rows_statement(d, ADD_HITS_ROWS, "(?, ?, ?)", batch.len());
+                    let mut q = sqlx::query(text);
                     for (image_id, count, at) in batch {
                         q = q.bind(*image_id).bind(*count).bind(*at);
                     }

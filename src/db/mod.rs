@@ -202,19 +202,49 @@ pub(crate) fn sql(dialect: Dialect, text: &'static str) -> &'static str {
         LazyLock::new(|| Mutex::new(HashMap::new()));
     let key = (text.as_ptr() as usize, text.len());
     let mut cache = CONVERTED.lock().unwrap_or_else(|p| p.into_inner());
-    cache.entry(key).or_insert_with(|| {
-        let mut out = String::with_capacity(text.len() + 8);
-        let mut n = 0;
-        for c in text.chars() {
-            if c == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
-            } else {
-                out.push(c);
-            }
+    cache
+        .entry(key)
+        .or_insert_with(|| Box::leak(numbered_placeholders(text).into_boxed_str()))
+}
+
+/// `text` with its `?` placeholders numbered as PostgreSQL wants them.
+fn numbered_placeholders(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut n = 0;
+    for c in text.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
         }
-        Box::leak(out.into_boxed_str())
+    }
+    out
+}
+
+/// A statement over `rows` rows of parameters: `template` with its `{rows}` replaced by
+/// `rows` copies of `row` joined by commas, in `dialect`'s placeholders. Made once per
+/// template, dialect and row count and kept for the life of the process (callers cap
+/// the row count, so each template has a bounded set of texts), which keeps sqlx's
+/// prepared-statement cache keys stable as `sql` does.
+pub(crate) fn rows_statement(
+    dialect: Dialect,
+    template: &'static str,
+    row: &'static str,
+    rows: usize,
+) -> &'static str {
+    type Key = (Dialect, usize, usize);
+    static TEXTS: LazyLock<Mutex<HashMap<Key, &'static str>>> = LazyLock::new(Default::default);
+    let key = (dialect, template.as_ptr() as usize, rows);
+    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    texts.entry(key).or_insert_with(|| {
+        let text = template.replace("{rows}", &vec![row; rows].join(", "));
+        let text = match dialect {
+            Dialect::Postgres => numbered_placeholders(&text),
+            _ => text,
+        };
+        Box::leak(text.into_boxed_str())
     })
 }
 
