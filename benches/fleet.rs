@@ -304,6 +304,7 @@ struct NodeFigures {
     hits_per_s: Vec<f64>,
     read_per_s: Vec<f64>,
     queue_per_s: Vec<f64>,
+    adopt_ms: Vec<f64>,
     claim_per_s: Vec<f64>,
     claim_total_per_s: Vec<f64>,
     prune_ms: Vec<f64>,
@@ -417,6 +418,10 @@ async fn measure(db: &BenchDb, s: &Sizes, claimers: usize, without_index: bool) 
             })
             .await,
         );
+        // The rows of those markers, in the shared database: the queue loop's pass.
+        let started = Instant::now();
+        assert_eq!(driver.adopt_queue_markers().await.unwrap(), s.ops as u64);
+        f.adopt_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         driver.delete_all_queued_images().await.unwrap();
     }
     // Claims: node 0 and the next nodes, at once.
@@ -591,6 +596,17 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
         "/s",
         (m(&alone.queue_per_s), m(&fleet.queue_per_s)),
         false,
+        within,
+    );
+    report.add(
+        &format!("{name}_{k}_queue_adopt_ms"),
+        &format!(
+            "{name}: the queue loop's adoption of {} new markers (their rows)",
+            s.ops
+        ),
+        "ms",
+        (m(&alone.adopt_ms), m(&fleet.adopt_ms)),
+        true,
         within,
     );
     report.add(

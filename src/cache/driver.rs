@@ -173,6 +173,20 @@ impl CacheDriver {
         self.in_area(Area::Cached, id).await
     }
 
+    /// Which of `ids` are cached, asked in one trip to a blocking thread (a stat each).
+    async fn cached_among(&self, ids: Vec<ImageId>) -> std::collections::HashSet<ImageId> {
+        if ids.is_empty() {
+            return Default::default();
+        }
+        let layout = self.layout().clone();
+        blocking(move || {
+            ids.into_iter()
+                .filter(|id| layout.exists(Area::Cached, id))
+                .collect()
+        })
+        .await
+    }
+
     /// Whether `area` has an entry for `id`, asked from a blocking thread.
     async fn in_area(&self, area: Area, id: &ImageId) -> bool {
         let (layout, id) = (self.layout().clone(), id.clone());
@@ -198,16 +212,50 @@ impl CacheDriver {
     }
 
     /// Queues `id` unless it is cached, being cached or queued (checked in that order, as
-    /// Glance does). Adds the marker file Glance's API reads, then the queue row: a
-    /// queued row always had its marker first, so one found without it was dequeued
-    /// through Glance (see `adopt_queue_markers`).
+    /// Glance does), as Glance does it: the marker file in `queue/`, no database write.
+    /// The marker is the queue entry that lasts (Glance's API reads it, a crash cannot
+    /// lose it); its row, which orders and claims it, is added by the next adoption of
+    /// markers (`adopt_queue_markers`: the daemon's queue loop, woken by the marker's
+    /// event, adopts a pass's new markers in one transaction; the queue's listing
+    /// adopts first too). A commit per request was most of what queueing cost.
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
+        self.create_queue_marker(id, clock::system_now()).await
+    }
+
+    /// `queue_image` with the row added at once, so that the image can be claimed now
+    /// (a read-through fill claims what it queued). A queued row always had its marker
+    /// first, so one found without it was dequeued through Glance (see
+    /// `adopt_queue_markers`).
+    pub(crate) async fn queue_claimable(&self, id: &ImageId) -> Result<bool, CacheError> {
         // The request's time, taken before the marker exists: a daemon may adopt the
         // marker, try the image and give up on it before the insert below, which must
         // then not revive the failure (it is newer than the request).
-        let requested = DbTime::from_utc(clock::now());
-        // The checks and the marker in one trip to a blocking thread: the create writes
-        // a directory, and a slow disk must not hold a runtime thread (ARCHITECTURE.md).
+        let requested = clock::system_now();
+        if !self.create_queue_marker(id, requested).await? {
+            return Ok(false);
+        }
+        // The insert adds nothing when a row is queued already (the queue loop may have
+        // adopted the marker just made): queued either way.
+        let queued_at = DbTime::from_mtime(requested).unwrap_or_else(|clamped| clamped);
+        self.db().enqueue(id.as_str(), queued_at).await?;
+        // A prefetcher may have claimed, published and dequeued the image meanwhile:
+        // then the marker is stale and goes. One stat on the held root handle, made here:
+        // it reads no directory the marker's create did not just bring into memory.
+        if self.is_cached(id) {
+            self.dequeue_cached(id).await?;
+        }
+        Ok(true)
+    }
+
+    /// `queue_image`'s checks and marker (its mtime `requested`, the queued time its
+    /// adoption records), in one trip to a blocking thread: the create writes a
+    /// directory, and a slow disk must not hold a runtime thread (ARCHITECTURE.md).
+    /// Returns whether the marker was made.
+    async fn create_queue_marker(
+        &self,
+        id: &ImageId,
+        requested: std::time::SystemTime,
+    ) -> Result<bool, CacheError> {
         let (layout, marker_id) = (self.layout().clone(), id.clone());
         let refused = blocking(move || {
             if layout.exists(Area::Cached, &marker_id) {
@@ -218,10 +266,17 @@ impl CacheDriver {
             }
             // A marker alone (Glance's PUT /v2/cache/{id}) means queued: the exclusive
             // create is that check and the marker at once.
-            Ok(match layout.create_marker(&marker_id)? {
-                true => None,
-                false => Some("already queued"),
-            })
+            if !layout.create_marker(&marker_id, requested)? {
+                return Ok(Some("already queued"));
+            }
+            // Published between the first check and the create (a prefetcher's
+            // download ending): the marker just made is stale, and it goes, as the
+            // next adoption would take it. One stat in a directory already in memory.
+            if layout.exists(Area::Cached, &marker_id) {
+                layout.remove(Area::Queue, &marker_id)?;
+                return Ok(Some("cached meanwhile"));
+            }
+            Ok(None)
         })
         .await
         .map_err(|e: std::io::Error| {
@@ -230,15 +285,6 @@ impl CacheDriver {
         if let Some(reason) = refused {
             debug!(image_id = %id, "not queueing: {reason}");
             return Ok(false);
-        }
-        // The insert adds nothing when a row is queued already (the queue loop may have
-        // adopted the marker just made): queued either way.
-        self.db().enqueue(id.as_str(), requested).await?;
-        // A prefetcher may have claimed, published and dequeued the image meanwhile:
-        // then the marker is stale and goes. One stat on the held root handle, made here:
-        // it reads no directory the marker's create did not just bring into memory.
-        if self.is_cached(id) {
-            self.dequeue_cached(id).await?;
         }
         Ok(true)
     }
@@ -271,12 +317,15 @@ impl CacheDriver {
             "skipping queue entries that are not regular files named by an image id",
             &listing.skipped,
         );
-        let mut adopted = 0;
+        // A marker for a cached image is stale (the image was published after the
+        // listing, or Glance queued a cached image): never queue a cached image.
+        let cached = self
+            .cached_among(listing.files.iter().map(|m| m.image_id.clone()).collect())
+            .await;
+        let mut new = Vec::new();
         for marker in &listing.files {
             let id = &marker.image_id;
-            // A marker for a cached image is stale (the image was published after the
-            // listing, or Glance queued a cached image): never queue a cached image.
-            if self.cached(id).await {
+            if cached.contains(id) {
                 self.dequeue_cached(id).await?;
                 continue;
             }
@@ -287,15 +336,20 @@ impl CacheDriver {
                 warn!(image_id = %id, "queue marker's mtime is out of range; queued at the nearest storable time");
                 clamped
             });
-            if self.db().enqueue(id.as_str(), queued_at).await? {
-                // Published (and dequeued) between the check and the insert: undo.
-                if self.cached(id).await {
-                    self.dequeue_cached(id).await?;
-                    continue;
-                }
-                debug!(image_id = %id, "adopted queue marker");
-                adopted += 1;
+            new.push((id, queued_at));
+        }
+        // The pass's new markers in one transaction, then one look for those published
+        // (and dequeued) between the check and the insert, which are undone.
+        let enqueued = self.db().enqueue_all(&new).await?;
+        let published = self.cached_among(enqueued.clone()).await;
+        let mut adopted = 0;
+        for id in &enqueued {
+            if published.contains(id) {
+                self.dequeue_cached(id).await?;
+                continue;
             }
+            debug!(image_id = %id, "adopted queue marker");
+            adopted += 1;
         }
         let marked: std::collections::HashSet<&ImageId> =
             listing.files.iter().map(|m| &m.image_id).collect();

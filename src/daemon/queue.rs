@@ -1,5 +1,6 @@
 //! The queue loop: adopts marker files that appear in `queue/` (Glance's
-//! `PUT /v2/cache/{id}` writes them) into the queue table and keeps the queued count for
+//! `PUT /v2/cache/{id}`, our `queue_image` and the `queue` command write them) into the
+//! queue table, a pass's new markers in one transaction, and keeps the queued count for
 //! the status line. The watcher wakes it when a marker appears.
 
 use tokio::time::Instant;
@@ -33,10 +34,10 @@ impl Worker for QueueWorker {
         if adopted > 0 {
             info!(adopted, "adopted queue markers into the queue");
         }
-        // Queued rows wake the prefetcher, also those this pass did not adopt: the
-        // `queue` command writes its marker before its row, so the watcher's nudge for
-        // the marker can reach the prefetcher before the row exists, and this pass may
-        // then find the row already there.
+        // Queued rows wake the prefetcher, also those this pass did not adopt: a
+        // read-through fill writes its marker before its row (`queue_claimable`), so
+        // the watcher's nudge for the marker can reach this loop before the row exists,
+        // and this pass may then find the row already there.
         if self.ctx.refresh_queued().await? > 0 {
             self.ctx.nudges.prefetcher.notify_one();
         }

@@ -314,6 +314,7 @@ mod tests {
         );
         assert!(driver.queue_image(&present).await.unwrap());
         assert!(driver.queue_image(&missing).await.unwrap());
+        assert_eq!(driver.adopt_queue_markers().await.unwrap(), 2);
         let cancel = CancellationToken::new();
         let mut engine = PrefetchEngine::new(
             driver.clone(),

@@ -103,7 +103,7 @@ impl ReadThrough {
             // The claim lives on the queue row: queued first (nothing when it is queued
             // already; refused when a writer's file is in incomplete/, whose claim
             // then decides).
-            self.driver.queue_image(id).await?;
+            self.driver.queue_claimable(id).await?;
             let ttl = config.prefetcher.claim_ttl;
             match self
                 .driver
@@ -132,7 +132,7 @@ impl ReadThrough {
                 // No queued row: published meanwhile (cached); or a writer outside the
                 // queue (glance-api's own cache) has its file in incomplete/; or the
                 // image's queue marker is there without its row yet (another request
-                // between the two steps of its `queue_image`, whose marker made ours
+                // between the two steps of its `queue_claimable`, whose marker made ours
                 // add nothing, or a marker of Glance's not adopted yet). That last is
                 // no reason to fetch the image a second time beside the fill about to
                 // start: the marker is adopted here (its row added, as the queue loop

@@ -38,6 +38,7 @@ crate::kit::servers::on_every_backend!(
     queue_states_are_counted_for_the_metrics,
     delete_queued_removes_rows_and_markers,
     a_marker_removed_through_glance_dequeues_its_row,
+    one_pass_adopts_hundreds_of_markers_and_revives_a_requeued_failure,
     open_for_write_publishes_verified_image,
     open_for_write_failures_never_publish,
     concurrent_writers_of_one_image,
@@ -119,6 +120,11 @@ async fn queue_image_follows_glance_order_of_checks(b: Backend) {
     std::fs::write(t.path("queue/by-glance"), b"").unwrap();
     assert!(t.driver.is_queued(&id("by-glance")).await.unwrap());
     assert!(!t.driver.queue_image(&id("by-glance")).await.unwrap());
+    // The marker is all queue_image writes (as Glance's): the row comes from the
+    // adoption of markers, which the daemon's queue loop runs.
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (0, 0));
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 2);
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (2, 0));
     // A row alone counts as queued too.
     std::fs::remove_file(t.path("queue/fresh")).unwrap();
     assert!(t.driver.is_queued(&id("fresh")).await.unwrap());
@@ -172,6 +178,7 @@ async fn queue_states_are_counted_for_the_metrics(b: Backend) {
     for image in ["s-a", "s-b", "s-c"] {
         t.driver.queue_image(&id(image)).await.unwrap();
     }
+    t.driver.adopt_queue_markers().await.unwrap();
     run_sql(
         &t.db.url,
         b,
@@ -203,6 +210,63 @@ async fn delete_queued_removes_rows_and_markers(b: Backend) {
     t.finish().await;
 }
 
+/// The queue loop's pass over many new markers (more than one statement's rows): each
+/// gets its row with its mtime as the queued time, a failed image queued again is
+/// revived, a marker of a cached image goes, and rows queued already are not counted.
+async fn one_pass_adopts_hundreds_of_markers_and_revives_a_requeued_failure(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    // A failure recorded an hour ago, then queued again (a marker newer than it).
+    assert!(t.driver.queue_image(&id("gave-up")).await.unwrap());
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
+    let hour_ago = Utc::now() - chrono::Duration::hours(1);
+    let claimed = t
+        .driver
+        .claim_next("worker", Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.image_id.as_str(), "gave-up");
+    t.driver
+        .give_up(&id("gave-up"), 1, hour_ago, "HTTP 404")
+        .await
+        .unwrap();
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (0, 1));
+    assert!(t.driver.queue_image(&id("gave-up")).await.unwrap());
+    // One queued and adopted before the pass: not counted again.
+    assert!(t.driver.queue_image(&id("early")).await.unwrap());
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 2);
+    let images: Vec<String> = (0..600).map(|i| format!("many-{i:03}")).collect();
+    for image in &images {
+        assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    }
+    // Glance's marker of an image cached here: stale, never queued.
+    cache(&t, "cached-here", b"c").await;
+    std::fs::write(t.path("queue/cached-here"), b"").unwrap();
+    // An hour-old marker keeps its time.
+    age_file(&t.path("queue/many-000"), 3600);
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 600);
+    assert!(!t.path("queue/cached-here").exists());
+    assert_eq!(t.node_db.count_queue_states().await.unwrap(), (602, 0));
+    let queued = t.driver.get_queued_images().await.unwrap();
+    assert_eq!(queued[0].image_id.as_str(), "many-000", "its mtime first");
+    assert!(queued[0].queued_at < Utc::now() - chrono::Duration::minutes(59));
+    let mut ids: Vec<String> = queued.iter().map(|q| q.image_id.to_string()).collect();
+    ids.sort();
+    let mut expected = images.clone();
+    expected.extend(["early".to_owned(), "gave-up".to_owned()]);
+    expected.sort();
+    assert_eq!(ids, expected);
+    let revived = queued.iter().find(|q| q.image_id.as_str() == "gave-up");
+    assert_eq!(
+        revived.map(|q| (q.attempts, q.state.as_str())),
+        Some((0, "queued"))
+    );
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 0);
+    t.finish().await;
+}
+
 /// The queue is shared both ways: a queued row whose marker Glance removed is dequeued
 /// (at the next pass over the markers, or when a prefetcher claims it), unless it is
 /// being downloaded or failed.
@@ -214,6 +278,7 @@ async fn a_marker_removed_through_glance_dequeues_its_row(b: Backend) {
         assert!(t.driver.queue_image(&id(image)).await.unwrap());
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    t.driver.adopt_queue_markers().await.unwrap();
     let ttl = Duration::from_secs(60);
     let claimed = t
         .driver
@@ -958,6 +1023,7 @@ mod claims {
         for i in &ids {
             assert!(t.driver.queue_image(&id(i)).await.unwrap());
         }
+        assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 40);
         // Two workers (separate pools, as two processes would have) claim as fast as
         // they can.
         let second_db = t.db.connect().await;
@@ -1121,6 +1187,7 @@ mod claims {
         for i in ["long-1", "long-2", "other"] {
             assert!(t.driver.queue_image(&id(i)).await.unwrap());
         }
+        assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 3);
         // Claims that run out at once, as a claim does once a download outlasts it.
         let claim = |holder: &'static str| {
             let d = t.driver.clone();
@@ -1210,17 +1277,19 @@ mod sqlite_wal {
         (word(16), word(96))
     }
 
-    /// Queues `n` images through the driver, each claimed at once through `other`.
+    /// Queues `n` images through the driver, each adopted (the queue loop's write) and
+    /// then claimed through `other`.
     async fn queue_and_claim(t: &TestCache, other: &CacheDriver, prefix: &str, n: usize) {
         for i in 0..n {
             let image = format!("{prefix}-{i}");
             assert!(t.driver.queue_image(&id(&image)).await.unwrap());
             assert!(t.path(&format!("queue/{image}")).is_file());
+            assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
             let claimed = other
                 .claim_next("other", Utc::now(), Duration::from_secs(60))
                 .await
                 .unwrap()
-                .expect("a queued image is claimable at once");
+                .expect("an adopted image is claimable");
             assert_eq!(claimed.image_id.as_str(), image);
         }
     }
@@ -1281,6 +1350,7 @@ mod sqlite_wal {
                     .unwrap()
             );
         }
+        assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 5);
         let db = database_file(&t);
         t.node_db.db().close().await;
         let (last, copied) = wal_frames(&db);

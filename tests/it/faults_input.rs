@@ -171,6 +171,7 @@ async fn unreadable_rows_are_skipped_and_pruned_first(b: Backend) {
     for image in ["queued-good", "queued-bad"] {
         assert!(t.driver.queue_image(&id(image)).await.unwrap());
     }
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 2);
     let planted = unreadable_time(b, "glance_cached_queue", "queued_at", "queued-bad");
     run_sql(&t.db.url, b, &planted).await.unwrap();
     let queued: Vec<String> = t
@@ -842,6 +843,7 @@ async fn an_unreadable_queue_row_does_not_hold_up_the_queue(b: Backend) {
     for image in ["q-bad", "q-good"] {
         assert!(t.driver.queue_image(&id(image)).await.unwrap());
     }
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 2);
     // A queued time that does not decode and sorts first, so it is picked first.
     let first = match b {
         Backend::Sqlite => "'0-no-time'",
