@@ -182,7 +182,18 @@ impl Glance {
 /// `rounds()` (the JSON of `glance_driver.py ops`).
 /// `BENCH_GLANCE_OPS` calls per figure (default 1,000, 100 in smoke mode, at most
 /// ours): Glance commits a SQLite transaction per hit, some 20 ms each on this disk.
-async fn glance_ops(glance: &Glance, n: usize, ops: usize) -> serde_json::Value {
+/// `queue_image` (and the bare creates beside it) as many times as ours: a directory's
+/// create cost grows with its entries, so both `queue/` directories get as many.
+/// Returns the figures and Glance's directory, to be removed only after ours are
+/// measured: ext4 skips inodes freed in the last minutes when it allocates one (perf:
+/// `recently_deleted`, `find_get_block_common`), so removing 10,000 files right before
+/// our creates would slow ours by Glance's removal.
+async fn glance_ops(
+    glance: &Glance,
+    n: usize,
+    ops: usize,
+) -> (serde_json::Value, tempfile::TempDir) {
+    let queue_ops = ops;
     let ops = std::env::var("BENCH_GLANCE_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -193,7 +204,7 @@ async fn glance_ops(glance: &Glance, n: usize, ops: usize) -> serde_json::Value 
         .tempdir_in(bench_dir())
         .unwrap();
     let (cache, db) = glance.populated(tmp.path(), n, 64).await;
-    glance.run(
+    let figures = glance.run(
         &cache,
         &db,
         &[
@@ -202,10 +213,13 @@ async fn glance_ops(glance: &Glance, n: usize, ops: usize) -> serde_json::Value 
             &n.to_string(),
             "--ops",
             &ops.to_string(),
+            "--queue-ops",
+            &queue_ops.to_string(),
             "--rounds",
             &rounds().to_string(),
         ],
-    )
+    );
+    (figures, tmp)
 }
 
 async fn driver_ops(
@@ -217,9 +231,12 @@ async fn driver_ops(
 ) {
     let ops = if smoke() { 500 } else { 10_000.min(n) };
     // Glance first, right before ours, on the same population.
-    let glance = match glance {
-        Some(g) if backend == "sqlite" => Some(glance_ops(g, n, ops).await),
-        _ => None,
+    let (glance, glance_dir) = match glance {
+        Some(g) if backend == "sqlite" => {
+            let (figures, dir) = glance_ops(g, n, ops).await;
+            (Some(figures), Some(dir))
+        }
+        _ => (None, None),
     };
     let tmp = tempfile::Builder::new()
         .prefix("gc-bench-")
@@ -394,6 +411,7 @@ async fn driver_ops(
         "",
     );
     db.close().await;
+    drop(glance_dir);
     if let Some(g) = glance {
         for (label, glance_key, ours, unit) in [
             ("is_cached", "is_cached", "is_cached_per_s", "/s"),

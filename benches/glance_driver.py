@@ -55,7 +55,7 @@ def bare_creates(queue_dir, count, r):
     return rate
 
 
-def ops(driver, n, count, rounds, cache_dir):
+def ops(driver, n, count, queue_count, rounds, cache_dir):
     """The per-operation rates, in the order and with the picks of driver.rs."""
     figures = {k: [] for k in ("is_cached", "open_for_read", "get_hit_count",
                                "queue_image", "queue_dir_create", "list_ms")}
@@ -79,9 +79,9 @@ def ops(driver, n, count, rounds, cache_dir):
         figures["is_cached"].append(rate(count, is_cached))
         figures["open_for_read"].append(rate(count, read))
         figures["get_hit_count"].append(rate(count, hits))
-        figures["queue_image"].append(rate(count, queue))
+        figures["queue_image"].append(rate(queue_count, queue))
         figures["queue_dir_create"].append(
-            bare_creates(os.path.join(cache_dir, "queue"), count, r))
+            bare_creates(os.path.join(cache_dir, "queue"), queue_count, r))
         started = time.perf_counter()
         listed = driver.get_cached_images()
         figures["list_ms"].append((time.perf_counter() - started) * 1000)
@@ -100,6 +100,9 @@ def main():
     o = sub.add_parser("ops")
     o.add_argument("--count", type=int, required=True, help="images cached")
     o.add_argument("--ops", type=int, required=True, help="calls per figure")
+    o.add_argument("--queue-ops", type=int,
+                   help="queue_image calls per figure, and bare creates (default: --ops);"
+                        " as many as ours, so both queue/ directories grow alike")
     o.add_argument("--rounds", type=int, default=3)
     pr = sub.add_parser("prune")
     pr.add_argument("--max-size", type=int, required=True)
@@ -116,7 +119,8 @@ def main():
         result = glance_cache.db_sync()
     elif args.command == "ops":
         driver = glance_cache.make_driver()
-        result = ops(driver, args.count, args.ops, args.rounds, args.cache_dir)
+        result = ops(driver, args.count, args.ops, args.queue_ops or args.ops,
+                     args.rounds, args.cache_dir)
     elif args.command == "prune":
         import glance.image_cache
         cache = glance.image_cache.ImageCache()

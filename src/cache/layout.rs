@@ -724,21 +724,20 @@ impl CacheLayout {
     /// the time read an instant before), so a request right after a failure would get
     /// a marker older than the failure and stay failed.
     pub fn create_marker(&self, id: &ImageId, requested: SystemTime) -> io::Result<bool> {
-        let marker = match rustix::fs::openat(
-            self.fd(Area::Queue)?,
+        let queue = self.fd(Area::Queue)?;
+        // `mknodat` of a regular file: an exclusive create that never follows a symlink,
+        // without the descriptor an `openat` would make and close.
+        match rustix::fs::mknodat(
+            queue,
             id.as_str(),
-            OFlags::WRONLY
-                | OFlags::CREATE
-                | OFlags::EXCL
-                | OFlags::NOFOLLOW
-                | OFlags::NONBLOCK
-                | OFlags::CLOEXEC,
+            FileType::RegularFile,
             Mode::from_raw_mode(FILE_MODE),
+            0,
         ) {
-            Ok(marker) => marker,
+            Ok(()) => {}
             Err(rustix::io::Errno::EXIST) => return Ok(false),
             Err(e) => return Err(e.into()),
-        };
+        }
         // A time before 1970 is left to the kernel's stamp (no request has one).
         if let Ok(since) = requested.duration_since(UNIX_EPOCH) {
             let at = rustix::fs::Timespec {
@@ -750,8 +749,10 @@ impl CacheLayout {
                 last_modification: at,
             };
             // Not setting it leaves a marker, still the queue entry, with the kernel's
-            // stamp: the one thing that costs is the revival rule's precision.
-            let _ = rustix::fs::futimens(&marker, &times);
+            // stamp: the one thing that costs is the revival rule's precision. (Should
+            // the name have been replaced meanwhile, by a symlink say, its own times
+            // are set, never its target's.)
+            let _ = rustix::fs::utimensat(queue, id.as_str(), &times, AtFlags::SYMLINK_NOFOLLOW);
         }
         Ok(true)
     }
