@@ -592,11 +592,13 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
     );
     report.add(
         &format!("{name}_{k}_queue_image_per_s"),
-        &format!("{name}: queue_image"),
+        &format!(
+            "{name}: queue_image (the marker alone: no database work, its row is the adoption's)"
+        ),
         "/s",
         (m(&alone.queue_per_s), m(&fleet.queue_per_s)),
         false,
-        within,
+        "",
     );
     report.add(
         &format!("{name}_{k}_queue_adopt_ms"),
