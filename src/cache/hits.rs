@@ -9,7 +9,7 @@
 //! bounded by the cache however long the database is away.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
@@ -38,6 +38,10 @@ impl PendingHits {
 #[derive(Debug, Default)]
 pub struct HitBook {
     pending: Mutex<HashMap<ImageId, PendingHits>>,
+    /// Notified (`notify_one`, so a permit waits for a flusher not yet waiting) when a
+    /// hit is counted into an empty book: an idle flusher sleeps until then instead of
+    /// waking every interval to find nothing.
+    first_pending: Arc<tokio::sync::Notify>,
 }
 
 /// A batch taken out of the book by a flush: written, or given back with `restore`.
@@ -57,11 +61,16 @@ impl HitBook {
             last_accessed: at,
         };
         let mut pending = self.lock();
+        let was_empty = pending.is_empty();
         match pending.get_mut(id) {
             Some(p) => p.merge(one),
             None => {
                 pending.insert(id.clone(), one);
             }
+        }
+        drop(pending);
+        if was_empty {
+            self.first_pending.notify_one();
         }
     }
 
@@ -75,6 +84,9 @@ impl HitBook {
     /// since it was taken.
     pub fn restore(&self, batch: HitBatch) {
         let mut pending = self.lock();
+        if pending.is_empty() && !batch.is_empty() {
+            self.first_pending.notify_one();
+        }
         for (id, hits) in batch {
             match pending.get_mut(&id) {
                 Some(p) => p.merge(hits),
@@ -104,6 +116,12 @@ impl HitBook {
 }
 
 impl CacheDriver {
+    /// Notified when a hit is counted while none is pending: what the daemon's hit
+    /// flusher waits for when it has nothing to write.
+    pub(crate) fn first_pending_hit(&self) -> Arc<tokio::sync::Notify> {
+        self.hit_book().first_pending.clone()
+    }
+
     /// Counts a hit of `id` now, to be written by the next `flush_hits`.
     pub fn record_hit(&self, id: &ImageId) {
         self.hit_book().record(id, clock::now());

@@ -57,8 +57,9 @@ pub(crate) struct Nudges {
     pub pruner: Arc<Notify>,
     pub queue: Arc<Notify>,
     pub prefetcher: Arc<Notify>,
-    /// The hit flusher: nudged by a reload, so a new `http.hit_flush_interval` applies
-    /// at once rather than after the wait of the old one.
+    /// The hit flusher: the hit book's signal (`CacheDriver::first_pending_hit`), so an
+    /// idle flusher wakes for the first hit; nudged by a reload too, so a new
+    /// `http.hit_flush_interval` applies at once rather than after the old one's wait.
     pub hits: Arc<Notify>,
 }
 
@@ -149,6 +150,14 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// Mirrors the readers table and the hit book into the metrics: the hit flusher
+    /// after each flush, and a scrape before it encodes (an idle flusher does not step).
+    pub(crate) fn publish_reader_metrics(&self) {
+        let (images, hits) = self.driver.pending_hits();
+        self.metrics
+            .set_readers(&self.driver.reader_stats(), images, hits);
+    }
+
     /// The current configuration (swapped by a reload).
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.borrow().clone()

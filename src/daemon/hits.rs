@@ -3,6 +3,13 @@
 //! as the loops stop. A failed flush keeps the hits for the next one (the runner backs
 //! off as for any loop); memory stays one entry per image however long the database is
 //! away. It also mirrors the readers table into the metrics at each step.
+//!
+//! Idle, it does not wake: with nothing pending it sleeps until the book's signal (the
+//! first hit counted into an empty book, `CacheDriver::first_pending_hit`, which is this
+//! loop's nudge), then waits one interval and flushes. A daemon that serves nothing
+//! keeps no timer of its own here (the idle-wakeups benchmark).
+
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -11,20 +18,19 @@ use super::context::{Context, Task};
 use super::worker::{Next, Worker};
 use crate::cache::CacheError;
 
+/// How long an idle flusher sleeps when no signal comes: a bound, not a schedule (the
+/// signal is a stored permit, so none is lost; this only caps the cost of a bug there).
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
+
 pub(super) struct HitFlusherWorker {
     ctx: Context,
+    /// Hits were pending at the end of the last step: this step writes them.
+    armed: bool,
 }
 
 impl HitFlusherWorker {
     pub(super) fn new(ctx: Context) -> Self {
-        HitFlusherWorker { ctx }
-    }
-
-    fn publish_metrics(&self) {
-        let (images, hits) = self.ctx.driver.pending_hits();
-        self.ctx
-            .metrics
-            .set_readers(&self.ctx.driver.reader_stats(), images, hits);
+        HitFlusherWorker { ctx, armed: false }
     }
 }
 
@@ -36,12 +42,25 @@ impl Worker for HitFlusherWorker {
     }
 
     async fn step(&mut self) -> Result<Next, CacheError> {
-        let flushed = self.ctx.driver.flush_hits().await;
-        self.publish_metrics();
-        let images = flushed?;
-        if images > 0 {
-            debug!(images, "hits written");
+        if self.armed {
+            let flushed = self.ctx.driver.flush_hits().await;
+            self.ctx.publish_reader_metrics();
+            let images = flushed?;
+            self.armed = false;
+            if images > 0 {
+                debug!(images, "hits written");
+            }
         }
+        let signal = self.ctx.driver.first_pending_hit();
+        if self.ctx.driver.pending_hits().0 == 0 {
+            // A hit counted from here on leaves a permit: the wait below ends at once.
+            return Ok(Next::IdleUntil(Instant::now() + IDLE_WAIT));
+        }
+        // Hits pending: written one interval from now. A permit left by a hit counted
+        // while the flush above had emptied the book is spent here, or it would end
+        // this wait at once and, under steady serving, flush back to back.
+        std::pin::pin!(signal.notified()).enable();
+        self.armed = true;
         Ok(Next::IdleUntil(
             Instant::now() + self.ctx.config().http.hit_flush_interval,
         ))
@@ -61,7 +80,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use tokio::sync::{Notify, watch};
+    use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
 
     use super::*;
@@ -115,7 +134,7 @@ mod tests {
         let board = ctx.board.clone();
         let running = tokio::spawn(worker::run(
             HitFlusherWorker::new(ctx.clone()),
-            Arc::new(Notify::new()),
+            ctx.driver.first_pending_hit(),
             shutdown.clone(),
             board,
         ));
@@ -129,6 +148,62 @@ mod tests {
         running.await.unwrap();
         assert_eq!(ctx.db.hit_count("img").await.unwrap(), 5);
         assert_eq!(ctx.driver.pending_hits(), (0, 0));
+        ctx.db.db().close().await;
+    }
+
+    /// Idle, the flusher asks for no wake-up but the hit book's signal; the first hit
+    /// arms it for one interval, at whose end it writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_flusher_waits_for_the_first_hit_then_one_interval() {
+        let tmp = tempfile::tempdir().unwrap();
+        let interval = Duration::from_secs(5);
+        let ctx = context(tmp.path(), interval).await;
+        let image = ImageId::parse("img").unwrap();
+        let now = DbTime::from_utc(crate::clock::now());
+        ctx.db
+            .upsert_cached_image("img", 1, None, now)
+            .await
+            .unwrap();
+        let mut flusher = HitFlusherWorker::new(ctx.clone());
+        let asked = Instant::now();
+        let Next::IdleUntil(wake) = flusher.step().await.unwrap() else {
+            panic!("an idle flusher has nothing to do again");
+        };
+        assert!(
+            wake >= asked + IDLE_WAIT,
+            "idle, it sleeps past any interval"
+        );
+        ctx.driver.record_hit(&image);
+        ctx.driver.record_hit(&image);
+        // The signal's permit ends the runner's wait at once.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ctx.driver.first_pending_hit().notified(),
+        )
+        .await
+        .expect("the first hit signals");
+        let asked = Instant::now();
+        let Next::IdleUntil(wake) = flusher.step().await.unwrap() else {
+            panic!("armed, the flusher waits an interval");
+        };
+        assert!(wake >= asked + interval && wake < asked + IDLE_WAIT);
+        assert_eq!(
+            ctx.db.hit_count("img").await.unwrap(),
+            0,
+            "not before the interval"
+        );
+        // Counted into a book with hits pending: no signal, the interval stands.
+        ctx.driver.record_hit(&image);
+        let signal = ctx.driver.first_pending_hit();
+        let woken = tokio::time::timeout(Duration::from_millis(100), signal.notified()).await;
+        assert!(woken.is_err(), "no signal while hits are pending");
+        flusher.step().await.unwrap();
+        assert_eq!(ctx.db.hit_count("img").await.unwrap(), 3);
+        let asked = Instant::now();
+        let Next::IdleUntil(wake) = flusher.step().await.unwrap() else {
+            panic!("idle again");
+        };
+        assert!(wake >= asked + IDLE_WAIT);
         ctx.db.db().close().await;
     }
 
@@ -146,7 +221,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(worker::run(
             HitFlusherWorker::new(ctx.clone()),
-            Arc::new(Notify::new()),
+            ctx.driver.first_pending_hit(),
             shutdown.clone(),
             ctx.board.clone(),
         ));

@@ -385,7 +385,11 @@ async fn start_loops_and_serve(
         layout,
         config: config_rx,
         board: board.clone(),
-        nudges: Nudges::default(),
+        // The hit flusher's nudge is the hit book's signal (see `daemon::hits`).
+        nudges: Nudges {
+            hits: driver.first_pending_hit(),
+            ..Nudges::default()
+        },
         metrics: options.metrics.clone(),
         passes: Default::default(),
     };

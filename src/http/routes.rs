@@ -219,8 +219,10 @@ pub(crate) async fn handle(state: Shared, request: Request<Incoming>) -> Reply {
     }
 }
 
-/// The Prometheus scrape: what the loops recorded, encoded; no query, no file.
+/// The Prometheus scrape: what the loops recorded, encoded, and the readers' and
+/// pending hits' gauges read now; no query, no file.
 fn metrics(state: &Shared) -> Reply {
+    state.ctx.publish_reader_metrics();
     match state.ctx.metrics.encode() {
         Ok(text) => reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
         Err(_) => text(

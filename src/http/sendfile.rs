@@ -35,6 +35,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, ready};
 
@@ -94,9 +95,14 @@ pub(crate) fn is_placeholder(slice: &[u8]) -> bool {
     placeholder_at(slice).is_some()
 }
 
+/// What a range is sent from: an open file, shared with the body that queued it (which
+/// may end before its last range is sent; whatever the file carries, such as the
+/// response's reader registration, lives until the range is sent or dropped).
+pub(crate) type SentFile = Arc<dyn AsFd + Send + Sync>;
+
 /// A range of a file to send where its placeholder is written.
 struct Queued {
-    file: Arc<File>,
+    file: SentFile,
     offset: u64,
     /// Bytes not yet sent.
     len: usize,
@@ -135,7 +141,7 @@ impl SendfileLane {
 
     /// Queues `len` bytes of `file` from `offset` and returns the placeholder hyper is
     /// to write for them.
-    pub(crate) fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+    pub(crate) fn chunk(&self, file: &SentFile, offset: u64, len: usize) -> io::Result<Bytes> {
         if len == 0 || len > MAX_CHUNK_BYTES {
             return Err(io::Error::other(format!(
                 "a sendfile chunk of {len} bytes (1 to {MAX_CHUNK_BYTES})"
@@ -198,7 +204,7 @@ impl SendfileLane {
             )));
         }
         let mut offset = head.offset;
-        let sent = rustix::fs::sendfile(tcp, &*head.file, Some(&mut offset), len)?;
+        let sent = rustix::fs::sendfile(tcp, &head.file, Some(&mut offset), len)?;
         if sent == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -223,7 +229,7 @@ mod tests {
     #[test]
     fn placeholders_are_told_by_their_address() {
         let lane = SendfileLane::new(Counter::default());
-        let file = Arc::new(tempfile::tempfile().unwrap());
+        let file: SentFile = Arc::new(tempfile::tempfile().unwrap());
         let chunk = lane.chunk(&file, 0, 10).unwrap();
         assert!(is_placeholder(&chunk));
         assert!(is_placeholder(&chunk[3..]));
@@ -253,7 +259,7 @@ mod tests {
         let (mut peer, _) = listener.accept().await.unwrap();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(b"0123456789").unwrap();
-        let file = Arc::new(file);
+        let file: SentFile = Arc::new(file);
         let sent = Counter::default();
         let lane = SendfileLane::new(sent.clone());
         let send = |p: Bytes| {

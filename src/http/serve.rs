@@ -396,7 +396,7 @@ impl Body for MemoryBody {
 /// Either way, a file that ends early (truncated under us) fails the write or the
 /// body, so hyper cuts the connection rather than send a short image.
 struct FileBody {
-    file: Arc<File>,
+    file: Arc<ServedFile>,
     offset: u64,
     /// Bytes not yet asked for.
     remaining: u64,
@@ -405,8 +405,22 @@ struct FileBody {
     reading: Option<JoinHandle<std::io::Result<Bytes>>>,
     /// Where the chunks are queued for sendfile, when they are.
     lane: Option<SendfileLane>,
-    /// Unregisters the reader when the body is dropped (sent, or the client gone).
+}
+
+/// The served file with the response's reader registration, shared by the body, its
+/// reads and the lane's queued ranges: the registration ends when the last of them lets
+/// go, after the descriptor closes (fields drop in order). So an evicted image counts
+/// as open exactly while a descriptor of it is: the body ends when its last chunk is
+/// queued, and that chunk can still be on its way to a slow client.
+struct ServedFile {
+    file: File,
     _reader: ReaderGuard,
+}
+
+impl std::os::fd::AsFd for ServedFile {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl FileBody {
@@ -418,13 +432,15 @@ impl FileBody {
         lane: Option<SendfileLane>,
     ) -> ReplyBody {
         let mut body = FileBody {
-            file: Arc::new(file),
+            file: Arc::new(ServedFile {
+                file,
+                _reader: reader,
+            }),
             offset,
             remaining: len,
             unsent: len,
             reading: None,
             lane,
-            _reader: reader,
         };
         body.read_next();
         // The first chunk's advice cannot run ahead of its send (hyper writes it right
@@ -434,7 +450,7 @@ impl FileBody {
         // advice only where a probe found no page cost the 16-client throughput,
         // BENCHMARKS.md).
         let first = body.remaining.min(LANE_CHUNK_BYTES);
-        if body.lane.is_some() && !sendfile::in_page_cache(&body.file, body.offset, first) {
+        if body.lane.is_some() && !sendfile::in_page_cache(&body.file.file, body.offset, first) {
             body.advise(body.offset);
         }
         body.boxed_unsync()
@@ -453,7 +469,8 @@ impl FileBody {
         }
         let file = self.file.clone();
         drop(tokio::task::spawn_blocking(move || {
-            let _ = rustix::fs::fadvise(&*file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            let _ =
+                rustix::fs::fadvise(&file.file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }));
     }
 
@@ -469,7 +486,7 @@ impl FileBody {
         self.remaining -= len;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             let len = usize::try_from(len).map_err(std::io::Error::other)?;
-            crate::cache::read_exact_at(&file, Vec::new(), offset, len)
+            crate::cache::read_exact_at(&file.file, Vec::new(), offset, len)
         }));
     }
 }
@@ -489,7 +506,8 @@ impl Body for FileBody {
             }
             let len = this.remaining.min(LANE_CHUNK_BYTES);
             // LANE_CHUNK_BYTES fits in a usize.
-            let placeholder = match lane.chunk(&this.file, this.offset, len as usize) {
+            let file: sendfile::SentFile = this.file.clone();
+            let placeholder = match lane.chunk(&file, this.offset, len as usize) {
                 Ok(placeholder) => placeholder,
                 Err(e) => return Poll::Ready(Some(Err(e))),
             };
