@@ -168,8 +168,13 @@ impl CacheDriver {
         self.inner.prune_turn.clone().lock_owned().await
     }
 
-    /// Whether `id` is cached, asked from a blocking thread (see `blocking`).
+    /// Whether `id` is cached: from memory when the kernel can tell without waiting on
+    /// the disk (`CacheLayout::try_cached_exists`), else asked from a blocking thread
+    /// (see `blocking`). The trip to the pool was most of a `get_hit_count`.
     pub async fn cached(&self, id: &ImageId) -> bool {
+        if let Some(cached) = self.layout().try_cached_exists(id) {
+            return cached;
+        }
         self.in_area(Area::Cached, id).await
     }
 

@@ -680,6 +680,33 @@ impl CacheLayout {
         cached_open_outcome(opened, &OPENAT2_CACHED_UNAVAILABLE)
     }
 
+    /// `exists(Area::Cached, id)` answered from memory, so that an async caller may ask
+    /// on a runtime thread: an `O_PATH` open with `RESOLVE_CACHED` (see
+    /// `try_open_read_cached`), which reads no directory block and no inode. `None` when
+    /// the kernel would have had to wait on the disk (or has no such open): ask `exists`
+    /// on the blocking pool. As `exists`, a symlink exists (`O_PATH | O_NOFOLLOW` opens
+    /// the link itself, never its target).
+    pub fn try_cached_exists(&self, id: &ImageId) -> Option<bool> {
+        if OPENAT2_CACHED_UNAVAILABLE.load(Ordering::Relaxed) {
+            return None;
+        }
+        let opened = rustix::fs::openat2(
+            &self.inner.root,
+            id.as_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::CACHED | ResolveFlags::BENEATH,
+        );
+        match opened {
+            Ok(_) => Some(true),
+            Err(rustix::io::Errno::NOENT) => Some(false),
+            Err(e) => match cached_open_outcome(Err(e), &OPENAT2_CACHED_UNAVAILABLE) {
+                // Whatever else `exists` tells better (it counts an error as existing).
+                Ok(_) | Err(_) => None,
+            },
+        }
+    }
+
     /// Opens `id` in `area` for an eviction: for writing when we may (so its blocks can
     /// be freed in paced steps), else for reading (so the unlink stays quick: the blocks
     /// go when this descriptor closes). Never follows a symlink or blocks on a FIFO.
@@ -915,6 +942,33 @@ mod tests {
             layout.try_open_read_cached(Area::Incomplete, &id),
             Ok(CachedOpen::Fallback)
         ));
+    }
+
+    #[test]
+    fn the_cached_exists_answers_from_memory_as_exists_does() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::open(tmp.path().join("c")).unwrap();
+        let root = layout.root().to_path_buf();
+        let id = |name: &str| ImageId::parse(name).unwrap();
+        // Just created: its dentry is in memory.
+        fs::write(root.join("img1"), b"bytes").unwrap();
+        assert_eq!(layout.try_cached_exists(&id("img1")), Some(true));
+        // A symlink exists, as for `exists`, whatever it points at.
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), root.join("link1")).unwrap();
+        assert_eq!(layout.try_cached_exists(&id("link1")), Some(true));
+        assert!(layout.exists(Area::Cached, &id("link1")));
+        // Absent, once a lookup left a negative dentry.
+        assert!(!layout.exists(Area::Cached, &id("absent1")));
+        assert_eq!(layout.try_cached_exists(&id("absent1")), Some(false));
+        // Removed: absent at once.
+        fs::remove_file(root.join("img1")).unwrap();
+        assert_eq!(layout.try_cached_exists(&id("img1")), Some(false));
+        // A name never looked up is not in memory: asked on the blocking pool.
+        fs::write(root.join("incomplete/img2"), b"x").unwrap();
+        assert_eq!(layout.try_cached_exists(&id("img2")), None);
+        // A subdirectory's entry is not an image.
+        assert!(!layout.exists(Area::Cached, &id("img2")));
+        assert_eq!(layout.try_cached_exists(&id("img2")), Some(false));
     }
 
     #[test]
