@@ -345,7 +345,14 @@ impl CacheDriver {
         }
         // The pass's new markers in one transaction, then one look for those published
         // (and dequeued) between the check and the insert, which are undone.
-        let enqueued = self.db().enqueue_all(&new).await?;
+        let rows: Vec<(&str, DbTime)> = new.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+        let newly = self.db().enqueue_all(&rows).await?;
+        let enqueued: Vec<ImageId> = new
+            .iter()
+            .zip(newly)
+            .filter(|(_, newly)| *newly)
+            .map(|((id, _), _)| (*id).clone())
+            .collect();
         let published = self.cached_among(enqueued.clone()).await;
         let mut adopted = 0;
         for id in &enqueued {

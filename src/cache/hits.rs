@@ -84,9 +84,7 @@ impl HitBook {
     /// since it was taken.
     pub fn restore(&self, batch: HitBatch) {
         let mut pending = self.lock();
-        if pending.is_empty() && !batch.is_empty() {
-            self.first_pending.notify_one();
-        }
+        let was_empty = pending.is_empty() && !batch.is_empty();
         for (id, hits) in batch {
             match pending.get_mut(&id) {
                 Some(p) => p.merge(hits),
@@ -94,6 +92,10 @@ impl HitBook {
                     pending.insert(id, hits);
                 }
             }
+        }
+        drop(pending);
+        if was_empty {
+            self.first_pending.notify_one();
         }
     }
 

@@ -700,10 +700,12 @@ impl CacheLayout {
         match opened {
             Ok(_) => Some(true),
             Err(rustix::io::Errno::NOENT) => Some(false),
-            Err(e) => match cached_open_outcome(Err(e), &OPENAT2_CACHED_UNAVAILABLE) {
-                // Whatever else `exists` tells better (it counts an error as existing).
-                Ok(_) | Err(_) => None,
-            },
+            // Anything else `exists` tells better (it counts an error as existing);
+            // `cached_open_outcome` remembers a kernel without the open.
+            Err(e) => {
+                let _ = cached_open_outcome(Err(e), &OPENAT2_CACHED_UNAVAILABLE);
+                None
+            }
         }
     }
 

@@ -51,7 +51,6 @@ impl Worker for HitFlusherWorker {
                 debug!(images, "hits written");
             }
         }
-        let signal = self.ctx.driver.first_pending_hit();
         if self.ctx.driver.pending_hits().0 == 0 {
             // A hit counted from here on leaves a permit: the wait below ends at once.
             return Ok(Next::IdleUntil(Instant::now() + IDLE_WAIT));
@@ -59,6 +58,7 @@ impl Worker for HitFlusherWorker {
         // Hits pending: written one interval from now. A permit left by a hit counted
         // while the flush above had emptied the book is spent here, or it would end
         // this wait at once and, under steady serving, flush back to back.
+        let signal = self.ctx.driver.first_pending_hit();
         std::pin::pin!(signal.notified()).enable();
         self.armed = true;
         Ok(Next::IdleUntil(
@@ -118,18 +118,23 @@ mod tests {
         }
     }
 
+    /// The image `img`, with its row (0 hits), for the hits counted in a test.
+    async fn cached_image(ctx: &Context) -> ImageId {
+        let now = DbTime::from_utc(crate::clock::now());
+        ctx.db
+            .upsert_cached_image("img", 1, None, now)
+            .await
+            .unwrap();
+        ImageId::parse("img").unwrap()
+    }
+
     /// The shutdown a SIGTERM starts (the supervisor cancels the loops' token) writes
     /// the hits still pending, long before the next interval.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_flushes_the_pending_hits() {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = context(tmp.path(), Duration::from_secs(3600)).await;
-        let image = ImageId::parse("img").unwrap();
-        let now = DbTime::from_utc(crate::clock::now());
-        ctx.db
-            .upsert_cached_image("img", 1, None, now)
-            .await
-            .unwrap();
+        let image = cached_image(&ctx).await;
         let shutdown = CancellationToken::new();
         let board = ctx.board.clone();
         let running = tokio::spawn(worker::run(
@@ -158,12 +163,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let interval = Duration::from_secs(5);
         let ctx = context(tmp.path(), interval).await;
-        let image = ImageId::parse("img").unwrap();
-        let now = DbTime::from_utc(crate::clock::now());
-        ctx.db
-            .upsert_cached_image("img", 1, None, now)
-            .await
-            .unwrap();
+        let image = cached_image(&ctx).await;
         let mut flusher = HitFlusherWorker::new(ctx.clone());
         let asked = Instant::now();
         let Next::IdleUntil(wake) = flusher.step().await.unwrap() else {
@@ -212,12 +212,7 @@ mod tests {
     async fn each_interval_writes_what_was_counted() {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = context(tmp.path(), Duration::from_millis(50)).await;
-        let image = ImageId::parse("img").unwrap();
-        let now = DbTime::from_utc(crate::clock::now());
-        ctx.db
-            .upsert_cached_image("img", 1, None, now)
-            .await
-            .unwrap();
+        let image = cached_image(&ctx).await;
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(worker::run(
             HitFlusherWorker::new(ctx.clone()),

@@ -124,8 +124,8 @@ pub(crate) enum Pool {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
-    /// SQLite, read-write: the connection kept aside for the hot one-statement writes
-    /// (`enqueue`), and the background checkpointer. `None` otherwise.
+    /// SQLite, read-write: the background checkpointer and its statement count. `None`
+    /// otherwise.
     sqlite: Option<Arc<SqliteExtras>>,
     /// Whether `migrate` may create Glance's cache tables when the database has none.
     create_glance_tables: bool,
@@ -288,7 +288,6 @@ impl Db {
                         statements.clone(),
                     ));
                     sqlite = Some(Arc::new(SqliteExtras {
-                        writer: tokio::sync::Mutex::new(None),
                         statements,
                         due,
                         checkpointer,
@@ -355,11 +354,6 @@ impl Db {
     pub async fn close(&self) {
         if let (Pool::Sqlite(pool), Some(extras)) = (&self.pool, &self.sqlite) {
             extras.checkpointer.abort();
-            if let Some(writer) = extras.writer.lock().await.take()
-                && let Err(error) = sqlx::Connection::close(writer).await
-            {
-                debug!(%error, "closing the SQLite writer connection");
-            }
             if let Err(error) = checkpoint(pool).await {
                 debug!(%error, "SQLite checkpoint at close");
             }
@@ -379,34 +373,10 @@ impl Db {
             }
         }
     }
-
-    /// SQLite, read-write: the connection for one-statement writes, held until the
-    /// returned guard drops (`None` for other databases and read-only handles). One
-    /// connection, not the pool's: a pool connection is pinged on its way back (a second
-    /// trip to its thread per statement), and SQLite takes one writer at a time anyway.
-    pub(crate) async fn sqlite_writer(&self) -> Result<Option<SqliteWriter<'_>>, sqlx::Error> {
-        let (Pool::Sqlite(pool), Some(extras)) = (&self.pool, &self.sqlite) else {
-            return Ok(None);
-        };
-        let mut held = extras.writer.lock().await;
-        // After `close`, no new connection: the pool's statements fail alike.
-        if pool.is_closed() {
-            return Err(sqlx::Error::PoolClosed);
-        }
-        if held.is_none() {
-            let conn = sqlx::ConnectOptions::connect(&*pool.connect_options()).await?;
-            *held = Some(conn);
-        }
-        Ok(Some(SqliteWriter {
-            held,
-            finished: false,
-        }))
-    }
 }
 
 /// What a read-write SQLite `Db` has besides its pool.
 struct SqliteExtras {
-    writer: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
     /// Statements run to their end, for `SQLITE_CHECKPOINT_AFTER`.
     statements: Arc<AtomicU64>,
     /// Wakes the checkpointer.
@@ -419,35 +389,6 @@ impl Drop for SqliteExtras {
         // The last handle is gone: so is the checkpointer's reason to run (it holds the
         // pool, which would otherwise outlive every handle).
         self.checkpointer.abort();
-    }
-}
-
-/// The SQLite writer connection while one statement runs on it (`Db::sqlite_writer`).
-/// Unless `finished` says the statement ran to its end, the connection is dropped with
-/// the guard: a statement cancelled half-way or failed leaves no doubtful state behind
-/// for the next caller, who opens a fresh one.
-pub(crate) struct SqliteWriter<'a> {
-    held: tokio::sync::MutexGuard<'a, Option<sqlx::SqliteConnection>>,
-    finished: bool,
-}
-
-impl SqliteWriter<'_> {
-    /// The connection. `None` only after `finish`, which consumes the guard.
-    pub(crate) fn conn(&mut self) -> Option<&mut sqlx::SqliteConnection> {
-        self.held.as_mut()
-    }
-
-    /// The statement ran to its end: the connection stays for the next one.
-    pub(crate) fn finish(mut self) {
-        self.finished = true;
-    }
-}
-
-impl Drop for SqliteWriter<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.held.take();
-        }
     }
 }
 

@@ -130,76 +130,17 @@ impl NodeDb {
     /// listed just before the prefetcher gave up must not revive the image. Returns
     /// whether the image is newly queued.
     pub async fn enqueue(&self, image_id: &str, queued_at: DbTime) -> Result<bool, DbError> {
-        // PostgreSQL's and SQLite's (MySQL has no ON CONFLICT).
-        const INSERT: &str = "INSERT INTO glance_cached_queue \
-             (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-             VALUES (?, ?, ?, 0, ?, 'queued') ON CONFLICT (node_reference_id, image_id) DO NOTHING";
-        // SQLite: on the connection kept for such writes, one trip to its thread.
-        let inserted = match self.db.sqlite_writer().await? {
-            Some(mut writer) => {
-                let _timer = crate::metrics::QueryTimer::start(self.db.query_seconds.as_ref());
-                let Some(conn) = writer.conn() else {
-                    return Err(sqlx::Error::PoolClosed.into());
-                };
-                let inserted = sqlx::query(INSERT)
-                    .bind(self.node.0)
-                    .bind(image_id)
-                    .bind(queued_at)
-                    .bind(queued_at)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                writer.finish();
-                self.db.count_sqlite_statement();
-                inserted
-            }
-            None => on_pool!(self.db, |pool, d| {
-                let q = match d {
-                    Dialect::MySql => {
-                        "INSERT IGNORE INTO glance_cached_queue \
-                         (node_reference_id, image_id, queued_at, attempts, next_attempt_at, state) \
-                         VALUES (?, ?, ?, 0, ?, 'queued')"
-                    }
-                    _ => INSERT,
-                };
-                sqlx::query(sql(d, q))
-                    .bind(self.node.0)
-                    .bind(image_id)
-                    .bind(queued_at)
-                    .bind(queued_at)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-            }),
-        };
-        if inserted > 0 {
-            return Ok(true);
-        }
-        // Failures record their time in next_attempt_at (see mark_failed).
-        let revived = on_pool!(self.db, |pool, d| {
-            sqlx::query(sql(d, REVIVE))
-                .bind(queued_at)
-                .bind(queued_at)
-                .bind(self.node.0)
-                .bind(image_id)
-                .bind(queued_at)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(revived > 0)
+        let queued = self.enqueue_all(&[(image_id, queued_at)]).await?;
+        Ok(queued.first().copied().unwrap_or(false))
     }
 
     /// Queues each of `images` for this node as `enqueue` does, in one transaction: on
     /// SQLite and PostgreSQL `QUEUE_ROWS_PER_STATEMENT` new rows to a statement, on MySQL
     /// one statement a row; a row there already is revived when it failed before its
     /// image's time. The queue loop adopts every new marker of a pass this way (a commit
-    /// per marker was most of what queueing cost, BENCHMARKS.md). Returns the images
-    /// newly queued.
-    pub async fn enqueue_all(
-        &self,
-        images: &[(&ImageId, DbTime)],
-    ) -> Result<Vec<ImageId>, DbError> {
+    /// per marker was most of what queueing cost, BENCHMARKS.md). Returns, for each of
+    /// `images` in order, whether it is newly queued.
+    pub async fn enqueue_all(&self, images: &[(&str, DbTime)]) -> Result<Vec<bool>, DbError> {
         // Four parameters a row: 1,024 a statement, far under SQLite's 32,766 and
         // PostgreSQL's 65,535.
         const QUEUE_ROWS_PER_STATEMENT: usize = 256;
@@ -220,14 +161,14 @@ impl NodeDb {
                 for (image_id, at) in images {
                     let added = sqlx::query(INSERT_MYSQL)
                         .bind(self.node.0)
-                        .bind(image_id.as_str())
+                        .bind(*image_id)
                         .bind(*at)
                         .bind(*at)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
                     if added > 0 {
-                        inserted.insert(image_id.as_str().to_owned());
+                        inserted.insert((*image_id).to_owned());
                     }
                 }
             } else {
@@ -236,35 +177,30 @@ impl NodeDb {
                         rows_statement(d, INSERT_ROWS, "(?, ?, ?, 0, ?, 'queued')", batch.len());
                     let mut q = sqlx::query(text);
                     for (image_id, at) in batch {
-                        q = q
-                            .bind(self.node.0)
-                            .bind(image_id.as_str())
-                            .bind(*at)
-                            .bind(*at);
+                        q = q.bind(self.node.0).bind(*image_id).bind(*at).bind(*at);
                     }
                     for row in q.fetch_all(&mut *tx).await? {
                         inserted.insert(row.try_get::<String, _>(0)?);
                     }
                 }
             }
-            let mut queued = Vec::with_capacity(inserted.len());
+            let mut queued = Vec::with_capacity(images.len());
             for (image_id, at) in images {
-                if inserted.contains(image_id.as_str()) {
-                    queued.push((*image_id).clone());
+                if inserted.contains(*image_id) {
+                    queued.push(true);
                     continue;
                 }
+                // Failures record their time in next_attempt_at (see mark_failed).
                 let revived = sqlx::query(sql(d, REVIVE))
                     .bind(*at)
                     .bind(*at)
                     .bind(self.node.0)
-                    .bind(image_id.as_str())
+                    .bind(*image_id)
                     .bind(*at)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
-                if revived > 0 {
-                    queued.push((*image_id).clone());
-                }
+                queued.push(revived > 0);
             }
             tx.commit().await?;
             queued
