@@ -98,6 +98,12 @@ impl CacheDriver {
         self.db()
             .mark_failed(id.as_str(), attempts as i64, DbTime::from_utc(now), error)
             .await?;
+        // A request after this one must revive the image: its marker, made once this
+        // one is gone, must be newer than the failure. Markers are stamped from the
+        // kernel's coarse clock, up to a tick behind `now`, so the marker goes only
+        // once that clock has passed `now` (one tick at most; a `now` far ahead, as a
+        // test may pass, is waited for no longer than a few ticks).
+        wait_for_file_stamps_after(now.into()).await;
         // The outcome is recorded; a marker that cannot go (its directory replaced, say)
         // is no reason to treat it as lost. A failure newer than the marker keeps it
         // from reviving the image.
@@ -176,5 +182,17 @@ impl CacheDriver {
     /// When the earliest waiting queued image becomes due.
     pub async fn next_queue_due(&self) -> Result<Option<DateTime<Utc>>, CacheError> {
         Ok(self.db().next_queue_due().await?.map(DbTime::to_utc))
+    }
+}
+
+/// Waits until a file made now would be stamped after `t` (see `clock::file_stamp_now`),
+/// for at most `STAMP_WAIT_STEPS` steps of a millisecond.
+async fn wait_for_file_stamps_after(t: std::time::SystemTime) {
+    const STAMP_WAIT_STEPS: u32 = 30;
+    for _ in 0..STAMP_WAIT_STEPS {
+        if clock::file_stamp_now() > t {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -224,7 +224,7 @@ impl CacheDriver {
     /// event, adopts a pass's new markers in one transaction; the queue's listing
     /// adopts first too). A commit per request was most of what queueing cost.
     pub async fn queue_image(&self, id: &ImageId) -> Result<bool, CacheError> {
-        self.create_queue_marker(id, clock::system_now()).await
+        self.create_queue_marker(id).await
     }
 
     /// `queue_image` with the row added at once, so that the image can be claimed now
@@ -236,7 +236,7 @@ impl CacheDriver {
         // marker, try the image and give up on it before the insert below, which must
         // then not revive the failure (it is newer than the request).
         let requested = clock::system_now();
-        if !self.create_queue_marker(id, requested).await? {
+        if !self.create_queue_marker(id).await? {
             return Ok(false);
         }
         // The insert adds nothing when a row is queued already (the queue loop may have
@@ -252,15 +252,10 @@ impl CacheDriver {
         Ok(true)
     }
 
-    /// `queue_image`'s checks and marker (its mtime `requested`, the queued time its
-    /// adoption records), in one trip to a blocking thread: the create writes a
-    /// directory, and a slow disk must not hold a runtime thread (ARCHITECTURE.md).
-    /// Returns whether the marker was made.
-    async fn create_queue_marker(
-        &self,
-        id: &ImageId,
-        requested: std::time::SystemTime,
-    ) -> Result<bool, CacheError> {
+    /// `queue_image`'s checks and marker, in one trip to a blocking thread: the create
+    /// writes a directory, and a slow disk must not hold a runtime thread
+    /// (ARCHITECTURE.md). Returns whether the marker was made.
+    async fn create_queue_marker(&self, id: &ImageId) -> Result<bool, CacheError> {
         let (layout, marker_id) = (self.layout().clone(), id.clone());
         let refused = blocking(move || {
             if layout.exists(Area::Cached, &marker_id) {
@@ -271,7 +266,7 @@ impl CacheDriver {
             }
             // A marker alone (Glance's PUT /v2/cache/{id}) means queued: the exclusive
             // create is that check and the marker at once.
-            if !layout.create_marker(&marker_id, requested)? {
+            if !layout.create_marker(&marker_id)? {
                 return Ok(Some("already queued"));
             }
             // Published between the first check and the create (a prefetcher's

@@ -39,6 +39,7 @@ crate::kit::servers::on_every_backend!(
     delete_queued_removes_rows_and_markers,
     a_marker_removed_through_glance_dequeues_its_row,
     one_pass_adopts_hundreds_of_markers_and_revives_a_requeued_failure,
+    a_request_right_after_a_failure_revives_it,
     open_for_write_publishes_verified_image,
     open_for_write_failures_never_publish,
     concurrent_writers_of_one_image,
@@ -264,6 +265,44 @@ async fn one_pass_adopts_hundreds_of_markers_and_revives_a_requeued_failure(b: B
         Some((0, "queued"))
     );
     assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 0);
+    t.finish().await;
+}
+
+/// A failed image queued again at once, by `queue_image` or by a marker Glance's way
+/// (the kernel's stamp, up to a tick behind the failure's time), is revived: a marker
+/// made after the failure is newer than it. Rounds, since one may fall on a tick.
+async fn a_request_right_after_a_failure_revives_it(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    for round in 0..12 {
+        let image = format!("again-{round:02}");
+        assert!(t.driver.queue_image(&id(&image)).await.unwrap());
+        assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
+        let claimed = t
+            .driver
+            .claim_next("worker", Utc::now(), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claimed.image_id.as_str(), image);
+        t.driver
+            .give_up(&id(&image), 1, Utc::now(), "HTTP 404")
+            .await
+            .unwrap();
+        if round % 2 == 0 {
+            assert!(t.driver.queue_image(&id(&image)).await.unwrap());
+        } else {
+            std::fs::File::create(t.path(&format!("queue/{image}"))).unwrap();
+        }
+        assert_eq!(
+            t.driver.adopt_queue_markers().await.unwrap(),
+            1,
+            "round {round}: the request after the failure revives {image}"
+        );
+        assert_eq!(t.node_db.count_queue_states().await.unwrap(), (1, 0));
+        assert!(t.driver.delete_queued_image(&id(&image)).await.unwrap() > 0);
+    }
     t.finish().await;
 }
 
