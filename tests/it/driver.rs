@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use glance_cached::cache::{Area, CacheError, CleanPolicy, Expectations, PrunePolicy};
 use glance_cached::cache::{CacheDriver, CacheLayout};
 use glance_cached::db::{Db, DbOptions, DbTime, NodeDb};
@@ -211,6 +211,24 @@ async fn delete_queued_removes_rows_and_markers(b: Backend) {
     t.finish().await;
 }
 
+/// Queues `image` alone, claims it and records its failure at `failed_at`, as a
+/// prefetcher that gave up on it would.
+async fn fail_queued(t: &TestCache, image: &str, failed_at: DateTime<Utc>) {
+    assert!(t.driver.queue_image(&id(image)).await.unwrap());
+    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
+    let claimed = t
+        .driver
+        .claim_next("worker", Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.image_id.as_str(), image);
+    t.driver
+        .give_up(&id(image), 1, failed_at, "HTTP 404")
+        .await
+        .unwrap();
+}
+
 /// The queue loop's pass over many new markers (more than one statement's rows): each
 /// gets its row with its mtime as the queued time, a failed image queued again is
 /// revived, a marker of a cached image goes, and rows queued already are not counted.
@@ -219,20 +237,7 @@ async fn one_pass_adopts_hundreds_of_markers_and_revives_a_requeued_failure(b: B
         return;
     };
     // A failure recorded an hour ago, then queued again (a marker newer than it).
-    assert!(t.driver.queue_image(&id("gave-up")).await.unwrap());
-    assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
-    let hour_ago = Utc::now() - chrono::Duration::hours(1);
-    let claimed = t
-        .driver
-        .claim_next("worker", Utc::now(), Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(claimed.image_id.as_str(), "gave-up");
-    t.driver
-        .give_up(&id("gave-up"), 1, hour_ago, "HTTP 404")
-        .await
-        .unwrap();
+    fail_queued(&t, "gave-up", Utc::now() - chrono::Duration::hours(1)).await;
     assert_eq!(t.node_db.count_queue_states().await.unwrap(), (0, 1));
     assert!(t.driver.queue_image(&id("gave-up")).await.unwrap());
     // One queued and adopted before the pass: not counted again.
@@ -277,19 +282,7 @@ async fn a_request_right_after_a_failure_revives_it(b: Backend) {
     };
     for round in 0..12 {
         let image = format!("again-{round:02}");
-        assert!(t.driver.queue_image(&id(&image)).await.unwrap());
-        assert_eq!(t.driver.adopt_queue_markers().await.unwrap(), 1);
-        let claimed = t
-            .driver
-            .claim_next("worker", Utc::now(), Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(claimed.image_id.as_str(), image);
-        t.driver
-            .give_up(&id(&image), 1, Utc::now(), "HTTP 404")
-            .await
-            .unwrap();
+        fail_queued(&t, &image, Utc::now()).await;
         if round % 2 == 0 {
             assert!(t.driver.queue_image(&id(&image)).await.unwrap());
         } else {

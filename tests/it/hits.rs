@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use glance_cached::cache::{Area, CacheDriver, CacheLayout, Expectations, PrunePolicy};
@@ -86,7 +86,13 @@ async fn cache(driver: &CacheDriver, image: &str, data: &[u8]) {
 }
 
 async fn a_thousand_concurrent_opens_with_flushes_between_them_count_a_thousand_hits(b: Backend) {
-    const OPENS: usize = 1000;
+    // Opens come in waves of concurrent tasks while a flusher runs beside them; the waves
+    // go on until at least a thousand opens were made and the flusher finished flushes
+    // while they ran, so the flushes interleave with the opens on a machine of any speed.
+    const WAVE: usize = 100;
+    const MIN_OPENS: usize = 1000;
+    const MIN_FLUSHES_DURING: u32 = 3;
+    const MAX_WAVES: usize = 10_000;
     let Some(t) = TestCache::new(b).await else {
         return;
     };
@@ -95,37 +101,47 @@ async fn a_thousand_concurrent_opens_with_flushes_between_them_count_a_thousand_
     // add, never set.
     assert!(t.driver.open_for_read(&id("popular")).await.is_ok());
     let stop = Arc::new(AtomicBool::new(false));
+    let flushes = Arc::new(AtomicU32::new(0));
     let flusher = {
-        let (driver, stop) = (t.driver.clone(), stop.clone());
+        let (driver, stop, flushes) = (t.driver.clone(), stop.clone(), flushes.clone());
         tokio::spawn(async move {
-            let mut flushes = 0u32;
             while !stop.load(Ordering::SeqCst) {
                 driver.flush_hits().await.unwrap();
-                flushes += 1;
+                flushes.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            flushes
         })
     };
-    let opens: Vec<_> = (0..OPENS)
-        .map(|_| {
-            let driver = t.driver.clone();
-            tokio::spawn(async move {
-                let served = driver.open_to_serve(&id("popular")).await.unwrap().unwrap();
-                assert_eq!(served.size, 4096);
+    let flushes_before = flushes.load(Ordering::SeqCst);
+    let mut opens = 0;
+    let mut waves = 0;
+    while opens < MIN_OPENS || flushes.load(Ordering::SeqCst) - flushes_before < MIN_FLUSHES_DURING
+    {
+        assert!(
+            waves < MAX_WAVES,
+            "the flusher made no progress beside the opens"
+        );
+        let wave: Vec<_> = (0..WAVE)
+            .map(|_| {
+                let driver = t.driver.clone();
+                tokio::spawn(async move {
+                    let served = driver.open_to_serve(&id("popular")).await.unwrap().unwrap();
+                    assert_eq!(served.size, 4096);
+                })
             })
-        })
-        .collect();
-    for open in opens {
-        open.await.unwrap();
+            .collect();
+        for open in wave {
+            open.await.unwrap();
+        }
+        opens += WAVE;
+        waves += 1;
     }
     stop.store(true, Ordering::SeqCst);
-    let flushes = flusher.await.unwrap();
-    assert!(flushes > 1, "flushes ran between the opens");
+    flusher.await.unwrap();
     t.driver.flush_hits().await.unwrap();
     assert_eq!(t.driver.pending_hits(), (0, 0));
     let hits = t.driver.get_hit_count(&id("popular")).await.unwrap();
-    assert_eq!(hits, OPENS as u64 + 1, "{b:?}");
+    assert_eq!(hits, opens as u64 + 1, "{b:?}: {waves} waves");
     t.finish().await;
 }
 
