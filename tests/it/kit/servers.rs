@@ -136,8 +136,16 @@ impl TestDb {
             };
             let admin = admin.clone();
             let backend = self.backend;
+            // Retried: a drop can be refused while the server's own worker (autovacuum,
+            // say) is in the database; a database left behind costs nothing, as the
+            // servers' data goes at the suite's end.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async move {
-                admin_sql(&admin, backend, &sql).await;
+                for _ in 0..5 {
+                    if run_sql(&admin, backend, &sql).await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
             })
             .await;
         }
