@@ -1,6 +1,8 @@
 //! One database for a fleet: one node's operations on PostgreSQL and MariaDB filled with
 //! 1,000,000 `cached_images` rows over 100 nodes, beside the same node alone in a
-//! database of its own (the baseline, in the same run), and claims of 10 nodes at once;
+//! database of its own (the baseline, in the same run), and claims of 10 nodes at once
+//! (with the CPU seconds per claim of this process and the server's, which do not
+//! depend on how many cores the claimers share) and of the same 10 one after another;
 //! then the listing, count and prune in the same fleet without our index.
 //!
 //!   scripts/bench                          # everything, with the servers started
@@ -55,7 +57,8 @@ fn sizes() -> Sizes {
             nodes: 100,
             per_node: 10_000,
             ops: 2_000,
-            queued: 300,
+            // Enough claims that the CPU figures (10 ms ticks) are within a few percent.
+            queued: 1_000,
             claimers: 10,
         }
     }
@@ -96,6 +99,65 @@ async fn exec(url: &str, kind: Kind, statements: &[String]) {
     match kind {
         Kind::Postgres => run_on!(sqlx::PgConnection),
         Kind::MariaDb => run_on!(sqlx::MySqlConnection),
+    }
+}
+
+/// Waits until the server has written out what the fill left dirty, so that no figure
+/// pays for the bulk insert's writeback (a first run's "alone" figures, measured right
+/// after the fill, paid the checkpoint of the fleet's 400 MB: 3x the server's CPU per
+/// claim). PostgreSQL: `CHECKPOINT` (superuser or `pg_checkpoint`, which
+/// `scripts/test-services` grants). MariaDB: its dirty pages flushed with
+/// `innodb_max_dirty_pages_pct` at 0 for the wait (at most a minute), then put back.
+async fn settle(url: &str, kind: Kind) {
+    match kind {
+        Kind::Postgres => {
+            let done = match sqlx::PgConnection::connect(url).await {
+                Ok(mut c) => sqlx::raw_sql("CHECKPOINT").execute(&mut c).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                eprintln!(
+                    "postgresql: CHECKPOINT refused ({e}): figures may include the fill's writeback"
+                );
+            }
+        }
+        Kind::MariaDb => {
+            let pct = "CAST(@@GLOBAL.innodb_max_dirty_pages_pct AS CHAR)";
+            let was = query_text(url, kind, &format!("SELECT {pct}"))
+                .await
+                .join("");
+            exec(
+                url,
+                kind,
+                &["SET GLOBAL innodb_max_dirty_pages_pct = 0".to_owned()],
+            )
+            .await;
+            let dirty = "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
+                         WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_DIRTY'";
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                let pages: u64 = query_text(url, kind, dirty)
+                    .await
+                    .join("")
+                    .parse()
+                    .unwrap_or(0);
+                if pages < 100 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let was = if was.parse::<f64>().is_ok() {
+                was
+            } else {
+                "90".to_owned()
+            };
+            exec(
+                url,
+                kind,
+                &[format!("SET GLOBAL innodb_max_dirty_pages_pct = {was}")],
+            )
+            .await;
+        }
     }
 }
 
@@ -307,13 +369,73 @@ struct NodeFigures {
     adopt_ms: Vec<f64>,
     claim_per_s: Vec<f64>,
     claim_total_per_s: Vec<f64>,
+    claim_in_turn_per_s: Vec<f64>,
+    claim_server_cpu_us: Vec<f64>,
+    claim_our_cpu_us: Vec<f64>,
     prune_ms: Vec<f64>,
+}
+
+/// CPU seconds used so far by this process (every thread: the drivers' and sqlx's, and
+/// the kernel's work for them, such as each dequeue's marker unlink) and by the
+/// database server's processes (`postgres`, `mariadbd`), from `/proc`: the claims'
+/// cost, which does not depend on how many cores share it.
+fn cpu_seconds() -> CpuSeconds {
+    // `/proc`'s times are in USER_HZ, 100 on every architecture Debian ships but alpha
+    // and ia64 (`sysconf(_SC_CLK_TCK)`).
+    const USER_HZ: f64 = 100.0;
+    let mut used = CpuSeconds::default();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return used;
+    };
+    let me = std::process::id().to_string();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the fields after the comm's closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let comm = head.split_once(" (").map_or("", |(_, c)| c);
+        let fields: Vec<&str> = rest.split(' ').collect();
+        // utime and stime are the stat file's fields 14 and 15 (11 and 12 after comm).
+        let seconds: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+            .sum::<f64>()
+            / USER_HZ;
+        if pid == me {
+            used.ours += seconds;
+        } else if comm == "postgres" || comm == "mariadbd" {
+            used.server += seconds;
+        }
+    }
+    used
+}
+
+#[derive(Default, Clone, Copy)]
+struct CpuSeconds {
+    ours: f64,
+    server: f64,
 }
 
 /// Queues `queued` images for each driver (markers and rows, bulk), then has each claim
 /// and dequeue its own until none is left, all at once; returns each node's claims per
 /// second and all of them per second.
-async fn claims(db: &BenchDb, drivers: &[Node], queued: usize, round: usize) -> (Vec<f64>, f64) {
+async fn claims(
+    db: &BenchDb,
+    drivers: &[Node],
+    queued: usize,
+    round: &str,
+    at_once: bool,
+) -> (Vec<f64>, f64) {
     let mut statements = Vec::new();
     for (k, d) in drivers.iter().enumerate() {
         let values: Vec<String> = (0..queued)
@@ -332,27 +454,35 @@ async fn claims(db: &BenchDb, drivers: &[Node], queued: usize, round: usize) -> 
         ));
     }
     exec(&db.url, db.kind, &statements).await;
+    let claim_all = |k: usize, d: CacheDriver| async move {
+        let holder = format!("bench claimer {k}");
+        let t = Instant::now();
+        let mut n = 0usize;
+        while let Some(image) = d
+            .claim_next(&holder, chrono::Utc::now(), Duration::from_secs(600))
+            .await
+            .unwrap()
+        {
+            d.delete_queued_image(&image.image_id).await.unwrap();
+            n += 1;
+        }
+        assert_eq!(n, queued);
+        n as f64 / t.elapsed().as_secs_f64()
+    };
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (k, d) in drivers.iter().enumerate() {
-        let d = d.driver.clone();
-        tasks.spawn(async move {
-            let holder = format!("bench claimer {k}");
-            let t = Instant::now();
-            let mut n = 0usize;
-            while let Some(image) = d
-                .claim_next(&holder, chrono::Utc::now(), Duration::from_secs(600))
-                .await
-                .unwrap()
-            {
-                d.delete_queued_image(&image.image_id).await.unwrap();
-                n += 1;
-            }
-            assert_eq!(n, queued);
-            n as f64 / t.elapsed().as_secs_f64()
-        });
-    }
-    let per_node = tasks.join_all().await;
+    let per_node = if at_once {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (k, d) in drivers.iter().enumerate() {
+            tasks.spawn(claim_all(k, d.driver.clone()));
+        }
+        tasks.join_all().await
+    } else {
+        let mut per_node = Vec::new();
+        for (k, d) in drivers.iter().enumerate() {
+            per_node.push(claim_all(k, d.driver.clone()).await);
+        }
+        per_node
+    };
     let all = (drivers.len() * queued) as f64 / started.elapsed().as_secs_f64();
     (per_node, all)
 }
@@ -430,9 +560,19 @@ async fn measure(db: &BenchDb, s: &Sizes, claimers: usize, without_index: bool) 
         drivers.push(node_driver(db, tmp.path(), k, 0).await);
     }
     for round in 0..rounds() {
-        let (per_node, all) = claims(db, &drivers, s.queued, round).await;
+        let before = cpu_seconds();
+        let (per_node, all) = claims(db, &drivers, s.queued, &round.to_string(), true).await;
+        let (after, claimed) = (cpu_seconds(), (drivers.len() * s.queued) as f64);
+        f.claim_server_cpu_us
+            .push((after.server - before.server) / claimed * 1e6);
+        f.claim_our_cpu_us
+            .push((after.ours - before.ours) / claimed * 1e6);
         f.claim_per_s.push(median(per_node));
         f.claim_total_per_s.push(all);
+        // The same nodes one after another: each claims with the fleet's queues and
+        // rows in the tables, without nine other claimers on the same cores.
+        let (per_node, _) = claims(db, &drivers, s.queued, &format!("t{round}"), false).await;
+        f.claim_in_turn_per_s.push(median(per_node));
     }
     for d in &drivers[1..] {
         d.db.db().close().await;
@@ -553,7 +693,9 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
     report
         .json
         .insert(format!("{name}_sizes"), serde_json::json!(sizes));
+    settle(&alone_db.url, kind).await;
     let alone = measure(&alone_db, s, 1, false).await;
+    settle(&fleet_db.url, kind).await;
     let fleet = measure(&fleet_db, s, s.claimers, false).await;
     let k = format!("{}x{}k", s.nodes, s.per_node / 1000);
     let within = "fleet within 2x";
@@ -631,6 +773,39 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
         "",
     );
     report.add(
+        &format!("{name}_{k}_claim_in_turn_per_node_per_s"),
+        &format!(
+            "{name}: claim + dequeue per node, the nodes in turn (fleet: {} nodes one after another)",
+            s.claimers
+        ),
+        "/s",
+        (m(&alone.claim_in_turn_per_s), m(&fleet.claim_in_turn_per_s)),
+        false,
+        within,
+    );
+    report.add(
+        &format!("{name}_{k}_claim_server_cpu_us"),
+        &format!(
+            "{name}: the server's CPU per claim + dequeue (fleet: {} nodes at once)",
+            s.claimers
+        ),
+        "us",
+        (m(&alone.claim_server_cpu_us), m(&fleet.claim_server_cpu_us)),
+        true,
+        within,
+    );
+    report.add(
+        &format!("{name}_{k}_claim_our_cpu_us"),
+        &format!(
+            "{name}: glance-cached's CPU per claim + dequeue, its marker's unlink in the kernel included (fleet: {} nodes at once)",
+            s.claimers
+        ),
+        "us",
+        (m(&alone.claim_our_cpu_us), m(&fleet.claim_our_cpu_us)),
+        true,
+        "",
+    );
+    report.add(
         &format!("{name}_{k}_prune_half_ms"),
         &format!(
             "{name}: LRU prune of half the node ({} images)",
@@ -647,6 +822,7 @@ async fn backend(report: &mut Report, name: &str, kind: Kind, admin: &str, s: &S
     let bare_db = BenchDb::new(admin, kind, "bare").await;
     migrate(&bare_db).await;
     fill(&bare_db, s.nodes, s.per_node).await;
+    settle(&bare_db.url, kind).await;
     let bare = measure(&bare_db, s, 1, true).await;
     let without = "(without our index)";
     report.add(
