@@ -608,9 +608,16 @@ impl NodeDb {
         const FIRST: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? \
              ORDER BY last_accessed, id LIMIT ?";
+        // After the cursor, written so that its time bounds the index range: the plain
+        // `last_accessed > ? OR (last_accessed = ? AND id > ?)` is a filter, and each
+        // batch scanned the node's index entries from the start, past every row the
+        // batches before had just deleted (on PostgreSQL a heap visit each, a page per
+        // row where a fleet's rows interleave: 16 ms for a batch instead of 2 after a
+        // first of 4,096, by `EXPLAIN ANALYZE`). This form ranges on every backend, where
+        // a row-value comparison would not on MySQL (its manual advises this rewrite).
         const NEXT: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ? \
-             AND (last_accessed > ? OR (last_accessed = ? AND id > ?)) \
+             AND last_accessed >= ? AND (last_accessed > ? OR id > ?) \
              ORDER BY last_accessed, id LIMIT ?";
         let rows = on_pool!(self.db, |pool, d| {
             let q = match after {

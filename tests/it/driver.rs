@@ -49,6 +49,7 @@ crate::kit::servers::on_every_backend!(
     cached_images_are_listed_by_id,
     delete_cached_and_delete_all,
     least_recently_accessed,
+    lru_batches_page_through_ties_once_in_order,
     cache_size_counts_only_images,
     prune_evicts_least_recently_accessed,
     prune_edge_cases,
@@ -732,6 +733,55 @@ async fn least_recently_accessed(b: Backend) {
         t.driver.get_least_recently_accessed().await.unwrap(),
         Some((id("old"), 0)),
         "a row without its file reports size 0"
+    );
+    t.finish().await;
+}
+
+async fn lru_batches_page_through_ties_once_in_order(b: Backend) {
+    let Some(t) = TestCache::new(b).await else {
+        return;
+    };
+    // Ties on last_accessed across the batches' edges (batches of 2): the cursor's
+    // time bounds the next batch and its row id breaks the tie.
+    let times = [
+        ("t-a", 20),
+        ("t-b", 10),
+        ("t-c", 20),
+        ("t-d", 30),
+        ("t-e", 20),
+        ("t-f", 10),
+        ("t-g", 20),
+    ];
+    for (image, _) in times {
+        cache(&t, image, b"x").await;
+    }
+    for (image, secs) in times {
+        accessed_at(&t, image, 1_000_000 + secs).await;
+    }
+    let mut expected: Vec<(i64, i64, String)> = Vec::new();
+    for row in t.node_db.cached_images().await.unwrap() {
+        let secs = times
+            .iter()
+            .find(|(image, _)| *image == row.image_id.as_str())
+            .unwrap()
+            .1;
+        expected.push((secs, row.id, row.image_id.to_string()));
+    }
+    expected.sort();
+    let expected: Vec<String> = expected.into_iter().map(|(_, _, image)| image).collect();
+    let (mut paged, mut cursor) = (Vec::new(), None);
+    loop {
+        let batch = t.node_db.least_recently_accessed(cursor, 2).await.unwrap();
+        paged.extend(batch.rows.iter().map(|r| r.image_id.to_string()));
+        match batch.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(paged.len() <= times.len(), "paging ends: {paged:?}");
+    }
+    assert_eq!(
+        paged, expected,
+        "every row once, in (last_accessed, id) order"
     );
     t.finish().await;
 }
