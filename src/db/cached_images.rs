@@ -235,10 +235,16 @@ impl NodeDb {
             .warn_and_skip_unreadable())
     }
 
-    /// This node's rows, ordered by image id, with those that cannot be decoded apart.
+    /// This node's rows, ordered by image id (byte order, the same on every backend),
+    /// with those that cannot be decoded apart (in the database's order).
     pub async fn cached_images_and_unreadable(&self) -> Result<CachedImageRows, DbError> {
+        // Sorted here, not by the server: a node's rows come from our covering index in
+        // its own order, and only a database of one node gets image id order for free
+        // (from Glance's unique index on (image_id, node)). With a fleet's rows, the
+        // server's sort of 10,000 was 3-4 ms of a 5.5-6.9 ms statement (2.5 ms without
+        // it, `EXPLAIN ANALYZE` in a 1,000,000-row table); ours takes well under one.
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
-             FROM cached_images WHERE node_reference_id = ? ORDER BY image_id";
+             FROM cached_images WHERE node_reference_id = ?";
         debug_assert!(Q.contains(SELECT_COLUMNS));
         let rows = on_pool!(self.db, |pool, d| {
             sqlx::query(sql(d, Q))
@@ -249,7 +255,10 @@ impl NodeDb {
                 .map(decode)
                 .collect::<Vec<_>>()
         });
-        Ok(split_rows(rows.into_iter()).0)
+        let mut rows = split_rows(rows.into_iter()).0;
+        rows.rows
+            .sort_unstable_by(|a, b| a.image_id.cmp(&b.image_id));
+        Ok(rows)
     }
 
     /// Up to `limit` of this node's rows in row-id order, after row id `after`, split
