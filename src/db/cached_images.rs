@@ -226,23 +226,25 @@ const ADD_HITS_ROWS: &str = "UPDATE cached_images SET hits = cached_images.hits 
      WHERE cached_images.node_reference_id = ? AND cached_images.image_id = v.column1";
 
 impl NodeDb {
-    /// This node's readable rows, ordered by image id; unreadable ones are skipped with
-    /// one warning.
+    /// This node's readable rows, ordered by image id (byte order, the same on every
+    /// backend); unreadable ones are skipped with one warning.
     pub async fn cached_images(&self) -> Result<Vec<CachedImageRow>, DbError> {
-        Ok(self
-            .cached_images_and_unreadable()
-            .await?
-            .warn_and_skip_unreadable())
-    }
-
-    /// This node's rows, ordered by image id (byte order, the same on every backend),
-    /// with those that cannot be decoded apart (in the database's order).
-    pub async fn cached_images_and_unreadable(&self) -> Result<CachedImageRows, DbError> {
         // Sorted here, not by the server: a node's rows come from our covering index in
         // its own order, and only a database of one node gets image id order for free
         // (from Glance's unique index on (image_id, node)). With a fleet's rows, the
         // server's sort of 10,000 was 3-4 ms of a 5.5-6.9 ms statement (2.5 ms without
         // it, `EXPLAIN ANALYZE` in a 1,000,000-row table); ours takes well under one.
+        let mut rows = self
+            .cached_images_and_unreadable()
+            .await?
+            .warn_and_skip_unreadable();
+        rows.sort_unstable_by(|a, b| a.image_id.cmp(&b.image_id));
+        Ok(rows)
+    }
+
+    /// This node's rows in the database's order (reconcile, which sets them against the
+    /// directory, needs no other), with those that cannot be decoded apart.
+    pub async fn cached_images_and_unreadable(&self) -> Result<CachedImageRows, DbError> {
         const Q: &str = "SELECT id, image_id, last_accessed, last_modified, size, hits, checksum \
              FROM cached_images WHERE node_reference_id = ?";
         debug_assert!(Q.contains(SELECT_COLUMNS));
@@ -255,10 +257,7 @@ impl NodeDb {
                 .map(decode)
                 .collect::<Vec<_>>()
         });
-        let mut rows = split_rows(rows.into_iter()).0;
-        rows.rows
-            .sort_unstable_by(|a, b| a.image_id.cmp(&b.image_id));
-        Ok(rows)
+        Ok(split_rows(rows.into_iter()).0)
     }
 
     /// Up to `limit` of this node's rows in row-id order, after row id `after`, split
